@@ -1,0 +1,1 @@
+//! Guest loaders (`-f kexec`, `-f multiboot`).

@@ -1,0 +1,5 @@
+//! Emulated hardware on the port and MMIO buses.
+
+pub mod bus;
+pub mod irq;
+pub mod power;

@@ -1,0 +1,3 @@
+//! The hypervisor abstraction and its back ends.
+
+pub mod regs;

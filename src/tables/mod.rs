@@ -1,0 +1,1 @@
+//! Firmware tables that describe the machine to the guest: ACPI, MP table, SMBIOS.
