@@ -1,3 +1,201 @@
 //! The hypervisor abstraction and its back ends.
+//!
+//! Modelled on Cloud Hypervisor's `hypervisor` crate: a [`Hypervisor`] creates a [`Vm`], a `Vm`
+//! creates [`Vcpu`]s, and [`Vcpu::run`] returns a [`VmExit`] that carries everything the VMM
+//! needs to emulate the access (port, address, size, data). Back ends: `kvm` on Linux, `hvf`
+//! (Hypervisor.framework) on macOS.
 
+pub mod cpuid;
 pub mod regs;
+
+#[cfg(target_os = "linux")]
+pub mod kvm;
+
+use std::sync::Arc;
+
+use regs::{SpecialRegisters, StandardRegisters};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HvError {
+    #[error("cannot open {path}: {source}")]
+    Open {
+        path: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{what} failed: {source}")]
+    Ioctl {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("the hypervisor lacks a required capability: {0}")]
+    MissingCapability(&'static str),
+    #[error("no hypervisor back end for this platform")]
+    Unavailable,
+    #[error("unknown hypervisor back end \"{0}\" (XHYVE_HV): expected kvm")]
+    UnknownBackend(String),
+}
+
+/// How the machine's interrupt controllers and timers are provided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IrqChipMode {
+    /// The hypervisor emulates LAPIC, IOAPIC, PIC and PIT (KVM's in-kernel irqchip).
+    Kernel,
+    /// The VMM emulates them (`intc`), as on Hypervisor.framework.
+    User,
+}
+
+/// Options fixed when the VM is created.
+#[derive(Debug, Clone)]
+pub struct VmOptions {
+    pub vcpus: u8,
+    pub irqchip: IrqChipMode,
+    /// Route accesses to MSRs the hypervisor does not know to the VMM (`VmExit::MsrRead/Write`).
+    pub user_msr_exits: bool,
+}
+
+/// A hypervisor back end.
+pub trait Hypervisor: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn create_vm(&self, options: &VmOptions) -> Result<Arc<dyn Vm>, HvError>;
+    /// The CPUID leaves the hypervisor can present to a guest, before any policy.
+    fn supported_cpuid(&self) -> Result<Vec<cpuid::CpuidEntry>, HvError>;
+}
+
+/// One virtual machine.
+pub trait Vm: Send + Sync {
+    /// Maps host memory into the guest-physical address space.
+    ///
+    /// # Safety
+    /// `host_addr..host_addr+size` must stay mapped and writable for the life of the VM.
+    unsafe fn map_memory(
+        &self,
+        slot: u32,
+        guest_addr: u64,
+        size: u64,
+        host_addr: *mut u8,
+    ) -> Result<(), HvError>;
+
+    fn create_vcpu(&self, id: u8) -> Result<Box<dyn Vcpu>, HvError>;
+
+    /// Drives interrupt line `gsi` (IOAPIC pin, and PIC line for gsi < 16).
+    fn set_irq_line(&self, gsi: u32, level: bool) -> Result<(), HvError>;
+
+    /// Delivers a message-signalled interrupt.
+    fn signal_msi(&self, address: u64, data: u32) -> Result<(), HvError>;
+}
+
+/// Why `Vcpu::run` returned.
+#[derive(Debug)]
+pub enum VmExit<'a> {
+    /// `in`: fill `data`. For string I/O, `data` holds `data.len() / size` elements.
+    IoIn {
+        port: u16,
+        size: usize,
+        data: &'a mut [u8],
+    },
+    /// `out` of `data` (`data.len() / size` elements for string I/O).
+    IoOut {
+        port: u16,
+        size: usize,
+        data: &'a [u8],
+    },
+    MmioRead {
+        addr: u64,
+        data: &'a mut [u8],
+    },
+    MmioWrite {
+        addr: u64,
+        data: &'a [u8],
+    },
+    /// RDMSR of an MSR the hypervisor does not handle: set `value`, or `fault` for #GP.
+    MsrRead {
+        index: u32,
+        value: &'a mut u64,
+        fault: &'a mut u8,
+    },
+    /// WRMSR of an MSR the hypervisor does not handle: set `fault` for #GP.
+    MsrWrite {
+        index: u32,
+        value: u64,
+        fault: &'a mut u8,
+    },
+    Hlt,
+    /// The guest triple-faulted (KVM_EXIT_SHUTDOWN).
+    Shutdown,
+    /// A kick (signal) interrupted the vCPU.
+    Interrupted,
+    IrqWindowOpen,
+    /// The hypervisor could not run or emulate guest code.
+    InternalError {
+        suberror: u32,
+    },
+    FailEntry {
+        reason: u64,
+    },
+    /// A system event (reset/shutdown) reported by the hypervisor itself.
+    SystemEvent {
+        kind: u32,
+    },
+    Other {
+        reason: u32,
+    },
+}
+
+/// A signal-safe handle that makes a vCPU's `run()` return soon with `VmExit::Interrupted`.
+pub trait VcpuKicker: Send + Sync {
+    fn kick(&self);
+}
+
+/// One virtual CPU. Lives on its own thread.
+pub trait Vcpu: Send {
+    fn id(&self) -> u8;
+    fn run(&mut self) -> Result<VmExit<'_>, HvError>;
+
+    fn regs(&self) -> Result<StandardRegisters, HvError>;
+    fn set_regs(&mut self, regs: &StandardRegisters) -> Result<(), HvError>;
+    fn sregs(&self) -> Result<SpecialRegisters, HvError>;
+    fn set_sregs(&mut self, sregs: &SpecialRegisters) -> Result<(), HvError>;
+
+    fn set_cpuid(&mut self, entries: &[cpuid::CpuidEntry]) -> Result<(), HvError>;
+    /// Writes MSRs as (index, value) pairs.
+    fn set_msrs(&mut self, msrs: &[(u32, u64)]) -> Result<(), HvError>;
+
+    /// Whether the vCPU is halted waiting for an interrupt, and whether it has started at all
+    /// (an application processor waits for INIT/SIPI until then).
+    fn run_state(&self) -> Result<RunState, HvError>;
+
+    /// Guest-virtual to guest-physical translation in the current mode, for diagnostics.
+    fn translate(&self, gva: u64) -> Result<Option<u64>, HvError>;
+
+    /// Must be called on the thread that calls `run()`; the kicker interrupts that thread.
+    fn kicker(&mut self) -> Result<Arc<dyn VcpuKicker>, HvError>;
+
+    /// Clears a pending kick once the VMM has seen it.
+    fn clear_kick(&mut self);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    /// Waiting for INIT/SIPI: never started.
+    WaitingForSipi,
+    Running,
+    Halted,
+}
+
+/// The back end for this platform, or the one `XHYVE_HV` names.
+pub fn default_hypervisor() -> Result<Box<dyn Hypervisor>, HvError> {
+    match std::env::var("XHYVE_HV") {
+        Ok(name) if name != "kvm" => Err(HvError::UnknownBackend(name)),
+        _ => platform_hypervisor(),
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn platform_hypervisor() -> Result<Box<dyn Hypervisor>, HvError> {
+    Ok(Box::new(kvm::Kvm::new()?))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn platform_hypervisor() -> Result<Box<dyn Hypervisor>, HvError> {
+    Err(HvError::Unavailable)
+}

@@ -1,0 +1,263 @@
+//! The CPUID the guest sees: what the hypervisor supports, minus what a policy hides.
+//!
+//! Features are hidden by name. On the build machines KVM's CPL0 emulator lacks CMPXCHG16B and
+//! XSAVE/XRSTOR (DESIGN.md), so the default policy hides them and everything that depends on
+//! XSAVE (AVX and later vector extensions, whose state lives in the XSAVE area).
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuidEntry {
+    pub function: u32,
+    pub index: u32,
+    /// Whether `index` (the subleaf in ECX) selects this entry.
+    pub index_significant: bool,
+    pub eax: u32,
+    pub ebx: u32,
+    pub ecx: u32,
+    pub edx: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reg {
+    Eax,
+    Ebx,
+    Ecx,
+    Edx,
+}
+
+/// One named feature bit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Feature {
+    pub name: &'static str,
+    pub function: u32,
+    pub index: u32,
+    pub reg: Reg,
+    pub bit: u8,
+}
+
+const fn feat(name: &'static str, function: u32, index: u32, reg: Reg, bit: u8) -> Feature {
+    Feature {
+        name,
+        function,
+        index,
+        reg,
+        bit,
+    }
+}
+
+/// Features a policy can hide, by their /proc/cpuinfo names.
+pub const FEATURES: &[Feature] = &[
+    feat("cx16", 1, 0, Reg::Ecx, 13),
+    feat("x2apic", 1, 0, Reg::Ecx, 21),
+    feat("tsc_deadline_timer", 1, 0, Reg::Ecx, 24),
+    feat("xsave", 1, 0, Reg::Ecx, 26),
+    feat("osxsave", 1, 0, Reg::Ecx, 27),
+    feat("avx", 1, 0, Reg::Ecx, 28),
+    feat("f16c", 1, 0, Reg::Ecx, 29),
+    feat("fma", 1, 0, Reg::Ecx, 12),
+    feat("monitor", 1, 0, Reg::Ecx, 3),
+    feat("vmx", 1, 0, Reg::Ecx, 5),
+    feat("pdcm", 1, 0, Reg::Ecx, 15),
+    feat("avx2", 7, 0, Reg::Ebx, 5),
+    feat("avx512f", 7, 0, Reg::Ebx, 16),
+    feat("avx512dq", 7, 0, Reg::Ebx, 17),
+    feat("avx512ifma", 7, 0, Reg::Ebx, 21),
+    feat("avx512pf", 7, 0, Reg::Ebx, 26),
+    feat("avx512er", 7, 0, Reg::Ebx, 27),
+    feat("avx512cd", 7, 0, Reg::Ebx, 28),
+    feat("avx512bw", 7, 0, Reg::Ebx, 30),
+    feat("avx512vl", 7, 0, Reg::Ebx, 31),
+    feat("avx512vbmi", 7, 0, Reg::Ecx, 1),
+    feat("avx512_vbmi2", 7, 0, Reg::Ecx, 6),
+    feat("avx512_vnni", 7, 0, Reg::Ecx, 11),
+    feat("avx512_bitalg", 7, 0, Reg::Ecx, 12),
+    feat("avx512_vpopcntdq", 7, 0, Reg::Ecx, 14),
+    feat("waitpkg", 7, 0, Reg::Ecx, 5),
+    feat("pku", 7, 0, Reg::Ecx, 3),
+    feat("la57", 7, 0, Reg::Ecx, 16),
+    feat("amx_bf16", 7, 0, Reg::Edx, 22),
+    feat("amx_tile", 7, 0, Reg::Edx, 24),
+    feat("amx_int8", 7, 0, Reg::Edx, 25),
+    feat("avx512_fp16", 7, 0, Reg::Edx, 23),
+    feat("avx_vnni", 7, 1, Reg::Eax, 4),
+    feat("avx512_bf16", 7, 1, Reg::Eax, 5),
+];
+
+/// Hidden by default: not emulated by this host's KVM at CPL0 (DESIGN.md), or state we do not
+/// migrate (XSAVE-managed vector registers).
+pub const DEFAULT_HIDDEN: &[&str] = &[
+    "cx16",
+    "xsave",
+    "osxsave",
+    "avx",
+    "f16c",
+    "fma",
+    "avx2",
+    "avx512f",
+    "avx512dq",
+    "avx512ifma",
+    "avx512pf",
+    "avx512er",
+    "avx512cd",
+    "avx512bw",
+    "avx512vl",
+    "avx512vbmi",
+    "avx512_vbmi2",
+    "avx512_vnni",
+    "avx512_bitalg",
+    "avx512_vpopcntdq",
+    "amx_bf16",
+    "amx_tile",
+    "amx_int8",
+    "avx512_fp16",
+    "avx_vnni",
+    "avx512_bf16",
+    "waitpkg",
+    "pku",
+    "la57",
+    "vmx",
+    "monitor",
+    "pdcm",
+];
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CpuidError {
+    #[error("unknown CPU feature \"{0}\"")]
+    UnknownFeature(String),
+}
+
+pub fn feature(name: &str) -> Result<&'static Feature, CpuidError> {
+    FEATURES
+        .iter()
+        .find(|f| f.name == name)
+        .ok_or_else(|| CpuidError::UnknownFeature(name.to_string()))
+}
+
+/// What the guest's CPUID looks like.
+#[derive(Debug, Clone)]
+pub struct CpuidPolicy {
+    hidden: Vec<&'static Feature>,
+    pub vcpus: u8,
+    pub x2apic: bool,
+}
+
+impl CpuidPolicy {
+    /// The default policy for a machine of `vcpus` processors; `x2apic` is xhyve's `-x`.
+    pub fn new(vcpus: u8, x2apic: bool) -> Self {
+        let mut hidden: Vec<&'static Feature> = DEFAULT_HIDDEN
+            .iter()
+            .filter_map(|name| feature(name).ok())
+            .collect();
+        if !x2apic {
+            hidden.extend(feature("x2apic"));
+        }
+        CpuidPolicy {
+            hidden,
+            vcpus,
+            x2apic,
+        }
+    }
+
+    pub fn hide(&mut self, name: &str) -> Result<(), CpuidError> {
+        self.hidden.push(feature(name)?);
+        Ok(())
+    }
+
+    pub fn is_hidden(&self, name: &str) -> bool {
+        self.hidden.iter().any(|f| f.name == name)
+    }
+
+    /// Applies the policy to the hypervisor's supported leaves for vCPU `apic_id`.
+    pub fn apply(&self, supported: &[CpuidEntry], apic_id: u8) -> Vec<CpuidEntry> {
+        let xsave_hidden = self.is_hidden("xsave");
+        let mut out: Vec<CpuidEntry> = supported
+            .iter()
+            .copied()
+            // Leaf 0xD describes XSAVE state; without XSAVE it must be empty.
+            .filter(|e| !(xsave_hidden && e.function == 0xd))
+            .collect();
+        for f in &self.hidden {
+            for e in out
+                .iter_mut()
+                .filter(|e| e.function == f.function && e.index == f.index)
+            {
+                let mask = !(1u32 << f.bit);
+                match f.reg {
+                    Reg::Eax => e.eax &= mask,
+                    Reg::Ebx => e.ebx &= mask,
+                    Reg::Ecx => e.ecx &= mask,
+                    Reg::Edx => e.edx &= mask,
+                }
+            }
+        }
+        for e in out.iter_mut() {
+            match e.function {
+                1 => {
+                    // Initial APIC ID and the logical processor count of the package.
+                    e.ebx = (e.ebx & 0x0000_ffff)
+                        | (u32::from(apic_id) << 24)
+                        | (u32::from(self.vcpus) << 16);
+                    // HTT: the count above is valid.
+                    e.edx |= 1 << 28;
+                    // Running under a hypervisor.
+                    e.ecx |= 1 << 31;
+                }
+                0xb | 0x1f => {
+                    // x2APIC ID of this processor.
+                    e.edx = u32::from(apic_id);
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaf(function: u32, index: u32, ebx: u32, ecx: u32) -> CpuidEntry {
+        CpuidEntry {
+            function,
+            index,
+            ebx,
+            ecx,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn default_policy_hides_cx16_xsave_and_x2apic() {
+        let supported = [
+            leaf(1, 0, 0x0800, u32::MAX),
+            leaf(0xd, 0, 1, 1),
+            leaf(7, 0, u32::MAX, 0),
+        ];
+        let out = CpuidPolicy::new(2, false).apply(&supported, 1);
+        let l1 = out.iter().find(|e| e.function == 1).unwrap();
+        assert_eq!(l1.ecx & (1 << 13), 0, "cx16");
+        assert_eq!(l1.ecx & (1 << 26), 0, "xsave");
+        assert_eq!(l1.ecx & (1 << 21), 0, "x2apic");
+        assert_ne!(l1.ecx & (1 << 0), 0, "sse3 stays");
+        assert_eq!(l1.ebx >> 24, 1, "apic id");
+        assert_eq!((l1.ebx >> 16) & 0xff, 2, "logical count");
+        assert_eq!(l1.ebx & 0xffff, 0x0800, "clflush size kept");
+        assert!(out.iter().all(|e| e.function != 0xd));
+        let l7 = out.iter().find(|e| e.function == 7).unwrap();
+        assert_eq!(l7.ebx & (1 << 5), 0, "avx2");
+        assert_ne!(l7.ebx & 1, 0, "fsgsbase stays");
+    }
+
+    #[test]
+    fn x2apic_shown_with_dash_x_and_features_hide_by_name() {
+        let supported = [leaf(1, 0, 0, u32::MAX)];
+        let mut policy = CpuidPolicy::new(1, true);
+        assert_ne!(policy.apply(&supported, 0)[0].ecx & (1 << 21), 0);
+        policy.hide("x2apic").unwrap();
+        assert_eq!(policy.apply(&supported, 0)[0].ecx & (1 << 21), 0);
+        assert_eq!(
+            policy.hide("warp-drive"),
+            Err(CpuidError::UnknownFeature("warp-drive".into()))
+        );
+    }
+}

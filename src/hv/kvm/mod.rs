@@ -1,0 +1,534 @@
+//! The KVM back end (Linux): kvm-ioctls behind the `hv` traits.
+
+mod kick;
+mod regs;
+
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_enable_cap, kvm_msi, kvm_msr_entry, kvm_pit_config, CpuId, Msrs,
+    KVM_CAP_X86_USER_SPACE_MSR, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_MAX_CPUID_ENTRIES,
+    KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED,
+    KVM_MSR_EXIT_REASON_UNKNOWN, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, VcpuExit, VcpuFd, VmFd};
+
+use super::cpuid::CpuidEntry;
+use super::regs::{SpecialRegisters, StandardRegisters};
+use super::{HvError, Hypervisor, IrqChipMode, RunState, Vcpu, VcpuKicker, Vm, VmExit, VmOptions};
+
+/// KVM's TSS and identity-map pages for real-mode emulation on Intel: three pages just below
+/// the bootrom area, clear of the LAPIC, IOAPIC, HPET and ECAM.
+const KVM_TSS_ADDR: usize = 0xfffb_d000;
+const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+
+fn ioctl_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> HvError {
+    move |e| HvError::Ioctl {
+        what,
+        source: std::io::Error::from_raw_os_error(e.errno()),
+    }
+}
+
+pub struct Kvm {
+    kvm: kvm_ioctls::Kvm,
+}
+
+impl Kvm {
+    pub fn new() -> Result<Self, HvError> {
+        let kvm = kvm_ioctls::Kvm::new().map_err(|e| HvError::Open {
+            path: "/dev/kvm",
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })?;
+        for (cap, name) in [
+            (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+            (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
+            (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(HvError::MissingCapability(name));
+            }
+        }
+        kick::install_handler()?;
+        Ok(Kvm { kvm })
+    }
+}
+
+impl Hypervisor for Kvm {
+    fn name(&self) -> &'static str {
+        "kvm"
+    }
+
+    fn create_vm(&self, options: &VmOptions) -> Result<Arc<dyn Vm>, HvError> {
+        let fd = self.kvm.create_vm().map_err(ioctl_err("KVM_CREATE_VM"))?;
+        fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
+            .map_err(ioctl_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        fd.set_tss_address(KVM_TSS_ADDR)
+            .map_err(ioctl_err("KVM_SET_TSS_ADDR"))?;
+        match options.irqchip {
+            IrqChipMode::Kernel => {
+                fd.create_irq_chip()
+                    .map_err(ioctl_err("KVM_CREATE_IRQCHIP"))?;
+                let pit = kvm_pit_config {
+                    flags: KVM_PIT_SPEAKER_DUMMY,
+                    ..Default::default()
+                };
+                fd.create_pit2(pit).map_err(ioctl_err("KVM_CREATE_PIT2"))?;
+            }
+            IrqChipMode::User => return Err(HvError::MissingCapability("userspace irqchip")),
+        }
+        if options.user_msr_exits {
+            if fd.check_extension_raw(u64::from(KVM_CAP_X86_USER_SPACE_MSR)) <= 0 {
+                return Err(HvError::MissingCapability("KVM_CAP_X86_USER_SPACE_MSR"));
+            }
+            let mut cap = kvm_enable_cap {
+                cap: KVM_CAP_X86_USER_SPACE_MSR,
+                ..Default::default()
+            };
+            cap.args[0] = u64::from(KVM_MSR_EXIT_REASON_UNKNOWN);
+            fd.enable_cap(&cap)
+                .map_err(ioctl_err("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
+        }
+        Ok(Arc::new(KvmVm {
+            fd,
+            irqchip: options.irqchip,
+        }))
+    }
+
+    fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>, HvError> {
+        let cpuid = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(ioctl_err("KVM_GET_SUPPORTED_CPUID"))?;
+        Ok(cpuid
+            .as_slice()
+            .iter()
+            .map(|e| CpuidEntry {
+                function: e.function,
+                index: e.index,
+                index_significant: e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX != 0,
+                eax: e.eax,
+                ebx: e.ebx,
+                ecx: e.ecx,
+                edx: e.edx,
+            })
+            .collect())
+    }
+}
+
+pub struct KvmVm {
+    fd: VmFd,
+    irqchip: IrqChipMode,
+}
+
+impl Vm for KvmVm {
+    unsafe fn map_memory(
+        &self,
+        slot: u32,
+        guest_addr: u64,
+        size: u64,
+        host_addr: *mut u8,
+    ) -> Result<(), HvError> {
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: guest_addr,
+            memory_size: size,
+            userspace_addr: host_addr as u64,
+        };
+        // SAFETY: the caller guarantees the host range stays mapped for the VM's life; KVM only
+        // touches it through the guest.
+        unsafe { self.fd.set_user_memory_region(region) }
+            .map_err(ioctl_err("KVM_SET_USER_MEMORY_REGION"))
+    }
+
+    fn create_vcpu(&self, id: u8) -> Result<Box<dyn Vcpu>, HvError> {
+        let fd = self
+            .fd
+            .create_vcpu(u64::from(id))
+            .map_err(ioctl_err("KVM_CREATE_VCPU"))?;
+        let vcpu = KvmVcpu { fd, id };
+        vcpu.init_fpu()?;
+        if self.irqchip == IrqChipMode::Kernel {
+            vcpu.init_lapic_lints()?;
+        }
+        Ok(Box::new(vcpu))
+    }
+
+    fn set_irq_line(&self, gsi: u32, level: bool) -> Result<(), HvError> {
+        self.fd
+            .set_irq_line(gsi, level)
+            .map_err(ioctl_err("KVM_IRQ_LINE"))
+    }
+
+    fn signal_msi(&self, address: u64, data: u32) -> Result<(), HvError> {
+        let msi = kvm_msi {
+            address_lo: address as u32,
+            address_hi: (address >> 32) as u32,
+            data,
+            ..Default::default()
+        };
+        self.fd
+            .signal_msi(msi)
+            .map(|_| ())
+            .map_err(ioctl_err("KVM_SIGNAL_MSI"))
+    }
+}
+
+pub struct KvmVcpu {
+    fd: VcpuFd,
+    id: u8,
+}
+
+/// LAPIC register offsets and LVT delivery modes used for virtual-wire mode.
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+
+impl KvmVcpu {
+    fn init_fpu(&self) -> Result<(), HvError> {
+        // The state a processor has after FNINIT, as firmware leaves it.
+        let fpu = kvm_bindings::kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        self.fd.set_fpu(&fpu).map_err(ioctl_err("KVM_SET_FPU"))
+    }
+
+    /// Virtual-wire mode, as a PC BIOS leaves it: LINT0 takes the 8259's ExtINT, LINT1 is NMI.
+    fn init_lapic_lints(&self) -> Result<(), HvError> {
+        let mut lapic = self.fd.get_lapic().map_err(ioctl_err("KVM_GET_LAPIC"))?;
+        for (offset, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
+            let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[offset + i] as u8);
+            let value = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
+            for (i, b) in value.to_le_bytes().iter().enumerate() {
+                lapic.regs[offset + i] = *b as _;
+            }
+        }
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(ioctl_err("KVM_SET_LAPIC"))
+    }
+}
+
+impl Vcpu for KvmVcpu {
+    fn id(&self) -> u8 {
+        self.id
+    }
+
+    fn run(&mut self) -> Result<VmExit<'_>, HvError> {
+        // The exit's header fields (I/O element size, internal-error suberror) sit in kvm_run
+        // beside the data slice that `VcpuFd::run` lends out; read them through a raw pointer.
+        let run_page: *const kvm_bindings::kvm_run = self.fd.get_kvm_run();
+        match self.fd.run() {
+            Ok(exit) => Ok(match exit {
+                VcpuExit::IoIn(port, data) => {
+                    // SAFETY: the page is mapped for the vCPU's life and the kernel filled the
+                    // io header for this KVM_EXIT_IO; the header does not overlap `data`.
+                    let size = usize::from(unsafe { (*run_page).__bindgen_anon_1.io.size });
+                    VmExit::IoIn { port, size, data }
+                }
+                VcpuExit::IoOut(port, data) => {
+                    // SAFETY: as for IoIn.
+                    let size = usize::from(unsafe { (*run_page).__bindgen_anon_1.io.size });
+                    VmExit::IoOut { port, size, data }
+                }
+                VcpuExit::MmioRead(addr, data) => VmExit::MmioRead { addr, data },
+                VcpuExit::MmioWrite(addr, data) => VmExit::MmioWrite { addr, data },
+                VcpuExit::X86Rdmsr(m) => VmExit::MsrRead {
+                    index: m.index,
+                    value: m.data,
+                    fault: m.error,
+                },
+                VcpuExit::X86Wrmsr(m) => VmExit::MsrWrite {
+                    index: m.index,
+                    value: m.data,
+                    fault: m.error,
+                },
+                VcpuExit::Hlt => VmExit::Hlt,
+                VcpuExit::Shutdown => VmExit::Shutdown,
+                VcpuExit::Intr => VmExit::Interrupted,
+                VcpuExit::IrqWindowOpen => VmExit::IrqWindowOpen,
+                VcpuExit::InternalError => {
+                    // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so the union holds
+                    // `internal`; the page is mapped for the vCPU's life.
+                    let suberror = unsafe { (*run_page).__bindgen_anon_1.internal.suberror };
+                    VmExit::InternalError { suberror }
+                }
+                VcpuExit::FailEntry(reason, _) => VmExit::FailEntry { reason },
+                VcpuExit::SystemEvent(kind, _) => VmExit::SystemEvent { kind },
+                VcpuExit::Unsupported(reason) => VmExit::Other { reason },
+                other => VmExit::Other {
+                    reason: exit_number(&other),
+                },
+            }),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                Ok(VmExit::Interrupted)
+            }
+            Err(e) => Err(ioctl_err("KVM_RUN")(e)),
+        }
+    }
+
+    fn regs(&self) -> Result<StandardRegisters, HvError> {
+        Ok(regs::from_kvm_regs(
+            &self.fd.get_regs().map_err(ioctl_err("KVM_GET_REGS"))?,
+        ))
+    }
+
+    fn set_regs(&mut self, r: &StandardRegisters) -> Result<(), HvError> {
+        self.fd
+            .set_regs(&regs::to_kvm_regs(r))
+            .map_err(ioctl_err("KVM_SET_REGS"))
+    }
+
+    fn sregs(&self) -> Result<SpecialRegisters, HvError> {
+        Ok(regs::from_kvm_sregs(
+            &self.fd.get_sregs().map_err(ioctl_err("KVM_GET_SREGS"))?,
+        ))
+    }
+
+    fn set_sregs(&mut self, s: &SpecialRegisters) -> Result<(), HvError> {
+        let mut k = self.fd.get_sregs().map_err(ioctl_err("KVM_GET_SREGS"))?;
+        regs::fill_kvm_sregs(&mut k, s);
+        self.fd.set_sregs(&k).map_err(ioctl_err("KVM_SET_SREGS"))
+    }
+
+    fn set_cpuid(&mut self, entries: &[CpuidEntry]) -> Result<(), HvError> {
+        let kvm_entries: Vec<kvm_cpuid_entry2> = entries
+            .iter()
+            .map(|e| kvm_cpuid_entry2 {
+                function: e.function,
+                index: e.index,
+                flags: if e.index_significant {
+                    KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+                } else {
+                    0
+                },
+                eax: e.eax,
+                ebx: e.ebx,
+                ecx: e.ecx,
+                edx: e.edx,
+                ..Default::default()
+            })
+            .collect();
+        let cpuid = CpuId::from_entries(&kvm_entries)
+            .map_err(|_| HvError::MissingCapability("CPUID table too large"))?;
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(ioctl_err("KVM_SET_CPUID2"))
+    }
+
+    fn set_msrs(&mut self, msrs: &[(u32, u64)]) -> Result<(), HvError> {
+        let entries: Vec<kvm_msr_entry> = msrs
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let msrs = Msrs::from_entries(&entries)
+            .map_err(|_| HvError::MissingCapability("MSR list too large"))?;
+        let written = self.fd.set_msrs(&msrs).map_err(ioctl_err("KVM_SET_MSRS"))?;
+        if written != entries.len() {
+            let index = entries.get(written).map_or(0, |e| e.index);
+            return Err(HvError::Ioctl {
+                what: "KVM_SET_MSRS",
+                source: std::io::Error::other(format!("MSR {index:#x} was refused")),
+            });
+        }
+        Ok(())
+    }
+
+    fn run_state(&self) -> Result<RunState, HvError> {
+        let mp = self
+            .fd
+            .get_mp_state()
+            .map_err(ioctl_err("KVM_GET_MP_STATE"))?;
+        Ok(match mp.mp_state {
+            KVM_MP_STATE_UNINITIALIZED | KVM_MP_STATE_INIT_RECEIVED => RunState::WaitingForSipi,
+            KVM_MP_STATE_HALTED => RunState::Halted,
+            _ => RunState::Running,
+        })
+    }
+
+    fn translate(&self, gva: u64) -> Result<Option<u64>, HvError> {
+        let t = self
+            .fd
+            .translate_gva(gva)
+            .map_err(ioctl_err("KVM_TRANSLATE"))?;
+        Ok((t.valid != 0).then_some(t.physical_address))
+    }
+
+    fn kicker(&mut self) -> Result<Arc<dyn VcpuKicker>, HvError> {
+        Ok(Arc::new(kick::ThreadKicker::register(&mut self.fd)))
+    }
+
+    fn clear_kick(&mut self) {
+        self.fd.set_kvm_immediate_exit(0);
+    }
+}
+
+impl Drop for KvmVcpu {
+    fn drop(&mut self) {
+        kick::unregister(&mut self.fd);
+    }
+}
+
+fn exit_number(exit: &VcpuExit<'_>) -> u32 {
+    match exit {
+        VcpuExit::Unknown => kvm_bindings::KVM_EXIT_UNKNOWN,
+        VcpuExit::Exception => kvm_bindings::KVM_EXIT_EXCEPTION,
+        VcpuExit::Hypercall(_) => kvm_bindings::KVM_EXIT_HYPERCALL,
+        VcpuExit::Debug(_) => kvm_bindings::KVM_EXIT_DEBUG,
+        VcpuExit::Nmi => kvm_bindings::KVM_EXIT_NMI,
+        VcpuExit::IoapicEoi(_) => kvm_bindings::KVM_EXIT_IOAPIC_EOI,
+        VcpuExit::MemoryFault { .. } => kvm_bindings::KVM_EXIT_MEMORY_FAULT,
+        _ => u32::MAX,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hv::regs::SegmentRegister;
+    use crate::vmm::memory::create_guest_memory;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+    /// `None` when /dev/kvm is unusable, unless XHYVE_REQUIRE_KVM=1 makes that a failure.
+    fn kvm_or_skip() -> Option<Kvm> {
+        match Kvm::new() {
+            Ok(k) => Some(k),
+            Err(e) if std::env::var("XHYVE_REQUIRE_KVM").as_deref() == Ok("1") => {
+                panic!("XHYVE_REQUIRE_KVM=1 but KVM is unusable: {e}")
+            }
+            Err(e) => {
+                eprintln!("skipping: KVM is unusable: {e}");
+                None
+            }
+        }
+    }
+
+    fn real_mode_segment(selector: u16, code: bool) -> SegmentRegister {
+        SegmentRegister {
+            base: u64::from(selector) << 4,
+            limit: 0xffff,
+            selector,
+            type_: if code { 0xb } else { 0x3 },
+            present: true,
+            s: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn real_mode_port_io_and_string_io_reach_the_vmm() {
+        let Some(kvm) = kvm_or_skip() else { return };
+        let options = VmOptions {
+            vcpus: 1,
+            irqchip: IrqChipMode::Kernel,
+            user_msr_exits: false,
+        };
+        let vm = kvm.create_vm(&options).unwrap();
+        let mem = create_guest_memory(1 << 20).unwrap();
+        let region = mem.iter().next().unwrap();
+        // SAFETY: `mem` outlives `vm` in this test.
+        unsafe { vm.map_memory(0, 0, region.len(), region.as_ptr()).unwrap() };
+        // mov dx,0x3f8; mov al,'K'; out dx,al; in al,dx; mov si,0x1100; mov cx,3; rep outsw;
+        // mov dx,0x404; out dx,ax
+        let code = [
+            0xba, 0xf8, 0x03, 0xb0, b'K', 0xee, 0xec, 0xbe, 0x00, 0x11, 0xb9, 0x03, 0x00, 0xf3,
+            0x6f, 0xba, 0x04, 0x04, 0xef,
+        ];
+        mem.write_slice(&code, GuestAddress(0x1000)).unwrap();
+        mem.write_slice(b"abcdef", GuestAddress(0x1100)).unwrap();
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        let mut sregs = vcpu.sregs().unwrap();
+        sregs.cs = real_mode_segment(0, true);
+        vcpu.set_sregs(&sregs).unwrap();
+        vcpu.set_regs(&StandardRegisters {
+            rip: 0x1000,
+            rflags: 2,
+            ..Default::default()
+        })
+        .unwrap();
+        match vcpu.run().unwrap() {
+            VmExit::IoOut {
+                port: 0x3f8,
+                size: 1,
+                data,
+            } => assert_eq!(data, b"K"),
+            other => panic!("unexpected exit {other:?}"),
+        }
+        match vcpu.run().unwrap() {
+            VmExit::IoIn {
+                port: 0x3f8,
+                size: 1,
+                data,
+            } => data[0] = 0x5a,
+            other => panic!("unexpected exit {other:?}"),
+        }
+        let mut seen = Vec::new();
+        loop {
+            match vcpu.run().unwrap() {
+                VmExit::IoOut {
+                    port: 0x3f8,
+                    size: 2,
+                    data,
+                } => seen.extend_from_slice(data),
+                VmExit::IoOut {
+                    port: 0x404,
+                    size: 2,
+                    data,
+                } => {
+                    assert_eq!(data, &[0x5a, 0]);
+                    break;
+                }
+                other => panic!("unexpected exit {other:?}"),
+            }
+        }
+        assert_eq!(seen, b"abcdef");
+        assert_eq!(vcpu.regs().unwrap().rip, 0x1013);
+    }
+
+    #[test]
+    fn kick_interrupts_a_spinning_vcpu() {
+        let Some(kvm) = kvm_or_skip() else { return };
+        let options = VmOptions {
+            vcpus: 1,
+            irqchip: IrqChipMode::Kernel,
+            user_msr_exits: false,
+        };
+        let vm = kvm.create_vm(&options).unwrap();
+        let mem = create_guest_memory(1 << 20).unwrap();
+        let region = mem.iter().next().unwrap();
+        // SAFETY: `mem` outlives `vm` in this test.
+        unsafe { vm.map_memory(0, 0, region.len(), region.as_ptr()).unwrap() };
+        mem.write_slice(&[0xeb, 0xfe], GuestAddress(0x1000))
+            .unwrap(); // jmp $
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        let mut sregs = vcpu.sregs().unwrap();
+        sregs.cs = real_mode_segment(0, true);
+        vcpu.set_sregs(&sregs).unwrap();
+        vcpu.set_regs(&StandardRegisters {
+            rip: 0x1000,
+            rflags: 2,
+            ..Default::default()
+        })
+        .unwrap();
+        let kicker = vcpu.kicker().unwrap();
+        let k = kicker.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            k.kick();
+        });
+        assert!(matches!(vcpu.run().unwrap(), VmExit::Interrupted));
+        vcpu.clear_kick();
+        t.join().unwrap();
+        // A kick before run() is not lost either.
+        kicker.kick();
+        assert!(matches!(vcpu.run().unwrap(), VmExit::Interrupted));
+    }
+}
