@@ -1,0 +1,48 @@
+//! Interrupt lines and MSIs backed by the hypervisor's interrupt controllers.
+
+use std::sync::Arc;
+
+use crate::devices::irq::{InterruptLine, MsiSender};
+use crate::hv::Vm;
+
+/// A GSI driven through `Vm::set_irq_line` (KVM_IRQ_LINE with the in-kernel irqchip).
+pub struct HvInterruptLine {
+    vm: Arc<dyn Vm>,
+    gsi: u32,
+}
+
+impl HvInterruptLine {
+    pub fn new(vm: Arc<dyn Vm>, gsi: u32) -> Arc<Self> {
+        Arc::new(HvInterruptLine { vm, gsi })
+    }
+}
+
+impl InterruptLine for HvInterruptLine {
+    fn set_level(&self, high: bool) {
+        if let Err(e) = self.vm.set_irq_line(self.gsi, high) {
+            log::trace!("GSI {}: {e}", self.gsi);
+        }
+    }
+
+    fn gsi(&self) -> u32 {
+        self.gsi
+    }
+}
+
+pub struct HvMsiSender {
+    vm: Arc<dyn Vm>,
+}
+
+impl HvMsiSender {
+    pub fn new(vm: Arc<dyn Vm>) -> Arc<Self> {
+        Arc::new(HvMsiSender { vm })
+    }
+}
+
+impl MsiSender for HvMsiSender {
+    fn send_msi(&self, address: u64, data: u32) {
+        if let Err(e) = self.vm.signal_msi(address, data) {
+            log::trace!("MSI {address:#x}/{data:#x}: {e}");
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! Builds the machine from a `VmConfig` and runs it to the end.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::RecvTimeoutError;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use super::control::Control;
+use super::exit::StopReason;
+use super::memory::{self, GuestMemory};
+use super::vcpu::VcpuContext;
+use super::{pidfile, signals};
+use crate::cli::VmConfig;
+use crate::devices::bus::Bus;
+use crate::hv::cpuid::CpuidPolicy;
+use crate::hv::{self, HvError, IrqChipMode, Vcpu, Vm, VmOptions};
+
+/// How often the main thread asks whether every vCPU is halted.
+const HALT_POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// How long one halt poll waits for the vCPUs to answer.
+const HALT_POLL_ANSWER: Duration = Duration::from_millis(200);
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error(transparent)]
+    Hypervisor(#[from] HvError),
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    #[error(transparent)]
+    PidFile(#[from] pidfile::PidFileError),
+    #[error("invalid -p {vcpu}:{host_cpu}: host CPU {host_cpu} is not available to xhyve")]
+    BadPin { vcpu: u8, host_cpu: u32 },
+    #[error("{0}")]
+    Setup(String),
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Builds and runs the machine; returns the process exit code.
+pub fn run(config: &VmConfig) -> Result<i32, VmmError> {
+    signals::block_termination_signals();
+    let hypervisor = hv::default_hypervisor()?;
+    let pins = check_pins(config)?;
+    let guest_memory = memory::create_guest_memory(config.memory_bytes)?;
+    exclude_from_core_dumps(&guest_memory, config.dump_guest_memory);
+
+    let options = VmOptions {
+        vcpus: config.vcpus,
+        irqchip: IrqChipMode::Kernel,
+        user_msr_exits: config.ignore_unknown_msrs,
+    };
+    let vm = hypervisor.create_vm(&options)?;
+    map_guest_memory(vm.as_ref(), &guest_memory)?;
+
+    if let Some(path) = &config.pidfile {
+        pidfile::create(path)?;
+    }
+    let (control, woken) = Control::new(config.vcpus);
+    let platform = super::platform::build(config, &vm, &guest_memory, &control)?;
+
+    let supported = hypervisor.supported_cpuid()?;
+    let policy = CpuidPolicy::new(config.vcpus, config.x2apic);
+    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+    for id in 0..config.vcpus {
+        let mut vcpu = vm.create_vcpu(id)?;
+        vcpu.set_cpuid(&policy.apply(&supported, id))?;
+        vcpu.set_msrs(&boot_msrs(id, config.x2apic))?;
+        if id == 0 {
+            vcpu.set_sregs(&platform.boot.sregs)?;
+            vcpu.set_regs(&platform.boot.regs)?;
+        }
+        vcpus.push(vcpu);
+    }
+
+    signals::spawn(control.clone(), platform.power_button).map_err(VmmError::Thread)?;
+    let ctx = Arc::new(VcpuContext {
+        io_bus: platform.io_bus,
+        mmio_bus: platform.mmio_bus,
+        control: control.clone(),
+        memory: guest_memory.clone(),
+        strict_io: config.strict_io,
+        ignore_unknown_msrs: config.ignore_unknown_msrs,
+        pins,
+    });
+    let threads = start_vcpus(vcpus, &ctx)?;
+
+    loop {
+        match woken.recv_timeout(HALT_POLL_INTERVAL) {
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => {}
+            Err(RecvTimeoutError::Timeout) => {
+                if control.poll_all_halted(HALT_POLL_ANSWER) {
+                    control.stop(StopReason::Guest(crate::devices::power::PowerEvent::Halt));
+                }
+            }
+        }
+        if control.is_stopping() {
+            break;
+        }
+    }
+    stop_vcpus(&control, threads);
+    let reason = control
+        .stop_reason()
+        .unwrap_or(StopReason::Fatal("stopped for no recorded reason".into()));
+    if let StopReason::Fatal(message) = &reason {
+        eprintln!("xhyve: {message}");
+    }
+    drop(vm);
+    Ok(reason.exit_code())
+}
+
+/// Kicks every vCPU until its thread has left the run loop, then joins it.
+fn stop_vcpus(control: &Control, threads: Vec<std::thread::JoinHandle<()>>) {
+    while threads.iter().any(|t| !t.is_finished()) {
+        control.kick_all();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for t in threads {
+        if t.join().is_err() {
+            control.stop(StopReason::Fatal("a vCPU thread panicked".into()));
+        }
+    }
+}
+
+fn start_vcpus(
+    vcpus: Vec<Box<dyn Vcpu>>,
+    ctx: &Arc<VcpuContext>,
+) -> Result<Vec<std::thread::JoinHandle<()>>, VmmError> {
+    let mut threads = Vec::with_capacity(vcpus.len());
+    for vcpu in vcpus {
+        let ctx = ctx.clone();
+        let name = format!("vcpu{}", vcpu.id());
+        let handle = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || super::vcpu::run(vcpu, ctx))
+            .map_err(VmmError::Thread)?;
+        threads.push(handle);
+    }
+    Ok(threads)
+}
+
+fn map_guest_memory(vm: &dyn Vm, mem: &GuestMemory) -> Result<(), VmmError> {
+    for (slot, region) in mem.iter().enumerate() {
+        // SAFETY: the regions are owned by `mem`, which the caller keeps alive (cloned into
+        // every vCPU context) until after the VM is dropped.
+        unsafe {
+            vm.map_memory(slot as u32, region.start_addr().0, region.len(), region.as_ptr())?;
+        }
+    }
+    Ok(())
+}
+
+/// Guest RAM stays out of core dumps unless `-C` asks for it: a crash of a 8 GiB VM should not
+/// write 8 GiB.
+fn exclude_from_core_dumps(mem: &GuestMemory, include: bool) {
+    if include {
+        return;
+    }
+    for region in mem.iter() {
+        // SAFETY: the range is exactly one mapping owned by `mem`; MADV_DONTDUMP only changes
+        // core-dump behaviour.
+        let rc = unsafe {
+            libc::madvise(region.as_ptr().cast(), region.len() as usize, libc::MADV_DONTDUMP)
+        };
+        if rc != 0 {
+            log::debug!("madvise(MADV_DONTDUMP): {}", std::io::Error::last_os_error());
+        }
+    }
+}
+
+/// Checks `-p` against the host CPUs this process may run on; returns the pin per vCPU id.
+fn check_pins(config: &VmConfig) -> Result<Vec<Option<u32>>, VmmError> {
+    let mut pins = vec![None; usize::from(config.vcpus)];
+    if config.cpu_pins.is_empty() {
+        return Ok(pins);
+    }
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it for this process.
+    let mut allowed: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `allowed` is a valid cpu_set_t of the size passed.
+    let rc = unsafe {
+        libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut allowed)
+    };
+    for pin in &config.cpu_pins {
+        let cpu = pin.host_cpu as usize;
+        // SAFETY: CPU_ISSET reads the set within CPU_SETSIZE, checked first.
+        let ok = rc == 0 && cpu < libc::CPU_SETSIZE as usize && unsafe { libc::CPU_ISSET(cpu, &allowed) };
+        if !ok {
+            return Err(VmmError::BadPin { vcpu: pin.vcpu, host_cpu: pin.host_cpu });
+        }
+        if let Some(slot) = pins.get_mut(usize::from(pin.vcpu)) {
+            *slot = Some(pin.host_cpu);
+        }
+    }
+    Ok(pins)
+}
+
+const MSR_IA32_APIC_BASE: u32 = 0x1b;
+const MSR_IA32_SYSENTER_CS: u32 = 0x174;
+const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
+const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
+const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+const MSR_STAR: u32 = 0xc000_0081;
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_CSTAR: u32 = 0xc000_0083;
+const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
+const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+
+/// MSRs as firmware leaves them at boot: fast strings on, MTRRs on with write-back default,
+/// syscall MSRs clear, and the APIC base (in x2APIC mode with `-x`).
+fn boot_msrs(id: u8, x2apic: bool) -> Vec<(u32, u64)> {
+    let mut apic_base = memory::LAPIC_BASE | (1 << 11);
+    if id == 0 {
+        apic_base |= 1 << 8;
+    }
+    if x2apic {
+        apic_base |= 1 << 10;
+    }
+    vec![
+        (MSR_IA32_SYSENTER_CS, 0),
+        (MSR_IA32_SYSENTER_ESP, 0),
+        (MSR_IA32_SYSENTER_EIP, 0),
+        (MSR_STAR, 0),
+        (MSR_LSTAR, 0),
+        (MSR_CSTAR, 0),
+        (MSR_SYSCALL_MASK, 0),
+        (MSR_KERNEL_GS_BASE, 0),
+        (MSR_IA32_MISC_ENABLE, 1),
+        (MSR_MTRR_DEF_TYPE, (1 << 11) | 6),
+        (MSR_IA32_APIC_BASE, apic_base),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn apic_base_marks_the_bsp_and_x2apic() {
+        let base = |id, x2| {
+            boot_msrs(id, x2)
+                .into_iter()
+                .find(|&(i, _)| i == MSR_IA32_APIC_BASE)
+                .unwrap()
+                .1
+        };
+        assert_eq!(base(0, false), 0xfee0_0900);
+        assert_eq!(base(1, false), 0xfee0_0800);
+        assert_eq!(base(0, true), 0xfee0_0d00);
+    }
+}
