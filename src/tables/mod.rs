@@ -38,6 +38,10 @@ pub const SMBIOS_END: u64 = 0x10_0000;
 const MIN_MEMORY: u64 = 1 << 20;
 const MAX_MEMORY: u64 = 1 << 48;
 
+// The three ranges stay apart and inside the BIOS area.
+const _: () = assert!(ACPI_START >= 0xE_0000 && ACPI_END <= MPTABLE_START);
+const _: () = assert!(MPTABLE_END <= SMBIOS_START && SMBIOS_END <= 0x10_0000);
+
 /// Number of IOAPIC input pins (GSIs 0-23).
 pub const IOAPIC_PINS: u32 = 24;
 /// The ACPI SCI is ISA IRQ 9, wired to GSI 9, level-triggered, active high.
@@ -323,9 +327,7 @@ mod tests {
     }
 
     #[test]
-    fn regions_do_not_overlap_and_stay_in_the_bios_area() {
-        assert!(ACPI_START >= 0xE_0000 && ACPI_END <= MPTABLE_START);
-        assert!(MPTABLE_END <= SMBIOS_START && SMBIOS_END <= 0x10_0000);
+    fn align_up_rounds_to_the_boundary() {
         assert_eq!(align_up(0xE_0024, 16), 0xE_0030);
         assert_eq!(align_up(0xE_0030, 16), 0xE_0030);
     }

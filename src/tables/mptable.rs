@@ -50,7 +50,12 @@ pub fn write_mptable(mem: &GuestMemory, m: &MachineDescription) -> Result<(), Ta
     m.validate()?;
     let table_addr = MPTABLE_START + FLOATING_POINTER_LEN as u64;
     let table = config_table(m);
-    check_fits("MP table", MPTABLE_START, FLOATING_POINTER_LEN + table.len(), MPTABLE_END)?;
+    check_fits(
+        "MP table",
+        MPTABLE_START,
+        FLOATING_POINTER_LEN + table.len(),
+        MPTABLE_END,
+    )?;
     let pointer = floating_pointer(table_addr);
     write_bytes(mem, "MP floating pointer", MPTABLE_START, &pointer)?;
     write_bytes(mem, "MP configuration table", table_addr, &table)
@@ -179,7 +184,7 @@ mod tests {
     use super::*;
 
     struct Parsed {
-        cpus: Vec<(u8, u8)>,    // (apic id, flags)
+        cpus: Vec<(u8, u8)>, // (apic id, flags)
         buses: Vec<(u8, String)>,
         ioapics: Vec<(u8, u8, u32)>, // (id, flags, address)
         io_ints: Vec<[u8; 8]>,

@@ -64,7 +64,7 @@ fn entry_point(table: &StructureTable, table_addr: u64) -> Vec<u8> {
     e.extend_from_slice(&[0; 5]);
     e.extend_from_slice(b"_DMI_");
     e.push(0); // intermediate checksum, below
-    // check_fits() keeps the table inside the 32 KiB SMBIOS range below 1 MiB.
+               // check_fits() keeps the table inside the 32 KiB SMBIOS range below 1 MiB.
     e.put_u16(table.bytes.len() as u16);
     e.put_u32(table_addr as u32);
     e.put_u16(table.count);
@@ -432,7 +432,10 @@ mod tests {
         let handles: Vec<u16> = all.iter().map(|s| s.handle).collect();
         assert_eq!(handles, (0..11).collect::<Vec<u16>>());
         let lengths: Vec<usize> = all.iter().map(|s| s.formatted.len()).collect();
-        assert_eq!(lengths, vec![0x18, 0x1B, 0x16, 0x2A, 0x2A, 0x2A, 0x17, 0x28, 0x1F, 0x0B, 4]);
+        assert_eq!(
+            lengths,
+            vec![0x18, 0x1B, 0x16, 0x2A, 0x2A, 0x2A, 0x17, 0x28, 0x1F, 0x0B, 4]
+        );
 
         let bios = of(&all, 0)[0];
         assert_eq!(bios.string(bios.formatted[4]), "xhyve");
@@ -464,8 +467,8 @@ mod tests {
         assert_eq!(
             system.formatted[8..24],
             [
-                0x33, 0x22, 0x11, 0x00, 0x55, 0x44, 0x77, 0x66, 0x88, 0x99, 0xAA, 0xBB, 0xCC,
-                0xDD, 0xEE, 0xFF
+                0x33, 0x22, 0x11, 0x00, 0x55, 0x44, 0x77, 0x66, 0x88, 0x99, 0xAA, 0xBB, 0xCC, 0xDD,
+                0xEE, 0xFF
             ]
         );
         // The field is followed by the wake-up type, untouched by the UUID.
@@ -545,7 +548,10 @@ mod tests {
         let high = of(&all, 19)[1];
         assert_eq!(u32_at(&high.formatted, 4), 0xFFFF_FFFF);
         assert_eq!(u64_at(&high.formatted, 15), 4 << 30);
-        assert_eq!(u64_at(&high.formatted, 23), (4 << 30) + (5 << 40) - (3 << 30) - 1);
+        assert_eq!(
+            u64_at(&high.formatted, 23),
+            (4 << 30) + (5 << 40) - (3 << 30) - 1
+        );
     }
 
     #[test]
