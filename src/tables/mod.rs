@@ -17,6 +17,12 @@ mod mptable;
 mod smbios;
 
 pub use acpi::write_acpi;
+/// The fixed-hardware ports and values the FADT and `\_S5` publish; the power device must
+/// implement exactly these.
+pub use acpi::{
+    ACPI_DISABLE, ACPI_ENABLE, PM1A_CNT_BLK, PM1A_EVT_BLK, PM_TMR_BLK, RESET_PORT, RESET_VALUE,
+    S5_SLP_TYP, SMI_CMD,
+};
 pub use mptable::write_mptable;
 pub use smbios::write_smbios;
 
@@ -324,6 +330,41 @@ mod tests {
         assert!(check_fits("t", 0xF_0000, 0x8000, 0xF_8000).is_ok());
         assert!(check_fits("t", 0xF_0000, 0x8001, 0xF_8000).is_err());
         assert!(check_fits("t", u64::MAX, 2, u64::MAX).is_err());
+    }
+
+    #[test]
+    fn all_three_coexist_and_agree_on_the_ioapic() {
+        let m = MachineDescription {
+            pci_intx: vec![route(3, 0, 16)],
+            ..machine(3, 128 << 20)
+        };
+        let mem = memory_for(&m);
+        // SMBIOS and the MP table first, so that an ACPI overrun would clobber them.
+        write_smbios(&mem, &m).unwrap();
+        write_mptable(&mem, &m).unwrap();
+        let rsdp = write_acpi(&mem, &m).unwrap();
+
+        let smbios = read(&mem, SMBIOS_START, 0x1F);
+        assert_eq!(&smbios[0..4], b"_SM_");
+        assert!(sums_to_zero(&smbios));
+        let mp = read(&mem, MPTABLE_START, 16);
+        assert_eq!(&mp[0..4], b"_MP_");
+        assert!(sums_to_zero(&mp));
+        assert_eq!(&read(&mem, rsdp, 8)[..], b"RSD PTR ");
+
+        // The MP table's IOAPIC entry: after the header, 3 processors and 2 buses.
+        let mp_table = u64::from(u32_at(&mp, 4));
+        let ioapic = read(&mem, mp_table + 44 + 3 * 20 + 2 * 8, 8);
+        assert_eq!(ioapic[0], 2, "IOAPIC entry type");
+        let (mp_id, mp_addr) = (ioapic[1], u32_at(&ioapic, 4));
+
+        // The MADT's IOAPIC entry: second table in the XSDT, after 3 local APICs.
+        let xsdt = u64_at(&read(&mem, rsdp, 36), 24);
+        let madt = u64_at(&read(&mem, xsdt, 52), 44);
+        let entry = read(&mem, madt + 44 + 3 * 8, 12);
+        assert_eq!(entry[0], 1, "MADT IOAPIC entry type");
+        assert_eq!((entry[2], u32_at(&entry, 4)), (mp_id, mp_addr));
+        assert_eq!((mp_id, mp_addr), (3, 0xFEC0_0000));
     }
 
     #[test]
