@@ -54,6 +54,11 @@ pub fn build(
                 })
             })
             .collect(),
+        lpc_slot: config
+            .pci_devices
+            .iter()
+            .find(|d| d.kind == crate::cli::PciDeviceKind::Lpc)
+            .map(|d| d.slot),
         com1: config.com1.is_some(),
         com2: config.com2.is_some(),
         hpet: false,
