@@ -341,6 +341,26 @@ mod tests {
     }
 
     #[test]
+    fn equals_after_a_short_option_is_dropped() {
+        // clap's reading of `-c=2`; getopt would pass "=2" and fail. Documented, harmless.
+        let c = config(&["-c=2", "-m=1G", "-f", KEXEC]);
+        assert_eq!(c.vcpus, 2);
+        assert_eq!(c.memory_bytes, 1 << 30);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn non_utf8_arguments_are_a_syntax_error() {
+        use std::os::unix::ffi::OsStringExt;
+        let bad = OsString::from_vec(b"kexec,\xff".to_vec());
+        let args = [OsString::from("xhyve"), OsString::from("-f"), bad];
+        assert_eq!(
+            parse(args).unwrap_err(),
+            CliError::Syntax("arguments must be valid UTF-8".to_string())
+        );
+    }
+
+    #[test]
     fn y_takes_no_argument() {
         let c = config(&["-Y", "-A", "-f", KEXEC]);
         assert!(!c.mptable);
