@@ -1,5 +1,15 @@
 //! xhyve-compatible command-line parsing into a typed [`VmConfig`]. No I/O happens here.
 
 mod config;
+mod error;
+mod firmware;
+mod lpc;
+mod memsize;
+mod parse;
+mod pci;
+mod usage;
 
 pub use config::*;
+pub use error::CliError;
+pub use parse::parse;
+pub use usage::{usage, version_text};

@@ -1,0 +1,92 @@
+//! The texts `main` prints for `-h` (and after usage errors) and for `-v`.
+
+use std::path::Path;
+
+/// xhyve's usage text for `program` (argv[0]; only its last path component is shown).
+pub fn usage(program: &str) -> String {
+    let name = Path::new(program)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| program.to_string());
+    // xhyve pads the second synopsis line to the program name's width (`%*s`).
+    let pad = " ".repeat(name.chars().count());
+    format!(
+        "Usage: {name} [-behuwxMACHPWY] [-c vcpus] [-F <pidfile>] [-g <gdb port>] [-l <lpc>]
+       {pad} [-m mem] [-p vcpu:hostcpu] [-s <pci>] [-U uuid] -f <fw>
+       -A: create ACPI tables
+       -c: # cpus (default 1)
+       -C: include guest memory in core file
+       -e: exit on unhandled I/O access
+       -f: firmware: kexec,kernel[,initrd[,cmdline]]
+           or multiboot,kernel[,modules][,cmdline]
+       -F: pidfile
+       -g: gdb port
+       -h: help
+       -H: vmexit from the guest on hlt
+       -l: LPC device configuration. Ex: -l com1,stdio -l com2,autopty -l com2,/dev/myownpty
+       -m: memory size in MB, may be suffixed with one of K, M, G or T
+       -M: print MAC address and exit if using vmnet
+       -p: pin 'vcpu' to 'hostcpu'
+       -P: vmexit from the guest on pause
+       -s: <slot,driver,configinfo> PCI slot config
+       -u: RTC keeps UTC time
+       -U: uuid
+       -v: show build version
+       -w: ignore unimplemented MSRs
+       -W: force virtio to use single-vector MSI
+       -x: local apic is in x2APIC mode
+       -Y: disable MPtable generation
+"
+    )
+}
+
+/// The `-v` text, shaped like xhyve's.
+pub fn version_text() -> String {
+    format!(
+        "xhyve: {}
+
+xhyve-rs is a Rust port of xhyve, FreeBSD's bhyve hypervisor,
+running on Linux KVM and macOS Hypervisor.framework.
+
+License: BSD
+",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_names_the_program_and_pads_the_second_line() {
+        let text = usage("/usr/local/bin/xhyve");
+        let mut lines = text.lines();
+        assert_eq!(
+            lines.next().unwrap(),
+            "Usage: xhyve [-behuwxMACHPWY] [-c vcpus] [-F <pidfile>] [-g <gdb port>] [-l <lpc>]"
+        );
+        assert_eq!(
+            lines.next().unwrap(),
+            "             [-m mem] [-p vcpu:hostcpu] [-s <pci>] [-U uuid] -f <fw>"
+        );
+        assert!(text.contains("       -p: pin 'vcpu' to 'hostcpu'\n"));
+        assert!(text.contains("       -f: firmware: kexec,kernel[,initrd[,cmdline]]\n"));
+        assert!(text.contains("multiboot,kernel[,modules][,cmdline]\n"));
+        assert!(text.ends_with("       -Y: disable MPtable generation\n"));
+    }
+
+    #[test]
+    fn usage_keeps_a_bare_program_name() {
+        assert!(usage("xh").starts_with("Usage: xh [-behuwxMACHPWY]"));
+        assert!(usage("xh").contains("\n          [-m mem]"));
+    }
+
+    #[test]
+    fn version_names_the_crate_version() {
+        let text = version_text();
+        assert!(text.starts_with(&format!("xhyve: {}\n", env!("CARGO_PKG_VERSION"))));
+        assert!(text.contains("Rust port of xhyve"));
+        assert!(text.ends_with("License: BSD\n"));
+    }
+}
