@@ -1,0 +1,125 @@
+//! Helpers for the loaders' tests: temporary image files.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// A file under the system temp dir, removed when dropped.
+pub struct TempFile(PathBuf);
+
+impl TempFile {
+    pub fn new(tag: &str, contents: &[u8]) -> TempFile {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "xhyve-boot-test-{}-{n}-{tag}",
+            std::process::id()
+        ));
+        std::fs::write(&path, contents).expect("write temp file");
+        TempFile(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A loadable segment for `build_elf`.
+pub struct TestSegment<'a> {
+    pub paddr: u64,
+    pub vaddr: u64,
+    pub data: &'a [u8],
+    pub memsz: u64,
+}
+
+/// A note for `build_elf`.
+pub struct TestNote<'a> {
+    pub name: &'a [u8],
+    pub n_type: u32,
+    pub desc: &'a [u8],
+}
+
+fn pad4(v: &mut Vec<u8>) {
+    while v.len() % 4 != 0 {
+        v.push(0);
+    }
+}
+
+/// A minimal little-endian x86 ELF executable (ELF32 or ELF64) with the given PT_LOAD
+/// segments and one PT_NOTE segment holding `notes`.
+pub fn build_elf(is64: bool, entry: u64, loads: &[TestSegment], notes: &[TestNote]) -> Vec<u8> {
+    let ehsize = if is64 { 64 } else { 52 };
+    let phentsize = if is64 { 56 } else { 32 };
+    let phnum = loads.len() + usize::from(!notes.is_empty());
+    let mut note_bytes = Vec::new();
+    for n in notes {
+        note_bytes.extend_from_slice(&(n.name.len() as u32 + 1).to_le_bytes());
+        note_bytes.extend_from_slice(&(n.desc.len() as u32).to_le_bytes());
+        note_bytes.extend_from_slice(&n.n_type.to_le_bytes());
+        note_bytes.extend_from_slice(n.name);
+        note_bytes.push(0);
+        pad4(&mut note_bytes);
+        note_bytes.extend_from_slice(n.desc);
+        pad4(&mut note_bytes);
+    }
+    let mut data_at = ehsize + phentsize * phnum;
+    let mut out = vec![0u8; data_at];
+    out[..4].copy_from_slice(b"\x7fELF");
+    out[4] = if is64 { 2 } else { 1 };
+    out[5] = 1;
+    out[6] = 1;
+    let put16 = |o: &mut Vec<u8>, at: usize, v: u16| o[at..at + 2].copy_from_slice(&v.to_le_bytes());
+    let put32 = |o: &mut Vec<u8>, at: usize, v: u32| o[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    let put64 = |o: &mut Vec<u8>, at: usize, v: u64| o[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    put16(&mut out, 16, 2); // ET_EXEC
+    put16(&mut out, 18, if is64 { 62 } else { 3 });
+    put32(&mut out, 20, 1);
+    if is64 {
+        put64(&mut out, 24, entry);
+        put64(&mut out, 32, ehsize as u64);
+        put16(&mut out, 52, ehsize as u16);
+        put16(&mut out, 54, phentsize as u16);
+        put16(&mut out, 56, phnum as u16);
+    } else {
+        put32(&mut out, 24, entry as u32);
+        put32(&mut out, 28, ehsize as u32);
+        put16(&mut out, 40, ehsize as u16);
+        put16(&mut out, 42, phentsize as u16);
+        put16(&mut out, 44, phnum as u16);
+    }
+    let mut blobs: Vec<(u32, u64, u64, u64, &[u8])> = loads
+        .iter()
+        .map(|s| (1, s.vaddr, s.paddr, s.memsz, s.data))
+        .collect();
+    if !notes.is_empty() {
+        blobs.push((4, 0, 0, note_bytes.len() as u64, &note_bytes));
+    }
+    for (i, (ty, vaddr, paddr, memsz, data)) in blobs.iter().enumerate() {
+        let ph = ehsize + i * phentsize;
+        let offset = data_at as u64;
+        put32(&mut out, ph, *ty);
+        if is64 {
+            put64(&mut out, ph + 8, offset);
+            put64(&mut out, ph + 16, *vaddr);
+            put64(&mut out, ph + 24, *paddr);
+            put64(&mut out, ph + 32, data.len() as u64);
+            put64(&mut out, ph + 40, *memsz);
+        } else {
+            put32(&mut out, ph + 4, offset as u32);
+            put32(&mut out, ph + 8, *vaddr as u32);
+            put32(&mut out, ph + 12, *paddr as u32);
+            put32(&mut out, ph + 16, data.len() as u32);
+            put32(&mut out, ph + 20, *memsz as u32);
+        }
+        data_at += data.len();
+    }
+    for (_, _, _, _, data) in &blobs {
+        out.extend_from_slice(data);
+    }
+    out
+}
