@@ -226,3 +226,190 @@ pub fn load(
     setup.regs.rsi = ZERO_PAGE;
     Ok(setup)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::boot::e820::E820Kind;
+    use crate::boot::load as load_firmware;
+    use crate::boot::test_util::*;
+    use crate::vmm::memory::create_guest_memory;
+    use vm_memory::Bytes;
+
+    const MIB: u64 = 1 << 20;
+
+    fn boot(
+        image: &TestBzImage,
+        memory: u64,
+        initrd: Option<&[u8]>,
+        cmdline: &str,
+        rsdp: Option<u64>,
+    ) -> (GuestMemory, Result<BootSetup, BootError>) {
+        let kernel = TempFile::new("bzimage", &image.build());
+        let initrd = initrd.map(|data| TempFile::new("initrd", data));
+        let mem = create_guest_memory(memory).unwrap();
+        let firmware = kexec(kernel.path(), initrd.as_ref().map(|f| f.path()), cmdline);
+        let result = load_firmware(&mem, &firmware, memory, rsdp);
+        (mem, result)
+    }
+
+    fn zero_page(mem: &GuestMemory) -> boot_params {
+        mem.read_obj(GuestAddress(ZERO_PAGE)).unwrap()
+    }
+
+    #[test]
+    fn relocatable_kernel_boots_at_pref_address_with_full_zero_page() {
+        let image = TestBzImage::default();
+        let initrd: Vec<u8> = (0..10_000u32).map(|i| i as u8 ^ 0x5a).collect();
+        let (mem, setup) = boot(
+            &image,
+            256 * MIB,
+            Some(&initrd),
+            "console=ttyS0 root=/dev/vda",
+            Some(0xf_2400),
+        );
+        let setup = setup.unwrap();
+        assert_eq!(setup.regs.rip, 0x100_0000);
+        assert_eq!(setup.regs.rsi, ZERO_PAGE);
+        assert_eq!(setup.regs.rflags, 0x2);
+        assert_eq!(read_bytes(&mem, 0x100_0000, image.payload.len()), image.payload);
+
+        let zp = zero_page(&mem);
+        let hdr = zp.hdr;
+        assert_eq!({ hdr.header }, 0x5372_6448);
+        assert_eq!({ hdr.version }, 0x020f);
+        assert_eq!(hdr.type_of_loader, 0xff);
+        assert_eq!({ hdr.code32_start }, 0x100_0000);
+        assert_eq!({ hdr.cmd_line_ptr }, CMDLINE_ADDR as u32);
+        assert_eq!(
+            read_cstr(&mem, CMDLINE_ADDR as u64),
+            "console=ttyS0 root=/dev/vda"
+        );
+        // Page-aligned at the top of RAM (initrd_addr_max is above it).
+        let initrd_addr = (256 * MIB - 10_000) & !0xfff;
+        assert_eq!({ hdr.ramdisk_image } as u64, initrd_addr);
+        assert_eq!({ hdr.ramdisk_size }, 10_000);
+        assert_eq!(read_bytes(&mem, initrd_addr, initrd.len()), initrd);
+        assert_eq!({ zp.acpi_rsdp_addr }, 0xf_2400);
+
+        let map = e820_map(256 * MIB);
+        assert_eq!(zp.e820_entries as usize, map.len());
+        for (got, want) in zp.e820_table.iter().zip(&map) {
+            assert_eq!(({ got.addr }, { got.size }), (want.addr, want.size));
+            assert_eq!({ got.r#type }, want.kind.code());
+        }
+        assert_eq!(map[3].kind, E820Kind::Ram);
+    }
+
+    #[test]
+    fn fixed_kernel_loads_at_1mib_and_initrd_respects_initrd_addr_max() {
+        let image = TestBzImage {
+            relocatable: false,
+            initrd_addr_max: 0x7ff_ffff,
+            ..TestBzImage::default()
+        };
+        let (mem, setup) = boot(&image, 512 * MIB, Some(&[7; 5000]), "", None);
+        assert_eq!(setup.unwrap().regs.rip, MIB);
+        let hdr = zero_page(&mem).hdr;
+        assert_eq!({ hdr.ramdisk_image } as u64, 0x800_0000 - 0x2000);
+        assert_eq!(read_cstr(&mem, CMDLINE_ADDR), "auto");
+        assert_eq!({ zero_page(&mem).acpi_rsdp_addr }, 0);
+    }
+
+    #[test]
+    fn relocatable_kernel_that_misses_pref_address_goes_to_aligned_1mib() {
+        let image = TestBzImage {
+            pref_address: 0x1000_0000,
+            ..TestBzImage::default()
+        };
+        let (_, setup) = boot(&image, 64 * MIB, None, "x", None);
+        assert_eq!(setup.unwrap().regs.rip, 2 * MIB);
+    }
+
+    #[test]
+    fn rsdp_is_only_passed_from_protocol_2_14() {
+        let image = TestBzImage {
+            version: 0x020d,
+            ..TestBzImage::default()
+        };
+        let (mem, setup) = boot(&image, 64 * MIB, None, "x", Some(0xf_2400));
+        setup.unwrap();
+        assert_eq!({ zero_page(&mem).acpi_rsdp_addr }, 0);
+    }
+
+    #[test]
+    fn old_protocol_and_missing_loaded_high_are_named() {
+        let old = TestBzImage {
+            version: 0x0209,
+            ..TestBzImage::default()
+        };
+        let err = boot(&old, 64 * MIB, None, "", None).1.unwrap_err();
+        assert!(
+            err.to_string()
+                .ends_with("uses Linux boot protocol 2.09: 2.10 or later is required"),
+            "{err}"
+        );
+        let low = TestBzImage {
+            loadflags: 0,
+            ..TestBzImage::default()
+        };
+        let err = boot(&low, 64 * MIB, None, "", None).1.unwrap_err();
+        assert!(matches!(err, BootError::NotLoadedHigh { .. }), "{err}");
+    }
+
+    #[test]
+    fn command_line_longer_than_cmdline_size_is_refused() {
+        let image = TestBzImage {
+            cmdline_size: 16,
+            ..TestBzImage::default()
+        };
+        let (_, ok) = boot(&image, 64 * MIB, None, "0123456789abcdef", None);
+        ok.unwrap();
+        let err = boot(&image, 64 * MIB, None, "0123456789abcdefg", None)
+            .1
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "kernel command line is 17 bytes long: at most 16 fit"
+        );
+        // A header claiming a huge limit is still bounded by the low-memory area.
+        let huge = TestBzImage {
+            cmdline_size: u32::MAX,
+            ..TestBzImage::default()
+        };
+        let long = "a".repeat(CMDLINE_AREA_END as usize);
+        let err = boot(&huge, 64 * MIB, None, &long, None).1.unwrap_err();
+        assert!(matches!(err, BootError::CmdlineTooLong { .. }));
+    }
+
+    #[test]
+    fn kernel_or_initrd_that_does_not_fit_is_an_error() {
+        let image = TestBzImage {
+            relocatable: false,
+            init_size: 0x800_0000,
+            ..TestBzImage::default()
+        };
+        let err = boot(&image, 64 * MIB, None, "", None).1.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "kernel at 0x100000-0x8100000 is outside guest RAM"
+        );
+        let image = TestBzImage::default();
+        let big = vec![0u8; 60 << 20];
+        let err = boot(&image, 64 * MIB, Some(&big), "", None).1.unwrap_err();
+        assert!(matches!(err, BootError::NoRoom { .. }), "{err}");
+        assert!(err.to_string().contains("62914560 bytes"), "{err}");
+    }
+
+    #[test]
+    fn missing_payload_and_truncated_header_are_corrupt_not_panics() {
+        let full = TestBzImage::default().build();
+        for len in [0x206, 0x230, 0x265, 1024] {
+            let kernel = TempFile::new("short-bzimage", &full[..len]);
+            let mem = create_guest_memory(16 * MIB).unwrap();
+            let err = load_firmware(&mem, &kexec(kernel.path(), None, ""), 16 * MIB, None)
+                .unwrap_err();
+            assert!(matches!(err, BootError::Corrupt { .. }), "{len}: {err}");
+        }
+    }
+}

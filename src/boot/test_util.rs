@@ -123,3 +123,121 @@ pub fn build_elf(is64: bool, entry: u64, loads: &[TestSegment], notes: &[TestNot
     }
     out
 }
+
+/// Fields of a synthesized bzImage; `build` lays out one setup sector plus the boot sector.
+pub struct TestBzImage {
+    pub version: u16,
+    pub loadflags: u8,
+    pub relocatable: bool,
+    pub pref_address: u64,
+    pub kernel_alignment: u32,
+    pub init_size: u32,
+    pub initrd_addr_max: u32,
+    pub cmdline_size: u32,
+    pub payload: Vec<u8>,
+}
+
+impl Default for TestBzImage {
+    fn default() -> Self {
+        TestBzImage {
+            version: 0x020f,
+            loadflags: 1,
+            relocatable: true,
+            pref_address: 0x100_0000,
+            kernel_alignment: 0x20_0000,
+            init_size: 0x40_0000,
+            initrd_addr_max: 0x7fff_ffff,
+            cmdline_size: 2047,
+            payload: (0..8192u32).map(|i| (i * 7 + 3) as u8).collect(),
+        }
+    }
+}
+
+impl TestBzImage {
+    pub fn build(&self) -> Vec<u8> {
+        let mut out = vec![0u8; 1024];
+        out[0x1f1] = 1; // setup_sects
+        out[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        out[0x200] = 0xeb;
+        out[0x201] = (0x268 - 0x202) as u8;
+        out[0x202..0x206].copy_from_slice(b"HdrS");
+        out[0x206..0x208].copy_from_slice(&self.version.to_le_bytes());
+        out[0x211] = self.loadflags;
+        out[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes());
+        out[0x22c..0x230].copy_from_slice(&self.initrd_addr_max.to_le_bytes());
+        out[0x230..0x234].copy_from_slice(&self.kernel_alignment.to_le_bytes());
+        out[0x234] = self.relocatable as u8;
+        out[0x238..0x23c].copy_from_slice(&self.cmdline_size.to_le_bytes());
+        out[0x258..0x260].copy_from_slice(&self.pref_address.to_le_bytes());
+        out[0x260..0x264].copy_from_slice(&self.init_size.to_le_bytes());
+        out.extend_from_slice(&self.payload);
+        out
+    }
+}
+
+/// A multiboot v1 header with a valid checksum; `aout` appends the five kludge addresses.
+pub fn multiboot_header(flags: u32, aout: Option<[u32; 5]>) -> Vec<u8> {
+    let magic = 0x1bad_b002u32;
+    let mut out = Vec::new();
+    for v in [magic, flags, 0u32.wrapping_sub(magic).wrapping_sub(flags)] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    for v in aout.into_iter().flatten() {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+pub fn kexec(kernel: &Path, initrd: Option<&Path>, cmdline: &str) -> crate::cli::Firmware {
+    crate::cli::Firmware::Kexec {
+        kernel: kernel.to_path_buf(),
+        initrd: initrd.map(Path::to_path_buf),
+        cmdline: cmdline.to_string(),
+    }
+}
+
+pub fn multiboot(kernel: &Path, modules: &[(&Path, &str)], cmdline: &str) -> crate::cli::Firmware {
+    crate::cli::Firmware::Multiboot {
+        kernel: kernel.to_path_buf(),
+        modules: modules
+            .iter()
+            .map(|(path, cmdline)| crate::cli::MultibootModule {
+                path: path.to_path_buf(),
+                cmdline: cmdline.to_string(),
+            })
+            .collect(),
+        cmdline: cmdline.to_string(),
+    }
+}
+
+pub fn read_u32(mem: &crate::vmm::memory::GuestMemory, addr: u64) -> u32 {
+    use vm_memory::Bytes;
+    mem.read_obj(vm_memory::GuestAddress(addr)).expect("read u32")
+}
+
+pub fn read_u64(mem: &crate::vmm::memory::GuestMemory, addr: u64) -> u64 {
+    use vm_memory::Bytes;
+    mem.read_obj(vm_memory::GuestAddress(addr)).expect("read u64")
+}
+
+pub fn read_bytes(mem: &crate::vmm::memory::GuestMemory, addr: u64, len: usize) -> Vec<u8> {
+    use vm_memory::Bytes;
+    let mut buf = vec![0; len];
+    mem.read_slice(&mut buf, vm_memory::GuestAddress(addr))
+        .expect("read bytes");
+    buf
+}
+
+/// The NUL-terminated string at `addr`.
+pub fn read_cstr(mem: &crate::vmm::memory::GuestMemory, addr: u64) -> String {
+    let mut out = Vec::new();
+    let mut at = addr;
+    loop {
+        let byte = read_bytes(mem, at, 1)[0];
+        if byte == 0 {
+            return String::from_utf8(out).expect("utf-8");
+        }
+        out.push(byte);
+        at += 1;
+    }
+}
