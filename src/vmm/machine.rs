@@ -12,7 +12,6 @@ use super::memory::{self, GuestMemory};
 use super::vcpu::VcpuContext;
 use super::{pidfile, signals};
 use crate::cli::VmConfig;
-use crate::devices::bus::Bus;
 use crate::hv::cpuid::CpuidPolicy;
 use crate::hv::{self, HvError, IrqChipMode, Vcpu, Vm, VmOptions};
 
