@@ -3,3 +3,5 @@
 pub mod bus;
 pub mod irq;
 pub mod power;
+pub mod serial;
+pub mod terminal;
