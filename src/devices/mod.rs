@@ -3,5 +3,6 @@
 pub mod bus;
 pub mod irq;
 pub mod power;
+pub mod rtc;
 pub mod serial;
 pub mod terminal;
