@@ -2,6 +2,7 @@
 
 pub mod bus;
 pub mod irq;
+pub mod pci;
 pub mod power;
 pub mod rtc;
 pub mod serial;
