@@ -2,4 +2,8 @@
 
 pub mod bus;
 pub mod irq;
+pub mod pci;
 pub mod power;
+pub mod rtc;
+pub mod serial;
+pub mod terminal;
