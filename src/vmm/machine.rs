@@ -72,6 +72,7 @@ pub fn run(config: &VmConfig) -> Result<i32, VmmError> {
         vcpus.push(vcpu);
     }
 
+    let _serial_ports = platform.serial_ports;
     signals::spawn(control.clone(), platform.power_button).map_err(VmmError::Thread)?;
     let ctx = Arc::new(VcpuContext {
         io_bus: platform.io_bus,

@@ -16,6 +16,7 @@ pub use machine::{run, VmmError};
 /// Undoes what the process changed outside itself: the pidfile and the terminal mode.
 /// Called on every exit path, including fatal ones.
 pub fn cleanup() {
+    crate::devices::terminal::restore_terminal();
     pidfile::remove();
 }
 
