@@ -65,7 +65,11 @@ fn word(bytes: &[u8], at: usize) -> Option<u32> {
 pub fn find_header(prefix: &[u8]) -> Option<Header> {
     let window = &prefix[..prefix.len().min(PREFIX_LEN as usize)];
     (0..window.len()).step_by(4).find_map(|at| {
-        let (magic, flags, checksum) = (word(window, at)?, word(window, at + 4)?, word(window, at + 8)?);
+        let (magic, flags, checksum) = (
+            word(window, at)?,
+            word(window, at + 4)?,
+            word(window, at + 8)?,
+        );
         if magic != HEADER_MAGIC || magic.wrapping_add(flags).wrapping_add(checksum) != 0 {
             return None;
         }
@@ -209,12 +213,13 @@ pub fn load(
     for &(path, cmdline) in boot.modules {
         let mut module = Image::open(path, "module")?;
         let what = format!("module \"{}\"", path.display());
-        let start = layout
-            .lowest_free(module.size, next_free)
-            .ok_or_else(|| BootError::NoRoom {
-                what: what.clone(),
-                size: module.size,
-            })?;
+        let start =
+            layout
+                .lowest_free(module.size, next_free)
+                .ok_or_else(|| BootError::NoRoom {
+                    what: what.clone(),
+                    size: module.size,
+                })?;
         layout.claim(&what, start, module.size)?;
         module.copy_to_guest(mem, 0, module.size, start)?;
         let end = start + module.size;
@@ -309,28 +314,40 @@ mod tests {
         assert_eq!(setup.regs.rax, 0x2bad_b002);
         assert_eq!(setup.regs.rip, 0x10_000c);
         let mbi = setup.regs.rbx;
-        assert!(mbi < 0x8000 && mbi >= 0x2000);
+        assert!((0x2000..0x8000).contains(&mbi));
         assert_eq!(read_u32(&mem, 0x10_0000), 0x1bad_b002);
         assert_eq!(read_u32(&mem, mbi), 0x1 | 0x4 | 0x8 | 0x40 | 0x200);
         assert_eq!(read_u32(&mem, mbi + 4), 639);
         assert_eq!(read_u32(&mem, mbi + 8) as u64, ((3 << 30) - MIB) / 1024);
-        assert_eq!(read_cstr(&mem, read_u32(&mem, mbi + 16) as u64), "kernel args");
+        assert_eq!(
+            read_cstr(&mem, read_u32(&mem, mbi + 16) as u64),
+            "kernel args"
+        );
         assert_eq!(read_cstr(&mem, read_u32(&mem, mbi + 64) as u64), "xhyve");
 
         assert_eq!(read_u32(&mem, mbi + 20), 2);
         let mods = read_u32(&mem, mbi + 24) as u64;
         let (start0, end0) = (read_u32(&mem, mods) as u64, read_u32(&mem, mods + 4) as u64);
-        let (start1, end1) = (read_u32(&mem, mods + 16) as u64, read_u32(&mem, mods + 20) as u64);
+        let (start1, end1) = (
+            read_u32(&mem, mods + 16) as u64,
+            read_u32(&mem, mods + 20) as u64,
+        );
         // Page-aligned, after the kernel's BSS, in order.
         assert_eq!((start0, end0), (0x10_5000, 0x10_5064));
         assert_eq!((start1, end1), (0x10_6000, 0x10_6000 + 5000));
         assert_eq!(read_bytes(&mem, start0, 100), vec![0x11; 100]);
         assert_eq!(read_bytes(&mem, start1, 5000), vec![0x22; 5000]);
-        assert_eq!(read_cstr(&mem, read_u32(&mem, mods + 8) as u64), "first arg");
+        assert_eq!(
+            read_cstr(&mem, read_u32(&mem, mods + 8) as u64),
+            "first arg"
+        );
         assert_eq!(read_cstr(&mem, read_u32(&mem, mods + 24) as u64), "");
 
         let map = e820_map(memory);
-        let (len, addr) = (read_u32(&mem, mbi + 44) as u64, read_u32(&mem, mbi + 48) as u64);
+        let (len, addr) = (
+            read_u32(&mem, mbi + 44) as u64,
+            read_u32(&mem, mbi + 48) as u64,
+        );
         assert_eq!(len, 24 * map.len() as u64);
         for (i, want) in map.iter().enumerate() {
             let at = addr + 24 * i as u64;
@@ -353,9 +370,10 @@ mod tests {
         file.resize(0x1800, 0xc3);
         let kernel = TempFile::new("aout", &file);
         let mem = create_guest_memory(16 * MIB).unwrap();
-        mem.write_slice(&[0xee; 0x100], GuestAddress(0x20_3f00)).unwrap();
-        let setup = load_firmware(&mem, &multiboot(kernel.path(), &[], ""), 16 * MIB, None)
+        mem.write_slice(&[0xee; 0x100], GuestAddress(0x20_3f00))
             .unwrap();
+        let setup =
+            load_firmware(&mem, &multiboot(kernel.path(), &[], ""), 16 * MIB, None).unwrap();
         assert_eq!(setup.regs.rip, 0x20_0180);
         assert_eq!(read_bytes(&mem, 0x20_0000, file.len()), file);
         assert_eq!(read_bytes(&mem, 0x20_3f00, 0x100), vec![0; 0x100]);
@@ -382,10 +400,19 @@ mod tests {
             // Load area under the BIOS tables.
             ([0xf_0000, 0xf_0000, 0, 0, 0xf_0000], "kernel at 0xf0000-"),
             // Over the loader's own boot information.
-            ([0x3000, 0x3000, 0, 0, 0x3000], "overlaps multiboot information"),
+            (
+                [0x3000, 0x3000, 0, 0, 0x3000],
+                "overlaps multiboot information",
+            ),
             // header_addr below load_addr.
-            ([0x10_0000, 0x10_1000, 0, 0, 0x10_0000], "does not fit header address"),
-            ([0x10_0000, 0x10_0000, 0x10_0040, 0x10_0020, 0x10_0000], "BSS end"),
+            (
+                [0x10_0000, 0x10_1000, 0, 0, 0x10_0000],
+                "does not fit header address",
+            ),
+            (
+                [0x10_0000, 0x10_0000, 0x10_0040, 0x10_0020, 0x10_0000],
+                "BSS end",
+            ),
         ];
         for (aout, message) in cases {
             let mut file = multiboot_header(FLAG_AOUT_KLUDGE, Some(aout));
@@ -422,13 +449,16 @@ mod tests {
     fn unknown_required_flags_and_missing_header_are_refused() {
         let kernel = TempFile::new("mb-flags", &multiboot_elf(0x8));
         let mem = create_guest_memory(16 * MIB).unwrap();
-        let err = load_firmware(&mem, &multiboot(kernel.path(), &[], ""), 16 * MIB, None)
-            .unwrap_err();
-        assert!(matches!(err, BootError::UnsupportedMultiboot { flags: 0x8, .. }), "{err}");
+        let err =
+            load_firmware(&mem, &multiboot(kernel.path(), &[], ""), 16 * MIB, None).unwrap_err();
+        assert!(
+            matches!(err, BootError::UnsupportedMultiboot { flags: 0x8, .. }),
+            "{err}"
+        );
 
         let kernel = TempFile::new("not-mb", &[0u8; 4096]);
-        let err = load_firmware(&mem, &multiboot(kernel.path(), &[], ""), 16 * MIB, None)
-            .unwrap_err();
+        let err =
+            load_firmware(&mem, &multiboot(kernel.path(), &[], ""), 16 * MIB, None).unwrap_err();
         assert_eq!(
             err.to_string(),
             format!(
@@ -453,7 +483,10 @@ mod tests {
         let mbi = setup.regs.rbx;
         assert_eq!(read_u32(&mem, mbi + 20), 1);
         let mods = read_u32(&mem, mbi + 24) as u64;
-        assert_eq!(read_bytes(&mem, read_u32(&mem, mods) as u64, 10), vec![9; 10]);
+        assert_eq!(
+            read_bytes(&mem, read_u32(&mem, mods) as u64, 10),
+            vec![9; 10]
+        );
         assert_eq!(read_cstr(&mem, read_u32(&mem, mbi + 16) as u64), "hello");
     }
 
