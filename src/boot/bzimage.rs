@@ -272,7 +272,10 @@ mod tests {
         assert_eq!(setup.regs.rip, 0x100_0000);
         assert_eq!(setup.regs.rsi, ZERO_PAGE);
         assert_eq!(setup.regs.rflags, 0x2);
-        assert_eq!(read_bytes(&mem, 0x100_0000, image.payload.len()), image.payload);
+        assert_eq!(
+            read_bytes(&mem, 0x100_0000, image.payload.len()),
+            image.payload
+        );
 
         let zp = zero_page(&mem);
         let hdr = zp.hdr;
@@ -281,10 +284,7 @@ mod tests {
         assert_eq!(hdr.type_of_loader, 0xff);
         assert_eq!({ hdr.code32_start }, 0x100_0000);
         assert_eq!({ hdr.cmd_line_ptr }, CMDLINE_ADDR as u32);
-        assert_eq!(
-            read_cstr(&mem, CMDLINE_ADDR as u64),
-            "console=ttyS0 root=/dev/vda"
-        );
+        assert_eq!(read_cstr(&mem, CMDLINE_ADDR), "console=ttyS0 root=/dev/vda");
         // Page-aligned at the top of RAM (initrd_addr_max is above it).
         let initrd_addr = (256 * MIB - 10_000) & !0xfff;
         assert_eq!({ hdr.ramdisk_image } as u64, initrd_addr);
@@ -407,8 +407,8 @@ mod tests {
         for len in [0x206, 0x230, 0x265, 1024] {
             let kernel = TempFile::new("short-bzimage", &full[..len]);
             let mem = create_guest_memory(16 * MIB).unwrap();
-            let err = load_firmware(&mem, &kexec(kernel.path(), None, ""), 16 * MIB, None)
-                .unwrap_err();
+            let err =
+                load_firmware(&mem, &kexec(kernel.path(), None, ""), 16 * MIB, None).unwrap_err();
             assert!(matches!(err, BootError::Corrupt { .. }), "{len}: {err}");
         }
     }

@@ -123,7 +123,11 @@ impl ElfFile {
                     memsz: u32_at(ph, 20) as u64,
                 }
             };
-            if seg.offset.checked_add(seg.filesz).is_none_or(|end| end > image.size) {
+            if seg
+                .offset
+                .checked_add(seg.filesz)
+                .is_none_or(|end| end > image.size)
+            {
                 return Err(image.corrupt(format!(
                     "ELF program header {index} points past the end of the file"
                 )));
@@ -233,9 +237,7 @@ impl ElfFile {
     pub fn physical_entry(&self) -> u64 {
         self.loads
             .iter()
-            .find(|s| {
-                self.entry >= s.vaddr && self.entry - s.vaddr < s.memsz && s.vaddr != s.paddr
-            })
+            .find(|s| self.entry >= s.vaddr && self.entry - s.vaddr < s.memsz && s.vaddr != s.paddr)
             .map_or(self.entry, |s| s.paddr + (self.entry - s.vaddr))
     }
 }

@@ -178,7 +178,10 @@ mod tests {
 
         let mem = create_guest_memory(2 << 20).unwrap();
         image.copy_to_guest(&mem, 1, 3, 0x5000).unwrap();
-        assert_eq!(mem.read_obj::<[u8; 3]>(GuestAddress(0x5000)).unwrap(), [2, 3, 4]);
+        assert_eq!(
+            mem.read_obj::<[u8; 3]>(GuestAddress(0x5000)).unwrap(),
+            [2, 3, 4]
+        );
         assert!(image.copy_to_guest(&mem, 1, 5, 0x5000).is_err());
         // Past the end of guest RAM is an error, not a panic.
         assert!(image.copy_to_guest(&mem, 0, 5, (2 << 20) - 2).is_err());
@@ -187,7 +190,8 @@ mod tests {
     #[test]
     fn zeroing_spans_chunks() {
         let mem = create_guest_memory(2 << 20).unwrap();
-        mem.write_slice(&[0xff; 0x2_0000], GuestAddress(0x10_0000)).unwrap();
+        mem.write_slice(&[0xff; 0x2_0000], GuestAddress(0x10_0000))
+            .unwrap();
         zero_guest(&mem, "bss", 0x10_0001, 0x1_8000).unwrap();
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x10_0000)).unwrap(), 0xff);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x10_0001)).unwrap(), 0);

@@ -170,3 +170,151 @@ pub fn load(
 
 #[cfg(test)]
 pub(crate) mod test_util;
+
+#[cfg(test)]
+mod tests {
+    use super::test_util::*;
+    use super::*;
+    use crate::vmm::memory::create_guest_memory;
+
+    const MIB: u64 = 1 << 20;
+
+    fn try_load(image: &[u8], multiboot_variant: bool) -> Result<BootSetup, BootError> {
+        let kernel = TempFile::new("fuzz", image);
+        let mem = create_guest_memory(16 * MIB).unwrap();
+        let firmware = if multiboot_variant {
+            multiboot(kernel.path(), &[], "x")
+        } else {
+            kexec(kernel.path(), None, "x")
+        };
+        load(&mem, &firmware, 16 * MIB, None)
+    }
+
+    fn samples() -> Vec<Vec<u8>> {
+        let text = {
+            let mut t = multiboot_header(0x3, None);
+            t.extend([0xf4; 64]);
+            t
+        };
+        let segment = [TestSegment {
+            paddr: 0x10_0000,
+            vaddr: 0x10_0000,
+            data: &text,
+            memsz: 0x2000,
+        }];
+        let pvh_note = [TestNote {
+            name: b"Xen",
+            n_type: 18,
+            desc: &0x10_0000u32.to_le_bytes(),
+        }];
+        let mut aout = multiboot_header(1 << 16, Some([0x10_0000, 0x10_0000, 0, 0, 0x10_0000]));
+        aout.resize(512, 0xf4);
+        let bz = TestBzImage {
+            init_size: 0x10_0000,
+            ..TestBzImage::default()
+        };
+        vec![
+            bz.build(),
+            build_elf(true, 0x10_0000, &segment, &pvh_note),
+            build_elf(false, 0x10_0000, &segment, &[]),
+            build_elf(true, 0x10_0000, &segment, &[]),
+            aout,
+        ]
+    }
+
+    #[test]
+    fn every_sample_format_loads() {
+        for (i, image) in samples().iter().enumerate() {
+            try_load(image, i >= 2).unwrap_or_else(|e| panic!("sample {i}: {e}"));
+        }
+    }
+
+    #[test]
+    fn truncated_and_mangled_images_fail_cleanly() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for (i, image) in samples().iter().enumerate() {
+            for cut in (0..image.len()).step_by(7) {
+                let _ = try_load(&image[..cut], i >= 2);
+            }
+            for _ in 0..150 {
+                let mut mangled = image.clone();
+                for _ in 0..1 + next() % 4 {
+                    let at = (next() % mangled.len().min(0x300) as u64) as usize;
+                    mangled[at] = next() as u8;
+                }
+                let _ = try_load(&mangled, i >= 2);
+                let _ = try_load(&mangled, i < 2);
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_file_and_missing_file_are_named() {
+        let err = try_load(b"#!/bin/sh\necho hi\n", false).unwrap_err();
+        assert!(matches!(err, BootError::NotAKernel { .. }), "{err}");
+        let err = try_load(&[], false).unwrap_err();
+        assert!(matches!(err, BootError::NotAKernel { .. }), "{err}");
+        let mem = create_guest_memory(16 * MIB).unwrap();
+        let missing = kexec(Path::new("/x/vmlinuz"), None, "");
+        assert_eq!(
+            load(&mem, &missing, 16 * MIB, None)
+                .unwrap_err()
+                .to_string(),
+            "cannot open kernel \"/x/vmlinuz\": No such file or directory"
+        );
+        let kernel = TempFile::new("ok", &samples()[0]);
+        let no_initrd = kexec(kernel.path(), Some(Path::new("/x/initrd")), "");
+        assert_eq!(
+            load(&mem, &no_initrd, 16 * MIB, None)
+                .unwrap_err()
+                .to_string(),
+            "cannot open initrd \"/x/initrd\": No such file or directory"
+        );
+    }
+
+    #[test]
+    fn corrupt_elf_headers_are_reported_as_corrupt() {
+        let good = build_elf(
+            true,
+            0x10_0000,
+            &[TestSegment {
+                paddr: 0x10_0000,
+                vaddr: 0x10_0000,
+                data: &[1; 8],
+                memsz: 8,
+            }],
+            &[TestNote {
+                name: b"Xen",
+                n_type: 18,
+                desc: &[0, 0, 0x10, 0],
+            }],
+        );
+        let patch = |at: usize, bytes: &[u8]| {
+            let mut image = good.clone();
+            image[at..at + bytes.len()].copy_from_slice(bytes);
+            image
+        };
+        let cases = [
+            patch(5, &[2]),                            // big-endian
+            patch(4, &[9]),                            // unknown class
+            patch(56, &[0, 0]),                        // no program headers
+            patch(56, &[0xff, 0xff]),                  // absurd count
+            patch(54, &[8, 0]),                        // program header too small
+            patch(32, &[0xff; 8]),                     // table past the end
+            patch(64 + 32, &[0xff, 0xff, 0, 0]),       // segment past the end (filesz)
+            patch(64 + 40, &[1, 0, 0, 0, 0, 0, 0, 0]), // filesz > memsz
+            patch(64 + 56 + 32, &[0xff, 0, 0, 0]),     // note segment past the end
+            patch(64 + 112 + 8, &[0xff, 0, 0, 0]),     // note name runs past its segment
+        ];
+        for (i, image) in cases.iter().enumerate() {
+            let err = try_load(image, false).unwrap_err();
+            assert!(matches!(err, BootError::Corrupt { .. }), "case {i}: {err}");
+        }
+    }
+}

@@ -65,7 +65,11 @@ fn word(bytes: &[u8], at: usize) -> Option<u32> {
 pub fn find_header(prefix: &[u8]) -> Option<Header> {
     let window = &prefix[..prefix.len().min(PREFIX_LEN as usize)];
     (0..window.len()).step_by(4).find_map(|at| {
-        let (magic, flags, checksum) = (word(window, at)?, word(window, at + 4)?, word(window, at + 8)?);
+        let (magic, flags, checksum) = (
+            word(window, at)?,
+            word(window, at + 4)?,
+            word(window, at + 8)?,
+        );
         if magic != HEADER_MAGIC || magic.wrapping_add(flags).wrapping_add(checksum) != 0 {
             return None;
         }
@@ -209,12 +213,13 @@ pub fn load(
     for &(path, cmdline) in boot.modules {
         let mut module = Image::open(path, "module")?;
         let what = format!("module \"{}\"", path.display());
-        let start = layout
-            .lowest_free(module.size, next_free)
-            .ok_or_else(|| BootError::NoRoom {
-                what: what.clone(),
-                size: module.size,
-            })?;
+        let start =
+            layout
+                .lowest_free(module.size, next_free)
+                .ok_or_else(|| BootError::NoRoom {
+                    what: what.clone(),
+                    size: module.size,
+                })?;
         layout.claim(&what, start, module.size)?;
         module.copy_to_guest(mem, 0, module.size, start)?;
         let end = start + module.size;
@@ -263,4 +268,241 @@ pub fn load(
     setup.regs.rax = BOOTLOADER_MAGIC as u64;
     setup.regs.rbx = info_addr;
     Ok(setup)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::boot::load as load_firmware;
+    use crate::boot::test_util::*;
+    use crate::vmm::memory::create_guest_memory;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const MIB: u64 = 1 << 20;
+
+    /// An ELF32 multiboot kernel: text at 1 MiB holding the header, plus a BSS.
+    fn multiboot_elf(flags: u32) -> Vec<u8> {
+        let mut text = multiboot_header(flags, None);
+        text.extend((0..500u32).map(|i| i as u8));
+        build_elf(
+            false,
+            0x10_000c,
+            &[TestSegment {
+                paddr: 0x10_0000,
+                vaddr: 0x10_0000,
+                data: &text,
+                memsz: 0x5000,
+            }],
+            &[],
+        )
+    }
+
+    #[test]
+    fn elf32_kernel_gets_mbi_modules_and_full_memory_map() {
+        let memory = 5 << 30;
+        let kernel = TempFile::new("mb-elf", &multiboot_elf(0x3));
+        let first = TempFile::new("mod1", &[0x11; 100]);
+        let second = TempFile::new("mod2", &[0x22; 5000]);
+        let mem = create_guest_memory(memory).unwrap();
+        let firmware = multiboot(
+            kernel.path(),
+            &[(first.path(), "first arg"), (second.path(), "")],
+            "kernel args",
+        );
+        let setup = load_firmware(&mem, &firmware, memory, None).unwrap();
+
+        assert_eq!(setup.regs.rax, 0x2bad_b002);
+        assert_eq!(setup.regs.rip, 0x10_000c);
+        let mbi = setup.regs.rbx;
+        assert!((0x2000..0x8000).contains(&mbi));
+        assert_eq!(read_u32(&mem, 0x10_0000), 0x1bad_b002);
+        assert_eq!(read_u32(&mem, mbi), 0x1 | 0x4 | 0x8 | 0x40 | 0x200);
+        assert_eq!(read_u32(&mem, mbi + 4), 639);
+        assert_eq!(read_u32(&mem, mbi + 8) as u64, ((3 << 30) - MIB) / 1024);
+        assert_eq!(
+            read_cstr(&mem, read_u32(&mem, mbi + 16) as u64),
+            "kernel args"
+        );
+        assert_eq!(read_cstr(&mem, read_u32(&mem, mbi + 64) as u64), "xhyve");
+
+        assert_eq!(read_u32(&mem, mbi + 20), 2);
+        let mods = read_u32(&mem, mbi + 24) as u64;
+        let (start0, end0) = (read_u32(&mem, mods) as u64, read_u32(&mem, mods + 4) as u64);
+        let (start1, end1) = (
+            read_u32(&mem, mods + 16) as u64,
+            read_u32(&mem, mods + 20) as u64,
+        );
+        // Page-aligned, after the kernel's BSS, in order.
+        assert_eq!((start0, end0), (0x10_5000, 0x10_5064));
+        assert_eq!((start1, end1), (0x10_6000, 0x10_6000 + 5000));
+        assert_eq!(read_bytes(&mem, start0, 100), vec![0x11; 100]);
+        assert_eq!(read_bytes(&mem, start1, 5000), vec![0x22; 5000]);
+        assert_eq!(
+            read_cstr(&mem, read_u32(&mem, mods + 8) as u64),
+            "first arg"
+        );
+        assert_eq!(read_cstr(&mem, read_u32(&mem, mods + 24) as u64), "");
+
+        let map = e820_map(memory);
+        let (len, addr) = (
+            read_u32(&mem, mbi + 44) as u64,
+            read_u32(&mem, mbi + 48) as u64,
+        );
+        assert_eq!(len, 24 * map.len() as u64);
+        for (i, want) in map.iter().enumerate() {
+            let at = addr + 24 * i as u64;
+            assert_eq!(read_u32(&mem, at), 20);
+            assert_eq!(read_u64(&mem, at + 4), want.addr);
+            assert_eq!(read_u64(&mem, at + 12), want.size);
+            assert_eq!(read_u32(&mem, at + 20), want.kind.code());
+        }
+        assert_eq!(read_u64(&mem, addr + 24 * 4 + 4), 4 << 30);
+    }
+
+    #[test]
+    fn aout_kludge_image_loads_at_its_addresses() {
+        let mut file = vec![0x90u8; 0x100];
+        // header_addr, load_addr, load_end_addr (0: whole file), bss_end_addr, entry_addr
+        file.extend(multiboot_header(
+            FLAG_AOUT_KLUDGE,
+            Some([0x20_0100, 0x20_0000, 0, 0x20_4000, 0x20_0180]),
+        ));
+        file.resize(0x1800, 0xc3);
+        let kernel = TempFile::new("aout", &file);
+        let mem = create_guest_memory(16 * MIB).unwrap();
+        mem.write_slice(&[0xee; 0x100], GuestAddress(0x20_3f00))
+            .unwrap();
+        let setup =
+            load_firmware(&mem, &multiboot(kernel.path(), &[], ""), 16 * MIB, None).unwrap();
+        assert_eq!(setup.regs.rip, 0x20_0180);
+        assert_eq!(read_bytes(&mem, 0x20_0000, file.len()), file);
+        assert_eq!(read_bytes(&mem, 0x20_3f00, 0x100), vec![0; 0x100]);
+        assert_eq!(read_u32(&mem, setup.regs.rbx + 20), 0);
+    }
+
+    #[test]
+    fn aout_kludge_with_load_end_copies_only_that_much() {
+        let mut file = multiboot_header(
+            FLAG_AOUT_KLUDGE,
+            Some([0x30_0000, 0x30_0000, 0x30_0010, 0, 0x30_0000]),
+        );
+        file.resize(0x100, 0x77);
+        let kernel = TempFile::new("aout-end", &file);
+        let mem = create_guest_memory(16 * MIB).unwrap();
+        load_firmware(&mem, &multiboot(kernel.path(), &[], ""), 16 * MIB, None).unwrap();
+        assert_eq!(read_bytes(&mem, 0x30_0000, 0x10), file[..0x10].to_vec());
+        assert_eq!(read_bytes(&mem, 0x30_0010, 4), vec![0; 4]);
+    }
+
+    #[test]
+    fn bad_aout_addresses_are_named() {
+        let cases: [([u32; 5], &str); 4] = [
+            // Load area under the BIOS tables.
+            ([0xf_0000, 0xf_0000, 0, 0, 0xf_0000], "kernel at 0xf0000-"),
+            // Over the loader's own boot information.
+            (
+                [0x3000, 0x3000, 0, 0, 0x3000],
+                "overlaps multiboot information",
+            ),
+            // header_addr below load_addr.
+            (
+                [0x10_0000, 0x10_1000, 0, 0, 0x10_0000],
+                "does not fit header address",
+            ),
+            (
+                [0x10_0000, 0x10_0000, 0x10_0040, 0x10_0020, 0x10_0000],
+                "BSS end",
+            ),
+        ];
+        for (aout, message) in cases {
+            let mut file = multiboot_header(FLAG_AOUT_KLUDGE, Some(aout));
+            file.resize(0x100, 0);
+            let kernel = TempFile::new("bad-aout", &file);
+            let mem = create_guest_memory(16 * MIB).unwrap();
+            let err = load_firmware(&mem, &multiboot(kernel.path(), &[], ""), 16 * MIB, None)
+                .unwrap_err();
+            assert!(err.to_string().contains(message), "{message}: {err}");
+        }
+    }
+
+    #[test]
+    fn header_search_checks_checksum_alignment_and_window() {
+        let good = multiboot_header(0x3, None);
+        assert_eq!(find_header(&good).unwrap().offset, 0);
+        let mut bad_sum = good.clone();
+        bad_sum[8] ^= 1;
+        assert_eq!(find_header(&bad_sum), None);
+        let mut misaligned = vec![0u8; 2];
+        misaligned.extend(&good);
+        assert_eq!(find_header(&misaligned), None);
+        let mut late = vec![0u8; 8192];
+        late.extend(&good);
+        assert_eq!(find_header(&late), None);
+        let mut last = vec![0u8; 8192 - 12];
+        last.extend(&good);
+        assert_eq!(find_header(&last).unwrap().offset, 8180);
+        // The kludge flag promises 20 more bytes; without them there is no header.
+        assert_eq!(find_header(&multiboot_header(FLAG_AOUT_KLUDGE, None)), None);
+    }
+
+    #[test]
+    fn unknown_required_flags_and_missing_header_are_refused() {
+        let kernel = TempFile::new("mb-flags", &multiboot_elf(0x8));
+        let mem = create_guest_memory(16 * MIB).unwrap();
+        let err =
+            load_firmware(&mem, &multiboot(kernel.path(), &[], ""), 16 * MIB, None).unwrap_err();
+        assert!(
+            matches!(err, BootError::UnsupportedMultiboot { flags: 0x8, .. }),
+            "{err}"
+        );
+
+        let kernel = TempFile::new("not-mb", &[0u8; 4096]);
+        let err =
+            load_firmware(&mem, &multiboot(kernel.path(), &[], ""), 16 * MIB, None).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "\"{}\" is not a bzImage, an ELF vmlinux or a multiboot kernel",
+                kernel.path().display()
+            )
+        );
+    }
+
+    #[test]
+    fn kexec_of_a_multiboot_elf_passes_the_initrd_as_module_0() {
+        let kernel = TempFile::new("mb-kexec", &multiboot_elf(0x1));
+        let initrd = TempFile::new("mb-initrd", &[9; 10]);
+        let mem = create_guest_memory(16 * MIB).unwrap();
+        let setup = load_firmware(
+            &mem,
+            &kexec(kernel.path(), Some(initrd.path()), "hello"),
+            16 * MIB,
+            None,
+        )
+        .unwrap();
+        let mbi = setup.regs.rbx;
+        assert_eq!(read_u32(&mem, mbi + 20), 1);
+        let mods = read_u32(&mem, mbi + 24) as u64;
+        assert_eq!(
+            read_bytes(&mem, read_u32(&mem, mods) as u64, 10),
+            vec![9; 10]
+        );
+        assert_eq!(read_cstr(&mem, read_u32(&mem, mbi + 16) as u64), "hello");
+    }
+
+    #[test]
+    fn module_that_does_not_fit_is_named() {
+        let kernel = TempFile::new("mb-big", &multiboot_elf(0x1));
+        let module = TempFile::new("mb-bigmod", &vec![0; 2 << 20]);
+        let mem = create_guest_memory(2 * MIB).unwrap();
+        let err = load_firmware(
+            &mem,
+            &multiboot(kernel.path(), &[(module.path(), "")], ""),
+            2 * MIB,
+            None,
+        )
+        .unwrap_err();
+        assert!(matches!(err, BootError::NoRoom { .. }), "{err}");
+        assert!(err.to_string().contains("mb-bigmod"), "{err}");
+    }
 }

@@ -160,7 +160,10 @@ mod tests {
         assert_eq!(setup.regs.rbx, PVH_START_INFO);
         assert_eq!(setup.sregs.cr0 & 0x8000_0001, 1);
         assert_eq!(read_bytes(&mem, KERNEL, 4), vec![0, 1, 2, 3]);
-        assert_eq!(read_bytes(&mem, KERNEL + 3000, 0x3000 - 3000), vec![0; 0x3000 - 3000]);
+        assert_eq!(
+            read_bytes(&mem, KERNEL + 3000, 0x3000 - 3000),
+            vec![0; 0x3000 - 3000]
+        );
         assert_eq!(read_bytes(&mem, KERNEL + 0x10_0000, 16), vec![0xaa; 16]);
 
         let info: hvm_start_info = mem.read_obj(GuestAddress(PVH_START_INFO)).unwrap();
@@ -181,7 +184,10 @@ mod tests {
             let got: hvm_memmap_table_entry = mem
                 .read_obj(GuestAddress(info.memmap_paddr + i as u64 * 24))
                 .unwrap();
-            assert_eq!((got.addr, got.size, got.type_), (want.addr, want.size, want.kind.code()));
+            assert_eq!(
+                (got.addr, got.size, got.type_),
+                (want.addr, want.size, want.kind.code())
+            );
         }
         assert_eq!(map.last().unwrap().addr, 4 << 30);
     }
@@ -193,7 +199,10 @@ mod tests {
         let setup = load_firmware(&mem, &kexec(kernel.path(), None, ""), 64 * MIB, None).unwrap();
         assert_eq!(setup.regs.rip, 0x100_0040);
         let info: hvm_start_info = mem.read_obj(GuestAddress(PVH_START_INFO)).unwrap();
-        assert_eq!((info.nr_modules, info.modlist_paddr, info.rsdp_paddr), (0, 0, 0));
+        assert_eq!(
+            (info.nr_modules, info.modlist_paddr, info.rsdp_paddr),
+            (0, 0, 0)
+        );
         assert_eq!(read_cstr(&mem, info.cmdline_paddr), "auto");
     }
 
@@ -201,8 +210,7 @@ mod tests {
     fn elf_without_pvh_note_is_refused_by_name() {
         let kernel = TempFile::new("no-pvh", &vmlinux(None));
         let mem = create_guest_memory(64 * MIB).unwrap();
-        let err = load_firmware(&mem, &kexec(kernel.path(), None, ""), 64 * MIB, None)
-            .unwrap_err();
+        let err = load_firmware(&mem, &kexec(kernel.path(), None, ""), 64 * MIB, None).unwrap_err();
         assert_eq!(
             err.to_string(),
             format!(
@@ -231,8 +239,7 @@ mod tests {
         );
         let kernel = TempFile::new("fw-overlap", &image);
         let mem = create_guest_memory(64 * MIB).unwrap();
-        let err = load_firmware(&mem, &kexec(kernel.path(), None, ""), 64 * MIB, None)
-            .unwrap_err();
+        let err = load_firmware(&mem, &kexec(kernel.path(), None, ""), 64 * MIB, None).unwrap_err();
         assert_eq!(
             err.to_string(),
             "kernel segment at 0xf0000-0xf0040 is outside guest RAM"
@@ -246,8 +253,8 @@ mod tests {
         for desc in [&[1u8, 2][..], &[0, 0, 0, 0, 1, 0, 0, 0][..]] {
             let kernel = TempFile::new("bad-note", &vmlinux(Some(desc)));
             let mem = create_guest_memory(64 * MIB).unwrap();
-            let err = load_firmware(&mem, &kexec(kernel.path(), None, ""), 64 * MIB, None)
-                .unwrap_err();
+            let err =
+                load_firmware(&mem, &kexec(kernel.path(), None, ""), 64 * MIB, None).unwrap_err();
             assert!(matches!(err, BootError::Corrupt { .. }), "{err}");
         }
     }

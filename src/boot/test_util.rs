@@ -10,10 +10,8 @@ impl TempFile {
     pub fn new(tag: &str, contents: &[u8]) -> TempFile {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!(
-            "xhyve-boot-test-{}-{n}-{tag}",
-            std::process::id()
-        ));
+        let path =
+            std::env::temp_dir().join(format!("xhyve-boot-test-{}-{n}-{tag}", std::process::id()));
         std::fs::write(&path, contents).expect("write temp file");
         TempFile(path)
     }
@@ -73,9 +71,12 @@ pub fn build_elf(is64: bool, entry: u64, loads: &[TestSegment], notes: &[TestNot
     out[4] = if is64 { 2 } else { 1 };
     out[5] = 1;
     out[6] = 1;
-    let put16 = |o: &mut Vec<u8>, at: usize, v: u16| o[at..at + 2].copy_from_slice(&v.to_le_bytes());
-    let put32 = |o: &mut Vec<u8>, at: usize, v: u32| o[at..at + 4].copy_from_slice(&v.to_le_bytes());
-    let put64 = |o: &mut Vec<u8>, at: usize, v: u64| o[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    let put16 =
+        |o: &mut Vec<u8>, at: usize, v: u16| o[at..at + 2].copy_from_slice(&v.to_le_bytes());
+    let put32 =
+        |o: &mut Vec<u8>, at: usize, v: u32| o[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    let put64 =
+        |o: &mut Vec<u8>, at: usize, v: u64| o[at..at + 8].copy_from_slice(&v.to_le_bytes());
     put16(&mut out, 16, 2); // ET_EXEC
     put16(&mut out, 18, if is64 { 62 } else { 3 });
     put32(&mut out, 20, 1);
@@ -212,12 +213,14 @@ pub fn multiboot(kernel: &Path, modules: &[(&Path, &str)], cmdline: &str) -> cra
 
 pub fn read_u32(mem: &crate::vmm::memory::GuestMemory, addr: u64) -> u32 {
     use vm_memory::Bytes;
-    mem.read_obj(vm_memory::GuestAddress(addr)).expect("read u32")
+    mem.read_obj(vm_memory::GuestAddress(addr))
+        .expect("read u32")
 }
 
 pub fn read_u64(mem: &crate::vmm::memory::GuestMemory, addr: u64) -> u64 {
     use vm_memory::Bytes;
-    mem.read_obj(vm_memory::GuestAddress(addr)).expect("read u64")
+    mem.read_obj(vm_memory::GuestAddress(addr))
+        .expect("read u64")
 }
 
 pub fn read_bytes(mem: &crate::vmm::memory::GuestMemory, addr: u64, len: usize) -> Vec<u8> {
