@@ -47,8 +47,8 @@ const PM1_STS_BITS: u16 = PM1_TMR_STS
     | PM1_RTC_STS
     | PM1_WAK_STS;
 const PM1_PWRBTN_EN: u16 = 1 << 8;
-/// TMR_EN, GBL_EN, PWRBTN_EN, SLPBTN_EN, RTC_EN.
-const PM1_EN_BITS: u16 = 0x0721;
+/// TMR_EN, GBL_EN, PWRBTN_EN, SLPBTN_EN, RTC_EN: each enable sits at its status bit.
+const PM1_EN_BITS: u16 = PM1_TMR_STS | PM1_GBL_STS | PM1_PWRBTN_EN | PM1_SLPBTN_STS | PM1_RTC_STS;
 
 const PM1_SCI_EN: u16 = 1 << 0;
 const PM1_SLP_TYP_SHIFT: u16 = 10;
@@ -310,10 +310,11 @@ impl BusDevice for I8042 {
                 }
             }
             p if p == u64::from(I8042_DATA_PORT) => {
-                if std::mem::take(&mut self.expecting_config) {
+                // Bytes for a keyboard are dropped: there is none.
+                let is_config = std::mem::take(&mut self.expecting_config);
+                if is_config {
                     self.config = value;
                 }
-                // Bytes for a keyboard are dropped: there is none.
             }
             _ => {}
         }
