@@ -4,6 +4,7 @@ pub mod bus;
 pub mod irq;
 pub mod pci;
 pub mod power;
+pub mod power_mgmt;
 pub mod rtc;
 pub mod serial;
 pub mod terminal;

@@ -385,6 +385,21 @@ mod tests {
     }
 
     #[test]
+    fn host_clock_tracks_system_time() {
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let utc = HostClock { utc: true }.wall_seconds();
+        assert!((utc - unix).abs() <= 2, "utc {utc} vs {unix}");
+        let local = HostClock { utc: false }.wall_seconds();
+        let zone_offset = local - utc;
+        // Zone offsets are whole quarter hours within a day of UTC.
+        let rounded = (zone_offset as f64 / 900.0).round() as i64 * 900;
+        assert!((zone_offset - rounded).abs() <= 2 && rounded.abs() <= 14 * 3600);
+    }
+
+    #[test]
     fn calendar_round_trips() {
         for secs in [
             0,

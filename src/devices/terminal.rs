@@ -89,7 +89,12 @@ impl Terminal {
 fn open_stdio(com: u8) -> Result<Terminal, TerminalError> {
     let setup = |source| TerminalError::Setup { com, source };
     let output = FdWriter::new(dup_fd(libc::STDOUT_FILENO).map_err(setup)?, false);
-    let input = FdReader::new(dup_fd(libc::STDIN_FILENO).map_err(setup)?, false);
+    // A closed stdin (daemons, some CI runners) means a port without input, not an error.
+    let input = match dup_fd(libc::STDIN_FILENO) {
+        Ok(fd) => Some(FdReader::new(fd, false)),
+        Err(e) if e.raw_os_error() == Some(libc::EBADF) => None,
+        Err(e) => return Err(setup(e)),
+    };
     // SAFETY: isatty only inspects the descriptor.
     let raw = if unsafe { libc::isatty(libc::STDIN_FILENO) } == 1 {
         Some(RawStdinGuard::enter().map_err(setup)?)
@@ -98,7 +103,7 @@ fn open_stdio(com: u8) -> Result<Terminal, TerminalError> {
     };
     Ok(Terminal {
         output: Box::new(output),
-        input: Some(input),
+        input,
         pty_path: None,
         _raw_stdin: raw,
         _pty_slave: None,
