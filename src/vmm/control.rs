@@ -49,7 +49,10 @@ impl Control {
             kickers: Mutex::new(vec![None; usize::from(vcpus)]),
             poll_generation: AtomicU64::new(0),
             samples: (0..vcpus)
-                .map(|_| Sample { generation: AtomicU64::new(0), state: AtomicU8::new(0) })
+                .map(|_| Sample {
+                    generation: AtomicU64::new(0),
+                    state: AtomicU8::new(0),
+                })
                 .collect(),
             serial_tail: Mutex::new(None),
         };
@@ -92,7 +95,10 @@ impl Control {
     }
 
     pub fn serial_tail(&self) -> Vec<u8> {
-        lock(&self.serial_tail).as_ref().map(|f| f()).unwrap_or_default()
+        lock(&self.serial_tail)
+            .as_ref()
+            .map(|f| f())
+            .unwrap_or_default()
     }
 
     /// The halt poll generation a kicked vCPU should answer.
@@ -135,7 +141,11 @@ impl Control {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        let states: Vec<u8> = self.samples.iter().map(|s| s.state.load(Ordering::SeqCst)).collect();
+        let states: Vec<u8> = self
+            .samples
+            .iter()
+            .map(|s| s.state.load(Ordering::SeqCst))
+            .collect();
         states.contains(&(SampledState::HaltedInterruptsOff as u8))
             && states.iter().all(|&s| s != SampledState::Running as u8)
     }
@@ -159,7 +169,10 @@ mod tests {
         control.request(PowerEvent::Reset);
         control.stop(StopReason::Signal(libc::SIGINT));
         assert!(control.is_stopping());
-        assert_eq!(control.stop_reason(), Some(StopReason::Guest(PowerEvent::Reset)));
+        assert_eq!(
+            control.stop_reason(),
+            Some(StopReason::Guest(PowerEvent::Reset))
+        );
         assert!(woken.try_recv().is_ok());
     }
 
@@ -183,6 +196,9 @@ mod tests {
         for id in 0..3 {
             control.report(id, g, RunState::WaitingForSipi, false);
         }
-        assert!(!control.poll_all_halted(Duration::from_millis(5)), "nobody ever ran");
+        assert!(
+            !control.poll_all_halted(Duration::from_millis(5)),
+            "nobody ever ran"
+        );
     }
 }

@@ -144,7 +144,12 @@ fn map_guest_memory(vm: &dyn Vm, mem: &GuestMemory) -> Result<(), VmmError> {
         // SAFETY: the regions are owned by `mem`, which the caller keeps alive (cloned into
         // every vCPU context) until after the VM is dropped.
         unsafe {
-            vm.map_memory(slot as u32, region.start_addr().0, region.len(), region.as_ptr())?;
+            vm.map_memory(
+                slot as u32,
+                region.start_addr().0,
+                region.len(),
+                region.as_ptr(),
+            )?;
         }
     }
     Ok(())
@@ -160,10 +165,17 @@ fn exclude_from_core_dumps(mem: &GuestMemory, include: bool) {
         // SAFETY: the range is exactly one mapping owned by `mem`; MADV_DONTDUMP only changes
         // core-dump behaviour.
         let rc = unsafe {
-            libc::madvise(region.as_ptr().cast(), region.len() as usize, libc::MADV_DONTDUMP)
+            libc::madvise(
+                region.as_ptr().cast(),
+                region.len() as usize,
+                libc::MADV_DONTDUMP,
+            )
         };
         if rc != 0 {
-            log::debug!("madvise(MADV_DONTDUMP): {}", std::io::Error::last_os_error());
+            log::debug!(
+                "madvise(MADV_DONTDUMP): {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
 }
@@ -177,15 +189,19 @@ fn check_pins(config: &VmConfig) -> Result<Vec<Option<u32>>, VmmError> {
     // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it for this process.
     let mut allowed: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: `allowed` is a valid cpu_set_t of the size passed.
-    let rc = unsafe {
-        libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut allowed)
-    };
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut allowed) };
     for pin in &config.cpu_pins {
         let cpu = pin.host_cpu as usize;
         // SAFETY: CPU_ISSET reads the set within CPU_SETSIZE, checked first.
-        let ok = rc == 0 && cpu < libc::CPU_SETSIZE as usize && unsafe { libc::CPU_ISSET(cpu, &allowed) };
+        let ok = rc == 0
+            && cpu < libc::CPU_SETSIZE as usize
+            && unsafe { libc::CPU_ISSET(cpu, &allowed) };
         if !ok {
-            return Err(VmmError::BadPin { vcpu: pin.vcpu, host_cpu: pin.host_cpu });
+            return Err(VmmError::BadPin {
+                vcpu: pin.vcpu,
+                host_cpu: pin.host_cpu,
+            });
         }
         if let Some(slot) = pins.get_mut(usize::from(pin.vcpu)) {
             *slot = Some(pin.host_cpu);

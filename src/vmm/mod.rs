@@ -5,9 +5,9 @@ pub mod diagnostics;
 pub mod exit;
 pub mod interrupts;
 mod machine;
-mod platform;
 pub mod memory;
 pub mod pidfile;
+mod platform;
 pub mod signals;
 pub mod vcpu;
 

@@ -9,7 +9,10 @@ use std::sync::Mutex;
 #[derive(Debug, thiserror::Error)]
 pub enum PidFileError {
     #[error("cannot create pidfile \"{path}\": {source}")]
-    Create { path: PathBuf, source: std::io::Error },
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// The pidfile to remove at exit. A static, so that every exit path (normal, fatal, signal)
@@ -17,7 +20,10 @@ pub enum PidFileError {
 static CURRENT: Mutex<Option<PathBuf>> = Mutex::new(None);
 
 pub fn create(path: &Path) -> Result<(), PidFileError> {
-    let err = |source| PidFileError::Create { path: path.to_path_buf(), source };
+    let err = |source| PidFileError::Create {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -53,7 +59,10 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text.trim(), std::process::id().to_string());
         let again = create(&path).unwrap_err().to_string();
-        assert!(again.contains("vm.pid") && again.contains("exists"), "{again}");
+        assert!(
+            again.contains("vm.pid") && again.contains("exists"),
+            "{again}"
+        );
         remove();
         assert!(!path.exists());
         remove();

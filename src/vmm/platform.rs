@@ -9,7 +9,14 @@ use super::memory::{self, GuestMemory};
 use crate::boot::{self, BootSetup};
 use crate::cli::{PciDeviceKind, VmConfig};
 use crate::devices::bus::{lock, Bus, BusDevice};
-use crate::devices::pci::{build_pci_bus, PciConfigIo, PciEcam};
+use crate::devices::pci::{
+    build_pci_bus, PciConfigIo, PciEcam, PCI_CONFIG_ADDRESS_PORT, PCI_CONFIG_DATA_PORT,
+};
+use crate::devices::power::PowerControl;
+use crate::devices::power_mgmt::{
+    AcpiPm, PostCode, ResetControl, ACPI_PM_BASE, ACPI_PM_PORT_COUNT, I8042, I8042_COMMAND_PORT,
+    I8042_DATA_PORT, POST_CODE_PORT, RESET_CONTROL_PORT, SCI_GSI, SMI_CMD_PORT,
+};
 use crate::devices::rtc::{Rtc, RTC_PORT, RTC_PORT_COUNT};
 use crate::devices::serial::{com_resources, SerialPort, UART_PORT_COUNT};
 use crate::hv::Vm;
@@ -44,8 +51,21 @@ pub fn build(
     let setup = |e: &dyn std::fmt::Display| VmmError::Setup(e.to_string());
 
     let pci = Arc::new(build_pci_bus(&config.pci_devices).map_err(|e| setup(&e))?);
-    insert(&mut io_bus, PciConfigIo::new(pci.clone()), 0xcf8, 8)?;
-    insert(&mut mmio_bus, PciEcam::new(pci), memory::PCI_ECAM_BASE, memory::PCI_ECAM_SIZE)?;
+    // One device at both ports, so that 0xCF9 (the reset register) stays free between them.
+    let config_io = shared(PciConfigIo::new(pci.clone()));
+    insert_shared(
+        &mut io_bus,
+        &config_io,
+        u64::from(PCI_CONFIG_ADDRESS_PORT),
+        1,
+    )?;
+    insert_shared(&mut io_bus, &config_io, u64::from(PCI_CONFIG_DATA_PORT), 4)?;
+    insert(
+        &mut mmio_bus,
+        PciEcam::new(pci),
+        memory::PCI_ECAM_BASE,
+        memory::PCI_ECAM_SIZE,
+    )?;
 
     let rtc = Rtc::with_host_clock(
         config.rtc_utc,
@@ -54,10 +74,45 @@ pub fn build(
     );
     insert(&mut io_bus, rtc, u64::from(RTC_PORT), RTC_PORT_COUNT)?;
 
+    let power: Arc<dyn PowerControl> = control.clone();
+    let acpi_pm = shared(AcpiPm::new(line(SCI_GSI), power.clone()));
+    insert_shared(
+        &mut io_bus,
+        &acpi_pm,
+        u64::from(ACPI_PM_BASE),
+        ACPI_PM_PORT_COUNT,
+    )?;
+    insert_shared(&mut io_bus, &acpi_pm, u64::from(SMI_CMD_PORT), 1)?;
+    insert(
+        &mut io_bus,
+        ResetControl::new(power.clone()),
+        u64::from(RESET_CONTROL_PORT),
+        1,
+    )?;
+    let i8042 = shared(I8042::new(power));
+    insert_shared(&mut io_bus, &i8042, u64::from(I8042_DATA_PORT), 1)?;
+    insert_shared(&mut io_bus, &i8042, u64::from(I8042_COMMAND_PORT), 1)?;
+    insert(
+        &mut io_bus,
+        PostCode::default(),
+        u64::from(POST_CODE_PORT),
+        1,
+    )?;
+    // SIGTERM presses the power button only where the guest can see it: with ACPI tables.
+    let power_button: Option<Box<dyn Fn() + Send>> = if config.acpi {
+        let pm = acpi_pm.clone();
+        Some(Box::new(move || lock(&pm).press_power_button()))
+    } else {
+        None
+    };
+
     let serial_ports = build_serial_ports(config, &mut io_bus, &line)?;
     let tails: Vec<_> = serial_ports.iter().map(|p| p.device()).collect();
     control.set_serial_tail(Box::new(move || {
-        tails.first().map(|d| lock(d).last_output()).unwrap_or_default()
+        tails
+            .first()
+            .map(|d| lock(d).last_output())
+            .unwrap_or_default()
     }));
 
     let description = MachineDescription {
@@ -101,14 +156,32 @@ pub fn build(
         io_bus: Arc::new(io_bus),
         mmio_bus: Arc::new(mmio_bus),
         boot,
-        power_button: None,
+        power_button,
         serial_ports,
     })
 }
 
-fn insert<D: BusDevice + 'static>(bus: &mut Bus, device: D, base: u64, len: u64) -> Result<(), VmmError> {
-    bus.insert(Arc::new(Mutex::new(device)), base, len)
+fn shared<D: BusDevice + 'static>(device: D) -> Arc<Mutex<D>> {
+    Arc::new(Mutex::new(device))
+}
+
+fn insert_shared<D: BusDevice + 'static>(
+    bus: &mut Bus,
+    device: &Arc<Mutex<D>>,
+    base: u64,
+    len: u64,
+) -> Result<(), VmmError> {
+    bus.insert(device.clone(), base, len)
         .map_err(|e| VmmError::Setup(e.to_string()))
+}
+
+fn insert<D: BusDevice + 'static>(
+    bus: &mut Bus,
+    device: D,
+    base: u64,
+    len: u64,
+) -> Result<(), VmmError> {
+    insert_shared(bus, &shared(device), base, len)
 }
 
 /// COM1 and COM2 live in the LPC bridge, as in xhyve: with `-s lpc` both exist (a port without
@@ -118,7 +191,10 @@ fn build_serial_ports(
     io_bus: &mut Bus,
     line: &dyn Fn(u32) -> Arc<HvInterruptLine>,
 ) -> Result<Vec<SerialPort>, VmmError> {
-    let has_lpc = config.pci_devices.iter().any(|d| d.kind == PciDeviceKind::Lpc);
+    let has_lpc = config
+        .pci_devices
+        .iter()
+        .any(|d| d.kind == PciDeviceKind::Lpc);
     let backends = [(1u8, &config.com1), (2u8, &config.com2)];
     if !has_lpc {
         if let Some((com, _)) = backends.iter().find(|(_, b)| b.is_some()) {
@@ -130,7 +206,9 @@ fn build_serial_ports(
     }
     let mut ports = Vec::new();
     for (com, backend) in backends {
-        let Some((port, irq)) = com_resources(com) else { continue };
+        let Some((port, irq)) = com_resources(com) else {
+            continue;
+        };
         let irq_line = line(irq);
         let serial = match backend {
             Some(b) => SerialPort::open(b, com, irq_line),
@@ -143,4 +221,42 @@ fn build_serial_ports(
         ports.push(serial);
     }
     Ok(ports)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::power_mgmt as pm;
+
+    /// The FADT must publish the ports the devices really decode.
+    #[test]
+    fn acpi_tables_describe_the_power_management_devices() {
+        assert_eq!(
+            u64::from(tables::PM1A_EVT_BLK),
+            u64::from(pm::PM1A_EVT_PORT)
+        );
+        assert_eq!(
+            u64::from(tables::PM1A_CNT_BLK),
+            u64::from(pm::PM1A_CNT_PORT)
+        );
+        assert_eq!(u64::from(tables::PM_TMR_BLK), u64::from(pm::PM_TIMER_PORT));
+        assert_eq!(u64::from(tables::SMI_CMD), u64::from(pm::SMI_CMD_PORT));
+        assert_eq!(u64::from(tables::ACPI_ENABLE), u64::from(pm::ACPI_ENABLE));
+        assert_eq!(u64::from(tables::ACPI_DISABLE), u64::from(pm::ACPI_DISABLE));
+        assert_eq!(
+            u64::from(tables::RESET_PORT),
+            u64::from(pm::RESET_CONTROL_PORT)
+        );
+        assert_eq!(u32::from(tables::SCI_IRQ), pm::SCI_GSI);
+    }
+
+    #[test]
+    fn intx_routes_stay_on_the_pci_pins() {
+        for slot in 0..32 {
+            for pin in 0..4 {
+                assert!((16..24).contains(&pci_intx_gsi(slot, pin)));
+            }
+        }
+        assert_ne!(pci_intx_gsi(2, 0), pci_intx_gsi(3, 0));
+    }
 }

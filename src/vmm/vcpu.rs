@@ -45,7 +45,8 @@ pub fn run(mut vcpu: Box<dyn Vcpu>, ctx: Arc<VcpuContext>) {
     match vcpu.kicker() {
         Ok(kicker) => ctx.control.register_kicker(id, kicker),
         Err(e) => {
-            ctx.control.stop(StopReason::Fatal(format!("vCPU {id}: {e}")));
+            ctx.control
+                .stop(StopReason::Fatal(format!("vCPU {id}: {e}")));
             return;
         }
     }
@@ -110,7 +111,10 @@ fn run_once(vcpu: &mut dyn Vcpu, ctx: &VcpuContext) -> Result<(), StopReason> {
         Ok(VmExit::Hlt) => {
             // Only reached when the hypervisor lets HLT out (no in-kernel irqchip): with
             // interrupts off nothing but INIT/NMI can wake it, which xhyve treats as halted.
-            let enabled = vcpu.regs().map(|r| r.rflags & RFLAGS_IF != 0).unwrap_or(false);
+            let enabled = vcpu
+                .regs()
+                .map(|r| r.rflags & RFLAGS_IF != 0)
+                .unwrap_or(false);
             if !enabled {
                 return Err(StopReason::Guest(PowerEvent::Halt));
             }
@@ -138,15 +142,23 @@ fn run_once(vcpu: &mut dyn Vcpu, ctx: &VcpuContext) -> Result<(), StopReason> {
             ));
         }
         Ok(VmExit::Other { reason }) => {
-            return Err(fatal(vcpu, ctx, &format!("unexpected exit reason {reason}")));
+            return Err(fatal(
+                vcpu,
+                ctx,
+                &format!("unexpected exit reason {reason}"),
+            ));
         }
         Err(e) => return Err(fatal(vcpu, ctx, &format!("vCPU run failed: {e}"))),
     }
     match unhandled {
         Some(access) if ctx.strict_io => {
             let what = match access {
-                Unhandled::PortRead { port, size } => format!("unhandled I/O port read at {port:#x} ({size} bytes)"),
-                Unhandled::PortWrite { port, size } => format!("unhandled I/O port write at {port:#x} ({size} bytes)"),
+                Unhandled::PortRead { port, size } => {
+                    format!("unhandled I/O port read at {port:#x} ({size} bytes)")
+                }
+                Unhandled::PortWrite { port, size } => {
+                    format!("unhandled I/O port write at {port:#x} ({size} bytes)")
+                }
             };
             Err(fatal(vcpu, ctx, &what))
         }
@@ -175,7 +187,12 @@ fn answer_halt_poll(vcpu: &mut dyn Vcpu, ctx: &VcpuContext) {
 }
 
 fn fatal(vcpu: &mut dyn Vcpu, ctx: &VcpuContext, what: &str) -> StopReason {
-    StopReason::Fatal(diagnostics::report(vcpu, &ctx.memory, what, &ctx.control.serial_tail()))
+    StopReason::Fatal(diagnostics::report(
+        vcpu,
+        &ctx.memory,
+        what,
+        &ctx.control.serial_tail(),
+    ))
 }
 
 fn pin_to_host_cpu(ctx: &VcpuContext, id: u8) -> Result<(), String> {
@@ -186,7 +203,9 @@ fn pin_to_host_cpu(ctx: &VcpuContext, id: u8) -> Result<(), String> {
     // SAFETY: cpu_set_t is plain data; an all-zero value is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     if cpu >= libc::CPU_SETSIZE as usize {
-        return Err(format!("invalid -p {id}:{cpu}: host CPU {cpu} does not exist"));
+        return Err(format!(
+            "invalid -p {id}:{cpu}: host CPU {cpu} does not exist"
+        ));
     }
     // SAFETY: `cpu` is below CPU_SETSIZE, checked above.
     unsafe { libc::CPU_SET(cpu, &mut set) };
@@ -194,7 +213,9 @@ fn pin_to_host_cpu(ctx: &VcpuContext, id: u8) -> Result<(), String> {
     let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
     if rc != 0 {
         let err = std::io::Error::last_os_error();
-        return Err(format!("cannot pin vCPU {id} to host CPU {cpu} (-p {id}:{cpu}): {err}"));
+        return Err(format!(
+            "cannot pin vCPU {id} to host CPU {cpu} (-p {id}:{cpu}): {err}"
+        ));
     }
     Ok(())
 }
