@@ -10,7 +10,7 @@ use super::control::Control;
 use super::exit::StopReason;
 use super::memory::{self, GuestMemory};
 use super::vcpu::VcpuContext;
-use super::{pidfile, signals};
+use super::{host, pidfile, signals};
 use crate::cli::VmConfig;
 use crate::hv::cpuid::CpuidPolicy;
 use crate::hv::{self, HvError, IrqChipMode, Vcpu, Vm, VmOptions};
@@ -42,7 +42,11 @@ pub fn run(config: &VmConfig) -> Result<i32, VmmError> {
     let hypervisor = hv::default_hypervisor()?;
     let pins = check_pins(config)?;
     let guest_memory = memory::create_guest_memory(config.memory_bytes)?;
-    exclude_from_core_dumps(&guest_memory, config.dump_guest_memory);
+    if !config.dump_guest_memory {
+        for region in guest_memory.iter() {
+            host::exclude_from_core_dumps(region.as_ptr(), region.len() as usize);
+        }
+    }
 
     let options = VmOptions {
         vcpus: config.vcpus,
@@ -155,49 +159,11 @@ fn map_guest_memory(vm: &dyn Vm, mem: &GuestMemory) -> Result<(), VmmError> {
     Ok(())
 }
 
-/// Guest RAM stays out of core dumps unless `-C` asks for it: a crash of a 8 GiB VM should not
-/// write 8 GiB.
-fn exclude_from_core_dumps(mem: &GuestMemory, include: bool) {
-    if include {
-        return;
-    }
-    for region in mem.iter() {
-        // SAFETY: the range is exactly one mapping owned by `mem`; MADV_DONTDUMP only changes
-        // core-dump behaviour.
-        let rc = unsafe {
-            libc::madvise(
-                region.as_ptr().cast(),
-                region.len() as usize,
-                libc::MADV_DONTDUMP,
-            )
-        };
-        if rc != 0 {
-            log::debug!(
-                "madvise(MADV_DONTDUMP): {}",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
-}
-
 /// Checks `-p` against the host CPUs this process may run on; returns the pin per vCPU id.
 fn check_pins(config: &VmConfig) -> Result<Vec<Option<u32>>, VmmError> {
     let mut pins = vec![None; usize::from(config.vcpus)];
-    if config.cpu_pins.is_empty() {
-        return Ok(pins);
-    }
-    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it for this process.
-    let mut allowed: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `allowed` is a valid cpu_set_t of the size passed.
-    let rc =
-        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut allowed) };
     for pin in &config.cpu_pins {
-        let cpu = pin.host_cpu as usize;
-        // SAFETY: CPU_ISSET reads the set within CPU_SETSIZE, checked first.
-        let ok = rc == 0
-            && cpu < libc::CPU_SETSIZE as usize
-            && unsafe { libc::CPU_ISSET(cpu, &allowed) };
-        if !ok {
+        if !host::cpu_available(pin.host_cpu) {
             return Err(VmmError::BadPin {
                 vcpu: pin.vcpu,
                 host_cpu: pin.host_cpu,

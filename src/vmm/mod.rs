@@ -3,6 +3,7 @@
 pub mod control;
 pub mod diagnostics;
 pub mod exit;
+mod host;
 pub mod interrupts;
 mod machine;
 pub mod memory;

@@ -196,26 +196,9 @@ fn fatal(vcpu: &mut dyn Vcpu, ctx: &VcpuContext, what: &str) -> StopReason {
 }
 
 fn pin_to_host_cpu(ctx: &VcpuContext, id: u8) -> Result<(), String> {
-    let Some(Some(host_cpu)) = ctx.pins.get(usize::from(id)) else {
-        return Ok(());
-    };
-    let cpu = *host_cpu as usize;
-    // SAFETY: cpu_set_t is plain data; an all-zero value is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    if cpu >= libc::CPU_SETSIZE as usize {
-        return Err(format!(
-            "invalid -p {id}:{cpu}: host CPU {cpu} does not exist"
-        ));
+    match ctx.pins.get(usize::from(id)) {
+        Some(Some(cpu)) => super::host::pin_current_thread(*cpu)
+            .map_err(|e| format!("cannot pin vCPU {id} to host CPU {cpu} (-p {id}:{cpu}): {e}")),
+        _ => Ok(()),
     }
-    // SAFETY: `cpu` is below CPU_SETSIZE, checked above.
-    unsafe { libc::CPU_SET(cpu, &mut set) };
-    // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is the calling thread.
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
-    if rc != 0 {
-        let err = std::io::Error::last_os_error();
-        return Err(format!(
-            "cannot pin vCPU {id} to host CPU {cpu} (-p {id}:{cpu}): {err}"
-        ));
-    }
-    Ok(())
 }
