@@ -1,0 +1,107 @@
+/* One guest image; the first command-line word naming a test selects it.
+ * Other words are ignored, so a loader that prepends the kernel path (as
+ * QEMU does) still works. */
+#include "lib.h"
+#include "tests.h"
+
+static void announce_exit(const char *how)
+{
+    puts("exit ");
+    println(how);
+}
+
+static void test_poweroff(const struct mb_info *mbi)
+{
+    (void)mbi;
+    announce_exit("poweroff");
+    poweroff();
+}
+
+static void test_reset(const struct mb_info *mbi)
+{
+    (void)mbi;
+    announce_exit("reset");
+    reset();
+}
+
+static void test_reset_kbd(const struct mb_info *mbi)
+{
+    (void)mbi;
+    announce_exit("reset-kbd");
+    reset_kbd();
+}
+
+static void test_halt(const struct mb_info *mbi)
+{
+    (void)mbi;
+    announce_exit("halt");
+    halt();
+}
+
+static void test_triplefault(const struct mb_info *mbi)
+{
+    (void)mbi;
+    announce_exit("triplefault");
+    triple_fault();
+}
+
+static void test_hello(const struct mb_info *mbi)
+{
+    (void)mbi;
+    println("hello from guest");
+    poweroff();
+}
+
+static void test_ports(const struct mb_info *mbi)
+{
+    (void)mbi;
+    u32 v = inl(0x1234);
+    puts("port 0x1234 = ");
+    print_hex(v, 8);
+    putc('\n');
+    poweroff();
+}
+
+static void test_wait_input(const struct mb_info *mbi)
+{
+    (void)mbi;
+    println("ready");
+    char c = getc();
+    puts("got ");
+    putc(c);
+    putc('\n');
+    poweroff();
+}
+
+static const struct {
+    const char *name;
+    void (*run)(const struct mb_info *mbi);
+} tests[] = {
+    { "hello", test_hello },
+    { "poweroff", test_poweroff },
+    { "reset", test_reset },
+    { "reset-kbd", test_reset_kbd },
+    { "halt", test_halt },
+    { "triplefault", test_triplefault },
+    { "ports", test_ports },
+    { "wait-input", test_wait_input },
+    { "pciscan", test_pciscan },
+    { "rtc", test_rtc },
+    { "highmem", test_highmem },
+    { "smp", test_smp },
+};
+
+void main(u32 magic, const struct mb_info *mbi)
+{
+    serial_init();
+    if (magic != MULTIBOOT_BOOTLOADER_MAGIC)
+        fail("bad multiboot magic");
+    cmdline_init(mbi, magic);
+    for (int w = 0; w < cmdline_words(); w++)
+        for (u32 t = 0; t < sizeof(tests) / sizeof(tests[0]); t++)
+            if (streq(cmdline_word(w), tests[t].name)) {
+                tests[t].run(mbi);
+                poweroff();
+            }
+    fail("no test named on the command line");
+}

@@ -1,0 +1,11 @@
+/* The tests that live in their own files. Each ends the VM itself. */
+#ifndef GUEST_TESTS_H
+#define GUEST_TESTS_H
+#include "lib.h"
+
+void test_pciscan(const struct mb_info *mbi);
+void test_rtc(const struct mb_info *mbi);
+void test_highmem(const struct mb_info *mbi);
+void test_smp(const struct mb_info *mbi);
+
+#endif

@@ -1,0 +1,262 @@
+//! The test guest (`test/guests`) booted by the real `xhyve` binary: exit codes, COM1, PCI
+//! config space, RTC, RAM above 4 GiB, a second vCPU, strict I/O and the pid file.
+
+#[macro_use]
+mod common;
+
+use common::{run_xhyve, IrqChip, Vm};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+guest_test!(hello_over_com1, |mode| {
+    Vm::multiboot("hello")
+        .irqchip(mode)
+        .run()
+        .assert_exit(1)
+        .assert_line("hello from guest");
+});
+
+/// Runs the guest command `how` and checks its announcement and xhyve's exit code.
+fn guest_exit(mode: IrqChip, how: &str, code: i32) {
+    Vm::multiboot(how)
+        .irqchip(mode)
+        .run()
+        .assert_exit(code)
+        .assert_line(&format!("exit {how}"));
+}
+
+guest_test!(acpi_poweroff_exits_1, |mode| guest_exit(mode, "poweroff", 1));
+guest_test!(reset_via_cf9_exits_0, |mode| guest_exit(mode, "reset", 0));
+guest_test!(reset_via_keyboard_controller_exits_0, |mode| guest_exit(
+    mode,
+    "reset-kbd",
+    0
+));
+guest_test!(halt_with_interrupts_off_exits_2, |mode| guest_exit(
+    mode, "halt", 2
+));
+guest_test!(triple_fault_exits_3, |mode| guest_exit(mode, "triplefault", 3));
+
+/// The guest's `pci ...` lines, in scan order.
+fn pci_functions(mode: IrqChip, slots: &[&str]) -> Vec<String> {
+    let outcome = Vm::multiboot("pciscan").irqchip(mode).pci(slots).run();
+    outcome.assert_exit(1).assert_line("pciscan done");
+    outcome
+        .lines()
+        .filter(|l| l.starts_with("pci "))
+        .map(str::to_owned)
+        .collect()
+}
+
+guest_test!(pci_scan_default_layout, |mode| {
+    assert_eq!(
+        pci_functions(mode, &["0:0,hostbridge", "31,lpc"]),
+        [
+            "pci 00:00.0 1275:1275 class 060000",
+            "pci 00:1f.0 8086:7000 class 060100",
+        ]
+    );
+});
+
+guest_test!(pci_scan_other_layout, |mode| {
+    // Nothing in slot 0; bus:slot:function syntax; the AMD host bridge's IDs.
+    assert_eq!(
+        pci_functions(mode, &["3,hostbridge", "0:7:0,lpc", "5,amd_hostbridge"]),
+        [
+            "pci 00:03.0 1275:1275 class 060000",
+            "pci 00:05.0 1022:7432 class 060000",
+            "pci 00:07.0 8086:7000 class 060100",
+        ]
+    );
+});
+
+/// A time zone far from UTC (and without DST), so local and UTC RTC modes differ.
+const TEST_TZ: &str = "XST-5:30";
+const TEST_TZ_OFFSET_SECS: i64 = 5 * 3600 + 30 * 60;
+/// Guest start-up time does not count: the bounds are taken around the whole run.
+const RTC_SLACK_SECS: i64 = 3;
+
+fn unix_now() -> i64 {
+    let since_epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("host clock before 1970");
+    i64::try_from(since_epoch.as_secs()).expect("host clock out of range")
+}
+
+/// Days from 1970-01-01 to the proleptic Gregorian date `y-m-d`.
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year - era * 400;
+    let shifted_month = (month + 9) % 12; // March = 0
+    let day_of_year = (153 * shifted_month + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
+}
+
+/// Parses `rtc YYYY-MM-DD HH:MM:SS` into seconds since the epoch of that wall clock.
+fn parse_rtc_line(line: &str) -> Option<i64> {
+    let rest = line.strip_prefix("rtc ")?;
+    let (date, time) = rest.split_once(' ')?;
+    let date: Vec<i64> = date.split('-').map(|f| f.parse().ok()).collect::<Option<_>>()?;
+    let time: Vec<i64> = time.split(':').map(|f| f.parse().ok()).collect::<Option<_>>()?;
+    let (&[year, month, day], &[hour, minute, second]) = (&date[..], &time[..]) else {
+        return None;
+    };
+    let valid = (1..=12).contains(&month)
+        && (1..=31).contains(&day)
+        && (0..24).contains(&hour)
+        && (0..60).contains(&minute)
+        && (0..60).contains(&second);
+    valid.then(|| days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second)
+}
+
+/// Boots the rtc guest under `TEST_TZ` and checks it read host time plus `offset_secs`.
+fn rtc_matches_host(mode: IrqChip, extra_args: &[&str], offset_secs: i64) {
+    let before = unix_now();
+    let outcome = Vm::multiboot("rtc")
+        .irqchip(mode)
+        .env("TZ", TEST_TZ)
+        .args(extra_args)
+        .run();
+    let after = unix_now();
+    outcome.assert_exit(1);
+    let line = outcome
+        .lines()
+        .find(|l| l.starts_with("rtc "))
+        .unwrap_or_else(|| panic!("no rtc line\n{outcome}"));
+    let guest = parse_rtc_line(line).unwrap_or_else(|| panic!("bad rtc line {line:?}"));
+    let earliest = before + offset_secs - RTC_SLACK_SECS;
+    let latest = after + offset_secs + RTC_SLACK_SECS;
+    assert!(
+        (earliest..=latest).contains(&guest),
+        "guest RTC {line:?} is {}s from host time (allowed window {}s..{}s)\n{outcome}",
+        guest - (before + offset_secs),
+        -RTC_SLACK_SECS,
+        after - before + RTC_SLACK_SECS,
+    );
+}
+
+guest_test!(rtc_keeps_local_time, |mode| {
+    rtc_matches_host(mode, &[], TEST_TZ_OFFSET_SECS);
+});
+
+guest_test!(rtc_keeps_utc_with_u, |mode| {
+    rtc_matches_host(mode, &["-u"], 0);
+});
+
+guest_test!(ram_above_4g_with_5g, |mode| {
+    Vm::multiboot("highmem")
+        .irqchip(mode)
+        .memory("5G")
+        .run()
+        .assert_exit(1)
+        .assert_line("highmem ram 0000000100000000-0000000180000000")
+        .assert_line("highmem ok");
+});
+
+guest_test!(second_vcpu_starts_with_init_sipi, |mode| {
+    let outcome = Vm::multiboot("smp").irqchip(mode).vcpus(2).run();
+    outcome.assert_exit(1);
+    let lines: Vec<&str> = outcome.lines().collect();
+    let cpu1 = lines.iter().position(|l| *l == "cpu1 up");
+    let done = lines.iter().position(|l| *l == "smp ok");
+    assert!(
+        matches!((cpu1, done), (Some(a), Some(b)) if a < b),
+        "expected \"cpu1 up\" then \"smp ok\"\n{outcome}"
+    );
+});
+
+guest_test!(unhandled_port_reads_all_ones, |mode| {
+    Vm::multiboot("ports")
+        .irqchip(mode)
+        .run()
+        .assert_exit(1)
+        .assert_line("port 0x1234 = ffffffff");
+});
+
+guest_test!(unhandled_port_with_e_exits_4, |mode| {
+    let outcome = Vm::multiboot("ports").irqchip(mode).args(["-e"]).run();
+    outcome.assert_exit(4);
+    assert!(
+        outcome.stderr.contains("0x1234") && outcome.stderr.contains("RIP"),
+        "stderr should name port 0x1234 and the RIP\n{outcome}"
+    );
+    assert!(
+        !outcome.lines().any(|l| l.starts_with("port 0x1234")),
+        "the access should have stopped the guest\n{outcome}"
+    );
+});
+
+guest_test!(com1_input_reaches_guest_and_pidfile_lives_with_vm, |mode| {
+    let dir = std::env::temp_dir().join(format!(
+        "xhyve-pidfile-{}-{}",
+        std::process::id(),
+        mode.env_value()
+    ));
+    std::fs::create_dir_all(&dir).expect("create pidfile dir");
+    let pidfile = dir.join("xhyve.pid");
+    let _ = std::fs::remove_file(&pidfile);
+
+    let mut vm = Vm::multiboot("wait-input")
+        .irqchip(mode)
+        .args(["-F".as_ref(), pidfile.as_os_str()])
+        .stdin_piped()
+        .spawn();
+    vm.wait_for_line("ready");
+    let contents = std::fs::read_to_string(&pidfile)
+        .unwrap_or_else(|e| panic!("pidfile {} while running: {e}", pidfile.display()));
+    assert_eq!(
+        contents.trim(),
+        vm.pid().to_string(),
+        "pidfile contents {contents:?}"
+    );
+    vm.send(b"Z");
+    vm.finish().assert_exit(1).assert_line("got Z");
+    assert!(
+        !pidfile.exists(),
+        "pidfile {} should be removed on exit",
+        pidfile.display()
+    );
+    let _ = std::fs::remove_dir(&dir);
+});
+
+#[test]
+fn missing_kernel_exits_1_naming_path() {
+    if !common::kvm_usable() {
+        return;
+    }
+    let missing = std::env::temp_dir().join("xhyve-test-no-such-dir/guest.elf");
+    let mut firmware = std::ffi::OsString::from("multiboot,");
+    firmware.push(&missing);
+    firmware.push(",,hello");
+    let outcome = Vm::with_firmware(firmware).run();
+    outcome.assert_exit(1);
+    assert!(
+        outcome.stderr.contains(&*missing.to_string_lossy()),
+        "stderr should name {}\n{outcome}",
+        missing.display()
+    );
+}
+
+#[test]
+fn bad_memory_size_is_a_usage_error() {
+    let outcome = run_xhyve(["-m", "lots", "-f", "multiboot,guest.elf,,hello"]);
+    outcome.assert_exit(64);
+    assert!(
+        outcome.stderr.contains("lots"),
+        "stderr should name the bad value\n{outcome}"
+    );
+}
+
+#[test]
+fn rtc_line_parser() {
+    assert_eq!(parse_rtc_line("rtc 1970-01-01 00:00:00"), Some(0));
+    assert_eq!(
+        parse_rtc_line("rtc 2026-11-24 12:34:56"),
+        Some(1_795_523_696)
+    );
+    assert_eq!(parse_rtc_line("rtc 2000-03-01 00:00:00"), Some(951_868_800));
+    assert_eq!(parse_rtc_line("rtc 2026-13-24 12:34:56"), None);
+    assert_eq!(parse_rtc_line("rtc 2026-11-24"), None);
+    assert_eq!(parse_rtc_line("hello"), None);
+}
