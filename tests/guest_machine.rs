@@ -24,7 +24,9 @@ fn guest_exit(mode: IrqChip, how: &str, code: i32) {
         .assert_line(&format!("exit {how}"));
 }
 
-guest_test!(acpi_poweroff_exits_1, |mode| guest_exit(mode, "poweroff", 1));
+guest_test!(acpi_poweroff_exits_1, |mode| guest_exit(
+    mode, "poweroff", 1
+));
 guest_test!(reset_via_cf9_exits_0, |mode| guest_exit(mode, "reset", 0));
 guest_test!(reset_via_keyboard_controller_exits_0, |mode| guest_exit(
     mode,
@@ -34,7 +36,11 @@ guest_test!(reset_via_keyboard_controller_exits_0, |mode| guest_exit(
 guest_test!(halt_with_interrupts_off_exits_2, |mode| guest_exit(
     mode, "halt", 2
 ));
-guest_test!(triple_fault_exits_3, |mode| guest_exit(mode, "triplefault", 3));
+guest_test!(triple_fault_exits_3, |mode| guest_exit(
+    mode,
+    "triplefault",
+    3
+));
 
 /// The guest's `pci ...` lines, in scan order.
 fn pci_functions(mode: IrqChip, slots: &[&str]) -> Vec<String> {
@@ -97,8 +103,14 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
 fn parse_rtc_line(line: &str) -> Option<i64> {
     let rest = line.strip_prefix("rtc ")?;
     let (date, time) = rest.split_once(' ')?;
-    let date: Vec<i64> = date.split('-').map(|f| f.parse().ok()).collect::<Option<_>>()?;
-    let time: Vec<i64> = time.split(':').map(|f| f.parse().ok()).collect::<Option<_>>()?;
+    let date: Vec<i64> = date
+        .split('-')
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let time: Vec<i64> = time
+        .split(':')
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
     let (&[year, month, day], &[hour, minute, second]) = (&date[..], &time[..]) else {
         return None;
     };

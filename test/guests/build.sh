@@ -1,6 +1,7 @@
 #!/bin/sh
-# Builds guest.elf into $1 (default: /tmp/xhyve-guests) with the host toolchain, exactly as
-# the Rust test harness does. For running the guests by hand under QEMU.
+# Builds guest.elf into $1 (default: /tmp/xhyve-guests) with the host toolchain
+# (no cross compiler). The Rust test harness (tests/common) runs this script;
+# run it by hand to try the guests under QEMU (see README).
 set -eu
 src=$(cd "$(dirname "$0")" && pwd)
 out=${1:-/tmp/xhyve-guests}
