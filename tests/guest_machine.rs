@@ -156,14 +156,25 @@ guest_test!(rtc_keeps_utc_with_u, |mode| {
     rtc_matches_host(mode, &["-u"], 0);
 });
 
-guest_test!(ram_above_4g_with_5g, |mode| {
+/// Boots the highmem guest with `-m memory` and checks where it found RAM above 4 GiB.
+fn high_ram(mode: IrqChip, memory: &str, expected_range: &str) {
     Vm::multiboot("highmem")
         .irqchip(mode)
-        .memory("5G")
+        .memory(memory)
         .run()
         .assert_exit(1)
-        .assert_line("highmem ram 0000000100000000-0000000180000000")
+        .assert_line(&format!("highmem ram {expected_range}"))
         .assert_line("highmem ok");
+}
+
+guest_test!(ram_above_4g_with_5g, |mode| {
+    // [0, 3G) low, the rest from 4 GiB.
+    high_ram(mode, "5G", "0000000100000000-0000000180000000");
+});
+
+guest_test!(ram_above_4g_with_8g, |mode| {
+    // xhyve issue #37 was a 3 GiB cap.
+    high_ram(mode, "8G", "0000000100000000-0000000240000000");
 });
 
 guest_test!(second_vcpu_starts_with_init_sipi, |mode| {

@@ -6,7 +6,7 @@ set -eu
 src=$(cd "$(dirname "$0")" && pwd)
 out=${1:-/tmp/xhyve-guests}
 mkdir -p "$out"
-CFLAGS="-m32 -march=i686 -ffreestanding -fno-pic -fno-stack-protector -nostdlib -O2 -Wall -Wextra -Werror -fno-asynchronous-unwind-tables"
+CFLAGS="-m32 -march=i686 -ffreestanding -fno-pic -fno-stack-protector -nostdlib -O2 -Wall -Wextra -fno-asynchronous-unwind-tables"
 for f in entry.S trampoline.S lib.c main.c pciscan.c rtc.c highmem.c smp.c; do
     cc $CFLAGS -c "$src/$f" -o "$out/${f%.*}.o"
 done
