@@ -24,7 +24,9 @@ fn guest_exit(mode: IrqChip, how: &str, code: i32) {
         .assert_line(&format!("exit {how}"));
 }
 
-guest_test!(acpi_poweroff_exits_1, |mode| guest_exit(mode, "poweroff", 1));
+guest_test!(acpi_poweroff_exits_1, |mode| guest_exit(
+    mode, "poweroff", 1
+));
 guest_test!(reset_via_cf9_exits_0, |mode| guest_exit(mode, "reset", 0));
 guest_test!(reset_via_keyboard_controller_exits_0, |mode| guest_exit(
     mode,
@@ -34,7 +36,11 @@ guest_test!(reset_via_keyboard_controller_exits_0, |mode| guest_exit(
 guest_test!(halt_with_interrupts_off_exits_2, |mode| guest_exit(
     mode, "halt", 2
 ));
-guest_test!(triple_fault_exits_3, |mode| guest_exit(mode, "triplefault", 3));
+guest_test!(triple_fault_exits_3, |mode| guest_exit(
+    mode,
+    "triplefault",
+    3
+));
 
 /// The guest's `pci ...` lines, in scan order.
 fn pci_functions(mode: IrqChip, slots: &[&str]) -> Vec<String> {
@@ -97,8 +103,14 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
 fn parse_rtc_line(line: &str) -> Option<i64> {
     let rest = line.strip_prefix("rtc ")?;
     let (date, time) = rest.split_once(' ')?;
-    let date: Vec<i64> = date.split('-').map(|f| f.parse().ok()).collect::<Option<_>>()?;
-    let time: Vec<i64> = time.split(':').map(|f| f.parse().ok()).collect::<Option<_>>()?;
+    let date: Vec<i64> = date
+        .split('-')
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let time: Vec<i64> = time
+        .split(':')
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
     let (&[year, month, day], &[hour, minute, second]) = (&date[..], &time[..]) else {
         return None;
     };
@@ -144,14 +156,25 @@ guest_test!(rtc_keeps_utc_with_u, |mode| {
     rtc_matches_host(mode, &["-u"], 0);
 });
 
-guest_test!(ram_above_4g_with_5g, |mode| {
+/// Boots the highmem guest with `-m memory` and checks where it found RAM above 4 GiB.
+fn high_ram(mode: IrqChip, memory: &str, expected_range: &str) {
     Vm::multiboot("highmem")
         .irqchip(mode)
-        .memory("5G")
+        .memory(memory)
         .run()
         .assert_exit(1)
-        .assert_line("highmem ram 0000000100000000-0000000180000000")
+        .assert_line(&format!("highmem ram {expected_range}"))
         .assert_line("highmem ok");
+}
+
+guest_test!(ram_above_4g_with_5g, |mode| {
+    // [0, 3G) low, the rest from 4 GiB.
+    high_ram(mode, "5G", "0000000100000000-0000000180000000");
+});
+
+guest_test!(ram_above_4g_with_8g, |mode| {
+    // xhyve issue #37 was a 3 GiB cap.
+    high_ram(mode, "8G", "0000000100000000-0000000240000000");
 });
 
 guest_test!(second_vcpu_starts_with_init_sipi, |mode| {

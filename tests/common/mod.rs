@@ -427,10 +427,7 @@ impl Running {
 
     /// Writes `bytes` to the guest's COM1 input (needs [`Vm::stdin_piped`]).
     pub fn send(&mut self, bytes: &[u8]) {
-        let stdin = self
-            .stdin
-            .as_mut()
-            .expect("send() needs Vm::stdin_piped()");
+        let stdin = self.stdin.as_mut().expect("send() needs Vm::stdin_piped()");
         stdin
             .write_all(bytes)
             .and_then(|()| stdin.flush())
