@@ -73,6 +73,33 @@ static void test_wait_input(const struct mb_info *mbi)
     poweroff();
 }
 
+/* ACPI fixed hardware as the FADT describes it. */
+#define SMI_CMD 0xB2
+#define ACPI_ENABLE 0xA0
+#define PM1A_STS 0x400
+#define PM1A_EN 0x402
+#define PM1A_CNT 0x404
+#define PWRBTN 0x100
+#define SCI_EN 0x1
+
+/* Enables ACPI and the power button, then waits for the VMM to press it (SIGTERM). */
+static void test_powerbutton(const struct mb_info *mbi)
+{
+    (void)mbi;
+    outb(SMI_CMD, ACPI_ENABLE);
+    if (!(inw(PM1A_CNT) & SCI_EN))
+        fail("powerbutton: SCI_EN not set after ACPI enable");
+    outw(PM1A_EN, PWRBTN);
+    println("ready");
+    while (!(inw(PM1A_STS) & PWRBTN))
+        ;
+    outw(PM1A_STS, PWRBTN); /* write 1 to clear */
+    if (inw(PM1A_STS) & PWRBTN)
+        fail("powerbutton: PWRBTN_STS did not clear");
+    println("power button pressed");
+    poweroff();
+}
+
 static const struct {
     const char *name;
     void (*run)(const struct mb_info *mbi);
@@ -89,6 +116,7 @@ static const struct {
     { "rtc", test_rtc },
     { "highmem", test_highmem },
     { "smp", test_smp },
+    { "powerbutton", test_powerbutton },
 };
 
 void main(u32 magic, const struct mb_info *mbi)

@@ -425,6 +425,18 @@ impl Running {
         }
     }
 
+    /// Whether `xhyve` has exited (its output may still be draining).
+    pub fn has_exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to `xhyve`.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) with a pid we own (not yet reaped: `self.child` is still held).
+        let rc = unsafe { libc::kill(self.child.id() as i32, signal) };
+        assert_eq!(rc, 0, "kill({}, {signal}) failed", self.child.id());
+    }
+
     /// Writes `bytes` to the guest's COM1 input (needs [`Vm::stdin_piped`]).
     pub fn send(&mut self, bytes: &[u8]) {
         let stdin = self.stdin.as_mut().expect("send() needs Vm::stdin_piped()");
