@@ -261,7 +261,10 @@ mod tests {
     fn entries_reset_masked_and_keep_read_only_bits() {
         let mut ioapic = IoApic::new(0);
         for pin in 0..IOAPIC_PINS as u32 {
-            assert_eq!(read_reg(&mut ioapic, INDEX_REDIRECTION + 2 * pin), RTE_MASKED as u32);
+            assert_eq!(
+                read_reg(&mut ioapic, INDEX_REDIRECTION + 2 * pin),
+                RTE_MASKED as u32
+            );
         }
         // Delivery status and remote IRR cannot be set by the guest.
         program(&mut ioapic, 3, 0x0001_FFFF, 0xFFFF_FFFF);

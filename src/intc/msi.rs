@@ -470,7 +470,10 @@ mod tests {
         off.hardware_enabled = false;
         let cpus = [xapic(0), off];
         assert!(targets(&InterruptRequest::fixed(0x30, 1), &cpus).is_empty());
-        assert_eq!(targets(&InterruptRequest::fixed(0x30, 0xFF), &cpus), vec![0]);
+        assert_eq!(
+            targets(&InterruptRequest::fixed(0x30, 0xFF), &cpus),
+            vec![0]
+        );
     }
 
     #[test]
@@ -521,11 +524,20 @@ mod tests {
         let mut req = InterruptRequest::fixed(0x30, 0);
         let mut cursor = 0;
         req.shorthand = Shorthand::SelfOnly;
-        assert_eq!(select_targets(&req, &cpus, Some(1), &mut cursor).bits(), 0b010);
+        assert_eq!(
+            select_targets(&req, &cpus, Some(1), &mut cursor).bits(),
+            0b010
+        );
         req.shorthand = Shorthand::AllIncludingSelf;
-        assert_eq!(select_targets(&req, &cpus, Some(1), &mut cursor).bits(), 0b111);
+        assert_eq!(
+            select_targets(&req, &cpus, Some(1), &mut cursor).bits(),
+            0b111
+        );
         req.shorthand = Shorthand::AllExcludingSelf;
-        assert_eq!(select_targets(&req, &cpus, Some(1), &mut cursor).bits(), 0b101);
+        assert_eq!(
+            select_targets(&req, &cpus, Some(1), &mut cursor).bits(),
+            0b101
+        );
     }
 
     #[test]
