@@ -310,6 +310,28 @@ pub fn select_targets(
     set
 }
 
+/// The routing state the VMM keeps: today only the lowest-priority rotation.
+#[derive(Debug, Default, Clone)]
+pub struct Router {
+    lowest_priority_cursor: usize,
+}
+
+impl Router {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Picks the LAPICs `request` reaches; see `select_targets`.
+    pub fn route(
+        &mut self,
+        request: &InterruptRequest,
+        cpus: &[DestinationInfo],
+        sender: Option<usize>,
+    ) -> CpuSet {
+        select_targets(request, cpus, sender, &mut self.lowest_priority_cursor)
+    }
+}
+
 /// Narrows `candidates` to the one with the lowest task-priority class, preferring
 /// software-enabled APICs and rotating among ties from `cursor`.
 fn lowest_priority(candidates: CpuSet, cpus: &[DestinationInfo], cursor: &mut usize) -> CpuSet {
@@ -572,6 +594,83 @@ mod tests {
         assert!(set.contains(63));
         assert!(!set.contains(64));
         assert_eq!(set.iter().collect::<Vec<_>>(), vec![0, 63]);
+    }
+
+    /// IOAPIC -> router -> LAPIC -> EOI -> IOAPIC, the path a level-triggered INTx takes.
+    #[test]
+    fn level_interrupt_round_trip_through_the_models() {
+        use crate::intc::ioapic::IoApic;
+        use crate::intc::lapic::{Accepted, Lapic, LapicConfig, LapicEvent};
+
+        let mut lapics: Vec<Lapic> = (0..2)
+            .map(|id| {
+                let mut lapic = Lapic::new(LapicConfig {
+                    apic_id: id,
+                    bootstrap: id == 0,
+                    x2apic_allowed: false,
+                    tsc_hz: 1_000_000_000,
+                });
+                lapic.mmio_write(0xF0, &0x1FFu32.to_le_bytes(), 0);
+                lapic
+            })
+            .collect();
+        let mut ioapic = IoApic::new(0);
+        let mut sent = Vec::new();
+        // Pin 16: level, physical, vector 0x61, to APIC 1.
+        ioapic.mmio_write(0x00, &0x31u32.to_le_bytes(), &mut sent);
+        ioapic.mmio_write(0x10, &0x0100_0000u32.to_le_bytes(), &mut sent);
+        ioapic.mmio_write(0x00, &0x30u32.to_le_bytes(), &mut sent);
+        ioapic.mmio_write(0x10, &0x0000_8061u32.to_le_bytes(), &mut sent);
+        ioapic.set_pin(16, true, &mut sent);
+        assert_eq!(sent.len(), 1);
+
+        let mut router = Router::new();
+        let cpus: Vec<DestinationInfo> = lapics.iter().map(Lapic::destination_info).collect();
+        let targets = router.route(&sent[0], &cpus, None);
+        assert_eq!(targets.iter().collect::<Vec<_>>(), vec![1]);
+        assert_eq!(lapics[1].deliver(&sent[0]), Accepted::Interrupt);
+        assert_eq!(lapics[1].acknowledge(), Some(0x61));
+        let LapicEvent::EoiBroadcast(vector) = lapics[1].mmio_write(0xB0, &[0; 4], 0) else {
+            panic!("level EOI not broadcast");
+        };
+        sent.clear();
+        ioapic.end_of_interrupt(vector, &mut sent);
+        assert_eq!(sent.len(), 1, "pin still asserted: delivered again");
+        ioapic.set_pin(16, false, &mut sent);
+        lapics[1].deliver(&sent[0]);
+        lapics[1].acknowledge();
+        let LapicEvent::EoiBroadcast(vector) = lapics[1].mmio_write(0xB0, &[0; 4], 0) else {
+            panic!("level EOI not broadcast");
+        };
+        sent.clear();
+        ioapic.end_of_interrupt(vector, &mut sent);
+        assert!(sent.is_empty());
+    }
+
+    #[test]
+    fn ipi_from_one_lapic_reaches_another() {
+        use crate::intc::lapic::{Accepted, Lapic, LapicConfig, LapicEvent};
+
+        let config = |id| LapicConfig {
+            apic_id: id,
+            bootstrap: id == 0,
+            x2apic_allowed: true,
+            tsc_hz: 1_000_000_000,
+        };
+        let mut bsp = Lapic::new(config(0));
+        let mut ap = Lapic::new(config(1));
+        bsp.mmio_write(0x310, &0x0100_0000u32.to_le_bytes(), 0);
+        let LapicEvent::Ipi(init) = bsp.mmio_write(0x300, &0x0000_4500u32.to_le_bytes(), 0) else {
+            panic!("no INIT");
+        };
+        let mut router = Router::new();
+        let cpus = [bsp.destination_info(), ap.destination_info()];
+        assert_eq!(router.route(&init, &cpus, Some(0)).bits(), 0b10);
+        assert_eq!(ap.deliver(&init), Accepted::Init);
+        let LapicEvent::Ipi(sipi) = bsp.mmio_write(0x300, &0x0000_4610u32.to_le_bytes(), 0) else {
+            panic!("no SIPI");
+        };
+        assert_eq!(ap.deliver(&sipi), Accepted::StartUp(0x10));
     }
 
     #[test]
