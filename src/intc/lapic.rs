@@ -400,7 +400,8 @@ impl Lapic {
 
     /// Hands an interrupt message from the router to this APIC.
     pub fn deliver(&mut self, request: &InterruptRequest) -> Accepted {
-        if !self.hardware_enabled() {
+        // A de-assert message (level MSI or the legacy INIT de-assert) asks for nothing.
+        if !self.hardware_enabled() || !request.assert {
             return Accepted::Ignored;
         }
         match request.delivery_mode {
@@ -411,10 +412,6 @@ impl Lapic {
             DeliveryMode::Smi => Accepted::Smi,
             DeliveryMode::ExtInt => Accepted::ExtInt,
             DeliveryMode::Init => {
-                if !request.assert {
-                    // The legacy INIT level de-assert: no effect on modern APICs.
-                    return Accepted::Ignored;
-                }
                 self.reset_registers();
                 Accepted::Init
             }
@@ -984,6 +981,18 @@ mod tests {
             ..InterruptRequest::fixed(0, 0)
         };
         assert_eq!(l.deliver(&nmi), Accepted::Nmi);
+    }
+
+    #[test]
+    fn deassert_messages_are_ignored() {
+        let mut l = enabled(0);
+        let deassert = InterruptRequest {
+            trigger_mode: TriggerMode::Level,
+            assert: false,
+            ..InterruptRequest::fixed(0x40, 0)
+        };
+        assert_eq!(l.deliver(&deassert), Accepted::Ignored);
+        assert_eq!(l.pending_vector(), None);
     }
 
     #[test]
