@@ -9,5 +9,6 @@ pub mod boot;
 pub mod cli;
 pub mod devices;
 pub mod hv;
+pub mod intc;
 pub mod tables;
 pub mod vmm;
