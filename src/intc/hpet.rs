@@ -504,7 +504,11 @@ mod tests {
         clock.advance(10_000_000_000);
         hpet.tick(clock.now_ns());
         assert!(pins.take().is_empty());
-        assert_eq!(read64(&mut hpet, REG_INT_STATUS), 0, "edge mode sets no status");
+        assert_eq!(
+            read64(&mut hpet, REG_INT_STATUS),
+            0,
+            "edge mode sets no status"
+        );
     }
 
     #[test]
@@ -541,10 +545,7 @@ mod tests {
         hpet.tick(clock.now_ns());
         assert_eq!(pins.take(), vec![(20, true), (20, false)]);
         assert_eq!(read64(&mut hpet, timer_reg(0, TIMER_COMPARATOR)), 1500);
-        assert_eq!(
-            hpet.next_deadline_ns(),
-            Some(START_NS + ticks_to_ns(1500))
-        );
+        assert_eq!(hpet.next_deadline_ns(), Some(START_NS + ticks_to_ns(1500)));
         // Three periods late: one interrupt, and the comparator moves past the counter.
         clock.set(START_NS + ticks_to_ns(4600));
         hpet.tick(clock.now_ns());
@@ -566,7 +567,7 @@ mod tests {
         write64(&mut hpet, REG_INT_STATUS, 0b011);
         assert_eq!(read64(&mut hpet, REG_INT_STATUS), 0b100);
         assert!(pins.take().is_empty());
-        write32(&mut hpet, REG_INT_STATUS as u64, 0b100);
+        write32(&mut hpet, REG_INT_STATUS, 0b100);
         assert_eq!(read64(&mut hpet, REG_INT_STATUS), 0);
         assert_eq!(pins.take(), vec![(20, false)]);
     }
@@ -601,7 +602,11 @@ mod tests {
     #[test]
     fn routes_outside_the_capability_are_refused() {
         let (clock, pins, mut hpet) = hpet();
-        write64(&mut hpet, timer_reg(0, TIMER_CONFIG), 5 << 9 | TN_INT_ENABLE);
+        write64(
+            &mut hpet,
+            timer_reg(0, TIMER_CONFIG),
+            5 << 9 | TN_INT_ENABLE,
+        );
         assert_eq!(
             read64(&mut hpet, timer_reg(0, TIMER_CONFIG)) & TN_ROUTE_MASK,
             0
@@ -611,7 +616,11 @@ mod tests {
         clock.advance(ticks_to_ns(10));
         hpet.tick(clock.now_ns());
         assert!(pins.take().is_empty(), "unrouted");
-        write64(&mut hpet, timer_reg(0, TIMER_CONFIG), 23 << 9 | TN_INT_ENABLE);
+        write64(
+            &mut hpet,
+            timer_reg(0, TIMER_CONFIG),
+            23 << 9 | TN_INT_ENABLE,
+        );
         assert_eq!(
             read64(&mut hpet, timer_reg(0, TIMER_CONFIG)) & TN_ROUTE_MASK,
             23 << 9
@@ -632,7 +641,14 @@ mod tests {
         hpet.tick(clock.now_ns());
         assert_eq!(
             pins.take(),
-            vec![(2, true), (2, false), (8, true), (8, false), (20, true), (20, false)]
+            vec![
+                (2, true),
+                (2, false),
+                (8, true),
+                (8, false),
+                (20, true),
+                (20, false)
+            ]
         );
     }
 
@@ -678,9 +694,9 @@ mod tests {
         write32(&mut hpet, REG_MAIN_COUNTER + 4, 0xabcd);
         write64(&mut hpet, REG_CONFIG, CONFIG_ENABLE);
         clock.advance(1_000);
-        assert_eq!(read32(&mut hpet, (REG_MAIN_COUNTER + 4) as u64), 0xabcd);
+        assert_eq!(read32(&mut hpet, REG_MAIN_COUNTER + 4), 0xabcd);
         assert_eq!(
-            read32(&mut hpet, REG_MAIN_COUNTER as u64),
+            read32(&mut hpet, REG_MAIN_COUNTER),
             ns_to_ticks(1_000) as u32
         );
     }
@@ -716,10 +732,7 @@ mod tests {
         write64(&mut hpet, timer_reg(0, TIMER_COMPARATOR), 10);
         assert_eq!(hpet.next_deadline_ns(), None);
         write64(&mut hpet, timer_reg(0, TIMER_COMPARATOR), 6000);
-        assert_eq!(
-            hpet.next_deadline_ns(),
-            Some(START_NS + ticks_to_ns(6000))
-        );
+        assert_eq!(hpet.next_deadline_ns(), Some(START_NS + ticks_to_ns(6000)));
         clock.set(START_NS + ticks_to_ns(6000));
         // A register read delivers what is due, even before the owner's tick.
         let _ = read64(&mut hpet, REG_MAIN_COUNTER);

@@ -584,7 +584,11 @@ mod tests {
         pic.write_port(0x4d1, 0x02); // IRQ 9 level
         pic.set_irq_level(9, true);
         assert_eq!(pic.intack(), 0x29);
-        assert_eq!(irr(&mut pic, 0xa0), 0x02, "still requested while the pin is high");
+        assert_eq!(
+            irr(&mut pic, 0xa0),
+            0x02,
+            "still requested while the pin is high"
+        );
         pic.write_port(0xa0, NON_SPECIFIC_EOI);
         pic.write_port(0x20, NON_SPECIFIC_EOI);
         assert_eq!(pic.pending_vector(), Some(0x29));

@@ -254,16 +254,11 @@ impl Channel {
         }
         self.gate = high;
         if high {
-            match self.mode {
-                // Modes 1, 2, 3 and 5 (re)start from the full count on a rising gate.
-                1 | 2 | 3 | 5 => {
-                    if self.loaded {
-                        self.triggered = true;
-                        self.ticks_before_run = 0;
-                        self.edges_reported = 0;
-                    }
-                }
-                _ => {}
+            // Modes 1, 2, 3 and 5 (re)start from the full count on a rising gate.
+            if self.loaded && matches!(self.mode, 1 | 2 | 3 | 5) {
+                self.triggered = true;
+                self.ticks_before_run = 0;
+                self.edges_reported = 0;
             }
             self.run_start_ns = Some(now_ns);
         } else if !self.needs_trigger() {
@@ -596,10 +591,7 @@ mod tests {
     fn a_zero_count_means_65536() {
         let (clock, mut pit) = pit();
         program(&mut pit, 0, 2, 0);
-        assert_eq!(
-            pit.next_deadline_ns(),
-            Some(START_NS + ticks_to_ns(65536))
-        );
+        assert_eq!(pit.next_deadline_ns(), Some(START_NS + ticks_to_ns(65536)));
         clock.advance(ticks_to_ns(1));
         assert_eq!(latched_count(&mut pit, 0), 65535);
     }
@@ -675,7 +667,11 @@ mod tests {
         assert_eq!(pit.read_port(0x61) & 0x21, 0x01);
         clock.set(gate_on + ticks_to_ns(0xffff));
         assert_eq!(pit.read_port(0x61) & 0x21, 0x21);
-        assert_eq!(pit.tick(clock.now_ns()), 0, "channel 2 does not drive IRQ 0");
+        assert_eq!(
+            pit.tick(clock.now_ns()),
+            0,
+            "channel 2 does not drive IRQ 0"
+        );
     }
 
     #[test]
@@ -704,7 +700,11 @@ mod tests {
         clock.advance(ticks_to_ns(7));
         pit.write_port(0x61, 0x01);
         clock.advance(ticks_to_ns(10));
-        assert_eq!(latched_count(&mut pit, 2), 80, "restarted from the full count");
+        assert_eq!(
+            latched_count(&mut pit, 2),
+            80,
+            "restarted from the full count"
+        );
     }
 
     #[test]
