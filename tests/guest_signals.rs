@@ -73,19 +73,28 @@ fn stops_cleanly(mode: IrqChip, test: &str, acpi: bool, signals: &[i32]) {
     assert!(!outcome.stderr.contains("panicked"), "{outcome}");
 }
 
-guest_test!(sigterm_without_acpi_stops_at_once, |mode| {
-    stops_cleanly(mode, "term", false, &[libc::SIGTERM])
-});
+guest_test!(sigterm_without_acpi_stops_at_once, |mode| stops_cleanly(
+    mode,
+    "term",
+    false,
+    &[libc::SIGTERM]
+));
 
 guest_test!(
     second_sigterm_stops_a_guest_that_ignores_the_button,
-    |mode| { stops_cleanly(mode, "term2", true, &[libc::SIGTERM, libc::SIGTERM]) }
+    |mode| stops_cleanly(mode, "term2", true, &[libc::SIGTERM, libc::SIGTERM])
 );
 
-guest_test!(sigint_stops_at_once, |mode| {
-    stops_cleanly(mode, "int", true, &[libc::SIGINT])
-});
+guest_test!(sigint_stops_at_once, |mode| stops_cleanly(
+    mode,
+    "int",
+    true,
+    &[libc::SIGINT]
+));
 
-guest_test!(sighup_stops_at_once, |mode| {
-    stops_cleanly(mode, "hup", false, &[libc::SIGHUP])
-});
+guest_test!(sighup_stops_at_once, |mode| stops_cleanly(
+    mode,
+    "hup",
+    false,
+    &[libc::SIGHUP]
+));

@@ -11,7 +11,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -51,7 +51,7 @@ fn linux(kernel: &str, initrd: &str) -> Option<(PathBuf, PathBuf)> {
     Some((guest_file(kernel)?, guest_file(initrd)?))
 }
 
-fn kexec(kernel: &PathBuf, initrd: &PathBuf) -> String {
+fn kexec(kernel: &Path, initrd: &Path) -> String {
     format!("kexec,{},{},{CMDLINE}", kernel.display(), initrd.display())
 }
 

@@ -5,6 +5,10 @@
 //! values or through small sink traits that the VMM connects.
 
 pub mod clock;
+pub mod hpet;
 pub mod ioapic;
 pub mod lapic;
 pub mod msi;
+pub mod pic;
+pub mod pit;
+pub mod pmtimer;

@@ -772,9 +772,11 @@ mod tests {
     fn port_61_keeps_its_writable_bits_and_toggles_refresh() {
         let (clock, mut pit) = pit();
         pit.write_port(0x61, 0xff);
-        clock.set(0);
+        // The clock never runs backwards: step to the next two refresh periods from now.
+        let base = (clock.now_ns() / REFRESH_PERIOD_NS + 1) * REFRESH_PERIOD_NS;
+        clock.set(base);
         let a = pit.read_port(0x61);
-        clock.set(REFRESH_PERIOD_NS);
+        clock.set(base + REFRESH_PERIOD_NS);
         let b = pit.read_port(0x61);
         assert_eq!(a & 0x0f, 0x0f);
         assert_ne!(a & 0x10, b & 0x10);

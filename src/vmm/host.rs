@@ -60,7 +60,10 @@ pub fn prefer_huge_pages(addr: *mut u8, len: usize) {
     // SAFETY: the caller passes one whole mapping it owns; MADV_HUGEPAGE is only a hint.
     let rc = unsafe { libc::madvise(addr.cast(), len, libc::MADV_HUGEPAGE) };
     if rc != 0 {
-        log::debug!("madvise(MADV_HUGEPAGE): {}", std::io::Error::last_os_error());
+        log::debug!(
+            "madvise(MADV_HUGEPAGE): {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 

@@ -42,6 +42,7 @@ impl IrqChip {
 /// (or fail, under `XHYVE_REQUIRE_KVM=1`) without KVM. The user-irqchip variant is ignored
 /// until `XHYVE_IRQCHIP=user` exists; `cargo test -- --ignored` runs it.
 /// Needs `#[macro_use] mod common;` at the test crate's root.
+#[allow(unused_macros)] // Not every test crate that includes `common` defines guest tests.
 macro_rules! guest_test {
     ($name:ident, |$mode:ident| $body:expr) => {
         mod $name {
