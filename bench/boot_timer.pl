@@ -7,7 +7,8 @@
 #   boot_timer.pl [--timeout SECONDS] [--log FILE] -- COMMAND [ARGS...]
 #
 # Prints one "name seconds" line per milestone ("-" when not reached), then
-# "end SECONDS REASON" and "last LINE" (the last guest console line), on stdout.
+# "end SECONDS REASON", "last LINE" (the last guest console line) and "lasterr LINE" (the last
+# line the command wrote to stderr), on stdout.
 # The guest console is the command's stdout; its stderr is logged and searched too.
 use strict;
 use warnings;
@@ -72,6 +73,7 @@ $SIG{INT} = $SIG{TERM} = sub { $stop_requested = 1 };
 my %reached;
 my ($end_time, $end_reason, $exit_status);
 my $last_line = '';
+my $last_err = '';
 my %partial = (out => '', err => '');
 my $select = IO::Select->new($out_r, $err_r);
 
@@ -82,6 +84,7 @@ sub see_line {
     $line =~ s/\r//g;
     print $log "[" . elapsed() . " $stream] $line\n" if $log;
     $last_line = $line if $stream eq 'out' && $line =~ /\S/;
+    $last_err = $line if $stream eq 'err' && $line =~ /\S/;
     for my $m (@milestones) {
         my ($name, $re) = @$m;
         next if exists $reached{$name} || !defined $re;
@@ -156,4 +159,6 @@ for my $m (@milestones) {
 print "end $end_time $end_reason\n";
 $last_line =~ s/\s+$//;
 print "last $last_line\n";
+$last_err =~ s/\s+$//;
+print "lasterr $last_err\n";
 exit 0;
