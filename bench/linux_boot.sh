@@ -10,7 +10,8 @@
 # CMDLINE, MEM (1G), TIMEOUT (300), QEMU_CPU (qemu64,-cx16), XHYVE (target/release/xhyve), NO_BUILD=1 (do not run cargo).
 set -euo pipefail
 
-readonly ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+readonly ROOT
 readonly OUT=$ROOT/bench/out
 readonly TIMER=$ROOT/bench/boot_timer.pl
 KERNEL=${KERNEL:-test/vmlinux}

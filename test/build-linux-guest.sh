@@ -8,7 +8,8 @@
 # Runs as root. A second run only redoes what is older than its inputs (this script included).
 set -euo pipefail
 
-readonly ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+readonly ROOT
 readonly SELF=$ROOT/test/build-linux-guest.sh
 readonly BUILD=$ROOT/test/build
 readonly DEBS=$BUILD/debs
@@ -164,12 +165,12 @@ extract_vmlinux() {
 	log "  $image: boot header did not lead to the payload; scanning for compression magic"
 	for magic in '\x1f\x8b\x08' '\xfd\x37\x7a\x58\x5a\x00' '\x02\x21\x4c\x18' '\x28\xb5\x2f\xfd' \
 		'\x42\x5a\x68' '\x5d\x00\x00\x00' '\x89\x4c\x5a'; do
-		for off in $(LC_ALL=C grep -obUaP "$magic" "$image" | cut -d: -f1); do
+		while read -r off; do
 			if try_payload "$image" "$off" 0 "$tmp"; then
 				mv "$tmp" "$out"
 				return
 			fi
-		done
+		done < <(LC_ALL=C grep -obUaP "$magic" "$image" | cut -d: -f1)
 	done
 	rm -f "$tmp"
 	die "$image: no compressed ELF payload found"
@@ -185,7 +186,7 @@ module_name() {
 # Prints the wanted modules of kernel tree $1 (lib/modules/<ver>) and their dependencies as
 # "name path" lines, dependencies first. Built-in modules are skipped; unknown ones are reported.
 resolve_modules() {
-	local moddir=$1 line target deps dep name
+	local moddir=$1 line target deps name
 	declare -A path_of=() deps_of=() builtin=() state=()
 	while IFS= read -r line; do
 		target=${line%%:*}
@@ -203,11 +204,11 @@ resolve_modules() {
 	visit() {
 		local n=$1 d
 		[[ -n ${state[$n]:-} ]] && return
-		state[$n]=visiting
+		state[$n]=open
 		for d in ${deps_of[$n]:-}; do
 			visit "$(module_name "$d")"
 		done
-		state[$n]=done
+		state[$n]=closed
 		echo "$n ${path_of[$n]}"
 	}
 	for name in "${WANTED_MODULES[@]}"; do
@@ -225,7 +226,8 @@ resolve_modules() {
 # with busybox from unpacked package root $2.
 build_initrd() {
 	local kroot=$1 bbroot=$2 out=$3
-	local stage=$BUILD/initramfs-$(basename "$(dirname "$out")") moddir kver name path applet
+	local stage moddir kver name path applet
+	stage=$BUILD/initramfs-$(basename "$(dirname "$out")")
 	moddir=$(find "$kroot/lib/modules" -mindepth 1 -maxdepth 1 -type d -print -quit)
 	[[ -n $moddir ]] || die "$kroot: no lib/modules/<version>"
 	kver=$(basename "$moddir")
