@@ -7,7 +7,7 @@
 #
 #   bench/linux_boot.sh                       KERNEL=test/cloud/vmlinuz bench/linux_boot.sh
 # Environment: KERNEL (default test/vmlinux), INITRD (default: initrd.gz beside the kernel),
-# CMDLINE, MEM (1G), TIMEOUT (300), QEMU_CPU (qemu64,-cx16), XHYVE (target/release/xhyve), NO_BUILD=1 (do not run cargo).
+# CMDLINE, MEM (1G), TIMEOUT (300), QEMU_CPU (qemu64,-cx16,-xsave), XHYVE (target/release/xhyve), NO_BUILD=1 (do not run cargo).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -21,8 +21,8 @@ MEM=${MEM:-1G}
 TIMEOUT=${TIMEOUT:-300}
 XHYVE=${XHYVE:-target/release/xhyve}
 # The emulator here cannot run cmpxchg16b or xsave; xhyve hides both from CPUID, and so must
-# QEMU for the same guest to get as far (qemu64 has no XSAVE).
-QEMU_CPU=${QEMU_CPU:-qemu64,-cx16}
+# QEMU for the same guest to get as far (KVM shows XSAVE even with -cpu qemu64).
+QEMU_CPU=${QEMU_CPU:-qemu64,-cx16,-xsave}
 readonly MILESTONES=(first_byte linux_version smpboot console guest_init)
 
 cd "$ROOT"
