@@ -283,3 +283,73 @@ fn rtc_line_parser() {
     assert_eq!(parse_rtc_line("rtc 2026-11-24"), None);
     assert_eq!(parse_rtc_line("hello"), None);
 }
+
+guest_test!(x2apic_flag_enables_x2apic_mode, |mode| {
+    Vm::multiboot("apicbase")
+        .irqchip(mode)
+        .run()
+        .assert_exit(1)
+        .assert_line("apicbase fee00900");
+    Vm::multiboot("apicbase")
+        .irqchip(mode)
+        .args(["-x"])
+        .run()
+        .assert_exit(1)
+        .assert_line("apicbase fee00d00");
+});
+
+guest_test!(unknown_msr_faults_unless_w, |mode| {
+    // Without -w the #GP has no handler in this guest: a triple fault.
+    Vm::multiboot("unknown-msr")
+        .irqchip(mode)
+        .run()
+        .assert_exit(3)
+        .assert_line("reading msr 0x2badc0de");
+    Vm::multiboot("unknown-msr")
+        .irqchip(mode)
+        .args(["-w"])
+        .run()
+        .assert_exit(1)
+        .assert_line("msr 0x2badc0de = 00000000");
+});
+
+guest_test!(cpu_pins_apply_to_vcpu_threads, |mode| {
+    let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (first, second) = if host_cpus > 1 { (1, 0) } else { (0, 0) };
+    let mut vm = Vm::multiboot("wait-input")
+        .irqchip(mode)
+        .vcpus(2)
+        .args([
+            "-p".to_string(),
+            format!("0:{first}"),
+            "-p".to_string(),
+            format!("1:{second}"),
+        ])
+        .stdin_piped()
+        .spawn();
+    vm.wait_for_line("ready");
+    let tasks = std::path::PathBuf::from(format!("/proc/{}/task", vm.pid()));
+    let mut pinned = std::collections::BTreeMap::new();
+    for task in std::fs::read_dir(&tasks).expect("read /proc tasks") {
+        let task = task.expect("task entry").path();
+        let name = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
+        let allowed = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .map(|v| v.trim().to_string());
+        if name.trim().starts_with("vcpu") {
+            pinned.insert(name.trim().to_string(), allowed.unwrap_or_default());
+        }
+    }
+    vm.send(b"x");
+    vm.finish().assert_exit(1);
+    assert_eq!(
+        pinned.get("vcpu0").map(String::as_str),
+        Some(&*first.to_string())
+    );
+    assert_eq!(
+        pinned.get("vcpu1").map(String::as_str),
+        Some(&*second.to_string())
+    );
+});

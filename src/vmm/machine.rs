@@ -69,11 +69,12 @@ pub fn run(config: &VmConfig) -> Result<i32, VmmError> {
     for id in 0..config.vcpus {
         let mut vcpu = vm.create_vcpu(id)?;
         vcpu.set_cpuid(&policy.apply(&supported, id))?;
-        vcpu.set_msrs(&boot_msrs(id, config.x2apic))?;
         if id == 0 {
             vcpu.set_sregs(&platform.boot.sregs)?;
             vcpu.set_regs(&platform.boot.regs)?;
         }
+        // After the segment registers, whose APIC base the MSRs then refine (x2APIC, -x).
+        vcpu.set_msrs(&boot_msrs(id, config.x2apic))?;
         vcpus.push(vcpu);
     }
 

@@ -47,6 +47,12 @@ static inline u32 inl(u16 port) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v)
 
 static inline u32 mmio_read32(u32 addr) { return *(volatile u32 *)addr; }
 static inline void mmio_write32(u32 addr, u32 v) { *(volatile u32 *)addr = v; }
+static inline u64 rdmsr(u32 msr)
+{
+    u32 lo, hi;
+    __asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
+    return ((u64)hi << 32) | lo;
+}
 static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
 
 /* COM1 */

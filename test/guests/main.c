@@ -100,6 +100,29 @@ static void test_powerbutton(const struct mb_info *mbi)
     poweroff();
 }
 
+/* Prints IA32_APIC_BASE: `-x` must have set the x2APIC enable bit (10). */
+static void test_apicbase(const struct mb_info *mbi)
+{
+    (void)mbi;
+    u64 base = rdmsr(0x1b);
+    puts("apicbase ");
+    print_hex((u32)base, 8);
+    putc('\n');
+    poweroff();
+}
+
+/* Reads an MSR no processor has: #GP (a triple fault here, no IDT) unless `-w`. */
+static void test_unknown_msr(const struct mb_info *mbi)
+{
+    (void)mbi;
+    println("reading msr 0x2badc0de");
+    u64 v = rdmsr(0x2badc0de);
+    puts("msr 0x2badc0de = ");
+    print_hex((u32)v, 8);
+    putc('\n');
+    poweroff();
+}
+
 static const struct {
     const char *name;
     void (*run)(const struct mb_info *mbi);
@@ -117,6 +140,8 @@ static const struct {
     { "highmem", test_highmem },
     { "smp", test_smp },
     { "powerbutton", test_powerbutton },
+    { "apicbase", test_apicbase },
+    { "unknown-msr", test_unknown_msr },
 };
 
 void main(u32 magic, const struct mb_info *mbi)
