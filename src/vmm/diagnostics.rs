@@ -6,6 +6,7 @@ use std::fmt::Write;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::memory::GuestMemory;
+use crate::hv::regs::CpuMode;
 use crate::hv::Vcpu;
 
 /// How many instruction bytes to show at RIP (the longest x86 instruction is 15 bytes).
@@ -38,8 +39,17 @@ pub fn report(vcpu: &mut dyn Vcpu, memory: &GuestMemory, what: &str, serial: &[u
                 "\n  RAX {:#x} RBX {:#x} RCX {:#x} RDX {:#x} RSI {:#x} RDI {:#x} RSP {:#x} RBP {:#x}",
                 regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi, regs.rsp, regs.rbp
             );
+            let bytes = instruction_bytes(vcpu, memory, linear);
             out.push_str("\n  instruction bytes at RIP: ");
-            out.push_str(&instruction_bytes(vcpu, memory, linear));
+            out.push_str(&bytes.text);
+            if !bytes.raw.is_empty() {
+                let bitness = match sregs.mode() {
+                    CpuMode::Long64 => 64,
+                    CpuMode::Real | CpuMode::Protected16 => 16,
+                    CpuMode::Protected32 | CpuMode::Compat32 => 32,
+                };
+                let _ = write!(out, " ({})", disassemble(&bytes.raw, bitness, regs.rip));
+            }
         }
         (Err(e), _) | (_, Err(e)) => {
             let _ = write!(out, "\n  (registers unavailable: {e})");
@@ -58,27 +68,66 @@ pub fn report(vcpu: &mut dyn Vcpu, memory: &GuestMemory, what: &str, serial: &[u
     out
 }
 
-fn instruction_bytes(vcpu: &dyn Vcpu, memory: &GuestMemory, linear: u64) -> String {
+struct InstructionBytes {
+    raw: Vec<u8>,
+    text: String,
+}
+
+fn instruction_bytes(vcpu: &dyn Vcpu, memory: &GuestMemory, linear: u64) -> InstructionBytes {
     let gpa = match vcpu.translate(linear) {
         Ok(Some(gpa)) => gpa,
-        Ok(None) => return format!("(linear address {linear:#x} is not mapped)"),
+        Ok(None) => {
+            return InstructionBytes {
+                raw: Vec::new(),
+                text: format!("(linear address {linear:#x} is not mapped)"),
+            }
+        }
         Err(_) => linear,
     };
-    let mut bytes = [0u8; INSTRUCTION_BYTES];
-    // Read byte by byte so an instruction at the end of RAM still shows what exists.
-    let mut shown = Vec::with_capacity(INSTRUCTION_BYTES);
-    for (i, b) in bytes.iter_mut().enumerate() {
-        match memory.read_obj::<u8>(GuestAddress(gpa.wrapping_add(i as u64))) {
-            Ok(v) => {
-                *b = v;
-                shown.push(format!("{v:02x}"));
-            }
-            Err(_) => break,
-        }
-    }
-    if shown.is_empty() {
+    // Byte by byte, so that an instruction at the end of RAM still shows what exists.
+    let raw: Vec<u8> = (0..INSTRUCTION_BYTES as u64)
+        .map_while(|i| {
+            memory
+                .read_obj::<u8>(GuestAddress(gpa.wrapping_add(i)))
+                .ok()
+        })
+        .collect();
+    let text = if raw.is_empty() {
         format!("(guest-physical {gpa:#x} is outside RAM)")
     } else {
-        shown.join(" ")
+        raw.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    InstructionBytes { raw, text }
+}
+
+/// The first instruction in `bytes`, in Intel syntax, or why it does not decode.
+fn disassemble(bytes: &[u8], bitness: u32, rip: u64) -> String {
+    use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
+    let mut decoder = Decoder::with_ip(bitness, bytes, rip, DecoderOptions::NONE);
+    let instruction = decoder.decode();
+    if instruction.is_invalid() {
+        return "not a valid instruction".into();
+    }
+    let mut text = String::new();
+    IntelFormatter::new().format(&instruction, &mut text);
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disassembles_what_this_host_cannot_emulate() {
+        assert_eq!(disassemble(&[0xcc, 0x90], 64, 0x1000), "int3");
+        assert_eq!(
+            disassemble(&[0x48, 0x0f, 0xae, 0x2f], 64, 0),
+            "xrstor64 [rdi]"
+        );
+        assert_eq!(disassemble(&[0xee], 32, 0), "out dx,al");
+        assert_eq!(disassemble(&[0x0f], 64, 0), "not a valid instruction");
     }
 }
