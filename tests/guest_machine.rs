@@ -353,3 +353,16 @@ guest_test!(cpu_pins_apply_to_vcpu_threads, |mode| {
         Some(&*second.to_string())
     );
 });
+
+guest_test!(
+    hpet_counts_and_its_timer_interrupt_reaches_the_lapic,
+    |mode| {
+        Vm::multiboot("hpet")
+            .irqchip(mode)
+            .run()
+            .assert_exit(1)
+            .assert_line("hpet caps 8086a201 period 038d7ea4")
+            .assert_line("hpet counts")
+            .assert_line("hpet irq 0x40 pending");
+    }
+);

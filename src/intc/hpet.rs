@@ -25,9 +25,10 @@ pub const LEGACY_TIMER1_PIN: u32 = 8;
 
 const NS_PER_SEC: u128 = 1_000_000_000;
 const FS_PER_SEC: u64 = 1_000_000_000_000_000;
-/// Vendor 0x8086, counter period below, legacy replacement capable, 64-bit counter,
-/// three timers, revision 1.
-const CAPABILITIES: u64 = (FS_PER_SEC / HPET_HZ) << 32 | 0x8086_a201;
+/// The low half of the capabilities register, which the ACPI HPET table repeats: vendor
+/// 0x8086, legacy replacement capable, 64-bit counter, three timers, revision 1.
+pub const HPET_BLOCK_ID: u32 = 0x8086_a201;
+const CAPABILITIES: u64 = (FS_PER_SEC / HPET_HZ) << 32 | HPET_BLOCK_ID as u64;
 
 const REG_CAPABILITIES: u64 = 0x000;
 const REG_CONFIG: u64 = 0x010;

@@ -59,11 +59,8 @@ const INTI_CONFORMS: u16 = 0;
 const INTI_ACTIVE_HIGH_LEVEL: u16 = 0b01 | (0b11 << 2);
 const ALL_PROCESSORS: u8 = 0xFF;
 
-/// HPET capabilities published in the HPET table: the comparator count must match the
-/// emulated HPET (xhyve's has 8), 64-bit counter, legacy replacement capable, vendor Intel.
-const HPET_TIMERS: u32 = 8;
-const HPET_EVENT_TIMER_BLOCK_ID: u32 =
-    0x8086 << 16 | 1 << 15 | 1 << 13 | (HPET_TIMERS - 1) << 8 | 0x01;
+/// The HPET table repeats the emulated HPET's capabilities (timer count, vendor, widths).
+const HPET_EVENT_TIMER_BLOCK_ID: u32 = crate::intc::hpet::HPET_BLOCK_ID;
 const HPET_MMIO_LEN: u32 = 0x400;
 
 /// The 64-bit PCI memory window that follows high RAM.

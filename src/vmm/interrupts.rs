@@ -46,3 +46,22 @@ impl MsiSender for HvMsiSender {
         }
     }
 }
+
+/// IOAPIC pins driven by the VMM's own timers (the HPET), through the hypervisor.
+pub struct HvPinSink {
+    vm: Arc<dyn Vm>,
+}
+
+impl HvPinSink {
+    pub fn new(vm: Arc<dyn Vm>) -> Arc<Self> {
+        Arc::new(HvPinSink { vm })
+    }
+}
+
+impl crate::intc::hpet::HpetIrqSink for HvPinSink {
+    fn set_pin_level(&self, pin: u32, high: bool) {
+        if let Err(e) = self.vm.set_irq_line(pin, high) {
+            log::trace!("GSI {pin}: {e}");
+        }
+    }
+}

@@ -10,6 +10,7 @@ pub mod memory;
 pub mod pidfile;
 mod platform;
 pub mod signals;
+pub mod timers;
 pub mod vcpu;
 
 pub use machine::{run, VmmError};

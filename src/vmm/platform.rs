@@ -3,9 +3,10 @@
 use std::sync::{Arc, Mutex};
 
 use super::control::Control;
-use super::interrupts::HvInterruptLine;
+use super::interrupts::{HvInterruptLine, HvPinSink};
 use super::machine::VmmError;
 use super::memory::{self, GuestMemory};
+use super::timers::TimerService;
 use crate::boot::{self, BootSetup};
 use crate::cli::{PciDeviceKind, VmConfig};
 use crate::devices::bus::{lock, Bus, BusDevice};
@@ -20,6 +21,8 @@ use crate::devices::power_mgmt::{
 use crate::devices::rtc::{Rtc, RTC_PORT, RTC_PORT_COUNT};
 use crate::devices::serial::{com_resources, SerialPort, UART_PORT_COUNT};
 use crate::hv::Vm;
+use crate::intc::clock::{Clock, MonotonicClock};
+use crate::intc::hpet::{Hpet, HPET_BASE, HPET_LEN};
 use crate::tables::{self, MachineDescription, PciIntxRoute};
 
 /// What the run loop needs from the built platform.
@@ -106,6 +109,13 @@ pub fn build(
         None
     };
 
+    // KVM's irqchip has no HPET: the VMM provides it, ticked by its own timer thread.
+    let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
+    let mut timers = TimerService::new(clock.clone());
+    let hpet = timers.add(Hpet::new(clock, HvPinSink::new(vm.clone())));
+    insert(&mut mmio_bus, hpet, HPET_BASE, HPET_LEN)?;
+    timers.start().map_err(VmmError::Thread)?;
+
     let serial_ports = build_serial_ports(config, &mut io_bus, &line)?;
     let tails: Vec<_> = serial_ports.iter().map(|p| p.device()).collect();
     control.set_serial_tail(Box::new(move || {
@@ -138,7 +148,7 @@ pub fn build(
             .map(|d| d.slot),
         com1: config.com1.is_some(),
         com2: config.com2.is_some(),
-        hpet: false,
+        hpet: true,
     };
     let table_err = |e: tables::TablesError| VmmError::Setup(e.to_string());
     if config.mptable {

@@ -123,6 +123,58 @@ static void test_unknown_msr(const struct mb_info *mbi)
     poweroff();
 }
 
+#define HPET 0xFED00000u
+#define IOAPIC 0xFEC00000u
+#define LAPIC 0xFEE00000u
+#define HPET_VECTOR 0x40
+#define HPET_PIN 20
+
+static u32 hpet_counter(void) { return mmio_read32(HPET + 0xF0); }
+
+/* The HPET counts, and its timer 0 raises IOAPIC pin 20, which KVM's IOAPIC turns into vector
+ * 0x40 pending in the LAPIC IRR. Interrupts stay off: this host delivers none in ring 0. */
+static void test_hpet(const struct mb_info *mbi)
+{
+    (void)mbi;
+    u32 caps = mmio_read32(HPET);
+    u32 period_fs = mmio_read32(HPET + 4);
+    puts("hpet caps ");
+    print_hex(caps, 8);
+    puts(" period ");
+    print_hex(period_fs, 8);
+    putc('\n');
+    if (!(mmio_read32(HPET + 0x100 + 4) & (1u << HPET_PIN)))
+        fail("hpet: timer 0 cannot route to pin 20");
+    mmio_write32(HPET + 0x10, 1); /* enable the main counter */
+    u32 a = hpet_counter();
+    for (volatile int i = 0; i < 1000; i++)
+        ;
+    u32 b = hpet_counter();
+    if (b == a)
+        fail("hpet: main counter does not count");
+    println("hpet counts");
+
+    mmio_write32(LAPIC + 0xF0, 0x1FF); /* LAPIC software enable, spurious vector 0xFF */
+    mmio_write32(IOAPIC, 0x10 + 2 * HPET_PIN + 1);
+    mmio_write32(IOAPIC + 0x10, 0); /* destination APIC 0 */
+    mmio_write32(IOAPIC, 0x10 + 2 * HPET_PIN);
+    mmio_write32(IOAPIC + 0x10, HPET_VECTOR); /* fixed, physical, edge, unmasked */
+
+    u32 start = hpet_counter();
+    u32 one_ms = 1000000000u / (period_fs / 1000u); /* ticks per ms */
+    mmio_write32(HPET + 0x108, start + one_ms);
+    mmio_write32(HPET + 0x10C, 0);
+    mmio_write32(HPET + 0x100, (HPET_PIN << 9) | (1u << 2)); /* edge, enabled, pin 20 */
+    for (;;) {
+        if (mmio_read32(LAPIC + 0x200 + 0x10 * (HPET_VECTOR / 32)) & (1u << (HPET_VECTOR % 32)))
+            break;
+        if (hpet_counter() - start > 2000 * one_ms)
+            fail("hpet: no interrupt pending within 2 s");
+    }
+    println("hpet irq 0x40 pending");
+    poweroff();
+}
+
 static const struct {
     const char *name;
     void (*run)(const struct mb_info *mbi);
@@ -141,6 +193,7 @@ static const struct {
     { "smp", test_smp },
     { "powerbutton", test_powerbutton },
     { "apicbase", test_apicbase },
+    { "hpet", test_hpet },
     { "unknown-msr", test_unknown_msr },
 };
 

@@ -403,7 +403,7 @@ fn iasl_reads_mcfg_hpet_xsdt_and_facs() {
 
     let hpet = disassemble("hpet", found.table("HPET"));
     assert_eq!(field(&hpet, "Address"), "00000000FED00000");
-    assert_eq!(field(&hpet, "Hardware Block ID"), "8086A701");
+    assert_eq!(field(&hpet, "Hardware Block ID"), "8086A201"); // three comparators
 
     let xsdt = disassemble("xsdt", &found.xsdt);
     let addresses: Vec<String> = found
