@@ -132,13 +132,18 @@ pub enum VmExit<'a> {
     FailEntry {
         reason: u64,
     },
-    /// A system event (reset/shutdown) reported by the hypervisor itself.
-    SystemEvent {
-        kind: u32,
-    },
+    /// A reset or shutdown reported by the hypervisor itself.
+    SystemEvent(SystemEvent),
     Other {
         reason: u32,
     },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SystemEvent {
+    Reset,
+    Shutdown,
+    Other(u32),
 }
 
 /// A signal-safe handle that makes a vCPU's `run()` return soon with `VmExit::Interrupted`.

@@ -12,7 +12,7 @@ use super::memory::GuestMemory;
 use crate::devices::bus::Bus;
 use crate::devices::power::PowerEvent;
 use crate::hv::regs::RFLAGS_IF;
-use crate::hv::{Vcpu, VmExit};
+use crate::hv::{SystemEvent, Vcpu, VmExit};
 
 /// What every vCPU thread shares.
 pub struct VcpuContext {
@@ -120,11 +120,13 @@ fn run_once(vcpu: &mut dyn Vcpu, ctx: &VcpuContext) -> Result<(), StopReason> {
             }
         }
         Ok(VmExit::IrqWindowOpen) => {}
-        Ok(VmExit::SystemEvent { kind }) => {
-            return Err(match kind {
-                kvm_system_event::RESET => StopReason::Guest(PowerEvent::Reset),
-                kvm_system_event::SHUTDOWN => StopReason::Guest(PowerEvent::PowerOff),
-                _ => fatal(vcpu, ctx, &format!("unexpected system event {kind}")),
+        Ok(VmExit::SystemEvent(event)) => {
+            return Err(match event {
+                SystemEvent::Reset => StopReason::Guest(PowerEvent::Reset),
+                SystemEvent::Shutdown => StopReason::Guest(PowerEvent::PowerOff),
+                SystemEvent::Other(kind) => {
+                    fatal(vcpu, ctx, &format!("unexpected system event {kind}"))
+                }
             });
         }
         Ok(VmExit::InternalError { suberror }) => {
@@ -168,12 +170,6 @@ fn run_once(vcpu: &mut dyn Vcpu, ctx: &VcpuContext) -> Result<(), StopReason> {
         }
         None => Ok(()),
     }
-}
-
-/// KVM's numbers for KVM_EXIT_SYSTEM_EVENT, kept here so that the loop stays portable.
-mod kvm_system_event {
-    pub const SHUTDOWN: u32 = 1;
-    pub const RESET: u32 = 2;
 }
 
 fn answer_halt_poll(vcpu: &mut dyn Vcpu, ctx: &VcpuContext) {

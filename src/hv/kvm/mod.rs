@@ -15,7 +15,10 @@ use kvm_ioctls::{Cap, VcpuExit, VcpuFd, VmFd};
 
 use super::cpuid::CpuidEntry;
 use super::regs::{SpecialRegisters, StandardRegisters};
-use super::{HvError, Hypervisor, IrqChipMode, RunState, Vcpu, VcpuKicker, Vm, VmExit, VmOptions};
+use super::{
+    HvError, Hypervisor, IrqChipMode, RunState, SystemEvent, Vcpu, VcpuKicker, Vm, VmExit,
+    VmOptions,
+};
 
 /// KVM's TSS and identity-map pages for real-mode emulation on Intel: three pages just below
 /// the bootrom area, clear of the LAPIC, IOAPIC, HPET and ECAM.
@@ -258,7 +261,11 @@ impl Vcpu for KvmVcpu {
                     VmExit::InternalError { suberror }
                 }
                 VcpuExit::FailEntry(reason, _) => VmExit::FailEntry { reason },
-                VcpuExit::SystemEvent(kind, _) => VmExit::SystemEvent { kind },
+                VcpuExit::SystemEvent(kind, _) => VmExit::SystemEvent(match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => SystemEvent::Reset,
+                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => SystemEvent::Shutdown,
+                    other => SystemEvent::Other(other),
+                }),
                 VcpuExit::Unsupported(reason) => VmExit::Other { reason },
                 other => VmExit::Other {
                     reason: exit_number(&other),
