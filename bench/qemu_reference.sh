@@ -7,7 +7,8 @@
 #   bench/qemu_reference.sh [KERNEL...]      (default: test/vmlinux test/cloud/vmlinuz test/vmlinuz)
 set -euo pipefail
 
-readonly ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+readonly ROOT
 readonly OUT=$ROOT/bench/out
 readonly TIMER=$ROOT/bench/boot_timer.pl
 TIMEOUT=${TIMEOUT:-300}
