@@ -126,7 +126,7 @@ mod tests {
     use super::*;
     use crate::cli::{PciDeviceConfig, PciDeviceKind};
     use crate::devices::bus::Bus;
-    use crate::devices::pci::build_pci_bus;
+    use crate::devices::pci::tests::build_pci_bus;
     use crate::vmm::memory::{PCI_ECAM_BASE, PCI_ECAM_SIZE};
     use std::sync::Mutex;
 

@@ -25,7 +25,27 @@ pub use config_space::{
 pub use host_access::{PciConfigIo, PciEcam, PCI_CONFIG_ADDRESS_PORT, PCI_CONFIG_DATA_PORT};
 
 use super::bus::{lock, Bus, BusDevice};
+use super::irq::{InterruptLine, MsiSender};
+use super::virtio::pci::{VirtioPci, VirtioPciResources};
+use super::virtio::rnd::VirtioRnd;
 use crate::cli::{PciDeviceConfig, PciDeviceKind};
+use crate::vmm::memory::GuestMemory;
+
+/// The IOAPIC pin (GSI) of a slot's INTx pin (0 = INTA#): the usual swizzle over GSIs 16-23,
+/// the routing the MP table and the DSDT's `_PRT` describe.
+pub fn intx_gsi(slot: u8, pin: u8) -> u32 {
+    16 + (u32::from(slot) + u32::from(pin)) % 8
+}
+
+/// What devices on the bus need from the machine.
+pub struct PciResources {
+    pub memory: GuestMemory,
+    pub msi: Arc<dyn MsiSender>,
+    /// The interrupt line for a GSI.
+    pub intx: Box<dyn Fn(u32) -> Arc<dyn InterruptLine>>,
+    /// `-W`: virtio devices use single-vector MSI instead of MSI-X.
+    pub virtio_single_msi: bool,
+}
 
 /// A PCI function as the configuration-space accessors see it.
 pub trait PciDevice: Send {
@@ -342,9 +362,15 @@ impl PciBus {
     }
 }
 
-/// Builds the PCI functions that `-s` asks for.
-pub fn build_pci_bus(devices: &[PciDeviceConfig]) -> Result<PciBus, PciError> {
-    let mut bus = PciBus::new();
+/// Builds the PCI functions that `-s` asks for, with BARs on `io_bus` and `mmio_bus` (not
+/// yet placed: see [`PciBus::allocate_bars`]).
+pub fn build_pci_bus(
+    devices: &[PciDeviceConfig],
+    io_bus: Arc<Bus>,
+    mmio_bus: Arc<Bus>,
+    resources: &PciResources,
+) -> Result<PciBus, PciError> {
+    let mut bus = PciBus::with_buses(io_bus, mmio_bus);
     let mut lpc_at: Option<PciAddress> = None;
     for config in devices {
         let addr = PciAddress::new(config.bus, config.slot, config.function)?;
@@ -361,6 +387,20 @@ pub fn build_pci_bus(devices: &[PciDeviceConfig]) -> Result<PciBus, PciError> {
                 lpc_at = Some(addr);
                 Arc::new(Mutex::new(lpc::LpcBridge::new()))
             }
+            PciDeviceKind::VirtioRnd => {
+                let transport = VirtioPciResources {
+                    memory: resources.memory.clone(),
+                    msi: resources.msi.clone(),
+                    intx: (resources.intx)(intx_gsi(addr.slot, 0)),
+                    single_msi: resources.virtio_single_msi,
+                };
+                let device =
+                    VirtioPci::new(VirtioRnd::new(), transport).map_err(|e| PciError::Device {
+                        addr,
+                        reason: e.to_string(),
+                    })?;
+                Arc::new(Mutex::new(device))
+            }
         };
         bus.add(addr, device)?;
     }
@@ -368,7 +408,7 @@ pub fn build_pci_bus(devices: &[PciDeviceConfig]) -> Result<PciBus, PciError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn cfg(bus: u8, slot: u8, function: u8, kind: PciDeviceKind) -> PciDeviceConfig {
@@ -379,6 +419,56 @@ mod tests {
             kind,
             options: None,
         }
+    }
+
+    struct NoMsi;
+    impl MsiSender for NoMsi {
+        fn send_msi(&self, _address: u64, _data: u32) {}
+    }
+
+    /// `build_pci_bus` with private buses, 1 MiB of RAM and recording interrupt sinks.
+    pub(crate) fn build_pci_bus(devices: &[PciDeviceConfig]) -> Result<PciBus, PciError> {
+        let resources = PciResources {
+            memory: GuestMemory::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap(),
+            msi: Arc::new(NoMsi),
+            intx: Box::new(|gsi| {
+                Arc::new(crate::devices::irq::test_util::RecordingLine {
+                    gsi,
+                    ..Default::default()
+                })
+            }),
+            virtio_single_msi: false,
+        };
+        super::build_pci_bus(
+            devices,
+            Arc::new(Bus::new()),
+            Arc::new(Bus::new()),
+            &resources,
+        )
+    }
+
+    #[test]
+    fn builds_a_virtio_rnd_function_with_its_bars() {
+        let bus = build_pci_bus(&[cfg(0, 5, 0, PciDeviceKind::VirtioRnd)]).unwrap();
+        bus.allocate_bars(&BarWindows::for_memory(256 << 20))
+            .unwrap();
+        assert_eq!(read32(&bus, at(0, 5, 0), 0), 0x1005_1AF4);
+        assert_eq!(read32(&bus, at(0, 5, 0), 0x2C), 0x0004_1AF4);
+        assert_eq!(
+            read32(&bus, at(0, 5, 0), 0x3C) & 0xFFFF,
+            0x0100 | intx_gsi(5, 0)
+        );
+        assert_eq!(read32(&bus, at(0, 5, 0), 0x10), 0x2001);
+        assert_eq!(read32(&bus, at(0, 5, 0), 0x14), 0xC000_0000);
+        assert_eq!(read32(&bus, at(0, 5, 0), 0x18), 0xC000_4000);
+        assert_eq!(bus.mapped_bars(at(0, 5, 0)).len(), 3);
+    }
+
+    #[test]
+    fn intx_swizzle_stays_on_the_pci_pins() {
+        assert_eq!(intx_gsi(0, 0), 16);
+        assert_eq!(intx_gsi(3, 1), 20);
+        assert_eq!(intx_gsi(31, 3), 18);
     }
 
     fn read32(bus: &PciBus, addr: PciAddress, offset: u16) -> u32 {
