@@ -108,6 +108,8 @@ pub struct VirtioPci<D: VirtioDevice> {
     msi: Option<Msi>,
     msi_sender: Arc<dyn MsiSender>,
     intx: Arc<dyn InterruptLine>,
+    /// Whether INTx is asserted, so the line is only driven on a change.
+    intx_high: bool,
 }
 
 impl<D: VirtioDevice> VirtioPci<D> {
@@ -205,6 +207,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
             msi,
             msi_sender: resources.msi,
             intx: resources.intx,
+            intx_high: false,
         })
     }
 
@@ -243,7 +246,14 @@ impl<D: VirtioDevice> VirtioPci<D> {
             }
         }
         if self.config.command() & COMMAND_INTX_DISABLE == 0 {
-            self.intx.set_level(true);
+            self.set_intx(true);
+        }
+    }
+
+    fn set_intx(&mut self, high: bool) {
+        if self.intx_high != high {
+            self.intx_high = high;
+            self.intx.set_level(high);
         }
     }
 
@@ -291,7 +301,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
         self.driver_feature_select = 0;
         self.queue_select = 0;
         self.isr = 0;
-        self.intx.set_level(false);
+        self.set_intx(false);
         self.config_vector = NO_VECTOR;
         self.queue_vectors.fill(NO_VECTOR);
         for queue in &mut self.queues {
@@ -327,7 +337,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
     fn read_isr(&mut self) -> u8 {
         let isr = self.isr;
         self.isr = 0;
-        self.intx.set_level(false);
+        self.set_intx(false);
         isr
     }
 
@@ -657,6 +667,276 @@ impl<D: VirtioDevice> PciDevice for VirtioPci<D> {
             MODERN_BAR => self.modern_write(offset, data),
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_ring::Ring;
+    use super::*;
+    use crate::devices::irq::test_util::RecordingLine;
+    use crate::devices::pci::msix::tests::RecordingMsi;
+    use crate::devices::virtio::rnd::VirtioRnd;
+    use crate::devices::virtio::{STATUS_ACKNOWLEDGE, STATUS_DRIVER};
+    use vm_memory::{Bytes, GuestAddress};
+
+    const WRITE: u16 = 2;
+
+    struct Rig {
+        dev: VirtioPci<VirtioRnd>,
+        mem: GuestMemory,
+        line: Arc<RecordingLine>,
+        msi: Arc<RecordingMsi>,
+    }
+
+    fn rig(single_msi: bool) -> Rig {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let line = Arc::new(RecordingLine {
+            gsi: 20,
+            ..Default::default()
+        });
+        let msi = Arc::new(RecordingMsi::default());
+        let dev = VirtioPci::new(
+            VirtioRnd::new(),
+            VirtioPciResources {
+                memory: mem.clone(),
+                msi: msi.clone(),
+                intx: line.clone(),
+                single_msi,
+            },
+        )
+        .unwrap();
+        Rig {
+            dev,
+            mem,
+            line,
+            msi,
+        }
+    }
+
+    impl Rig {
+        fn io_w(&mut self, offset: u64, value: u32, len: usize) {
+            self.dev
+                .write_bar(LEGACY_BAR, offset, &value.to_le_bytes()[..len]);
+        }
+        fn io_r(&mut self, offset: u64, len: usize) -> u32 {
+            let mut d = [0u8; 4];
+            self.dev.read_bar(LEGACY_BAR, offset, &mut d[..len]);
+            u32::from_le_bytes(d)
+        }
+        fn mem_w(&mut self, offset: u64, value: u32, len: usize) {
+            self.dev
+                .write_bar(MODERN_BAR, offset, &value.to_le_bytes()[..len]);
+        }
+        fn mem_r(&mut self, offset: u64, len: usize) -> u32 {
+            let mut d = [0u8; 4];
+            self.dev.read_bar(MODERN_BAR, offset, &mut d[..len]);
+            u32::from_le_bytes(d)
+        }
+        fn levels(&self) -> Vec<bool> {
+            self.line.levels.lock().unwrap().clone()
+        }
+        /// Modern bring-up of queue 0 on `ring`, with `features` (both halves).
+        fn modern_setup(&mut self, ring: &Ring, features: u64) {
+            self.mem_w(0x14, 0, 1);
+            self.mem_w(0x14, u32::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER), 1);
+            for half in 0..2u32 {
+                self.mem_w(0x08, half, 4);
+                self.mem_w(0x0C, (features >> (32 * half)) as u32, 4);
+            }
+            let s = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
+            self.mem_w(0x14, u32::from(s), 1);
+            self.mem_w(0x16, 0, 2);
+            self.mem_w(0x18, u32::from(ring.size), 2);
+            self.mem_w(0x20, ring.desc as u32, 4);
+            self.mem_w(0x28, ring.avail as u32, 4);
+            self.mem_w(0x30, ring.used as u32, 4);
+            self.mem_w(0x1C, 1, 2);
+            self.mem_w(0x14, u32::from(s | STATUS_DRIVER_OK), 1);
+        }
+    }
+
+    #[test]
+    fn capabilities_point_into_the_modern_bar() {
+        let r = rig(false);
+        let config = r.dev.config_space();
+        let mut types = Vec::new();
+        let mut cap = config.read_u32(0x34) as u16 & 0xFF;
+        while cap != 0 {
+            let id = config.read_u32(cap) as u8;
+            if id == CAP_ID_VENDOR {
+                let cfg_type = (config.read_u32(cap) >> 24) as u8;
+                assert_eq!(config.read_u32(cap + 4) & 0xFF, MODERN_BAR as u32);
+                types.push((cfg_type, config.read_u32(cap + 8)));
+            } else {
+                types.push((id, 0));
+            }
+            cap = (config.read_u32(cap) >> 8) as u16 & 0xFF;
+        }
+        assert_eq!(
+            types,
+            vec![(0x11, 0), (1, 0), (2, 0x3000), (3, 0x1000)],
+            "MSI-X, common, notify, ISR (no device config for rnd)"
+        );
+    }
+
+    #[test]
+    fn legacy_driver_gets_entropy_and_an_intx_interrupt() {
+        let mut r = rig(false);
+        assert_eq!(r.io_r(0x00, 4) as u64 & F_VERSION_1, 0);
+        assert_ne!(r.io_r(0x00, 4) as u64 & F_RING_INDIRECT_DESC, 0);
+        r.io_w(0x12, u32::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER), 1);
+        r.io_w(0x04, 0, 4);
+        r.io_w(0x0E, 0, 2);
+        assert_eq!(r.io_r(0x0C, 2), 64);
+        let mut ring = Ring::new(&r.mem, 0x4000, 64);
+        ring.add_chain(&r.mem, &[(0x10000, 32, WRITE)]);
+        r.io_w(0x08, 0x4, 4);
+        assert_eq!(r.io_r(0x08, 4), 4);
+        r.io_w(0x12, u32::from(STATUS_DRIVER_OK | 3), 1);
+        r.io_w(0x10, 0, 2);
+        assert_eq!(ring.used(&r.mem), vec![(0, 32)]);
+        assert_eq!(r.levels(), vec![true]);
+        assert_eq!(r.io_r(0x13, 1), 1);
+        assert_eq!(r.levels(), vec![true, false], "reading ISR lowers INTx");
+        assert_eq!(r.io_r(0x13, 1), 0);
+        assert!(r.msi.0.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn intx_disable_in_the_command_register_silences_the_line() {
+        let mut r = rig(false);
+        r.dev
+            .write_config(0x04, &COMMAND_INTX_DISABLE.to_le_bytes());
+        let mut ring = Ring::new(&r.mem, 0x4000, 64);
+        ring.add_chain(&r.mem, &[(0x10000, 32, WRITE)]);
+        r.io_w(0x08, 0x4, 4);
+        r.io_w(0x10, 0, 2);
+        assert_eq!(ring.used(&r.mem).len(), 1);
+        assert!(r.levels().is_empty());
+        assert_eq!(r.io_r(0x13, 1), 1, "the ISR still says why");
+    }
+
+    #[test]
+    fn modern_driver_with_msix_and_event_index() {
+        let mut r = rig(false);
+        // Program MSI-X vector 1 and enable MSI-X.
+        r.dev.write_bar(MSIX_BAR, 16, &0xFEE0_0000u64.to_le_bytes());
+        r.dev.write_bar(MSIX_BAR, 24, &0x61u32.to_le_bytes());
+        r.dev.write_bar(MSIX_BAR, 28, &0u32.to_le_bytes());
+        r.dev.write_config(0x42, &0x8000u16.to_le_bytes());
+        let mut ring = Ring::new(&r.mem, 0x4000, 16);
+        r.modern_setup(&ring, F_VERSION_1 | F_RING_EVENT_IDX);
+        assert_eq!(
+            r.mem_r(0x14, 1) as u8 & STATUS_FEATURES_OK,
+            STATUS_FEATURES_OK
+        );
+        r.mem_w(0x1A, 1, 2);
+        assert_eq!(r.mem_r(0x1A, 2), 1);
+        r.mem_w(0x1A, 9, 2);
+        assert_eq!(r.mem_r(0x1A, 2), u32::from(NO_VECTOR), "past the table");
+        r.mem_w(0x1A, 1, 2);
+        assert_eq!(r.mem_r(0x12, 2), 1, "one queue");
+        assert_eq!(r.mem_r(0x20, 4), 0x4000);
+
+        // used_event = 0 in the avail ring: the driver wants an interrupt after the first.
+        ring.add_chain(&r.mem, &[(0x10000, 16, WRITE)]);
+        r.mem_w(NOTIFY_OFFSET, 0, 2);
+        assert_eq!(*r.msi.0.lock().unwrap(), vec![(0xFEE0_0000, 0x61)]);
+        // used_event still 0: the second completion needs no interrupt.
+        ring.add_chain(&r.mem, &[(0x10000, 16, WRITE)]);
+        r.mem_w(NOTIFY_OFFSET, 0, 2);
+        assert_eq!(ring.used(&r.mem).len(), 2);
+        assert_eq!(
+            r.msi.0.lock().unwrap().len(),
+            1,
+            "event index suppressed it"
+        );
+        assert!(r.levels().is_empty(), "no INTx with MSI-X on");
+    }
+
+    #[test]
+    fn features_the_device_did_not_offer_are_refused() {
+        let mut r = rig(false);
+        let ring = Ring::new(&r.mem, 0x4000, 16);
+        r.modern_setup(&ring, F_VERSION_1 | 1 << 40);
+        assert_eq!(r.mem_r(0x14, 1) as u8 & STATUS_FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn a_bad_chain_sets_needs_reset_until_the_driver_resets() {
+        let mut r = rig(false);
+        let mut ring = Ring::new(&r.mem, 0x4000, 16);
+        r.modern_setup(&ring, F_VERSION_1);
+        ring.add_chain(&r.mem, &[(0x7000_0000, 16, WRITE)]);
+        r.mem_w(NOTIFY_OFFSET, 0, 2);
+        assert_ne!(r.dev.status() & STATUS_NEEDS_RESET, 0);
+        assert_eq!(r.levels(), vec![true], "config-change interrupt");
+        assert_eq!(r.mem_r(ISR_OFFSET, 1), u32::from(ISR_CONFIG));
+        // Further doorbells are ignored, even with a good buffer.
+        ring.add_chain(&r.mem, &[(0x10000, 16, WRITE)]);
+        r.mem_w(NOTIFY_OFFSET, 0, 2);
+        assert!(ring.used(&r.mem).is_empty());
+        // The driver cannot clear NEEDS_RESET but by writing 0.
+        r.mem_w(0x14, 0x0F, 1);
+        assert_ne!(r.dev.status() & STATUS_NEEDS_RESET, 0);
+        r.mem_w(0x14, 0, 1);
+        assert_eq!(r.dev.status(), 0);
+        assert_eq!(r.mem_r(0x1C, 2), 0, "queues reset");
+    }
+
+    #[test]
+    fn queue_addresses_outside_ram_are_contained() {
+        let mut r = rig(false);
+        r.mem_w(0x14, 3, 1);
+        r.mem_w(0x20, 0xFFFF_F000, 4);
+        r.mem_w(0x24, 0xFFFF_FFFF, 4);
+        r.mem_w(0x28, 0xFFFF_F000, 4);
+        r.mem_w(0x2C, 0xFFFF_FFFF, 4);
+        r.mem_w(0x1C, 1, 2);
+        r.mem_w(0x14, 0x0F, 1);
+        r.mem_w(NOTIFY_OFFSET, 0, 2);
+        assert_ne!(r.dev.status() & STATUS_NEEDS_RESET, 0);
+        // Doorbells for queues that do not exist, and odd access sizes, do nothing.
+        let mut r = rig(false);
+        r.mem_w(NOTIFY_OFFSET + 4 * 100, 100, 2);
+        r.io_w(0x10, 7, 2);
+        r.io_w(0x00, 0xFFFF_FFFF, 1);
+        assert_eq!(r.mem_r(0x0FFF, 1), 0);
+        assert_eq!(r.dev.status(), 0);
+    }
+
+    #[test]
+    fn single_msi_with_w() {
+        let mut r = rig(true);
+        assert!(r.dev.config_space().bar(MSIX_BAR).is_none());
+        assert_eq!(
+            r.dev.config_space().read_u32(0x40) & 0xFF,
+            0x05,
+            "MSI capability"
+        );
+        r.dev.write_config(0x44, &0xFEE0_0000u32.to_le_bytes());
+        r.dev.write_config(0x4C, &0x41u16.to_le_bytes());
+        r.dev.write_config(0x42, &1u16.to_le_bytes());
+        let mut ring = Ring::new(&r.mem, 0x4000, 16);
+        r.modern_setup(&ring, F_VERSION_1);
+        ring.add_chain(&r.mem, &[(0x10000, 16, WRITE)]);
+        r.mem_w(NOTIFY_OFFSET, 0, 2);
+        assert_eq!(*r.msi.0.lock().unwrap(), vec![(0xFEE0_0000, 0x41)]);
+        assert!(r.levels().is_empty());
+    }
+
+    #[test]
+    fn legacy_config_moves_with_msix() {
+        let mut r = rig(false);
+        assert_eq!(r.dev.legacy_config_offset(), legacy::CONFIG);
+        r.dev.write_config(0x42, &0x8000u16.to_le_bytes());
+        assert_eq!(r.dev.legacy_config_offset(), legacy::CONFIG_MSIX);
+        r.io_w(0x14, 0, 2);
+        assert_eq!(r.io_r(0x14, 2), 0, "config vector 0");
+        r.io_w(0x16, 1, 2);
+        assert_eq!(r.io_r(0x16, 2), 1, "queue vector 1");
+        let _ = r.mem.read_obj::<u8>(GuestAddress(0));
     }
 }
 
