@@ -112,6 +112,8 @@ pub enum PciDeviceKind {
     Hostbridge,
     AmdHostbridge,
     Lpc,
+    /// `virtio-rnd`: an entropy source.
+    VirtioRnd,
 }
 
 impl VmConfig {

@@ -8,7 +8,6 @@ const LATER_EMULATIONS: &[&str] = &[
     "virtio-blk",
     "virtio-net",
     "virtio-tap",
-    "virtio-rnd",
     "virtio-9p",
     "virtio-sock",
     "virtio-vpnkit",
@@ -35,6 +34,7 @@ pub fn parse_pci_device(spec: &str) -> Result<PciDeviceConfig, CliError> {
         "hostbridge" => PciDeviceKind::Hostbridge,
         "amd_hostbridge" => PciDeviceKind::AmdHostbridge,
         "lpc" => PciDeviceKind::Lpc,
+        "virtio-rnd" => PciDeviceKind::VirtioRnd,
         later if LATER_EMULATIONS.contains(&later) => {
             return Err(CliError::NotSupportedYet(format!(
                 "-s {spec} (PCI device \"{later}\")"
@@ -100,6 +100,7 @@ fn kind_name(kind: PciDeviceKind) -> &'static str {
         PciDeviceKind::Hostbridge => "hostbridge",
         PciDeviceKind::AmdHostbridge => "amd_hostbridge",
         PciDeviceKind::Lpc => "lpc",
+        PciDeviceKind::VirtioRnd => "virtio-rnd",
     }
 }
 
@@ -172,6 +173,10 @@ mod tests {
         assert_eq!(
             parse_pci_device("5:7,amd_hostbridge").unwrap(),
             device(0, 5, 7, PciDeviceKind::AmdHostbridge)
+        );
+        assert_eq!(
+            parse_pci_device("4,virtio-rnd").unwrap(),
+            device(0, 4, 0, PciDeviceKind::VirtioRnd)
         );
         assert_eq!(
             parse_pci_device("1:2:3,hostbridge").unwrap(),
@@ -259,6 +264,10 @@ mod tests {
         assert_eq!(
             error("31,lpc,"),
             "invalid -s \"31,lpc,\": lpc takes no options"
+        );
+        assert_eq!(
+            error("3,virtio-rnd,x"),
+            "invalid -s \"3,virtio-rnd,x\": virtio-rnd takes no options"
         );
     }
 

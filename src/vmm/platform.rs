@@ -3,15 +3,17 @@
 use std::sync::{Arc, Mutex};
 
 use super::control::Control;
-use super::interrupts::{HvInterruptLine, HvPinSink};
+use super::interrupts::{HvInterruptLine, HvMsiSender, HvPinSink};
 use super::machine::VmmError;
 use super::memory::{self, GuestMemory};
 use super::timers::TimerService;
 use crate::boot::{self, BootSetup};
 use crate::cli::{PciDeviceKind, VmConfig};
 use crate::devices::bus::{lock, Bus, BusDevice};
+use crate::devices::irq::InterruptLine;
 use crate::devices::pci::{
-    build_pci_bus, PciConfigIo, PciEcam, PCI_CONFIG_ADDRESS_PORT, PCI_CONFIG_DATA_PORT,
+    build_pci_bus, BarWindows, PciConfigIo, PciEcam, PciResources, PCI_CONFIG_ADDRESS_PORT,
+    PCI_CONFIG_DATA_PORT,
 };
 use crate::devices::power::PowerControl;
 use crate::devices::power_mgmt::{
@@ -39,7 +41,7 @@ pub struct Platform {
 /// The IOAPIC pin of a PCI slot's INTx pin: the usual swizzle over GSIs 16-23, the pins the
 /// MP table and the DSDT's `_PRT` describe.
 pub fn pci_intx_gsi(slot: u8, pin: u8) -> u32 {
-    16 + (u32::from(slot) + u32::from(pin)) % 8
+    crate::devices::pci::intx_gsi(slot, pin)
 }
 
 pub fn build(
@@ -48,23 +50,37 @@ pub fn build(
     mem: &GuestMemory,
     control: &Arc<Control>,
 ) -> Result<Platform, VmmError> {
-    let mut io_bus = Bus::new();
-    let mut mmio_bus = Bus::new();
+    // Shared from the start: PCI BARs are (re)mapped on them while the guest runs.
+    let io_bus = Arc::new(Bus::new());
+    let mmio_bus = Arc::new(Bus::new());
     let line = |gsi| HvInterruptLine::new(vm.clone(), gsi);
     let setup = |e: &dyn std::fmt::Display| VmmError::Setup(e.to_string());
 
-    let pci = Arc::new(build_pci_bus(&config.pci_devices).map_err(|e| setup(&e))?);
+    let intx_vm = vm.clone();
+    let pci_resources = PciResources {
+        memory: mem.clone(),
+        msi: HvMsiSender::new(vm.clone()),
+        intx: Box::new(move |gsi| -> Arc<dyn InterruptLine> {
+            HvInterruptLine::new(intx_vm.clone(), gsi)
+        }),
+        virtio_single_msi: config.virtio_single_msi,
+    };
+    let pci = build_pci_bus(
+        &config.pci_devices,
+        io_bus.clone(),
+        mmio_bus.clone(),
+        &pci_resources,
+    )
+    .map_err(|e| setup(&e))?;
+    pci.allocate_bars(&BarWindows::for_memory(config.memory_bytes))
+        .map_err(|e| setup(&e))?;
+    let pci = Arc::new(pci);
     // One device at both ports, so that 0xCF9 (the reset register) stays free between them.
     let config_io = shared(PciConfigIo::new(pci.clone()));
-    insert_shared(
-        &mut io_bus,
-        &config_io,
-        u64::from(PCI_CONFIG_ADDRESS_PORT),
-        1,
-    )?;
-    insert_shared(&mut io_bus, &config_io, u64::from(PCI_CONFIG_DATA_PORT), 4)?;
+    insert_shared(&io_bus, &config_io, u64::from(PCI_CONFIG_ADDRESS_PORT), 1)?;
+    insert_shared(&io_bus, &config_io, u64::from(PCI_CONFIG_DATA_PORT), 4)?;
     insert(
-        &mut mmio_bus,
+        &mmio_bus,
         PciEcam::new(pci),
         memory::PCI_ECAM_BASE,
         memory::PCI_ECAM_SIZE,
@@ -75,32 +91,27 @@ pub fn build(
         memory::lowmem_size(config.memory_bytes),
         memory::highmem_size(config.memory_bytes),
     );
-    insert(&mut io_bus, rtc, u64::from(RTC_PORT), RTC_PORT_COUNT)?;
+    insert(&io_bus, rtc, u64::from(RTC_PORT), RTC_PORT_COUNT)?;
 
     let power: Arc<dyn PowerControl> = control.clone();
     let acpi_pm = shared(AcpiPm::new(line(SCI_GSI), power.clone()));
     insert_shared(
-        &mut io_bus,
+        &io_bus,
         &acpi_pm,
         u64::from(ACPI_PM_BASE),
         ACPI_PM_PORT_COUNT,
     )?;
-    insert_shared(&mut io_bus, &acpi_pm, u64::from(SMI_CMD_PORT), 1)?;
+    insert_shared(&io_bus, &acpi_pm, u64::from(SMI_CMD_PORT), 1)?;
     insert(
-        &mut io_bus,
+        &io_bus,
         ResetControl::new(power.clone()),
         u64::from(RESET_CONTROL_PORT),
         1,
     )?;
     let i8042 = shared(I8042::new(power));
-    insert_shared(&mut io_bus, &i8042, u64::from(I8042_DATA_PORT), 1)?;
-    insert_shared(&mut io_bus, &i8042, u64::from(I8042_COMMAND_PORT), 1)?;
-    insert(
-        &mut io_bus,
-        PostCode::default(),
-        u64::from(POST_CODE_PORT),
-        1,
-    )?;
+    insert_shared(&io_bus, &i8042, u64::from(I8042_DATA_PORT), 1)?;
+    insert_shared(&io_bus, &i8042, u64::from(I8042_COMMAND_PORT), 1)?;
+    insert(&io_bus, PostCode::default(), u64::from(POST_CODE_PORT), 1)?;
     // SIGTERM presses the power button only where the guest can see it: with ACPI tables.
     let power_button: Option<Box<dyn Fn() + Send>> = if config.acpi {
         let pm = acpi_pm.clone();
@@ -113,10 +124,10 @@ pub fn build(
     let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
     let mut timers = TimerService::new(clock.clone());
     let hpet = timers.add(Hpet::new(clock, HvPinSink::new(vm.clone())));
-    insert(&mut mmio_bus, hpet, HPET_BASE, HPET_LEN)?;
+    insert(&mmio_bus, hpet, HPET_BASE, HPET_LEN)?;
     timers.start().map_err(VmmError::Thread)?;
 
-    let serial_ports = build_serial_ports(config, &mut io_bus, &line)?;
+    let serial_ports = build_serial_ports(config, &io_bus, &line)?;
     let tails: Vec<_> = serial_ports.iter().map(|p| p.device()).collect();
     control.set_serial_tail(Box::new(move || {
         tails
@@ -163,8 +174,8 @@ pub fn build(
     let boot = boot::load(mem, &config.firmware, config.memory_bytes, rsdp)
         .map_err(|e| VmmError::Setup(e.to_string()))?;
     Ok(Platform {
-        io_bus: Arc::new(io_bus),
-        mmio_bus: Arc::new(mmio_bus),
+        io_bus,
+        mmio_bus,
         boot,
         power_button,
         serial_ports,
@@ -176,7 +187,7 @@ fn shared<D: BusDevice + 'static>(device: D) -> Arc<Mutex<D>> {
 }
 
 fn insert_shared<D: BusDevice + 'static>(
-    bus: &mut Bus,
+    bus: &Bus,
     device: &Arc<Mutex<D>>,
     base: u64,
     len: u64,
@@ -186,7 +197,7 @@ fn insert_shared<D: BusDevice + 'static>(
 }
 
 fn insert<D: BusDevice + 'static>(
-    bus: &mut Bus,
+    bus: &Bus,
     device: D,
     base: u64,
     len: u64,
@@ -198,7 +209,7 @@ fn insert<D: BusDevice + 'static>(
 /// `-l` discards its output); `-l comN` without an LPC bridge is an error.
 fn build_serial_ports(
     config: &VmConfig,
-    io_bus: &mut Bus,
+    io_bus: &Bus,
     line: &dyn Fn(u32) -> Arc<HvInterruptLine>,
 ) -> Result<Vec<SerialPort>, VmmError> {
     let has_lpc = config

@@ -195,6 +195,7 @@ static const struct {
     { "apicbase", test_apicbase },
     { "hpet", test_hpet },
     { "unknown-msr", test_unknown_msr },
+    { "virtio-rnd", test_virtio_rnd },
 };
 
 void main(u32 magic, const struct mb_info *mbi)

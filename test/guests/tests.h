@@ -7,5 +7,6 @@ void test_pciscan(const struct mb_info *mbi);
 void test_rtc(const struct mb_info *mbi);
 void test_highmem(const struct mb_info *mbi);
 void test_smp(const struct mb_info *mbi);
+void test_virtio_rnd(const struct mb_info *mbi);
 
 #endif

@@ -126,7 +126,7 @@ mod tests {
     use super::*;
     use crate::cli::{PciDeviceConfig, PciDeviceKind};
     use crate::devices::bus::Bus;
-    use crate::devices::pci::build_pci_bus;
+    use crate::devices::pci::tests::build_pci_bus;
     use crate::vmm::memory::{PCI_ECAM_BASE, PCI_ECAM_SIZE};
     use std::sync::Mutex;
 
@@ -161,7 +161,7 @@ mod tests {
         }
         let io = Arc::new(Mutex::new(PciConfigIo::new(machine())));
         let reset_writes = Arc::new(Mutex::new(Vec::new()));
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         bus.insert(io.clone(), 0xCF8, 1).unwrap();
         bus.insert(
             Arc::new(Mutex::new(Recorder(reset_writes.clone()))),
@@ -240,7 +240,7 @@ mod tests {
     fn ecam_reaches_the_same_functions() {
         let pci = machine();
         let ecam = Arc::new(Mutex::new(PciEcam::new(pci)));
-        let mut mmio = Bus::new();
+        let mmio = Bus::new();
         mmio.insert(ecam.clone(), PCI_ECAM_BASE, PCI_ECAM_SIZE)
             .unwrap();
         let function = |slot: u64, f: u64, reg: u64| PCI_ECAM_BASE + (slot << 15 | f << 12 | reg);

@@ -1,23 +1,51 @@
 //! PCI: configuration space, the device tree by (bus, slot, function), and the two ways a
 //! guest reaches configuration space: I/O ports 0xCF8/0xCFC (mechanism #1) and ECAM (MMIO).
 //!
-//! Devices only implement [`PciDevice`]; BARs and MSI/MSI-X will extend that trait and
-//! [`ConfigSpace`] (BAR registers at 0x10-0x24 are read-only zero until then).
+//! Devices implement [`PciDevice`]: configuration space (with BARs and capabilities declared
+//! in [`ConfigSpace`]) and the accesses to their BARs. The [`PciBus`] places BARs at start-up
+//! and keeps the port and MMIO buses in step with what each function decodes as the guest
+//! moves BARs or flips the command register.
 
 mod config_space;
 mod host_access;
 pub mod hostbridge;
 pub mod lpc;
+pub mod msi;
+pub mod msix;
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-pub use config_space::{ConfigSpace, PciIds, CONFIG_SPACE_SIZE, LEGACY_CONFIG_SPACE_SIZE};
+pub use config_space::{
+    BarKind, BarSpec, ConfigSpace, ConfigSpaceError, DecodedBar, PciIds, BAR_COUNT,
+    COMMAND_BUS_MASTER, COMMAND_INTX_DISABLE, COMMAND_IO_SPACE, COMMAND_MEMORY_SPACE,
+    CONFIG_SPACE_SIZE, DECODE_REGISTERS, LEGACY_CONFIG_SPACE_SIZE,
+};
 pub use host_access::{PciConfigIo, PciEcam, PCI_CONFIG_ADDRESS_PORT, PCI_CONFIG_DATA_PORT};
 
-use super::bus::lock;
+use super::bus::{lock, Bus, BusDevice};
+use super::irq::{InterruptLine, MsiSender};
+use super::virtio::pci::{VirtioPci, VirtioPciResources};
+use super::virtio::rnd::VirtioRnd;
 use crate::cli::{PciDeviceConfig, PciDeviceKind};
+use crate::vmm::memory::GuestMemory;
+
+/// The IOAPIC pin (GSI) of a slot's INTx pin (0 = INTA#): the usual swizzle over GSIs 16-23,
+/// the routing the MP table and the DSDT's `_PRT` describe.
+pub fn intx_gsi(slot: u8, pin: u8) -> u32 {
+    16 + (u32::from(slot) + u32::from(pin)) % 8
+}
+
+/// What devices on the bus need from the machine.
+pub struct PciResources {
+    pub memory: GuestMemory,
+    pub msi: Arc<dyn MsiSender>,
+    /// The interrupt line for a GSI.
+    pub intx: Box<dyn Fn(u32) -> Arc<dyn InterruptLine>>,
+    /// `-W`: virtio devices use single-vector MSI instead of MSI-X.
+    pub virtio_single_msi: bool,
+}
 
 /// A PCI function as the configuration-space accessors see it.
 pub trait PciDevice: Send {
@@ -34,7 +62,58 @@ pub trait PciDevice: Send {
     fn write_config(&mut self, offset: u16, data: &[u8]) {
         self.config_space_mut().write(offset, data);
     }
+
+    /// Reads at `offset` inside BAR `bar`. Only called for BARs the function declared.
+    fn read_bar(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        let _ = (bar, offset);
+        data.fill(0xFF);
+    }
+
+    /// Writes at `offset` inside BAR `bar`.
+    fn write_bar(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        let _ = (bar, offset, data);
+    }
 }
+
+/// Puts one BAR of a function on the port or MMIO bus.
+struct BarWindow {
+    device: SharedPciDevice,
+    bar: usize,
+}
+
+impl BusDevice for BarWindow {
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        lock(&self.device).read_bar(self.bar, offset, data);
+    }
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        lock(&self.device).write_bar(self.bar, offset, data);
+    }
+}
+
+/// Where start-up places BARs: half-open `[start, end)` windows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BarWindows {
+    pub io: (u64, u64),
+    pub mem32: (u64, u64),
+    pub mem64: (u64, u64),
+}
+
+impl BarWindows {
+    /// xhyve's windows: I/O from 0x2000, 32-bit memory from the PCI hole up to ECAM, 64-bit
+    /// memory in the 32 GiB after high RAM (the windows the DSDT publishes).
+    pub fn for_memory(memory_bytes: u64) -> Self {
+        use crate::vmm::memory::{highmem_size, HIGHMEM_BASE, PCI_ECAM_BASE, PCI_HOLE_START};
+        let high = HIGHMEM_BASE + highmem_size(memory_bytes);
+        BarWindows {
+            io: (0x2000, 0x1_0000),
+            mem32: (PCI_HOLE_START, PCI_ECAM_BASE),
+            mem64: (high, high + (32 << 30)),
+        }
+    }
+}
+
+/// The bus ranges one function has mapped, by BAR index.
+type MappedBars = [Option<DecodedBar>; BAR_COUNT];
 
 pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
 
@@ -72,7 +151,7 @@ impl fmt::Display for PciAddress {
     }
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum PciError {
     #[error("invalid PCI slot {0}: slot must be 0-31")]
     BadSlot(PciAddress),
@@ -84,17 +163,136 @@ pub enum PciError {
     SecondLpc(PciAddress),
     #[error("LPC bridge at {0} must be on bus 0")]
     LpcNotOnBus0(PciAddress),
+    #[error("no room for BAR {bar} ({size:#x} bytes) of {addr}")]
+    NoRoomForBar {
+        addr: PciAddress,
+        bar: usize,
+        size: u64,
+    },
+    #[error("PCI device {addr}: {reason}")]
+    Device { addr: PciAddress, reason: String },
 }
 
-/// All PCI functions of the machine.
-#[derive(Default)]
+/// All PCI functions of the machine, and the buses their BARs appear on.
 pub struct PciBus {
     devices: BTreeMap<PciAddress, SharedPciDevice>,
+    io_bus: Arc<Bus>,
+    mmio_bus: Arc<Bus>,
+    mapped: Mutex<BTreeMap<PciAddress, MappedBars>>,
+}
+
+impl Default for PciBus {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl PciBus {
+    /// A bus whose BARs go to private port and MMIO buses (for tests and tools).
     pub fn new() -> Self {
-        Self::default()
+        Self::with_buses(Arc::new(Bus::new()), Arc::new(Bus::new()))
+    }
+
+    /// A bus whose I/O BARs appear on `io_bus` and memory BARs on `mmio_bus`.
+    pub fn with_buses(io_bus: Arc<Bus>, mmio_bus: Arc<Bus>) -> Self {
+        PciBus {
+            devices: BTreeMap::new(),
+            io_bus,
+            mmio_bus,
+            mapped: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Places every declared BAR in `windows` (naturally aligned, in address order), enables
+    /// decoding as firmware would, and maps the BARs on the buses.
+    pub fn allocate_bars(&self, windows: &BarWindows) -> Result<(), PciError> {
+        let mut next = [windows.io.0, windows.mem32.0, windows.mem64.0];
+        let ends = [windows.io.1, windows.mem32.1, windows.mem64.1];
+        for (&addr, device) in &self.devices {
+            let mut dev = lock(device);
+            let config = dev.config_space_mut();
+            let mut command = 0;
+            for bar in 0..BAR_COUNT {
+                let Some(spec) = config.bar(bar) else {
+                    continue;
+                };
+                let (window, enable) = match spec.kind {
+                    BarKind::Io => (0, COMMAND_IO_SPACE),
+                    BarKind::Memory32 => (1, COMMAND_MEMORY_SPACE),
+                    BarKind::Memory64 => (2, COMMAND_MEMORY_SPACE),
+                };
+                let no_room = PciError::NoRoomForBar {
+                    addr,
+                    bar,
+                    size: spec.size,
+                };
+                let base = next[window]
+                    .checked_next_multiple_of(spec.size)
+                    .ok_or_else(|| no_room.clone())?;
+                let end = base.checked_add(spec.size).ok_or_else(|| no_room.clone())?;
+                if end > ends[window] {
+                    return Err(no_room);
+                }
+                next[window] = end;
+                config.set_bar_address(bar, base);
+                command |= enable;
+            }
+            if command != 0 {
+                let value = config.command() | command;
+                config.init(0x04, &value.to_le_bytes());
+            }
+        }
+        for &addr in self.devices.keys() {
+            self.update_mappings(addr);
+        }
+        Ok(())
+    }
+
+    /// Makes the buses match what the function at `addr` decodes now.
+    fn update_mappings(&self, addr: PciAddress) {
+        let Some(device) = self.devices.get(&addr) else {
+            return;
+        };
+        let mut wanted: MappedBars = [None; BAR_COUNT];
+        for bar in lock(device).config_space().decoded_bars() {
+            wanted[bar.index] = Some(bar);
+        }
+        let mut mapped = lock(&self.mapped);
+        let current = mapped.entry(addr).or_insert([None; BAR_COUNT]);
+        for index in 0..BAR_COUNT {
+            if current[index] == wanted[index] {
+                continue;
+            }
+            if let Some(old) = current[index].take() {
+                self.bus_for(old.kind).remove(old.base, old.size);
+            }
+            if let Some(new) = wanted[index] {
+                let window = Arc::new(Mutex::new(BarWindow {
+                    device: device.clone(),
+                    bar: index,
+                }));
+                // A guest may place a BAR over another device; it then stays unmapped.
+                match self.bus_for(new.kind).insert(window, new.base, new.size) {
+                    Ok(()) => current[index] = Some(new),
+                    Err(e) => log::trace!("{addr} BAR {index}: {e}"),
+                }
+            }
+        }
+    }
+
+    fn bus_for(&self, kind: BarKind) -> &Bus {
+        match kind {
+            BarKind::Io => &self.io_bus,
+            BarKind::Memory32 | BarKind::Memory64 => &self.mmio_bus,
+        }
+    }
+
+    /// The BAR ranges currently on the buses for the function at `addr`.
+    pub fn mapped_bars(&self, addr: PciAddress) -> Vec<DecodedBar> {
+        lock(&self.mapped)
+            .get(&addr)
+            .map(|bars| bars.iter().flatten().copied().collect())
+            .unwrap_or_default()
     }
 
     /// Adds a function. A slot with functions other than 0 gets the multi-function bit set
@@ -150,17 +348,29 @@ impl PciBus {
         }
     }
 
-    /// Writes configuration space; writes to an absent function are dropped.
+    /// Writes configuration space; writes to an absent function are dropped. A write to the
+    /// command register or a BAR remaps the function's BARs.
     pub fn write_config(&self, addr: PciAddress, offset: u16, data: &[u8]) {
-        if let Some(dev) = self.devices.get(&addr) {
-            lock(dev).write_config(offset, data);
+        let Some(dev) = self.devices.get(&addr) else {
+            return;
+        };
+        lock(dev).write_config(offset, data);
+        let end = offset.saturating_add(data.len() as u16);
+        if offset < DECODE_REGISTERS.end && end > DECODE_REGISTERS.start {
+            self.update_mappings(addr);
         }
     }
 }
 
-/// Builds the PCI functions that `-s` asks for.
-pub fn build_pci_bus(devices: &[PciDeviceConfig]) -> Result<PciBus, PciError> {
-    let mut bus = PciBus::new();
+/// Builds the PCI functions that `-s` asks for, with BARs on `io_bus` and `mmio_bus` (not
+/// yet placed: see [`PciBus::allocate_bars`]).
+pub fn build_pci_bus(
+    devices: &[PciDeviceConfig],
+    io_bus: Arc<Bus>,
+    mmio_bus: Arc<Bus>,
+    resources: &PciResources,
+) -> Result<PciBus, PciError> {
+    let mut bus = PciBus::with_buses(io_bus, mmio_bus);
     let mut lpc_at: Option<PciAddress> = None;
     for config in devices {
         let addr = PciAddress::new(config.bus, config.slot, config.function)?;
@@ -177,6 +387,20 @@ pub fn build_pci_bus(devices: &[PciDeviceConfig]) -> Result<PciBus, PciError> {
                 lpc_at = Some(addr);
                 Arc::new(Mutex::new(lpc::LpcBridge::new()))
             }
+            PciDeviceKind::VirtioRnd => {
+                let transport = VirtioPciResources {
+                    memory: resources.memory.clone(),
+                    msi: resources.msi.clone(),
+                    intx: (resources.intx)(intx_gsi(addr.slot, 0)),
+                    single_msi: resources.virtio_single_msi,
+                };
+                let device =
+                    VirtioPci::new(VirtioRnd::new(), transport).map_err(|e| PciError::Device {
+                        addr,
+                        reason: e.to_string(),
+                    })?;
+                Arc::new(Mutex::new(device))
+            }
         };
         bus.add(addr, device)?;
     }
@@ -184,7 +408,7 @@ pub fn build_pci_bus(devices: &[PciDeviceConfig]) -> Result<PciBus, PciError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn cfg(bus: u8, slot: u8, function: u8, kind: PciDeviceKind) -> PciDeviceConfig {
@@ -195,6 +419,56 @@ mod tests {
             kind,
             options: None,
         }
+    }
+
+    struct NoMsi;
+    impl MsiSender for NoMsi {
+        fn send_msi(&self, _address: u64, _data: u32) {}
+    }
+
+    /// `build_pci_bus` with private buses, 1 MiB of RAM and recording interrupt sinks.
+    pub(crate) fn build_pci_bus(devices: &[PciDeviceConfig]) -> Result<PciBus, PciError> {
+        let resources = PciResources {
+            memory: GuestMemory::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap(),
+            msi: Arc::new(NoMsi),
+            intx: Box::new(|gsi| {
+                Arc::new(crate::devices::irq::test_util::RecordingLine {
+                    gsi,
+                    ..Default::default()
+                })
+            }),
+            virtio_single_msi: false,
+        };
+        super::build_pci_bus(
+            devices,
+            Arc::new(Bus::new()),
+            Arc::new(Bus::new()),
+            &resources,
+        )
+    }
+
+    #[test]
+    fn builds_a_virtio_rnd_function_with_its_bars() {
+        let bus = build_pci_bus(&[cfg(0, 5, 0, PciDeviceKind::VirtioRnd)]).unwrap();
+        bus.allocate_bars(&BarWindows::for_memory(256 << 20))
+            .unwrap();
+        assert_eq!(read32(&bus, at(0, 5, 0), 0), 0x1005_1AF4);
+        assert_eq!(read32(&bus, at(0, 5, 0), 0x2C), 0x0004_1AF4);
+        assert_eq!(
+            read32(&bus, at(0, 5, 0), 0x3C) & 0xFFFF,
+            0x0100 | intx_gsi(5, 0)
+        );
+        assert_eq!(read32(&bus, at(0, 5, 0), 0x10), 0x2001);
+        assert_eq!(read32(&bus, at(0, 5, 0), 0x14), 0xC000_0000);
+        assert_eq!(read32(&bus, at(0, 5, 0), 0x18), 0xC000_4000);
+        assert_eq!(bus.mapped_bars(at(0, 5, 0)).len(), 3);
+    }
+
+    #[test]
+    fn intx_swizzle_stays_on_the_pci_pins() {
+        assert_eq!(intx_gsi(0, 0), 16);
+        assert_eq!(intx_gsi(3, 1), 20);
+        assert_eq!(intx_gsi(31, 3), 18);
     }
 
     fn read32(bus: &PciBus, addr: PciAddress, offset: u16) -> u32 {
@@ -265,6 +539,112 @@ mod tests {
             build_pci_bus(&[cfg(1, 31, 0, PciDeviceKind::Lpc)]),
             Err(PciError::LpcNotOnBus0(_))
         ));
+    }
+
+    /// A function with an I/O BAR 0 and a 32-bit memory BAR 1 that echo the offset.
+    struct BarDevice(ConfigSpace);
+    impl PciDevice for BarDevice {
+        fn config_space(&self) -> &ConfigSpace {
+            &self.0
+        }
+        fn config_space_mut(&mut self) -> &mut ConfigSpace {
+            &mut self.0
+        }
+        fn read_bar(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+            data.fill((bar as u8) << 4 | offset as u8);
+        }
+    }
+
+    fn bar_device() -> SharedPciDevice {
+        let mut config = ConfigSpace::new(PciIds {
+            vendor: 0x1AF4,
+            device: 0x1005,
+            class: 0xFF,
+            subclass: 0,
+            prog_if: 0,
+            revision: 0,
+            subsystem_vendor: 0,
+            subsystem: 0,
+        });
+        let spec = |kind, size| BarSpec { kind, size };
+        config.add_bar(0, spec(BarKind::Io, 0x40)).unwrap();
+        config.add_bar(1, spec(BarKind::Memory32, 0x1000)).unwrap();
+        config.add_bar(2, spec(BarKind::Memory64, 0x4000)).unwrap();
+        Arc::new(Mutex::new(BarDevice(config)))
+    }
+
+    fn windows() -> BarWindows {
+        BarWindows {
+            io: (0x2000, 0x10000),
+            mem32: (0xC000_0000, 0xE000_0000),
+            mem64: (0x1_0000_0000, 0x9_0000_0000),
+        }
+    }
+
+    #[test]
+    fn bars_are_allocated_mapped_moved_and_disabled() {
+        let io = Arc::new(Bus::new());
+        let mmio = Arc::new(Bus::new());
+        let mut bus = PciBus::with_buses(io.clone(), mmio.clone());
+        bus.add(at(0, 3, 0), bar_device()).unwrap();
+        bus.add(at(0, 4, 0), bar_device()).unwrap();
+        bus.allocate_bars(&windows()).unwrap();
+        assert_eq!(read32(&bus, at(0, 3, 0), 0x10), 0x2001);
+        assert_eq!(read32(&bus, at(0, 4, 0), 0x10), 0x2041);
+        assert_eq!(read32(&bus, at(0, 3, 0), 0x14), 0xC000_0000);
+        assert_eq!(read32(&bus, at(0, 4, 0), 0x14), 0xC000_1000);
+        assert_eq!(read32(&bus, at(0, 3, 0), 0x18), 0x0000_0004);
+        assert_eq!(read32(&bus, at(0, 3, 0), 0x1C), 0x1);
+        assert_eq!(read32(&bus, at(0, 4, 0), 0x18), 0x0000_4004);
+        assert_eq!(read32(&bus, at(0, 3, 0), 4) & 0x3, 0x3, "decoding enabled");
+        let mut b = [0u8; 1];
+        assert!(io.read(0x2045, &mut b));
+        assert_eq!(b[0], 0x05);
+        assert!(mmio.read(0xC000_1010, &mut b));
+        assert_eq!(b[0], 0x10 | 0x10);
+        assert!(mmio.read(0x1_0000_4001, &mut b));
+        assert_eq!(b[0], 0x21);
+
+        // Memory decoding off: the memory BARs leave the bus, the I/O BAR stays.
+        bus.write_config(at(0, 3, 0), 4, &[0x01, 0x00]);
+        assert!(!mmio.read(0xC000_0000, &mut b));
+        assert!(io.read(0x2000, &mut b));
+        assert_eq!(bus.mapped_bars(at(0, 3, 0)).len(), 1);
+
+        // Sizing, then moving BAR 1 while decoding is off, then turning it back on.
+        bus.write_config(at(0, 3, 0), 0x14, &[0xFF; 4]);
+        assert_eq!(read32(&bus, at(0, 3, 0), 0x14), 0xFFFF_F000);
+        bus.write_config(at(0, 3, 0), 0x14, &0xD000_0000u32.to_le_bytes());
+        bus.write_config(at(0, 3, 0), 4, &[0x03, 0x00]);
+        assert!(mmio.read(0xD000_0020, &mut b));
+        assert_eq!(b[0], 0x30);
+        assert!(!mmio.read(0xC000_0000, &mut b));
+
+        // Moving while enabled remaps at once; a move onto another function's BAR is refused
+        // by the bus and leaves this BAR unmapped rather than stealing the range.
+        bus.write_config(at(0, 3, 0), 0x10, &0x3000u32.to_le_bytes());
+        assert!(io.read(0x3001, &mut b));
+        assert_eq!(b[0], 0x01);
+        assert!(!io.read(0x2000, &mut b));
+        bus.write_config(at(0, 3, 0), 0x10, &0x2040u32.to_le_bytes());
+        assert!(io.read(0x2041, &mut b));
+        assert_eq!(b[0], 0x01, "still the other function's BAR");
+        assert!(!io.read(0x3001, &mut b));
+        assert!(bus.mapped_bars(at(0, 3, 0)).iter().all(|m| m.index != 0));
+    }
+
+    #[test]
+    fn bar_allocation_fails_cleanly_when_the_window_is_full() {
+        let mut bus = PciBus::new();
+        bus.add(at(0, 3, 0), bar_device()).unwrap();
+        let tiny = BarWindows {
+            io: (0x2000, 0x2020),
+            ..windows()
+        };
+        assert_eq!(
+            bus.allocate_bars(&tiny).unwrap_err().to_string(),
+            "no room for BAR 0 (0x40 bytes) of 0:3:0"
+        );
     }
 
     #[test]
