@@ -8,3 +8,4 @@ pub mod power_mgmt;
 pub mod rtc;
 pub mod serial;
 pub mod terminal;
+pub mod virtio_blk_req;
