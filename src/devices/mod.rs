@@ -1,5 +1,6 @@
 //! Emulated hardware on the port and MMIO buses.
 
+pub mod ahci;
 pub mod bus;
 pub mod irq;
 pub mod pci;
