@@ -179,7 +179,7 @@ mod tests {
     #[test]
     fn header_fields_decode() {
         let mut h = [0u8; 32];
-        h[0..4].copy_from_slice(&(5 | 1 << 5 | 1 << 6 | 3 << 16u32).to_le_bytes());
+        h[0..4].copy_from_slice(&(5u32 | 1 << 5 | 1 << 6 | 3 << 16).to_le_bytes());
         h[8..12].copy_from_slice(&0x1234_5680u32.to_le_bytes());
         h[12..16].copy_from_slice(&1u32.to_le_bytes());
         let hdr = CommandHeader::parse(&h);
