@@ -1,5 +1,6 @@
 //! Emulated hardware on the port and MMIO buses.
 
+pub mod ahci;
 pub mod bus;
 pub mod irq;
 pub mod pci;
@@ -9,3 +10,4 @@ pub mod rtc;
 pub mod serial;
 pub mod terminal;
 pub mod virtio;
+pub mod virtio_blk_req;

@@ -1,0 +1,205 @@
+//! xhyve's block device options: `PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]]`.
+//!
+//! The same string configures virtio-blk, ahci-hd and ahci-cd. The whole string (not just
+//! the path) seeds the device serial, as xhyve does, so it is kept verbatim.
+
+use std::path::PathBuf;
+
+/// Smallest sector size xhyve accepts (DEV_BSIZE).
+pub const MIN_SECTOR_SIZE: u32 = 512;
+/// Largest sector size accepted; larger values are not real hardware and would make one
+/// sector bigger than the I/O buffers a guest driver expects.
+pub const MAX_SECTOR_SIZE: u32 = 64 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OptionsError {
+    #[error("block device options \"{0}\": a backing image path is required")]
+    MissingPath(String),
+    #[error("unknown block device option \"{0}\"")]
+    UnknownOption(String),
+    #[error("invalid sectorsize \"{0}\": sizes must be powers of two from 512 to 65536")]
+    SectorSizeNotPowerOfTwo(String),
+    #[error("invalid sectorsize \"{0}\": the logical size must not exceed the physical size")]
+    LogicalAbovePhysical(String),
+}
+
+/// How a flush reaches stable storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushMode {
+    /// `fsync(2)`. On macOS this only reaches the drive's volatile cache.
+    Fsync,
+    /// macOS `fcntl(F_FULLFSYNC)`: flushes the drive's cache too (slow, but what a guest's
+    /// flush means). On other systems the same as `Fsync`.
+    FullFsync,
+}
+
+impl FlushMode {
+    /// The safe default for the host: `FullFsync` on macOS, `Fsync` elsewhere.
+    pub fn host_default() -> Self {
+        if cfg!(target_os = "macos") {
+            FlushMode::FullFsync
+        } else {
+            FlushMode::Fsync
+        }
+    }
+}
+
+/// Parsed block device options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockOptions {
+    pub path: PathBuf,
+    /// `nocache`: ask the host not to keep the image in its page cache.
+    pub nocache: bool,
+    /// `sync` or `direct`: every write is synchronous (O_SYNC), as in xhyve.
+    pub sync: bool,
+    pub read_only: bool,
+    /// Logical sector size in bytes (what the guest addresses).
+    pub logical_sector_size: u32,
+    /// Physical sector size in bytes (reported as a hint for alignment).
+    pub physical_sector_size: u32,
+    /// Not an xhyve option: set by the embedder (macOS users may prefer plain fsync).
+    pub flush_mode: FlushMode,
+    /// The option string as given, the seed of the device serial.
+    pub spec: String,
+}
+
+impl BlockOptions {
+    /// Options for `path` with every default (read-write, 512-byte sectors).
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        BlockOptions {
+            spec: path.to_string_lossy().into_owned(),
+            path,
+            nocache: false,
+            sync: false,
+            read_only: false,
+            logical_sector_size: MIN_SECTOR_SIZE,
+            physical_sector_size: MIN_SECTOR_SIZE,
+            flush_mode: FlushMode::host_default(),
+        }
+    }
+
+    /// Parses xhyve's option string (everything after `-s slot,emulation,`).
+    pub fn parse(spec: &str) -> Result<Self, OptionsError> {
+        let mut fields = spec.split(',');
+        let path = fields.next().unwrap_or_default();
+        if path.is_empty() {
+            return Err(OptionsError::MissingPath(spec.to_string()));
+        }
+        let mut options = BlockOptions::new(path);
+        options.spec = spec.to_string();
+        for field in fields {
+            match field {
+                "nocache" => options.nocache = true,
+                "sync" | "direct" => options.sync = true,
+                "ro" => options.read_only = true,
+                _ => match field.strip_prefix("sectorsize=") {
+                    Some(sizes) => {
+                        let (logical, physical) = parse_sector_sizes(sizes)?;
+                        options.logical_sector_size = logical;
+                        options.physical_sector_size = physical;
+                    }
+                    None => return Err(OptionsError::UnknownOption(field.to_string())),
+                },
+            }
+        }
+        Ok(options)
+    }
+}
+
+/// `L` or `L/P`; `P` defaults to `L`.
+fn parse_sector_sizes(sizes: &str) -> Result<(u32, u32), OptionsError> {
+    let (logical, physical) = match sizes.split_once('/') {
+        Some((l, p)) => (l, p),
+        None => (sizes, sizes),
+    };
+    let logical = parse_sector_size(logical, sizes)?;
+    let physical = parse_sector_size(physical, sizes)?;
+    if logical > physical {
+        return Err(OptionsError::LogicalAbovePhysical(sizes.to_string()));
+    }
+    Ok((logical, physical))
+}
+
+fn parse_sector_size(text: &str, whole: &str) -> Result<u32, OptionsError> {
+    let bad = || OptionsError::SectorSizeNotPowerOfTwo(whole.to_string());
+    let size: u32 = text.parse().map_err(|_| bad())?;
+    if !size.is_power_of_two() || !(MIN_SECTOR_SIZE..=MAX_SECTOR_SIZE).contains(&size) {
+        return Err(bad());
+    }
+    Ok(size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_alone_takes_defaults() {
+        let o = BlockOptions::parse("/images/disk.img").unwrap();
+        assert_eq!(o.path, PathBuf::from("/images/disk.img"));
+        assert!(!o.read_only && !o.sync && !o.nocache);
+        assert_eq!((o.logical_sector_size, o.physical_sector_size), (512, 512));
+        assert_eq!(o.spec, "/images/disk.img");
+    }
+
+    #[test]
+    fn every_option_is_recognised() {
+        let o = BlockOptions::parse("d.img,nocache,direct,ro,sectorsize=512/4096").unwrap();
+        assert!(o.nocache && o.sync && o.read_only);
+        assert_eq!((o.logical_sector_size, o.physical_sector_size), (512, 4096));
+        assert_eq!(o.spec, "d.img,nocache,direct,ro,sectorsize=512/4096");
+        assert!(BlockOptions::parse("d.img,sync").unwrap().sync);
+    }
+
+    #[test]
+    fn single_sector_size_sets_both() {
+        let o = BlockOptions::parse("d.img,sectorsize=4096").unwrap();
+        assert_eq!(
+            (o.logical_sector_size, o.physical_sector_size),
+            (4096, 4096)
+        );
+    }
+
+    #[test]
+    fn missing_path_is_an_error() {
+        assert_eq!(
+            BlockOptions::parse("").unwrap_err(),
+            OptionsError::MissingPath(String::new())
+        );
+        assert_eq!(
+            BlockOptions::parse(",ro").unwrap_err().to_string(),
+            "block device options \",ro\": a backing image path is required"
+        );
+    }
+
+    #[test]
+    fn unknown_option_is_named() {
+        assert_eq!(
+            BlockOptions::parse("d.img,rw").unwrap_err().to_string(),
+            "unknown block device option \"rw\""
+        );
+        assert_eq!(
+            BlockOptions::parse("d.img,").unwrap_err(),
+            OptionsError::UnknownOption(String::new())
+        );
+    }
+
+    #[test]
+    fn bad_sector_sizes_are_rejected() {
+        for bad in ["256", "1000", "x", "512/", "/512", "131072", "0", "-512"] {
+            let err = BlockOptions::parse(&format!("d.img,sectorsize={bad}")).unwrap_err();
+            assert_eq!(
+                err,
+                OptionsError::SectorSizeNotPowerOfTwo(bad.to_string()),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            BlockOptions::parse("d.img,sectorsize=4096/512")
+                .unwrap_err()
+                .to_string(),
+            "invalid sectorsize \"4096/512\": the logical size must not exceed the physical size"
+        );
+    }
+}
