@@ -106,6 +106,7 @@ fn vmlinux_boots_to_its_first_interrupt_with_acpi_and_two_cpus() {
             "ACPI: Using ACPI (MADT) for SMP configuration information",
             "smpboot: Allowing 2 CPUs, 0 hotplug CPUs",
             &format!("Kernel command line: {CMDLINE}"),
+            "printk: console [ttyS0] enabled",
         ],
     );
     assert!(
