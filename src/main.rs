@@ -7,7 +7,15 @@ use xhyve::vmm;
 
 fn main() {
     vmm::install_panic_hook();
-    env_logger::Builder::from_env(env_logger::Env::new().filter("XHYVE_LOG")).init();
+    let mut logger = env_logger::Builder::new();
+    logger.filter_level(log::LevelFilter::Warn);
+    // virtio-queue reports a guest's malformed queues at error level: a guest must not be able
+    // to flood xhyve's stderr. XHYVE_LOG can turn it back on.
+    logger.filter_module("virtio_queue", log::LevelFilter::Off);
+    if let Ok(spec) = std::env::var("XHYVE_LOG") {
+        logger.parse_filters(&spec);
+    }
+    logger.init();
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let program = args
         .first()
