@@ -112,6 +112,32 @@ pub fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Registers of one byte per I/O port (PIC, PIT, ...). A wider access covers the following
+/// ports, as on ISA hardware.
+pub trait BytePorts {
+    fn read_port(&mut self, port: u16) -> u8;
+    fn write_port(&mut self, port: u16, value: u8);
+}
+
+/// `BusDevice::read` for a `BytePorts` device.
+pub fn read_byte_ports(device: &mut impl BytePorts, base: u64, offset: u64, data: &mut [u8]) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = match u16::try_from(base + offset + i as u64) {
+            Ok(port) => device.read_port(port),
+            Err(_) => 0xff,
+        };
+    }
+}
+
+/// `BusDevice::write` for a `BytePorts` device.
+pub fn write_byte_ports(device: &mut impl BytePorts, base: u64, offset: u64, data: &[u8]) {
+    for (i, &byte) in data.iter().enumerate() {
+        if let Ok(port) = u16::try_from(base + offset + i as u64) {
+            device.write_port(port, byte);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

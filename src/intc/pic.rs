@@ -7,7 +7,7 @@
 //! `intr_asserted` after any of those and takes the vector with `intack` when it injects the
 //! interrupt. Nothing here blocks or allocates.
 
-use crate::devices::bus::BusDevice;
+use crate::devices::bus::{read_byte_ports, write_byte_ports, BusDevice, BytePorts};
 
 pub const MASTER_PORT: u16 = 0x20;
 pub const SLAVE_PORT: u16 = 0xa0;
@@ -398,23 +398,24 @@ impl PicPair {
     }
 }
 
+impl BytePorts for PicPair {
+    fn read_port(&mut self, port: u16) -> u8 {
+        PicPair::read_port(self, port)
+    }
+
+    fn write_port(&mut self, port: u16, value: u8) {
+        PicPair::write_port(self, port, value)
+    }
+}
+
 /// Serves the three 2-port ranges (0x20, 0xA0, 0x4D0); a wider access covers the next ports.
 impl BusDevice for PicPair {
     fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = match u16::try_from(base + offset + i as u64) {
-                Ok(port) => self.read_port(port),
-                Err(_) => 0xff,
-            };
-        }
+        read_byte_ports(self, base, offset, data);
     }
 
     fn write(&mut self, base: u64, offset: u64, data: &[u8]) {
-        for (i, &byte) in data.iter().enumerate() {
-            if let Ok(port) = u16::try_from(base + offset + i as u64) {
-                self.write_port(port, byte);
-            }
-        }
+        write_byte_ports(self, base, offset, data);
     }
 }
 

@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use super::clock::Clock;
-use crate::devices::bus::BusDevice;
+use crate::devices::bus::{read_byte_ports, write_byte_ports, BusDevice, BytePorts};
 
 /// The 8254 input clock on a PC, in Hz.
 pub const PIT_HZ: u64 = 1_193_182;
@@ -455,23 +455,24 @@ impl Pit {
     }
 }
 
+impl BytePorts for Pit {
+    fn read_port(&mut self, port: u16) -> u8 {
+        Pit::read_port(self, port)
+    }
+
+    fn write_port(&mut self, port: u16, value: u8) {
+        Pit::write_port(self, port, value)
+    }
+}
+
 /// Serves 0x40-0x43 and 0x61; a wider access covers the following ports.
 impl BusDevice for Pit {
     fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = match u16::try_from(base + offset + i as u64) {
-                Ok(port) => self.read_port(port),
-                Err(_) => 0xff,
-            };
-        }
+        read_byte_ports(self, base, offset, data);
     }
 
     fn write(&mut self, base: u64, offset: u64, data: &[u8]) {
-        for (i, &byte) in data.iter().enumerate() {
-            if let Ok(port) = u16::try_from(base + offset + i as u64) {
-                self.write_port(port, byte);
-            }
-        }
+        write_byte_ports(self, base, offset, data);
     }
 }
 
