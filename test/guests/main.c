@@ -195,6 +195,8 @@ static const struct {
     { "apicbase", test_apicbase },
     { "hpet", test_hpet },
     { "unknown-msr", test_unknown_msr },
+    { "rm-pit", test_rm_pit },
+    { "routing", test_routing },
 };
 
 void main(u32 magic, const struct mb_info *mbi)

@@ -7,5 +7,7 @@ void test_pciscan(const struct mb_info *mbi);
 void test_rtc(const struct mb_info *mbi);
 void test_highmem(const struct mb_info *mbi);
 void test_smp(const struct mb_info *mbi);
+void test_rm_pit(const struct mb_info *mbi);
+void test_routing(const struct mb_info *mbi);
 
 #endif
