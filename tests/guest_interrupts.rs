@@ -17,23 +17,26 @@ fn parse_rm_pit(line: &str) -> Option<(u32, u32)> {
     Some((ticks.parse().ok()?, us.parse().ok()?))
 }
 
-guest_test!(pit_interrupts_reach_a_real_mode_handler_at_their_rate, |mode| {
-    let outcome = Vm::multiboot("rm-pit").irqchip(mode).run();
-    outcome.assert_exit(1);
-    let (ticks, us) = outcome
-        .lines()
-        .find_map(parse_rm_pit)
-        .unwrap_or_else(|| panic!("no rm-pit line\n{outcome}"));
-    assert_eq!(ticks, 50, "{outcome}");
-    // 50 periods of 10 ms, timed by the PM timer from the first tick to the last. Ticks the
-    // VMM delivers late stretch the interval; on a loaded 2-core host a few ms of scheduling
-    // delay per period is possible, never a shorter interval: allow -2% .. +20%.
-    assert!(
-        (490_000..=600_000).contains(&us),
-        "50 ticks at 100 Hz took {us} us\n{outcome}"
-    );
-    eprintln!("{mode:?}: 50 PIT ticks at 100 Hz in {us} us");
-});
+guest_test!(
+    pit_interrupts_reach_a_real_mode_handler_at_their_rate,
+    |mode| {
+        let outcome = Vm::multiboot("rm-pit").irqchip(mode).run();
+        outcome.assert_exit(1);
+        let (ticks, us) = outcome
+            .lines()
+            .find_map(parse_rm_pit)
+            .unwrap_or_else(|| panic!("no rm-pit line\n{outcome}"));
+        assert_eq!(ticks, 50, "{outcome}");
+        // 50 periods of 10 ms, timed by the PM timer from the first tick to the last. Ticks the
+        // VMM delivers late stretch the interval; on a loaded 2-core host a few ms of scheduling
+        // delay per period is possible, never a shorter interval: allow -2% .. +20%.
+        assert!(
+            (490_000..=600_000).contains(&us),
+            "50 ticks at 100 Hz took {us} us\n{outcome}"
+        );
+        eprintln!("{mode:?}: 50 PIT ticks at 100 Hz in {us} us");
+    }
+);
 
 guest_test!(routing_reads_back_from_the_controllers, |mode| {
     let mut vm = Vm::multiboot("routing").irqchip(mode).args(["-A"]).spawn();
@@ -50,6 +53,9 @@ guest_test!(routing_reads_back_from_the_controllers, |mode| {
 
 #[test]
 fn rm_pit_line_parser() {
-    assert_eq!(parse_rm_pit("rm-pit 50 ticks in 500123 us"), Some((50, 500_123)));
+    assert_eq!(
+        parse_rm_pit("rm-pit 50 ticks in 500123 us"),
+        Some((50, 500_123))
+    );
     assert_eq!(parse_rm_pit("rm-pit 50 ticks"), None);
 }

@@ -96,7 +96,9 @@ impl InterruptBackend {
     pub fn pin_sink(&self) -> Arc<dyn crate::intc::hpet::HpetIrqSink> {
         match self {
             InterruptBackend::Hypervisor(vm) => HvPinSink::new(vm.clone()),
-            InterruptBackend::User(chip) => Arc::new(super::user_irqchip::UserPinSink(chip.clone())),
+            InterruptBackend::User(chip) => {
+                Arc::new(super::user_irqchip::UserPinSink(chip.clone()))
+            }
         }
     }
 }

@@ -4,10 +4,10 @@ use std::sync::{Arc, Mutex};
 
 use super::control::Control;
 use super::interrupts::InterruptBackend;
-use super::user_irqchip::{IoApicMmio, LapicTimers, PicPorts, PitDevice, UserIrqChip};
 use super::machine::VmmError;
 use super::memory::{self, GuestMemory};
 use super::timers::TimerService;
+use super::user_irqchip::{IoApicMmio, LapicTimers, PicPorts, PitDevice, UserIrqChip};
 use crate::boot::{self, BootSetup};
 use crate::cli::{PciDeviceKind, VmConfig};
 use crate::devices::bus::{lock, Bus, BusDevice};
@@ -206,12 +206,7 @@ fn build_user_irqchip(
     io_bus: &mut Bus,
     mmio_bus: &mut Bus,
 ) -> Result<Arc<UserIrqChip>, VmmError> {
-    let chip = UserIrqChip::new(
-        config.vcpus,
-        clock.clone(),
-        timers.waker(),
-        control.clone(),
-    );
+    let chip = UserIrqChip::new(config.vcpus, clock.clone(), timers.waker(), control.clone());
     timers.add_timed(Arc::new(Mutex::new(LapicTimers(chip.clone()))));
     insert(mmio_bus, IoApicMmio(chip.clone()), IOAPIC_BASE, IOAPIC_SIZE)?;
     let pic = shared(PicPorts(chip.clone()));

@@ -209,7 +209,10 @@ mod tests {
         });
         service.run_once(Duration::from_secs(10));
         t.join().unwrap();
-        assert!(start.elapsed() < Duration::from_secs(5), "woken by the waker");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "woken by the waker"
+        );
     }
 
     #[test]

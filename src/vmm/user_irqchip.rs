@@ -263,8 +263,7 @@ impl UserIrqChip {
                 cpu.lapic.acknowledge()
             };
         }
-        let window =
-            (pic_wired && pic.intr_asserted()) || cpu.lapic.pending_vector().is_some();
+        let window = (pic_wired && pic.intr_asserted()) || cpu.lapic.pending_vector().is_some();
         Entry {
             nmi,
             vector,
@@ -289,10 +288,9 @@ impl UserIrqChip {
     /// Whether vCPU `id` must (re)start through INIT/SIPI before it may run.
     pub fn needs_startup(&self, id: u8) -> bool {
         let state = lock(&self.state);
-        state
-            .cpus
-            .get(usize::from(id))
-            .is_some_and(|c| c.init_pending || c.start_vector.is_some() || c.run == CpuRun::WaitingForSipi)
+        state.cpus.get(usize::from(id)).is_some_and(|c| {
+            c.init_pending || c.start_vector.is_some() || c.run == CpuRun::WaitingForSipi
+        })
     }
 
     /// Sleeps until vCPU `id` receives a SIPI; returns its vector, or `None` when the
@@ -345,9 +343,8 @@ impl UserIrqChip {
                 let Some(cpu) = cpus.get_mut(index) else {
                     return;
                 };
-                let pic_wakes = index == PIC_CPU
-                    && cpu.lapic.accepts_pic_interrupts()
-                    && pic.intr_asserted();
+                let pic_wakes =
+                    index == PIC_CPU && cpu.lapic.accepts_pic_interrupts() && pic.intr_asserted();
                 let woken = cpu.nmi_pending
                     || cpu.init_pending
                     || cpu.start_vector.is_some()
@@ -764,7 +761,10 @@ mod tests {
         chip.set_gsi(4, false);
         let not_ready = chip.next_entry(0, false);
         assert_eq!(not_ready.vector, None);
-        assert!(not_ready.window, "asks for a window while the guest cannot take it");
+        assert!(
+            not_ready.window,
+            "asks for a window while the guest cannot take it"
+        );
         let entry = chip.next_entry(0, true);
         assert_eq!(entry.vector, Some(0x34));
         assert!(!entry.window);
@@ -807,7 +807,11 @@ mod tests {
         }
         chip.pic_write(0x21, 0xFE);
         chip.pulse_timer_irq();
-        assert_eq!(chip.next_entry(1, true).vector, None, "only the BSP is wired");
+        assert_eq!(
+            chip.next_entry(1, true).vector,
+            None,
+            "only the BSP is wired"
+        );
         assert_eq!(chip.next_entry(0, true).vector, Some(0x08));
         chip.pic_write(0x20, 0x0B); // OCW3: read ISR
         assert_eq!(chip.pic_read(0x20), 1);

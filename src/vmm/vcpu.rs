@@ -82,8 +82,13 @@ fn prepare_user_entry(
         let Some(vector) = chip.wait_for_startup(vcpu.id()) else {
             return Ok(());
         };
-        start_in_real_mode(vcpu, vector)
-            .map_err(|e| fatal(vcpu, ctx, &format!("cannot start vCPU at SIPI vector {vector:#x}: {e}")))?;
+        start_in_real_mode(vcpu, vector).map_err(|e| {
+            fatal(
+                vcpu,
+                ctx,
+                &format!("cannot start vCPU at SIPI vector {vector:#x}: {e}"),
+            )
+        })?;
     }
     chip.prepare_entry(vcpu)
         .map_err(|e| fatal(vcpu, ctx, &format!("cannot inject an interrupt: {e}")))

@@ -197,6 +197,7 @@ static const struct {
     { "unknown-msr", test_unknown_msr },
     { "rm-pit", test_rm_pit },
     { "routing", test_routing },
+    { "exitbench", test_exitbench },
 };
 
 void main(u32 magic, const struct mb_info *mbi)

@@ -6,10 +6,10 @@ mod regs;
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_interrupt, KVMIO, kvm_enable_cap, kvm_msi, kvm_msr_entry, kvm_pit_config, CpuId, Msrs,
-    KVM_CAP_X86_USER_SPACE_MSR, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_MAX_CPUID_ENTRIES,
-    KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED,
-    KVM_MSR_EXIT_REASON_UNKNOWN, KVM_PIT_SPEAKER_DUMMY,
+    kvm_cpuid_entry2, kvm_enable_cap, kvm_interrupt, kvm_msi, kvm_msr_entry, kvm_pit_config, CpuId,
+    Msrs, KVMIO, KVM_CAP_X86_USER_SPACE_MSR, KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+    KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED,
+    KVM_MP_STATE_UNINITIALIZED, KVM_MSR_EXIT_REASON_UNKNOWN, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::ioctl::ioctl_with_ref;
@@ -160,7 +160,9 @@ impl Vm for KvmVm {
 
     fn set_irq_line(&self, gsi: u32, level: bool) -> Result<(), HvError> {
         if self.irqchip == IrqChipMode::User {
-            return Err(HvError::MissingCapability("KVM_IRQ_LINE without an in-kernel irqchip"));
+            return Err(HvError::MissingCapability(
+                "KVM_IRQ_LINE without an in-kernel irqchip",
+            ));
         }
         self.fd
             .set_irq_line(gsi, level)
