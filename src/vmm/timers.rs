@@ -58,14 +58,22 @@ pub struct Rearming<D> {
     wake: Arc<Wake>,
 }
 
-impl<D: BusDevice> BusDevice for Rearming<D> {
+impl<D: BusDevice + Timed> BusDevice for Rearming<D> {
     fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
         lock(&self.device).read(base, offset, data);
     }
 
+    /// Wakes the timer thread only when the write moved the deadline: a wake is a syscall,
+    /// and most register writes (latch commands, status reads' side effects) move nothing.
     fn write(&mut self, base: u64, offset: u64, data: &[u8]) {
-        lock(&self.device).write(base, offset, data);
-        self.wake.notify();
+        let mut device = lock(&self.device);
+        let before = device.next_deadline_ns();
+        device.write(base, offset, data);
+        let moved = device.next_deadline_ns() != before;
+        drop(device);
+        if moved {
+            self.wake.notify();
+        }
     }
 }
 
@@ -190,6 +198,23 @@ mod tests {
         clock.set(9_000);
         service.run_once(Duration::ZERO);
         assert_eq!(lock(&alarm).fired.len(), 1, "one-shot fired once");
+    }
+
+    #[test]
+    fn only_writes_that_move_the_deadline_wake_the_thread() {
+        let clock = Arc::new(ManualClock::new(0));
+        let mut service = TimerService::new(clock);
+        let mut regs = service.add(Alarm {
+            at: None,
+            fired: vec![],
+        });
+        let generation = || *lock(&service.wake.generation);
+        regs.write(0, 0, &[5]);
+        assert_eq!(generation(), 1);
+        regs.write(0, 0, &[5]);
+        assert_eq!(generation(), 1, "same deadline: no wake");
+        regs.write(0, 0, &[6]);
+        assert_eq!(generation(), 2);
     }
 
     #[test]
