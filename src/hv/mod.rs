@@ -177,6 +177,22 @@ pub trait Vcpu: Send {
 
     /// Clears a pending kick once the VMM has seen it.
     fn clear_kick(&mut self);
+
+    // Interrupt injection for a VMM that emulates the interrupt controllers itself
+    // (`IrqChipMode::User`; Hypervisor.framework always works this way).
+
+    /// Whether the guest can take an external interrupt on the next entry (IF set, no
+    /// interrupt shadow, nothing already queued), as of the last exit.
+    fn ready_for_interrupt(&mut self) -> bool;
+    /// Queues external interrupt `vector` for the next entry. Call only when
+    /// `ready_for_interrupt` says so.
+    fn inject_interrupt(&mut self, vector: u8) -> Result<(), HvError>;
+    /// Queues an NMI for the next entry.
+    fn inject_nmi(&mut self) -> Result<(), HvError>;
+    /// Asks for a `VmExit::IrqWindowOpen` as soon as the guest can take an interrupt.
+    fn request_interrupt_window(&mut self, on: bool);
+    /// Whether the guest had interrupts enabled (RFLAGS.IF) at the last exit.
+    fn interrupts_enabled(&mut self) -> bool;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

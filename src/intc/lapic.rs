@@ -325,6 +325,22 @@ impl Lapic {
         self.tsc_reference = (tsc, now_ns);
     }
 
+    /// Virtual-wire mode, as PC firmware leaves it: LINT0 takes the 8259's ExtINT, LINT1 is
+    /// NMI, both unmasked even while the APIC is software-disabled.
+    pub fn set_virtual_wire(&mut self) {
+        self.lvt[LocalSource::Lint0.index()] = DeliveryMode::ExtInt.bits() << 8;
+        self.lvt[LocalSource::Lint1.index()] = DeliveryMode::Nmi.bits() << 8;
+    }
+
+    /// Whether the 8259's INTR reaches this CPU: LINT0 unmasked in ExtINT mode, or the APIC
+    /// globally disabled (then LINT0 is the processor's INTR pin).
+    pub fn accepts_pic_interrupts(&self) -> bool {
+        let lint0 = self.lvt[LocalSource::Lint0.index()];
+        !self.hardware_enabled()
+            || (lint0 & LVT_MASKED == 0
+                && DeliveryMode::from_bits(lint0 >> 8) == Some(DeliveryMode::ExtInt))
+    }
+
     pub fn apic_base(&self) -> u64 {
         self.apic_base
     }
@@ -1281,6 +1297,18 @@ mod tests {
         // Re-enabling leaves LVTs masked until the guest unmasks them.
         write(&mut l, REG_SVR, 0x1FF);
         assert_eq!(read(&l, REG_LVT_TIMER), LVT_MASKED | 0xEF);
+    }
+
+    #[test]
+    fn virtual_wire_routes_the_pic_until_lint0_is_masked() {
+        let mut l = lapic(0);
+        assert!(!l.accepts_pic_interrupts(), "masked at power-up");
+        l.set_virtual_wire();
+        assert!(l.accepts_pic_interrupts());
+        assert_eq!(l.fire_local(LocalSource::Lint1), Accepted::Nmi);
+        write(&mut l, REG_SVR, 0x1FF);
+        write(&mut l, REG_LVT_LINT0, LVT_MASKED | 0x700);
+        assert!(!l.accepts_pic_interrupts());
     }
 
     #[test]

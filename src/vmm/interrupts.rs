@@ -65,3 +65,40 @@ impl crate::intc::hpet::HpetIrqSink for HvPinSink {
         }
     }
 }
+
+/// Who delivers the machine's interrupts: the hypervisor's irqchip or the VMM's own
+/// (`UserIrqChip`). Devices get their lines from here and never know which.
+#[derive(Clone)]
+pub enum InterruptBackend {
+    Hypervisor(Arc<dyn Vm>),
+    User(Arc<super::user_irqchip::UserIrqChip>),
+}
+
+impl InterruptBackend {
+    pub fn line(&self, gsi: u32) -> Arc<dyn InterruptLine> {
+        match self {
+            InterruptBackend::Hypervisor(vm) => HvInterruptLine::new(vm.clone(), gsi),
+            InterruptBackend::User(chip) => {
+                super::user_irqchip::UserInterruptLine::new(chip.clone(), gsi)
+            }
+        }
+    }
+
+    pub fn msi_sender(&self) -> Arc<dyn MsiSender> {
+        match self {
+            InterruptBackend::Hypervisor(vm) => HvMsiSender::new(vm.clone()),
+            InterruptBackend::User(chip) => {
+                Arc::new(super::user_irqchip::UserMsiSender(chip.clone()))
+            }
+        }
+    }
+
+    pub fn pin_sink(&self) -> Arc<dyn crate::intc::hpet::HpetIrqSink> {
+        match self {
+            InterruptBackend::Hypervisor(vm) => HvPinSink::new(vm.clone()),
+            InterruptBackend::User(chip) => {
+                Arc::new(super::user_irqchip::UserPinSink(chip.clone()))
+            }
+        }
+    }
+}

@@ -49,9 +49,10 @@ pub fn run(config: &VmConfig) -> Result<i32, VmmError> {
         }
     }
 
+    let irqchip = irqchip_mode()?;
     let options = VmOptions {
         vcpus: config.vcpus,
-        irqchip: IrqChipMode::Kernel,
+        irqchip,
         user_msr_exits: config.ignore_unknown_msrs,
     };
     let vm = hypervisor.create_vm(&options)?;
@@ -61,7 +62,7 @@ pub fn run(config: &VmConfig) -> Result<i32, VmmError> {
         pidfile::create(path)?;
     }
     let (control, woken) = Control::new(config.vcpus);
-    let platform = super::platform::build(config, &vm, &guest_memory, &control)?;
+    let platform = super::platform::build(config, &vm, &guest_memory, &control, irqchip)?;
 
     let supported = hypervisor.supported_cpuid()?;
     let policy = CpuidPolicy::new(config.vcpus, config.x2apic);
@@ -88,6 +89,7 @@ pub fn run(config: &VmConfig) -> Result<i32, VmmError> {
         strict_io: config.strict_io,
         ignore_unknown_msrs: config.ignore_unknown_msrs,
         pins,
+        user_irqchip: platform.user_irqchip,
     });
     let threads = start_vcpus(vcpus, &ctx)?;
 
@@ -95,7 +97,8 @@ pub fn run(config: &VmConfig) -> Result<i32, VmmError> {
         match woken.recv_timeout(HALT_POLL_INTERVAL) {
             Ok(()) | Err(RecvTimeoutError::Disconnected) => {}
             Err(RecvTimeoutError::Timeout) => {
-                if control.poll_all_halted(HALT_POLL_ANSWER) {
+                // In user mode the vCPU threads see HLT themselves (UserIrqChip::halt).
+                if irqchip == IrqChipMode::Kernel && control.poll_all_halted(HALT_POLL_ANSWER) {
                     control.stop(StopReason::Guest(crate::devices::power::PowerEvent::Halt));
                 }
             }
@@ -113,6 +116,25 @@ pub fn run(config: &VmConfig) -> Result<i32, VmmError> {
     }
     drop(vm);
     Ok(reason.exit_code())
+}
+
+/// `XHYVE_IRQCHIP`: who emulates the interrupt controllers; the in-kernel irqchip unless
+/// told otherwise.
+fn irqchip_mode() -> Result<IrqChipMode, VmmError> {
+    match std::env::var("XHYVE_IRQCHIP") {
+        Err(_) => Ok(IrqChipMode::Kernel),
+        Ok(value) => parse_irqchip_mode(&value),
+    }
+}
+
+fn parse_irqchip_mode(value: &str) -> Result<IrqChipMode, VmmError> {
+    match value {
+        "" | "kernel" => Ok(IrqChipMode::Kernel),
+        "user" => Ok(IrqChipMode::User),
+        other => Err(VmmError::Setup(format!(
+            "invalid XHYVE_IRQCHIP \"{other}\": expected kernel or user"
+        ))),
+    }
 }
 
 /// Kicks every vCPU until its thread has left the run loop, then joins it.
@@ -218,6 +240,15 @@ fn boot_msrs(id: u8, x2apic: bool) -> Vec<(u32, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn irqchip_mode_names() {
+        assert_eq!(parse_irqchip_mode("kernel").unwrap(), IrqChipMode::Kernel);
+        assert_eq!(parse_irqchip_mode("").unwrap(), IrqChipMode::Kernel);
+        assert_eq!(parse_irqchip_mode("user").unwrap(), IrqChipMode::User);
+        let err = parse_irqchip_mode("usr").unwrap_err().to_string();
+        assert!(err.contains("\"usr\""), "{err}");
+    }
 
     #[test]
     fn apic_base_marks_the_bsp_and_x2apic() {

@@ -11,6 +11,7 @@ pub mod pidfile;
 mod platform;
 pub mod signals;
 pub mod timers;
+pub mod user_irqchip;
 pub mod vcpu;
 
 pub use machine::{run, VmmError};

@@ -3,10 +3,11 @@
 use std::sync::{Arc, Mutex};
 
 use super::control::Control;
-use super::interrupts::{HvInterruptLine, HvMsiSender, HvPinSink};
+use super::interrupts::InterruptBackend;
 use super::machine::VmmError;
 use super::memory::{self, GuestMemory};
 use super::timers::TimerService;
+use super::user_irqchip::{IoApicMmio, LapicTimers, PicPorts, PitDevice, UserIrqChip};
 use crate::boot::{self, BootSetup};
 use crate::cli::{PciDeviceKind, VmConfig};
 use crate::devices::bus::{lock, Bus, BusDevice};
@@ -22,9 +23,12 @@ use crate::devices::power_mgmt::{
 };
 use crate::devices::rtc::{Rtc, RTC_PORT, RTC_PORT_COUNT};
 use crate::devices::serial::{com_resources, SerialPort, UART_PORT_COUNT};
-use crate::hv::Vm;
+use crate::hv::{IrqChipMode, Vm};
 use crate::intc::clock::{Clock, MonotonicClock};
 use crate::intc::hpet::{Hpet, HPET_BASE, HPET_LEN};
+use crate::intc::ioapic::{IOAPIC_BASE, IOAPIC_SIZE};
+use crate::intc::pic::{ELCR_PORT, MASTER_PORT, SLAVE_PORT};
+use crate::intc::pit::{Pit, PIT_PORT, SPEAKER_PORT};
 use crate::tables::{self, MachineDescription, PciIntxRoute};
 
 /// What the run loop needs from the built platform.
@@ -36,6 +40,8 @@ pub struct Platform {
     pub power_button: Option<Box<dyn Fn() + Send>>,
     /// Kept alive for the VM's life: dropping a port stops its input thread.
     pub serial_ports: Vec<SerialPort>,
+    /// The VMM's interrupt controllers, in `IrqChipMode::User`.
+    pub user_irqchip: Option<Arc<UserIrqChip>>,
 }
 
 /// The IOAPIC pin of a PCI slot's INTx pin: the usual swizzle over GSIs 16-23, the pins the
@@ -49,20 +55,36 @@ pub fn build(
     vm: &Arc<dyn Vm>,
     mem: &GuestMemory,
     control: &Arc<Control>,
+    irqchip: IrqChipMode,
 ) -> Result<Platform, VmmError> {
     // Shared from the start: PCI BARs are (re)mapped on them while the guest runs.
     let io_bus = Arc::new(Bus::new());
     let mmio_bus = Arc::new(Bus::new());
-    let line = |gsi| HvInterruptLine::new(vm.clone(), gsi);
+    let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
+    let mut timers = TimerService::new(clock.clone());
+    let user_irqchip = match irqchip {
+        IrqChipMode::Kernel => None,
+        IrqChipMode::User => Some(build_user_irqchip(
+            config,
+            control,
+            &clock,
+            &mut timers,
+            &io_bus,
+            &mmio_bus,
+        )?),
+    };
+    let interrupts = match &user_irqchip {
+        Some(chip) => InterruptBackend::User(chip.clone()),
+        None => InterruptBackend::Hypervisor(vm.clone()),
+    };
+    let line = |gsi| interrupts.line(gsi);
     let setup = |e: &dyn std::fmt::Display| VmmError::Setup(e.to_string());
 
-    let intx_vm = vm.clone();
+    let intx = interrupts.clone();
     let pci_resources = PciResources {
         memory: mem.clone(),
-        msi: HvMsiSender::new(vm.clone()),
-        intx: Box::new(move |gsi| -> Arc<dyn InterruptLine> {
-            HvInterruptLine::new(intx_vm.clone(), gsi)
-        }),
+        msi: interrupts.msi_sender(),
+        intx: Box::new(move |gsi| intx.line(gsi)),
         virtio_single_msi: config.virtio_single_msi,
     };
     let pci = build_pci_bus(
@@ -121,9 +143,7 @@ pub fn build(
     };
 
     // KVM's irqchip has no HPET: the VMM provides it, ticked by its own timer thread.
-    let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
-    let mut timers = TimerService::new(clock.clone());
-    let hpet = timers.add(Hpet::new(clock, HvPinSink::new(vm.clone())));
+    let hpet = timers.add(Hpet::new(clock, interrupts.pin_sink()));
     insert(&mmio_bus, hpet, HPET_BASE, HPET_LEN)?;
     timers.start().map_err(VmmError::Thread)?;
 
@@ -179,7 +199,32 @@ pub fn build(
         boot,
         power_button,
         serial_ports,
+        user_irqchip,
     })
+}
+
+/// The VMM's own LAPICs, IOAPIC, 8259 pair and 8254 (`IrqChipMode::User`). The LAPICs are
+/// not on the MMIO bus: each vCPU reaches its own, so the vCPU loop dispatches them. The
+/// PM timer stays the one in `AcpiPm`.
+fn build_user_irqchip(
+    config: &VmConfig,
+    control: &Arc<Control>,
+    clock: &Arc<dyn Clock>,
+    timers: &mut TimerService,
+    io_bus: &Bus,
+    mmio_bus: &Bus,
+) -> Result<Arc<UserIrqChip>, VmmError> {
+    let chip = UserIrqChip::new(config.vcpus, clock.clone(), timers.waker(), control.clone());
+    timers.add_timed(Arc::new(Mutex::new(LapicTimers(chip.clone()))));
+    insert(mmio_bus, IoApicMmio(chip.clone()), IOAPIC_BASE, IOAPIC_SIZE)?;
+    let pic = shared(PicPorts(chip.clone()));
+    for port in [MASTER_PORT, SLAVE_PORT, ELCR_PORT] {
+        insert_shared(io_bus, &pic, u64::from(port), 2)?;
+    }
+    let pit = shared(timers.add(PitDevice::new(Pit::new(clock.clone()), chip.clone())));
+    insert_shared(io_bus, &pit, u64::from(PIT_PORT), 4)?;
+    insert_shared(io_bus, &pit, u64::from(SPEAKER_PORT), 1)?;
+    Ok(chip)
 }
 
 fn shared<D: BusDevice + 'static>(device: D) -> Arc<Mutex<D>> {
@@ -210,7 +255,7 @@ fn insert<D: BusDevice + 'static>(
 fn build_serial_ports(
     config: &VmConfig,
     io_bus: &Bus,
-    line: &dyn Fn(u32) -> Arc<HvInterruptLine>,
+    line: &dyn Fn(u32) -> Arc<dyn InterruptLine>,
 ) -> Result<Vec<SerialPort>, VmmError> {
     let has_lpc = config
         .pci_devices

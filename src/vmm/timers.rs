@@ -40,20 +40,40 @@ impl Wake {
     }
 }
 
+/// Wakes the timer thread so that it recomputes its deadline: for devices whose timers move
+/// other than through a `Rearming` bus device (the LAPIC timers, programmed through the
+/// vCPU's own LAPIC page).
+#[derive(Clone)]
+pub struct TimerWaker(Arc<Wake>);
+
+impl TimerWaker {
+    pub fn wake(&self) {
+        self.0.notify();
+    }
+}
+
 /// A bus device whose writes may move a timer deadline.
 pub struct Rearming<D> {
     device: Arc<Mutex<D>>,
     wake: Arc<Wake>,
 }
 
-impl<D: BusDevice> BusDevice for Rearming<D> {
+impl<D: BusDevice + Timed> BusDevice for Rearming<D> {
     fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
         lock(&self.device).read(base, offset, data);
     }
 
+    /// Wakes the timer thread only when the write moved the deadline: a wake is a syscall,
+    /// and most register writes (latch commands, status reads' side effects) move nothing.
     fn write(&mut self, base: u64, offset: u64, data: &[u8]) {
-        lock(&self.device).write(base, offset, data);
-        self.wake.notify();
+        let mut device = lock(&self.device);
+        let before = device.next_deadline_ns();
+        device.write(base, offset, data);
+        let moved = device.next_deadline_ns() != before;
+        drop(device);
+        if moved {
+            self.wake.notify();
+        }
     }
 }
 
@@ -81,6 +101,16 @@ impl TimerService {
             device,
             wake: self.wake.clone(),
         }
+    }
+
+    /// Registers a device that is programmed elsewhere; it must call the `waker` when its
+    /// deadline moves.
+    pub fn add_timed(&mut self, device: Arc<Mutex<dyn Timed>>) {
+        self.devices.push(device);
+    }
+
+    pub fn waker(&self) -> TimerWaker {
+        TimerWaker(self.wake.clone())
     }
 
     /// Starts the timer thread, if any device needs one. It runs until the process exits.
@@ -168,6 +198,46 @@ mod tests {
         clock.set(9_000);
         service.run_once(Duration::ZERO);
         assert_eq!(lock(&alarm).fired.len(), 1, "one-shot fired once");
+    }
+
+    #[test]
+    fn only_writes_that_move_the_deadline_wake_the_thread() {
+        let clock = Arc::new(ManualClock::new(0));
+        let mut service = TimerService::new(clock);
+        let mut regs = service.add(Alarm {
+            at: None,
+            fired: vec![],
+        });
+        let generation = || *lock(&service.wake.generation);
+        regs.write(0, 0, &[5]);
+        assert_eq!(generation(), 1);
+        regs.write(0, 0, &[5]);
+        assert_eq!(generation(), 1, "same deadline: no wake");
+        regs.write(0, 0, &[6]);
+        assert_eq!(generation(), 2);
+    }
+
+    #[test]
+    fn the_waker_wakes_the_sleeping_thread() {
+        let clock = Arc::new(ManualClock::new(0));
+        let mut service = TimerService::new(clock);
+        let alarm = Arc::new(Mutex::new(Alarm {
+            at: None,
+            fired: vec![],
+        }));
+        service.add_timed(alarm);
+        let waker = service.waker();
+        let start = std::time::Instant::now();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            waker.wake();
+        });
+        service.run_once(Duration::from_secs(10));
+        t.join().unwrap();
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "woken by the waker"
+        );
     }
 
     #[test]

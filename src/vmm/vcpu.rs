@@ -9,9 +9,10 @@ use super::control::Control;
 use super::diagnostics;
 use super::exit::StopReason;
 use super::memory::GuestMemory;
+use super::user_irqchip::UserIrqChip;
 use crate::devices::bus::Bus;
 use crate::devices::power::PowerEvent;
-use crate::hv::regs::RFLAGS_IF;
+use crate::hv::regs::{SegmentRegister, RFLAGS_IF};
 use crate::hv::{SystemEvent, Vcpu, VmExit};
 
 /// What every vCPU thread shares.
@@ -26,6 +27,8 @@ pub struct VcpuContext {
     pub ignore_unknown_msrs: bool,
     /// `-p`: the host CPU this vCPU is pinned to, per vCPU id.
     pub pins: Vec<Option<u32>>,
+    /// The VMM's interrupt controllers (`XHYVE_IRQCHIP=user`); `None` with the hypervisor's.
+    pub user_irqchip: Option<Arc<UserIrqChip>>,
 }
 
 /// A port access nobody claims.
@@ -43,7 +46,13 @@ pub fn run(mut vcpu: Box<dyn Vcpu>, ctx: Arc<VcpuContext>) {
         return;
     }
     match vcpu.kicker() {
-        Ok(kicker) => ctx.control.register_kicker(id, kicker),
+        Ok(kicker) => {
+            let kicker = match &ctx.user_irqchip {
+                Some(chip) => chip.attach_vcpu(id, kicker),
+                None => kicker,
+            };
+            ctx.control.register_kicker(id, kicker)
+        }
         Err(e) => {
             ctx.control
                 .stop(StopReason::Fatal(format!("vCPU {id}: {e}")));
@@ -51,7 +60,11 @@ pub fn run(mut vcpu: Box<dyn Vcpu>, ctx: Arc<VcpuContext>) {
         }
     }
     while !ctx.control.is_stopping() {
-        if let Err(reason) = run_once(vcpu.as_mut(), &ctx) {
+        let mut step = Ok(());
+        if let Some(chip) = &ctx.user_irqchip {
+            step = prepare_user_entry(vcpu.as_mut(), chip, &ctx);
+        }
+        if let Err(reason) = step.and_then(|()| run_once(vcpu.as_mut(), &ctx)) {
             ctx.control.stop(reason);
             ctx.control.kick_all();
             break;
@@ -59,8 +72,52 @@ pub fn run(mut vcpu: Box<dyn Vcpu>, ctx: Arc<VcpuContext>) {
     }
 }
 
+/// User irqchip: (re)starts a vCPU through INIT/SIPI, then injects what it can take.
+fn prepare_user_entry(
+    vcpu: &mut dyn Vcpu,
+    chip: &UserIrqChip,
+    ctx: &VcpuContext,
+) -> Result<(), StopReason> {
+    if chip.needs_startup(vcpu.id()) {
+        let Some(vector) = chip.wait_for_startup(vcpu.id()) else {
+            return Ok(());
+        };
+        start_in_real_mode(vcpu, vector).map_err(|e| {
+            fatal(
+                vcpu,
+                ctx,
+                &format!("cannot start vCPU at SIPI vector {vector:#x}: {e}"),
+            )
+        })?;
+    }
+    chip.prepare_entry(vcpu)
+        .map_err(|e| fatal(vcpu, ctx, &format!("cannot inject an interrupt: {e}")))
+}
+
+/// The state a SIPI leaves: real mode at CS = vector << 8 (base vector << 12), IP 0.
+fn start_in_real_mode(vcpu: &mut dyn Vcpu, vector: u8) -> Result<(), crate::hv::HvError> {
+    let mut sregs = vcpu.sregs()?;
+    sregs.cs = SegmentRegister {
+        base: u64::from(vector) << 12,
+        limit: 0xffff,
+        selector: u16::from(vector) << 8,
+        type_: 0xb,
+        present: true,
+        s: true,
+        ..Default::default()
+    };
+    sregs.cr0 &= !(1 | (1 << 31));
+    vcpu.set_sregs(&sregs)?;
+    vcpu.set_regs(&crate::hv::regs::StandardRegisters {
+        rip: 0,
+        rflags: 2,
+        ..Default::default()
+    })
+}
+
 fn run_once(vcpu: &mut dyn Vcpu, ctx: &VcpuContext) -> Result<(), StopReason> {
     let mut unhandled = None;
+    let vcpu_id = vcpu.id();
     let exit = vcpu.run();
     match exit {
         Ok(VmExit::IoIn { port, size, data }) => {
@@ -81,13 +138,25 @@ fn run_once(vcpu: &mut dyn Vcpu, ctx: &VcpuContext) -> Result<(), StopReason> {
             }
         }
         Ok(VmExit::MmioRead { addr, data }) => {
-            if !ctx.mmio_bus.read(addr, data) {
+            if let Some(chip) = ctx
+                .user_irqchip
+                .as_ref()
+                .filter(|_| UserIrqChip::is_lapic_address(addr))
+            {
+                chip.lapic_read(vcpu_id, addr, data);
+            } else if !ctx.mmio_bus.read(addr, data) {
                 log::trace!("unhandled MMIO read at {addr:#x}");
                 data.fill(0xff);
             }
         }
         Ok(VmExit::MmioWrite { addr, data }) => {
-            if !ctx.mmio_bus.write(addr, data) {
+            if let Some(chip) = ctx
+                .user_irqchip
+                .as_ref()
+                .filter(|_| UserIrqChip::is_lapic_address(addr))
+            {
+                chip.lapic_write(vcpu_id, addr, data);
+            } else if !ctx.mmio_bus.write(addr, data) {
                 log::trace!("unhandled MMIO write at {addr:#x}");
             }
         }
@@ -105,9 +174,20 @@ fn run_once(vcpu: &mut dyn Vcpu, ctx: &VcpuContext) -> Result<(), StopReason> {
         }
         Ok(VmExit::Interrupted) => {
             vcpu.clear_kick();
-            answer_halt_poll(vcpu, ctx);
+            if ctx.user_irqchip.is_none() {
+                answer_halt_poll(vcpu, ctx);
+            }
         }
         Ok(VmExit::Shutdown) => return Err(StopReason::Guest(PowerEvent::TripleFault)),
+        Ok(VmExit::Hlt) if ctx.user_irqchip.is_some() => {
+            let enabled = vcpu
+                .regs()
+                .map(|r| r.rflags & RFLAGS_IF != 0)
+                .unwrap_or(false);
+            if let Some(chip) = &ctx.user_irqchip {
+                chip.halt(vcpu_id, enabled);
+            }
+        }
         Ok(VmExit::Hlt) => {
             // Only reached when the hypervisor lets HLT out (no in-kernel irqchip): with
             // interrupts off nothing but INIT/NMI can wake it, which xhyve treats as halted.

@@ -196,6 +196,9 @@ static const struct {
     { "hpet", test_hpet },
     { "unknown-msr", test_unknown_msr },
     { "virtio-rnd", test_virtio_rnd },
+    { "rm-pit", test_rm_pit },
+    { "routing", test_routing },
+    { "exitbench", test_exitbench },
 };
 
 void main(u32 magic, const struct mb_info *mbi)

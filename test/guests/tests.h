@@ -8,5 +8,8 @@ void test_rtc(const struct mb_info *mbi);
 void test_highmem(const struct mb_info *mbi);
 void test_smp(const struct mb_info *mbi);
 void test_virtio_rnd(const struct mb_info *mbi);
+void test_rm_pit(const struct mb_info *mbi);
+void test_routing(const struct mb_info *mbi);
+void test_exitbench(const struct mb_info *mbi);
 
 #endif

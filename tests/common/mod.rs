@@ -39,8 +39,7 @@ impl IrqChip {
 }
 
 /// Generates one test per interrupt-controller mode from a body taking the mode. Both skip
-/// (or fail, under `XHYVE_REQUIRE_KVM=1`) without KVM. The user-irqchip variant is ignored
-/// until `XHYVE_IRQCHIP=user` exists; `cargo test -- --ignored` runs it.
+/// (or fail, under `XHYVE_REQUIRE_KVM=1`) without KVM.
 /// Needs `#[macro_use] mod common;` at the test crate's root.
 #[allow(unused_macros)] // Not every test crate that includes `common` defines guest tests.
 macro_rules! guest_test {
@@ -61,7 +60,6 @@ macro_rules! guest_test {
             }
 
             #[test]
-            #[ignore = "XHYVE_IRQCHIP=user is not implemented yet"]
             fn user_irqchip() {
                 if $crate::common::kvm_usable() {
                     body($crate::common::IrqChip::User);

@@ -6,12 +6,14 @@ mod regs;
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_enable_cap, kvm_msi, kvm_msr_entry, kvm_pit_config, CpuId, Msrs,
-    KVM_CAP_X86_USER_SPACE_MSR, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_MAX_CPUID_ENTRIES,
-    KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED,
-    KVM_MSR_EXIT_REASON_UNKNOWN, KVM_PIT_SPEAKER_DUMMY,
+    kvm_cpuid_entry2, kvm_enable_cap, kvm_interrupt, kvm_msi, kvm_msr_entry, kvm_pit_config, CpuId,
+    Msrs, KVMIO, KVM_CAP_X86_USER_SPACE_MSR, KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+    KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED,
+    KVM_MP_STATE_UNINITIALIZED, KVM_MSR_EXIT_REASON_UNKNOWN, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, VcpuExit, VcpuFd, VmFd};
+use vmm_sys_util::ioctl::ioctl_with_ref;
+use vmm_sys_util::ioctl_iow_nr;
 
 use super::cpuid::CpuidEntry;
 use super::regs::{SpecialRegisters, StandardRegisters};
@@ -78,7 +80,8 @@ impl Hypervisor for Kvm {
                 };
                 fd.create_pit2(pit).map_err(ioctl_err("KVM_CREATE_PIT2"))?;
             }
-            IrqChipMode::User => return Err(HvError::MissingCapability("userspace irqchip")),
+            // LAPIC, IOAPIC, PIC and PIT accesses exit to the VMM; HLT exits too.
+            IrqChipMode::User => {}
         }
         if options.user_msr_exits {
             if fd.check_extension_raw(u64::from(KVM_CAP_X86_USER_SPACE_MSR)) <= 0 {
@@ -159,12 +162,22 @@ impl Vm for KvmVm {
     }
 
     fn set_irq_line(&self, gsi: u32, level: bool) -> Result<(), HvError> {
+        if self.irqchip == IrqChipMode::User {
+            return Err(HvError::MissingCapability(
+                "KVM_IRQ_LINE without an in-kernel irqchip",
+            ));
+        }
         self.fd
             .set_irq_line(gsi, level)
             .map_err(ioctl_err("KVM_IRQ_LINE"))
     }
 
     fn signal_msi(&self, address: u64, data: u32) -> Result<(), HvError> {
+        if self.irqchip == IrqChipMode::User {
+            return Err(HvError::MissingCapability(
+                "KVM_SIGNAL_MSI without an in-kernel irqchip",
+            ));
+        }
         let msi = kvm_msi {
             address_lo: address as u32,
             address_hi: (address >> 32) as u32,
@@ -376,7 +389,42 @@ impl Vcpu for KvmVcpu {
     fn clear_kick(&mut self) {
         self.fd.set_kvm_immediate_exit(0);
     }
+
+    fn ready_for_interrupt(&mut self) -> bool {
+        self.fd.get_kvm_run().ready_for_interrupt_injection != 0
+    }
+
+    fn interrupts_enabled(&mut self) -> bool {
+        self.fd.get_kvm_run().if_flag != 0
+    }
+
+    fn inject_interrupt(&mut self, vector: u8) -> Result<(), HvError> {
+        let irq = kvm_interrupt {
+            irq: u32::from(vector),
+        };
+        // SAFETY: KVM_INTERRUPT reads one kvm_interrupt from the pointer, which outlives the
+        // call; the fd is a vCPU fd of a VM without an in-kernel irqchip.
+        let ret = unsafe { ioctl_with_ref(&self.fd, KVM_INTERRUPT(), &irq) };
+        if ret < 0 {
+            return Err(HvError::Ioctl {
+                what: "KVM_INTERRUPT",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    fn inject_nmi(&mut self) -> Result<(), HvError> {
+        self.fd.nmi().map_err(ioctl_err("KVM_NMI"))
+    }
+
+    fn request_interrupt_window(&mut self, on: bool) {
+        self.fd.get_kvm_run().request_interrupt_window = u8::from(on);
+    }
 }
+
+// KVM_INTERRUPT = _IOW(KVMIO, 0x86, struct kvm_interrupt); kvm-ioctls has no wrapper.
+ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);
 
 impl Drop for KvmVcpu {
     fn drop(&mut self) {

@@ -1,0 +1,880 @@
+//! The userspace interrupt controllers wired into a machine (`XHYVE_IRQCHIP=user`, and what
+//! Hypervisor.framework needs): one IOAPIC, the 8259 pair, one LAPIC per vCPU and the MSI
+//! router, plus the vCPU run states (running, halted, waiting for SIPI) they drive.
+//!
+//! All models live behind one mutex: a machine has a handful of vCPUs, every critical section
+//! is a few register updates, and one lock makes routing (IOAPIC -> LAPICs, LAPIC EOI ->
+//! IOAPIC, IPIs) free of lock-ordering problems. Nothing here calls the hypervisor while that
+//! lock is held; waking a vCPU (condvar + kick) happens after it is released.
+
+use std::cell::Cell;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+
+use super::control::Control;
+use super::exit::StopReason;
+use super::timers::{Timed, TimerWaker};
+use crate::devices::bus::{lock, BusDevice};
+use crate::devices::irq::{InterruptLine, MsiSender};
+use crate::devices::power::PowerEvent;
+use crate::hv::{HvError, Vcpu, VcpuKicker};
+use crate::intc::clock::Clock;
+use crate::intc::hpet::HpetIrqSink;
+use crate::intc::ioapic::IoApic;
+use crate::intc::lapic::{Accepted, Lapic, LapicConfig, LapicEvent, LAPIC_BASE, LAPIC_SIZE};
+use crate::intc::msi::{decode_msi, CpuSet, DestinationInfo, InterruptRequest, Router, MAX_CPUS};
+use crate::intc::pic::PicPair;
+use crate::intc::pit::Pit;
+
+/// The IOAPIC pin the PIT's IRQ 0 reaches through the MADT's interrupt source override.
+const PIT_IOAPIC_PIN: usize = 2;
+/// The vCPU whose LINT0 takes the 8259's ExtINT (virtual wire): the bootstrap processor.
+const PIC_CPU: usize = 0;
+/// Guest TSC rate assumed for TSC-deadline conversion (not advertised in user mode).
+const NOMINAL_TSC_HZ: u64 = 1_000_000_000;
+
+/// LAPIC registers whose writes can move the LAPIC timer's deadline.
+const TIMER_REGISTERS: [u64; 4] = [0x0F0, 0x320, 0x380, 0x3E0];
+
+/// Where a vCPU is in its life, as the halt detection and INIT/SIPI see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuRun {
+    Running,
+    WaitingForSipi,
+    Halted { interrupts_on: bool },
+}
+
+struct CpuState {
+    lapic: Lapic,
+    run: CpuRun,
+    nmi_pending: bool,
+    /// INIT arrived while the vCPU ran: its thread must reset it and wait for SIPI.
+    init_pending: bool,
+    /// A SIPI's vector, taken by the vCPU thread when it starts.
+    start_vector: Option<u8>,
+}
+
+struct ChipState {
+    ioapic: IoApic,
+    pic: PicPair,
+    router: Router,
+    cpus: Vec<CpuState>,
+}
+
+/// Per-vCPU wake-up: the condvar a halted or not-yet-started vCPU sleeps on, and the kicker
+/// that makes a running one leave the guest.
+#[derive(Default)]
+struct CpuWake {
+    generation: Mutex<u64>,
+    changed: Condvar,
+    kicker: OnceLock<Arc<dyn VcpuKicker>>,
+}
+
+thread_local! {
+    /// The vCPU index of the calling thread, so that an interrupt a vCPU raises for itself
+    /// does not signal its own thread (it looks before its next entry anyway).
+    static CURRENT_VCPU: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+const NO_CPU: DestinationInfo = DestinationInfo {
+    apic_id: u32::MAX,
+    x2apic: false,
+    logical_id: 0,
+    cluster_model: false,
+    hardware_enabled: false,
+    software_enabled: false,
+    task_priority: 0,
+};
+
+/// What the vCPU thread must do before its next entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub nmi: bool,
+    pub vector: Option<u8>,
+    pub window: bool,
+}
+
+pub struct UserIrqChip {
+    state: Mutex<ChipState>,
+    wakes: Vec<CpuWake>,
+    clock: Arc<dyn Clock>,
+    timer_waker: TimerWaker,
+    control: Arc<Control>,
+}
+
+impl UserIrqChip {
+    /// The controllers of a machine with `vcpus` processors; vCPU 0 runs, the others wait
+    /// for INIT/SIPI.
+    pub fn new(
+        vcpus: u8,
+        clock: Arc<dyn Clock>,
+        timer_waker: TimerWaker,
+        control: Arc<Control>,
+    ) -> Arc<Self> {
+        let cpus = (0..vcpus)
+            .map(|id| {
+                let mut lapic = Lapic::new(LapicConfig {
+                    apic_id: u32::from(id),
+                    bootstrap: id == 0,
+                    x2apic_allowed: false,
+                    tsc_hz: NOMINAL_TSC_HZ,
+                });
+                lapic.set_virtual_wire();
+                CpuState {
+                    lapic,
+                    run: if id == 0 {
+                        CpuRun::Running
+                    } else {
+                        CpuRun::WaitingForSipi
+                    },
+                    nmi_pending: false,
+                    init_pending: false,
+                    start_vector: None,
+                }
+            })
+            .collect();
+        Arc::new(UserIrqChip {
+            state: Mutex::new(ChipState {
+                ioapic: IoApic::new(0),
+                pic: PicPair::new(),
+                router: Router::new(),
+                cpus,
+            }),
+            wakes: (0..vcpus).map(|_| CpuWake::default()).collect(),
+            clock,
+            timer_waker,
+            control,
+        })
+    }
+
+    /// Called on vCPU `id`'s thread before it runs: records the thread and its kicker, and
+    /// returns the kicker `Control` should use (it also wakes a sleeping vCPU).
+    pub fn attach_vcpu(
+        self: &Arc<Self>,
+        id: u8,
+        kicker: Arc<dyn VcpuKicker>,
+    ) -> Arc<dyn VcpuKicker> {
+        let index = usize::from(id);
+        CURRENT_VCPU.with(|c| c.set(Some(index)));
+        if let Some(wake) = self.wakes.get(index) {
+            let _ = wake.kicker.set(kicker);
+        }
+        Arc::new(ChipKicker {
+            chip: self.clone(),
+            cpu: index,
+        })
+    }
+
+    pub fn is_lapic_address(addr: u64) -> bool {
+        (LAPIC_BASE..LAPIC_BASE + LAPIC_SIZE).contains(&addr)
+    }
+
+    /// Wakes and kicks every vCPU in `set` except the calling one.
+    fn wake_cpus(&self, set: CpuSet) {
+        if set.is_empty() {
+            return;
+        }
+        let current = CURRENT_VCPU.with(Cell::get);
+        for cpu in set.iter() {
+            if Some(cpu) == current {
+                continue;
+            }
+            self.wake_cpu(cpu);
+        }
+    }
+
+    fn wake_cpu(&self, cpu: usize) {
+        let Some(wake) = self.wakes.get(cpu) else {
+            return;
+        };
+        *lock(&wake.generation) += 1;
+        wake.changed.notify_all();
+        if let Some(kicker) = wake.kicker.get() {
+            kicker.kick();
+        }
+    }
+
+    // ---- the vCPU thread ----
+
+    /// The guest read vCPU `id`'s LAPIC page.
+    pub fn lapic_read(&self, id: u8, addr: u64, data: &mut [u8]) {
+        let now = self.clock.now_ns();
+        let state = lock(&self.state);
+        match state.cpus.get(usize::from(id)) {
+            Some(cpu) => cpu.lapic.mmio_read(addr - LAPIC_BASE, data, now),
+            None => data.fill(0xff),
+        }
+    }
+
+    /// The guest wrote vCPU `id`'s LAPIC page: EOIs reach the IOAPIC, IPIs their targets.
+    pub fn lapic_write(&self, id: u8, addr: u64, data: &[u8]) {
+        let offset = addr - LAPIC_BASE;
+        let index = usize::from(id);
+        let now = self.clock.now_ns();
+        let mut kicks = CpuSet::EMPTY;
+        {
+            let mut state = lock(&self.state);
+            let ChipState {
+                ioapic,
+                router,
+                cpus,
+                ..
+            } = &mut *state;
+            let Some(cpu) = cpus.get_mut(index) else {
+                return;
+            };
+            match cpu.lapic.mmio_write(offset, data, now) {
+                LapicEvent::None => {}
+                LapicEvent::Ipi(request) => {
+                    deliver(cpus, router, &request, Some(index), &mut kicks);
+                }
+                LapicEvent::EoiBroadcast(vector) => {
+                    ioapic.end_of_interrupt(vector, &mut |request: InterruptRequest| {
+                        deliver(cpus, router, &request, None, &mut kicks)
+                    });
+                }
+            }
+        }
+        if TIMER_REGISTERS.contains(&offset) {
+            self.timer_waker.wake();
+        }
+        self.wake_cpus(kicks);
+    }
+
+    /// Decides what vCPU `id` takes on its next entry; `ready` is whether the guest can
+    /// take an external interrupt now. Acknowledges what it returns.
+    pub fn next_entry(&self, id: u8, ready: bool) -> Entry {
+        let index = usize::from(id);
+        let mut state = lock(&self.state);
+        let ChipState { pic, cpus, .. } = &mut *state;
+        let Some(cpu) = cpus.get_mut(index) else {
+            return Entry {
+                nmi: false,
+                vector: None,
+                window: false,
+            };
+        };
+        let nmi = std::mem::take(&mut cpu.nmi_pending);
+        let pic_wired = index == PIC_CPU && cpu.lapic.accepts_pic_interrupts();
+        let mut vector = None;
+        if ready {
+            vector = if pic_wired && pic.intr_asserted() {
+                Some(pic.intack())
+            } else {
+                cpu.lapic.acknowledge()
+            };
+        }
+        let window = (pic_wired && pic.intr_asserted()) || cpu.lapic.pending_vector().is_some();
+        Entry {
+            nmi,
+            vector,
+            window,
+        }
+    }
+
+    /// Injects what `next_entry` decides and opens an interrupt window for the rest.
+    pub fn prepare_entry(&self, vcpu: &mut dyn Vcpu) -> Result<(), HvError> {
+        let ready = vcpu.ready_for_interrupt();
+        let entry = self.next_entry(vcpu.id(), ready);
+        if entry.nmi {
+            vcpu.inject_nmi()?;
+        }
+        if let Some(vector) = entry.vector {
+            vcpu.inject_interrupt(vector)?;
+        }
+        vcpu.request_interrupt_window(entry.window);
+        Ok(())
+    }
+
+    /// Whether vCPU `id` must (re)start through INIT/SIPI before it may run.
+    pub fn needs_startup(&self, id: u8) -> bool {
+        let state = lock(&self.state);
+        state.cpus.get(usize::from(id)).is_some_and(|c| {
+            c.init_pending || c.start_vector.is_some() || c.run == CpuRun::WaitingForSipi
+        })
+    }
+
+    /// Sleeps until vCPU `id` receives a SIPI; returns its vector, or `None` when the
+    /// machine stops first.
+    pub fn wait_for_startup(&self, id: u8) -> Option<u8> {
+        let index = usize::from(id);
+        let wake = self.wakes.get(index)?;
+        let mut generation = lock(&wake.generation);
+        loop {
+            if self.control.is_stopping() {
+                return None;
+            }
+            {
+                let mut state = lock(&self.state);
+                let cpu = state.cpus.get_mut(index)?;
+                cpu.init_pending = false;
+                if let Some(vector) = cpu.start_vector.take() {
+                    cpu.run = CpuRun::Running;
+                    return Some(vector);
+                }
+                cpu.run = CpuRun::WaitingForSipi;
+                self.stop_if_all_halted(&state);
+            }
+            if self.control.is_stopping() {
+                return None;
+            }
+            generation = match wake.changed.wait(generation) {
+                Ok(g) => g,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+        }
+    }
+
+    /// HLT: sleeps until something can wake vCPU `id` (an interrupt it can take, NMI, INIT,
+    /// SIPI) or the machine stops. When every started vCPU is halted with interrupts off
+    /// the machine stops with xhyve's "halt".
+    pub fn halt(&self, id: u8, interrupts_on: bool) {
+        let index = usize::from(id);
+        let Some(wake) = self.wakes.get(index) else {
+            return;
+        };
+        let mut generation = lock(&wake.generation);
+        loop {
+            if self.control.is_stopping() {
+                return;
+            }
+            {
+                let mut state = lock(&self.state);
+                let ChipState { pic, cpus, .. } = &mut *state;
+                let Some(cpu) = cpus.get_mut(index) else {
+                    return;
+                };
+                let pic_wakes =
+                    index == PIC_CPU && cpu.lapic.accepts_pic_interrupts() && pic.intr_asserted();
+                let woken = cpu.nmi_pending
+                    || cpu.init_pending
+                    || cpu.start_vector.is_some()
+                    || (interrupts_on && (pic_wakes || cpu.lapic.pending_vector().is_some()));
+                if woken {
+                    if cpu.run != CpuRun::WaitingForSipi {
+                        cpu.run = CpuRun::Running;
+                    }
+                    return;
+                }
+                cpu.run = CpuRun::Halted { interrupts_on };
+                if !interrupts_on {
+                    self.stop_if_all_halted(&state);
+                }
+            }
+            if self.control.is_stopping() {
+                return;
+            }
+            generation = match wake.changed.wait(generation) {
+                Ok(g) => g,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+        }
+    }
+
+    fn stop_if_all_halted(&self, state: &ChipState) {
+        let halted_off = CpuRun::Halted {
+            interrupts_on: false,
+        };
+        let all_stopped = state
+            .cpus
+            .iter()
+            .all(|c| c.run == CpuRun::WaitingForSipi || c.run == halted_off);
+        if all_stopped && state.cpus.iter().any(|c| c.run == halted_off) {
+            self.control.stop(StopReason::Guest(PowerEvent::Halt));
+            // The vCPUs sleep on their condvars: wake them to see the stop.
+            for cpu in 0..self.wakes.len() {
+                if let Some(wake) = self.wakes.get(cpu) {
+                    wake.changed.notify_all();
+                    if let Some(kicker) = wake.kicker.get() {
+                        kicker.kick();
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- interrupt sources ----
+
+    /// Drives GSI `gsi`: the IOAPIC pin, and the PIC line for ISA IRQs (GSI 2 is IRQ 0,
+    /// as the MADT's override says).
+    pub fn set_gsi(&self, gsi: u32, high: bool) {
+        let mut kicks = CpuSet::EMPTY;
+        {
+            let mut state = lock(&self.state);
+            let pic_irq = match gsi {
+                2 => Some(0),
+                g if g < 16 => Some(g as u8),
+                _ => None,
+            };
+            if let Some(irq) = pic_irq {
+                state.pic.set_irq_level(irq, high);
+            }
+            let ChipState {
+                ioapic,
+                router,
+                cpus,
+                ..
+            } = &mut *state;
+            ioapic.set_pin(gsi as usize, high, &mut |request: InterruptRequest| {
+                deliver(cpus, router, &request, None, &mut kicks)
+            });
+            note_pic(&state, &mut kicks);
+        }
+        self.wake_cpus(kicks);
+    }
+
+    /// An edge on ISA IRQ 0 (the PIT): PIC IRQ 0 and IOAPIC pin 2.
+    pub fn pulse_timer_irq(&self) {
+        let mut kicks = CpuSet::EMPTY;
+        {
+            let mut state = lock(&self.state);
+            state.pic.pulse_irq(0);
+            let ChipState {
+                ioapic,
+                router,
+                cpus,
+                ..
+            } = &mut *state;
+            ioapic.pulse_pin(PIT_IOAPIC_PIN, &mut |request: InterruptRequest| {
+                deliver(cpus, router, &request, None, &mut kicks)
+            });
+            note_pic(&state, &mut kicks);
+        }
+        self.wake_cpus(kicks);
+    }
+
+    pub fn send_msi(&self, address: u64, data: u32) {
+        let Ok(request) = decode_msi(address, data) else {
+            log::trace!("dropping malformed MSI {address:#x}/{data:#x}");
+            return;
+        };
+        let mut kicks = CpuSet::EMPTY;
+        {
+            let mut state = lock(&self.state);
+            let ChipState { router, cpus, .. } = &mut *state;
+            deliver(cpus, router, &request, None, &mut kicks);
+        }
+        self.wake_cpus(kicks);
+    }
+
+    fn ioapic_read(&self, offset: u64, data: &mut [u8]) {
+        lock(&self.state).ioapic.mmio_read(offset, data);
+    }
+
+    fn ioapic_write(&self, offset: u64, data: &[u8]) {
+        let mut kicks = CpuSet::EMPTY;
+        {
+            let mut state = lock(&self.state);
+            let ChipState {
+                ioapic,
+                router,
+                cpus,
+                ..
+            } = &mut *state;
+            ioapic.mmio_write(offset, data, &mut |request: InterruptRequest| {
+                deliver(cpus, router, &request, None, &mut kicks)
+            });
+        }
+        self.wake_cpus(kicks);
+    }
+
+    fn pic_read(&self, port: u16) -> u8 {
+        lock(&self.state).pic.read_port(port)
+    }
+
+    fn pic_write(&self, port: u16, value: u8) {
+        let mut kicks = CpuSet::EMPTY;
+        {
+            let mut state = lock(&self.state);
+            state.pic.write_port(port, value);
+            note_pic(&state, &mut kicks);
+        }
+        self.wake_cpus(kicks);
+    }
+
+    // ---- LAPIC timers ----
+
+    fn lapic_timer_deadline(&self) -> Option<u64> {
+        let state = lock(&self.state);
+        state
+            .cpus
+            .iter()
+            .filter_map(|c| c.lapic.next_deadline_ns())
+            .min()
+    }
+
+    fn tick_lapic_timers(&self, now_ns: u64) {
+        let mut kicks = CpuSet::EMPTY;
+        {
+            let mut state = lock(&self.state);
+            for (index, cpu) in state.cpus.iter_mut().enumerate() {
+                if cpu.lapic.next_deadline_ns().is_some_and(|d| d <= now_ns)
+                    && cpu.lapic.tick(now_ns)
+                {
+                    kicks.insert(index);
+                }
+            }
+        }
+        self.wake_cpus(kicks);
+    }
+}
+
+/// Marks the PIC's CPU for a wake-up when the 8259 is asking for service.
+fn note_pic(state: &ChipState, kicks: &mut CpuSet) {
+    if state.pic.intr_asserted()
+        && state
+            .cpus
+            .get(PIC_CPU)
+            .is_some_and(|c| c.lapic.accepts_pic_interrupts())
+    {
+        kicks.insert(PIC_CPU);
+    }
+}
+
+/// Hands `request` to the LAPICs it names and records which vCPUs need waking.
+fn deliver(
+    cpus: &mut [CpuState],
+    router: &mut Router,
+    request: &InterruptRequest,
+    sender: Option<usize>,
+    kicks: &mut CpuSet,
+) {
+    let count = cpus.len().min(MAX_CPUS);
+    let mut infos = [NO_CPU; MAX_CPUS];
+    for (info, cpu) in infos.iter_mut().zip(cpus.iter()) {
+        *info = cpu.lapic.destination_info();
+    }
+    let targets = router.route(request, &infos[..count], sender);
+    for index in targets.iter() {
+        let Some(cpu) = cpus.get_mut(index) else {
+            continue;
+        };
+        match cpu.lapic.deliver(request) {
+            Accepted::Ignored | Accepted::Smi => continue,
+            Accepted::Interrupt | Accepted::ExtInt => {}
+            Accepted::Nmi => cpu.nmi_pending = true,
+            Accepted::Init => {
+                cpu.start_vector = None;
+                if cpu.run != CpuRun::WaitingForSipi {
+                    cpu.init_pending = true;
+                    cpu.run = CpuRun::WaitingForSipi;
+                }
+            }
+            Accepted::StartUp(vector) => {
+                // Only a processor waiting since INIT starts; later SIPIs are ignored.
+                if cpu.run != CpuRun::WaitingForSipi || cpu.start_vector.is_some() {
+                    continue;
+                }
+                cpu.start_vector = Some(vector);
+                cpu.run = CpuRun::Running;
+            }
+        }
+        kicks.insert(index);
+    }
+}
+
+/// Control's kicker for a vCPU in user mode: also wakes it from a halt or SIPI wait.
+struct ChipKicker {
+    chip: Arc<UserIrqChip>,
+    cpu: usize,
+}
+
+impl VcpuKicker for ChipKicker {
+    fn kick(&self) {
+        self.chip.wake_cpu(self.cpu);
+    }
+}
+
+/// A GSI of the user chip, for devices.
+pub struct UserInterruptLine {
+    chip: Arc<UserIrqChip>,
+    gsi: u32,
+}
+
+impl UserInterruptLine {
+    pub fn new(chip: Arc<UserIrqChip>, gsi: u32) -> Arc<Self> {
+        Arc::new(UserInterruptLine { chip, gsi })
+    }
+}
+
+impl InterruptLine for UserInterruptLine {
+    fn set_level(&self, high: bool) {
+        self.chip.set_gsi(self.gsi, high);
+    }
+
+    fn gsi(&self) -> u32 {
+        self.gsi
+    }
+}
+
+pub struct UserMsiSender(pub Arc<UserIrqChip>);
+
+impl MsiSender for UserMsiSender {
+    fn send_msi(&self, address: u64, data: u32) {
+        self.0.send_msi(address, data);
+    }
+}
+
+/// The HPET's pins on the user chip.
+pub struct UserPinSink(pub Arc<UserIrqChip>);
+
+impl HpetIrqSink for UserPinSink {
+    fn set_pin_level(&self, pin: u32, high: bool) {
+        self.0.set_gsi(pin, high);
+    }
+}
+
+/// The IOAPIC's MMIO window.
+pub struct IoApicMmio(pub Arc<UserIrqChip>);
+
+impl BusDevice for IoApicMmio {
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        self.0.ioapic_read(offset, data);
+    }
+
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        self.0.ioapic_write(offset, data);
+    }
+}
+
+/// The 8259 pair's ports (0x20, 0xA0, ELCR 0x4D0, two each).
+pub struct PicPorts(pub Arc<UserIrqChip>);
+
+impl BusDevice for PicPorts {
+    fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = match u16::try_from(base + offset + i as u64) {
+                Ok(port) => self.0.pic_read(port),
+                Err(_) => 0xff,
+            };
+        }
+    }
+
+    fn write(&mut self, base: u64, offset: u64, data: &[u8]) {
+        for (i, &byte) in data.iter().enumerate() {
+            if let Ok(port) = u16::try_from(base + offset + i as u64) {
+                self.0.pic_write(port, byte);
+            }
+        }
+    }
+}
+
+/// The PIT on the timer thread: channel 0's edges become ISA IRQ 0.
+pub struct PitDevice {
+    pit: Pit,
+    chip: Arc<UserIrqChip>,
+}
+
+impl PitDevice {
+    pub fn new(pit: Pit, chip: Arc<UserIrqChip>) -> Self {
+        PitDevice { pit, chip }
+    }
+}
+
+impl BusDevice for PitDevice {
+    fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
+        self.pit.read(base, offset, data);
+    }
+
+    fn write(&mut self, base: u64, offset: u64, data: &[u8]) {
+        self.pit.write(base, offset, data);
+    }
+}
+
+impl Timed for PitDevice {
+    fn next_deadline_ns(&self) -> Option<u64> {
+        self.pit.next_deadline_ns()
+    }
+
+    fn tick(&mut self, now_ns: u64) {
+        // Edges the timer thread was late for are coalesced, as a PC's PIC would.
+        if self.pit.tick(now_ns) > 0 {
+            self.chip.pulse_timer_irq();
+        }
+    }
+}
+
+/// Every LAPIC timer, as one device of the timer thread.
+pub struct LapicTimers(pub Arc<UserIrqChip>);
+
+impl Timed for LapicTimers {
+    fn next_deadline_ns(&self) -> Option<u64> {
+        self.0.lapic_timer_deadline()
+    }
+
+    fn tick(&mut self, now_ns: u64) {
+        self.0.tick_lapic_timers(now_ns);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::intc::clock::ManualClock;
+    use crate::vmm::timers::TimerService;
+
+    fn chip(vcpus: u8) -> (Arc<UserIrqChip>, Arc<ManualClock>, Arc<Control>) {
+        let clock = Arc::new(ManualClock::new(0));
+        let service = TimerService::new(clock.clone());
+        let (control, _woken) = Control::new(vcpus);
+        let chip = UserIrqChip::new(vcpus, clock.clone(), service.waker(), control.clone());
+        (chip, clock, control)
+    }
+
+    fn lapic_write32(chip: &UserIrqChip, id: u8, reg: u64, value: u32) {
+        chip.lapic_write(id, LAPIC_BASE + reg, &value.to_le_bytes());
+    }
+
+    fn lapic_read32(chip: &UserIrqChip, id: u8, reg: u64) -> u32 {
+        let mut data = [0u8; 4];
+        chip.lapic_read(id, LAPIC_BASE + reg, &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    fn ioapic_write32(chip: &UserIrqChip, index: u32, value: u32) {
+        chip.ioapic_write(0, &index.to_le_bytes());
+        chip.ioapic_write(0x10, &value.to_le_bytes());
+    }
+
+    fn ioapic_read32(chip: &UserIrqChip, index: u32) -> u32 {
+        chip.ioapic_write(0, &index.to_le_bytes());
+        let mut data = [0u8; 4];
+        chip.ioapic_read(0x10, &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    /// Routes `pin` to `vector` on APIC 0; `level` selects level triggering.
+    fn route_pin(chip: &UserIrqChip, pin: u32, vector: u8, level: bool) {
+        lapic_write32(chip, 0, 0xF0, 0x1FF);
+        ioapic_write32(chip, 0x10 + 2 * pin + 1, 0);
+        ioapic_write32(
+            chip,
+            0x10 + 2 * pin,
+            u32::from(vector) | if level { 1 << 15 } else { 0 },
+        );
+    }
+
+    #[test]
+    fn an_ioapic_pin_reaches_the_lapic_and_is_injected_when_ready() {
+        let (chip, _clock, _control) = chip(1);
+        route_pin(&chip, 4, 0x34, false);
+        chip.set_gsi(4, true);
+        chip.set_gsi(4, false);
+        let not_ready = chip.next_entry(0, false);
+        assert_eq!(not_ready.vector, None);
+        assert!(
+            not_ready.window,
+            "asks for a window while the guest cannot take it"
+        );
+        let entry = chip.next_entry(0, true);
+        assert_eq!(entry.vector, Some(0x34));
+        assert!(!entry.window);
+        // In service now: ISR bit set, IRR clear.
+        assert_ne!(lapic_read32(&chip, 0, 0x100 + 0x10) & (1 << (0x34 - 32)), 0);
+    }
+
+    #[test]
+    fn a_level_pin_holds_remote_irr_and_reasserts_after_eoi() {
+        let (chip, _clock, _control) = chip(1);
+        route_pin(&chip, 9, 0x39, true);
+        chip.set_gsi(9, true);
+        assert_ne!(ioapic_read32(&chip, 0x10 + 18) & (1 << 14), 0, "remote IRR");
+        assert_eq!(chip.next_entry(0, true).vector, Some(0x39));
+        lapic_write32(&chip, 0, 0xB0, 0); // EOI while the line is still high
+        assert_eq!(chip.next_entry(0, true).vector, Some(0x39), "re-asserted");
+        chip.set_gsi(9, false);
+        lapic_write32(&chip, 0, 0xB0, 0);
+        assert_eq!(ioapic_read32(&chip, 0x10 + 18) & (1 << 14), 0);
+        assert_eq!(chip.next_entry(0, true).vector, None);
+    }
+
+    #[test]
+    fn a_masked_pin_delivers_nothing() {
+        let (chip, _clock, _control) = chip(1);
+        lapic_write32(&chip, 0, 0xF0, 0x1FF);
+        ioapic_write32(&chip, 0x10 + 8, 0x10000 | 0x34);
+        chip.set_gsi(4, true);
+        let entry = chip.next_entry(0, true);
+        assert_eq!(entry.vector, None);
+        assert!(!entry.window);
+    }
+
+    #[test]
+    fn the_pic_delivers_through_lint0_on_the_bsp() {
+        let (chip, _clock, _control) = chip(2);
+        // ICW1-4: vectors 0x08/0x70, cascade on IR2, 8086 mode; unmask IRQ 0 only.
+        for (port, value) in [(0x20, 0x11), (0x21, 0x08), (0x21, 0x04), (0x21, 0x01)] {
+            chip.pic_write(port, value);
+        }
+        chip.pic_write(0x21, 0xFE);
+        chip.pulse_timer_irq();
+        assert_eq!(
+            chip.next_entry(1, true).vector,
+            None,
+            "only the BSP is wired"
+        );
+        assert_eq!(chip.next_entry(0, true).vector, Some(0x08));
+        chip.pic_write(0x20, 0x0B); // OCW3: read ISR
+        assert_eq!(chip.pic_read(0x20), 1);
+    }
+
+    #[test]
+    fn init_and_sipi_start_an_application_processor() {
+        let (chip, _clock, _control) = chip(2);
+        assert!(!chip.needs_startup(0));
+        assert!(chip.needs_startup(1));
+        lapic_write32(&chip, 0, 0x310, 1 << 24);
+        lapic_write32(&chip, 0, 0x300, 0x4500); // INIT, assert
+        lapic_write32(&chip, 0, 0x300, 0x4608); // SIPI vector 8
+        assert_eq!(chip.wait_for_startup(1), Some(8));
+        assert!(!chip.needs_startup(1));
+    }
+
+    #[test]
+    fn halting_every_cpu_with_interrupts_off_stops_the_machine() {
+        let (chip, _clock, control) = chip(2);
+        chip.halt(0, false);
+        assert_eq!(
+            control.stop_reason(),
+            Some(StopReason::Guest(PowerEvent::Halt))
+        );
+    }
+
+    #[test]
+    fn a_halted_cpu_wakes_for_an_interrupt() {
+        let (chip, _clock, control) = chip(1);
+        route_pin(&chip, 4, 0x34, false);
+        let sleeper = {
+            let chip = chip.clone();
+            std::thread::spawn(move || chip.halt(0, true))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!sleeper.is_finished(), "halted with nothing pending");
+        chip.set_gsi(4, true);
+        sleeper.join().unwrap();
+        assert!(control.stop_reason().is_none());
+    }
+
+    #[test]
+    fn the_lapic_timer_fires_through_the_timer_device() {
+        let (chip, clock, _control) = chip(1);
+        lapic_write32(&chip, 0, 0xF0, 0x1FF);
+        lapic_write32(&chip, 0, 0x3E0, 0xB); // divide by 1
+        lapic_write32(&chip, 0, 0x320, 0x40); // one-shot, vector 0x40
+        lapic_write32(&chip, 0, 0x380, 1000); // 10 us at 100 MHz
+        let mut timers = LapicTimers(chip.clone());
+        assert_eq!(timers.next_deadline_ns(), Some(10_000));
+        clock.set(10_000);
+        timers.tick(10_000);
+        assert_eq!(chip.next_entry(0, true).vector, Some(0x40));
+        assert_eq!(timers.next_deadline_ns(), None);
+    }
+
+    #[test]
+    fn an_msi_reaches_the_apic_it_names() {
+        let (chip, _clock, _control) = chip(2);
+        lapic_write32(&chip, 1, 0xF0, 0x1FF);
+        chip.send_msi(0xFEE0_1000, 0x45);
+        assert_eq!(chip.next_entry(0, true).vector, None);
+        assert_eq!(chip.next_entry(1, true).vector, Some(0x45));
+    }
+}
