@@ -71,7 +71,10 @@ impl<J: Send + 'static> Drop for IoWorker<J> {
     fn drop(&mut self) {
         self.sender.take();
         if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+            // A handler may drop the last owner of its own worker; it cannot join itself.
+            if thread.thread().id() != std::thread::current().id() {
+                let _ = thread.join();
+            }
         }
     }
 }
