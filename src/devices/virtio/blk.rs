@@ -6,10 +6,12 @@
 //! to put the chain in the used ring and raise the interrupt. A vCPU never waits for the disk.
 //!
 //! A reset bumps the device's epoch: requests queued before it are skipped and their
-//! completions dropped, so a reset driver never sees a stale used entry.
+//! completions dropped, and the reset waits for a request already running to finish, so no
+//! request touches guest memory or the used ring once the driver sees the reset done.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
@@ -90,7 +92,8 @@ pub struct VirtioBlk {
     config: [u8; CONFIG_SPACE_LEN],
     features: u64,
     worker: Option<IoWorker<BlkJob>>,
-    epoch: Arc<AtomicU64>,
+    /// Which reset generation the worker's jobs belong to, and how many it is running.
+    progress: Arc<Progress>,
     /// Chains were left in the ring (worker queue full, or the per-doorbell budget spent):
     /// the worker rings the doorbell again after its next completion.
     deferred: bool,
@@ -105,7 +108,7 @@ impl VirtioBlk {
             features: virtio_blk_req::device_features(disk.as_ref()),
             disk,
             worker: None,
-            epoch: Arc::new(AtomicU64::new(0)),
+            progress: Arc::new(Progress::default()),
             deferred: false,
         }
     }
@@ -130,9 +133,18 @@ impl VirtioBlk {
         disk: Arc<dyn BlockBackend>,
         transport: VirtioPciResources,
     ) -> Result<SharedVirtioBlk, VirtioBlkError> {
+        Self::build_with_depth(disk, transport, usize::from(QUEUE_SIZE))
+    }
+
+    /// As [`Self::build_on`], with at most `depth` requests waiting for the worker.
+    fn build_with_depth(
+        disk: Arc<dyn BlockBackend>,
+        transport: VirtioPciResources,
+        depth: usize,
+    ) -> Result<SharedVirtioBlk, VirtioBlkError> {
         let memory = transport.memory.clone();
         let device = Arc::new(Mutex::new(VirtioPci::new(VirtioBlk::new(disk), transport)?));
-        let worker = spawn_worker(&device, memory).map_err(VirtioBlkError::Worker)?;
+        let worker = spawn_worker(&device, memory, depth).map_err(VirtioBlkError::Worker)?;
         lock(&device).device_mut().worker = Some(worker);
         Ok(device)
     }
@@ -142,7 +154,7 @@ impl VirtioBlk {
         let Some(worker) = &self.worker else {
             return Ok(());
         };
-        let epoch = self.epoch.load(Ordering::Acquire);
+        let epoch = self.progress.epoch.load(Ordering::SeqCst);
         let mut budget = queue.size();
         loop {
             while budget > 0 {
@@ -226,8 +238,41 @@ impl VirtioDevice for VirtioBlk {
     }
 
     fn reset(&mut self) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
         self.deferred = false;
+        self.progress.epoch.fetch_add(1, Ordering::SeqCst);
+        // The worker runs a request without the device lock (which the resetting vCPU holds)
+        // and takes it only to complete, so this wait cannot deadlock. It lasts one request.
+        while self.progress.running.load(Ordering::SeqCst) != 0 {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+}
+
+/// Shared between the device and its worker so a reset can fence off in-flight requests.
+#[derive(Default)]
+struct Progress {
+    epoch: AtomicU64,
+    running: AtomicU32,
+}
+
+impl Progress {
+    /// Marks a job of `epoch` as running, unless a reset has made it stale. SeqCst on both
+    /// sides: either the reset sees the job running and waits, or the job sees the reset.
+    fn start(&self, epoch: u64) -> bool {
+        self.running.fetch_add(1, Ordering::SeqCst);
+        if self.epoch.load(Ordering::SeqCst) == epoch {
+            return true;
+        }
+        self.finish();
+        false
+    }
+
+    fn finish(&self) {
+        self.running.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    fn is_current(&self, epoch: u64) -> bool {
+        self.epoch.load(Ordering::SeqCst) == epoch
     }
 }
 
@@ -235,25 +280,27 @@ impl VirtioDevice for VirtioBlk {
 fn spawn_worker(
     device: &SharedVirtioBlk,
     memory: GuestMemory,
+    depth: usize,
 ) -> std::io::Result<IoWorker<BlkJob>> {
     let weak: Weak<Mutex<VirtioPci<VirtioBlk>>> = Arc::downgrade(device);
-    let (disk, epoch) = {
+    let (disk, progress) = {
         let device = lock(device);
         (
             Arc::clone(&device.device().disk),
-            Arc::clone(&device.device().epoch),
+            Arc::clone(&device.device().progress),
         )
     };
-    IoWorker::spawn("virtio-blk", usize::from(QUEUE_SIZE), move |job: BlkJob| {
-        if job.epoch != epoch.load(Ordering::Acquire) {
+    IoWorker::spawn("virtio-blk", depth, move |job: BlkJob| {
+        if !progress.start(job.epoch) {
             return;
         }
         let result = virtio_blk_req::execute(&memory, job.chain(), disk.as_ref());
+        progress.finish();
         let Some(device) = weak.upgrade() else {
             return;
         };
         let mut device = lock(&device);
-        if job.epoch != epoch.load(Ordering::Acquire) {
+        if !progress.is_current(job.epoch) {
             return;
         }
         match result {
@@ -282,8 +329,9 @@ mod tests {
         VIRTIO_BLK_F_RO, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
         VIRTIO_BLK_T_OUT,
     };
-    use std::time::{Duration, Instant};
-    use vm_memory::{Bytes, GuestAddress};
+    use std::sync::atomic::AtomicBool;
+    use std::time::Instant;
+    use vm_memory::{Bytes, GuestAddress, VolatileSlice};
 
     const NEXT: u16 = 1;
     const WRITE: u16 = 2;
@@ -299,20 +347,26 @@ mod tests {
     }
 
     fn rig(read_only: bool) -> Rig {
+        let disk = Arc::new(MemDisk::new(64 * 1024, 512, read_only));
+        rig_on(disk.clone(), disk, usize::from(QUEUE_SIZE))
+    }
+
+    /// A device on `backend` (whose contents `disk` shows) with a worker queue of `depth`.
+    fn rig_on(backend: Arc<dyn BlockBackend>, disk: Arc<MemDisk>, depth: usize) -> Rig {
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let line = Arc::new(RecordingLine {
             gsi: 21,
             ..Default::default()
         });
-        let disk = Arc::new(MemDisk::new(64 * 1024, 512, read_only));
-        let dev = VirtioBlk::build_on(
-            disk.clone(),
+        let dev = VirtioBlk::build_with_depth(
+            backend,
             VirtioPciResources {
                 memory: mem.clone(),
                 msi: Arc::new(RecordingMsi::default()),
                 intx: line.clone(),
                 single_msi: false,
             },
+            depth,
         )
         .unwrap();
         Rig {
@@ -321,6 +375,149 @@ mod tests {
             mem,
             line,
         }
+    }
+
+    /// A disk whose reads wait until the test opens the gate.
+    struct GatedDisk {
+        inner: Arc<MemDisk>,
+        open: AtomicBool,
+        entered: AtomicU32,
+        finished: AtomicU32,
+    }
+
+    impl GatedDisk {
+        fn new(inner: Arc<MemDisk>) -> Arc<Self> {
+            Arc::new(GatedDisk {
+                inner,
+                open: AtomicBool::new(false),
+                entered: AtomicU32::new(0),
+                finished: AtomicU32::new(0),
+            })
+        }
+    }
+
+    impl BlockBackend for GatedDisk {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn logical_sector_size(&self) -> u32 {
+            self.inner.logical_sector_size()
+        }
+        fn physical_sector_size(&self) -> u32 {
+            self.inner.physical_sector_size()
+        }
+        fn is_read_only(&self) -> bool {
+            false
+        }
+        fn serial(&self) -> &[u8; crate::block::serial::SERIAL_LEN] {
+            self.inner.serial()
+        }
+        fn read_to(&self, offset: u64, buf: &VolatileSlice<'_>) -> Result<(), BlockError> {
+            self.entered.fetch_add(1, Ordering::SeqCst);
+            while !self.open.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let result = self.inner.read_to(offset, buf);
+            self.finished.fetch_add(1, Ordering::SeqCst);
+            result
+        }
+        fn write_from(&self, offset: u64, buf: &VolatileSlice<'_>) -> Result<(), BlockError> {
+            self.inner.write_from(offset, buf)
+        }
+        fn flush(&self) -> Result<(), BlockError> {
+            self.inner.flush()
+        }
+        fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+            self.inner.discard(offset, len)
+        }
+        fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+            self.inner.write_zeroes(offset, len)
+        }
+    }
+
+    fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Queues an IN request for sector `n` with its own header and status byte.
+    fn add_read(r: &Rig, ring: &mut Ring, n: u64) {
+        let header = 0x30000 + 32 * n;
+        r.mem
+            .write_obj(VIRTIO_BLK_T_IN, GuestAddress(header))
+            .unwrap();
+        r.mem.write_obj(n, GuestAddress(header + 8)).unwrap();
+        ring.add_chain(
+            &r.mem,
+            &[
+                (header, 16, NEXT),
+                (DATA + 512 * n, 512, NEXT | WRITE),
+                (header + 16, 1, WRITE),
+            ],
+        );
+    }
+
+    #[test]
+    fn requests_left_when_the_worker_queue_is_full_complete_without_another_doorbell() {
+        let mem_disk = Arc::new(MemDisk::new(64 * 1024, 512, false));
+        let gated = GatedDisk::new(mem_disk.clone());
+        let r = rig_on(gated.clone(), mem_disk, 1);
+        let mut ring = Ring::new(&r.mem, 0x4000, QUEUE_SIZE);
+        r.legacy_setup(&ring);
+        for n in 0..5 {
+            add_read(&r, &mut ring, n);
+        }
+        r.io_w(0x10, 0, 2);
+        wait_until("the first read", || {
+            gated.entered.load(Ordering::SeqCst) == 1
+        });
+        assert!(ring.used(&r.mem).is_empty());
+        assert!(lock(&r.dev).device().deferred, "a full worker queue defers");
+        gated.open.store(true, Ordering::SeqCst);
+        wait_until("all five", || ring.used(&r.mem).len() == 5);
+        let mut heads: Vec<u32> = ring.used(&r.mem).iter().map(|u| u.0).collect();
+        heads.sort();
+        assert_eq!(heads, vec![0, 3, 6, 9, 12]);
+    }
+
+    #[test]
+    fn reset_waits_for_the_running_request_and_drops_its_completion() {
+        let mem_disk = Arc::new(MemDisk::new(64 * 1024, 512, false));
+        let gated = GatedDisk::new(mem_disk.clone());
+        let r = rig_on(gated.clone(), mem_disk, 4);
+        let mut ring = Ring::new(&r.mem, 0x4000, QUEUE_SIZE);
+        r.legacy_setup(&ring);
+        add_read(&r, &mut ring, 0);
+        add_read(&r, &mut ring, 1);
+        r.io_w(0x10, 0, 2);
+        wait_until("the first read", || {
+            gated.entered.load(Ordering::SeqCst) == 1
+        });
+        let opener = {
+            let gated = gated.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(100));
+                gated.open.store(true, Ordering::SeqCst);
+            })
+        };
+        r.io_w(0x12, 0, 1);
+        assert_eq!(
+            gated.finished.load(Ordering::SeqCst),
+            1,
+            "the reset returned before the running read finished"
+        );
+        opener.join().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(ring.used(&r.mem).is_empty(), "completion after reset");
+        assert_eq!(
+            gated.entered.load(Ordering::SeqCst),
+            1,
+            "the queued request ran after the reset"
+        );
+        assert!(r.line.levels.lock().unwrap().iter().all(|&l| !l));
     }
 
     impl Rig {
@@ -488,7 +685,7 @@ mod tests {
         }
         r.io_w(0x12, 0, 1);
         assert_eq!(lock(&r.dev).status(), 0);
-        assert_eq!(lock(&r.dev).device().epoch.load(Ordering::Acquire), 1);
+        assert!(lock(&r.dev).device().progress.is_current(1));
     }
 
     #[test]
