@@ -123,6 +123,7 @@ guest_test!(virtio_blk_legacy_interface_with_intx, |mode| {
     let out = vm("intx", &spec).irqchip(mode).run();
     out.assert_exit(1)
         .assert_line("virtio-blk capacity 8192 blk_size 512")
+        .assert_line("virtio-blk seg_max 126 phys_exp 0 max_discard_seg 32 max_zeroes_seg 32")
         .assert_line("virtio-blk intx irq pending")
         .assert_line("virtio-blk isr 01")
         .assert_line(&format!("virtio-blk id {}", expected_id(&spec)))
@@ -140,6 +141,8 @@ guest_test!(virtio_blk_modern_interface_with_msix, |mode| {
     let spec = image.spec(",sectorsize=512/4096");
     let out = vm("msix", &spec).irqchip(mode).run();
     out.assert_exit(1)
+        .assert_line("virtio-blk capacity 8192 blk_size 512")
+        .assert_line("virtio-blk seg_max 126 phys_exp 3 max_discard_seg 32 max_zeroes_seg 32")
         .assert_line("virtio-blk msix pending while masked")
         .assert_line(&format!("virtio-blk id {}", expected_id(&spec)))
         .assert_line("virtio-blk write read back")
@@ -184,7 +187,10 @@ guest_test!(virtio_blk_missing_or_bad_image_fails_at_start, |mode| {
         .irqchip(mode)
         .run();
     out.assert_exit(1);
-    assert!(out.stderr.to_lowercase().contains("is a directory"), "{out}");
+    assert!(
+        out.stderr.to_lowercase().contains("is a directory"),
+        "{out}"
+    );
 
     let out = vm("intx", &format!("{},sectorsize=1000", image.path.display()))
         .irqchip(mode)

@@ -317,6 +317,15 @@ void test_virtio_blk(const struct mb_info *mbi)
     puts(" blk_size ");
     print_dec(config32(20));
     putc('\n');
+    puts("virtio-blk seg_max ");
+    print_dec(config32(12));
+    puts(" phys_exp ");
+    print_dec(config8(24));
+    puts(" max_discard_seg ");
+    print_dec(config32(40));
+    puts(" max_zeroes_seg ");
+    print_dec(config32(52));
+    putc('\n');
 
     /* GET_ID: the serial, NUL-padded to 20 bytes. */
     memset(data, 0, sizeof data);

@@ -536,8 +536,11 @@ mod tests {
         }
         /// Legacy bring-up of the queue on `ring` (page aligned).
         fn legacy_setup(&self, ring: &Ring) {
+            self.legacy_setup_with(ring, 0);
+        }
+        fn legacy_setup_with(&self, ring: &Ring, features: u32) {
             self.io_w(0x12, u32::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER), 1);
-            self.io_w(0x04, 0, 4);
+            self.io_w(0x04, features, 4);
             self.io_w(0x0E, 0, 2);
             self.io_w(0x08, (ring.desc >> 12) as u32, 4);
             let ok = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK;
@@ -620,6 +623,20 @@ mod tests {
         );
         assert_eq!(r.line.levels.lock().unwrap().first(), Some(&true));
         assert_eq!(r.io_r(0x13, 1), 1, "ISR queue bit");
+    }
+
+    #[test]
+    fn with_event_index_the_driver_is_asked_to_ring_for_the_next_request() {
+        let r = rig(false);
+        let mut ring = Ring::new(&r.mem, 0x4000, QUEUE_SIZE);
+        r.legacy_setup_with(&ring, crate::devices::virtio::F_RING_EVENT_IDX as u32);
+        let avail_event = GuestAddress(ring.used + 4 + 8 * u64::from(QUEUE_SIZE));
+        for n in 1..=3u16 {
+            r.request(&mut ring, VIRTIO_BLK_T_IN, 0, 512);
+            // A driver only rings when it moves its index past avail_event: it must track
+            // what the device has taken, or the driver would stop ringing.
+            assert_eq!(r.mem.read_obj::<u16>(avail_event).unwrap(), n);
+        }
     }
 
     #[test]
