@@ -71,7 +71,10 @@ impl<J: Send + 'static> Drop for IoWorker<J> {
     fn drop(&mut self) {
         self.sender.take();
         if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+            // A handler may drop the last owner of its own worker; it cannot join itself.
+            if thread.thread().id() != std::thread::current().id() {
+                let _ = thread.join();
+            }
         }
     }
 }
@@ -141,6 +144,29 @@ mod tests {
             std::thread::sleep(Duration::from_millis(2));
         }
         assert_eq!(result, Err(SubmitError::Stopped(2)));
+    }
+
+    #[test]
+    fn a_handler_may_drop_its_own_worker() {
+        // A device's worker holds the device weakly; if it ends up dropping the last owner,
+        // the worker is dropped on its own thread and must not try to join itself.
+        let slot: Arc<std::sync::Mutex<Option<IoWorker<u32>>>> = Arc::default();
+        let (done_tx, done_rx) = mpsc::channel();
+        let handler_slot = Arc::clone(&slot);
+        let worker = IoWorker::spawn("test-self-drop", 1, move |_: u32| {
+            drop(handler_slot.lock().unwrap().take());
+            done_tx.send(()).unwrap();
+        })
+        .unwrap();
+        *slot.lock().unwrap() = Some(worker);
+        if let Some(worker) = slot.lock().unwrap().as_ref() {
+            worker.submit_wait(1).unwrap();
+        }
+        assert!(
+            done_rx.recv_timeout(Duration::from_secs(5)).is_ok(),
+            "the handler did not survive dropping its worker"
+        );
+        assert!(slot.lock().unwrap().is_none());
     }
 
     #[test]

@@ -114,6 +114,9 @@ pub enum PciDeviceKind {
     Lpc,
     /// `virtio-rnd`: an entropy source.
     VirtioRnd,
+    /// `virtio-blk,PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]]`: a disk; the
+    /// options (checked at parse time) stay in [`PciDeviceConfig::options`].
+    VirtioBlk,
 }
 
 impl VmConfig {

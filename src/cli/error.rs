@@ -32,6 +32,17 @@ pub enum CliError {
     UnknownPciDevice { bus: u8, slot: u8, name: String },
     #[error("invalid -s \"{spec}\": {name} takes no options")]
     PciOptionsNotAccepted { spec: String, name: &'static str },
+    #[error("invalid -s \"{spec}\": {name} needs options: {usage}")]
+    PciOptionsRequired {
+        spec: String,
+        name: &'static str,
+        usage: &'static str,
+    },
+    #[error("invalid -s \"{spec}\": {source}")]
+    InvalidBlockOptions {
+        spec: String,
+        source: crate::block::OptionsError,
+    },
     #[error("invalid -s \"{spec}\": {reason}")]
     InvalidPciPlacement { spec: String, reason: &'static str },
     #[error("invalid lpc device configuration '{value}': {reason}")]

@@ -515,8 +515,8 @@ mod tests {
             "pci slot 0:3:0 already occupied"
         );
         assert_eq!(
-            error(&["-s", "2,virtio-blk,disk.img", "-f", KEXEC]).to_string(),
-            "not supported yet: -s 2,virtio-blk,disk.img (PCI device \"virtio-blk\")"
+            error(&["-s", "2,virtio-9p,share", "-f", KEXEC]).to_string(),
+            "not supported yet: -s 2,virtio-9p,share (PCI device \"virtio-9p\")"
         );
     }
 

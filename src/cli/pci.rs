@@ -5,7 +5,6 @@ use super::{CliError, PciDeviceConfig, PciDeviceKind};
 /// Emulations of xhyve/HyperKit that this port will add later; named so users get
 /// "not supported yet" rather than "unknown device".
 const LATER_EMULATIONS: &[&str] = &[
-    "virtio-blk",
     "virtio-net",
     "virtio-tap",
     "virtio-9p",
@@ -35,6 +34,7 @@ pub fn parse_pci_device(spec: &str) -> Result<PciDeviceConfig, CliError> {
         "amd_hostbridge" => PciDeviceKind::AmdHostbridge,
         "lpc" => PciDeviceKind::Lpc,
         "virtio-rnd" => PciDeviceKind::VirtioRnd,
+        "virtio-blk" => PciDeviceKind::VirtioBlk,
         later if LATER_EMULATIONS.contains(&later) => {
             return Err(CliError::NotSupportedYet(format!(
                 "-s {spec} (PCI device \"{later}\")"
@@ -48,7 +48,9 @@ pub fn parse_pci_device(spec: &str) -> Result<PciDeviceConfig, CliError> {
             })
         }
     };
-    if options.is_some() {
+    if kind == PciDeviceKind::VirtioBlk {
+        check_block_options(spec, kind, options.as_deref())?;
+    } else if options.is_some() {
         return Err(CliError::PciOptionsNotAccepted {
             spec: spec.to_string(),
             name: kind_name(kind),
@@ -101,7 +103,29 @@ fn kind_name(kind: PciDeviceKind) -> &'static str {
         PciDeviceKind::AmdHostbridge => "amd_hostbridge",
         PciDeviceKind::Lpc => "lpc",
         PciDeviceKind::VirtioRnd => "virtio-rnd",
+        PciDeviceKind::VirtioBlk => "virtio-blk",
     }
+}
+
+/// Block devices need an image path; the rest of the string must parse as xhyve's options.
+fn check_block_options(
+    spec: &str,
+    kind: PciDeviceKind,
+    options: Option<&str>,
+) -> Result<(), CliError> {
+    let Some(options) = options else {
+        return Err(CliError::PciOptionsRequired {
+            spec: spec.to_string(),
+            name: kind_name(kind),
+            usage: "PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]]",
+        });
+    };
+    crate::block::BlockOptions::parse(options)
+        .map(|_| ())
+        .map_err(|source| CliError::InvalidBlockOptions {
+            spec: spec.to_string(),
+            source,
+        })
 }
 
 /// `slot`, `slot:func` or `bus:slot:func`.
@@ -240,10 +264,10 @@ mod tests {
 
     #[test]
     fn later_emulations_are_not_supported_yet() {
-        let err = parse_pci_device("2,virtio-blk").unwrap_err();
+        let err = parse_pci_device("2,virtio-9p").unwrap_err();
         assert_eq!(
             err.to_string(),
-            "not supported yet: -s 2,virtio-blk (PCI device \"virtio-blk\")"
+            "not supported yet: -s 2,virtio-9p (PCI device \"virtio-9p\")"
         );
         assert_eq!(err.exit_code(), 1);
         for name in LATER_EMULATIONS {
@@ -269,6 +293,41 @@ mod tests {
             error("3,virtio-rnd,x"),
             "invalid -s \"3,virtio-rnd,x\": virtio-rnd takes no options"
         );
+    }
+
+    #[test]
+    fn virtio_blk_keeps_its_option_string() {
+        let d = parse_pci_device("4:1,virtio-blk,/img/d.img,ro,sectorsize=512/4096").unwrap();
+        assert_eq!(
+            (d.slot, d.function, d.kind),
+            (4, 1, PciDeviceKind::VirtioBlk)
+        );
+        assert_eq!(
+            d.options.as_deref(),
+            Some("/img/d.img,ro,sectorsize=512/4096")
+        );
+    }
+
+    #[test]
+    fn virtio_blk_options_are_checked_at_parse_time() {
+        assert_eq!(
+            error("4,virtio-blk"),
+            "invalid -s \"4,virtio-blk\": virtio-blk needs options: \
+             PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]]"
+        );
+        assert_eq!(
+            error("4,virtio-blk,d.img,rw"),
+            "invalid -s \"4,virtio-blk,d.img,rw\": unknown block device option \"rw\""
+        );
+        assert_eq!(
+            error("4,virtio-blk,d.img,sectorsize=1000"),
+            "invalid -s \"4,virtio-blk,d.img,sectorsize=1000\": invalid sectorsize \"1000\": \
+             sizes must be powers of two from 512 to 65536"
+        );
+        assert!(matches!(
+            parse_pci_device("4,virtio-blk,"),
+            Err(CliError::InvalidBlockOptions { .. })
+        ));
     }
 
     #[test]

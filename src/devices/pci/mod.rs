@@ -26,6 +26,7 @@ pub use host_access::{PciConfigIo, PciEcam, PCI_CONFIG_ADDRESS_PORT, PCI_CONFIG_
 
 use super::bus::{lock, Bus, BusDevice};
 use super::irq::{InterruptLine, MsiSender};
+use super::virtio::blk::VirtioBlk;
 use super::virtio::pci::{VirtioPci, VirtioPciResources};
 use super::virtio::rnd::VirtioRnd;
 use crate::cli::{PciDeviceConfig, PciDeviceKind};
@@ -400,6 +401,19 @@ pub fn build_pci_bus(
                         reason: e.to_string(),
                     })?;
                 Arc::new(Mutex::new(device))
+            }
+            PciDeviceKind::VirtioBlk => {
+                let transport = VirtioPciResources {
+                    memory: resources.memory.clone(),
+                    msi: resources.msi.clone(),
+                    intx: (resources.intx)(intx_gsi(addr.slot, 0)),
+                    single_msi: resources.virtio_single_msi,
+                };
+                let options = config.options.as_deref().unwrap_or_default();
+                VirtioBlk::build(options, transport).map_err(|e| PciError::Device {
+                    addr,
+                    reason: e.to_string(),
+                })?
             }
         };
         bus.add(addr, device)?;

@@ -4,6 +4,7 @@
 //! with a queue's buffers. The transport owns feature negotiation, device status, the queues'
 //! configuration and interrupts, so a model never sees PCI.
 
+pub mod blk;
 pub mod pci;
 pub mod rnd;
 
@@ -39,6 +40,10 @@ pub enum QueueError {
     NotWritable { head: u16 },
     #[error("host entropy source failed: {0}")]
     Entropy(std::io::Error),
+    #[error("virtio-blk: {0}")]
+    BlockRequest(#[from] crate::devices::virtio_blk_req::RequestError),
+    #[error("the device's I/O thread has stopped")]
+    WorkerStopped,
 }
 
 /// A virtio device model.

@@ -215,6 +215,38 @@ impl<D: VirtioDevice> VirtioPci<D> {
         &self.device
     }
 
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.device
+    }
+
+    /// Puts a chain that a device finished off the vCPU thread (an I/O worker) into queue
+    /// `index`'s used ring and raises the queue's interrupt if the driver wants one. Ignored
+    /// while the device needs a reset or the queue is not live.
+    pub fn complete_used(&mut self, index: usize, head: u16, len: u32) {
+        if self.status & STATUS_NEEDS_RESET != 0 {
+            return;
+        }
+        let Some(queue) = self.queues.get_mut(index) else {
+            return;
+        };
+        if !queue.ready() {
+            return;
+        }
+        let result = queue
+            .add_used(&self.memory, head, len)
+            .and_then(|()| queue.needs_notification(&self.memory));
+        match result {
+            Ok(true) => self.signal_queue(index),
+            Ok(false) => {}
+            Err(e) => self.enter_needs_reset(&QueueError::Queue(e)),
+        }
+    }
+
+    /// A device found, off the vCPU thread, that the driver broke the rules.
+    pub fn report_queue_error(&mut self, why: &QueueError) {
+        self.enter_needs_reset(why);
+    }
+
     pub fn status(&self) -> u8 {
         self.status
     }

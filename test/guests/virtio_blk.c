@@ -1,0 +1,392 @@
+/* A minimal virtio-blk driver, interrupts off. Command-line words:
+ *   virtio-blk intx : the legacy (0.9.5) I/O BAR interface; the first completion is seen as
+ *                     the IOAPIC-routed vector pending in the LAPIC IRR and the ISR status.
+ *   virtio-blk msix : the modern (1.x) interface; every completion is held as a pending bit
+ *                     while the MSI-X vector is masked, then, unmasked, pending in the IRR.
+ *   ro              : the disk is read-only: expect the RO feature and IOERR for a write.
+ * The host test prepares the image (a pattern in sector 0, data at 1 MiB) and checks it
+ * afterwards. Prints "virtio-blk ok" when every check passes; anything else is a FAIL. */
+#include "tests.h"
+
+#define PCI_CONFIG_ADDRESS 0xCF8
+#define PCI_CONFIG_DATA 0xCFC
+#define LAPIC 0xFEE00000u
+#define IOAPIC 0xFEC00000u
+#define INTX_VECTOR 0x53
+#define MSIX_VECTOR 0x54
+#define QUEUE_SIZE 128
+#define SPIN_LIMIT 5000000u
+
+#define STATUS_ACK 1
+#define STATUS_DRIVER 2
+#define STATUS_DRIVER_OK 4
+#define STATUS_FEATURES_OK 8
+#define DESC_F_NEXT 1
+#define DESC_F_WRITE 2
+
+#define T_IN 0
+#define T_OUT 1
+#define T_FLUSH 4
+#define T_GET_ID 8
+#define T_DISCARD 11
+#define T_WRITE_ZEROES 13
+#define S_OK 0
+#define S_IOERR 1
+
+#define F_RO (1u << 5)
+#define F_BLK_SIZE (1u << 6)
+#define F_FLUSH (1u << 9)
+#define F_DISCARD (1u << 13)
+#define F_WRITE_ZEROES (1u << 14)
+
+/* Where the host test put its data, in 512-byte sectors. */
+#define WRITE_SECTOR 16
+#define ZERO_SECTOR 20
+#define DISCARD_SECTOR 2048
+#define DISCARD_SECTORS 2048
+
+struct req_header {
+    u32 type;
+    u32 reserved;
+    u64 sector;
+};
+
+struct segment {
+    u64 sector;
+    u32 sectors;
+    u32 flags;
+};
+
+static u8 ring[8192] __attribute__((aligned(4096)));
+static u8 data[4096] __attribute__((aligned(4096)));
+static struct req_header header __attribute__((aligned(16)));
+static struct segment segment __attribute__((aligned(16)));
+static volatile u8 status;
+static u16 published;
+
+static int msix_mode;
+static u16 legacy_io;
+static u32 notify_addr, device_cfg, msix_table, msix_pba;
+
+static u32 cfg_addr(u32 slot, u32 off) { return 0x80000000u | (slot << 11) | (off & 0xFC); }
+static u32 cfg_read32(u32 slot, u32 off) { outl(PCI_CONFIG_ADDRESS, cfg_addr(slot, off)); return inl(PCI_CONFIG_DATA); }
+static u8 cfg_read8(u32 slot, u32 off) { outl(PCI_CONFIG_ADDRESS, cfg_addr(slot, off)); return inb(PCI_CONFIG_DATA + (off & 3)); }
+static void cfg_write16(u32 slot, u32 off, u16 v) { outl(PCI_CONFIG_ADDRESS, cfg_addr(slot, off)); outw(PCI_CONFIG_DATA + (off & 2), v); }
+
+static void mmio_write16(u32 a, u16 v) { *(volatile u16 *)a = v; }
+static u16 mmio_read16(u32 a) { return *(volatile u16 *)a; }
+static void mmio_write8(u32 a, u8 v) { *(volatile u8 *)a = v; }
+static u8 mmio_read8(u32 a) { return *(volatile u8 *)a; }
+
+static int irr_pending(u32 vector)
+{
+    return (mmio_read32(LAPIC + 0x200 + 0x10 * (vector / 32)) >> (vector % 32)) & 1;
+}
+
+/* The IRR bit is set by the I/O thread, a moment after the used ring: poll for it. */
+static int irr_pending_soon(u32 vector)
+{
+    for (u32 spins = 0; spins < 200000; spins++)
+        if (irr_pending(vector))
+            return 1;
+    return 0;
+}
+
+static u32 find_device(void)
+{
+    for (u32 slot = 0; slot < 32; slot++)
+        if (cfg_read32(slot, 0) == 0x10011AF4u)
+            return slot;
+    fail("virtio-blk: no 1af4:1001 on bus 0");
+}
+
+static void set_desc(u32 index, const volatile void *addr, u32 len, u16 flags)
+{
+    volatile u32 *desc = (volatile u32 *)(ring + 16 * index);
+    desc[0] = (u32)addr;
+    desc[1] = 0;
+    desc[2] = len;
+    desc[3] = flags | ((index + 1) << 16);
+}
+
+/* Sends one request (header, optional data, status) and waits for its used entry. */
+static u8 request(u32 type, u64 sector, void *buf, u32 len, int device_writes)
+{
+    header.type = type;
+    header.reserved = 0;
+    header.sector = sector;
+    status = 0xFF;
+    u32 n = 0;
+    set_desc(n++, &header, sizeof header, DESC_F_NEXT);
+    if (len)
+        set_desc(n++, buf, len, DESC_F_NEXT | (device_writes ? DESC_F_WRITE : 0));
+    set_desc(n++, &status, 1, DESC_F_WRITE);
+    volatile u16 *avail = (volatile u16 *)(ring + 16 * QUEUE_SIZE);
+    avail[2 + published % QUEUE_SIZE] = 0;
+    __asm__ volatile("" ::: "memory");
+    published++;
+    avail[1] = published;
+    __asm__ volatile("" ::: "memory");
+    if (msix_mode)
+        mmio_write16(notify_addr, 0);
+    else
+        outw(legacy_io + 0x10, 0);
+    volatile u16 *used = (volatile u16 *)(ring + 4096);
+    for (u32 spins = 0; used[1] != published; spins++)
+        if (spins > SPIN_LIMIT)
+            fail("virtio-blk: request not completed");
+    volatile u32 *elem = (volatile u32 *)(ring + 4096 + 4 + 8 * ((published - 1) % QUEUE_SIZE));
+    if (elem[0] != 0)
+        fail("virtio-blk: used element names another chain");
+    return status;
+}
+
+static void expect(u8 got, u8 want, const char *what)
+{
+    if (got != want) {
+        puts("virtio-blk: status ");
+        print_hex(got, 2);
+        puts(" for ");
+        println(what);
+        fail("virtio-blk: unexpected request status");
+    }
+}
+
+static u8 config8(u32 off)
+{
+    if (msix_mode)
+        return mmio_read8(device_cfg + off);
+    return inb(legacy_io + 0x14 + off);
+}
+
+static u32 config32(u32 off)
+{
+    u32 v = 0;
+    for (int i = 3; i >= 0; i--)
+        v = (v << 8) | config8(off + i);
+    return v;
+}
+
+static void lapic_enable(void)
+{
+    mmio_write32(LAPIC + 0xF0, 0x1FF);
+}
+
+static u32 legacy_start(u32 slot)
+{
+    legacy_io = cfg_read32(slot, 0x10) & ~3u;
+    u32 gsi = cfg_read8(slot, 0x3C);
+    lapic_enable();
+    mmio_write32(IOAPIC, 0x10 + 2 * gsi + 1);
+    mmio_write32(IOAPIC + 0x10, 0);
+    mmio_write32(IOAPIC, 0x10 + 2 * gsi);
+    mmio_write32(IOAPIC + 0x10, INTX_VECTOR | (1u << 15)); /* level, active high */
+
+    outb(legacy_io + 0x12, 0);
+    outb(legacy_io + 0x12, STATUS_ACK | STATUS_DRIVER);
+    u32 features = inl(legacy_io + 0x00);
+    outl(legacy_io + 0x04, features & (F_RO | F_BLK_SIZE | F_FLUSH | F_DISCARD | F_WRITE_ZEROES));
+    outw(legacy_io + 0x0E, 0);
+    if (inw(legacy_io + 0x0C) != QUEUE_SIZE)
+        fail("virtio-blk: legacy queue size is not 128");
+    outl(legacy_io + 0x08, (u32)ring >> 12);
+    outb(legacy_io + 0x12, STATUS_ACK | STATUS_DRIVER | STATUS_DRIVER_OK);
+    return features;
+}
+
+static u32 modern_start(u32 slot)
+{
+    u32 mem = cfg_read32(slot, 0x18) & ~0xFu;
+    u32 common = 0, notify_mult = 0, msix_cap = 0;
+    for (u32 cap = cfg_read8(slot, 0x34); cap; cap = cfg_read8(slot, cap + 1)) {
+        u8 id = cfg_read8(slot, cap);
+        if (id == 0x11) {
+            msix_cap = cap;
+            u32 t = cfg_read32(slot, cap + 4), p = cfg_read32(slot, cap + 8);
+            msix_table = (cfg_read32(slot, 0x10 + 4 * (t & 7)) & ~0xFu) + (t & ~7u);
+            msix_pba = (cfg_read32(slot, 0x10 + 4 * (p & 7)) & ~0xFu) + (p & ~7u);
+        } else if (id == 0x09) {
+            u8 type = cfg_read8(slot, cap + 3);
+            u32 off = cfg_read32(slot, cap + 8);
+            if (type == 1)
+                common = mem + off;
+            if (type == 2) {
+                notify_addr = mem + off;
+                notify_mult = cfg_read32(slot, cap + 16);
+            }
+            if (type == 4)
+                device_cfg = mem + off;
+        }
+    }
+    if (!common || !notify_addr || !device_cfg || !msix_cap)
+        fail("virtio-blk: missing common/notify/device/MSI-X capability");
+    lapic_enable();
+
+    mmio_write8(common + 0x14, 0);
+    mmio_write8(common + 0x14, STATUS_ACK | STATUS_DRIVER);
+    mmio_write32(common + 0x00, 0);
+    u32 features = mmio_read32(common + 0x04);
+    mmio_write32(common + 0x08, 1);
+    mmio_write32(common + 0x0C, 1); /* VERSION_1 */
+    mmio_write32(common + 0x08, 0);
+    mmio_write32(common + 0x0C, features & (F_RO | F_BLK_SIZE | F_FLUSH | F_DISCARD | F_WRITE_ZEROES));
+    mmio_write8(common + 0x14, STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK);
+    if (!(mmio_read8(common + 0x14) & STATUS_FEATURES_OK))
+        fail("virtio-blk: FEATURES_OK refused");
+
+    /* Vector 0: the LAPIC, fixed delivery, masked until the end. */
+    mmio_write32(msix_table + 0, LAPIC);
+    mmio_write32(msix_table + 4, 0);
+    mmio_write32(msix_table + 8, MSIX_VECTOR);
+    mmio_write32(msix_table + 12, 1);
+    cfg_write16(slot, msix_cap + 2, 0x8000);
+
+    mmio_write16(common + 0x16, 0);
+    if (mmio_read16(common + 0x18) != QUEUE_SIZE)
+        fail("virtio-blk: modern queue size is not 128");
+    mmio_write16(common + 0x1A, 0);
+    if (mmio_read16(common + 0x1A) != 0)
+        fail("virtio-blk: queue vector 0 refused");
+    mmio_write32(common + 0x20, (u32)ring);
+    mmio_write32(common + 0x24, 0);
+    mmio_write32(common + 0x28, (u32)ring + 16 * QUEUE_SIZE);
+    mmio_write32(common + 0x2C, 0);
+    mmio_write32(common + 0x30, (u32)ring + 4096);
+    mmio_write32(common + 0x34, 0);
+    mmio_write16(common + 0x1C, 1);
+    notify_addr += mmio_read16(common + 0x1E) * notify_mult;
+    mmio_write8(common + 0x14, STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+    return features;
+}
+
+static void check_first_interrupt(void)
+{
+    if (msix_mode) {
+        if (!(mmio_read32(msix_pba) & 1))
+            fail("virtio-blk: masked MSI-X vector not pending in the PBA");
+        if (irr_pending(MSIX_VECTOR))
+            fail("virtio-blk: masked MSI-X vector reached the LAPIC");
+        println("virtio-blk msix pending while masked");
+        return;
+    }
+    if (!irr_pending_soon(INTX_VECTOR))
+        fail("virtio-blk: INTx vector not pending in the LAPIC IRR");
+    println("virtio-blk intx irq pending");
+    u8 isr = inb(legacy_io + 0x13);
+    puts("virtio-blk isr ");
+    print_hex(isr, 2);
+    putc('\n');
+    if (!(isr & 1))
+        fail("virtio-blk: ISR queue bit not set");
+}
+
+static void print_bytes(const char *label, const u8 *p, int n)
+{
+    puts(label);
+    for (int i = 0; i < n; i++)
+        print_hex(p[i], 2);
+    putc('\n');
+}
+
+static int all_zero(const u8 *p, u32 n)
+{
+    for (u32 i = 0; i < n; i++)
+        if (p[i])
+            return 0;
+    return 1;
+}
+
+void test_virtio_blk(const struct mb_info *mbi)
+{
+    (void)mbi;
+    u32 slot = find_device();
+    cfg_write16(slot, 0x04, 0x0007); /* I/O, memory, bus master */
+    msix_mode = cmdline_has("msix");
+    int read_only = cmdline_has("ro");
+    u32 features = msix_mode ? modern_start(slot) : legacy_start(slot);
+    puts("virtio-blk features ");
+    print_hex(features, 8);
+    putc('\n');
+    if (!!(features & F_RO) != read_only)
+        fail("virtio-blk: RO feature does not match the disk");
+    if ((features & (F_FLUSH | F_DISCARD | F_WRITE_ZEROES | F_BLK_SIZE)) !=
+        (F_FLUSH | F_DISCARD | F_WRITE_ZEROES | F_BLK_SIZE))
+        fail("virtio-blk: FLUSH/DISCARD/WRITE_ZEROES/BLK_SIZE not offered");
+    puts("virtio-blk capacity ");
+    print_dec(config32(0));
+    puts(" blk_size ");
+    print_dec(config32(20));
+    putc('\n');
+    puts("virtio-blk seg_max ");
+    print_dec(config32(12));
+    puts(" phys_exp ");
+    print_dec(config8(24));
+    puts(" max_discard_seg ");
+    print_dec(config32(40));
+    puts(" max_zeroes_seg ");
+    print_dec(config32(52));
+    putc('\n');
+
+    /* GET_ID: the serial, NUL-padded to 20 bytes. */
+    memset(data, 0, sizeof data);
+    expect(request(T_GET_ID, 0, data, 20, 1), S_OK, "GET_ID");
+    check_first_interrupt();
+    data[20] = 0;
+    puts("virtio-blk id ");
+    println((const char *)data);
+
+    memset(data, 0, sizeof data);
+    expect(request(T_IN, 0, data, 512, 1), S_OK, "read sector 0");
+    print_bytes("virtio-blk sector0 ", data, 8);
+
+    for (u32 i = 0; i < sizeof data; i++)
+        data[i] = (u8)(i * 7 + 1);
+    if (read_only) {
+        expect(request(T_OUT, WRITE_SECTOR, data, sizeof data, 0), S_IOERR, "write to ro");
+        println("virtio-blk ro write ioerr");
+        segment.sector = DISCARD_SECTOR;
+        segment.sectors = DISCARD_SECTORS;
+        segment.flags = 0;
+        expect(request(T_DISCARD, 0, &segment, sizeof segment, 0), S_IOERR, "discard on ro");
+        println("virtio-blk ro discard ioerr");
+    } else {
+        expect(request(T_OUT, WRITE_SECTOR, data, sizeof data, 0), S_OK, "write");
+        memset(data, 0, sizeof data);
+        expect(request(T_IN, WRITE_SECTOR, data, sizeof data, 1), S_OK, "read back");
+        for (u32 i = 0; i < sizeof data; i++)
+            if (data[i] != (u8)(i * 7 + 1))
+                fail("virtio-blk: read back differs from what was written");
+        println("virtio-blk write read back");
+        expect(request(T_FLUSH, 0, 0, 0, 0), S_OK, "flush");
+        println("virtio-blk flush ok");
+
+        segment.sector = ZERO_SECTOR;
+        segment.sectors = 2;
+        segment.flags = 0;
+        expect(request(T_WRITE_ZEROES, 0, &segment, sizeof segment, 0), S_OK, "write zeroes");
+        segment.sector = DISCARD_SECTOR;
+        segment.sectors = DISCARD_SECTORS;
+        expect(request(T_DISCARD, 0, &segment, sizeof segment, 0), S_OK, "discard");
+        memset(data, 0xEE, sizeof data);
+        expect(request(T_IN, DISCARD_SECTOR, data, sizeof data, 1), S_OK, "read discarded");
+        if (!all_zero(data, sizeof data))
+            fail("virtio-blk: discarded sectors do not read as zeroes");
+        println("virtio-blk discard ok");
+        expect(request(T_FLUSH, 0, 0, 0, 0), S_OK, "flush");
+    }
+
+    /* Past the end of the disk: an error status, not a crash. */
+    expect(request(T_IN, config32(0), data, 512, 1), S_IOERR, "read past the end");
+    expect(request(99, 0, 0, 0, 0), 2, "unknown request type");
+
+    if (msix_mode) {
+        mmio_write32(msix_table + 12, 0);
+        if (mmio_read32(msix_pba) & 1)
+            fail("virtio-blk: PBA bit still set after unmasking");
+        if (!irr_pending(MSIX_VECTOR))
+            fail("virtio-blk: MSI-X vector not pending in the LAPIC IRR");
+        println("virtio-blk msix irq pending");
+    }
+    println("virtio-blk ok");
+    poweroff();
+}
