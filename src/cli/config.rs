@@ -114,6 +114,10 @@ pub enum PciDeviceKind {
     Lpc,
     /// `virtio-rnd`: an entropy source.
     VirtioRnd,
+    /// `ahci-hd`: an AHCI controller with a SATA disk (options: block device options).
+    AhciHd,
+    /// `ahci-cd`: an AHCI controller with a read-only ATAPI CD-ROM (an ISO image).
+    AhciCd,
 }
 
 impl VmConfig {

@@ -33,6 +33,8 @@ pub enum CliError {
     #[error("invalid -s \"{spec}\": {name} takes no options")]
     PciOptionsNotAccepted { spec: String, name: &'static str },
     #[error("invalid -s \"{spec}\": {reason}")]
+    InvalidPciOptions { spec: String, reason: String },
+    #[error("invalid -s \"{spec}\": {reason}")]
     InvalidPciPlacement { spec: String, reason: &'static str },
     #[error("invalid lpc device configuration '{value}': {reason}")]
     InvalidLpc { value: String, reason: &'static str },

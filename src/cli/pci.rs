@@ -11,8 +11,6 @@ const LATER_EMULATIONS: &[&str] = &[
     "virtio-9p",
     "virtio-sock",
     "virtio-vpnkit",
-    "ahci-hd",
-    "ahci-cd",
     "uart",
     "e1000",
     "fbuf",
@@ -35,6 +33,8 @@ pub fn parse_pci_device(spec: &str) -> Result<PciDeviceConfig, CliError> {
         "amd_hostbridge" => PciDeviceKind::AmdHostbridge,
         "lpc" => PciDeviceKind::Lpc,
         "virtio-rnd" => PciDeviceKind::VirtioRnd,
+        "ahci-hd" => PciDeviceKind::AhciHd,
+        "ahci-cd" => PciDeviceKind::AhciCd,
         later if LATER_EMULATIONS.contains(&later) => {
             return Err(CliError::NotSupportedYet(format!(
                 "-s {spec} (PCI device \"{later}\")"
@@ -48,7 +48,15 @@ pub fn parse_pci_device(spec: &str) -> Result<PciDeviceConfig, CliError> {
             })
         }
     };
-    if options.is_some() {
+    if takes_block_options(kind) {
+        let text = options.as_deref().unwrap_or_default();
+        if let Err(e) = crate::block::BlockOptions::parse(text) {
+            return Err(CliError::InvalidPciOptions {
+                spec: spec.to_string(),
+                reason: e.to_string(),
+            });
+        }
+    } else if options.is_some() {
         return Err(CliError::PciOptionsNotAccepted {
             spec: spec.to_string(),
             name: kind_name(kind),
@@ -95,12 +103,18 @@ pub fn add_pci_device(
     Ok(())
 }
 
+fn takes_block_options(kind: PciDeviceKind) -> bool {
+    matches!(kind, PciDeviceKind::AhciHd | PciDeviceKind::AhciCd)
+}
+
 fn kind_name(kind: PciDeviceKind) -> &'static str {
     match kind {
         PciDeviceKind::Hostbridge => "hostbridge",
         PciDeviceKind::AmdHostbridge => "amd_hostbridge",
         PciDeviceKind::Lpc => "lpc",
         PciDeviceKind::VirtioRnd => "virtio-rnd",
+        PciDeviceKind::AhciHd => "ahci-hd",
+        PciDeviceKind::AhciCd => "ahci-cd",
     }
 }
 
@@ -268,6 +282,29 @@ mod tests {
         assert_eq!(
             error("3,virtio-rnd,x"),
             "invalid -s \"3,virtio-rnd,x\": virtio-rnd takes no options"
+        );
+    }
+
+    #[test]
+    fn ahci_devices_require_block_options() {
+        let hd = parse_pci_device("4,ahci-hd,/tmp/disk.img,ro,sectorsize=4096").unwrap();
+        assert_eq!(hd.kind, PciDeviceKind::AhciHd);
+        assert_eq!(
+            hd.options.as_deref(),
+            Some("/tmp/disk.img,ro,sectorsize=4096")
+        );
+        let cd = parse_pci_device("0:5:1,ahci-cd,/tmp/a.iso").unwrap();
+        assert_eq!(
+            (cd.slot, cd.function, cd.kind),
+            (5, 1, PciDeviceKind::AhciCd)
+        );
+        assert_eq!(
+            error("4,ahci-hd"),
+            "invalid -s \"4,ahci-hd\": block device options \"\": a backing image path is required"
+        );
+        assert_eq!(
+            error("4,ahci-cd,/a.iso,bogus"),
+            "invalid -s \"4,ahci-cd,/a.iso,bogus\": unknown block device option \"bogus\""
         );
     }
 
