@@ -196,6 +196,8 @@ static const struct {
     { "hpet", test_hpet },
     { "unknown-msr", test_unknown_msr },
     { "virtio-rnd", test_virtio_rnd },
+    { "ahci-hd", test_ahci },
+    { "ahci-cd", test_ahci },
 };
 
 void main(u32 magic, const struct mb_info *mbi)
