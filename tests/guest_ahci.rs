@@ -126,7 +126,11 @@ guest_test!(ahci_cd_reads_the_iso_volume_descriptor, |mode| {
 
 guest_test!(ahci_hd_with_a_missing_image_is_a_setup_error, |mode| {
     let out = Vm::multiboot("ahci-hd")
-        .pci(&["0:0,hostbridge", "4,ahci-hd,/nonexistent/disk.img", "31,lpc"])
+        .pci(&[
+            "0:0,hostbridge",
+            "4,ahci-hd,/nonexistent/disk.img",
+            "31,lpc",
+        ])
         .irqchip(mode)
         .run();
     out.assert_exit(1);

@@ -32,7 +32,7 @@ const DEVICE_ICH8_AHCI: u16 = 0x2821;
 const CLASS_AHCI: (u8, u8, u8) = (0x01, 0x06, 0x01);
 
 /// Generic host control registers.
-mod hba {
+mod ghc {
     pub const CAP: u64 = 0x00;
     pub const GHC: u64 = 0x04;
     pub const IS: u64 = 0x08;
@@ -346,13 +346,13 @@ impl AhciHba {
     fn read_register(&self, offset: u64) -> u32 {
         let p = &self.port;
         match offset {
-            hba::CAP => CAP_VALUE,
-            hba::GHC => self.ghc,
-            hba::IS => self.is,
-            hba::PI => 1,
-            hba::VS => VS_VALUE,
-            hba::CAP2 => 0,
-            o if (hba::PORT0..hba::PORT0 + hba::PORT_LEN).contains(&o) => match o - hba::PORT0 {
+            ghc::CAP => CAP_VALUE,
+            ghc::GHC => self.ghc,
+            ghc::IS => self.is,
+            ghc::PI => 1,
+            ghc::VS => VS_VALUE,
+            ghc::CAP2 => 0,
+            o if (ghc::PORT0..ghc::PORT0 + ghc::PORT_LEN).contains(&o) => match o - ghc::PORT0 {
                 px::CLB => p.clb as u32,
                 px::CLBU => (p.clb >> 32) as u32,
                 px::FB => p.fb as u32,
@@ -375,7 +375,7 @@ impl AhciHba {
 
     fn write_register(&mut self, offset: u64, value: u32) {
         match offset {
-            hba::GHC => {
+            ghc::GHC => {
                 if value & GHC_HR != 0 {
                     self.reset_hba();
                     return;
@@ -383,12 +383,12 @@ impl AhciHba {
                 self.ghc = GHC_AE | value & GHC_IE;
                 self.update_interrupt(true);
             }
-            hba::IS => {
+            ghc::IS => {
                 self.is &= !value;
                 self.update_interrupt(false);
             }
-            o if (hba::PORT0..hba::PORT0 + hba::PORT_LEN).contains(&o) => {
-                self.write_port_register(o - hba::PORT0, value)
+            o if (ghc::PORT0..ghc::PORT0 + ghc::PORT_LEN).contains(&o) => {
+                self.write_port_register(o - ghc::PORT0, value)
             }
             _ => {}
         }
@@ -414,16 +414,11 @@ impl AhciHba {
             px::CMD => self.write_cmd(value),
             px::SCTL => self.write_sctl(value),
             px::SERR => p.serr &= !value,
-            px::SACT => {
-                if p.cmd & CMD_ST != 0 {
-                    p.sact |= value;
-                }
-            }
-            px::CI => {
-                if p.cmd & CMD_ST != 0 {
-                    p.ci |= value;
-                    self.process_commands();
-                }
+            // Issuing only counts while the port runs.
+            px::SACT if p.cmd & CMD_ST != 0 => p.sact |= value,
+            px::CI if p.cmd & CMD_ST != 0 => {
+                p.ci |= value;
+                self.process_commands();
             }
             _ => {}
         }

@@ -60,7 +60,7 @@ impl Rig {
         self.w(P + px::IS, 0xFFFF_FFFF);
         self.w(P + px::IE, 0xFFFF_FFFF);
         self.w(P + px::CMD, CMD_FRE | CMD_ST);
-        self.w(hba::GHC, GHC_IE);
+        self.w(ghc::GHC, GHC_IE);
     }
     fn levels(&self) -> Vec<bool> {
         self.line.levels.lock().unwrap().clone()
@@ -103,23 +103,23 @@ fn pci_identity_and_hba_registers() {
     assert_eq!(cs.read_u32(8) >> 8, 0x01_06_01);
     assert_eq!(cs.read_u16(0x3C), 0x0115, "INTA# on GSI 21");
     assert_eq!(cs.bar(ABAR).map(|b| b.size), Some(ABAR_SIZE));
-    assert_eq!(r.r(hba::CAP) & 0x1F, 0, "one port");
-    assert_eq!(r.r(hba::CAP) >> 8 & 0x1F, 31, "32 slots");
-    assert_eq!(r.r(hba::GHC), GHC_AE);
-    assert_eq!(r.r(hba::PI), 1);
-    assert_eq!(r.r(hba::VS), 0x0001_0300);
+    assert_eq!(r.r(ghc::CAP) & 0x1F, 0, "one port");
+    assert_eq!(r.r(ghc::CAP) >> 8 & 0x1F, 31, "32 slots");
+    assert_eq!(r.r(ghc::GHC), GHC_AE);
+    assert_eq!(r.r(ghc::PI), 1);
+    assert_eq!(r.r(ghc::VS), 0x0001_0300);
     assert_eq!(r.r(P + px::SIG), 0x101);
     assert_eq!(r.r(P + px::SSTS), SSTS_UP);
     assert_eq!(r.r(P + px::TFD), 0x50);
     // Byte reads see the register's bytes.
     let mut b = [0u8; 1];
-    r.hba.read_bar(ABAR, hba::VS + 2, &mut b);
+    r.hba.read_bar(ABAR, ghc::VS + 2, &mut b);
     assert_eq!(b[0], 1);
     // AE cannot be cleared; IE is writable.
-    r.w(hba::GHC, GHC_IE);
-    assert_eq!(r.r(hba::GHC), GHC_AE | GHC_IE);
-    r.w(hba::GHC, 0);
-    assert_eq!(r.r(hba::GHC), GHC_AE);
+    r.w(ghc::GHC, GHC_IE);
+    assert_eq!(r.r(ghc::GHC), GHC_AE | GHC_IE);
+    r.w(ghc::GHC, 0);
+    assert_eq!(r.r(ghc::GHC), GHC_AE);
 }
 
 #[test]
@@ -144,7 +144,7 @@ fn read_dma_completes_posts_d2h_and_raises_intx() {
     let mut r = rig(DriveKind::Disk, image.clone());
     r.start();
     r.w(P + px::IS, 0xFFFF_FFFF);
-    r.w(hba::IS, 1);
+    r.w(ghc::IS, 1);
     assert!(!r.levels().contains(&true));
     r.command(3, 0xC8, 5, 2, (DATA, 1024));
     r.w(P + px::CI, 1 << 3);
@@ -158,16 +158,16 @@ fn read_dma_completes_posts_d2h_and_raises_intx() {
     assert_eq!(d2h, [0x34, 0x40, 0x50, 0]);
     assert_eq!(r.r(P + px::TFD), 0x50);
     assert_eq!(r.r(P + px::IS) & PXIS_DHRS, PXIS_DHRS);
-    assert_eq!(r.r(hba::IS), 1);
+    assert_eq!(r.r(ghc::IS), 1);
     assert_eq!(r.levels().last(), Some(&true));
     assert!(r.msi.0.lock().unwrap().is_empty());
 
     // The IS write alone does not lower the line while the port still has status set.
-    r.w(hba::IS, 1);
-    assert_eq!(r.r(hba::IS), 1);
+    r.w(ghc::IS, 1);
+    assert_eq!(r.r(ghc::IS), 1);
     r.w(P + px::IS, 0xFFFF_FFFF);
-    r.w(hba::IS, 1);
-    assert_eq!(r.r(hba::IS), 0);
+    r.w(ghc::IS, 1);
+    assert_eq!(r.r(ghc::IS), 0);
     assert_eq!(r.levels().last(), Some(&false));
 }
 
@@ -217,16 +217,16 @@ fn masked_port_interrupts_and_intx_disable_keep_the_line_low() {
     r.start();
     r.w(P + px::IE, 0);
     r.w(P + px::IS, 0xFFFF_FFFF);
-    r.w(hba::IS, 1);
+    r.w(ghc::IS, 1);
     r.command(0, 0xC8, 0, 1, (DATA, 512));
     r.w(P + px::CI, 1);
     assert_eq!(r.r(P + px::IS) & PXIS_DHRS, PXIS_DHRS);
-    assert_eq!(r.r(hba::IS), 0);
+    assert_eq!(r.r(ghc::IS), 0);
     assert!(!r.levels().contains(&true));
     // Disabling INTx in the command register while status is pending.
     r.hba.write_config(4, &(0x0006u16 | 1 << 10).to_le_bytes());
     r.w(P + px::IE, PXIS_DHRS);
-    assert_eq!(r.r(hba::IS), 1);
+    assert_eq!(r.r(ghc::IS), 1);
     assert!(!r.levels().contains(&true));
     r.hba.write_config(4, &0x0006u16.to_le_bytes());
     assert_eq!(r.levels().last(), Some(&true));
@@ -289,8 +289,8 @@ fn hba_reset_clears_state_and_odd_accesses_are_ignored() {
     r.hba.write_bar(ABAR, P + px::CLB + 1, &[0xFF, 0xFF]);
     r.hba.write_bar(0, 0, &[0xFF; 4]);
     assert_eq!(r.r(P + px::CLB), CLB as u32);
-    r.w(hba::GHC, GHC_HR | GHC_IE);
-    assert_eq!(r.r(hba::GHC), GHC_AE);
+    r.w(ghc::GHC, GHC_HR | GHC_IE);
+    assert_eq!(r.r(ghc::GHC), GHC_AE);
     assert_eq!(r.r(P + px::CMD), 0);
     assert_eq!(r.r(P + px::CLB), 0);
     assert_eq!(r.r(P + px::SSTS), SSTS_UP);
