@@ -1,16 +1,18 @@
 //! The AHCI host bus adapter as a PCI function (`ahci-hd`, `ahci-cd`): an Intel ICH8 AHCI
 //! controller (8086:2821) with one port, its registers in the ABAR (BAR 5, memory).
 //!
-//! A write of PxCI runs the issued commands through [`AhciDrive::execute`] on the vCPU
-//! thread that wrote it. That is bounded: at most [`SLOTS`] commands per write, each moving
-//! at most what its sector count allows. The port then posts the D2H (and PIO setup) FIS
-//! into the received-FIS area, sets PxIS and raises the HBA interrupt through MSI when the
-//! guest enabled it, else INTx.
+//! A write of PxCI only records the issued slots and wakes the controller's I/O thread, so
+//! a vCPU never waits for the disk. That thread runs the commands through
+//! [`AhciDrive::execute`], lowest slot first, then posts the D2H (and PIO setup) FIS into
+//! the received-FIS area, clears the PxCI bit, sets PxIS and raises the HBA interrupt
+//! through MSI when the guest enabled it, else INTx.
 
-use std::sync::Arc;
+use std::io;
+use std::sync::{Arc, Mutex};
 
 use super::{AhciDrive, DriveKind, ATA_S_DRDY, ATA_S_DSC};
-use crate::block::BlockBackend;
+use crate::block::{BlockBackend, IoWorker, SubmitError};
+use crate::devices::bus::lock;
 use crate::devices::irq::{InterruptLine, MsiSender};
 use crate::devices::pci::msi::Msi;
 use crate::devices::pci::{
@@ -117,6 +119,14 @@ struct Port {
     in_soft_reset: bool,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum AhciError {
+    #[error("AHCI configuration space: {0}")]
+    ConfigSpace(#[from] ConfigSpaceError),
+    #[error("cannot start the AHCI I/O thread: {0}")]
+    Worker(#[source] io::Error),
+}
+
 /// What the HBA needs from the machine.
 pub struct AhciResources {
     pub memory: GuestMemory,
@@ -124,18 +134,41 @@ pub struct AhciResources {
     pub intx: Arc<dyn InterruptLine>,
 }
 
+/// The controller's registers, shared by the vCPU (register accesses) and the I/O thread
+/// (command completion).
+struct Registers {
+    ghc: u32,
+    is: u32,
+    port: Port,
+    /// The slot the I/O thread is running, if any; PxCMD.CR stays set while it runs.
+    in_flight: Option<u32>,
+    /// Bumped by a port stop or an HBA reset: a command that was running when it changed
+    /// completes without touching the registers.
+    generation: u64,
+    /// The MSI message while MSI is enabled (mirrors configuration space).
+    msi: Option<(u64, u32)>,
+    /// INTx not disabled in the command register.
+    intx_enabled: bool,
+    intx_high: bool,
+    /// PxSIG and the status after reset, fixed by the drive kind.
+    signature: u32,
+    ready_status: u8,
+}
+
+/// What the vCPU side and the I/O thread share.
+struct Controller {
+    memory: GuestMemory,
+    msi_sender: Arc<dyn MsiSender>,
+    intx: Arc<dyn InterruptLine>,
+    regs: Mutex<Registers>,
+}
+
 /// The AHCI controller with one drive on port 0.
 pub struct AhciHba {
     config: ConfigSpace,
     msi: Msi,
-    msi_sender: Arc<dyn MsiSender>,
-    intx: Arc<dyn InterruptLine>,
-    intx_high: bool,
-    memory: GuestMemory,
-    drive: AhciDrive,
-    ghc: u32,
-    is: u32,
-    port: Port,
+    controller: Arc<Controller>,
+    worker: IoWorker<()>,
 }
 
 impl AhciHba {
@@ -143,7 +176,7 @@ impl AhciHba {
         kind: DriveKind,
         disk: Arc<dyn BlockBackend>,
         resources: AhciResources,
-    ) -> Result<Self, ConfigSpaceError> {
+    ) -> Result<Self, AhciError> {
         let (class, subclass, prog_if) = CLASS_AHCI;
         let mut config = ConfigSpace::new(PciIds {
             vendor: VENDOR_INTEL,
@@ -165,29 +198,62 @@ impl AhciHba {
             },
         )?;
         let msi = Msi::new(&mut config)?;
-        let mut hba = AhciHba {
-            config,
-            msi,
-            msi_sender: resources.msi,
-            intx: resources.intx,
-            intx_high: false,
-            memory: resources.memory,
-            drive: AhciDrive::new(kind, disk),
+        let drive = AhciDrive::new(kind, disk);
+        let ready_status = match kind {
+            DriveKind::Disk => ATA_S_DRDY | ATA_S_DSC,
+            // An ATAPI device clears DRDY after reset (ATA8-ACS signature protocol).
+            DriveKind::Cdrom => 0,
+        };
+        let mut regs = Registers {
             ghc: GHC_AE,
             is: 0,
             port: Port::default(),
+            in_flight: None,
+            generation: 0,
+            msi: None,
+            intx_enabled: true,
+            intx_high: false,
+            signature: drive.signature(),
+            ready_status,
         };
-        hba.reset_port();
-        Ok(hba)
+        regs.reset_port();
+        let controller = Arc::new(Controller {
+            memory: resources.memory,
+            msi_sender: resources.msi,
+            intx: resources.intx,
+            regs: Mutex::new(regs),
+        });
+        let worker = {
+            let controller = controller.clone();
+            let mut drive = drive;
+            // Depth 1: a queued wake-up not yet taken will see every slot issued after it.
+            IoWorker::spawn("ahci-io", 1, move |()| controller.run_issued(&mut drive))
+                .map_err(AhciError::Worker)?
+        };
+        Ok(AhciHba {
+            config,
+            msi,
+            controller,
+            worker,
+        })
     }
 
+    /// Wakes the I/O thread. A full queue means a wake-up is already pending.
+    fn kick(&self) {
+        match self.worker.submit(()) {
+            Ok(()) | Err(SubmitError::Full(())) => {}
+            Err(SubmitError::Stopped(())) => log::trace!("ahci: I/O thread has stopped"),
+        }
+    }
+}
+
+impl Registers {
     /// The drive's state after a COMRESET: link up, signature in PxSIG, ready status.
     fn reset_port(&mut self) {
-        let status = self.ready_status();
         let p = &mut self.port;
         p.ssts = SSTS_UP;
-        p.sig = self.drive.signature();
-        p.tfd = u32::from(status);
+        p.sig = self.signature;
+        p.tfd = u32::from(self.ready_status);
         p.sact = 0;
         p.ci = 0;
         p.in_soft_reset = false;
@@ -195,155 +261,7 @@ impl AhciHba {
         p.is |= PXIS_PCS;
     }
 
-    fn ready_status(&self) -> u8 {
-        match self.drive.kind() {
-            DriveKind::Disk => ATA_S_DRDY | ATA_S_DSC,
-            // An ATAPI device clears DRDY after reset (ATA8-ACS signature protocol).
-            DriveKind::Cdrom => 0,
-        }
-    }
-
-    /// GHC.HR: every register to its reset value, the port through a COMRESET.
-    fn reset_hba(&mut self) {
-        self.ghc = GHC_AE;
-        self.is = 0;
-        self.port = Port::default();
-        self.reset_port();
-        self.port.is = 0;
-        self.update_interrupt(false);
-    }
-
-    /// Posts a D2H register FIS carrying the signature, as a device does after reset.
-    fn post_signature(&mut self) {
-        let status = self.ready_status();
-        let sig = self.port.sig.to_le_bytes();
-        let mut fis = [0u8; super::fis::FIS_LEN];
-        fis[0] = super::fis::FIS_TYPE_D2H_REGISTER;
-        fis[2] = status;
-        fis[3] = 0x01; // error register after diagnostics: no error
-        fis[4] = sig[1]; // LBA low
-        fis[5] = sig[2]; // LBA mid
-        fis[6] = sig[3]; // LBA high
-        fis[12] = sig[0]; // sector count
-        self.port.tfd = u32::from(status) | 1 << 8;
-        if self.port.cmd & CMD_FRE != 0 {
-            if let Some(at) = self.port.fb.checked_add(super::fis::RX_D2H_OFFSET) {
-                let _ = self.memory.write_slice(&fis, GuestAddress(at));
-            }
-        }
-    }
-
-    /// Runs every issued command, lowest slot first, while the port is started. A command
-    /// that fails stops the port's processing (the guest recovers by clearing PxCMD.ST).
-    fn process_commands(&mut self) {
-        let mut raised = 0;
-        for _ in 0..SLOTS {
-            if self.port.cmd & CMD_ST == 0 {
-                break;
-            }
-            let pending = self.port.ci;
-            if pending == 0 {
-                break;
-            }
-            let slot = pending.trailing_zeros();
-            self.port.cmd = self.port.cmd & !(0x1F << CMD_CCS_SHIFT) | slot << CMD_CCS_SHIFT;
-            let outcome = self.drive.execute(&self.memory, self.port.clb, slot as u8);
-            self.port.ci &= !(1 << slot);
-            if outcome.soft_reset {
-                self.port.in_soft_reset = true;
-                continue;
-            }
-            if self.port.in_soft_reset {
-                self.port.in_soft_reset = false;
-                self.post_signature();
-                raised |= PXIS_DHRS;
-                continue;
-            }
-            if self.port.cmd & CMD_FRE != 0 {
-                outcome.post(&self.memory, self.port.fb);
-            }
-            self.port.tfd = u32::from(outcome.error) << 8 | u32::from(outcome.status);
-            raised |= PXIS_DHRS;
-            if outcome.pio_setup.is_some() {
-                raised |= PXIS_PSS;
-            }
-            if outcome.is_error() {
-                raised |= PXIS_TFES;
-                break;
-            }
-        }
-        if raised != 0 {
-            self.port.is |= raised;
-            self.update_interrupt(true);
-        }
-    }
-
-    /// Recomputes IS and the interrupt output. `new_event`: a port status bit was just set,
-    /// which is what sends an MSI (MSI is an edge; INTx follows the level).
-    fn update_interrupt(&mut self, new_event: bool) {
-        let port_pending = self.port.is & self.port.ie != 0;
-        if port_pending {
-            self.is |= 1;
-        }
-        let asserted = self.ghc & GHC_IE != 0 && self.is != 0;
-        if self.msi.enabled(&self.config) {
-            self.set_intx(false);
-            if asserted && new_event && port_pending {
-                let (address, data) = self.msi.message(&self.config);
-                self.msi_sender.send_msi(address, data);
-            }
-            return;
-        }
-        let intx_enabled = self.config.command() & COMMAND_INTX_DISABLE == 0;
-        self.set_intx(asserted && intx_enabled);
-    }
-
-    fn set_intx(&mut self, high: bool) {
-        if self.intx_high != high {
-            self.intx_high = high;
-            self.intx.set_level(high);
-        }
-    }
-
-    fn write_cmd(&mut self, value: u32) {
-        let p = &mut self.port;
-        let was = p.cmd;
-        p.cmd = was & !(CMD_STORED | CMD_ST | CMD_FRE) | value & (CMD_STORED | CMD_ST | CMD_FRE);
-        if value & CMD_CLO != 0 {
-            p.tfd &= !TFD_BSY_DRQ;
-        }
-        if p.cmd & CMD_FRE != 0 {
-            p.cmd |= CMD_FR;
-        } else {
-            p.cmd &= !CMD_FR;
-        }
-        if p.cmd & CMD_ST != 0 {
-            p.cmd |= CMD_CR;
-        } else {
-            // Stopping the port abandons whatever was issued.
-            p.cmd &= !(CMD_CR | 0x1F << CMD_CCS_SHIFT);
-            p.ci = 0;
-            p.sact = 0;
-        }
-        if was & CMD_ST == 0 && p.cmd & CMD_ST != 0 {
-            self.process_commands();
-        }
-    }
-
-    fn write_sctl(&mut self, value: u32) {
-        let was = self.port.sctl;
-        self.port.sctl = value & 0xFFF;
-        // DET 1 -> 0 ends a COMRESET: the device comes back and sends its signature.
-        if was & 0xF == 1 && value & 0xF == 0 {
-            self.reset_port();
-            self.post_signature();
-            self.update_interrupt(true);
-        } else if value & 0xF == 1 {
-            self.port.ssts = 0;
-        }
-    }
-
-    fn read_register(&self, offset: u64) -> u32 {
+    fn read(&self, offset: u64) -> u32 {
         let p = &self.port;
         match offset {
             ghc::CAP => CAP_VALUE,
@@ -372,31 +290,153 @@ impl AhciHba {
             _ => 0,
         }
     }
+}
 
-    fn write_register(&mut self, offset: u64, value: u32) {
-        match offset {
-            ghc::GHC => {
-                if value & GHC_HR != 0 {
-                    self.reset_hba();
-                    return;
+/// What a register write asks of the caller once the registers are unlocked.
+#[derive(PartialEq, Eq)]
+enum Then {
+    Nothing,
+    RunCommands,
+}
+
+impl Controller {
+    /// Recomputes IS and the interrupt output. `new_event`: a port status bit was just set,
+    /// which is what sends an MSI (MSI is an edge; INTx follows the level).
+    fn update_interrupt(&self, r: &mut Registers, new_event: bool) {
+        let port_pending = r.port.is & r.port.ie != 0;
+        if port_pending {
+            r.is |= 1;
+        }
+        let asserted = r.ghc & GHC_IE != 0 && r.is != 0;
+        let intx = match r.msi {
+            Some((address, data)) => {
+                if asserted && new_event && port_pending {
+                    self.msi_sender.send_msi(address, data);
                 }
-                self.ghc = GHC_AE | value & GHC_IE;
-                self.update_interrupt(true);
+                false
             }
-            ghc::IS => {
-                self.is &= !value;
-                self.update_interrupt(false);
-            }
-            o if (ghc::PORT0..ghc::PORT0 + ghc::PORT_LEN).contains(&o) => {
-                self.write_port_register(o - ghc::PORT0, value)
-            }
-            _ => {}
+            None => asserted && r.intx_enabled,
+        };
+        if r.intx_high != intx {
+            r.intx_high = intx;
+            self.intx.set_level(intx);
         }
     }
 
-    fn write_port_register(&mut self, offset: u64, value: u32) {
-        let p = &mut self.port;
+    /// Posts a D2H register FIS carrying the signature, as a device does after reset.
+    fn post_signature(&self, r: &mut Registers) {
+        let status = r.ready_status;
+        let sig = r.port.sig.to_le_bytes();
+        let mut fis = [0u8; super::fis::FIS_LEN];
+        fis[0] = super::fis::FIS_TYPE_D2H_REGISTER;
+        fis[2] = status;
+        fis[3] = 0x01; // error register after diagnostics: no error
+        fis[4] = sig[1]; // LBA low
+        fis[5] = sig[2]; // LBA mid
+        fis[6] = sig[3]; // LBA high
+        fis[12] = sig[0]; // sector count
+        r.port.tfd = u32::from(status) | 1 << 8;
+        if r.port.cmd & CMD_FRE != 0 {
+            if let Some(at) = r.port.fb.checked_add(super::fis::RX_D2H_OFFSET) {
+                let _ = self.memory.write_slice(&fis, GuestAddress(at));
+            }
+        }
+    }
+
+    /// The I/O thread: runs issued commands, lowest slot first, until none is left, the
+    /// port stops, or one fails (the port then stops processing until the guest restarts
+    /// it by clearing and setting PxCMD.ST, as on hardware).
+    fn run_issued(&self, drive: &mut AhciDrive) {
+        loop {
+            let (slot, list_base, generation) = {
+                let mut r = lock(&self.regs);
+                if r.port.cmd & CMD_ST == 0 || r.port.ci == 0 {
+                    return;
+                }
+                let slot = r.port.ci.trailing_zeros();
+                r.in_flight = Some(slot);
+                r.port.cmd = r.port.cmd & !(0x1F << CMD_CCS_SHIFT) | slot << CMD_CCS_SHIFT;
+                (slot, r.port.clb, r.generation)
+            };
+            let outcome = drive.execute(&self.memory, list_base, slot as u8);
+            let mut r = lock(&self.regs);
+            r.in_flight = None;
+            if r.generation != generation {
+                // Stopped or reset while it ran: the guest no longer expects an answer.
+                if r.port.cmd & CMD_ST == 0 {
+                    r.port.cmd &= !CMD_CR;
+                }
+                continue;
+            }
+            r.port.ci &= !(1 << slot);
+            let mut raised = PXIS_DHRS;
+            if outcome.soft_reset {
+                r.port.in_soft_reset = true;
+                continue;
+            }
+            if r.port.in_soft_reset {
+                r.port.in_soft_reset = false;
+                self.post_signature(&mut r);
+            } else {
+                if r.port.cmd & CMD_FRE != 0 {
+                    outcome.post(&self.memory, r.port.fb);
+                }
+                r.port.tfd = u32::from(outcome.error) << 8 | u32::from(outcome.status);
+                if outcome.pio_setup.is_some() {
+                    raised |= PXIS_PSS;
+                }
+                if outcome.is_error() {
+                    raised |= PXIS_TFES;
+                }
+            }
+            r.port.is |= raised;
+            self.update_interrupt(&mut r, true);
+            if raised & PXIS_TFES != 0 {
+                return;
+            }
+        }
+    }
+
+    fn write(&self, offset: u64, value: u32) -> Then {
+        let mut r = lock(&self.regs);
+        match offset {
+            ghc::GHC => {
+                if value & GHC_HR != 0 {
+                    self.reset_hba(&mut r);
+                    return Then::Nothing;
+                }
+                r.ghc = GHC_AE | value & GHC_IE;
+                self.update_interrupt(&mut r, true);
+            }
+            ghc::IS => {
+                r.is &= !value;
+                self.update_interrupt(&mut r, false);
+            }
+            o if (ghc::PORT0..ghc::PORT0 + ghc::PORT_LEN).contains(&o) => {
+                return self.write_port(&mut r, o - ghc::PORT0, value);
+            }
+            _ => {}
+        }
+        Then::Nothing
+    }
+
+    /// GHC.HR: every register to its reset value, the port through a COMRESET.
+    fn reset_hba(&self, r: &mut Registers) {
+        r.ghc = GHC_AE;
+        r.is = 0;
+        r.port = Port::default();
+        r.reset_port();
+        r.port.is = 0;
+        r.generation += 1;
+        if r.in_flight.is_some() {
+            r.port.cmd |= CMD_CR;
+        }
+        self.update_interrupt(r, false);
+    }
+
+    fn write_port(&self, r: &mut Registers, offset: u64, value: u32) -> Then {
         let value64 = u64::from(value);
+        let p = &mut r.port;
         match offset {
             // The command list is 1 KiB aligned, the received-FIS area 256 bytes.
             px::CLB => p.clb = p.clb & !0xFFFF_FFFF | value64 & 0xFFFF_FC00,
@@ -405,22 +445,69 @@ impl AhciHba {
             px::FBU => p.fb = p.fb & 0xFFFF_FFFF | value64 << 32,
             px::IS => {
                 p.is &= !value;
-                self.update_interrupt(false);
+                self.update_interrupt(r, false);
             }
             px::IE => {
                 p.ie = value & PXIS_MASK;
-                self.update_interrupt(true);
+                self.update_interrupt(r, true);
             }
-            px::CMD => self.write_cmd(value),
-            px::SCTL => self.write_sctl(value),
+            px::CMD => return self.write_cmd(r, value),
+            px::SCTL => self.write_sctl(r, value),
             px::SERR => p.serr &= !value,
             // Issuing only counts while the port runs.
             px::SACT if p.cmd & CMD_ST != 0 => p.sact |= value,
             px::CI if p.cmd & CMD_ST != 0 => {
                 p.ci |= value;
-                self.process_commands();
+                return Then::RunCommands;
             }
             _ => {}
+        }
+        Then::Nothing
+    }
+
+    fn write_cmd(&self, r: &mut Registers, value: u32) -> Then {
+        let p = &mut r.port;
+        let was = p.cmd;
+        p.cmd = was & !(CMD_STORED | CMD_ST | CMD_FRE) | value & (CMD_STORED | CMD_ST | CMD_FRE);
+        if value & CMD_CLO != 0 {
+            p.tfd &= !TFD_BSY_DRQ;
+        }
+        if p.cmd & CMD_FRE != 0 {
+            p.cmd |= CMD_FR;
+        } else {
+            p.cmd &= !CMD_FR;
+        }
+        if p.cmd & CMD_ST != 0 {
+            p.cmd |= CMD_CR;
+        } else {
+            // Stopping the port abandons whatever was issued; CR clears once the command
+            // the I/O thread is running (if any) has finished.
+            p.cmd &= !(0x1F << CMD_CCS_SHIFT);
+            p.ci = 0;
+            p.sact = 0;
+            if was & CMD_ST != 0 {
+                r.generation += 1;
+            }
+            if r.in_flight.is_none() {
+                r.port.cmd &= !CMD_CR;
+            }
+        }
+        if was & CMD_ST == 0 && r.port.cmd & CMD_ST != 0 && r.port.ci != 0 {
+            return Then::RunCommands;
+        }
+        Then::Nothing
+    }
+
+    fn write_sctl(&self, r: &mut Registers, value: u32) {
+        let was = r.port.sctl;
+        r.port.sctl = value & 0xFFF;
+        // DET 1 -> 0 ends a COMRESET: the device comes back and sends its signature.
+        if was & 0xF == 1 && value & 0xF == 0 {
+            r.reset_port();
+            self.post_signature(r);
+            self.update_interrupt(r, true);
+        } else if value & 0xF == 1 {
+            r.port.ssts = 0;
         }
     }
 }
@@ -437,7 +524,15 @@ impl PciDevice for AhciHba {
     fn write_config(&mut self, offset: u16, data: &[u8]) {
         self.config.write(offset, data);
         // The interrupt-disable bit or the MSI enable may have moved the interrupt.
-        self.update_interrupt(false);
+        let msi = self
+            .msi
+            .enabled(&self.config)
+            .then(|| self.msi.message(&self.config));
+        let intx_enabled = self.config.command() & COMMAND_INTX_DISABLE == 0;
+        let mut r = lock(&self.controller.regs);
+        r.msi = msi;
+        r.intx_enabled = intx_enabled;
+        self.controller.update_interrupt(&mut r, false);
     }
 
     fn read_bar(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
@@ -447,7 +542,7 @@ impl PciDevice for AhciHba {
         }
         // Registers are 32-bit; narrower reads take their bytes of the register.
         let aligned = offset & !3;
-        let value = self.read_register(aligned).to_le_bytes();
+        let value = lock(&self.controller.regs).read(aligned).to_le_bytes();
         let start = (offset - aligned) as usize;
         for (i, byte) in data.iter_mut().enumerate() {
             *byte = value.get(start + i).copied().unwrap_or(0);
@@ -461,7 +556,9 @@ impl PciDevice for AhciHba {
             return;
         }
         let value = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
-        self.write_register(offset, value);
+        if self.controller.write(offset, value) == Then::RunCommands {
+            self.kick();
+        }
     }
 }
 

@@ -62,6 +62,18 @@ impl Rig {
         self.w(P + px::CMD, CMD_FRE | CMD_ST);
         self.w(ghc::GHC, GHC_IE);
     }
+    /// Issues `slots` and waits for the I/O thread to leave `left` issued.
+    fn issue(&mut self, slots: u32, left: u32) {
+        self.w(P + px::CI, slots);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.r(P + px::CI) != left {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "commands never completed"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
     fn levels(&self) -> Vec<bool> {
         self.line.levels.lock().unwrap().clone()
     }
@@ -147,7 +159,7 @@ fn read_dma_completes_posts_d2h_and_raises_intx() {
     r.w(ghc::IS, 1);
     assert!(!r.levels().contains(&true));
     r.command(3, 0xC8, 5, 2, (DATA, 1024));
-    r.w(P + px::CI, 1 << 3);
+    r.issue(1 << 3, 0);
     assert_eq!(r.r(P + px::CI), 0);
     let mut got = vec![0u8; 1024];
     r.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
@@ -177,7 +189,7 @@ fn identify_sets_pss_and_fails_set_tfes() {
     r.start();
     r.w(P + px::IS, 0xFFFF_FFFF);
     r.command(0, 0xEC, 0, 1, (DATA, 512));
-    r.w(P + px::CI, 1);
+    r.issue(1, 0);
     assert_eq!(
         r.r(P + px::IS) & (PXIS_PSS | PXIS_DHRS),
         PXIS_PSS | PXIS_DHRS
@@ -191,7 +203,7 @@ fn identify_sets_pss_and_fails_set_tfes() {
     r.w(P + px::IS, 0xFFFF_FFFF);
     r.command(1, 0xC8, 100, 1, (DATA, 512));
     r.command(2, 0xC8, 0, 1, (DATA, 512));
-    r.w(P + px::CI, 0b110);
+    r.issue(0b110, 0b100);
     assert_eq!(r.r(P + px::IS) & PXIS_TFES, PXIS_TFES);
     assert_eq!(r.r(P + px::TFD) & 0x01, 0x01);
     assert_eq!(r.r(P + px::CI), 0b100);
@@ -206,7 +218,7 @@ fn msi_is_sent_instead_of_intx() {
     r.hba.write_config(cap + 2, &1u16.to_le_bytes());
     r.start();
     r.command(0, 0xC8, 0, 1, (DATA, 512));
-    r.w(P + px::CI, 1);
+    r.issue(1, 0);
     assert_eq!(r.msi.0.lock().unwrap().as_slice(), &[(0xFEE0_0000, 0x45)]);
     assert!(!r.levels().contains(&true));
 }
@@ -219,7 +231,7 @@ fn masked_port_interrupts_and_intx_disable_keep_the_line_low() {
     r.w(P + px::IS, 0xFFFF_FFFF);
     r.w(ghc::IS, 1);
     r.command(0, 0xC8, 0, 1, (DATA, 512));
-    r.w(P + px::CI, 1);
+    r.issue(1, 0);
     assert_eq!(r.r(P + px::IS) & PXIS_DHRS, PXIS_DHRS);
     assert_eq!(r.r(ghc::IS), 0);
     assert!(!r.levels().contains(&true));
@@ -256,11 +268,11 @@ fn comreset_and_soft_reset_send_the_signature() {
         .write_slice(&[0x27, 0x00, 0, 0], GuestAddress(TABLE))
         .unwrap();
     r.mem.write_obj(0x04u8, GuestAddress(TABLE + 15)).unwrap();
-    r.w(P + px::CI, 1);
+    r.issue(1, 0);
     let d2h: u8 = r.mem.read_obj(GuestAddress(FB + 0x40)).unwrap();
     assert_eq!(d2h, 0, "no FIS for the SRST-set half");
     r.mem.write_obj(0x00u8, GuestAddress(TABLE + 15)).unwrap();
-    r.w(P + px::CI, 1);
+    r.issue(1, 0);
     let d2h: [u8; 20] = r.mem.read_obj(GuestAddress(FB + 0x40)).unwrap();
     assert_eq!((d2h[0], d2h[5], d2h[6]), (0x34, 0x14, 0xEB));
 }
@@ -275,7 +287,7 @@ fn atapi_read10_through_the_port() {
     r.command(0, 0xA0, 0, 0, (DATA, 2048));
     let cdb = [0x28u8, 0, 0, 0, 0, 5, 0, 0, 1, 0, 0, 0];
     r.mem.write_slice(&cdb, GuestAddress(TABLE + 0x40)).unwrap();
-    r.w(P + px::CI, 1);
+    r.issue(1, 0);
     assert_eq!(r.r(P + px::TFD) & 0x01, 0);
     let mut got = [0u8; 2048];
     r.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
@@ -295,4 +307,107 @@ fn hba_reset_clears_state_and_odd_accesses_are_ignored() {
     assert_eq!(r.r(P + px::CLB), 0);
     assert_eq!(r.r(P + px::SSTS), SSTS_UP);
     assert_eq!(r.r(0xFFC), 0);
+}
+
+/// A disk whose reads wait for the test's go-ahead and report the thread they ran on.
+struct GatedDisk {
+    inner: MemDisk,
+    gate: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+    threads: std::sync::mpsc::SyncSender<Option<String>>,
+}
+
+impl BlockBackend for GatedDisk {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn logical_sector_size(&self) -> u32 {
+        self.inner.logical_sector_size()
+    }
+    fn physical_sector_size(&self) -> u32 {
+        self.inner.physical_sector_size()
+    }
+    fn is_read_only(&self) -> bool {
+        false
+    }
+    fn serial(&self) -> &[u8; crate::block::serial::SERIAL_LEN] {
+        self.inner.serial()
+    }
+    fn read_to(
+        &self,
+        offset: u64,
+        buf: &vm_memory::VolatileSlice<'_>,
+    ) -> Result<(), crate::block::BlockError> {
+        let name = std::thread::current().name().map(str::to_string);
+        let _ = self.threads.send(name);
+        let _ = self.gate.lock().unwrap().recv();
+        self.inner.read_to(offset, buf)
+    }
+    fn write_from(
+        &self,
+        offset: u64,
+        buf: &vm_memory::VolatileSlice<'_>,
+    ) -> Result<(), crate::block::BlockError> {
+        self.inner.write_from(offset, buf)
+    }
+    fn flush(&self) -> Result<(), crate::block::BlockError> {
+        Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), crate::block::BlockError> {
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), crate::block::BlockError> {
+        self.inner.write_zeroes(offset, len)
+    }
+}
+
+#[test]
+fn commands_run_on_the_io_thread_and_a_stop_waits_for_the_running_one() {
+    use std::sync::mpsc::{channel, sync_channel};
+    use std::time::Duration;
+    let (go, gate) = channel();
+    let (threads_tx, threads) = sync_channel(4);
+    let disk = Arc::new(GatedDisk {
+        inner: MemDisk::from_bytes(pattern(64 * 512), 512, false),
+        gate: std::sync::Mutex::new(gate),
+        threads: threads_tx,
+    });
+    let mut r = rig(DriveKind::Disk, vec![0; 512]);
+    r.hba = AhciHba::new(
+        DriveKind::Disk,
+        disk,
+        AhciResources {
+            memory: r.mem.clone(),
+            msi: r.msi.clone(),
+            intx: r.line.clone(),
+        },
+    )
+    .unwrap();
+    r.start();
+    r.w(P + px::IS, 0xFFFF_FFFF);
+    r.command(0, 0xC8, 0, 1, (DATA, 512));
+    // The register write returns while the read is still blocked in the disk.
+    r.w(P + px::CI, 1);
+    let thread = threads.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(thread.as_deref(), Some("ahci-io"));
+    assert_eq!(r.r(P + px::CI), 1);
+    // Stopping the port: CI clears at once, CR only when the running command is done,
+    // and that command's completion is dropped.
+    r.w(P + px::CMD, CMD_FRE);
+    assert_eq!(r.r(P + px::CI), 0);
+    assert_eq!(r.r(P + px::CMD) & CMD_CR, CMD_CR);
+    go.send(()).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while r.r(P + px::CMD) & CMD_CR != 0 {
+        assert!(std::time::Instant::now() < deadline, "CR never cleared");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(r.r(P + px::IS) & PXIS_DHRS, 0);
+    assert!(!r.levels().contains(&true));
+
+    // Restarted, the next command completes normally.
+    r.w(P + px::CMD, CMD_FRE | CMD_ST);
+    go.send(()).unwrap();
+    r.issue(1, 0);
+    assert_eq!(r.r(P + px::IS) & PXIS_DHRS, PXIS_DHRS);
+    assert_eq!(r.levels().last(), Some(&true));
 }
