@@ -87,41 +87,70 @@ fn check_hd(out: &common::Outcome) {
         .assert_line("ahci irq pending after read")
         .assert_line(&format!("ahci-hd lba1 {first}"))
         .assert_line(&format!("ahci-hd lba1 sum {sum:08x}"))
+        .assert_line("ahci irq pending after write")
+        .assert_line("ahci irq pending after flush")
         .assert_line("ahci ok");
 }
 
-guest_test!(ahci_hd_identify_and_read_with_intx, |mode| {
+/// The guest wrote LBA 2 with byte i = i ^ 0xA5; nothing else changed.
+fn check_disk_after(disk: &Path) {
+    let image = std::fs::read(disk).unwrap();
+    let written: Vec<u8> = (0..512u32).map(|i| (i ^ 0xA5) as u8).collect();
+    assert_eq!(&image[1024..1536], &written[..], "LBA 2 on the host");
+    assert_eq!(&image[512..1024], &sector_one()[..], "LBA 1 untouched");
+    assert!(
+        image[1536..].iter().all(|&b| b == 0),
+        "beyond LBA 2 untouched"
+    );
+}
+
+guest_test!(ahci_hd_identify_read_write_flush_with_intx, |mode| {
     let dir = Scratch::new("hd-intx");
     let disk = disk_image(&dir);
     let out = hd_vm("intx", &disk).irqchip(mode).run();
     out.assert_line(&format!("ahci intx gsi {}", 16 + 4));
     check_hd(&out);
+    check_disk_after(&disk);
 });
 
-guest_test!(ahci_hd_identify_and_read_with_msi, |mode| {
+guest_test!(ahci_hd_identify_read_write_flush_with_msi, |mode| {
     let dir = Scratch::new("hd-msi");
     let disk = disk_image(&dir);
     let out = hd_vm("msi", &disk).irqchip(mode).run();
     out.assert_line("ahci msi enabled");
     check_hd(&out);
+    check_disk_after(&disk);
 });
 
-guest_test!(ahci_cd_reads_the_iso_volume_descriptor, |mode| {
-    let dir = Scratch::new("cd");
-    let iso = iso_image(&dir);
-    let out = Vm::multiboot("ahci-cd msi")
-        .pci(&[
-            "0:0,hostbridge",
-            &format!("5,ahci-cd,{}", iso.display()),
-            "31,lpc",
-        ])
-        .irqchip(mode)
-        .run();
+fn cd_vm(mode: &str, iso: &Path) -> Vm {
+    Vm::multiboot(&format!("ahci-cd {mode}")).pci(&[
+        "0:0,hostbridge",
+        &format!("5,ahci-cd,{}", iso.display()),
+        "31,lpc",
+    ])
+}
+
+fn check_cd(out: &common::Outcome) {
     out.assert_exit(1)
-        .assert_line("ahci msi enabled")
         .assert_line("ahci irq pending after read10")
         .assert_line("ahci-cd volume XHYVE_AHCI_CD")
         .assert_line("ahci ok");
+}
+
+guest_test!(ahci_cd_reads_the_iso_volume_descriptor_with_intx, |mode| {
+    let dir = Scratch::new("cd-intx");
+    let iso = iso_image(&dir);
+    let out = cd_vm("intx", &iso).irqchip(mode).run();
+    out.assert_line(&format!("ahci intx gsi {}", 16 + 5));
+    check_cd(&out);
+});
+
+guest_test!(ahci_cd_reads_the_iso_volume_descriptor_with_msi, |mode| {
+    let dir = Scratch::new("cd-msi");
+    let iso = iso_image(&dir);
+    let out = cd_vm("msi", &iso).irqchip(mode).run();
+    out.assert_line("ahci msi enabled");
+    check_cd(&out);
 });
 
 guest_test!(ahci_hd_with_a_missing_image_is_a_setup_error, |mode| {

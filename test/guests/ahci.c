@@ -1,6 +1,7 @@
 /* A minimal AHCI driver for port 0 of the first 8086:2821 function, interrupts off.
  *   ahci-hd [msi] : IDENTIFY DEVICE, then READ DMA EXT of LBA 1; prints the sector count,
- *                   the first 16 bytes and a checksum of the sector.
+ *                   the first 16 bytes and a checksum of the sector. Then WRITE DMA EXT of
+ *                   LBA 2 (byte i = i ^ 0xA5) and FLUSH CACHE EXT, for the host to check.
  *   ahci-cd [msi] : ATAPI READ(10) of block 16 of an ISO (the primary volume descriptor);
  *                   prints its volume identifier.
  * After each command it checks PxTFD, PxIS.DHRS, IS bit 0 and the interrupt: the vector
@@ -120,7 +121,8 @@ static void issue(u8 command, u32 lba, u16 count, u32 len, int atapi)
     memset(data, 0, sizeof(data));
     memset(rx_fis, 0, sizeof(rx_fis));
     volatile u32 *hdr = (volatile u32 *)cmd_list;
-    hdr[0] = 5 | (atapi ? 1u << 5 : 0) | (1u << 16);
+    int write = command == 0x35;
+    hdr[0] = 5 | (atapi ? 1u << 5 : 0) | (write ? 1u << 6 : 0) | (1u << 16);
     hdr[1] = 0;
     hdr[2] = (u32)cmd_table;
     hdr[3] = 0;
@@ -197,6 +199,15 @@ static void run_hd(void)
     puts("ahci-hd lba1 sum ");
     print_hex(sum, 8);
     putc('\n');
+
+    issue(0x35, 2, 1, 512, 0);
+    for (int i = 0; i < 512; i++)
+        data[i] = (u8)(i ^ 0xA5);
+    run_and_check("write");
+    if (*(volatile u32 *)(cmd_list + 4) != 512)
+        fail("ahci-hd: PRDBC is not 512 after WRITE DMA EXT");
+    issue(0xEA, 0, 0, 512, 0);
+    run_and_check("flush");
 }
 
 static void run_cd(void)
