@@ -411,3 +411,26 @@ fn commands_run_on_the_io_thread_and_a_stop_waits_for_the_running_one() {
     assert_eq!(r.r(P + px::IS) & PXIS_DHRS, PXIS_DHRS);
     assert_eq!(r.levels().last(), Some(&true));
 }
+
+#[test]
+fn several_slots_issued_at_once_all_complete() {
+    let image = pattern(64 * 512);
+    let mut r = rig(DriveKind::Disk, image.clone());
+    r.start();
+    for slot in 0..4u64 {
+        r.command(slot, 0x25, 10 + slot, 1, (DATA + 0x1000 * slot, 512));
+    }
+    r.issue(0b1111, 0);
+    for slot in 0..4usize {
+        let mut got = [0u8; 512];
+        r.mem
+            .read_slice(&mut got, GuestAddress(DATA + 0x1000 * slot as u64))
+            .unwrap();
+        assert_eq!(&got[..], &image[(10 + slot) * 512..(11 + slot) * 512]);
+    }
+    assert_eq!(r.r(P + px::TFD), 0x50);
+    // Slots issued to a stopped port are not run.
+    r.w(P + px::CMD, CMD_FRE);
+    r.w(P + px::CI, 1);
+    assert_eq!(r.r(P + px::CI), 0);
+}
