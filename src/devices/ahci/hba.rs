@@ -294,7 +294,7 @@ impl Registers {
 
 /// What a register write asks of the caller once the registers are unlocked.
 #[derive(PartialEq, Eq)]
-enum Then {
+enum AfterWrite {
     Nothing,
     RunCommands,
 }
@@ -397,13 +397,13 @@ impl Controller {
         }
     }
 
-    fn write(&self, offset: u64, value: u32) -> Then {
+    fn write(&self, offset: u64, value: u32) -> AfterWrite {
         let mut r = lock(&self.regs);
         match offset {
             ghc::GHC => {
                 if value & GHC_HR != 0 {
                     self.reset_hba(&mut r);
-                    return Then::Nothing;
+                    return AfterWrite::Nothing;
                 }
                 r.ghc = GHC_AE | value & GHC_IE;
                 self.update_interrupt(&mut r, true);
@@ -417,7 +417,7 @@ impl Controller {
             }
             _ => {}
         }
-        Then::Nothing
+        AfterWrite::Nothing
     }
 
     /// GHC.HR: every register to its reset value, the port through a COMRESET.
@@ -434,7 +434,7 @@ impl Controller {
         self.update_interrupt(r, false);
     }
 
-    fn write_port(&self, r: &mut Registers, offset: u64, value: u32) -> Then {
+    fn write_port(&self, r: &mut Registers, offset: u64, value: u32) -> AfterWrite {
         let value64 = u64::from(value);
         let p = &mut r.port;
         match offset {
@@ -458,14 +458,14 @@ impl Controller {
             px::SACT if p.cmd & CMD_ST != 0 => p.sact |= value,
             px::CI if p.cmd & CMD_ST != 0 => {
                 p.ci |= value;
-                return Then::RunCommands;
+                return AfterWrite::RunCommands;
             }
             _ => {}
         }
-        Then::Nothing
+        AfterWrite::Nothing
     }
 
-    fn write_cmd(&self, r: &mut Registers, value: u32) -> Then {
+    fn write_cmd(&self, r: &mut Registers, value: u32) -> AfterWrite {
         let p = &mut r.port;
         let was = p.cmd;
         p.cmd = was & !(CMD_STORED | CMD_ST | CMD_FRE) | value & (CMD_STORED | CMD_ST | CMD_FRE);
@@ -493,9 +493,9 @@ impl Controller {
             }
         }
         if was & CMD_ST == 0 && r.port.cmd & CMD_ST != 0 && r.port.ci != 0 {
-            return Then::RunCommands;
+            return AfterWrite::RunCommands;
         }
-        Then::Nothing
+        AfterWrite::Nothing
     }
 
     fn write_sctl(&self, r: &mut Registers, value: u32) {
@@ -556,7 +556,7 @@ impl PciDevice for AhciHba {
             return;
         }
         let value = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
-        if self.controller.write(offset, value) == Then::RunCommands {
+        if self.controller.write(offset, value) == AfterWrite::RunCommands {
             self.kick();
         }
     }
