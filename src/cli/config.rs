@@ -117,6 +117,10 @@ pub enum PciDeviceKind {
     /// `virtio-blk,PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]]`: a disk; the
     /// options (checked at parse time) stay in [`PciDeviceConfig::options`].
     VirtioBlk,
+    /// `ahci-hd`: an AHCI controller with a SATA disk (options: block device options).
+    AhciHd,
+    /// `ahci-cd`: an AHCI controller with a read-only ATAPI CD-ROM (an ISO image).
+    AhciCd,
 }
 
 impl VmConfig {

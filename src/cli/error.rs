@@ -44,6 +44,8 @@ pub enum CliError {
         source: crate::block::OptionsError,
     },
     #[error("invalid -s \"{spec}\": {reason}")]
+    InvalidPciOptions { spec: String, reason: String },
+    #[error("invalid -s \"{spec}\": {reason}")]
     InvalidPciPlacement { spec: String, reason: &'static str },
     #[error("invalid lpc device configuration '{value}': {reason}")]
     InvalidLpc { value: String, reason: &'static str },

@@ -10,8 +10,6 @@ const LATER_EMULATIONS: &[&str] = &[
     "virtio-9p",
     "virtio-sock",
     "virtio-vpnkit",
-    "ahci-hd",
-    "ahci-cd",
     "uart",
     "e1000",
     "fbuf",
@@ -35,6 +33,8 @@ pub fn parse_pci_device(spec: &str) -> Result<PciDeviceConfig, CliError> {
         "lpc" => PciDeviceKind::Lpc,
         "virtio-rnd" => PciDeviceKind::VirtioRnd,
         "virtio-blk" => PciDeviceKind::VirtioBlk,
+        "ahci-hd" => PciDeviceKind::AhciHd,
+        "ahci-cd" => PciDeviceKind::AhciCd,
         later if LATER_EMULATIONS.contains(&later) => {
             return Err(CliError::NotSupportedYet(format!(
                 "-s {spec} (PCI device \"{later}\")"
@@ -48,7 +48,7 @@ pub fn parse_pci_device(spec: &str) -> Result<PciDeviceConfig, CliError> {
             })
         }
     };
-    if kind == PciDeviceKind::VirtioBlk {
+    if takes_block_options(kind) {
         check_block_options(spec, kind, options.as_deref())?;
     } else if options.is_some() {
         return Err(CliError::PciOptionsNotAccepted {
@@ -97,6 +97,13 @@ pub fn add_pci_device(
     Ok(())
 }
 
+fn takes_block_options(kind: PciDeviceKind) -> bool {
+    matches!(
+        kind,
+        PciDeviceKind::VirtioBlk | PciDeviceKind::AhciHd | PciDeviceKind::AhciCd
+    )
+}
+
 fn kind_name(kind: PciDeviceKind) -> &'static str {
     match kind {
         PciDeviceKind::Hostbridge => "hostbridge",
@@ -104,6 +111,8 @@ fn kind_name(kind: PciDeviceKind) -> &'static str {
         PciDeviceKind::Lpc => "lpc",
         PciDeviceKind::VirtioRnd => "virtio-rnd",
         PciDeviceKind::VirtioBlk => "virtio-blk",
+        PciDeviceKind::AhciHd => "ahci-hd",
+        PciDeviceKind::AhciCd => "ahci-cd",
     }
 }
 
@@ -305,6 +314,30 @@ mod tests {
         assert_eq!(
             d.options.as_deref(),
             Some("/img/d.img,ro,sectorsize=512/4096")
+        );
+    }
+
+    #[test]
+    fn ahci_devices_require_block_options() {
+        let hd = parse_pci_device("4,ahci-hd,/tmp/disk.img,ro,sectorsize=4096").unwrap();
+        assert_eq!(hd.kind, PciDeviceKind::AhciHd);
+        assert_eq!(
+            hd.options.as_deref(),
+            Some("/tmp/disk.img,ro,sectorsize=4096")
+        );
+        let cd = parse_pci_device("0:5:1,ahci-cd,/tmp/a.iso").unwrap();
+        assert_eq!(
+            (cd.slot, cd.function, cd.kind),
+            (5, 1, PciDeviceKind::AhciCd)
+        );
+        assert_eq!(
+            error("4,ahci-hd"),
+            "invalid -s \"4,ahci-hd\": ahci-hd needs options: \
+             PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]]"
+        );
+        assert_eq!(
+            error("4,ahci-cd,/a.iso,bogus"),
+            "invalid -s \"4,ahci-cd,/a.iso,bogus\": unknown block device option \"bogus\""
         );
     }
 

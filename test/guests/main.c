@@ -200,6 +200,8 @@ static const struct {
     { "routing", test_routing },
     { "exitbench", test_exitbench },
     { "virtio-blk", test_virtio_blk },
+    { "ahci-hd", test_ahci },
+    { "ahci-cd", test_ahci },
 };
 
 void main(u32 magic, const struct mb_info *mbi)

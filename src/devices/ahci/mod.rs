@@ -9,6 +9,7 @@
 
 pub mod atapi;
 pub mod fis;
+pub mod hba;
 pub mod identify;
 pub mod prd;
 

@@ -415,10 +415,40 @@ pub fn build_pci_bus(
                     reason: e.to_string(),
                 })?
             }
+            PciDeviceKind::AhciHd | PciDeviceKind::AhciCd => {
+                Arc::new(Mutex::new(build_ahci(addr, config, resources)?))
+            }
         };
         bus.add(addr, device)?;
     }
     Ok(bus)
+}
+
+/// An `ahci-hd` or `ahci-cd` function with its image opened (read-only for a CD).
+fn build_ahci(
+    addr: PciAddress,
+    config: &PciDeviceConfig,
+    resources: &PciResources,
+) -> Result<crate::devices::ahci::hba::AhciHba, PciError> {
+    use crate::block::{BlockBackend, BlockOptions, RawImage};
+    use crate::devices::ahci::{hba, DriveKind};
+    let device_error = |reason: String| PciError::Device { addr, reason };
+    let spec = config.options.as_deref().unwrap_or_default();
+    let mut options = BlockOptions::parse(spec).map_err(|e| device_error(e.to_string()))?;
+    let kind = if config.kind == PciDeviceKind::AhciCd {
+        options.read_only = true;
+        DriveKind::Cdrom
+    } else {
+        DriveKind::Disk
+    };
+    let disk: Arc<dyn BlockBackend> =
+        Arc::new(RawImage::open(&options).map_err(|e| device_error(e.to_string()))?);
+    let hba_resources = hba::AhciResources {
+        memory: resources.memory.clone(),
+        msi: resources.msi.clone(),
+        intx: (resources.intx)(intx_gsi(addr.slot, 0)),
+    };
+    hba::AhciHba::new(kind, disk, hba_resources).map_err(|e| device_error(e.to_string()))
 }
 
 #[cfg(test)]
@@ -476,6 +506,37 @@ pub(crate) mod tests {
         assert_eq!(read32(&bus, at(0, 5, 0), 0x14), 0xC000_0000);
         assert_eq!(read32(&bus, at(0, 5, 0), 0x18), 0xC000_4000);
         assert_eq!(bus.mapped_bars(at(0, 5, 0)).len(), 3);
+    }
+
+    #[test]
+    fn builds_ahci_functions_from_image_options() {
+        // Two images: the disk's write lock would refuse a second opener of the same file.
+        let hd = crate::block::test_util::TempImage::new("pci-ahci-hd", 1 << 20);
+        let cd = crate::block::test_util::TempImage::new("pci-ahci-cd", 1 << 20);
+        let with_options = |slot, kind, img: &crate::block::test_util::TempImage| PciDeviceConfig {
+            options: Some(img.path.to_string_lossy().into_owned()),
+            ..cfg(0, slot, 0, kind)
+        };
+        let bus = build_pci_bus(&[
+            with_options(4, PciDeviceKind::AhciHd, &hd),
+            with_options(5, PciDeviceKind::AhciCd, &cd),
+        ])
+        .unwrap();
+        bus.allocate_bars(&BarWindows::for_memory(256 << 20))
+            .unwrap();
+        assert_eq!(read32(&bus, at(0, 4, 0), 0), 0x2821_8086);
+        assert_eq!(read32(&bus, at(0, 5, 0), 8) >> 8, 0x01_06_01);
+        assert_eq!(read32(&bus, at(0, 4, 0), 0x24), 0xC000_0000);
+        assert_eq!(read32(&bus, at(0, 5, 0), 0x24), 0xC000_1000);
+        let missing = PciDeviceConfig {
+            options: Some("/nonexistent/disk.img".to_string()),
+            ..cfg(0, 6, 0, PciDeviceKind::AhciHd)
+        };
+        let err = build_pci_bus(&[missing]).err().unwrap().to_string();
+        assert!(
+            err.starts_with("PCI device 0:6:0: cannot open disk image"),
+            "{err}"
+        );
     }
 
     #[test]
