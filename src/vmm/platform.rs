@@ -64,6 +64,7 @@ pub fn build(
             HvInterruptLine::new(intx_vm.clone(), gsi)
         }),
         virtio_single_msi: config.virtio_single_msi,
+        uuid: config.uuid,
     };
     let pci = build_pci_bus(
         &config.pci_devices,

@@ -45,6 +45,8 @@ pub struct PciResources {
     pub intx: Box<dyn Fn(u32) -> Arc<dyn InterruptLine>>,
     /// `-W`: virtio devices use single-vector MSI instead of MSI-X.
     pub virtio_single_msi: bool,
+    /// `-U`: network devices derive their MAC from it.
+    pub uuid: Option<[u8; 16]>,
 }
 
 /// A PCI function as the configuration-space accessors see it.
@@ -401,6 +403,16 @@ pub fn build_pci_bus(
                     })?;
                 Arc::new(Mutex::new(device))
             }
+            PciDeviceKind::VirtioTap => {
+                let transport = VirtioPciResources {
+                    memory: resources.memory.clone(),
+                    msi: resources.msi.clone(),
+                    intx: (resources.intx)(intx_gsi(addr.slot, 0)),
+                    single_msi: resources.virtio_single_msi,
+                };
+                super::virtio::net::build_virtio_tap(config, resources.uuid, transport)
+                    .map_err(|reason| PciError::Device { addr, reason })?
+            }
         };
         bus.add(addr, device)?;
     }
@@ -438,6 +450,7 @@ pub(crate) mod tests {
                 })
             }),
             virtio_single_msi: false,
+            uuid: None,
         };
         super::build_pci_bus(
             devices,

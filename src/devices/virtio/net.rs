@@ -11,7 +11,10 @@ use std::io;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 
+use super::pci::{VirtioPci, VirtioPciResources};
 use super::{QueueError, VirtioDevice, F_VERSION_1};
+use crate::cli::{parse_tap_options, tap_mac, PciDeviceConfig};
+use crate::devices::pci::SharedPciDevice;
 use crate::net::{MacAddr, NetBackend};
 use crate::vmm::memory::GuestMemory;
 
@@ -285,6 +288,40 @@ impl<B: NetBackend> VirtioDevice for VirtioNet<B> {
     fn reset(&mut self) {
         self.header_len = HEADER_LEGACY;
     }
+}
+
+/// Builds `-s ...,virtio-tap,tapN[,mac=...]`: opens the tap and starts the network thread,
+/// which runs for the life of the process.
+#[cfg(target_os = "linux")]
+pub fn build_virtio_tap(
+    config: &PciDeviceConfig,
+    uuid: Option<[u8; 16]>,
+    transport: VirtioPciResources,
+) -> Result<SharedPciDevice, String> {
+    use std::os::fd::AsRawFd;
+    use std::sync::{Arc, Mutex};
+
+    let options =
+        parse_tap_options("virtio-tap", config.options.as_deref()).map_err(|e| e.to_string())?;
+    let tap = crate::net::tap::Tap::open(&options.name).map_err(|e| e.to_string())?;
+    let fd = tap.as_raw_fd();
+    let net = VirtioNet::new(tap, tap_mac(uuid, config, &options));
+    let device = VirtioPci::new(net, transport).map_err(|e| e.to_string())?;
+    let device = Arc::new(Mutex::new(device));
+    worker::NetWorker::spawn(device.clone(), fd)
+        .map_err(|e| format!("virtio-tap {}: network thread: {e}", options.name))?
+        .detach();
+    Ok(device)
+}
+
+/// Tap devices are Linux's; macOS gets vmnet (`virtio-net`) in issue 6.
+#[cfg(not(target_os = "linux"))]
+pub fn build_virtio_tap(
+    _config: &PciDeviceConfig,
+    _uuid: Option<[u8; 16]>,
+    _transport: VirtioPciResources,
+) -> Result<SharedPciDevice, String> {
+    Err("virtio-tap needs Linux tap devices; vmnet (virtio-net) is not supported yet".into())
 }
 
 #[cfg(test)]
