@@ -7,9 +7,9 @@ src=$(cd "$(dirname "$0")" && pwd)
 out=${1:-/tmp/xhyve-guests}
 mkdir -p "$out"
 CFLAGS="-m32 -march=i686 -ffreestanding -fno-pic -fno-stack-protector -nostdlib -O2 -Wall -Wextra -fno-asynchronous-unwind-tables"
-for f in entry.S trampoline.S lib.c main.c pciscan.c rtc.c highmem.c smp.c virtio.c; do
+for f in entry.S trampoline.S lib.c main.c pciscan.c rtc.c highmem.c smp.c virtio.c net.c; do
     cc $CFLAGS -c "$src/$f" -o "$out/${f%.*}.o"
 done
 ld -m elf_i386 -nostdlib --no-warn-rwx-segments -T "$src/link.ld" -o "$out/guest.elf" \
     "$out/entry.o" "$out/trampoline.o" "$out/lib.o" "$out/main.o" \
-    "$out/pciscan.o" "$out/rtc.o" "$out/highmem.o" "$out/smp.o" "$out/virtio.o"
+    "$out/pciscan.o" "$out/rtc.o" "$out/highmem.o" "$out/smp.o" "$out/virtio.o" "$out/net.o"

@@ -196,6 +196,7 @@ static const struct {
     { "hpet", test_hpet },
     { "unknown-msr", test_unknown_msr },
     { "virtio-rnd", test_virtio_rnd },
+    { "virtio-net", test_virtio_net },
 };
 
 void main(u32 magic, const struct mb_info *mbi)

@@ -8,5 +8,6 @@ void test_rtc(const struct mb_info *mbi);
 void test_highmem(const struct mb_info *mbi);
 void test_smp(const struct mb_info *mbi);
 void test_virtio_rnd(const struct mb_info *mbi);
+void test_virtio_net(const struct mb_info *mbi);
 
 #endif
