@@ -164,7 +164,12 @@ fn answer_the_guest(sock: &PacketSocket, guest_mac: MacAddr, vm: &mut common::Ru
         }
         let n = match sock.recv(&mut buf) {
             Ok(n) => n,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
                 continue
             }
             Err(e) => panic!("packet socket: {e}"),
@@ -231,9 +236,12 @@ guest_test!(virtio_tap_legacy_interface_with_intx, |mode| {
     exchange(mode, "intx", "i", None);
 });
 
-guest_test!(virtio_tap_modern_interface_with_msix_and_mac_option, |mode| {
-    exchange(mode, "msix", "m", Some("02:00:00:aa:bb:cc"));
-});
+guest_test!(
+    virtio_tap_modern_interface_with_msix_and_mac_option,
+    |mode| {
+        exchange(mode, "msix", "m", Some("02:00:00:aa:bb:cc"));
+    }
+);
 
 #[test]
 fn print_mac_shows_the_derived_mac_and_exits_0() {

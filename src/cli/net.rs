@@ -136,9 +136,14 @@ mod tests {
             options: Some(options.into()),
         };
         config.pci_devices.push(tap(3, "tap0"));
-        config.pci_devices.push(tap(4, "tap1,mac=02:00:00:00:00:09"));
+        config
+            .pci_devices
+            .push(tap(4, "tap1,mac=02:00:00:00:00:09"));
         config.uuid = Some([7; 16]);
-        assert_eq!(first_nic_mac(&config), Some(derive_mac(Some([7; 16]), 0, 3, 0)));
+        assert_eq!(
+            first_nic_mac(&config),
+            Some(derive_mac(Some([7; 16]), 0, 3, 0))
+        );
         config.pci_devices.remove(0);
         assert_eq!(first_nic_mac(&config), Some(MacAddr([2, 0, 0, 0, 0, 9])));
     }

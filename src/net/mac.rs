@@ -105,7 +105,10 @@ mod tests {
             );
         }
         assert_eq!(
-            "01:00:5e:00:00:01".parse::<MacAddr>().unwrap_err().to_string(),
+            "01:00:5e:00:00:01"
+                .parse::<MacAddr>()
+                .unwrap_err()
+                .to_string(),
             "invalid MAC address \"01:00:5e:00:00:01\": multicast addresses cannot name a NIC"
         );
         assert!(matches!(

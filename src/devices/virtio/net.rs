@@ -237,9 +237,7 @@ impl<B: NetBackend> VirtioDevice for VirtioNet<B> {
         config[..6].copy_from_slice(&self.mac.0);
         config[6..8].copy_from_slice(&STATUS_LINK_UP.to_le_bytes());
         for (i, out) in data.iter_mut().enumerate() {
-            let at = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i));
+            let at = usize::try_from(offset).ok().and_then(|o| o.checked_add(i));
             *out = at.and_then(|a| config.get(a)).copied().unwrap_or(0);
         }
     }

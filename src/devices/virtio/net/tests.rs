@@ -22,10 +22,7 @@ impl NetBackend for FakeNet {
         Ok(())
     }
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let frame = self
-            .inbox
-            .pop_front()
-            .ok_or(io::ErrorKind::WouldBlock)?;
+        let frame = self.inbox.pop_front().ok_or(io::ErrorKind::WouldBlock)?;
         let n = frame.len().min(buf.len());
         buf[..n].copy_from_slice(&frame[..n]);
         Ok(n)
@@ -106,7 +103,10 @@ fn receive_prepends_a_header_and_spreads_over_buffers() {
     n.backend_mut().inbox.push_back(payload.clone());
     assert!(n.process_queue(RX_QUEUE, &mut queue, &mem).unwrap());
     assert_eq!(ring.used(&mem), vec![(0, 12 + 98)]);
-    assert_eq!(read(&mem, 0x10000, 12), [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+    assert_eq!(
+        read(&mem, 0x10000, 12),
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]
+    );
     assert_eq!(read(&mem, 0x20000, 98), payload);
     assert_eq!(n.stats().rx_frames, 1);
 }
@@ -193,14 +193,14 @@ mod thread {
     use std::time::{Duration, Instant};
 
     use super::*;
+    use crate::devices::bus::lock;
     use crate::devices::irq::test_util::RecordingLine;
     use crate::devices::pci::msix::tests::RecordingMsi;
     use crate::devices::pci::PciDevice;
+    use crate::devices::virtio::net::worker::NetWorker;
     use crate::devices::virtio::pci::{VirtioPci, VirtioPciResources, MODERN_BAR};
     use crate::devices::virtio::STATUS_DRIVER;
     use crate::devices::virtio::{STATUS_ACKNOWLEDGE, STATUS_DRIVER_OK, STATUS_FEATURES_OK};
-    use crate::devices::bus::lock;
-    use crate::devices::virtio::net::worker::NetWorker;
 
     /// A datagram socket keeps frame boundaries, like a tap.
     struct Datagrams(UnixDatagram);
@@ -220,7 +220,10 @@ mod thread {
     fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
         let start = Instant::now();
         while !done() {
-            assert!(start.elapsed() < Duration::from_secs(10), "timed out: {what}");
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "timed out: {what}"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }
