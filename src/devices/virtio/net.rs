@@ -11,9 +11,9 @@ use std::io;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 
-use super::pci::{VirtioPci, VirtioPciResources};
+use super::pci::VirtioPciResources;
 use super::{QueueError, VirtioDevice, F_VERSION_1};
-use crate::cli::{parse_tap_options, tap_mac, PciDeviceConfig};
+use crate::cli::PciDeviceConfig;
 use crate::devices::pci::SharedPciDevice;
 use crate::net::{MacAddr, NetBackend};
 use crate::vmm::memory::GuestMemory;
@@ -298,6 +298,9 @@ pub fn build_virtio_tap(
 ) -> Result<SharedPciDevice, String> {
     use std::os::fd::AsRawFd;
     use std::sync::{Arc, Mutex};
+
+    use super::pci::VirtioPci;
+    use crate::cli::{parse_tap_options, tap_mac};
 
     let options =
         parse_tap_options("virtio-tap", config.options.as_deref()).map_err(|e| e.to_string())?;
