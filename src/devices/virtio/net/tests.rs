@@ -185,6 +185,56 @@ fn wake_hands_the_doorbell_to_the_waker() {
     assert_eq!(rung.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
 
+#[test]
+fn with_a_waker_the_doorbell_only_wakes_and_service_queue_does_the_work() {
+    use crate::devices::irq::test_util::RecordingLine;
+    use crate::devices::pci::msix::tests::RecordingMsi;
+    use crate::devices::pci::PciDevice;
+    use crate::devices::virtio::pci::{VirtioPci, VirtioPciResources, MODERN_BAR};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let mem = memory();
+    let rung = Arc::new(AtomicUsize::new(0));
+    let counter = rung.clone();
+    let mut n = net();
+    n.set_waker(Box::new(move || {
+        counter.fetch_add(1, Ordering::SeqCst);
+    }));
+    let mut pci = VirtioPci::new(
+        n,
+        VirtioPciResources {
+            memory: mem.clone(),
+            msi: Arc::new(RecordingMsi::default()),
+            intx: Arc::new(RecordingLine::default()),
+            single_msi: false,
+        },
+    )
+    .unwrap();
+    let mut w = |offset: u64, value: u32, len: usize| {
+        pci.write_bar(MODERN_BAR, offset, &value.to_le_bytes()[..len]);
+    };
+    let mut tx = Ring::new(&mem, 0x8000, 16);
+    w(0x14, 3, 1);
+    w(0x16, 1, 2);
+    w(0x18, u32::from(tx.size), 2);
+    w(0x20, tx.desc as u32, 4);
+    w(0x28, tx.avail as u32, 4);
+    w(0x30, tx.used as u32, 4);
+    w(0x1C, 1, 2);
+    w(0x14, 0x0F, 1);
+    mem.write_slice(&[0u8; 10], GuestAddress(0x40000)).unwrap();
+    mem.write_slice(&frame(9, 60), GuestAddress(0x4000A))
+        .unwrap();
+    tx.add_chain(&mem, &[(0x40000, 70, 0)]);
+    w(0x3004, 1, 2);
+    assert_eq!(rung.load(Ordering::SeqCst), 1);
+    assert!(tx.used(&mem).is_empty(), "nothing done on the vCPU thread");
+    pci.service_queue(TX_QUEUE as u16);
+    assert_eq!(tx.used(&mem), vec![(0, 0)]);
+    assert_eq!(pci.device_mut().backend_mut().sent, vec![frame(9, 60)]);
+}
+
 #[cfg(target_os = "linux")]
 mod thread {
     use std::os::fd::AsRawFd;
