@@ -2,7 +2,7 @@
 //! that `-M` prints.
 
 use super::{CliError, PciDeviceConfig, PciDeviceKind, VmConfig};
-use crate::net::{derive_mac, MacAddr};
+use crate::net::{derive_mac, valid_interface_name, MacAddr};
 
 /// A parsed `virtio-tap` configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,14 +40,6 @@ pub fn parse_tap_options(spec: &str, options: Option<&str>) -> Result<TapOptions
         name: name.to_string(),
         mac,
     })
-}
-
-/// The kernel's interface-name limits, minus the characters that make trouble in scripts.
-fn valid_interface_name(name: &str) -> bool {
-    (1..16).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// The MAC of a network device: its `mac=`, else the one derived from `-U` and its slot.

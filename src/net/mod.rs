@@ -7,6 +7,15 @@ pub mod tap;
 
 pub use mac::{derive_mac, MacAddr, MacError};
 
+/// Whether `name` can name a host network interface: the kernel's 15-byte limit, and only
+/// characters that need no quoting in scripts.
+pub fn valid_interface_name(name: &str) -> bool {
+    (1..16).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
 /// A source and sink of Ethernet frames (without any virtio header).
 pub trait NetBackend: Send {
     /// Sends one frame. A full host queue drops it, as a cable would.

@@ -10,7 +10,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
-use super::NetBackend;
+use super::{valid_interface_name, NetBackend};
 
 const TUN_DEVICE: &str = "/dev/net/tun";
 /// IFNAMSIZ, counting the terminating NUL.
@@ -41,18 +41,10 @@ pub struct Tap {
     name: String,
 }
 
-/// Whether `name` is a usable interface name (the kernel's rules, minus the odd characters).
-pub fn valid_tap_name(name: &str) -> bool {
-    (1..IFNAMSIZ).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-}
-
 impl Tap {
     /// Opens (or creates) the tap interface `name`, without packet information headers.
     pub fn open(name: &str) -> Result<Tap, TapError> {
-        if !valid_tap_name(name) {
+        if !valid_interface_name(name) {
             return Err(TapError::BadName(name.into()));
         }
         let file = OpenOptions::new()
@@ -115,13 +107,13 @@ mod tests {
 
     #[test]
     fn names_follow_the_kernel_limits() {
-        assert!(valid_tap_name("tap0"));
-        assert!(valid_tap_name("xh-tap_1.2"));
-        assert!(valid_tap_name("a23456789012345"));
-        assert!(!valid_tap_name("a234567890123456"));
-        assert!(!valid_tap_name(""));
-        assert!(!valid_tap_name("tap/0"));
-        assert!(!valid_tap_name("tap 0"));
+        assert!(valid_interface_name("tap0"));
+        assert!(valid_interface_name("xh-tap_1.2"));
+        assert!(valid_interface_name("a23456789012345"));
+        assert!(!valid_interface_name("a234567890123456"));
+        assert!(!valid_interface_name(""));
+        assert!(!valid_interface_name("tap/0"));
+        assert!(!valid_interface_name("tap 0"));
         assert_eq!(
             Tap::open("bad/name").unwrap_err().to_string(),
             "invalid tap name \"bad/name\": 1-15 letters, digits, '-', '_' or '.'"
