@@ -11,5 +11,6 @@ pub mod cli;
 pub mod devices;
 pub mod hv;
 pub mod intc;
+pub mod net;
 pub mod tables;
 pub mod vmm;

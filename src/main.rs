@@ -31,6 +31,15 @@ fn main() {
             eprint!("{}", cli::version_text());
             0
         }
+        // -M: xhyve prints the network device's MAC and exits 0 (without a network device
+        // the flag does nothing). The MAC is known from the command line alone, so no tap
+        // is opened and no root is needed.
+        Ok(Action::Run(config)) if config.print_mac && cli::first_nic_mac(&config).is_some() => {
+            if let Some(mac) = cli::first_nic_mac(&config) {
+                println!("MAC: {mac}");
+            }
+            0
+        }
         Ok(Action::Run(config)) => match vmm::run(&config) {
             Ok(code) => code,
             Err(e) => {

@@ -53,6 +53,8 @@ pub struct VmConfig {
     pub x2apic: bool,
     /// Build an MP table (default; `-Y` turns it off).
     pub mptable: bool,
+    /// `-M`: print the first network device's MAC address and exit 0.
+    pub print_mac: bool,
 }
 
 /// `-f`: the guest loader.
@@ -121,6 +123,8 @@ pub enum PciDeviceKind {
     AhciHd,
     /// `ahci-cd`: an AHCI controller with a read-only ATAPI CD-ROM (an ISO image).
     AhciCd,
+    /// `virtio-tap,tapN[,mac=...]`: virtio-net over a Linux tap interface.
+    VirtioTap,
 }
 
 impl VmConfig {
@@ -151,6 +155,7 @@ impl VmConfig {
             virtio_single_msi: false,
             x2apic: false,
             mptable: true,
+            print_mac: false,
         }
     }
 }

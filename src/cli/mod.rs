@@ -5,11 +5,13 @@ mod error;
 mod firmware;
 mod lpc;
 mod memsize;
+mod net;
 mod parse;
 mod pci;
 mod usage;
 
 pub use config::*;
 pub use error::CliError;
+pub use net::{first_nic_mac, parse_tap_options, tap_mac, TapOptions};
 pub use parse::parse;
 pub use usage::{usage, version_text};

@@ -74,14 +74,7 @@ where
         (None, None) => {}
     }
 
-    for (flag, id, what) in [
-        ('b', "bvmcons", "bvmcons console"),
-        (
-            'M',
-            "print_mac",
-            "print the vmnet MAC address; arrives with networking",
-        ),
-    ] {
+    for (flag, id, what) in [('b', "bvmcons", "bvmcons console")] {
         if matches.get_flag(id) {
             return Err(CliError::NotSupportedYet(format!("-{flag} ({what})")));
         }
@@ -120,6 +113,7 @@ where
     config.virtio_single_msi = matches.get_flag("virtio_single_msi");
     config.x2apic = matches.get_flag("x2apic");
     config.mptable = !matches.get_flag("no_mptable");
+    config.print_mac = matches.get_flag("print_mac");
 
     if let Some(value) = last(&matches, "vcpus") {
         config.vcpus = parse_vcpus(value)?;
@@ -474,10 +468,6 @@ mod tests {
                 &["-g", "1234", "-f", KEXEC],
                 "not supported yet: -g (gdb port)",
             ),
-            (
-                &["-M", "-f", KEXEC],
-                "not supported yet: -M (print the vmnet MAC address; arrives with networking)",
-            ),
             (&["-l", "bootrom,rom.fd"], "not supported yet: -l bootrom"),
         ];
         for (args, message) in cases {
@@ -553,6 +543,14 @@ mod tests {
             error(&["-F", "", "-f", KEXEC]).to_string(),
             "invalid -F \"\": pidfile path required"
         );
+    }
+
+    #[test]
+    fn print_mac_flag() {
+        assert!(!config(&["-f", KEXEC]).print_mac);
+        let c = config(&["-M", "-s", "2,virtio-tap,tap0", "-f", KEXEC]);
+        assert!(c.print_mac);
+        assert!(crate::cli::first_nic_mac(&c).is_some());
     }
 
     #[test]

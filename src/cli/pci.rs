@@ -1,12 +1,10 @@
 //! `-s [bus:]slot[:func],emulation[,config]`: one PCI device per argument.
 
-use super::{CliError, PciDeviceConfig, PciDeviceKind};
+use super::{parse_tap_options, CliError, PciDeviceConfig, PciDeviceKind};
 
 /// Emulations of xhyve/HyperKit that this port will add later; named so users get
 /// "not supported yet" rather than "unknown device".
 const LATER_EMULATIONS: &[&str] = &[
-    "virtio-net",
-    "virtio-tap",
     "virtio-9p",
     "virtio-sock",
     "virtio-vpnkit",
@@ -35,6 +33,16 @@ pub fn parse_pci_device(spec: &str) -> Result<PciDeviceConfig, CliError> {
         "virtio-blk" => PciDeviceKind::VirtioBlk,
         "ahci-hd" => PciDeviceKind::AhciHd,
         "ahci-cd" => PciDeviceKind::AhciCd,
+        "virtio-tap" => {
+            parse_tap_options(spec, options.as_deref())?;
+            PciDeviceKind::VirtioTap
+        }
+        "virtio-net" if cfg!(target_os = "macos") => {
+            return Err(CliError::NotSupportedYet(format!(
+                "-s {spec} (virtio-net over vmnet)"
+            )))
+        }
+        "virtio-net" => return Err(CliError::NetNeedsVmnet(spec.to_string())),
         later if LATER_EMULATIONS.contains(&later) => {
             return Err(CliError::NotSupportedYet(format!(
                 "-s {spec} (PCI device \"{later}\")"
@@ -50,7 +58,7 @@ pub fn parse_pci_device(spec: &str) -> Result<PciDeviceConfig, CliError> {
     };
     if takes_block_options(kind) {
         check_block_options(spec, kind, options.as_deref())?;
-    } else if options.is_some() {
+    } else if options.is_some() && kind != PciDeviceKind::VirtioTap {
         return Err(CliError::PciOptionsNotAccepted {
             spec: spec.to_string(),
             name: kind_name(kind),
@@ -113,6 +121,7 @@ fn kind_name(kind: PciDeviceKind) -> &'static str {
         PciDeviceKind::VirtioBlk => "virtio-blk",
         PciDeviceKind::AhciHd => "ahci-hd",
         PciDeviceKind::AhciCd => "ahci-cd",
+        PciDeviceKind::VirtioTap => "virtio-tap",
     }
 }
 
@@ -361,6 +370,33 @@ mod tests {
             parse_pci_device("4,virtio-blk,"),
             Err(CliError::InvalidBlockOptions { .. })
         ));
+    }
+
+    #[test]
+    fn virtio_tap_keeps_its_options_and_virtio_net_explains_itself() {
+        assert_eq!(
+            parse_pci_device("2:1,virtio-tap,tap0,mac=02:00:00:00:00:01").unwrap(),
+            PciDeviceConfig {
+                options: Some("tap0,mac=02:00:00:00:00:01".into()),
+                ..device(0, 2, 1, PciDeviceKind::VirtioTap)
+            }
+        );
+        assert_eq!(
+            error("2,virtio-tap,tap0,mac=nope"),
+            "invalid -s \"2,virtio-tap,tap0,mac=nope\": invalid MAC address \"nope\": expected xx:xx:xx:xx:xx:xx"
+        );
+        assert!(error("2,virtio-tap").contains("tap name \"\""));
+        #[cfg(target_os = "linux")]
+        assert_eq!(
+            error("2,virtio-net"),
+            "-s 2,virtio-net: virtio-net needs vmnet (macOS); use virtio-tap,tapN on Linux"
+        );
+        #[cfg(target_os = "macos")]
+        assert!(matches!(
+            parse_pci_device("2,virtio-net"),
+            Err(CliError::NotSupportedYet(_))
+        ));
+        assert_eq!(parse_pci_device("2,virtio-net").unwrap_err().exit_code(), 1);
     }
 
     #[test]

@@ -86,6 +86,7 @@ pub fn build(
         msi: interrupts.msi_sender(),
         intx: Box::new(move |gsi| intx.line(gsi)),
         virtio_single_msi: config.virtio_single_msi,
+        uuid: config.uuid,
     };
     let pci = build_pci_bus(
         &config.pci_devices,

@@ -202,6 +202,7 @@ static const struct {
     { "virtio-blk", test_virtio_blk },
     { "ahci-hd", test_ahci },
     { "ahci-cd", test_ahci },
+    { "virtio-net", test_virtio_net },
 };
 
 void main(u32 magic, const struct mb_info *mbi)

@@ -46,6 +46,8 @@ pub struct PciResources {
     pub intx: Box<dyn Fn(u32) -> Arc<dyn InterruptLine>>,
     /// `-W`: virtio devices use single-vector MSI instead of MSI-X.
     pub virtio_single_msi: bool,
+    /// `-U`: network devices derive their MAC from it.
+    pub uuid: Option<[u8; 16]>,
 }
 
 /// A PCI function as the configuration-space accessors see it.
@@ -403,18 +405,20 @@ pub fn build_pci_bus(
                 Arc::new(Mutex::new(device))
             }
             PciDeviceKind::VirtioBlk => {
-                let transport = VirtioPciResources {
-                    memory: resources.memory.clone(),
-                    msi: resources.msi.clone(),
-                    intx: (resources.intx)(intx_gsi(addr.slot, 0)),
-                    single_msi: resources.virtio_single_msi,
-                };
                 let options = config.options.as_deref().unwrap_or_default();
-                VirtioBlk::build(options, transport).map_err(|e| PciError::Device {
-                    addr,
-                    reason: e.to_string(),
+                VirtioBlk::build(options, virtio_transport(resources, addr)).map_err(|e| {
+                    PciError::Device {
+                        addr,
+                        reason: e.to_string(),
+                    }
                 })?
             }
+            PciDeviceKind::VirtioTap => super::virtio::net::build_virtio_tap(
+                config,
+                resources.uuid,
+                virtio_transport(resources, addr),
+            )
+            .map_err(|reason| PciError::Device { addr, reason })?,
             PciDeviceKind::AhciHd | PciDeviceKind::AhciCd => {
                 Arc::new(Mutex::new(build_ahci(addr, config, resources)?))
             }
@@ -422,6 +426,16 @@ pub fn build_pci_bus(
         bus.add(addr, device)?;
     }
     Ok(bus)
+}
+
+/// What a virtio function at `addr` needs from the machine: memory, MSI and its INTx line.
+fn virtio_transport(resources: &PciResources, addr: PciAddress) -> VirtioPciResources {
+    VirtioPciResources {
+        memory: resources.memory.clone(),
+        msi: resources.msi.clone(),
+        intx: (resources.intx)(intx_gsi(addr.slot, 0)),
+        single_msi: resources.virtio_single_msi,
+    }
 }
 
 /// An `ahci-hd` or `ahci-cd` function with its image opened (read-only for a CD).
@@ -482,6 +496,7 @@ pub(crate) mod tests {
                 })
             }),
             virtio_single_msi: false,
+            uuid: None,
         };
         super::build_pci_bus(
             devices,

@@ -5,6 +5,7 @@
 //! configuration and interrupts, so a model never sees PCI.
 
 pub mod blk;
+pub mod net;
 pub mod pci;
 pub mod rnd;
 
@@ -77,4 +78,15 @@ pub trait VirtioDevice: Send {
     ) -> Result<bool, QueueError>;
     /// The driver reset the device.
     fn reset(&mut self) {}
+    /// The features the driver accepted (legacy: on each write; modern: at DRIVER_OK).
+    fn ack_features(&mut self, features: u64) {
+        let _ = features;
+    }
+    /// A doorbell for queue `index`. A device that serves its queues on its own thread wakes
+    /// it and returns true; the transport then leaves the queue alone (the thread calls
+    /// [`pci::VirtioPci::service_queue`]). Runs on the vCPU thread: must not block.
+    fn wake(&mut self, index: usize) -> bool {
+        let _ = index;
+        false
+    }
 }

@@ -305,6 +305,14 @@ impl<D: VirtioDevice> VirtioPci<D> {
 
     /// The driver rang the doorbell of queue `index`.
     pub fn notify_queue(&mut self, index: u16) {
+        if self.device.wake(usize::from(index)) {
+            return;
+        }
+        self.service_queue(index);
+    }
+
+    /// Serves queue `index` now: on the doorbell, or on the device's own thread.
+    pub fn service_queue(&mut self, index: u16) {
         let index = usize::from(index);
         if self.status & STATUS_NEEDS_RESET != 0 {
             return;
@@ -360,6 +368,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
     }
 
     fn apply_features(&mut self) {
+        self.device.ack_features(self.driver_features);
         let event_idx = self.driver_features & F_RING_EVENT_IDX != 0;
         for queue in &mut self.queues {
             queue.set_event_idx(event_idx);

@@ -1,0 +1,329 @@
+//! virtio-net (`-s N,virtio-tap,tapN[,mac=...]`): an Ethernet card over a [`NetBackend`].
+//!
+//! Queue 0 receives (host to guest), queue 1 transmits. The device offers its MAC and link
+//! status in configuration space and no offloads, so every frame is a plain Ethernet frame
+//! behind a virtio-net header that is all zero (plus `num_buffers = 1` where the header has
+//! it). On a real machine the frames move on a network thread ([`worker`]): the doorbell
+//! only wakes it, so a vCPU never waits for the host's network stack.
+
+use std::io;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress};
+
+use super::pci::VirtioPciResources;
+use super::{QueueError, VirtioDevice, F_VERSION_1};
+use crate::cli::PciDeviceConfig;
+use crate::devices::pci::SharedPciDevice;
+use crate::net::{MacAddr, NetBackend};
+use crate::vmm::memory::GuestMemory;
+
+#[cfg(target_os = "linux")]
+pub mod worker;
+
+const DEVICE_TYPE_NET: u16 = 1;
+pub const RX_QUEUE: usize = 0;
+pub const TX_QUEUE: usize = 1;
+/// bhyve's ring size for virtio-net.
+pub const QUEUE_SIZE: u16 = 1024;
+
+/// Feature bits (virtio 1.x, 5.1.3).
+pub const F_MAC: u64 = 1 << 5;
+pub const F_STATUS: u64 = 1 << 16;
+const F_MRG_RXBUF: u64 = 1 << 15;
+
+/// `status` in configuration space: the link is up.
+const STATUS_LINK_UP: u16 = 1;
+/// Configuration space: mac[6], status (u16).
+const CONFIG_SIZE: usize = 8;
+
+/// The header without `num_buffers` (legacy drivers without MRG_RXBUF), and with it.
+const HEADER_LEGACY: usize = 10;
+const HEADER_MODERN: usize = 12;
+/// The largest frame moved: a 64 KiB IP packet behind an Ethernet header (with VLAN tag).
+pub const MAX_FRAME: usize = 65536 + 18;
+
+/// PCI class 0x02 (network controller), subclass 0x00 (Ethernet).
+const PCI_CLASS_ETHERNET: (u8, u8, u8) = (0x02, 0x00, 0x00);
+
+/// Frame and drop counts, for diagnostics and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct NetStats {
+    pub rx_frames: u64,
+    pub tx_frames: u64,
+    /// Frames the guest gave a buffer too small for, delivered truncated.
+    pub rx_truncated: u64,
+    /// Transmit chains longer than [`MAX_FRAME`] or whose frame the host refused.
+    pub tx_dropped: u64,
+}
+
+pub struct VirtioNet<B: NetBackend> {
+    backend: B,
+    mac: MacAddr,
+    header_len: usize,
+    /// One frame with room for the header in front; allocated once.
+    frame: Vec<u8>,
+    /// Wakes the network thread instead of serving a queue on the vCPU thread.
+    waker: Option<Box<dyn Fn() + Send>>,
+    /// The last receive pass stopped because the back end had no frame left.
+    rx_idle: bool,
+    stats: NetStats,
+}
+
+impl<B: NetBackend> VirtioNet<B> {
+    pub fn new(backend: B, mac: MacAddr) -> Self {
+        VirtioNet {
+            backend,
+            mac,
+            header_len: HEADER_LEGACY,
+            frame: vec![0; HEADER_MODERN + MAX_FRAME],
+            waker: None,
+            rx_idle: false,
+            stats: NetStats::default(),
+        }
+    }
+
+    /// Doorbells will call `waker` (which must not block or allocate) and leave the queues
+    /// to whoever it wakes.
+    pub fn set_waker(&mut self, waker: Box<dyn Fn() + Send>) {
+        self.waker = Some(waker);
+    }
+
+    pub fn mac(&self) -> MacAddr {
+        self.mac
+    }
+
+    pub fn stats(&self) -> NetStats {
+        self.stats
+    }
+
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
+    /// Moves waiting host frames into the guest's receive buffers, until either runs out.
+    fn receive(&mut self, queue: &mut Queue, memory: &GuestMemory) -> Result<bool, QueueError> {
+        let mut used = false;
+        self.rx_idle = false;
+        for _ in 0..queue.size() {
+            let Some(chain) = queue.iter(memory)?.next() else {
+                break;
+            };
+            let header = self.header_len;
+            let len = match self.backend.recv(&mut self.frame[header..]) {
+                Ok(len) => len,
+                Err(e) => {
+                    // No frame (or a broken back end): the buffer goes back for later.
+                    queue.go_to_previous_position();
+                    self.rx_idle = true;
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        log::trace!("virtio-net receive: {e}");
+                    }
+                    break;
+                }
+            };
+            self.frame[..header].fill(0);
+            if header == HEADER_MODERN {
+                self.frame[10] = 1; // num_buffers
+            }
+            let head = chain.head_index();
+            let total = header + len;
+            let mut written = 0usize;
+            for desc in chain {
+                if !desc.is_write_only() {
+                    return Err(QueueError::NotWritable { head });
+                }
+                let n = (desc.len() as usize).min(total - written);
+                write_guest(memory, desc.addr(), &self.frame[written..written + n])?;
+                written += n;
+                if written == total {
+                    break;
+                }
+            }
+            if written < total {
+                self.stats.rx_truncated += 1;
+            }
+            self.stats.rx_frames += 1;
+            queue.add_used(memory, head, written as u32)?;
+            used = true;
+        }
+        Ok(used)
+    }
+
+    /// Sends every frame the guest queued for transmission.
+    fn transmit(&mut self, queue: &mut Queue, memory: &GuestMemory) -> Result<bool, QueueError> {
+        let mut used = false;
+        for _ in 0..queue.size() {
+            let Some(chain) = queue.iter(memory)?.next() else {
+                break;
+            };
+            let head = chain.head_index();
+            let mut len = 0usize;
+            let mut oversized = false;
+            for desc in chain {
+                if desc.is_write_only() {
+                    continue; // nothing for the device to write on transmit
+                }
+                let n = desc.len() as usize;
+                if len + n > self.frame.len() {
+                    oversized = true;
+                    break;
+                }
+                read_guest(memory, desc.addr(), &mut self.frame[len..len + n])?;
+                len += n;
+            }
+            let header = self.header_len;
+            if oversized || len < header {
+                self.stats.tx_dropped += 1;
+            } else if let Err(e) = self.backend.send(&self.frame[header..len]) {
+                log::trace!("virtio-net transmit: {e}");
+                self.stats.tx_dropped += 1;
+            } else {
+                self.stats.tx_frames += 1;
+            }
+            queue.add_used(memory, head, 0)?;
+            used = true;
+        }
+        Ok(used)
+    }
+}
+
+fn outside(addr: GuestAddress, len: usize) -> QueueError {
+    QueueError::OutsideRam {
+        addr: addr.0,
+        len: len as u64,
+    }
+}
+
+fn write_guest(memory: &GuestMemory, addr: GuestAddress, data: &[u8]) -> Result<(), QueueError> {
+    addr.checked_add(data.len() as u64)
+        .ok_or_else(|| outside(addr, data.len()))?;
+    memory
+        .write_slice(data, addr)
+        .map_err(|_| outside(addr, data.len()))
+}
+
+fn read_guest(memory: &GuestMemory, addr: GuestAddress, data: &mut [u8]) -> Result<(), QueueError> {
+    addr.checked_add(data.len() as u64)
+        .ok_or_else(|| outside(addr, data.len()))?;
+    memory
+        .read_slice(data, addr)
+        .map_err(|_| outside(addr, data.len()))
+}
+
+impl<B: NetBackend> VirtioDevice for VirtioNet<B> {
+    fn device_type(&self) -> u16 {
+        DEVICE_TYPE_NET
+    }
+
+    fn pci_class(&self) -> (u8, u8, u8) {
+        PCI_CLASS_ETHERNET
+    }
+
+    fn device_features(&self) -> u64 {
+        F_MAC | F_STATUS
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn config_size(&self) -> u64 {
+        CONFIG_SIZE as u64
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut config = [0u8; CONFIG_SIZE];
+        config[..6].copy_from_slice(&self.mac.0);
+        config[6..8].copy_from_slice(&STATUS_LINK_UP.to_le_bytes());
+        for (i, out) in data.iter_mut().enumerate() {
+            let at = usize::try_from(offset).ok().and_then(|o| o.checked_add(i));
+            *out = at.and_then(|a| config.get(a)).copied().unwrap_or(0);
+        }
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.header_len = if features & (F_VERSION_1 | F_MRG_RXBUF) != 0 {
+            HEADER_MODERN
+        } else {
+            HEADER_LEGACY
+        };
+    }
+
+    fn wake(&mut self, _index: usize) -> bool {
+        match &self.waker {
+            Some(waker) => {
+                waker();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queue: &mut Queue,
+        memory: &GuestMemory,
+    ) -> Result<bool, QueueError> {
+        let mut used = false;
+        // Serve, then ask the driver to ring again (event index) and serve what slipped in
+        // meanwhile; bounded so a busy guest cannot hold the device lock for ever.
+        for _ in 0..4 {
+            used |= match index {
+                RX_QUEUE => self.receive(queue, memory)?,
+                TX_QUEUE => self.transmit(queue, memory)?,
+                _ => return Ok(false),
+            };
+            let more_buffers = queue.enable_notification(memory)?;
+            if !more_buffers || (index == RX_QUEUE && self.rx_idle) {
+                break;
+            }
+        }
+        Ok(used)
+    }
+
+    fn reset(&mut self) {
+        self.header_len = HEADER_LEGACY;
+    }
+}
+
+/// Builds `-s ...,virtio-tap,tapN[,mac=...]`: opens the tap and starts the network thread,
+/// which runs for the life of the process.
+#[cfg(target_os = "linux")]
+pub fn build_virtio_tap(
+    config: &PciDeviceConfig,
+    uuid: Option<[u8; 16]>,
+    transport: VirtioPciResources,
+) -> Result<SharedPciDevice, String> {
+    use std::os::fd::AsRawFd;
+    use std::sync::{Arc, Mutex};
+
+    use super::pci::VirtioPci;
+    use crate::cli::{parse_tap_options, tap_mac};
+
+    let options =
+        parse_tap_options("virtio-tap", config.options.as_deref()).map_err(|e| e.to_string())?;
+    let tap = crate::net::tap::Tap::open(&options.name).map_err(|e| e.to_string())?;
+    let fd = tap.as_raw_fd();
+    let net = VirtioNet::new(tap, tap_mac(uuid, config, &options));
+    let device = VirtioPci::new(net, transport).map_err(|e| e.to_string())?;
+    let device = Arc::new(Mutex::new(device));
+    worker::NetWorker::spawn(device.clone(), fd)
+        .map_err(|e| format!("virtio-tap {}: network thread: {e}", options.name))?
+        .detach();
+    Ok(device)
+}
+
+/// Tap devices are Linux's; macOS gets vmnet (`virtio-net`) in issue 6.
+#[cfg(not(target_os = "linux"))]
+pub fn build_virtio_tap(
+    _config: &PciDeviceConfig,
+    _uuid: Option<[u8; 16]>,
+    _transport: VirtioPciResources,
+) -> Result<SharedPciDevice, String> {
+    Err("virtio-tap needs Linux tap devices; vmnet (virtio-net) is not supported yet".into())
+}
+
+#[cfg(test)]
+mod tests;

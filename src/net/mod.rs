@@ -1,0 +1,26 @@
+//! Network back ends for the virtio-net device: tap interfaces on Linux (vmnet on macOS is
+//! issue 6), and the MAC address rule.
+
+pub mod mac;
+#[cfg(target_os = "linux")]
+pub mod tap;
+
+pub use mac::{derive_mac, MacAddr, MacError};
+
+/// Whether `name` can name a host network interface: the kernel's 15-byte limit, and only
+/// characters that need no quoting in scripts.
+pub fn valid_interface_name(name: &str) -> bool {
+    (1..16).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// A source and sink of Ethernet frames (without any virtio header).
+pub trait NetBackend: Send {
+    /// Sends one frame. A full host queue drops it, as a cable would.
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<()>;
+    /// Receives one frame into `buf`, returning its length, or `WouldBlock` when none waits.
+    /// A frame longer than `buf` is truncated.
+    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize>;
+}
