@@ -9,9 +9,6 @@
  * Prints "ahci ok" when every check passes; anything else is a FAIL line. */
 #include "tests.h"
 
-#define PCI_CONFIG_ADDRESS 0xCF8
-#define PCI_CONFIG_DATA 0xCFC
-#define LAPIC 0xFEE00000u
 #define IOAPIC 0xFEC00000u
 #define INTX_VECTOR 0x53
 #define MSI_VECTOR 0x54
@@ -38,19 +35,10 @@ static u8 data[2048] __attribute__((aligned(4096)));
 static u32 abar;
 static u32 vector;
 
-static u32 cfg_addr(u32 slot, u32 off) { return 0x80000000u | (slot << 11) | (off & 0xFC); }
-static u32 cfg_read32(u32 slot, u32 off) { outl(PCI_CONFIG_ADDRESS, cfg_addr(slot, off)); return inl(PCI_CONFIG_DATA); }
-static u8 cfg_read8(u32 slot, u32 off) { outl(PCI_CONFIG_ADDRESS, cfg_addr(slot, off)); return inb(PCI_CONFIG_DATA + (off & 3)); }
-static void cfg_write16(u32 slot, u32 off, u16 v) { outl(PCI_CONFIG_ADDRESS, cfg_addr(slot, off)); outw(PCI_CONFIG_DATA + (off & 2), v); }
-static void cfg_write32(u32 slot, u32 off, u32 v) { outl(PCI_CONFIG_ADDRESS, cfg_addr(slot, off)); outl(PCI_CONFIG_DATA, v); }
 
 static u32 rd(u32 reg) { return mmio_read32(abar + reg); }
 static void wr(u32 reg, u32 v) { mmio_write32(abar + reg, v); }
 
-static int irr_pending(u32 v)
-{
-    return (mmio_read32(LAPIC + 0x200 + 0x10 * (v / 32)) >> (v % 32)) & 1;
-}
 
 static u32 find_ahci(void)
 {

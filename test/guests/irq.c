@@ -33,7 +33,6 @@ void test_rm_pit(const struct mb_info *mbi)
 }
 
 #define IOAPIC 0xFEC00000u
-#define LAPIC 0xFEE00000u
 #define SMI_CMD 0xB2
 #define ACPI_ENABLE 0xA0
 #define PM1A_STS 0x400

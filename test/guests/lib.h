@@ -91,4 +91,26 @@ void fail(const char *why) __attribute__((noreturn));
 void *memcpy(void *dst, const void *src, u32 n);
 void *memset(void *dst, int c, u32 n);
 
+/* PCI configuration mechanism #1 on bus 0, for the device drivers. */
+#define PCI_CONFIG_ADDRESS 0xCF8
+#define PCI_CONFIG_DATA 0xCFC
+static inline u32 cfg_addr(u32 slot, u32 off) { return 0x80000000u | (slot << 11) | (off & 0xFC); }
+static inline u32 cfg_read32(u32 slot, u32 off) { outl(PCI_CONFIG_ADDRESS, cfg_addr(slot, off)); return inl(PCI_CONFIG_DATA); }
+static inline u8 cfg_read8(u32 slot, u32 off) { outl(PCI_CONFIG_ADDRESS, cfg_addr(slot, off)); return inb(PCI_CONFIG_DATA + (off & 3)); }
+static inline void cfg_write16(u32 slot, u32 off, u16 v) { outl(PCI_CONFIG_ADDRESS, cfg_addr(slot, off)); outw(PCI_CONFIG_DATA + (off & 2), v); }
+static inline void cfg_write32(u32 slot, u32 off, u32 v) { outl(PCI_CONFIG_ADDRESS, cfg_addr(slot, off)); outl(PCI_CONFIG_DATA, v); }
+
+static inline void mmio_write16(u32 a, u16 v) { *(volatile u16 *)a = v; }
+static inline u16 mmio_read16(u32 a) { return *(volatile u16 *)a; }
+static inline void mmio_write8(u32 a, u8 v) { *(volatile u8 *)a = v; }
+static inline u8 mmio_read8(u32 a) { return *(volatile u8 *)a; }
+
+/* Whether `vector` is pending in this CPU's LAPIC IRR: how these guests, which run with
+ * interrupts off, prove that an interrupt was raised and routed. */
+#define LAPIC 0xFEE00000u
+static inline int irr_pending(u32 vector)
+{
+    return (mmio_read32(LAPIC + 0x200 + 0x10 * (vector / 32)) >> (vector % 32)) & 1;
+}
+
 #endif

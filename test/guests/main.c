@@ -125,7 +125,6 @@ static void test_unknown_msr(const struct mb_info *mbi)
 
 #define HPET 0xFED00000u
 #define IOAPIC 0xFEC00000u
-#define LAPIC 0xFEE00000u
 #define HPET_VECTOR 0x40
 #define HPET_PIN 20
 

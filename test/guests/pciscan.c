@@ -1,8 +1,6 @@
 /* Lists every function on PCI bus 0 through configuration mechanism #1. */
 #include "tests.h"
 
-#define PCI_CONFIG_ADDRESS 0xCF8
-#define PCI_CONFIG_DATA 0xCFC
 #define PCI_ID 0x00
 #define PCI_CLASS_REV 0x08
 #define PCI_HEADER_DWORD 0x0C

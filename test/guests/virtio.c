@@ -7,9 +7,6 @@
  * Prints "virtio-rnd ok" when every check passes; anything else is a FAIL line. */
 #include "tests.h"
 
-#define PCI_CONFIG_ADDRESS 0xCF8
-#define PCI_CONFIG_DATA 0xCFC
-#define LAPIC 0xFEE00000u
 #define IOAPIC 0xFEC00000u
 #define INTX_VECTOR 0x52
 #define MSIX_VECTOR 0x51
@@ -26,20 +23,8 @@
 static u8 ring[8192] __attribute__((aligned(4096)));
 static u8 buf[BUF_LEN] __attribute__((aligned(64)));
 
-static u32 cfg_addr(u32 slot, u32 off) { return 0x80000000u | (slot << 11) | (off & 0xFC); }
-static u32 cfg_read32(u32 slot, u32 off) { outl(PCI_CONFIG_ADDRESS, cfg_addr(slot, off)); return inl(PCI_CONFIG_DATA); }
-static u8 cfg_read8(u32 slot, u32 off) { outl(PCI_CONFIG_ADDRESS, cfg_addr(slot, off)); return inb(PCI_CONFIG_DATA + (off & 3)); }
-static void cfg_write16(u32 slot, u32 off, u16 v) { outl(PCI_CONFIG_ADDRESS, cfg_addr(slot, off)); outw(PCI_CONFIG_DATA + (off & 2), v); }
 
-static void mmio_write16(u32 a, u16 v) { *(volatile u16 *)a = v; }
-static u16 mmio_read16(u32 a) { return *(volatile u16 *)a; }
-static void mmio_write8(u32 a, u8 v) { *(volatile u8 *)a = v; }
-static u8 mmio_read8(u32 a) { return *(volatile u8 *)a; }
 
-static int irr_pending(u32 vector)
-{
-    return (mmio_read32(LAPIC + 0x200 + 0x10 * (vector / 32)) >> (vector % 32)) & 1;
-}
 
 static u32 find_device(void)
 {

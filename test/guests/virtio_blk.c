@@ -8,9 +8,6 @@
  * afterwards. Prints "virtio-blk ok" when every check passes; anything else is a FAIL. */
 #include "tests.h"
 
-#define PCI_CONFIG_ADDRESS 0xCF8
-#define PCI_CONFIG_DATA 0xCFC
-#define LAPIC 0xFEE00000u
 #define IOAPIC 0xFEC00000u
 #define INTX_VECTOR 0x53
 #define MSIX_VECTOR 0x54
@@ -68,20 +65,8 @@ static int msix_mode;
 static u16 legacy_io;
 static u32 notify_addr, device_cfg, msix_table, msix_pba;
 
-static u32 cfg_addr(u32 slot, u32 off) { return 0x80000000u | (slot << 11) | (off & 0xFC); }
-static u32 cfg_read32(u32 slot, u32 off) { outl(PCI_CONFIG_ADDRESS, cfg_addr(slot, off)); return inl(PCI_CONFIG_DATA); }
-static u8 cfg_read8(u32 slot, u32 off) { outl(PCI_CONFIG_ADDRESS, cfg_addr(slot, off)); return inb(PCI_CONFIG_DATA + (off & 3)); }
-static void cfg_write16(u32 slot, u32 off, u16 v) { outl(PCI_CONFIG_ADDRESS, cfg_addr(slot, off)); outw(PCI_CONFIG_DATA + (off & 2), v); }
 
-static void mmio_write16(u32 a, u16 v) { *(volatile u16 *)a = v; }
-static u16 mmio_read16(u32 a) { return *(volatile u16 *)a; }
-static void mmio_write8(u32 a, u8 v) { *(volatile u8 *)a = v; }
-static u8 mmio_read8(u32 a) { return *(volatile u8 *)a; }
 
-static int irr_pending(u32 vector)
-{
-    return (mmio_read32(LAPIC + 0x200 + 0x10 * (vector / 32)) >> (vector % 32)) & 1;
-}
 
 /* The IRR bit is set by the I/O thread, a moment after the used ring: poll for it. */
 static int irr_pending_soon(u32 vector)
