@@ -32,6 +32,53 @@ void test_rm_pit(const struct mb_info *mbi)
     poweroff();
 }
 
+/* 64 Hz (register A: 32.768 kHz time base, rate 10), 32 periods: half a second. */
+#define RM_RTC_REG_A 0x2Au
+#define RM_RTC_TICKS 32u
+
+void realmode_rtc(u32 reg_a, u32 ticks, u32 *result);
+
+void test_rm_rtc(const struct mb_info *mbi)
+{
+    (void)mbi;
+    u32 result[4];
+    realmode_rtc(RM_RTC_REG_A, RM_RTC_TICKS, result);
+    u32 pm_ticks = (result[1] - result[0]) & 0xffffff;
+    u32 us = pm_ticks * 200u / 716u;
+    puts("rm-rtc ");
+    print_dec(result[2] - 1);
+    puts(" ticks in ");
+    print_dec(us);
+    println(" us");
+    puts("rm-rtc register c ");
+    print_hex(result[3], 2);
+    putc('\n');
+    poweroff();
+}
+
+/* PM timer rate: two serial markers PM_RATE_TICKS apart on the PM timer (2 s at
+ * 3.579545 MHz); the host times them on its own clock. */
+#define PM_TIMER_PORT 0x408
+#define PM_RATE_TICKS 7159090u
+
+void test_pm_rate(const struct mb_info *mbi)
+{
+    (void)mbi;
+    u32 last = inl(PM_TIMER_PORT) & 0xffffff;
+    u32 elapsed = 0;
+    println("pm-rate start");
+    while (elapsed < PM_RATE_TICKS) {
+        u32 now = inl(PM_TIMER_PORT) & 0xffffff;
+        elapsed += (now - last) & 0xffffff; /* 24-bit wrap: read far more often than 4.7 s */
+        last = now;
+    }
+    println("pm-rate end");
+    puts("pm-rate ticks ");
+    print_dec(elapsed);
+    putc('\n');
+    poweroff();
+}
+
 #define IOAPIC 0xFEC00000u
 #define LAPIC 0xFEE00000u
 #define SMI_CMD 0xB2

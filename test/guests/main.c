@@ -198,6 +198,8 @@ static const struct {
     { "virtio-rnd", test_virtio_rnd },
     { "rm-pit", test_rm_pit },
     { "routing", test_routing },
+    { "rm-rtc", test_rm_rtc },
+    { "pm-rate", test_pm_rate },
     { "exitbench", test_exitbench },
     { "virtio-blk", test_virtio_blk },
     { "ahci-hd", test_ahci },
