@@ -7,7 +7,7 @@
 #[macro_use]
 mod common;
 
-use common::Vm;
+use common::{IrqChip, Vm};
 use std::time::Instant;
 
 /// "rm-pit N ticks in US us" -> (N, US).
@@ -59,14 +59,47 @@ guest_test!(
         outcome.assert_line("rm-rtc register c c0");
         // 32 periods of 15.625 ms (64 Hz) = 500 ms between the first and last handler runs on
         // the PM timer. The VMM's timer thread keeps the period's phase, so lateness does not
-        // accumulate, and a period the host missed is dropped, which makes the interval longer,
-        // never shorter: -2% (PM timer read slack around the handler) .. +20% (scheduling
-        // delay on a loaded 2-core host, as for the PIT).
+        // accumulate; only the first and the last tick's lateness count, either way, and a
+        // period the host missed entirely is dropped (+15.6 ms). On a loaded 2-core host allow
+        // -10% .. +20%: still far from the neighbouring rates (250 ms at 128 Hz, 1 s at 32 Hz).
         assert!(
-            (490_000..=600_000).contains(&us),
+            (450_000..=600_000).contains(&us),
             "32 RTC ticks at 64 Hz took {us} us\n{outcome}"
         );
         eprintln!("{mode:?}: 32 RTC periodic ticks at 64 Hz in {us} us");
+    }
+);
+
+/// "rm-lapic N ticks in US us" -> (N, US).
+fn parse_rm_lapic(line: &str) -> Option<(u32, u32)> {
+    parse_rm_pit(&line.replace("rm-lapic ", "rm-pit "))
+}
+
+guest_test!(
+    lapic_timer_interrupts_reach_a_real_mode_handler_at_their_rate,
+    |mode| {
+        let outcome = Vm::multiboot("rm-lapic").irqchip(mode).run();
+        outcome.assert_exit(1);
+        let (ticks, us) = outcome
+            .lines()
+            .find_map(parse_rm_lapic)
+            .unwrap_or_else(|| panic!("no rm-lapic line\n{outcome}"));
+        assert_eq!(ticks, 20, "{outcome}");
+        // The guest programs divide-by-16 and an initial count of 625,000. KVM's LAPIC counts
+        // at 1 GHz (10 ms periods); ours at 100 MHz as xhyve's does (100 ms periods). Guests
+        // calibrate the rate, so the modes may differ; each must keep its own.
+        let expected_us = match mode {
+            IrqChip::Kernel => 20 * 10_000,
+            IrqChip::User => 20 * 100_000,
+        };
+        // Periodic timers re-arm from their deadline, so only the first and the last tick's
+        // lateness count: -10% .. +20% of the span, as for the RTC.
+        let range = expected_us * 9 / 10..=expected_us * 12 / 10;
+        assert!(
+            range.contains(&us),
+            "20 LAPIC timer ticks took {us} us, expected {expected_us}\n{outcome}"
+        );
+        eprintln!("{mode:?}: 20 LAPIC timer ticks in {us} us (nominal {expected_us})");
     }
 );
 

@@ -56,6 +56,40 @@ void test_rm_rtc(const struct mb_info *mbi)
     poweroff();
 }
 
+/* LAPIC timer periodic, divide by 16, initial count 625000: 10 ms on KVM's
+ * in-kernel LAPIC (1 GHz bus), 100 ms on ours (100 MHz bus, as xhyve). */
+#define LAPIC_REG_SVR 0xF0
+#define LAPIC_REG_LVT_TIMER 0x320
+#define LAPIC_REG_TIMER_INITIAL 0x380
+#define LAPIC_REG_TIMER_DIVIDE 0x3E0
+#define LAPIC_TIMER_PERIODIC (1u << 17)
+#define RM_LAPIC_VECTOR 0x40
+#define RM_LAPIC_COUNT 625000u
+#define RM_LAPIC_TICKS 20u
+
+void realmode_lapic(u32 unused, u32 ticks, u32 *result);
+
+void test_rm_lapic(const struct mb_info *mbi)
+{
+    (void)mbi;
+    u32 result[3];
+    u32 lapic = 0xFEE00000u;
+    mmio_write32(lapic + LAPIC_REG_SVR, 0x1FF);
+    mmio_write32(lapic + LAPIC_REG_TIMER_DIVIDE, 0x3); /* divide by 16 */
+    mmio_write32(lapic + LAPIC_REG_LVT_TIMER, LAPIC_TIMER_PERIODIC | RM_LAPIC_VECTOR);
+    mmio_write32(lapic + LAPIC_REG_TIMER_INITIAL, RM_LAPIC_COUNT);
+    realmode_lapic(0, RM_LAPIC_TICKS, result);
+    mmio_write32(lapic + LAPIC_REG_TIMER_INITIAL, 0);
+    u32 pm_ticks = (result[1] - result[0]) & 0xffffff;
+    u32 us = pm_ticks * 200u / 716u;
+    puts("rm-lapic ");
+    print_dec(result[2] - 1);
+    puts(" ticks in ");
+    print_dec(us);
+    println(" us");
+    poweroff();
+}
+
 /* PM timer rate: two serial markers PM_RATE_TICKS apart on the PM timer (2 s at
  * 3.579545 MHz); the host times them on its own clock. */
 #define PM_TIMER_PORT 0x408

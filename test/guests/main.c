@@ -200,6 +200,7 @@ static const struct {
     { "routing", test_routing },
     { "rm-rtc", test_rm_rtc },
     { "pm-rate", test_pm_rate },
+    { "rm-lapic", test_rm_lapic },
     { "exitbench", test_exitbench },
     { "virtio-blk", test_virtio_blk },
     { "ahci-hd", test_ahci },
