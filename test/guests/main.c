@@ -201,6 +201,7 @@ static const struct {
     { "rm-rtc", test_rm_rtc },
     { "pm-rate", test_pm_rate },
     { "rm-lapic", test_rm_lapic },
+    { "rm-hpet", test_rm_hpet },
     { "exitbench", test_exitbench },
     { "virtio-blk", test_virtio_blk },
     { "ahci-hd", test_ahci },
