@@ -124,6 +124,18 @@ guest_test!(
     }
 );
 
+guest_test!(an_ipi_runs_the_handler_on_the_other_cpu, |mode| {
+    // The AP waits in real mode; the BSP sends three fixed IPIs of one vector, each after the
+    // last was handled. The second and third arrive only if the AP's EOI retired the first.
+    Vm::multiboot("rm-ipi")
+        .irqchip(mode)
+        .vcpus(2)
+        .run()
+        .assert_exit(1)
+        .assert_line("rm-ipi cpu1 waiting")
+        .assert_line("rm-ipi handled 3");
+});
+
 guest_test!(pm_timer_runs_at_its_nominal_rate_against_the_host_clock, |mode| {
     let mut vm = Vm::multiboot("pm-rate").irqchip(mode).spawn();
     vm.wait_for_line("pm-rate start");

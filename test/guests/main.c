@@ -202,6 +202,7 @@ static const struct {
     { "pm-rate", test_pm_rate },
     { "rm-lapic", test_rm_lapic },
     { "rm-hpet", test_rm_hpet },
+    { "rm-ipi", test_rm_ipi },
     { "exitbench", test_exitbench },
     { "virtio-blk", test_virtio_blk },
     { "ahci-hd", test_ahci },

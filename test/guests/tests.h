@@ -14,6 +14,7 @@ void test_rm_rtc(const struct mb_info *mbi);
 void test_pm_rate(const struct mb_info *mbi);
 void test_rm_lapic(const struct mb_info *mbi);
 void test_rm_hpet(const struct mb_info *mbi);
+void test_rm_ipi(const struct mb_info *mbi);
 void test_exitbench(const struct mb_info *mbi);
 void test_virtio_blk(const struct mb_info *mbi);
 void test_ahci(const struct mb_info *mbi);
