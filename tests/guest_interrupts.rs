@@ -126,14 +126,20 @@ guest_test!(
 
 guest_test!(an_ipi_runs_the_handler_on_the_other_cpu, |mode| {
     // The AP waits in real mode; the BSP sends three fixed IPIs of one vector, each after the
-    // last was handled. The second and third arrive only if the AP's EOI retired the first.
-    Vm::multiboot("rm-ipi")
-        .irqchip(mode)
-        .vcpus(2)
-        .run()
+    // last was handled.
+    let outcome = Vm::multiboot("rm-ipi").irqchip(mode).vcpus(2).run();
+    outcome
         .assert_exit(1)
         .assert_line("rm-ipi cpu1 waiting")
         .assert_line("rm-ipi handled 3");
+    // Our LAPIC (user mode) holds the vector in the ISR while the handler runs, so the second
+    // and third IPIs arrive only because the handler's EOI retired the first (checked: with
+    // the EOI removed, user mode handles 1). KVM's in-kernel LAPIC on this host (kvm_pvm,
+    // real mode) shows the ISR bit clear inside the handler and delivers repeats without an
+    // EOI, so there the test proves delivery only.
+    if mode == IrqChip::User {
+        outcome.assert_line("rm-ipi in service in the handler 1");
+    }
 });
 
 guest_test!(pm_timer_runs_at_its_nominal_rate_against_the_host_clock, |mode| {

@@ -14,14 +14,19 @@
 #define IPI_VECTOR 0x42
 #define LAPIC_SVR 0xFEE000F0
 #define LAPIC_EOI 0xFEE000B0
+/* The ISR word that holds IPI_VECTOR's bit */
+#define LAPIC_ISR_IPI (0xFEE00100 + 0x10 * (IPI_VECTOR / 32))
 
     .section .rodata
     .globl ipi_ap_start, ipi_ap_end, ipi_ap_ready_offset, ipi_ap_count_offset
+    .globl ipi_ap_isr_offset
     .align 4
 ipi_ap_ready_offset:
     .long ap_ready - ipi_ap_start
 ipi_ap_count_offset:
     .long ap_count - ipi_ap_start
+ipi_ap_isr_offset:
+    .long ap_isr - ipi_ap_start
 
     .code16
 ipi_ap_start:
@@ -59,6 +64,11 @@ ap_wait:
 ap_ipi_handler:
     pushl %ebx
     incl %cs:A(ap_count)
+    pushl %eax
+    movl $LAPIC_ISR_IPI, %ebx           /* the vector must be in service now */
+    movl %fs:(%ebx), %eax
+    movl %eax, %cs:A(ap_isr)
+    popl %eax
     movl $LAPIC_EOI, %ebx
     movl $0, %fs:(%ebx)
     popl %ebx
@@ -76,6 +86,8 @@ ap_gdt_descriptor:
 ap_ready:
     .long 0
 ap_count:
+    .long 0
+ap_isr:
     .long 0
 ipi_ap_end:
 

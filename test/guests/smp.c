@@ -74,7 +74,7 @@ void test_smp(const struct mb_info *mbi)
 #define IPI_COUNT 3u
 
 extern const u8 ipi_ap_start[], ipi_ap_end[];
-extern const u32 ipi_ap_ready_offset, ipi_ap_count_offset;
+extern const u32 ipi_ap_ready_offset, ipi_ap_count_offset, ipi_ap_isr_offset;
 
 void test_rm_ipi(const struct mb_info *mbi)
 {
@@ -106,6 +106,10 @@ void test_rm_ipi(const struct mb_info *mbi)
     }
     puts("rm-ipi handled ");
     print_dec(handled);
+    putc('\n');
+    u32 isr = *(volatile u32 *)(IPI_AP_BASE + ipi_ap_isr_offset);
+    puts("rm-ipi in service in the handler ");
+    print_dec((isr >> (IPI_VECTOR % 32)) & 1);
     putc('\n');
     poweroff();
 }
