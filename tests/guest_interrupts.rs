@@ -142,24 +142,27 @@ guest_test!(an_ipi_runs_the_handler_on_the_other_cpu, |mode| {
     }
 });
 
-guest_test!(pm_timer_runs_at_its_nominal_rate_against_the_host_clock, |mode| {
-    let mut vm = Vm::multiboot("pm-rate").irqchip(mode).spawn();
-    vm.wait_for_line("pm-rate start");
-    let start = Instant::now();
-    vm.wait_for_line("pm-rate end");
-    let host_ms = start.elapsed().as_millis();
-    let outcome = vm.finish();
-    outcome.assert_exit(1);
-    // The guest waited 7,159,090 PM ticks: 2000 ms at 3.579545 MHz. The host sees each
-    // marker up to 20 ms late (the harness polls output every 20 ms), plus serial and pipe
-    // latency on a loaded host: +-5% (100 ms) holds that and still catches a PM timer off by
-    // a clock-domain mistake (a 1.19 MHz or 1 GHz count, or ms for us).
-    assert!(
-        (1900..=2100).contains(&host_ms),
-        "2000 ms of PM timer took {host_ms} ms on the host\n{outcome}"
-    );
-    eprintln!("{mode:?}: 2000 ms of PM timer in {host_ms} ms of host time");
-});
+guest_test!(
+    pm_timer_runs_at_its_nominal_rate_against_the_host_clock,
+    |mode| {
+        let mut vm = Vm::multiboot("pm-rate").irqchip(mode).spawn();
+        vm.wait_for_line("pm-rate start");
+        let start = Instant::now();
+        vm.wait_for_line("pm-rate end");
+        let host_ms = start.elapsed().as_millis();
+        let outcome = vm.finish();
+        outcome.assert_exit(1);
+        // The guest waited 7,159,090 PM ticks: 2000 ms at 3.579545 MHz. The host sees each
+        // marker up to 20 ms late (the harness polls output every 20 ms), plus serial and pipe
+        // latency on a loaded host: +-5% (100 ms) holds that and still catches a PM timer off by
+        // a clock-domain mistake (a 1.19 MHz or 1 GHz count, or ms for us).
+        assert!(
+            (1900..=2100).contains(&host_ms),
+            "2000 ms of PM timer took {host_ms} ms on the host\n{outcome}"
+        );
+        eprintln!("{mode:?}: 2000 ms of PM timer in {host_ms} ms of host time");
+    }
+);
 
 guest_test!(routing_reads_back_from_the_controllers, |mode| {
     let mut vm = Vm::multiboot("routing").irqchip(mode).args(["-A"]).spawn();
