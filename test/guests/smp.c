@@ -76,9 +76,10 @@ void test_smp(const struct mb_info *mbi)
 extern const u8 ipi_ap_start[], ipi_ap_end[];
 extern const u32 ipi_ap_ready_offset, ipi_ap_count_offset, ipi_ap_isr_offset;
 
-void test_rm_ipi(const struct mb_info *mbi)
+/* Starts cpu1 in real mode waiting for IPI_VECTOR (ipi_ap.S); returns its
+ * handler-run counter. The BSP's LAPIC is software-enabled too. */
+volatile u32 *rm_ap_start(void)
 {
-    (void)mbi;
     memcpy((void *)IPI_AP_BASE, ipi_ap_start, (u32)(ipi_ap_end - ipi_ap_start));
     volatile u32 *ready = (volatile u32 *)(IPI_AP_BASE + ipi_ap_ready_offset);
     volatile u32 *count = (volatile u32 *)(IPI_AP_BASE + ipi_ap_count_offset);
@@ -94,13 +95,26 @@ void test_rm_ipi(const struct mb_info *mbi)
         if (!wait_for_ap(ready, AP_WAIT_SPINS))
             fail("rm-ipi: cpu1 did not reach real mode");
     }
+    return count;
+}
+
+/* Waits until `*count` reaches `n`; returns the count seen. */
+u32 rm_ap_wait_count(volatile u32 *count, u32 n)
+{
+    for (u32 spins = 0; spins < AP_WAIT_SPINS && *count < n; spins++)
+        cpu_relax();
+    return *count;
+}
+
+void test_rm_ipi(const struct mb_info *mbi)
+{
+    (void)mbi;
+    volatile u32 *count = rm_ap_start();
     println("rm-ipi cpu1 waiting");
     u32 handled = 0;
     for (u32 i = 1; i <= IPI_COUNT; i++) {
         send_ipi(AP_APIC_ID, ICR_LEVEL_ASSERT | IPI_VECTOR); /* fixed, physical */
-        for (u32 spins = 0; spins < AP_WAIT_SPINS && *count < i; spins++)
-            cpu_relax();
-        handled = *count;
+        handled = rm_ap_wait_count(count, i);
         if (handled < i)
             break;
     }
