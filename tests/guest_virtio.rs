@@ -50,3 +50,19 @@ guest_test!(virtio_rnd_absent_is_reported_by_the_guest, |mode| {
         .assert_exit(1)
         .assert_line("FAIL virtio-rnd: no 1af4:1005 on bus 0");
 });
+
+guest_test!(virtio_rnd_msix_reaches_the_apic_id_it_names, |mode| {
+    // The MSI-X message names APIC ID 1, where cpu1 waits in real mode (the only ring-0 mode
+    // in which this host delivers interrupts): its handler runs once, and the BSP's IRR stays
+    // clear (the guest fails otherwise).
+    let out = Vm::multiboot("virtio-rnd msix ap")
+        .pci(&["0:0,hostbridge", "4,virtio-rnd", "31,lpc"])
+        .vcpus(2)
+        .irqchip(mode)
+        .run();
+    out.assert_exit(1)
+        .assert_line("virtio msix pending while masked")
+        .assert_line("virtio msix handled on cpu1 1")
+        .assert_line("virtio-rnd ok");
+    entropy_line(&out);
+});

@@ -5,12 +5,23 @@
 //! (local time by default, UTC with xhyve's `-u`), broken down with plain calendar arithmetic.
 //! The update cycle is never reported in progress (UIP stays 0): a guest that waits for UIP to
 //! clear proceeds at once, and reads are always consistent because they are computed whole.
+//!
+//! Interrupts (periodic, alarm, update-ended; IRQ 8) need a nanosecond clock and a line, given
+//! with [`Rtc::with_interrupts`]; the VMM's timer thread then calls [`Rtc::tick`] at
+//! [`Rtc::next_deadline_ns`]. Flags in register C are kept only while their interrupt is
+//! enabled in register B, so that an idle RTC never wakes the timer thread.
+
+use std::sync::Arc;
 
 use super::bus::BusDevice;
+use super::irq::InterruptLine;
+use crate::intc::clock::Clock;
 
 /// First port; the device decodes two.
 pub const RTC_PORT: u16 = 0x70;
 pub const RTC_PORT_COUNT: u64 = 2;
+/// ISA IRQ 8, identity-mapped to IOAPIC pin 8.
+pub const RTC_GSI: u32 = 8;
 
 const REG_SECONDS: u8 = 0x00;
 const REG_MINUTES: u8 = 0x02;
@@ -36,7 +47,26 @@ const TIME_REGISTERS: [u8; 8] = [
     REG_CENTURY,
 ];
 
+const REG_SECONDS_ALARM: u8 = 0x01;
+const REG_MINUTES_ALARM: u8 = 0x03;
+const REG_HOURS_ALARM: u8 = 0x05;
+/// An alarm byte with both top bits set matches any value.
+const ALARM_DONT_CARE: u8 = 0xC0;
+
 const A_UIP: u8 = 0x80;
+const A_DIVIDER_MASK: u8 = 0x70;
+/// The only divider setting with which the oscillator runs: the 32.768 kHz time base.
+const A_DIVIDER_32K: u8 = 0x20;
+const A_RATE_MASK: u8 = 0x0F;
+const B_PIE: u8 = 0x40;
+const B_AIE: u8 = 0x20;
+const B_UIE: u8 = 0x10;
+const B_INTERRUPT_ENABLES: u8 = B_PIE | B_AIE | B_UIE;
+const C_IRQF: u8 = 0x80;
+const C_PF: u8 = 0x40;
+const C_AF: u8 = 0x20;
+const C_UF: u8 = 0x10;
+const NS_PER_SEC: u64 = 1_000_000_000;
 /// 32.768 kHz time base, 1024 Hz periodic rate: the power-on value every BIOS leaves.
 const A_DEFAULT: u8 = 0x26;
 const B_SET: u8 = 0x80;
@@ -133,6 +163,31 @@ fn from_bcd(v: u8) -> Option<u8> {
     (hi < 10 && lo < 10).then_some(hi * 10 + lo)
 }
 
+/// The periodic interrupt's period for register A, if the oscillator runs and a rate is set.
+fn periodic_period_ns(reg_a: u8) -> Option<u64> {
+    if reg_a & A_DIVIDER_MASK != A_DIVIDER_32K {
+        return None;
+    }
+    let rate = match reg_a & A_RATE_MASK {
+        0 => return None,
+        // Rates 1 and 2 repeat rates 8 and 9 (256 and 128 Hz) on the 32.768 kHz time base.
+        r @ (1 | 2) => r + 7,
+        r => r,
+    };
+    // 2^(rate-1) cycles of 32.768 kHz; truncation loses under 1 ns a period.
+    Some((NS_PER_SEC << (rate - 1)) / 32_768)
+}
+
+/// What the RTC needs to raise interrupts: time in nanoseconds, IRQ 8, and its schedule.
+struct Interrupts {
+    clock: Arc<dyn Clock>,
+    line: Arc<dyn InterruptLine>,
+    /// The next periodic interrupt, while PIE is set and the rate is valid.
+    next_periodic_ns: Option<u64>,
+    /// The next end of an update cycle (once a second, phase fixed at creation).
+    next_update_ns: u64,
+}
+
 /// The RTC and its 128 bytes of CMOS memory.
 pub struct Rtc {
     index: u8,
@@ -140,6 +195,7 @@ pub struct Rtc {
     clock: Box<dyn WallClock>,
     /// Guest time minus host wall time, in seconds.
     offset: i64,
+    interrupts: Option<Interrupts>,
 }
 
 impl Rtc {
@@ -151,6 +207,7 @@ impl Rtc {
             cmos: [0; 128],
             clock,
             offset: 0,
+            interrupts: None,
         };
         rtc.cmos[usize::from(REG_A)] = A_DEFAULT;
         rtc.cmos[usize::from(REG_B)] = B_24_HOUR;
@@ -162,6 +219,116 @@ impl Rtc {
     /// The host's clock in local time, or UTC when `utc` (xhyve's `-u`).
     pub fn with_host_clock(utc: bool, lowmem: u64, highmem: u64) -> Self {
         Self::new(Box::new(HostClock { utc }), lowmem, highmem)
+    }
+
+    /// Lets the RTC raise its periodic, alarm and update-ended interrupts on `line` (IRQ 8),
+    /// timed by `clock`.
+    pub fn with_interrupts(mut self, clock: Arc<dyn Clock>, line: Arc<dyn InterruptLine>) -> Self {
+        let now = clock.now_ns();
+        self.interrupts = Some(Interrupts {
+            clock,
+            line,
+            next_periodic_ns: None,
+            next_update_ns: now.saturating_add(NS_PER_SEC),
+        });
+        self.reschedule();
+        self
+    }
+
+    /// When the RTC next needs [`Rtc::tick`], on the interrupt clock.
+    pub fn next_deadline_ns(&self) -> Option<u64> {
+        let timing = self.interrupts.as_ref()?;
+        let b = self.reg_b();
+        let periodic = timing.next_periodic_ns.filter(|_| b & B_PIE != 0);
+        let updates_run = b & B_SET == 0 && b & (B_UIE | B_AIE) != 0;
+        let update = updates_run.then_some(timing.next_update_ns);
+        match (periodic, update) {
+            (Some(p), Some(u)) => Some(p.min(u)),
+            (p, u) => p.or(u),
+        }
+    }
+
+    /// Raises whatever fell due by `now_ns`. Missed periods are dropped, not replayed in a
+    /// burst: the guest sees one interrupt per tick, as from a late real RTC.
+    pub fn tick(&mut self, now_ns: u64) {
+        let b = self.reg_b();
+        let Some(timing) = self.interrupts.as_mut() else {
+            return;
+        };
+        let mut flags = 0;
+        if let (Some(due), Some(period)) = (
+            timing.next_periodic_ns,
+            periodic_period_ns(self.cmos[usize::from(REG_A)]),
+        ) {
+            if b & B_PIE != 0 && due <= now_ns {
+                flags |= C_PF;
+                timing.next_periodic_ns = Some(advance_past(due, period, now_ns));
+            }
+        }
+        let update_due = timing.next_update_ns <= now_ns;
+        if update_due {
+            timing.next_update_ns = advance_past(timing.next_update_ns, NS_PER_SEC, now_ns);
+        }
+        if update_due && b & B_SET == 0 && b & (B_UIE | B_AIE) != 0 {
+            flags |= C_UF;
+            self.latch_time();
+            if self.alarm_matches() {
+                flags |= C_AF;
+            }
+        }
+        self.set_flags(flags);
+    }
+
+    fn alarm_matches(&self) -> bool {
+        [
+            (REG_SECONDS_ALARM, REG_SECONDS),
+            (REG_MINUTES_ALARM, REG_MINUTES),
+            (REG_HOURS_ALARM, REG_HOURS),
+        ]
+        .iter()
+        .all(|&(alarm, now)| {
+            let alarm = self.cmos[usize::from(alarm)];
+            alarm & ALARM_DONT_CARE == ALARM_DONT_CARE || alarm == self.cmos[usize::from(now)]
+        })
+    }
+
+    /// Sets register C flags and raises IRQ 8 on the edge of IRQF: the line stays asserted on
+    /// a real RTC until the guest reads C, so no second edge comes before that.
+    fn set_flags(&mut self, flags: u8) {
+        let c = self.cmos[usize::from(REG_C)] | flags;
+        let was_raised = c & C_IRQF != 0;
+        let enabled = c & self.reg_b() & B_INTERRUPT_ENABLES;
+        self.cmos[usize::from(REG_C)] = c;
+        if enabled != 0 && !was_raised {
+            self.cmos[usize::from(REG_C)] = c | C_IRQF;
+            if let Some(timing) = &self.interrupts {
+                timing.line.pulse();
+            }
+        }
+    }
+
+    /// Recomputes the schedule after a register A or B write.
+    fn reschedule(&mut self) {
+        let a = self.cmos[usize::from(REG_A)];
+        let b = self.reg_b();
+        let Some(timing) = self.interrupts.as_mut() else {
+            return;
+        };
+        let now = timing.clock.now_ns();
+        timing.next_periodic_ns = match periodic_period_ns(a) {
+            Some(period) if b & B_PIE != 0 => Some(
+                timing
+                    .next_periodic_ns
+                    .filter(|&due| due > now)
+                    .unwrap_or(now.saturating_add(period)),
+            ),
+            _ => None,
+        };
+        // Keep the once-a-second phase, but never leave it in the past: a late enable must
+        // not see an update that ended while updates were off.
+        if timing.next_update_ns <= now {
+            timing.next_update_ns = advance_past(timing.next_update_ns, NS_PER_SEC, now);
+        }
     }
 
     fn set_memory_size(&mut self, lowmem: u64, highmem: u64) {
@@ -292,7 +459,17 @@ impl Rtc {
     fn write_data(&mut self, value: u8) {
         let index = self.index;
         match index {
-            REG_A => self.cmos[usize::from(REG_A)] = value & !A_UIP,
+            REG_A => {
+                let old = self.cmos[usize::from(REG_A)];
+                self.cmos[usize::from(REG_A)] = value & !A_UIP;
+                if periodic_period_ns(old) != periodic_period_ns(value) {
+                    // A new rate starts a new period.
+                    if let Some(timing) = self.interrupts.as_mut() {
+                        timing.next_periodic_ns = None;
+                    }
+                }
+                self.reschedule();
+            }
             REG_B => {
                 let was_setting = self.reg_b() & B_SET != 0;
                 let now_setting = value & B_SET != 0;
@@ -305,6 +482,9 @@ impl Rtc {
                     self.adopt_time_registers();
                 }
                 self.cmos[usize::from(REG_B)] = value;
+                self.reschedule();
+                // Enabling an interrupt whose flag is already set raises it at once.
+                self.set_flags(0);
             }
             REG_C | REG_D => {}
             _ if TIME_REGISTERS.contains(&index) => {
@@ -320,6 +500,12 @@ impl Rtc {
             _ => self.cmos[usize::from(index)] = value,
         }
     }
+}
+
+/// The first `start + k * period` after `now` (k >= 1).
+fn advance_past(start: u64, period: u64, now: u64) -> u64 {
+    let missed = now.saturating_sub(start) / period.max(1);
+    start.saturating_add(period.saturating_mul(missed + 1))
 }
 
 impl BusDevice for Rtc {
@@ -547,5 +733,177 @@ mod tests {
         let mut rtc = Rtc::new(Box::new(FixedClock(Arc::default())), 8 << 20, 0);
         assert_eq!(word(&mut rtc, 0x17), 7 * 1024);
         assert_eq!(word(&mut rtc, 0x34), 0);
+    }
+
+    use crate::devices::irq::test_util::RecordingLine;
+    use crate::intc::clock::ManualClock;
+
+    /// An RTC with interrupts on a recording IRQ 8, at `T0` on both clocks.
+    fn rtc_with_irq() -> (Rtc, Arc<ManualClock>, Arc<RecordingLine>) {
+        let (rtc, _) = rtc_at(T0);
+        let ticks = Arc::new(ManualClock::new(0));
+        let line = Arc::new(RecordingLine {
+            gsi: 8,
+            ..Default::default()
+        });
+        let rtc = rtc.with_interrupts(ticks.clone(), line.clone());
+        (rtc, ticks, line)
+    }
+
+    fn pulses(line: &RecordingLine) -> usize {
+        line.levels.lock().unwrap().iter().filter(|&&l| l).count()
+    }
+
+    /// Ticks at every deadline up to `until_ns`, as the timer thread does.
+    fn run_until(rtc: &mut Rtc, clock: &ManualClock, until_ns: u64) {
+        while let Some(due) = rtc.next_deadline_ns().filter(|&d| d <= until_ns) {
+            clock.set(due);
+            rtc.tick(due);
+        }
+        clock.set(until_ns);
+    }
+
+    #[test]
+    fn periodic_rates_follow_register_a() {
+        assert_eq!(periodic_period_ns(0x26), Some(976_562)); // 1024 Hz
+        assert_eq!(periodic_period_ns(0x2F), Some(500_000_000)); // 2 Hz
+        assert_eq!(periodic_period_ns(0x23), Some(122_070)); // 8192 Hz
+        assert_eq!(periodic_period_ns(0x21), periodic_period_ns(0x28)); // 256 Hz
+        assert_eq!(periodic_period_ns(0x22), periodic_period_ns(0x29)); // 128 Hz
+        assert_eq!(periodic_period_ns(0x20), None, "rate 0 is off");
+        assert_eq!(periodic_period_ns(0x66), None, "divider held in reset");
+    }
+
+    #[test]
+    fn no_deadline_until_an_interrupt_is_enabled() {
+        let (mut rtc, clock, line) = rtc_with_irq();
+        assert_eq!(rtc.next_deadline_ns(), None);
+        run_until(&mut rtc, &clock, 5 * NS_PER_SEC);
+        assert_eq!(pulses(&line), 0);
+        assert_eq!(get(&mut rtc, REG_C), 0);
+    }
+
+    #[test]
+    fn periodic_interrupt_at_the_programmed_rate_once_c_is_read() {
+        let (mut rtc, clock, line) = rtc_with_irq();
+        set(&mut rtc, REG_A, 0x2A); // 64 Hz: 15.625 ms
+        set(&mut rtc, REG_B, B_24_HOUR | B_PIE);
+        assert_eq!(rtc.next_deadline_ns(), Some(15_625_000));
+        let mut taken = 0;
+        for period in 1..=64u64 {
+            run_until(&mut rtc, &clock, period * 15_625_000);
+            assert_eq!(pulses(&line), period as usize, "one edge per period");
+            // The handler reads C, which acknowledges and lets the next edge through.
+            assert_eq!(get(&mut rtc, REG_C), C_IRQF | C_PF);
+            taken += 1;
+        }
+        assert_eq!(taken, 64, "64 interrupts in one second at 64 Hz");
+    }
+
+    #[test]
+    fn an_unread_register_c_holds_the_line_without_new_edges() {
+        let (mut rtc, clock, line) = rtc_with_irq();
+        set(&mut rtc, REG_A, 0x2A);
+        set(&mut rtc, REG_B, B_24_HOUR | B_PIE);
+        run_until(&mut rtc, &clock, 10 * 15_625_000);
+        assert_eq!(pulses(&line), 1);
+        assert_eq!(get(&mut rtc, REG_C), C_IRQF | C_PF);
+        assert_eq!(get(&mut rtc, REG_C), 0, "reading C clears it");
+        run_until(&mut rtc, &clock, 11 * 15_625_000);
+        assert_eq!(pulses(&line), 2);
+    }
+
+    #[test]
+    fn clearing_pie_stops_the_periodic_interrupt() {
+        let (mut rtc, clock, line) = rtc_with_irq();
+        set(&mut rtc, REG_A, 0x2F);
+        set(&mut rtc, REG_B, B_24_HOUR | B_PIE);
+        set(&mut rtc, REG_B, B_24_HOUR);
+        assert_eq!(rtc.next_deadline_ns(), None);
+        run_until(&mut rtc, &clock, 3 * NS_PER_SEC);
+        assert_eq!(pulses(&line), 0);
+    }
+
+    #[test]
+    fn a_late_tick_drops_missed_periods() {
+        let (mut rtc, clock, line) = rtc_with_irq();
+        set(&mut rtc, REG_A, 0x2F); // 2 Hz
+        set(&mut rtc, REG_B, B_24_HOUR | B_PIE);
+        clock.set(1_750_000_000);
+        rtc.tick(1_750_000_000);
+        assert_eq!(pulses(&line), 1);
+        assert_eq!(rtc.next_deadline_ns(), Some(2_000_000_000));
+    }
+
+    #[test]
+    fn update_ended_interrupt_once_a_second() {
+        let (mut rtc, clock, line) = rtc_with_irq();
+        set(&mut rtc, REG_B, B_24_HOUR | B_UIE);
+        assert_eq!(rtc.next_deadline_ns(), Some(NS_PER_SEC));
+        for second in 1..=3u64 {
+            run_until(&mut rtc, &clock, second * NS_PER_SEC);
+            assert_eq!(pulses(&line), second as usize);
+            assert_eq!(get(&mut rtc, REG_C), C_IRQF | C_UF);
+        }
+    }
+
+    #[test]
+    fn set_bit_stops_update_interrupts() {
+        let (mut rtc, clock, line) = rtc_with_irq();
+        set(&mut rtc, REG_B, B_SET | B_24_HOUR | B_UIE);
+        assert_eq!(rtc.next_deadline_ns(), None);
+        run_until(&mut rtc, &clock, 3 * NS_PER_SEC);
+        assert_eq!(pulses(&line), 0);
+    }
+
+    #[test]
+    fn a_late_enable_sees_no_stale_update() {
+        let (mut rtc, clock, line) = rtc_with_irq();
+        clock.set(5_500_000_000);
+        set(&mut rtc, REG_B, B_24_HOUR | B_UIE);
+        assert_eq!(rtc.next_deadline_ns(), Some(6 * NS_PER_SEC));
+        rtc.tick(5_500_000_000);
+        assert_eq!(pulses(&line), 0);
+    }
+
+    #[test]
+    fn alarm_fires_when_the_time_matches() {
+        let (mut rtc, clock, line) = rtc_with_irq();
+        // T0 is 13:45:07; the host's wall clock stands still, so the alarm is set for it.
+        set(&mut rtc, REG_SECONDS_ALARM, 0x07);
+        set(&mut rtc, REG_MINUTES_ALARM, 0x45);
+        set(&mut rtc, REG_HOURS_ALARM, 0x13);
+        set(&mut rtc, REG_B, B_24_HOUR | B_AIE);
+        run_until(&mut rtc, &clock, NS_PER_SEC);
+        assert_eq!(pulses(&line), 1);
+        // UF is set alongside, but only AF raised the interrupt (UIE is off).
+        assert_eq!(get(&mut rtc, REG_C), C_IRQF | C_AF | C_UF);
+    }
+
+    #[test]
+    fn alarm_does_not_fire_on_a_mismatch_and_dont_care_matches_anything() {
+        let (mut rtc, clock, line) = rtc_with_irq();
+        set(&mut rtc, REG_SECONDS_ALARM, 0x08);
+        set(&mut rtc, REG_MINUTES_ALARM, 0x45);
+        set(&mut rtc, REG_HOURS_ALARM, 0x13);
+        set(&mut rtc, REG_B, B_24_HOUR | B_AIE);
+        run_until(&mut rtc, &clock, NS_PER_SEC);
+        assert_eq!(pulses(&line), 0);
+        assert_eq!(get(&mut rtc, REG_C), C_UF, "flag without interrupt");
+        set(&mut rtc, REG_SECONDS_ALARM, 0xFF);
+        set(&mut rtc, REG_HOURS_ALARM, 0xC0);
+        run_until(&mut rtc, &clock, 2 * NS_PER_SEC);
+        assert_eq!(pulses(&line), 1);
+    }
+
+    #[test]
+    fn enabling_an_interrupt_with_its_flag_set_raises_it() {
+        let (mut rtc, clock, line) = rtc_with_irq();
+        set(&mut rtc, REG_B, B_24_HOUR | B_AIE);
+        run_until(&mut rtc, &clock, NS_PER_SEC); // UF set, AIE does not match 0x00 alarms
+        assert_eq!(pulses(&line), 0);
+        set(&mut rtc, REG_B, B_24_HOUR | B_AIE | B_UIE);
+        assert_eq!(pulses(&line), 1);
+        assert_eq!(get(&mut rtc, REG_C), C_IRQF | C_UF);
     }
 }

@@ -21,7 +21,7 @@ use crate::devices::power_mgmt::{
     AcpiPm, PostCode, ResetControl, ACPI_PM_BASE, ACPI_PM_PORT_COUNT, I8042, I8042_COMMAND_PORT,
     I8042_DATA_PORT, POST_CODE_PORT, RESET_CONTROL_PORT, SCI_GSI, SMI_CMD_PORT,
 };
-use crate::devices::rtc::{Rtc, RTC_PORT, RTC_PORT_COUNT};
+use crate::devices::rtc::{Rtc, RTC_GSI, RTC_PORT, RTC_PORT_COUNT};
 use crate::devices::serial::{com_resources, SerialPort, UART_PORT_COUNT};
 use crate::hv::{IrqChipMode, Vm};
 use crate::intc::clock::{Clock, MonotonicClock};
@@ -109,12 +109,19 @@ pub fn build(
         memory::PCI_ECAM_SIZE,
     )?;
 
+    // Neither irqchip mode has an RTC in the kernel: ours raises IRQ 8 from the timer thread.
     let rtc = Rtc::with_host_clock(
         config.rtc_utc,
         memory::lowmem_size(config.memory_bytes),
         memory::highmem_size(config.memory_bytes),
-    );
-    insert(&io_bus, rtc, u64::from(RTC_PORT), RTC_PORT_COUNT)?;
+    )
+    .with_interrupts(clock.clone(), line(RTC_GSI));
+    insert(
+        &io_bus,
+        timers.add(rtc),
+        u64::from(RTC_PORT),
+        RTC_PORT_COUNT,
+    )?;
 
     let power: Arc<dyn PowerControl> = control.clone();
     let acpi_pm = shared(AcpiPm::new(line(SCI_GSI), power.clone()));

@@ -27,6 +27,15 @@ impl Timed for crate::intc::hpet::Hpet {
     }
 }
 
+impl Timed for crate::devices::rtc::Rtc {
+    fn next_deadline_ns(&self) -> Option<u64> {
+        crate::devices::rtc::Rtc::next_deadline_ns(self)
+    }
+    fn tick(&mut self, now_ns: u64) {
+        crate::devices::rtc::Rtc::tick(self, now_ns)
+    }
+}
+
 #[derive(Default)]
 struct Wake {
     generation: Mutex<u64>,

@@ -65,3 +65,65 @@ void test_smp(const struct mb_info *mbi)
     println("smp ok");
     poweroff();
 }
+
+/* rm-ipi: the BSP (protected mode, interrupts off) starts the AP in real mode
+ * with a handler for IPI_VECTOR (ipi_ap.S), then sends it IPI_COUNT fixed
+ * IPIs, each after the previous one has been handled. */
+#define IPI_AP_BASE 0x7000u
+#define IPI_VECTOR 0x42u
+#define IPI_COUNT 3u
+
+extern const u8 ipi_ap_start[], ipi_ap_end[];
+extern const u32 ipi_ap_ready_offset, ipi_ap_count_offset, ipi_ap_isr_offset;
+
+/* Starts cpu1 in real mode waiting for IPI_VECTOR (ipi_ap.S); returns its
+ * handler-run counter. The BSP's LAPIC is software-enabled too. */
+volatile u32 *rm_ap_start(void)
+{
+    memcpy((void *)IPI_AP_BASE, ipi_ap_start, (u32)(ipi_ap_end - ipi_ap_start));
+    volatile u32 *ready = (volatile u32 *)(IPI_AP_BASE + ipi_ap_ready_offset);
+    volatile u32 *count = (volatile u32 *)(IPI_AP_BASE + ipi_ap_count_offset);
+    *ready = 0;
+    *count = 0;
+    mmio_write32(LAPIC_BASE + 0xF0, 0x1FF); /* BSP LAPIC software enable */
+
+    send_ipi(AP_APIC_ID, ICR_INIT | ICR_LEVEL_ASSERT);
+    spin(SETTLE_SPINS);
+    send_ipi(AP_APIC_ID, ICR_STARTUP | ICR_LEVEL_ASSERT | (IPI_AP_BASE >> 12));
+    if (!wait_for_ap(ready, AP_WAIT_SPINS / 10)) {
+        send_ipi(AP_APIC_ID, ICR_STARTUP | ICR_LEVEL_ASSERT | (IPI_AP_BASE >> 12));
+        if (!wait_for_ap(ready, AP_WAIT_SPINS))
+            fail("rm-ipi: cpu1 did not reach real mode");
+    }
+    return count;
+}
+
+/* Waits until `*count` reaches `n`; returns the count seen. */
+u32 rm_ap_wait_count(volatile u32 *count, u32 n)
+{
+    for (u32 spins = 0; spins < AP_WAIT_SPINS && *count < n; spins++)
+        cpu_relax();
+    return *count;
+}
+
+void test_rm_ipi(const struct mb_info *mbi)
+{
+    (void)mbi;
+    volatile u32 *count = rm_ap_start();
+    println("rm-ipi cpu1 waiting");
+    u32 handled = 0;
+    for (u32 i = 1; i <= IPI_COUNT; i++) {
+        send_ipi(AP_APIC_ID, ICR_LEVEL_ASSERT | IPI_VECTOR); /* fixed, physical */
+        handled = rm_ap_wait_count(count, i);
+        if (handled < i)
+            break;
+    }
+    puts("rm-ipi handled ");
+    print_dec(handled);
+    putc('\n');
+    u32 isr = *(volatile u32 *)(IPI_AP_BASE + ipi_ap_isr_offset);
+    puts("rm-ipi in service in the handler ");
+    print_dec((isr >> (IPI_VECTOR % 32)) & 1);
+    putc('\n');
+    poweroff();
+}

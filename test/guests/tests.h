@@ -10,6 +10,15 @@ void test_smp(const struct mb_info *mbi);
 void test_virtio_rnd(const struct mb_info *mbi);
 void test_rm_pit(const struct mb_info *mbi);
 void test_routing(const struct mb_info *mbi);
+void test_rm_rtc(const struct mb_info *mbi);
+void test_pm_rate(const struct mb_info *mbi);
+void test_rm_lapic(const struct mb_info *mbi);
+void test_rm_hpet(const struct mb_info *mbi);
+void test_rm_ipi(const struct mb_info *mbi);
+/* cpu1 in real mode with a handler for vector 0x42 (smp.c, ipi_ap.S) */
+#define RM_AP_VECTOR 0x42u
+volatile u32 *rm_ap_start(void);
+u32 rm_ap_wait_count(volatile u32 *count, u32 n);
 void test_exitbench(const struct mb_info *mbi);
 void test_virtio_blk(const struct mb_info *mbi);
 void test_ahci(const struct mb_info *mbi);

@@ -4,6 +4,8 @@
  *   virtio-rnd msix : the modern (1.x) interface in the memory BAR, completion first held
  *                     as a pending bit while the MSI-X vector is masked, then, unmasked,
  *                     pending in the LAPIC IRR.
+ *   virtio-rnd msix ap : as msix, but the MSI-X message names APIC ID 1, where cpu1 waits in
+ *                     real mode: its handler runs, and nothing is pending at the BSP.
  * Prints "virtio-rnd ok" when every check passes; anything else is a FAIL line. */
 #include "tests.h"
 
@@ -148,6 +150,9 @@ static void run_msix(u32 slot, u32 bar2)
         fail("virtio-rnd: missing common/notify/MSI-X capability");
     (void)notify_mult;
     lapic_enable();
+    int to_ap = cmdline_has("ap");
+    volatile u32 *ap_count = to_ap ? rm_ap_start() : 0;
+    u32 vector = to_ap ? RM_AP_VECTOR : MSIX_VECTOR;
 
     mmio_write8(common + 0x14, 0);
     mmio_write8(common + 0x14, STATUS_ACK | STATUS_DRIVER);
@@ -163,9 +168,9 @@ static void run_msix(u32 slot, u32 bar2)
         fail("virtio-rnd: FEATURES_OK refused");
 
     /* Vector 0: the LAPIC, fixed delivery, masked for now. */
-    mmio_write32(table + 0, LAPIC);
+    mmio_write32(table + 0, LAPIC | (to_ap ? 1u << 12 : 0)); /* destination APIC ID */
     mmio_write32(table + 4, 0);
-    mmio_write32(table + 8, MSIX_VECTOR);
+    mmio_write32(table + 8, vector);
     mmio_write32(table + 12, 1);
     cfg_write16(slot, msix_cap + 2, 0x8000); /* MSI-X enable */
 
@@ -191,12 +196,20 @@ static void run_msix(u32 slot, u32 bar2)
     check_entropy();
     if (!(mmio_read32(pba) & 1))
         fail("virtio-rnd: masked MSI-X vector not pending in the PBA");
-    if (irr_pending(MSIX_VECTOR))
-        fail("virtio-rnd: masked MSI-X vector reached the LAPIC");
+    if (irr_pending(vector) || (to_ap && *ap_count))
+        fail("virtio-rnd: masked MSI-X vector reached a LAPIC");
     println("virtio msix pending while masked");
     mmio_write32(table + 12, 0);
     if (mmio_read32(pba) & 1)
         fail("virtio-rnd: PBA bit still set after unmasking");
+    if (to_ap) {
+        puts("virtio msix handled on cpu1 ");
+        print_dec(rm_ap_wait_count(ap_count, 1));
+        putc('\n');
+        if (irr_pending(vector))
+            fail("virtio-rnd: MSI-X for APIC 1 pending at the BSP");
+        return;
+    }
     if (!irr_pending(MSIX_VECTOR))
         fail("virtio-rnd: MSI-X vector not pending in the LAPIC IRR");
     println("virtio msix irq pending");
