@@ -10,7 +10,7 @@
 //! A guest must not be able to hurt the VMM: queue errors put the device in
 //! DEVICE_NEEDS_RESET and stop it until the driver resets it.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 use virtio_queue::{Queue, QueueT};
 
@@ -18,6 +18,7 @@ use super::{
     QueueError, VirtioDevice, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1,
     STATUS_DRIVER_OK, STATUS_FEATURES_OK, STATUS_NEEDS_RESET, VIRTIO_PCI_VENDOR,
 };
+use crate::devices::doorbell::{Doorbell, DoorbellId, Doorbells};
 use crate::devices::irq::{InterruptLine, MsiSender};
 use crate::devices::pci::msi::Msi;
 use crate::devices::pci::msix::Msix;
@@ -110,6 +111,16 @@ pub struct VirtioPci<D: VirtioDevice> {
     intx: Arc<dyn InterruptLine>,
     /// Whether INTx is asserted, so the line is only driven on a change.
     intx_high: bool,
+    doorbells: Option<DoorbellService>,
+}
+
+/// The VMM's doorbell service and what this function registered with it.
+struct DoorbellService {
+    service: Arc<dyn Doorbells>,
+    me: Weak<Mutex<dyn PciDevice>>,
+    /// The legacy I/O and modern memory BAR bases the registrations were made for.
+    bases: Option<(Option<u64>, Option<u64>)>,
+    registered: Vec<DoorbellId>,
 }
 
 impl<D: VirtioDevice> VirtioPci<D> {
@@ -208,6 +219,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
             msi_sender: resources.msi,
             intx: resources.intx,
             intx_high: false,
+            doorbells: None,
         })
     }
 
@@ -334,6 +346,58 @@ impl<D: VirtioDevice> VirtioPci<D> {
         }
     }
 
+    /// Keeps the doorbell registrations in step with the driver and the BARs: every ready
+    /// queue's notify addresses while the driver is running, at the BARs' current places.
+    fn sync_doorbells(&mut self) {
+        let Some(doorbells) = self.doorbells.as_mut() else {
+            return;
+        };
+        let wanted = (self.status & STATUS_DRIVER_OK != 0).then(|| {
+            let mut io = None;
+            let mut memory = None;
+            for bar in self.config.decoded_bars() {
+                match bar.index {
+                    LEGACY_BAR => io = Some(bar.base),
+                    MODERN_BAR => memory = Some(bar.base),
+                    _ => {}
+                }
+            }
+            (io, memory)
+        });
+        if wanted == doorbells.bases {
+            return;
+        }
+        for id in doorbells.registered.drain(..) {
+            doorbells.service.unregister(id);
+        }
+        doorbells.bases = wanted;
+        let Some((io, memory)) = wanted else {
+            return;
+        };
+        for (index, queue) in self.queues.iter().enumerate() {
+            let Ok(index) = u16::try_from(index) else {
+                break;
+            };
+            if !queue.ready() {
+                continue;
+            }
+            let port = io
+                .and_then(|base| u16::try_from(base + legacy::QUEUE_NOTIFY).ok())
+                .map(|port| Doorbell::Port16 { port, value: index });
+            let mmio = memory.map(|base| Doorbell::Mmio {
+                addr: base + NOTIFY_OFFSET + u64::from(index) * u64::from(NOTIFY_MULTIPLIER),
+            });
+            for doorbell in [port, mmio].into_iter().flatten() {
+                if let Some(id) = doorbells
+                    .service
+                    .register(doorbell, doorbells.me.clone(), index)
+                {
+                    doorbells.registered.push(id);
+                }
+            }
+        }
+    }
+
     fn reset(&mut self) {
         self.status = 0;
         self.driver_features = 0;
@@ -353,6 +417,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
     fn set_status(&mut self, value: u8) {
         if value == 0 {
             self.reset();
+            self.sync_doorbells();
             return;
         }
         let mut value = value;
@@ -365,6 +430,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
         }
         // NEEDS_RESET is the device's to set; the driver cannot clear it but by a reset.
         self.status = (value & !STATUS_NEEDS_RESET) | (self.status & STATUS_NEEDS_RESET);
+        self.sync_doorbells();
     }
 
     fn apply_features(&mut self) {
@@ -683,6 +749,22 @@ impl<D: VirtioDevice> PciDevice for VirtioPci<D> {
                 msix.deliver_unmasked(&self.config);
             }
         }
+        // A BAR move or a decode switch moves or removes the notify addresses.
+        self.sync_doorbells();
+    }
+
+    fn attach_doorbells(&mut self, service: Arc<dyn Doorbells>, me: Weak<Mutex<dyn PciDevice>>) {
+        self.doorbells = Some(DoorbellService {
+            service,
+            me,
+            bases: None,
+            registered: Vec::new(),
+        });
+        self.sync_doorbells();
+    }
+
+    fn ring_doorbell(&mut self, queue: u16) {
+        self.notify_queue(queue);
     }
 
     fn read_bar(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
