@@ -129,3 +129,85 @@ impl Doorbells for DoorbellServer {
             .ctl(ControlOperation::Delete, fd, EpollEvent::default());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::pci::{ConfigSpace, PciIds};
+    use crate::hv::kvm::tests_support::{real_mode_vm, start_real_mode_vcpu};
+    use crate::hv::VmExit;
+    use std::sync::mpsc;
+    use std::time::Duration;
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// Reports each ring, and each write that came the exit path instead.
+    struct Probe {
+        config: ConfigSpace,
+        rings: mpsc::Sender<u16>,
+    }
+
+    impl PciDevice for Probe {
+        fn config_space(&self) -> &ConfigSpace {
+            &self.config
+        }
+        fn config_space_mut(&mut self) -> &mut ConfigSpace {
+            &mut self.config
+        }
+        fn ring_doorbell(&mut self, queue: u16) {
+            let _ = self.rings.send(queue);
+        }
+    }
+
+    #[test]
+    fn a_doorbell_write_rings_the_device_without_a_vm_exit() {
+        let Some((_kvm, vm, mem)) = real_mode_vm() else {
+            return;
+        };
+        let server = DoorbellServer::start(vm.clone()).unwrap();
+        let (rings, rung) = mpsc::channel();
+        let probe: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(Probe {
+            config: ConfigSpace::new(PciIds {
+                vendor: 0x1af4,
+                device: 0x1000,
+                class: 0,
+                subclass: 0,
+                prog_if: 0,
+                revision: 0,
+                subsystem_vendor: 0,
+                subsystem: 0,
+            }),
+            rings,
+        }));
+        let queue1 = Doorbell::Port16 {
+            port: 0x510,
+            value: 1,
+        };
+        let id = server
+            .register(queue1, Arc::downgrade(&probe), 1)
+            .expect("KVM takes the doorbell");
+        // mov dx,0x510; mov ax,1; out dx,ax (the doorbell); mov ax,0; out dx,ax (not it);
+        // then the doorbell again after it was unregistered.
+        let code = [
+            0xba, 0x10, 0x05, 0xb8, 0x01, 0x00, 0xef, 0xb8, 0x00, 0x00, 0xef, 0xb8, 0x01, 0x00,
+            0xef,
+        ];
+        mem.write_slice(&code, GuestAddress(0x1000)).unwrap();
+        let mut vcpu = start_real_mode_vcpu(vm.as_ref(), 0x1000);
+        match vcpu.run().unwrap() {
+            VmExit::IoOut { port, data, .. } => {
+                assert_eq!((port, data), (0x510, &[0u8, 0][..]), "the first exit")
+            }
+            other => panic!("unexpected exit {other:?}"),
+        }
+        assert_eq!(rung.recv_timeout(Duration::from_secs(5)), Ok(1));
+
+        server.unregister(id);
+        match vcpu.run().unwrap() {
+            VmExit::IoOut { port, data, .. } => {
+                assert_eq!((port, data), (0x510, &[1u8, 0][..]), "an exit again")
+            }
+            other => panic!("unexpected exit {other:?}"),
+        }
+        assert!(rung.recv_timeout(Duration::from_millis(100)).is_err());
+    }
+}

@@ -492,7 +492,7 @@ fn exit_number(exit: &VcpuExit<'_>) -> u32 {
 }
 
 #[cfg(test)]
-mod tests_support {
+pub(crate) mod tests_support {
     use super::*;
     use crate::hv::regs::SegmentRegister;
     use crate::vmm::memory::{create_guest_memory, GuestMemory};
