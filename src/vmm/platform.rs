@@ -84,9 +84,13 @@ pub fn build(
 
     let intx = interrupts.clone();
     // User mode keeps doorbells on the exit path, where the user irqchip sees every write.
+    // XHYVE_DOORBELLS=exit keeps them there in kernel mode too, to measure the difference.
+    let doorbells_by_exit = std::env::var("XHYVE_DOORBELLS").as_deref() == Ok("exit");
     let doorbells: Option<Arc<dyn Doorbells>> = match irqchip {
-        IrqChipMode::Kernel => Some(DoorbellServer::start(vm.clone()).map_err(|e| setup(&e))?),
-        IrqChipMode::User => None,
+        IrqChipMode::Kernel if !doorbells_by_exit => {
+            Some(DoorbellServer::start(vm.clone()).map_err(|e| setup(&e))?)
+        }
+        _ => None,
     };
     let pci_resources = PciResources {
         memory: mem.clone(),
