@@ -66,3 +66,27 @@ guest_test!(virtio_rnd_msix_reaches_the_apic_id_it_names, |mode| {
         .assert_line("virtio-rnd ok");
     entropy_line(&out);
 });
+
+// With KVM's irqchip, queue doorbells are ioeventfds: they reach the device through the
+// doorbell thread, never as a VM exit. In user mode they stay on the exit path.
+guest_test!(
+    virtio_doorbells_skip_the_exit_loop_with_the_kernel_irqchip,
+    |mode| {
+        for interface in ["intx", "msix"] {
+            let out = with_rnd(interface)
+                .irqchip(mode)
+                .env("XHYVE_LOG", "xhyve::devices::virtio::pci=trace")
+                .run();
+            out.assert_exit(1).assert_line("virtio-rnd ok");
+            let by_exit = out.stderr.matches("by VM exit").count();
+            let by_eventfd = out.stderr.matches("by eventfd").count();
+            if mode == common::IrqChip::Kernel {
+                assert_eq!(by_exit, 0, "{interface}: doorbells exited\n{out}");
+                assert!(by_eventfd > 0, "{interface}: no eventfd doorbell\n{out}");
+            } else {
+                assert!(by_exit > 0, "{interface}: no doorbell by exit\n{out}");
+                assert_eq!(by_eventfd, 0, "{interface}\n{out}");
+            }
+        }
+    }
+);

@@ -2,6 +2,7 @@
 
 pub mod ahci;
 pub mod bus;
+pub mod doorbell;
 pub mod irq;
 pub mod pci;
 pub mod power;

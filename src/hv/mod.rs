@@ -11,6 +11,7 @@ pub mod regs;
 #[cfg(target_os = "linux")]
 pub mod kvm;
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use regs::{SpecialRegisters, StandardRegisters};
@@ -82,6 +83,29 @@ pub trait Vm: Send + Sync {
 
     /// Delivers a message-signalled interrupt.
     fn signal_msi(&self, address: u64, data: u32) -> Result<(), HvError>;
+
+    /// Makes guest writes to `doorbell` signal the eventfd-like `fd` (one 8-byte counter
+    /// increment per write) instead of exiting to the VMM. Back ends without this say
+    /// `MissingCapability`, and the write keeps reaching the VMM as an exit.
+    fn register_doorbell(&self, fd: RawFd, doorbell: Doorbell) -> Result<(), HvError> {
+        let _ = (fd, doorbell);
+        Err(HvError::MissingCapability("doorbell file descriptors"))
+    }
+
+    /// Undoes [`Vm::register_doorbell`] with the same arguments.
+    fn unregister_doorbell(&self, fd: RawFd, doorbell: Doorbell) -> Result<(), HvError> {
+        let _ = (fd, doorbell);
+        Err(HvError::MissingCapability("doorbell file descriptors"))
+    }
+}
+
+/// A guest write the hypervisor turns into an event without a VM exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Doorbell {
+    /// A 16-bit `out` to `port` whose value is `value` (the legacy virtio QUEUE_NOTIFY).
+    Port16 { port: u16, value: u16 },
+    /// A write of any size and value to `addr`.
+    Mmio { addr: u64 },
 }
 
 /// Why `Vcpu::run` returned.

@@ -2,6 +2,7 @@
 
 pub mod control;
 pub mod diagnostics;
+pub mod doorbells;
 pub mod exit;
 mod host;
 pub mod interrupts;

@@ -3,6 +3,7 @@
 use std::sync::{Arc, Mutex};
 
 use super::control::Control;
+use super::doorbells::DoorbellServer;
 use super::interrupts::InterruptBackend;
 use super::machine::VmmError;
 use super::memory::{self, GuestMemory};
@@ -11,6 +12,7 @@ use super::user_irqchip::{IoApicMmio, LapicTimers, PicPorts, PitDevice, UserIrqC
 use crate::boot::{self, BootSetup};
 use crate::cli::{PciDeviceKind, VmConfig};
 use crate::devices::bus::{lock, Bus, BusDevice};
+use crate::devices::doorbell::Doorbells;
 use crate::devices::irq::InterruptLine;
 use crate::devices::pci::{
     build_pci_bus, BarWindows, PciConfigIo, PciEcam, PciResources, PCI_CONFIG_ADDRESS_PORT,
@@ -81,12 +83,22 @@ pub fn build(
     let setup = |e: &dyn std::fmt::Display| VmmError::Setup(e.to_string());
 
     let intx = interrupts.clone();
+    // User mode keeps doorbells on the exit path, where the user irqchip sees every write.
+    // XHYVE_DOORBELLS=exit keeps them there in kernel mode too, to measure the difference.
+    let doorbells_by_exit = std::env::var("XHYVE_DOORBELLS").as_deref() == Ok("exit");
+    let doorbells: Option<Arc<dyn Doorbells>> = match irqchip {
+        IrqChipMode::Kernel if !doorbells_by_exit => {
+            Some(DoorbellServer::start(vm.clone()).map_err(|e| setup(&e))?)
+        }
+        _ => None,
+    };
     let pci_resources = PciResources {
         memory: mem.clone(),
         msi: interrupts.msi_sender(),
         intx: Box::new(move |gsi| intx.line(gsi)),
         virtio_single_msi: config.virtio_single_msi,
         uuid: config.uuid,
+        doorbells,
     };
     let pci = build_pci_bus(
         &config.pci_devices,

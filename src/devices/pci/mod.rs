@@ -15,7 +15,7 @@ pub mod msix;
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 pub use config_space::{
     BarKind, BarSpec, ConfigSpace, ConfigSpaceError, DecodedBar, PciIds, BAR_COUNT,
@@ -25,6 +25,7 @@ pub use config_space::{
 pub use host_access::{PciConfigIo, PciEcam, PCI_CONFIG_ADDRESS_PORT, PCI_CONFIG_DATA_PORT};
 
 use super::bus::{lock, Bus, BusDevice};
+use super::doorbell::Doorbells;
 use super::irq::{InterruptLine, MsiSender};
 use super::virtio::blk::VirtioBlk;
 use super::virtio::pci::{VirtioPci, VirtioPciResources};
@@ -48,6 +49,8 @@ pub struct PciResources {
     pub virtio_single_msi: bool,
     /// `-U`: network devices derive their MAC from it.
     pub uuid: Option<[u8; 16]>,
+    /// Doorbells without VM exits (KVM with its in-kernel irqchip), if the machine has them.
+    pub doorbells: Option<Arc<dyn Doorbells>>,
 }
 
 /// A PCI function as the configuration-space accessors see it.
@@ -75,6 +78,17 @@ pub trait PciDevice: Send {
     /// Writes at `offset` inside BAR `bar`.
     fn write_bar(&mut self, bar: usize, offset: u64, data: &[u8]) {
         let _ = (bar, offset, data);
+    }
+
+    /// Offers the VMM's doorbell service; `me` is this function as the bus holds it, for
+    /// the service to ring. Functions without queue doorbells ignore it.
+    fn attach_doorbells(&mut self, doorbells: Arc<dyn Doorbells>, me: Weak<Mutex<dyn PciDevice>>) {
+        let _ = (doorbells, me);
+    }
+
+    /// A doorbell registered through [`Doorbells`] rang for `queue`.
+    fn ring_doorbell(&mut self, queue: u16) {
+        let _ = queue;
     }
 }
 
@@ -423,6 +437,10 @@ pub fn build_pci_bus(
                 Arc::new(Mutex::new(build_ahci(addr, config, resources)?))
             }
         };
+        if let Some(doorbells) = &resources.doorbells {
+            let me = Arc::downgrade(&device);
+            lock(&device).attach_doorbells(doorbells.clone(), me);
+        }
         bus.add(addr, device)?;
     }
     Ok(bus)
@@ -497,6 +515,7 @@ pub(crate) mod tests {
             }),
             virtio_single_msi: false,
             uuid: None,
+            doorbells: None,
         };
         super::build_pci_bus(
             devices,

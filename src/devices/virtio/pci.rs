@@ -10,7 +10,7 @@
 //! A guest must not be able to hurt the VMM: queue errors put the device in
 //! DEVICE_NEEDS_RESET and stop it until the driver resets it.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 use virtio_queue::{Queue, QueueT};
 
@@ -18,6 +18,7 @@ use super::{
     QueueError, VirtioDevice, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1,
     STATUS_DRIVER_OK, STATUS_FEATURES_OK, STATUS_NEEDS_RESET, VIRTIO_PCI_VENDOR,
 };
+use crate::devices::doorbell::{Doorbell, DoorbellId, Doorbells};
 use crate::devices::irq::{InterruptLine, MsiSender};
 use crate::devices::pci::msi::Msi;
 use crate::devices::pci::msix::Msix;
@@ -110,6 +111,16 @@ pub struct VirtioPci<D: VirtioDevice> {
     intx: Arc<dyn InterruptLine>,
     /// Whether INTx is asserted, so the line is only driven on a change.
     intx_high: bool,
+    doorbells: Option<DoorbellService>,
+}
+
+/// The VMM's doorbell service and what this function registered with it.
+struct DoorbellService {
+    service: Arc<dyn Doorbells>,
+    me: Weak<Mutex<dyn PciDevice>>,
+    /// The legacy I/O and modern memory BAR bases the registrations were made for.
+    bases: Option<(Option<u64>, Option<u64>)>,
+    registered: Vec<DoorbellId>,
 }
 
 impl<D: VirtioDevice> VirtioPci<D> {
@@ -208,6 +219,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
             msi_sender: resources.msi,
             intx: resources.intx,
             intx_high: false,
+            doorbells: None,
         })
     }
 
@@ -303,6 +315,13 @@ impl<D: VirtioDevice> VirtioPci<D> {
         }
     }
 
+    /// A doorbell write that came as a VM exit. The trace line lets tests see which path
+    /// doorbells take.
+    fn notify_queue_on_exit(&mut self, index: u16) {
+        log::trace!("virtio doorbell {index} by VM exit");
+        self.notify_queue(index);
+    }
+
     /// The driver rang the doorbell of queue `index`.
     pub fn notify_queue(&mut self, index: u16) {
         if self.device.wake(usize::from(index)) {
@@ -334,6 +353,58 @@ impl<D: VirtioDevice> VirtioPci<D> {
         }
     }
 
+    /// Keeps the doorbell registrations in step with the driver and the BARs: every ready
+    /// queue's notify addresses while the driver is running, at the BARs' current places.
+    fn sync_doorbells(&mut self) {
+        let Some(doorbells) = self.doorbells.as_mut() else {
+            return;
+        };
+        let wanted = (self.status & STATUS_DRIVER_OK != 0).then(|| {
+            let mut io = None;
+            let mut memory = None;
+            for bar in self.config.decoded_bars() {
+                match bar.index {
+                    LEGACY_BAR => io = Some(bar.base),
+                    MODERN_BAR => memory = Some(bar.base),
+                    _ => {}
+                }
+            }
+            (io, memory)
+        });
+        if wanted == doorbells.bases {
+            return;
+        }
+        for id in doorbells.registered.drain(..) {
+            doorbells.service.unregister(id);
+        }
+        doorbells.bases = wanted;
+        let Some((io, memory)) = wanted else {
+            return;
+        };
+        for (index, queue) in self.queues.iter().enumerate() {
+            let Ok(index) = u16::try_from(index) else {
+                break;
+            };
+            if !queue.ready() {
+                continue;
+            }
+            let port = io
+                .and_then(|base| u16::try_from(base + legacy::QUEUE_NOTIFY).ok())
+                .map(|port| Doorbell::Port16 { port, value: index });
+            let mmio = memory.map(|base| Doorbell::Mmio {
+                addr: base + NOTIFY_OFFSET + u64::from(index) * u64::from(NOTIFY_MULTIPLIER),
+            });
+            for doorbell in [port, mmio].into_iter().flatten() {
+                if let Some(id) = doorbells
+                    .service
+                    .register(doorbell, doorbells.me.clone(), index)
+                {
+                    doorbells.registered.push(id);
+                }
+            }
+        }
+    }
+
     fn reset(&mut self) {
         self.status = 0;
         self.driver_features = 0;
@@ -353,6 +424,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
     fn set_status(&mut self, value: u8) {
         if value == 0 {
             self.reset();
+            self.sync_doorbells();
             return;
         }
         let mut value = value;
@@ -365,6 +437,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
         }
         // NEEDS_RESET is the device's to set; the driver cannot clear it but by a reset.
         self.status = (value & !STATUS_NEEDS_RESET) | (self.status & STATUS_NEEDS_RESET);
+        self.sync_doorbells();
     }
 
     fn apply_features(&mut self) {
@@ -443,7 +516,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
             }
             (legacy::QUEUE_PFN, 4) => self.legacy_set_pfn(value),
             (legacy::QUEUE_SELECT, 2) => self.queue_select = value as u16,
-            (legacy::QUEUE_NOTIFY, 2) => self.notify_queue(value as u16),
+            (legacy::QUEUE_NOTIFY, 2) => self.notify_queue_on_exit(value as u16),
             (legacy::STATUS, 1) => self.set_status(value as u8),
             (legacy::CONFIG_VECTOR, 2) => self.config_vector = self.checked_vector(value as u16),
             (legacy::QUEUE_VECTOR, 2) => self.set_queue_vector(value as u16),
@@ -608,7 +681,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
             o if o >= NOTIFY_OFFSET => {
                 let slot = (o - NOTIFY_OFFSET) / u64::from(NOTIFY_MULTIPLIER);
                 if let Ok(index) = u16::try_from(slot) {
-                    self.notify_queue(index);
+                    self.notify_queue_on_exit(index);
                 }
             }
             _ => {}
@@ -683,6 +756,23 @@ impl<D: VirtioDevice> PciDevice for VirtioPci<D> {
                 msix.deliver_unmasked(&self.config);
             }
         }
+        // A BAR move or a decode switch moves or removes the notify addresses.
+        self.sync_doorbells();
+    }
+
+    fn attach_doorbells(&mut self, service: Arc<dyn Doorbells>, me: Weak<Mutex<dyn PciDevice>>) {
+        self.doorbells = Some(DoorbellService {
+            service,
+            me,
+            bases: None,
+            registered: Vec::new(),
+        });
+        self.sync_doorbells();
+    }
+
+    fn ring_doorbell(&mut self, queue: u16) {
+        log::trace!("virtio doorbell {queue} by eventfd");
+        self.notify_queue(queue);
     }
 
     fn read_bar(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
@@ -795,6 +885,90 @@ mod tests {
             self.mem_w(0x1C, 1, 2);
             self.mem_w(0x14, u32::from(s | STATUS_DRIVER_OK), 1);
         }
+    }
+
+    /// Records what a device registers, as the VMM's doorbell service would see it.
+    #[derive(Default)]
+    struct RecordingDoorbells {
+        active: Mutex<Vec<(DoorbellId, Doorbell, u16)>>,
+        next: Mutex<u64>,
+    }
+
+    impl RecordingDoorbells {
+        fn active(&self) -> Vec<(Doorbell, u16)> {
+            let mut v: Vec<_> = self
+                .active
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|a| (a.1, a.2))
+                .collect();
+            v.sort_by_key(|a| format!("{a:?}"));
+            v
+        }
+    }
+
+    impl Doorbells for RecordingDoorbells {
+        fn register(
+            &self,
+            doorbell: Doorbell,
+            _target: Weak<Mutex<dyn PciDevice>>,
+            queue: u16,
+        ) -> Option<DoorbellId> {
+            let mut next = self.next.lock().unwrap();
+            *next += 1;
+            let id = DoorbellId(*next);
+            self.active.lock().unwrap().push((id, doorbell, queue));
+            Some(id)
+        }
+        fn unregister(&self, id: DoorbellId) {
+            let mut active = self.active.lock().unwrap();
+            let before = active.len();
+            active.retain(|a| a.0 != id);
+            assert_eq!(active.len() + 1, before, "unregistered {id:?} twice");
+        }
+    }
+
+    #[test]
+    fn doorbells_follow_driver_ok_bar_moves_and_reset() {
+        let mut r = rig(false);
+        let service = Arc::new(RecordingDoorbells::default());
+        let config = r.dev.config_space_mut();
+        config.set_bar_address(LEGACY_BAR, 0xC000);
+        config.set_bar_address(MODERN_BAR, 0xE000_0000);
+        let me = Weak::<Mutex<VirtioPci<VirtioRnd>>>::new();
+        r.dev.attach_doorbells(service.clone(), me);
+        let command = (crate::devices::pci::COMMAND_IO_SPACE
+            | crate::devices::pci::COMMAND_MEMORY_SPACE)
+            .to_le_bytes();
+        r.dev.write_config(0x04, &command);
+        assert!(service.active().is_empty(), "nothing before DRIVER_OK");
+
+        let ring = Ring::new(&r.mem, 0x10000, 8);
+        r.modern_setup(&ring, F_VERSION_1);
+        let port = Doorbell::Port16 {
+            port: 0xC010,
+            value: 0,
+        };
+        assert_eq!(
+            service.active(),
+            vec![(Doorbell::Mmio { addr: 0xE000_3000 }, 0), (port, 0)]
+        );
+
+        r.dev
+            .write_config(0x10 + 4 * MODERN_BAR as u16, &0xD000_0000u32.to_le_bytes());
+        assert_eq!(
+            service.active(),
+            vec![(Doorbell::Mmio { addr: 0xD000_3000 }, 0), (port, 0)],
+            "the MMIO doorbell moves with the BAR"
+        );
+
+        r.dev
+            .write_config(0x04, &crate::devices::pci::COMMAND_IO_SPACE.to_le_bytes());
+        assert_eq!(service.active(), vec![(port, 0)], "memory decoding off");
+
+        r.mem_w(0x14, 0, 1);
+        assert!(service.active().is_empty(), "a reset drops every doorbell");
     }
 
     #[test]

@@ -3,13 +3,16 @@
 mod kick;
 mod regs;
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_enable_cap, kvm_interrupt, kvm_msi, kvm_msr_entry, kvm_pit_config, CpuId,
-    Msrs, KVMIO, KVM_CAP_X86_USER_SPACE_MSR, KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
-    KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED,
-    KVM_MP_STATE_UNINITIALIZED, KVM_MSR_EXIT_REASON_UNKNOWN, KVM_PIT_SPEAKER_DUMMY,
+    kvm_cpuid_entry2, kvm_enable_cap, kvm_interrupt, kvm_ioeventfd,
+    kvm_ioeventfd_flag_nr_datamatch, kvm_ioeventfd_flag_nr_deassign, kvm_ioeventfd_flag_nr_pio,
+    kvm_msi, kvm_msr_entry, kvm_pit_config, CpuId, Msrs, KVMIO, KVM_CAP_X86_USER_SPACE_MSR,
+    KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_HALTED,
+    KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED, KVM_MSR_EXIT_REASON_UNKNOWN,
+    KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::ioctl::ioctl_with_ref;
@@ -18,8 +21,8 @@ use vmm_sys_util::ioctl_iow_nr;
 use super::cpuid::CpuidEntry;
 use super::regs::{SpecialRegisters, StandardRegisters};
 use super::{
-    HvError, Hypervisor, IrqChipMode, RunState, SystemEvent, Vcpu, VcpuKicker, Vm, VmExit,
-    VmOptions,
+    Doorbell, HvError, Hypervisor, IrqChipMode, RunState, SystemEvent, Vcpu, VcpuKicker, Vm,
+    VmExit, VmOptions,
 };
 
 /// KVM's TSS and identity-map pages for real-mode emulation on Intel: three pages just below
@@ -189,7 +192,50 @@ impl Vm for KvmVm {
             .map(|_| ())
             .map_err(ioctl_err("KVM_SIGNAL_MSI"))
     }
+
+    fn register_doorbell(&self, fd: RawFd, doorbell: Doorbell) -> Result<(), HvError> {
+        self.ioeventfd(fd, doorbell, 0)
+    }
+
+    fn unregister_doorbell(&self, fd: RawFd, doorbell: Doorbell) -> Result<(), HvError> {
+        self.ioeventfd(fd, doorbell, 1 << kvm_ioeventfd_flag_nr_deassign)
+    }
 }
+
+impl KvmVm {
+    /// KVM_IOEVENTFD with our own struct, since kvm-ioctls wants an owned `EventFd`.
+    fn ioeventfd(&self, fd: RawFd, doorbell: Doorbell, extra_flags: u32) -> Result<(), HvError> {
+        let mut request = kvm_ioeventfd {
+            fd,
+            flags: extra_flags,
+            ..Default::default()
+        };
+        match doorbell {
+            Doorbell::Port16 { port, value } => {
+                request.addr = u64::from(port);
+                request.len = 2;
+                request.datamatch = u64::from(value);
+                request.flags |=
+                    (1 << kvm_ioeventfd_flag_nr_pio) | (1 << kvm_ioeventfd_flag_nr_datamatch);
+            }
+            // Length 0: any write size matches, and KVM takes the fast MMIO path.
+            Doorbell::Mmio { addr } => request.addr = addr,
+        }
+        // SAFETY: KVM_IOEVENTFD reads one kvm_ioeventfd from the pointer, which outlives the
+        // call; the fd is a VM fd. A bad eventfd is refused by the kernel, not dereferenced.
+        let ret = unsafe { ioctl_with_ref(&self.fd, KVM_IOEVENTFD(), &request) };
+        if ret < 0 {
+            return Err(HvError::Ioctl {
+                what: "KVM_IOEVENTFD",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+}
+
+// KVM_IOEVENTFD = _IOW(KVMIO, 0x79, struct kvm_ioeventfd).
+ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
 
 pub struct KvmVcpu {
     fd: VcpuFd,
@@ -446,7 +492,7 @@ fn exit_number(exit: &VcpuExit<'_>) -> u32 {
 }
 
 #[cfg(test)]
-mod tests_support {
+pub(crate) mod tests_support {
     use super::*;
     use crate::hv::regs::SegmentRegister;
     use crate::vmm::memory::{create_guest_memory, GuestMemory};
@@ -511,6 +557,57 @@ mod tests {
     use super::tests_support::*;
     use super::*;
     use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn doorbell_writes_signal_the_eventfd_instead_of_exiting() {
+        use std::os::fd::AsRawFd;
+        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+        let Some((_kvm, vm, mem)) = real_mode_vm() else {
+            return;
+        };
+        let port_bell = Doorbell::Port16 {
+            port: 0x510,
+            value: 1,
+        };
+        let mmio_bell = Doorbell::Mmio { addr: 0x10_0000 };
+        let port_fd = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mmio_fd = EventFd::new(EFD_NONBLOCK).unwrap();
+        vm.register_doorbell(port_fd.as_raw_fd(), port_bell)
+            .unwrap();
+        vm.register_doorbell(mmio_fd.as_raw_fd(), mmio_bell)
+            .unwrap();
+        // mov dx,0x510; mov ax,1; out dx,ax (matches); mov ax,0; out dx,ax (does not match);
+        // mov ax,0xffff; mov ds,ax; mov [0x10],ax (0x100000, the MMIO doorbell);
+        // mov [0x20],ax (0x100010, an ordinary MMIO write)
+        let code = [
+            0xba, 0x10, 0x05, 0xb8, 0x01, 0x00, 0xef, 0xb8, 0x00, 0x00, 0xef, 0xb8, 0xff, 0xff,
+            0x8e, 0xd8, 0xa3, 0x10, 0x00, 0xa3, 0x20, 0x00,
+        ];
+        mem.write_slice(&code, GuestAddress(0x1000)).unwrap();
+        let mut vcpu = start_real_mode_vcpu(vm.as_ref(), 0x1000);
+        match vcpu.run().unwrap() {
+            VmExit::IoOut {
+                port: 0x510,
+                size: 2,
+                data,
+            } => assert_eq!(data, [0, 0], "only the non-matching value exits"),
+            other => panic!("unexpected exit {other:?}"),
+        }
+        match vcpu.run().unwrap() {
+            VmExit::MmioWrite { addr, .. } => assert_eq!(addr, 0x10_0010),
+            other => panic!("unexpected exit {other:?}"),
+        }
+        assert_eq!(port_fd.read().unwrap(), 1);
+        assert_eq!(mmio_fd.read().unwrap(), 1);
+
+        vm.unregister_doorbell(port_fd.as_raw_fd(), port_bell)
+            .unwrap();
+        assert!(
+            vm.unregister_doorbell(port_fd.as_raw_fd(), port_bell)
+                .is_err(),
+            "a second unregister finds nothing"
+        );
+    }
 
     #[test]
     fn real_mode_port_io_and_string_io_reach_the_vmm() {
