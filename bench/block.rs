@@ -137,12 +137,7 @@ impl Target for RawImage {
 }
 
 /// Runs one workload for `per_run`; returns operations per second.
-fn run(
-    target: &dyn Target,
-    pattern: Pattern,
-    direction: Direction,
-    settings: &Settings,
-) -> f64 {
+fn run(target: &dyn Target, pattern: Pattern, direction: Direction, settings: &Settings) -> f64 {
     let mut buf = vec![0x5Au8; BLOCK];
     let mut offsets = Offsets::new(pattern, settings.size);
     let start = Instant::now();

@@ -114,7 +114,11 @@ pub fn fuzz_virtqueue(data: &[u8]) {
             let mut net = VirtioNet::new(ScriptedNet { inbox }, MacAddr([2, 0, 0, 0, 0, 1]));
             // Bit 7 of byte 11 lands on MRG_RXBUF: both virtio-net header lengths get fuzzed.
             net.ack_features(u64::from(header[11]) << 8);
-            let index = if setup.device == 1 { RX_QUEUE } else { TX_QUEUE };
+            let index = if setup.device == 1 {
+                RX_QUEUE
+            } else {
+                TX_QUEUE
+            };
             serve(&mut net, index, &setup, &memory)
         }
         _ => serve_blk(&setup, &memory),
