@@ -80,7 +80,30 @@ impl BlkJob {
         }
     }
 
-    fn chain(&self) -> &[GuestBuffer] {
+    /// The job for the chain at `head`: its buffers in order (the walk the fuzz target runs).
+    pub(crate) fn collect(
+        epoch: u64,
+        head: u16,
+        chain: impl IntoIterator<Item = virtio_queue::desc::split::Descriptor>,
+    ) -> Self {
+        let mut job = BlkJob::new(epoch, head);
+        let mut overflowed = false;
+        for desc in chain {
+            let buffer = GuestBuffer {
+                addr: desc.addr().0,
+                len: desc.len(),
+                writable: desc.is_write_only(),
+            };
+            job.push(buffer, &mut overflowed);
+        }
+        job
+    }
+
+    pub(crate) fn head(&self) -> u16 {
+        self.head
+    }
+
+    pub(crate) fn chain(&self) -> &[GuestBuffer] {
         &self.buffers[..self.count]
     }
 }
@@ -162,16 +185,7 @@ impl VirtioBlk {
                     break;
                 };
                 budget -= 1;
-                let mut job = BlkJob::new(epoch, chain.head_index());
-                let mut overflowed = false;
-                for desc in chain {
-                    let buffer = GuestBuffer {
-                        addr: desc.addr().0,
-                        len: desc.len(),
-                        writable: desc.is_write_only(),
-                    };
-                    job.push(buffer, &mut overflowed);
-                }
+                let job = BlkJob::collect(epoch, chain.head_index(), chain);
                 match worker.submit(job) {
                     Ok(()) => {}
                     Err(SubmitError::Full(_)) => {

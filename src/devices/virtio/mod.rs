@@ -5,6 +5,7 @@
 //! configuration and interrupts, so a model never sees PCI.
 
 pub mod blk;
+pub mod fuzz;
 pub mod net;
 pub mod pci;
 pub mod rnd;

@@ -1,0 +1,224 @@
+//! Block back end against the host: 4 KiB sequential and random reads and writes through
+//! `RawImage` (the path virtio-blk and AHCI take: `BlockBackend::read_to` / `write_from`
+//! on a `VolatileSlice`) and through plain `pread`/`pwrite` on the same file.
+//!
+//!     cargo bench --bench block [-- --dir DIR --size-mib N --seconds S]
+//!
+//! Each of the 4 workloads runs `ROUNDS` times per side, alternating which side goes first,
+//! so load from other work on the host falls on both; the best round of each side counts.
+//! Total time is about 4 x 2 x ROUNDS x S seconds (default about 50 s).
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use vm_memory::VolatileSlice;
+use xhyve::block::{BlockBackend, BlockOptions, RawImage};
+
+const BLOCK: usize = 4096;
+const ROUNDS: usize = 3;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Pattern {
+    Sequential,
+    Random,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Direction {
+    Read,
+    Write,
+}
+
+struct Settings {
+    dir: PathBuf,
+    size: u64,
+    per_run: Duration,
+}
+
+fn parse_args() -> Result<Settings, String> {
+    let mut settings = Settings {
+        dir: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/bench/out")),
+        size: 256 << 20,
+        per_run: Duration::from_secs(2),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
+        match arg.as_str() {
+            "--dir" => settings.dir = PathBuf::from(value("--dir")?),
+            "--size-mib" => {
+                let v = value("--size-mib")?;
+                let mib: u64 = v
+                    .parse()
+                    .map_err(|_| format!("invalid --size-mib \"{v}\""))?;
+                settings.size = mib.max(1) << 20;
+            }
+            "--seconds" => {
+                let v = value("--seconds")?;
+                let secs: f64 = v
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| s.is_finite() && *s > 0.0)
+                    .ok_or(format!("invalid --seconds \"{v}\""))?;
+                settings.per_run = Duration::from_secs_f64(secs);
+            }
+            // `cargo bench` passes `--bench` to every bench binary.
+            "--bench" => {}
+            other => return Err(format!("unknown argument \"{other}\"")),
+        }
+    }
+    Ok(settings)
+}
+
+/// The block offsets a run visits, the same sequence for both sides.
+struct Offsets {
+    pattern: Pattern,
+    blocks: u64,
+    next: u64,
+    state: u64,
+}
+
+impl Offsets {
+    fn new(pattern: Pattern, size: u64) -> Self {
+        Offsets {
+            pattern,
+            blocks: size / BLOCK as u64,
+            next: 0,
+            state: 0x2545_F491_4F6C_DD1D,
+        }
+    }
+
+    fn next_offset(&mut self) -> u64 {
+        let block = match self.pattern {
+            Pattern::Sequential => {
+                let b = self.next;
+                self.next = (self.next + 1) % self.blocks;
+                b
+            }
+            Pattern::Random => {
+                self.state ^= self.state << 13;
+                self.state ^= self.state >> 7;
+                self.state ^= self.state << 17;
+                self.state % self.blocks
+            }
+        };
+        block * BLOCK as u64
+    }
+}
+
+/// One side of the comparison.
+trait Target {
+    fn read(&self, offset: u64, buf: &mut [u8]);
+    fn write(&self, offset: u64, buf: &mut [u8]);
+}
+
+struct Host(File);
+
+impl Target for Host {
+    fn read(&self, offset: u64, buf: &mut [u8]) {
+        self.0.read_exact_at(buf, offset).expect("pread");
+    }
+    fn write(&self, offset: u64, buf: &mut [u8]) {
+        self.0.write_all_at(buf, offset).expect("pwrite");
+    }
+}
+
+impl Target for RawImage {
+    fn read(&self, offset: u64, buf: &mut [u8]) {
+        self.read_to(offset, &VolatileSlice::from(buf))
+            .expect("RawImage read");
+    }
+    fn write(&self, offset: u64, buf: &mut [u8]) {
+        self.write_from(offset, &VolatileSlice::from(buf))
+            .expect("RawImage write");
+    }
+}
+
+/// Runs one workload for `per_run`; returns operations per second.
+fn run(target: &dyn Target, pattern: Pattern, direction: Direction, settings: &Settings) -> f64 {
+    let mut buf = vec![0x5Au8; BLOCK];
+    let mut offsets = Offsets::new(pattern, settings.size);
+    let start = Instant::now();
+    let mut ops = 0u64;
+    // Check the clock every 256 operations so timing costs nothing measurable.
+    while start.elapsed() < settings.per_run {
+        for _ in 0..256 {
+            let offset = offsets.next_offset();
+            match direction {
+                Direction::Read => target.read(offset, &mut buf),
+                Direction::Write => target.write(offset, &mut buf),
+            }
+        }
+        ops += 256;
+    }
+    ops as f64 / start.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let settings = match parse_args() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("block bench: {e}");
+            std::process::exit(2);
+        }
+    };
+    std::fs::create_dir_all(&settings.dir).expect("create the benchmark directory");
+    let path = settings.dir.join("block-bench.img");
+    // A fully written file, so reads hit data (not holes) on both sides.
+    {
+        let file = File::create(&path).expect("create the image");
+        let chunk = vec![0xC3u8; 1 << 20];
+        for i in 0..settings.size >> 20 {
+            file.write_all_at(&chunk, i << 20).expect("fill the image");
+        }
+        file.sync_all().expect("sync the image");
+    }
+    let image = RawImage::open(&BlockOptions::new(&path)).expect("open RawImage");
+    let host = Host(
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .expect("open the image"),
+    );
+
+    println!(
+        "block back end vs host pread/pwrite: {} MiB file in {}, 4 KiB blocks, best of {ROUNDS} x {:.1} s",
+        settings.size >> 20,
+        settings.dir.display(),
+        settings.per_run.as_secs_f64()
+    );
+    println!(
+        "{:<12} {:>14} {:>14} {:>12} {:>12} {:>7}",
+        "workload", "RawImage IOPS", "host IOPS", "RawImage MB/s", "host MB/s", "ratio"
+    );
+    let workloads = [
+        ("seq read", Pattern::Sequential, Direction::Read),
+        ("seq write", Pattern::Sequential, Direction::Write),
+        ("rand read", Pattern::Random, Direction::Read),
+        ("rand write", Pattern::Random, Direction::Write),
+    ];
+    for (name, pattern, direction) in workloads {
+        let (mut best_image, mut best_host) = (0f64, 0f64);
+        for round in 0..ROUNDS {
+            if round % 2 == 0 {
+                best_image = best_image.max(run(&image, pattern, direction, &settings));
+                best_host = best_host.max(run(&host, pattern, direction, &settings));
+            } else {
+                best_host = best_host.max(run(&host, pattern, direction, &settings));
+                best_image = best_image.max(run(&image, pattern, direction, &settings));
+            }
+        }
+        let mb = |iops: f64| iops * BLOCK as f64 / 1e6;
+        println!(
+            "{name:<12} {best_image:>14.0} {best_host:>14.0} {:>12.1} {:>12.1} {:>7.3}",
+            mb(best_image),
+            mb(best_host),
+            best_image / best_host
+        );
+    }
+    drop(image);
+    let _ = std::fs::remove_file(&path);
+}
