@@ -2,6 +2,7 @@
 
 pub mod control;
 pub mod diagnostics;
+#[cfg(target_os = "linux")]
 pub mod doorbells;
 pub mod exit;
 mod host;

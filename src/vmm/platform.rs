@@ -3,6 +3,7 @@
 use std::sync::{Arc, Mutex};
 
 use super::control::Control;
+#[cfg(target_os = "linux")]
 use super::doorbells::DoorbellServer;
 use super::interrupts::InterruptBackend;
 use super::machine::VmmError;
@@ -86,12 +87,7 @@ pub fn build(
     // User mode keeps doorbells on the exit path, where the user irqchip sees every write.
     // XHYVE_DOORBELLS=exit keeps them there in kernel mode too, to measure the difference.
     let doorbells_by_exit = std::env::var("XHYVE_DOORBELLS").as_deref() == Ok("exit");
-    let doorbells: Option<Arc<dyn Doorbells>> = match irqchip {
-        IrqChipMode::Kernel if !doorbells_by_exit => {
-            Some(DoorbellServer::start(vm.clone()).map_err(|e| setup(&e))?)
-        }
-        _ => None,
-    };
+    let doorbells = doorbell_server(irqchip, doorbells_by_exit, vm).map_err(|e| setup(&e))?;
     let pci_resources = PciResources {
         memory: mem.clone(),
         msi: interrupts.msi_sender(),
@@ -307,6 +303,30 @@ fn build_serial_ports(
         ports.push(serial);
     }
     Ok(ports)
+}
+
+/// The ioeventfd doorbell server (Linux KVM, in-kernel irqchip), or none: doorbells then stay
+/// VM exits.
+#[cfg(target_os = "linux")]
+fn doorbell_server(
+    irqchip: IrqChipMode,
+    by_exit: bool,
+    vm: &Arc<dyn Vm>,
+) -> std::io::Result<Option<Arc<dyn Doorbells>>> {
+    match irqchip {
+        IrqChipMode::Kernel if !by_exit => Ok(Some(DoorbellServer::start(vm.clone())?)),
+        _ => Ok(None),
+    }
+}
+
+/// Other hosts have no ioeventfd: every doorbell is an exit.
+#[cfg(not(target_os = "linux"))]
+fn doorbell_server(
+    _irqchip: IrqChipMode,
+    _by_exit: bool,
+    _vm: &Arc<dyn Vm>,
+) -> std::io::Result<Option<Arc<dyn Doorbells>>> {
+    Ok(None)
 }
 
 #[cfg(test)]
