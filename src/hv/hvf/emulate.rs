@@ -440,7 +440,7 @@ impl<C: EmulatorContext> Execution<'_, C> {
         self.write_gpr(destination_index, di.wrapping_add(step));
 
         if repeated {
-            let left = count.wrapping_sub(1) & size_mask(self.address_size);
+            let left = count.wrapping_sub(1);
             self.write_gpr(counter, left);
             if left != 0 {
                 return Ok(Emulated::Repeat);
@@ -1811,5 +1811,184 @@ mod tests {
     fn generated_16_bit_cases_match_the_oracle() {
         let ran = check_generated_forms(&ARCH16, 8, 0x5eed_0016);
         assert!(ran > 500, "only {ran} cases ran");
+    }
+
+    /// The one-element effect of STOS/MOVS, as the SDM describes it.
+    fn oracle_string(
+        m: &Model,
+        arch: &Arch,
+        movs: bool,
+        size: usize,
+        address_bits: u32,
+        rep: bool,
+        segment: Register,
+    ) -> (Model, Emulated, usize) {
+        let (counter, si, di) = match address_bits {
+            16 => (Register::CX, Register::SI, Register::DI),
+            32 => (Register::ECX, Register::ESI, Register::EDI),
+            _ => (Register::RCX, Register::RSI, Register::RDI),
+        };
+        let mut out = m.clone();
+        let len = usize::MAX; // filled in by the caller
+        let count = oracle_read_reg(m, counter);
+        if rep && count == 0 {
+            return (out, Emulated::Done { len }, 0);
+        }
+        let step: i128 = if m.rflags & DF != 0 {
+            -(size as i128)
+        } else {
+            size as i128
+        };
+        let wrap = |value: u64| ((value as i128 + step).rem_euclid(1i128 << address_bits)) as u64;
+        // The sized SI/DI already wrapped at the address size.
+        let at = |segment: Register, offset: u64| {
+            let base = m.segment_bases[SEGMENTS.iter().position(|&s| s == segment).unwrap()];
+            match arch.bitness {
+                64 if matches!(segment, Register::FS | Register::GS) => base.wrapping_add(offset),
+                64 => offset,
+                _ => (base + offset) % (1 << 32),
+            }
+        };
+        let mut reads = 0;
+        let value = if movs {
+            reads = 1;
+            let source_segment = if segment == Register::None {
+                Register::DS
+            } else {
+                segment
+            };
+            let source = oracle_read_reg(m, si);
+            oracle_write_reg(&mut out, si, wrap(source));
+            m.peek(at(source_segment, source), size)
+        } else {
+            let accumulator =
+                [Register::AL, Register::AX, Register::EAX, Register::RAX][size_index(size)];
+            oracle_read_reg(m, accumulator)
+        };
+        let destination = oracle_read_reg(m, di);
+        out.poke(at(Register::ES, destination), &value.to_le_bytes()[..size]);
+        oracle_write_reg(&mut out, di, wrap(destination));
+        let mut outcome = Emulated::Done { len };
+        if rep {
+            oracle_write_reg(&mut out, counter, count - 1);
+            if count != 1 {
+                outcome = Emulated::Repeat;
+            }
+        }
+        (out, outcome, reads)
+    }
+
+    #[test]
+    fn generated_string_cases_match_the_oracle() {
+        let mut rng = Rng(0x5eed_57f5);
+        let mut ran = 0;
+        for arch in [&ARCH64, &ARCH32, &ARCH16] {
+            let other = if arch.bitness == 16 {
+                32
+            } else {
+                arch.bitness / 2
+            };
+            let sizes: &[usize] = if arch.bitness == 64 {
+                &[1, 2, 4, 8]
+            } else {
+                &[1, 2, 4]
+            };
+            for address_bits in [arch.bitness, other] {
+                for &size in sizes {
+                    for movs in [false, true] {
+                        for rep in [
+                            RepPrefixKind::None,
+                            RepPrefixKind::Repe,
+                            RepPrefixKind::Repne,
+                        ] {
+                            for _ in 0..12 {
+                                let mut m = random_model(&mut rng);
+                                let counter = m.reg(Register::RCX) & !0xffff_ffff
+                                    | rng.pick(&[0, 1, 2, 0x1_0000, 0xffff_ffff]);
+                                m.set(Register::RCX, counter);
+                                let segment = rng.pick(&[
+                                    Register::None,
+                                    Register::FS,
+                                    Register::GS,
+                                    Register::SS,
+                                ]);
+                                let instr = match (movs, size) {
+                                    (false, 1) => Instruction::with_stosb(address_bits, rep),
+                                    (false, 2) => Instruction::with_stosw(address_bits, rep),
+                                    (false, 4) => Instruction::with_stosd(address_bits, rep),
+                                    (false, _) => Instruction::with_stosq(address_bits, rep),
+                                    (true, 1) => {
+                                        Instruction::with_movsb(address_bits, segment, rep)
+                                    }
+                                    (true, 2) => {
+                                        Instruction::with_movsw(address_bits, segment, rep)
+                                    }
+                                    (true, 4) => {
+                                        Instruction::with_movsd(address_bits, segment, rep)
+                                    }
+                                    (true, _) => {
+                                        Instruction::with_movsq(address_bits, segment, rep)
+                                    }
+                                };
+                                let bytes = encode(arch.bitness, 0, &instr.unwrap()).unwrap();
+                                let segment = if movs { segment } else { Register::None };
+                                let rep = rep != RepPrefixKind::None;
+                                let (mut expected, outcome, reads) =
+                                    oracle_string(&m, arch, movs, size, address_bits, rep, segment);
+                                let outcome = match outcome {
+                                    Emulated::Done { .. } => Emulated::Done { len: bytes.len() },
+                                    repeat => repeat,
+                                };
+                                let mut actual = m.clone();
+                                let context = format!("{bytes:02x?} in {:?}", arch.mode);
+                                assert_eq!(
+                                    emulate(&mut actual, &bytes, arch.mode),
+                                    Ok(outcome),
+                                    "{context}"
+                                );
+                                expected.reads.clone_from(&actual.reads);
+                                assert_eq!(actual.state(), expected.state(), "{context}");
+                                assert_eq!(actual.reads.len(), reads, "{context}");
+                                ran += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(ran > 900, "only {ran} cases ran");
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut rng = Rng(0xf022_0001);
+        let modes = [
+            CpuMode::Real,
+            CpuMode::Protected16,
+            CpuMode::Protected32,
+            CpuMode::Long64,
+        ];
+        let mut m = random_model(&mut rng);
+        let mut emulated = 0;
+        for _ in 0..100_000 {
+            let len = 1 + rng.below(15);
+            let mut bytes = [0u8; 15];
+            for b in bytes.iter_mut().take(len) {
+                *b = rng.next() as u8;
+            }
+            m.fail_reads = rng.below(8) == 0;
+            if emulate(&mut m, &bytes[..len], rng.pick(&modes)).is_ok() {
+                emulated += 1;
+            }
+            if m.memory.len() > 4096 {
+                m = random_model(&mut rng);
+            }
+            m.reads.clear();
+            m.writes.clear();
+        }
+        assert!(
+            emulated > 1000,
+            "only {emulated} random instructions emulated"
+        );
     }
 }
