@@ -1977,11 +1977,14 @@ mod tests {
                 *b = rng.next() as u8;
             }
             m.fail_reads = rng.below(8) == 0;
-            let before = m.state();
+            let before = (m.regs, m.rflags);
             match emulate(&mut m, &bytes[..len], rng.pick(&modes)) {
                 Ok(_) => emulated += 1,
                 // Whatever failed, nothing architectural happened.
-                Err(_) => assert_eq!(m.state(), before, "{:02x?}", &bytes[..len]),
+                Err(_) => {
+                    assert_eq!((m.regs, m.rflags), before, "{:02x?}", &bytes[..len]);
+                    assert!(m.writes.is_empty(), "{:02x?}", &bytes[..len]);
+                }
             }
             if m.memory.len() > 4096 {
                 m = random_model(&mut rng);
