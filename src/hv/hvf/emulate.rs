@@ -66,8 +66,8 @@ pub enum Emulated {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum EmulateError {
-    #[error("cannot decode the instruction at an MMIO access ({len} bytes fetched)")]
-    Decode { len: usize },
+    #[error("cannot decode the instruction at an MMIO access (bytes: {bytes})")]
+    Decode { bytes: InstructionBytes },
     #[error("cannot emulate instruction {mnemonic:?} at an MMIO access")]
     Unsupported { mnemonic: Mnemonic },
     /// The read value comes from the VMM: exit, then emulate the instruction again.
@@ -75,6 +75,51 @@ pub enum EmulateError {
     MmioPending { linear: u64, size: usize },
     #[error("no memory at linear address {linear:#x} ({size} bytes)")]
     Memory { linear: u64, size: usize },
+}
+
+/// Up to 15 fetched instruction bytes, kept inline (no allocation on the exit path) so an error
+/// can show them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct InstructionBytes {
+    bytes: [u8; 15],
+    len: u8,
+}
+
+impl InstructionBytes {
+    pub fn new(bytes: &[u8]) -> Self {
+        let len = bytes.len().min(15);
+        let mut inline = [0u8; 15];
+        inline[..len].copy_from_slice(&bytes[..len]);
+        InstructionBytes {
+            bytes: inline,
+            len: len as u8,
+        }
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+impl std::fmt::Display for InstructionBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.len == 0 {
+            return f.write_str("none");
+        }
+        for (i, byte) in self.as_slice().iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            write!(f, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for InstructionBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "[{self}]")
+    }
 }
 
 /// Decodes one instruction from `bytes` (which may hold more than one) and emulates it.
@@ -104,7 +149,9 @@ fn decode(bytes: &[u8], mode: CpuMode) -> Result<Instruction, EmulateError> {
     let mut decoder = Decoder::with_ip(mode.bitness(), &bytes[..fetched], 0, DecoderOptions::NONE);
     let instr = decoder.decode();
     if instr.is_invalid() {
-        return Err(EmulateError::Decode { len: fetched });
+        return Err(EmulateError::Decode {
+            bytes: InstructionBytes::new(&bytes[..fetched]),
+        });
     }
     Ok(instr)
 }
@@ -290,6 +337,8 @@ impl<C: EmulatorContext> Execution<'_, C> {
             Mnemonic::Movsb | Mnemonic::Movsw | Mnemonic::Movsd | Mnemonic::Movsq => {
                 return self.string(true)
             }
+            // Flushing a cache line of device memory has nothing to emulate (xhyve agrees).
+            Mnemonic::Clflush | Mnemonic::Clflushopt => return Ok(self.done()),
             Mnemonic::Add => AluOp::Add,
             Mnemonic::Sub => AluOp::Sub,
             Mnemonic::Cmp => AluOp::Cmp,
@@ -1125,12 +1174,59 @@ mod tests {
         let truncated = [0x8b];
         assert_eq!(
             emulate(&mut m, &truncated, CpuMode::Long64),
-            Err(EmulateError::Decode { len: 1 })
+            Err(EmulateError::Decode {
+                bytes: InstructionBytes::new(&truncated)
+            })
         );
         assert_eq!(
             emulate(&mut m, &[], CpuMode::Long64),
-            Err(EmulateError::Decode { len: 0 })
+            Err(EmulateError::Decode {
+                bytes: InstructionBytes::new(&[])
+            })
         );
+        // LOCK on a MOV is #UD on hardware, so the decoder refuses it too
+        let lock_mov = [0xf0, 0x89, 0x03];
+        assert_eq!(
+            emulate(&mut m, &lock_mov, CpuMode::Long64),
+            Err(EmulateError::Decode {
+                bytes: InstructionBytes::new(&lock_mov)
+            })
+        );
+        let message = emulate(&mut m, &lock_mov, CpuMode::Long64)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            message,
+            "cannot decode the instruction at an MMIO access (bytes: f0 89 03)"
+        );
+        let message = emulate(&mut m, &push, CpuMode::Long64)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(message, "cannot emulate instruction Push at an MMIO access");
+        assert!(m.reads.is_empty() && m.writes.is_empty());
+    }
+
+    #[test]
+    fn lock_prefixed_read_modify_write_is_one_read_and_one_write() {
+        let mut m = Model::new();
+        m.set(Register::RBX, 0xa000);
+        m.set(Register::RAX, 1);
+        m.poke(0xa000, &[0xff, 0, 0, 0]);
+        let bytes = [0xf0, 0x01, 0x03]; // lock add [rbx], eax
+        assert_eq!(emulate(&mut m, &bytes, CpuMode::Long64), done(&bytes));
+        assert_eq!(m.peek(0xa000, 4), 0x100);
+        assert_eq!((m.reads.len(), m.writes.len()), (1, 1));
+    }
+
+    #[test]
+    fn clflush_of_mmio_is_a_no_op() {
+        let mut m = Model::new();
+        m.set(Register::RBX, 0xa000);
+        let before = m.state();
+        for bytes in [&[0x0f, 0xae, 0x3b][..], &[0x66, 0x0f, 0xae, 0x3b]] {
+            assert_eq!(emulate(&mut m, bytes, CpuMode::Long64), done(bytes));
+        }
+        assert_eq!(m.state(), before);
         assert!(m.reads.is_empty() && m.writes.is_empty());
     }
 
