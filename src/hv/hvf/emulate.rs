@@ -5,6 +5,13 @@
 //! decodes exactly one instruction (iced-x86) and carries it out against an
 //! [`EmulatorContext`]: registers, RFLAGS and linear-address memory.
 //!
+//! Emulated: MOV (r/m<-r, r<-r/m, r/m<-imm, moffs), MOVZX, MOVSX, MOVSXD, ADD, ADC, SUB, SBB,
+//! CMP, AND, OR, XOR, TEST (register and immediate, both directions), BT/BTS/BTR/BTC, XCHG,
+//! STOS and MOVS (one element per call, REP by the address-size counter), and CLFLUSH(OPT) as a
+//! no-op; 8/16/32/64-bit operands, every addressing form of the three modes. Anything else is
+//! [`EmulateError::Unsupported`]. Segment limits, canonical checks and paging are the context's
+//! business (it maps linear addresses).
+//!
 //! Replay safety is the central rule: the vmx layer learns an MMIO read value only by leaving to
 //! the VMM, so `read_memory` may fail (e.g. [`EmulateError::MmioPending`]) and the same
 //! instruction is emulated again later with the value available. Therefore every memory read
@@ -225,7 +232,9 @@ fn result_flags(result: u64, size: usize) -> u64 {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum AluOp {
     Add,
+    Adc,
     Sub,
+    Sbb,
     Cmp,
     And,
     Or,
@@ -233,15 +242,18 @@ enum AluOp {
     Test,
 }
 
-/// Result (masked to `size`) and status flags of an ALU operation.
-fn alu(op: AluOp, a: u64, b: u64, size: usize) -> (u64, u64) {
+/// Result (masked to `size`) and status flags of an ALU operation; `carry` is CF before it
+/// (used by ADC and SBB).
+fn alu(op: AluOp, a: u64, b: u64, carry: bool, size: usize) -> (u64, u64) {
     let mask = size_mask(size);
     let (a, b) = (a & mask, b & mask);
     match op {
-        AluOp::Add => {
-            let result = a.wrapping_add(b) & mask;
+        AluOp::Add | AluOp::Adc => {
+            let carry_in = u128::from(op == AluOp::Adc && carry);
+            let wide = u128::from(a) + u128::from(b) + carry_in;
+            let result = wide as u64 & mask;
             let mut flags = result_flags(result, size);
-            if result < a {
+            if wide > u128::from(mask) {
                 flags |= CF;
             }
             // Overflow: both inputs have the same sign and the result's sign differs.
@@ -253,10 +265,12 @@ fn alu(op: AluOp, a: u64, b: u64, size: usize) -> (u64, u64) {
             }
             (result, flags)
         }
-        AluOp::Sub | AluOp::Cmp => {
-            let result = a.wrapping_sub(b) & mask;
+        AluOp::Sub | AluOp::Sbb | AluOp::Cmp => {
+            let borrow_in = u128::from(op == AluOp::Sbb && carry);
+            let subtrahend = u128::from(b) + borrow_in;
+            let result = u128::from(a).wrapping_sub(subtrahend) as u64 & mask;
             let mut flags = result_flags(result, size);
-            if a < b {
+            if u128::from(a) < subtrahend {
                 flags |= CF;
             }
             // Overflow: the inputs' signs differ and the result's sign differs from a's.
@@ -281,6 +295,14 @@ fn alu(op: AluOp, a: u64, b: u64, size: usize) -> (u64, u64) {
             (result, result_flags(result, size))
         }
     }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BitUpdate {
+    None,
+    Set,
+    Reset,
+    Complement,
 }
 
 /// An operand resolved to where its value lives.
@@ -330,7 +352,10 @@ impl<C: EmulatorContext> Execution<'_, C> {
             Mnemonic::Movzx => return self.extend(false),
             Mnemonic::Movsx | Mnemonic::Movsxd => return self.extend(true),
             Mnemonic::Xchg => return self.xchg(),
-            Mnemonic::Bt => return self.bt(),
+            Mnemonic::Bt => return self.bit_test(BitUpdate::None),
+            Mnemonic::Bts => return self.bit_test(BitUpdate::Set),
+            Mnemonic::Btr => return self.bit_test(BitUpdate::Reset),
+            Mnemonic::Btc => return self.bit_test(BitUpdate::Complement),
             Mnemonic::Stosb | Mnemonic::Stosw | Mnemonic::Stosd | Mnemonic::Stosq => {
                 return self.string(false)
             }
@@ -340,6 +365,8 @@ impl<C: EmulatorContext> Execution<'_, C> {
             // Flushing a cache line of device memory has nothing to emulate (xhyve agrees).
             Mnemonic::Clflush | Mnemonic::Clflushopt => return Ok(self.done()),
             Mnemonic::Add => AluOp::Add,
+            Mnemonic::Adc => AluOp::Adc,
+            Mnemonic::Sbb => AluOp::Sbb,
             Mnemonic::Sub => AluOp::Sub,
             Mnemonic::Cmp => AluOp::Cmp,
             Mnemonic::And => AluOp::And,
@@ -404,7 +431,8 @@ impl<C: EmulatorContext> Execution<'_, C> {
         let size = self.operand_size(0)?;
         let a = self.read(dst, size)?;
         let b = self.read(src, size)?;
-        let (result, flags) = alu(op, a, b, size);
+        let carry = self.ctx.rflags() & CF != 0;
+        let (result, flags) = alu(op, a, b, carry, size);
         if !matches!(op, AluOp::Cmp | AluOp::Test) {
             self.write(dst, size, result)?;
         }
@@ -412,7 +440,8 @@ impl<C: EmulatorContext> Execution<'_, C> {
         Ok(self.done())
     }
 
-    fn bt(&mut self) -> Result<Emulated, EmulateError> {
+    /// BT, BTS, BTR, BTC: CF = the selected bit, which the last three then change.
+    fn bit_test(&mut self, update: BitUpdate) -> Result<Emulated, EmulateError> {
         let size = self.operand_size(0)?;
         let bits = size as u64 * 8;
         let offset = self.operand(1)?;
@@ -435,6 +464,15 @@ impl<C: EmulatorContext> Execution<'_, C> {
         };
         let value = self.read(base, size)?;
         let carry = if value >> bit & 1 != 0 { CF } else { 0 };
+        let updated = match update {
+            BitUpdate::None => None,
+            BitUpdate::Set => Some(value | 1 << bit),
+            BitUpdate::Reset => Some(value & !(1 << bit)),
+            BitUpdate::Complement => Some(value ^ 1 << bit),
+        };
+        if let Some(updated) = updated {
+            self.write(base, size, updated)?;
+        }
         self.set_status_flags(CF, carry);
         Ok(self.done())
     }
@@ -960,6 +998,41 @@ mod tests {
     }
 
     #[test]
+    fn adc_and_sbb_use_the_incoming_carry() {
+        // flags_after starts with every status flag set, so CF = 1
+        assert_eq!(
+            flags_after(Code::Adc_rm8_r8, 0xff, 0, Register::CL),
+            (0, CF | ZF | AF | PF)
+        );
+        assert_eq!(
+            flags_after(Code::Sbb_rm8_r8, 0, 0, Register::CL),
+            (0xff, CF | SF | AF | PF)
+        );
+        assert_eq!(
+            flags_after(Code::Adc_rm32_r32, 0x7fff_fffe, 1, Register::ECX),
+            (0x8000_0000, OF | SF | AF | PF)
+        );
+    }
+
+    #[test]
+    fn bts_btr_btc_update_memory_with_one_read_and_one_write() {
+        for (code, expected) in [
+            (Code::Bts_rm32_imm8, 0x0000_0005),
+            (Code::Btr_rm32_imm8, 0x0000_0001),
+            (Code::Btc_rm32_imm8, 0x0000_0005),
+        ] {
+            let mut m = Model::new();
+            m.set(Register::RBX, 0xb000);
+            m.poke(0xb000, &[0x01, 0, 0, 0]);
+            let bytes = asm(64, Instruction::with2(code, mem(Register::RBX, 0), 2));
+            assert_eq!(emulate(&mut m, &bytes, CpuMode::Long64), done(&bytes));
+            assert_eq!(m.peek(0xb000, 4), expected, "{code:?}");
+            assert_eq!(m.rflags & CF, 0, "{code:?}");
+            assert_eq!((m.reads.len(), m.writes.len()), (1, 1), "{code:?}");
+        }
+    }
+
+    #[test]
     fn logic_flags_clear_carry_and_overflow() {
         assert_eq!(
             flags_after(Code::And_rm8_r8, 0xf0, 0x30, Register::CL),
@@ -1288,7 +1361,12 @@ mod tests {
         }
     }
 
-    const GENERATED_MNEMONICS: [Mnemonic; 13] = [
+    const GENERATED_MNEMONICS: [Mnemonic; 18] = [
+        Mnemonic::Adc,
+        Mnemonic::Sbb,
+        Mnemonic::Bts,
+        Mnemonic::Btr,
+        Mnemonic::Btc,
         Mnemonic::Mov,
         Mnemonic::Movzx,
         Mnemonic::Movsx,
@@ -1600,7 +1678,7 @@ mod tests {
         oracle_linear(m, arch, segment, offset)
     }
 
-    fn oracle_alu(mnemonic: Mnemonic, a: u64, b: u64, size: usize) -> (u64, u64) {
+    fn oracle_alu(mnemonic: Mnemonic, a: u64, b: u64, carry_in: bool, size: usize) -> (u64, u64) {
         let bits = size * 8;
         let modulus = 1u128 << bits;
         let (a, b) = (a as u128 % modulus, b as u128 % modulus);
@@ -1608,19 +1686,23 @@ mod tests {
             oracle_sign_extend(a as u64, size),
             oracle_sign_extend(b as u64, size),
         );
+        let c = match mnemonic {
+            Mnemonic::Adc | Mnemonic::Sbb => u128::from(carry_in),
+            _ => 0,
+        };
         let signed_range = -(1i128 << (bits - 1))..=(1i128 << (bits - 1)) - 1;
         let (result, carry, overflow, adjust) = match mnemonic {
-            Mnemonic::Add => (
-                (a + b) % modulus,
-                a + b >= modulus,
-                !signed_range.contains(&(sa + sb)),
-                (a & 0xf) + (b & 0xf) > 0xf,
+            Mnemonic::Add | Mnemonic::Adc => (
+                (a + b + c) % modulus,
+                a + b + c >= modulus,
+                !signed_range.contains(&(sa + sb + c as i128)),
+                (a & 0xf) + (b & 0xf) + c > 0xf,
             ),
-            Mnemonic::Sub | Mnemonic::Cmp => (
-                (a + modulus - b) % modulus,
-                a < b,
-                !signed_range.contains(&(sa - sb)),
-                (a & 0xf) < (b & 0xf),
+            Mnemonic::Sub | Mnemonic::Sbb | Mnemonic::Cmp => (
+                (a + 2 * modulus - b - c) % modulus,
+                a < b + c,
+                !signed_range.contains(&(sa - sb - c as i128)),
+                (a & 0xf) < (b & 0xf) + c,
             ),
             Mnemonic::And | Mnemonic::Test => (a & b, false, false, false),
             Mnemonic::Or => (a | b, false, false, false),
@@ -1701,28 +1783,53 @@ mod tests {
                 write(&mut out, places[0], b, &mut writes);
                 write(&mut out, places[1], a, &mut writes);
             }
-            Mnemonic::Bt => {
+            Mnemonic::Bt | Mnemonic::Bts | Mnemonic::Btr | Mnemonic::Btc => {
                 let bits = size as i128 * 8;
-                let carry = match (places[0], places[1]) {
+                let (value, bit, address) = match (places[0], places[1]) {
                     (Place::Mem(c), Place::Reg(reg)) => {
                         let offset = oracle_sign_extend(oracle_read_reg(m, reg), size);
                         let address =
                             oracle_address(m, arch, &c, offset.div_euclid(bits) * size as i128);
                         reads += 1;
-                        m.peek(address, size) >> offset.rem_euclid(bits) & 1
+                        (
+                            m.peek(address, size),
+                            offset.rem_euclid(bits),
+                            Some(address),
+                        )
                     }
                     (base, offset) => {
                         let value = read(base, specs[0], &mut reads);
                         let offset = read(offset, specs[1], &mut reads) as i128;
-                        value >> offset.rem_euclid(bits) & 1
+                        let address = match base {
+                            Place::Mem(c) => Some(oracle_address(m, arch, &c, 0)),
+                            _ => None,
+                        };
+                        (value, offset.rem_euclid(bits), address)
                     }
                 };
-                out.rflags = out.rflags & !CF | if carry == 1 { CF } else { 0 };
+                let mask = 1u64 << bit;
+                let updated = match mnemonic {
+                    Mnemonic::Bts => Some(value | mask),
+                    Mnemonic::Btr => Some(value & !mask),
+                    Mnemonic::Btc => Some(value ^ mask),
+                    _ => None,
+                };
+                if let Some(updated) = updated {
+                    match (address, places[0]) {
+                        (Some(address), _) => {
+                            writes += 1;
+                            out.poke(address, &updated.to_le_bytes()[..size]);
+                        }
+                        (None, Place::Reg(reg)) => oracle_write_reg(&mut out, reg, updated),
+                        _ => panic!("bit test of an immediate"),
+                    }
+                }
+                out.rflags = out.rflags & !CF | if value & mask != 0 { CF } else { 0 };
             }
             alu => {
                 let a = read(places[0], specs[0], &mut reads);
                 let b = read(places[1], specs[1], &mut reads);
-                let (result, flags) = oracle_alu(alu, a, b, size);
+                let (result, flags) = oracle_alu(alu, a, b, m.rflags & CF != 0, size);
                 if !matches!(alu, Mnemonic::Cmp | Mnemonic::Test) {
                     write(&mut out, places[0], result, &mut writes);
                 }
@@ -1841,7 +1948,10 @@ mod tests {
                     }
                 }
                 if let (Place::Mem(c), Place::Reg(reg)) = (places[0], places[1]) {
-                    if code.mnemonic() == Mnemonic::Bt {
+                    if matches!(
+                        code.mnemonic(),
+                        Mnemonic::Bt | Mnemonic::Bts | Mnemonic::Btr | Mnemonic::Btc
+                    ) {
                         let size = specs[0];
                         let size = match size {
                             Spec::Rm(s) => s,
