@@ -6,7 +6,8 @@
 //! [`EmulatorContext`]: registers, RFLAGS and linear-address memory.
 //!
 //! Emulated: MOV (r/m<-r, r<-r/m, r/m<-imm, moffs), MOVZX, MOVSX, MOVSXD, ADD, ADC, SUB, SBB,
-//! CMP, AND, OR, XOR, TEST (register and immediate, both directions), BT/BTS/BTR/BTC, XCHG,
+//! CMP, AND, OR, XOR, TEST (register and immediate, both directions), INC, DEC, NEG, NOT,
+//! BT/BTS/BTR/BTC, XCHG,
 //! STOS and MOVS (one element per call, REP by the address-size counter), and CLFLUSH(OPT) as a
 //! no-op; 8/16/32/64-bit operands, every addressing form of the three modes. Anything else is
 //! [`EmulateError::Unsupported`]. Segment limits, canonical checks and paging are the context's
@@ -352,6 +353,9 @@ impl<C: EmulatorContext> Execution<'_, C> {
             Mnemonic::Movzx => return self.extend(false),
             Mnemonic::Movsx | Mnemonic::Movsxd => return self.extend(true),
             Mnemonic::Xchg => return self.xchg(),
+            Mnemonic::Inc | Mnemonic::Dec | Mnemonic::Neg | Mnemonic::Not => {
+                return self.unary(self.instr.mnemonic())
+            }
             Mnemonic::Bt => return self.bit_test(BitUpdate::None),
             Mnemonic::Bts => return self.bit_test(BitUpdate::Set),
             Mnemonic::Btr => return self.bit_test(BitUpdate::Reset),
@@ -422,6 +426,33 @@ impl<C: EmulatorContext> Execution<'_, C> {
         let b = self.read(second, size)?;
         self.write(first, size, b)?;
         self.write(second, size, a)?;
+        Ok(self.done())
+    }
+
+    /// INC and DEC leave CF alone; NEG sets flags as 0 - x; NOT sets none.
+    fn unary(&mut self, mnemonic: Mnemonic) -> Result<Emulated, EmulateError> {
+        let target = self.operand(0)?;
+        let size = self.operand_size(0)?;
+        let value = self.read(target, size)?;
+        let (result, changed, flags) = match mnemonic {
+            Mnemonic::Inc => {
+                let (result, flags) = alu(AluOp::Add, value, 1, false, size);
+                (result, STATUS_FLAGS & !CF, flags)
+            }
+            Mnemonic::Dec => {
+                let (result, flags) = alu(AluOp::Sub, value, 1, false, size);
+                (result, STATUS_FLAGS & !CF, flags)
+            }
+            Mnemonic::Neg => {
+                let (result, flags) = alu(AluOp::Sub, 0, value, false, size);
+                (result, STATUS_FLAGS, flags)
+            }
+            _ => (!value & size_mask(size), 0, 0),
+        };
+        self.write(target, size, result)?;
+        if changed != 0 {
+            self.set_status_flags(changed, flags);
+        }
         Ok(self.done())
     }
 
@@ -1033,6 +1064,24 @@ mod tests {
     }
 
     #[test]
+    fn inc_dec_keep_carry_and_neg_not_follow_the_sdm() {
+        let run = |code: Code, value: u64, rflags: u64| {
+            let mut m = Model::new();
+            m.rflags = rflags;
+            m.set(Register::RBX, 0xc000);
+            m.poke(0xc000, &value.to_le_bytes()[..1]);
+            let bytes = asm(64, Instruction::with1(code, mem(Register::RBX, 0)));
+            assert_eq!(emulate(&mut m, &bytes, CpuMode::Long64), done(&bytes));
+            (m.peek(0xc000, 1), m.rflags & STATUS_FLAGS)
+        };
+        assert_eq!(run(Code::Inc_rm8, 0xff, 0x2 | CF), (0, CF | ZF | AF | PF));
+        assert_eq!(run(Code::Dec_rm8, 0x80, 0x2), (0x7f, OF | AF));
+        assert_eq!(run(Code::Neg_rm8, 0, 0x2 | CF), (0, ZF | PF));
+        assert_eq!(run(Code::Neg_rm8, 0x80, 0x2), (0x80, CF | OF | SF));
+        assert_eq!(run(Code::Not_rm8, 0x0f, 0x2 | OF), (0xf0, OF));
+    }
+
+    #[test]
     fn logic_flags_clear_carry_and_overflow() {
         assert_eq!(
             flags_after(Code::And_rm8_r8, 0xf0, 0x30, Register::CL),
@@ -1331,6 +1380,8 @@ mod tests {
         Imm(usize),
         Fixed(Register),
         Moffs(usize),
+        /// The missing second operand of a one-operand form.
+        Absent,
     }
 
     fn parse_spec(token: &str) -> Option<Spec> {
@@ -1361,7 +1412,11 @@ mod tests {
         }
     }
 
-    const GENERATED_MNEMONICS: [Mnemonic; 18] = [
+    const GENERATED_MNEMONICS: [Mnemonic; 22] = [
+        Mnemonic::Inc,
+        Mnemonic::Dec,
+        Mnemonic::Neg,
+        Mnemonic::Not,
         Mnemonic::Adc,
         Mnemonic::Sbb,
         Mnemonic::Bts,
@@ -1393,6 +1448,7 @@ mod tests {
                 let specs: Option<Vec<Spec>> = name.split('_').skip(1).map(parse_spec).collect();
                 match specs?.as_slice() {
                     &[a, b] => Some((code, [a, b])),
+                    &[a] => Some((code, [a, Spec::Absent])),
                     _ => None,
                 }
             })
@@ -1537,6 +1593,7 @@ mod tests {
 
     #[derive(Clone, Copy, Debug)]
     enum Place {
+        Absent,
         Reg(Register),
         Mem(MemChoice),
         Imm(i64),
@@ -1742,6 +1799,7 @@ mod tests {
     ) -> Outcome {
         let size_of = |spec: Spec| match spec {
             Spec::Rm(s) | Spec::R(s) | Spec::Imm(s) | Spec::Moffs(s) => s,
+            Spec::Absent => 0,
             Spec::Fixed(reg) => reg.size(),
         };
         let size = size_of(specs[0]);
@@ -1757,6 +1815,7 @@ mod tests {
                     m.peek(oracle_address(m, arch, &c, 0), size)
                 }
                 Place::Imm(imm) => imm as u64,
+                Place::Absent => panic!("read of an absent operand"),
             }
         };
         let write = |out: &mut Model, place: Place, value: u64, writes: &mut usize| match place {
@@ -1765,7 +1824,7 @@ mod tests {
                 *writes += 1;
                 out.poke(oracle_address(m, arch, &c, 0), &value.to_le_bytes()[..size]);
             }
-            Place::Imm(_) => panic!("write to an immediate"),
+            Place::Imm(_) | Place::Absent => panic!("write to an immediate"),
         };
         match mnemonic {
             Mnemonic::Mov | Mnemonic::Movzx => {
@@ -1826,6 +1885,27 @@ mod tests {
                 }
                 out.rflags = out.rflags & !CF | if value & mask != 0 { CF } else { 0 };
             }
+            Mnemonic::Inc | Mnemonic::Dec | Mnemonic::Neg | Mnemonic::Not => {
+                let value = read(places[0], specs[0], &mut reads);
+                let carry = m.rflags & CF != 0;
+                let (result, flags) = match mnemonic {
+                    Mnemonic::Inc => {
+                        let (result, flags) = oracle_alu(Mnemonic::Add, value, 1, false, size);
+                        (result, flags & !CF | if carry { CF } else { 0 })
+                    }
+                    Mnemonic::Dec => {
+                        let (result, flags) = oracle_alu(Mnemonic::Sub, value, 1, false, size);
+                        (result, flags & !CF | if carry { CF } else { 0 })
+                    }
+                    Mnemonic::Neg => oracle_alu(Mnemonic::Sub, 0, value, false, size),
+                    _ => (
+                        (!value as u128 % (1u128 << (size * 8))) as u64,
+                        m.rflags & STATUS_FLAGS,
+                    ),
+                };
+                write(&mut out, places[0], result, &mut writes);
+                out.rflags = out.rflags & !STATUS_FLAGS | flags;
+            }
             alu => {
                 let a = read(places[0], specs[0], &mut reads);
                 let b = read(places[1], specs[1], &mut reads);
@@ -1871,6 +1951,8 @@ mod tests {
                 Err(_) => Instruction::with2(code, *a, *b),
             },
             (Place::Mem(a), Place::Imm(b)) => Instruction::with2(code, operand(a), *b as i32),
+            (Place::Reg(a), Place::Absent) => Instruction::with1(code, *a),
+            (Place::Mem(a), Place::Absent) => Instruction::with1(code, operand(a)),
             _ => return None,
         }
         .ok()
@@ -1909,6 +1991,7 @@ mod tests {
                             Place::Mem(c)
                         }
                         Spec::Fixed(reg) => Place::Reg(reg),
+                        Spec::Absent => Place::Absent,
                         Spec::Imm(size) => {
                             let bits = size * 8;
                             let value = rng.next() as i64 >> (64 - bits);
