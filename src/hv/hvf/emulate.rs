@@ -1446,9 +1446,9 @@ mod tests {
             .filter_map(|code| {
                 let name = format!("{code:?}");
                 let specs: Option<Vec<Spec>> = name.split('_').skip(1).map(parse_spec).collect();
-                match specs?.as_slice() {
-                    &[a, b] => Some((code, [a, b])),
-                    &[a] => Some((code, [a, Spec::Absent])),
+                match *specs?.as_slice() {
+                    [a, b] => Some((code, [a, b])),
+                    [a] => Some((code, [a, Spec::Absent])),
                     _ => None,
                 }
             })
