@@ -7,11 +7,10 @@
 //!
 //! Emulated: MOV (r/m<-r, r<-r/m, r/m<-imm, moffs), MOVZX, MOVSX, MOVSXD, ADD, ADC, SUB, SBB,
 //! CMP, AND, OR, XOR, TEST (register and immediate, both directions), INC, DEC, NEG, NOT,
-//! BT/BTS/BTR/BTC, XCHG,
-//! STOS and MOVS (one element per call, REP by the address-size counter), and CLFLUSH(OPT) as a
-//! no-op; 8/16/32/64-bit operands, every addressing form of the three modes. Anything else is
-//! [`EmulateError::Unsupported`]. Segment limits, canonical checks and paging are the context's
-//! business (it maps linear addresses).
+//! BT/BTS/BTR/BTC, XCHG, STOS and MOVS (one element per call, REP by the address-size counter),
+//! and CLFLUSH(OPT) as a no-op; 8/16/32/64-bit operands, every addressing form of the three
+//! modes. Anything else is [`EmulateError::Unsupported`]. Segment limits, canonical checks and
+//! paging are the context's business (it maps linear addresses).
 //!
 //! Replay safety is the central rule: the vmx layer learns an MMIO read value only by leaving to
 //! the VMM, so `read_memory` may fail (e.g. [`EmulateError::MmioPending`]) and the same
