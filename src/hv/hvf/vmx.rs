@@ -1,0 +1,1380 @@
+//! The VMX exit handler of the Hypervisor.framework back end (xhyve's `vmm/intel/vmx.c`),
+//! written against the [`Vmcs`] trait so recorded exit sequences can drive it in tests.
+//!
+//! The back end's run loop is `prepare_entry` -> `hv_vcpu_run` -> `handle_exit`. An exit the
+//! layer cannot finish alone (I/O, MMIO, unknown MSRs) is returned to the VMM with its data in
+//! buffers owned by [`VmxVcpu`]; the next `prepare_entry` completes it with what the VMM filled
+//! in (register write-back, RIP advance, the next REP element) before anything is injected.
+
+use super::controls::Controls;
+use super::ffi::*;
+use super::vmcs::Vmcs;
+use crate::hv::cpuid::CpuidEntry;
+use crate::hv::regs::{
+    DescriptorTable, SegmentRegister, SpecialRegisters, StandardRegisters, CR0_PE, CR0_PG,
+    EFER_LMA, EFER_LME, RFLAGS_IF, RFLAGS_RESERVED,
+};
+use crate::hv::{HvError, RunState, VmExit};
+
+/// What a vCPU is configured with at creation.
+#[derive(Debug, Clone, Default)]
+pub struct VmxConfig {
+    pub vcpu_id: u8,
+    /// The CPUID table the guest sees (after policy).
+    pub cpuid: Vec<CpuidEntry>,
+    /// `-w`: unknown MSRs go to the VMM (which reads 0 / ignores writes) instead of #GP.
+    pub ignore_unknown_msrs: bool,
+    /// `-H`: exit on HLT.
+    pub exit_on_hlt: bool,
+    /// `-P`: exit on PAUSE.
+    pub exit_on_pause: bool,
+}
+
+/// Guest-physical memory as the back end sees it (bounds-checked; false = not RAM).
+pub trait GuestRam {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> bool;
+    fn write(&self, gpa: u64, buf: &[u8]) -> bool;
+}
+
+/// MSRs the back end passes through to the hardware with `hv_vcpu_enable_native_msr`, as xhyve
+/// does; they never exit.
+pub const NATIVE_MSRS: &[u32] = &[
+    MSR_FS_BASE,
+    MSR_GS_BASE,
+    MSR_KERNEL_GS_BASE,
+    MSR_SYSENTER_CS,
+    MSR_SYSENTER_ESP,
+    MSR_SYSENTER_EIP,
+    MSR_TSC,
+    MSR_TSC_AUX,
+    MSR_STAR,
+    MSR_LSTAR,
+    MSR_CSTAR,
+    MSR_SFMASK,
+];
+
+pub const MSR_TSC: u32 = 0x10;
+pub const MSR_APIC_BASE: u32 = 0x1b;
+pub const MSR_FEATURE_CONTROL: u32 = 0x3a;
+pub const MSR_BIOS_SIGN: u32 = 0x8b;
+pub const MSR_MTRR_CAP: u32 = 0xfe;
+pub const MSR_SYSENTER_CS: u32 = 0x174;
+pub const MSR_SYSENTER_ESP: u32 = 0x175;
+pub const MSR_SYSENTER_EIP: u32 = 0x176;
+pub const MSR_MCG_CAP: u32 = 0x179;
+pub const MSR_MCG_STATUS: u32 = 0x17a;
+pub const MSR_MISC_ENABLE: u32 = 0x1a0;
+pub const MSR_MTRR_PHYS_FIRST: u32 = 0x200;
+pub const MSR_MTRR_PHYS_LAST: u32 = 0x20f;
+pub const MSR_MTRR_FIX_64K: u32 = 0x250;
+pub const MSR_MTRR_FIX_16K: u32 = 0x258;
+pub const MSR_MTRR_FIX_16K_2: u32 = 0x259;
+pub const MSR_MTRR_FIX_4K_FIRST: u32 = 0x268;
+pub const MSR_MTRR_FIX_4K_LAST: u32 = 0x26f;
+pub const MSR_PAT: u32 = 0x277;
+pub const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+pub const MSR_EFER: u32 = 0xc000_0080;
+pub const MSR_STAR: u32 = 0xc000_0081;
+pub const MSR_LSTAR: u32 = 0xc000_0082;
+pub const MSR_CSTAR: u32 = 0xc000_0083;
+pub const MSR_SFMASK: u32 = 0xc000_0084;
+pub const MSR_FS_BASE: u32 = 0xc000_0100;
+pub const MSR_GS_BASE: u32 = 0xc000_0101;
+pub const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+pub const MSR_TSC_AUX: u32 = 0xc000_0103;
+
+const CR0_TS: u64 = 1 << 3;
+const CR0_ET: u64 = 1 << 4;
+const CR0_NE: u64 = 1 << 5;
+const CR0_NW: u64 = 1 << 29;
+const CR0_CD: u64 = 1 << 30;
+const CR4_PSE: u64 = 1 << 4;
+const CR4_PAE: u64 = 1 << 5;
+const CR4_VMXE: u64 = 1 << 13;
+const CR4_OSXSAVE: u64 = 1 << 18;
+const EFER_SCE: u64 = 1 << 0;
+const EFER_NXE: u64 = 1 << 11;
+const RFLAGS_DF: u64 = 1 << 10;
+
+/// CR0 bits the processor in VMX operation forces (NE, ET on; NW, CD off), as xhyve does.
+const CR0_ONES: u64 = CR0_NE | CR0_ET;
+const CR0_ZEROS: u64 = CR0_NW | CR0_CD;
+/// CR0 bits whose guest writes exit: the forced ones and PG/PE, so EFER.LMA can follow paging.
+const CR0_GUEST_HOST_MASK: u64 = CR0_ONES | CR0_ZEROS | CR0_PG | CR0_PE;
+const CR4_ONES: u64 = CR4_VMXE;
+const CR4_GUEST_HOST_MASK: u64 = CR4_ONES;
+/// CR0 at power-on (Intel SDM vol. 3, 9.1.1).
+const CR0_RESET: u64 = 0x6000_0010;
+/// The power-on PAT: WB, WT, UC-, UC repeated.
+const PAT_RESET: u64 = 0x0007_0406_0007_0406;
+/// MISC_ENABLE as xhyve reports it: fast strings, no branch trace, no PEBS.
+const MISC_ENABLE: u64 = 1 | (1 << 11) | (1 << 12);
+/// Writable bits of MISC_ENABLE whose changes we silently accept (XD disable; Linux clears it).
+const MISC_ENABLE_IGNORED: u64 = 1 << 34;
+const APIC_BASE_DEFAULT: u64 = 0xfee0_0000 | (1 << 11);
+const APIC_BASE_BSP: u64 = 1 << 8;
+
+const EXC_UD: u8 = 6;
+const EXC_GP: u8 = 13;
+const EXC_PF: u8 = 14;
+/// The x86 instruction length limit.
+const MAX_INSN_LEN: usize = 15;
+/// KVM's `KVM_INTERNAL_ERROR_EMULATION`, which the VMM reports the same way.
+pub const INTERNAL_ERROR_EMULATION: u32 = 1;
+
+/// The general register a VMX exit qualification or instruction-information field names with
+/// its 4-bit index (RAX, RCX, RDX, RBX, RSP, RBP, RSI, RDI, R8..R15).
+const GPR_BY_INDEX: [hv_x86_reg_t; 16] = [
+    HV_X86_RAX, HV_X86_RCX, HV_X86_RDX, HV_X86_RBX, HV_X86_RSP, HV_X86_RBP, HV_X86_RSI, HV_X86_RDI,
+    HV_X86_R8, HV_X86_R9, HV_X86_R10, HV_X86_R11, HV_X86_R12, HV_X86_R13, HV_X86_R14, HV_X86_R15,
+];
+
+/// One segment register's four VMCS fields.
+struct SegmentFields {
+    selector: u32,
+    base: u32,
+    limit: u32,
+    access: u32,
+}
+
+const fn seg(selector: u32, base: u32, limit: u32, access: u32) -> SegmentFields {
+    SegmentFields {
+        selector,
+        base,
+        limit,
+        access,
+    }
+}
+
+const CS: SegmentFields = seg(
+    VMCS_GUEST_CS,
+    VMCS_GUEST_CS_BASE,
+    VMCS_GUEST_CS_LIMIT,
+    VMCS_GUEST_CS_AR,
+);
+const DS: SegmentFields = seg(
+    VMCS_GUEST_DS,
+    VMCS_GUEST_DS_BASE,
+    VMCS_GUEST_DS_LIMIT,
+    VMCS_GUEST_DS_AR,
+);
+const ES: SegmentFields = seg(
+    VMCS_GUEST_ES,
+    VMCS_GUEST_ES_BASE,
+    VMCS_GUEST_ES_LIMIT,
+    VMCS_GUEST_ES_AR,
+);
+const FS: SegmentFields = seg(
+    VMCS_GUEST_FS,
+    VMCS_GUEST_FS_BASE,
+    VMCS_GUEST_FS_LIMIT,
+    VMCS_GUEST_FS_AR,
+);
+const GS: SegmentFields = seg(
+    VMCS_GUEST_GS,
+    VMCS_GUEST_GS_BASE,
+    VMCS_GUEST_GS_LIMIT,
+    VMCS_GUEST_GS_AR,
+);
+const SS: SegmentFields = seg(
+    VMCS_GUEST_SS,
+    VMCS_GUEST_SS_BASE,
+    VMCS_GUEST_SS_LIMIT,
+    VMCS_GUEST_SS_AR,
+);
+const TR: SegmentFields = seg(
+    VMCS_GUEST_TR,
+    VMCS_GUEST_TR_BASE,
+    VMCS_GUEST_TR_LIMIT,
+    VMCS_GUEST_TR_AR,
+);
+const LDTR: SegmentFields = seg(
+    VMCS_GUEST_LDTR,
+    VMCS_GUEST_LDTR_BASE,
+    VMCS_GUEST_LDTR_LIMIT,
+    VMCS_GUEST_LDTR_AR,
+);
+/// Segments in the order of the 3-bit segment field of the VMX instruction information.
+const SEGMENT_BY_INDEX: [&SegmentFields; 6] = [&ES, &CS, &SS, &DS, &FS, &GS];
+
+const AR_UNUSABLE: u64 = 1 << 16;
+const AR_L: u64 = 1 << 13;
+const AR_DB: u64 = 1 << 14;
+
+fn access_rights(s: &SegmentRegister) -> u64 {
+    u64::from(s.type_ & 0xf)
+        | u64::from(s.s) << 4
+        | u64::from(s.dpl & 3) << 5
+        | u64::from(s.present) << 7
+        | u64::from(s.avl) << 12
+        | u64::from(s.l) << 13
+        | u64::from(s.db) << 14
+        | u64::from(s.g) << 15
+        | u64::from(s.unusable) << 16
+}
+
+fn segment_from(selector: u64, base: u64, limit: u64, ar: u64) -> SegmentRegister {
+    SegmentRegister {
+        base,
+        limit: limit as u32,
+        selector: selector as u16,
+        type_: (ar & 0xf) as u8,
+        s: ar & (1 << 4) != 0,
+        dpl: ((ar >> 5) & 3) as u8,
+        present: ar & (1 << 7) != 0,
+        avl: ar & (1 << 12) != 0,
+        l: ar & AR_L != 0,
+        db: ar & AR_DB != 0,
+        g: ar & (1 << 15) != 0,
+        unusable: ar & AR_UNUSABLE != 0,
+    }
+}
+
+/// An event for the VM-entry interruption-information field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Event {
+    info: u32,
+    error_code: Option<u32>,
+}
+
+impl Event {
+    fn exception(vector: u8, error_code: Option<u32>) -> Event {
+        let mut info = IRQ_INFO_VALID | IRQ_INFO_HARD_EXC | u32::from(vector);
+        if error_code.is_some() {
+            info |= IRQ_INFO_ERROR_VALID;
+        }
+        Event { info, error_code }
+    }
+}
+
+/// A string I/O instruction in flight: one element per exit.
+#[derive(Debug, Clone, Copy)]
+struct StringIo {
+    rep: bool,
+    /// The index register (RSI for OUTS, RDI for INS) and the linear address of the element.
+    index: hv_x86_reg_t,
+    linear: u64,
+    /// 0xffff, 0xffff_ffff or !0 for 16-, 32- and 64-bit addressing.
+    address_mask: u64,
+}
+
+/// The exit the VMM is answering, completed by the next `prepare_entry`.
+#[derive(Debug, Clone, Copy)]
+enum Pending {
+    None,
+    Io {
+        size: usize,
+        is_in: bool,
+        insn_len: u64,
+        string: Option<StringIo>,
+    },
+    /// An instruction whose MMIO read went to the VMM: emulate it again with the value.
+    MmioRead {
+        gpa: u64,
+        len: usize,
+    },
+    MsrRead {
+        insn_len: u64,
+    },
+    MsrWrite {
+        insn_len: u64,
+    },
+}
+
+/// What an emulated MMIO instruction needs from the VMM.
+#[derive(Debug, Clone, Copy)]
+enum MmioAccess {
+    /// Fill `data[..len]` and emulate the instruction again.
+    Read { gpa: u64, len: usize },
+    /// `data[..len]` goes to the device; the instruction is complete.
+    Write { gpa: u64, len: usize },
+    /// The instruction cannot be emulated.
+    Failed,
+}
+
+/// Paging state for guest linear-address translation.
+#[derive(Debug, Clone, Copy)]
+struct Paging {
+    cr0: u64,
+    cr3: u64,
+    cr4: u64,
+    efer: u64,
+}
+
+impl Paging {
+    /// Walks the guest page tables; `None` when a level is not present or not in RAM.
+    fn translate(&self, ram: &dyn GuestRam, linear: u64) -> Option<u64> {
+        if self.cr0 & CR0_PG == 0 {
+            return Some(linear);
+        }
+        let entry = |table: u64, index: u64, wide: bool| -> Option<u64> {
+            if wide {
+                let mut b = [0u8; 8];
+                ram.read(table + index * 8, &mut b)
+                    .then(|| u64::from_le_bytes(b))
+            } else {
+                let mut b = [0u8; 4];
+                ram.read(table + index * 4, &mut b)
+                    .then(|| u64::from(u32::from_le_bytes(b)))
+            }
+        };
+        const PRESENT: u64 = 1;
+        const LARGE: u64 = 1 << 7;
+        const ADDR: u64 = 0x000f_ffff_ffff_f000;
+        if self.cr4 & CR4_PAE == 0 {
+            // Two-level 32-bit paging, 4 MiB pages with CR4.PSE.
+            let linear = linear & 0xffff_ffff;
+            let pde = entry(self.cr3 & 0xffff_f000, linear >> 22, false)?;
+            if pde & PRESENT == 0 {
+                return None;
+            }
+            if pde & LARGE != 0 && self.cr4 & CR4_PSE != 0 {
+                let base = (pde & 0xffc0_0000) | ((pde >> 13) & 0xff) << 32;
+                return Some(base | (linear & 0x3f_ffff));
+            }
+            let pte = entry(pde & 0xffff_f000, (linear >> 12) & 0x3ff, false)?;
+            return (pte & PRESENT != 0).then_some((pte & 0xffff_f000) | (linear & 0xfff));
+        }
+        let (mut table, levels) = if self.efer & EFER_LMA != 0 {
+            (self.cr3 & ADDR, 4)
+        } else {
+            // PAE: the 32-byte-aligned PDPT holds four entries indexed by bits 31:30.
+            let linear32 = linear & 0xffff_ffff;
+            let pdpte = entry(self.cr3 & 0xffff_ffe0, linear32 >> 30, true)?;
+            if pdpte & PRESENT == 0 {
+                return None;
+            }
+            (pdpte & ADDR, 2)
+        };
+        let linear = if levels == 2 {
+            linear & 0xffff_ffff
+        } else {
+            linear
+        };
+        for level in (1..=levels).rev() {
+            let shift = 12 + 9 * (level - 1);
+            let e = entry(table, (linear >> shift) & 0x1ff, true)?;
+            if e & PRESENT == 0 {
+                return None;
+            }
+            if level == 1 || (level <= 3 && e & LARGE != 0) {
+                let page_mask = (1u64 << shift) - 1;
+                return Some((e & ADDR & !page_mask) | (linear & page_mask));
+            }
+            table = e & ADDR;
+        }
+        None
+    }
+}
+
+/// One vCPU's VMX state machine over a [`Vmcs`].
+pub struct VmxVcpu<V: Vmcs> {
+    vmcs: V,
+    config: VmxConfig,
+    controls: Controls,
+    run_state: RunState,
+    pending: Pending,
+    /// An exception to raise on the next entry (#GP from an MSR, #UD, re-injected events...).
+    exception: Option<Event>,
+    interrupt: Option<u8>,
+    nmi: bool,
+    /// What the VMM asked for; applied to the controls in `prepare_entry`.
+    irq_window_wanted: bool,
+    irq_window_on: bool,
+    nmi_window_on: bool,
+    /// Data buffers the returned exits borrow.
+    data: [u8; 8],
+    msr_value: u64,
+    msr_fault: u8,
+    apic_base: u64,
+    cr8: u64,
+}
+
+impl<V: Vmcs> VmxVcpu<V> {
+    /// Programs the controls from the capabilities and puts the vCPU in its reset state:
+    /// the boot CPU (id 0) runs, an application processor waits for its start-up.
+    pub fn new(mut vmcs: V, config: VmxConfig) -> Result<Self, HvError> {
+        let controls = Controls::negotiate(&vmcs, config.exit_on_hlt, config.exit_on_pause)?;
+        controls.program(&mut vmcs)?;
+        let bsp = config.vcpu_id == 0;
+        let mut vcpu = VmxVcpu {
+            vmcs,
+            config,
+            controls,
+            run_state: if bsp {
+                RunState::Running
+            } else {
+                RunState::WaitingForSipi
+            },
+            pending: Pending::None,
+            exception: None,
+            interrupt: None,
+            nmi: false,
+            irq_window_wanted: false,
+            irq_window_on: false,
+            nmi_window_on: false,
+            data: [0; 8],
+            msr_value: 0,
+            msr_fault: 0,
+            apic_base: APIC_BASE_DEFAULT | if bsp { APIC_BASE_BSP } else { 0 },
+            cr8: 0,
+        };
+        vcpu.reset()?;
+        Ok(vcpu)
+    }
+
+    pub fn vmcs(&self) -> &V {
+        &self.vmcs
+    }
+
+    pub fn vmcs_mut(&mut self) -> &mut V {
+        &mut self.vmcs
+    }
+
+    pub fn config(&self) -> &VmxConfig {
+        &self.config
+    }
+
+    pub fn run_state(&self) -> RunState {
+        self.run_state
+    }
+
+    /// The power-on state (Intel SDM vol. 3, table 9-1), with xhyve's CR shadows.
+    fn reset(&mut self) -> Result<(), HvError> {
+        let v = &mut self.vmcs;
+        v.write_field(VMCS_CTRL_EXC_BITMAP, 1 << 18)?; // #MC only
+        v.write_field(VMCS_CTRL_CR0_MASK, CR0_GUEST_HOST_MASK)?;
+        v.write_field(VMCS_CTRL_CR0_SHADOW, CR0_RESET)?;
+        v.write_field(VMCS_GUEST_CR0, (CR0_RESET | CR0_ONES) & !CR0_ZEROS)?;
+        v.write_field(VMCS_CTRL_CR4_MASK, CR4_GUEST_HOST_MASK)?;
+        v.write_field(VMCS_CTRL_CR4_SHADOW, 0)?;
+        v.write_field(VMCS_GUEST_CR4, CR4_ONES)?;
+        v.write_field(VMCS_GUEST_CR3, 0)?;
+        v.write_field(VMCS_GUEST_IA32_EFER, 0)?;
+        v.write_field(VMCS_GUEST_IA32_PAT, PAT_RESET)?;
+        v.write_field(VMCS_GUEST_LINK_POINTER, !0)?;
+        v.write_field(VMCS_GUEST_DR7, 0x400)?;
+        v.write_field(VMCS_GUEST_ACTIVITY_STATE, 0)?;
+        v.write_field(VMCS_GUEST_IGNORE_IRQ, 0)?;
+        v.write_field(VMCS_GUEST_RFLAGS, RFLAGS_RESERVED)?;
+        v.write_field(VMCS_GUEST_RIP, 0xfff0)?;
+        v.write_field(VMCS_GUEST_RSP, 0)?;
+        v.write_field(VMCS_CTRL_VMENTRY_IRQ_INFO, 0)?;
+        let cs = segment_from(0xf000, 0xffff_0000, 0xffff, 0x9b);
+        let data = segment_from(0, 0, 0xffff, 0x93);
+        let ldt = segment_from(0, 0, 0xffff, 0x82);
+        let tss = segment_from(0, 0, 0xffff, 0x8b);
+        for (fields, s) in [
+            (&CS, &cs),
+            (&DS, &data),
+            (&ES, &data),
+            (&FS, &data),
+            (&GS, &data),
+            (&SS, &data),
+            (&LDTR, &ldt),
+            (&TR, &tss),
+        ] {
+            write_segment(v, fields, s)?;
+        }
+        v.write_field(VMCS_GUEST_GDTR_BASE, 0)?;
+        v.write_field(VMCS_GUEST_GDTR_LIMIT, 0xffff)?;
+        v.write_field(VMCS_GUEST_IDTR_BASE, 0)?;
+        v.write_field(VMCS_GUEST_IDTR_LIMIT, 0xffff)?;
+        for reg in GPR_BY_INDEX {
+            if reg != HV_X86_RSP {
+                v.write_reg(reg, 0)?;
+            }
+        }
+        // EDX holds the processor signature after reset.
+        v.write_reg(HV_X86_RDX, 0x600)?;
+        v.write_reg(HV_X86_CR2, 0)?;
+        self.set_long_mode(false)
+    }
+
+    fn set_long_mode(&mut self, on: bool) -> Result<(), HvError> {
+        let mut entry = self.controls.vmentry & !VMENTRY_GUEST_IA32E;
+        if on {
+            entry |= VMENTRY_GUEST_IA32E;
+        }
+        self.vmcs
+            .write_field(VMCS_CTRL_VMENTRY_CONTROLS, entry.into())
+    }
+
+    fn cpu_based(&self) -> u32 {
+        let mut v = self.controls.cpu_based;
+        if self.irq_window_on {
+            v |= CPU_BASED_IRQ_WND;
+        }
+        if self.nmi_window_on {
+            v |= CPU_BASED_VIRTUAL_NMI_WND;
+        }
+        v
+    }
+
+    fn set_windows(&mut self, irq: bool, nmi: bool) -> Result<(), HvError> {
+        if irq != self.irq_window_on || nmi != self.nmi_window_on {
+            self.irq_window_on = irq;
+            self.nmi_window_on = nmi;
+            let value = self.cpu_based();
+            self.vmcs.write_field(VMCS_CTRL_CPU_BASED, value.into())?;
+        }
+        Ok(())
+    }
+
+    fn advance_rip(&mut self, len: u64) -> Result<(), HvError> {
+        let rip = self.vmcs.read_field(VMCS_GUEST_RIP)?;
+        self.vmcs
+            .write_field(VMCS_GUEST_RIP, rip.wrapping_add(len))?;
+        // Completing an instruction ends an STI / MOV SS interrupt shadow.
+        let blocking = self.vmcs.read_field(VMCS_GUEST_IGNORE_IRQ)?;
+        let shadow = VMCS_INTERRUPTIBILITY_STI_BLOCKING | VMCS_INTERRUPTIBILITY_MOVSS_BLOCKING;
+        if blocking & shadow != 0 {
+            self.vmcs
+                .write_field(VMCS_GUEST_IGNORE_IRQ, blocking & !shadow)?;
+        }
+        Ok(())
+    }
+
+    fn insn_len(&self) -> Result<u64, HvError> {
+        self.vmcs.read_field(VMCS_RO_VMEXIT_INSTR_LEN)
+    }
+
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
+        self.exception = Some(Event::exception(vector, error_code));
+    }
+
+    fn paging(&self) -> Result<Paging, HvError> {
+        Ok(Paging {
+            cr0: self.vmcs.read_field(VMCS_GUEST_CR0)?,
+            cr3: self.vmcs.read_field(VMCS_GUEST_CR3)?,
+            cr4: self.vmcs.read_field(VMCS_GUEST_CR4)?,
+            efer: self.vmcs.read_field(VMCS_GUEST_IA32_EFER)?,
+        })
+    }
+
+    /// Guest-virtual to guest-physical in the current paging mode.
+    pub fn translate(&self, ram: &dyn GuestRam, linear: u64) -> Result<Option<u64>, HvError> {
+        Ok(self.paging()?.translate(ram, linear))
+    }
+
+    // ---- entry ----
+
+    /// Before each hardware entry: completes the previous I/O/MMIO exit with the values the
+    /// VMM filled in (register write-back, RIP advance, REP iteration), and writes a queued
+    /// event into the VM-entry interruption field. `Some(exit)` = another access for the VMM
+    /// (e.g. the write half of a read-modify-write): return it from run() without entering.
+    pub fn prepare_entry(&mut self, ram: &dyn GuestRam) -> Result<Option<VmExit<'_>>, HvError> {
+        let pending = std::mem::replace(&mut self.pending, Pending::None);
+        match pending {
+            Pending::None => {}
+            Pending::Io {
+                size,
+                is_in,
+                insn_len,
+                string,
+            } => {
+                if let Some(done) = self.complete_io(ram, size, is_in, string)? {
+                    if done {
+                        self.advance_rip(insn_len)?;
+                    }
+                }
+            }
+            Pending::MmioRead { gpa, len } => {
+                if let Some(access) = self.emulate_mmio(ram, Some((gpa, len)))? {
+                    return Ok(Some(self.mmio_exit(access)));
+                }
+            }
+            Pending::MsrRead { insn_len } => {
+                if self.msr_fault != 0 {
+                    self.inject_exception(EXC_GP, Some(0));
+                } else {
+                    self.vmcs
+                        .write_reg(HV_X86_RAX, self.msr_value & 0xffff_ffff)?;
+                    self.vmcs.write_reg(HV_X86_RDX, self.msr_value >> 32)?;
+                    self.advance_rip(insn_len)?;
+                }
+            }
+            Pending::MsrWrite { insn_len } => {
+                if self.msr_fault != 0 {
+                    self.inject_exception(EXC_GP, Some(0));
+                } else {
+                    self.advance_rip(insn_len)?;
+                }
+            }
+        }
+        if self.run_state == RunState::Halted {
+            self.run_state = RunState::Running;
+        }
+        self.write_event()?;
+        Ok(None)
+    }
+
+    /// Completes one I/O exit. Returns whether the instruction is finished (RIP may advance);
+    /// `None` when it raised a fault instead.
+    fn complete_io(
+        &mut self,
+        ram: &dyn GuestRam,
+        size: usize,
+        is_in: bool,
+        string: Option<StringIo>,
+    ) -> Result<Option<bool>, HvError> {
+        let Some(s) = string else {
+            if is_in {
+                let mut bytes = [0u8; 8];
+                bytes[..size].copy_from_slice(&self.data[..size]);
+                let value = u64::from_le_bytes(bytes);
+                let rax = self.vmcs.read_reg(HV_X86_RAX)?;
+                let merged = match size {
+                    1 => (rax & !0xff) | value,
+                    2 => (rax & !0xffff) | value,
+                    // A 32-bit destination zero-extends into the full register.
+                    _ => value,
+                };
+                self.vmcs.write_reg(HV_X86_RAX, merged)?;
+            }
+            return Ok(Some(true));
+        };
+        if is_in {
+            match self.paging()?.translate(ram, s.linear) {
+                Some(gpa) if ram.write(gpa, &self.data[..size]) => {}
+                _ => {
+                    self.page_fault(s.linear, true)?;
+                    return Ok(None);
+                }
+            }
+        }
+        self.step_string(&s, size)?;
+        if !s.rep {
+            return Ok(Some(true));
+        }
+        let rcx = self.vmcs.read_reg(HV_X86_RCX)?;
+        let count = (rcx & s.address_mask).wrapping_sub(1) & s.address_mask;
+        self.vmcs
+            .write_reg(HV_X86_RCX, (rcx & !s.address_mask) | count)?;
+        Ok(Some(count == 0))
+    }
+
+    /// Moves RSI/RDI to the next element, by DF.
+    fn step_string(&mut self, s: &StringIo, size: usize) -> Result<(), HvError> {
+        let rflags = self.vmcs.read_field(VMCS_GUEST_RFLAGS)?;
+        let index = self.vmcs.read_reg(s.index)?;
+        let moved = if rflags & RFLAGS_DF != 0 {
+            index.wrapping_sub(size as u64)
+        } else {
+            index.wrapping_add(size as u64)
+        };
+        self.vmcs.write_reg(
+            s.index,
+            (index & !s.address_mask) | (moved & s.address_mask),
+        )
+    }
+
+    fn page_fault(&mut self, linear: u64, write: bool) -> Result<(), HvError> {
+        self.vmcs.write_reg(HV_X86_CR2, linear)?;
+        self.inject_exception(EXC_PF, Some(if write { 2 } else { 0 }));
+        Ok(())
+    }
+
+    /// Writes the highest-priority queued event into the VM-entry interruption field, or asks
+    /// for a window exit when it cannot be delivered yet.
+    fn write_event(&mut self) -> Result<(), HvError> {
+        let blocking = self.vmcs.read_field(VMCS_GUEST_IGNORE_IRQ)?;
+        let shadow = blocking
+            & (VMCS_INTERRUPTIBILITY_STI_BLOCKING | VMCS_INTERRUPTIBILITY_MOVSS_BLOCKING)
+            != 0;
+        let event = if let Some(e) = self.exception.take() {
+            Some(e)
+        } else if self.nmi && !shadow && blocking & VMCS_INTERRUPTIBILITY_NMI_BLOCKING == 0 {
+            self.nmi = false;
+            Some(Event {
+                info: IRQ_INFO_VALID | IRQ_INFO_NMI | 2,
+                error_code: None,
+            })
+        } else if let Some(vector) = self.interrupt.filter(|_| !self.nmi && !shadow) {
+            self.interrupt = None;
+            Some(Event {
+                info: IRQ_INFO_VALID | IRQ_INFO_EXT_IRQ | u32::from(vector),
+                error_code: None,
+            })
+        } else {
+            None
+        };
+        if let Some(e) = event {
+            if let Some(code) = e.error_code {
+                self.vmcs
+                    .write_field(VMCS_CTRL_VMENTRY_EXC_ERROR, code.into())?;
+            }
+            self.vmcs
+                .write_field(VMCS_CTRL_VMENTRY_IRQ_INFO, e.info.into())?;
+        }
+        // Whatever is still queued waits for its window.
+        let irq = self.irq_window_wanted || self.interrupt.is_some();
+        self.set_windows(irq, self.nmi)
+    }
+
+    // ---- exits ----
+
+    /// After the hardware run returned: handles what it can itself (CPUID, CR access, known
+    /// MSRs, PAUSE, window exits...) -> `Ok(None)` = enter again; `Ok(Some(exit))` = for the VMM.
+    pub fn handle_exit(&mut self, ram: &dyn GuestRam) -> Result<Option<VmExit<'_>>, HvError> {
+        let full_reason = self.vmcs.read_field(VMCS_RO_EXIT_REASON)?;
+        if full_reason & VMX_REASON_ENTRY_FAILED != 0 {
+            return Ok(Some(VmExit::FailEntry {
+                reason: full_reason,
+            }));
+        }
+        self.requeue_vectoring_event()?;
+        let reason = (full_reason & 0xffff) as u32;
+        match reason {
+            VMX_REASON_EXC_NMI => {
+                let info = self.vmcs.read_field(VMCS_RO_VMEXIT_IRQ_INFO)? as u32;
+                if info & IRQ_INFO_TYPE_MASK == IRQ_INFO_NMI {
+                    // A host NMI: the framework has handled it.
+                    Ok(None)
+                } else {
+                    Ok(Some(VmExit::Other { reason }))
+                }
+            }
+            // A host interrupt (e.g. the back end's kick): the run loop looks at its kick flag.
+            VMX_REASON_IRQ => Ok(None),
+            VMX_REASON_TRIPLE_FAULT => Ok(Some(VmExit::Shutdown)),
+            VMX_REASON_INIT => {
+                // INIT puts the CPU back into wait-for-SIPI; the VMM restarts it by set_sregs.
+                self.run_state = RunState::WaitingForSipi;
+                Ok(Some(VmExit::Hlt))
+            }
+            VMX_REASON_SIPI => {
+                let vector = self.vmcs.read_field(VMCS_RO_EXIT_QUALIFIC)? & 0xff;
+                let cs = segment_from(vector << 8, vector << 12, 0xffff, 0x9b);
+                write_segment(&mut self.vmcs, &CS, &cs)?;
+                self.vmcs.write_field(VMCS_GUEST_RIP, 0)?;
+                self.vmcs.write_field(VMCS_GUEST_ACTIVITY_STATE, 0)?;
+                self.run_state = RunState::Running;
+                Ok(None)
+            }
+            VMX_REASON_IRQ_WND => {
+                self.irq_window_wanted = false;
+                self.set_windows(false, self.nmi_window_on)?;
+                Ok(Some(VmExit::IrqWindowOpen))
+            }
+            VMX_REASON_VIRTUAL_NMI_WND => {
+                self.set_windows(self.irq_window_on, false)?;
+                Ok(Some(VmExit::IrqWindowOpen))
+            }
+            // xhyve does not emulate hardware task switches either.
+            VMX_REASON_TASK => Ok(Some(VmExit::Other { reason })),
+            VMX_REASON_CPUID => {
+                self.emulate_cpuid()?;
+                Ok(None)
+            }
+            VMX_REASON_HLT => {
+                let len = self.insn_len()?;
+                self.advance_rip(len)?;
+                self.run_state = RunState::Halted;
+                Ok(Some(VmExit::Hlt))
+            }
+            VMX_REASON_PAUSE => {
+                let len = self.insn_len()?;
+                self.advance_rip(len)?;
+                Ok(None)
+            }
+            VMX_REASON_MOV_CR => self.cr_access(),
+            VMX_REASON_IO => self.io_exit(ram),
+            VMX_REASON_RDMSR => self.rdmsr(),
+            VMX_REASON_WRMSR => self.wrmsr(),
+            VMX_REASON_EPT_VIOLATION => {
+                let gpa = self.vmcs.read_field(VMCS_GUEST_PHYSICAL_ADDRESS)?;
+                if ram.read(gpa, &mut [0u8; 1]) {
+                    // A fault on RAM we mapped: nothing to emulate.
+                    return Ok(Some(VmExit::Other { reason }));
+                }
+                let access = self.emulate_mmio(ram, None)?;
+                Ok(access.map(|a| self.mmio_exit(a)))
+            }
+            VMX_REASON_XSETBV => self.xsetbv(),
+            // VMX instructions, MONITOR/MWAIT: not available to the guest.
+            VMX_REASON_VMCALL..=27
+            | VMX_REASON_EPT_INVEPT
+            | VMX_REASON_INVVPID
+            | VMX_REASON_VMFUNC
+            | VMX_REASON_MWAIT
+            | VMX_REASON_MONITOR => {
+                self.inject_exception(EXC_UD, None);
+                Ok(None)
+            }
+            _ => Ok(Some(VmExit::Other { reason })),
+        }
+    }
+
+    /// An exit during event delivery loses the event unless it is delivered again.
+    fn requeue_vectoring_event(&mut self) -> Result<(), HvError> {
+        let info = self.vmcs.read_field(VMCS_RO_IDT_VECTOR_INFO)? as u32;
+        if info & IRQ_INFO_VALID == 0 {
+            return Ok(());
+        }
+        let error_code = if info & IRQ_INFO_ERROR_VALID != 0 {
+            Some(self.vmcs.read_field(VMCS_RO_IDT_VECTOR_ERROR)? as u32)
+        } else {
+            None
+        };
+        self.exception = Some(Event { info, error_code });
+        Ok(())
+    }
+
+    fn emulate_cpuid(&mut self) -> Result<(), HvError> {
+        let function = self.vmcs.read_reg(HV_X86_RAX)? as u32;
+        let index = self.vmcs.read_reg(HV_X86_RCX)? as u32;
+        let found = self
+            .config
+            .cpuid
+            .iter()
+            .find(|e| e.function == function && (!e.index_significant || e.index == index))
+            .copied()
+            .unwrap_or_default();
+        let (eax, mut ebx, mut ecx, mut edx) = (found.eax, found.ebx, found.ecx, found.edx);
+        let apic_id = u32::from(self.config.vcpu_id);
+        match function {
+            1 => {
+                ebx = (ebx & 0x00ff_ffff) | apic_id << 24;
+                let cr4 = self.guest_cr4()?;
+                ecx &= !(1 << 27);
+                if cr4 & CR4_OSXSAVE != 0 {
+                    ecx |= 1 << 27;
+                }
+            }
+            0xb | 0x1f => edx = apic_id,
+            _ => {}
+        }
+        if function == 0xb && found == CpuidEntry::default() {
+            ecx = index;
+        }
+        self.vmcs.write_reg(HV_X86_RAX, eax.into())?;
+        self.vmcs.write_reg(HV_X86_RBX, ebx.into())?;
+        self.vmcs.write_reg(HV_X86_RCX, ecx.into())?;
+        self.vmcs.write_reg(HV_X86_RDX, edx.into())?;
+        let len = self.insn_len()?;
+        self.advance_rip(len)
+    }
+
+    /// The CR0 the guest believes it has: host-owned bits from the read shadow.
+    fn guest_cr0(&self) -> Result<u64, HvError> {
+        let real = self.vmcs.read_field(VMCS_GUEST_CR0)?;
+        let shadow = self.vmcs.read_field(VMCS_CTRL_CR0_SHADOW)?;
+        Ok((real & !CR0_GUEST_HOST_MASK) | (shadow & CR0_GUEST_HOST_MASK))
+    }
+
+    fn guest_cr4(&self) -> Result<u64, HvError> {
+        let real = self.vmcs.read_field(VMCS_GUEST_CR4)?;
+        let shadow = self.vmcs.read_field(VMCS_CTRL_CR4_SHADOW)?;
+        Ok((real & !CR4_GUEST_HOST_MASK) | (shadow & CR4_GUEST_HOST_MASK))
+    }
+
+    /// Sets the guest's CR0: the shadow holds its value, the VMCS the forced one; turning
+    /// paging on with EFER.LME set enters long mode (LMA and the IA-32e entry control).
+    fn write_cr0(&mut self, value: u64) -> Result<(), HvError> {
+        self.vmcs.write_field(VMCS_CTRL_CR0_SHADOW, value)?;
+        self.vmcs
+            .write_field(VMCS_GUEST_CR0, (value | CR0_ONES) & !CR0_ZEROS)?;
+        let efer = self.vmcs.read_field(VMCS_GUEST_IA32_EFER)?;
+        let lma = value & CR0_PG != 0 && efer & EFER_LME != 0;
+        let new_efer = if lma {
+            efer | EFER_LMA
+        } else {
+            efer & !EFER_LMA
+        };
+        if new_efer != efer {
+            self.vmcs.write_field(VMCS_GUEST_IA32_EFER, new_efer)?;
+        }
+        self.set_long_mode(lma)
+    }
+
+    fn write_cr4(&mut self, value: u64) -> Result<(), HvError> {
+        self.vmcs.write_field(VMCS_CTRL_CR4_SHADOW, value)?;
+        self.vmcs.write_field(VMCS_GUEST_CR4, value | CR4_ONES)
+    }
+
+    fn cr_access(&mut self) -> Result<Option<VmExit<'_>>, HvError> {
+        let qual = self.vmcs.read_field(VMCS_RO_EXIT_QUALIFIC)?;
+        let cr = qual & 0xf;
+        let access = (qual >> 4) & 3;
+        let gpr = GPR_BY_INDEX[((qual >> 8) & 0xf) as usize];
+        match (access, cr) {
+            (0, 0) => {
+                let value = self.vmcs.read_reg(gpr)?;
+                self.write_cr0(value)?;
+            }
+            (0, 4) => {
+                let value = self.vmcs.read_reg(gpr)?;
+                self.write_cr4(value)?;
+            }
+            (0, 8) => self.cr8 = self.vmcs.read_reg(gpr)? & 0xf,
+            (1, 8) => self.vmcs.write_reg(gpr, self.cr8)?,
+            (2, _) => {
+                // CLTS
+                let cr0 = self.guest_cr0()? & !CR0_TS;
+                self.write_cr0(cr0)?;
+            }
+            (3, _) => {
+                // LMSW loads CR0[3:0] but cannot clear PE.
+                let source = (qual >> 16) & 0xf;
+                let cr0 = self.guest_cr0()?;
+                self.write_cr0((cr0 & !0xe) | source | (cr0 & CR0_PE))?;
+            }
+            _ => {
+                return Ok(Some(VmExit::Other {
+                    reason: VMX_REASON_MOV_CR,
+                }))
+            }
+        }
+        let len = self.insn_len()?;
+        self.advance_rip(len)?;
+        Ok(None)
+    }
+
+    fn io_exit(&mut self, ram: &dyn GuestRam) -> Result<Option<VmExit<'_>>, HvError> {
+        let qual = self.vmcs.read_field(VMCS_RO_EXIT_QUALIFIC)?;
+        let size = ((qual & 7) + 1) as usize;
+        let is_in = qual & (1 << 3) != 0;
+        let is_string = qual & (1 << 4) != 0;
+        let rep = qual & (1 << 5) != 0;
+        let port = (qual >> 16) as u16;
+        let insn_len = self.insn_len()?;
+        if !matches!(size, 1 | 2 | 4) {
+            return Ok(Some(VmExit::Other {
+                reason: VMX_REASON_IO,
+            }));
+        }
+        let string = if is_string {
+            let info = self.vmcs.read_field(VMCS_RO_VMX_INSTR_INFO)?;
+            let address_mask = match (info >> 7) & 7 {
+                0 => 0xffff,
+                1 => 0xffff_ffff,
+                _ => !0,
+            };
+            // OUTS reads DS:RSI (segment overridable); INS writes ES:RDI.
+            let (index, segment) = if is_in {
+                (HV_X86_RDI, &ES)
+            } else {
+                let seg = SEGMENT_BY_INDEX
+                    .get(((info >> 15) & 7) as usize)
+                    .copied()
+                    .unwrap_or(&DS);
+                (HV_X86_RSI, seg)
+            };
+            if rep && self.vmcs.read_reg(HV_X86_RCX)? & address_mask == 0 {
+                // A REP with a zero count does nothing.
+                self.advance_rip(insn_len)?;
+                return Ok(None);
+            }
+            let long_mode = self.vmcs.read_field(VMCS_GUEST_IA32_EFER)? & EFER_LMA != 0
+                && self.vmcs.read_field(CS.access)? & AR_L != 0;
+            let base = if long_mode
+                && segment.selector != VMCS_GUEST_FS
+                && segment.selector != VMCS_GUEST_GS
+            {
+                0
+            } else {
+                self.vmcs.read_field(segment.base)?
+            };
+            let offset = self.vmcs.read_reg(index)? & address_mask;
+            let mut linear = base.wrapping_add(offset);
+            if !long_mode {
+                linear &= 0xffff_ffff;
+            }
+            Some(StringIo {
+                rep,
+                index,
+                linear,
+                address_mask,
+            })
+        } else {
+            None
+        };
+        if !is_in {
+            match &string {
+                Some(s) => {
+                    let mut buf = [0u8; 4];
+                    match self.paging()?.translate(ram, s.linear) {
+                        Some(gpa) if ram.read(gpa, &mut buf[..size]) => {}
+                        _ => {
+                            self.page_fault(s.linear, false)?;
+                            return Ok(None);
+                        }
+                    }
+                    self.data[..size].copy_from_slice(&buf[..size]);
+                }
+                None => {
+                    let rax = self.vmcs.read_reg(HV_X86_RAX)?;
+                    self.data = rax.to_le_bytes();
+                }
+            }
+        }
+        self.pending = Pending::Io {
+            size,
+            is_in,
+            insn_len,
+            string,
+        };
+        Ok(Some(if is_in {
+            self.data = [0; 8];
+            VmExit::IoIn {
+                port,
+                size,
+                data: &mut self.data[..size],
+            }
+        } else {
+            VmExit::IoOut {
+                port,
+                size,
+                data: &self.data[..size],
+            }
+        }))
+    }
+
+    fn rdmsr(&mut self) -> Result<Option<VmExit<'_>>, HvError> {
+        let index = self.vmcs.read_reg(HV_X86_RCX)? as u32;
+        let insn_len = self.insn_len()?;
+        let value = match index {
+            MSR_EFER => Some(self.vmcs.read_field(VMCS_GUEST_IA32_EFER)?),
+            MSR_APIC_BASE => Some(self.apic_base),
+            MSR_PAT => Some(self.vmcs.read_field(VMCS_GUEST_IA32_PAT)?),
+            MSR_MISC_ENABLE => Some(MISC_ENABLE),
+            MSR_MCG_CAP | MSR_MCG_STATUS | MSR_BIOS_SIGN => Some(0),
+            // xhyve reports no MTRRs and ignores their writes.
+            MSR_MTRR_CAP | MSR_MTRR_DEF_TYPE | MSR_MTRR_FIX_64K | MSR_MTRR_FIX_16K
+            | MSR_MTRR_FIX_16K_2 => Some(0),
+            MSR_MTRR_FIX_4K_FIRST..=MSR_MTRR_FIX_4K_LAST
+            | MSR_MTRR_PHYS_FIRST..=MSR_MTRR_PHYS_LAST => Some(0),
+            // Locked with VMX off: the guest must not try to use VMX.
+            MSR_FEATURE_CONTROL => Some(1),
+            _ => None,
+        };
+        match value {
+            Some(v) => {
+                self.vmcs.write_reg(HV_X86_RAX, v & 0xffff_ffff)?;
+                self.vmcs.write_reg(HV_X86_RDX, v >> 32)?;
+                self.advance_rip(insn_len)?;
+                Ok(None)
+            }
+            None => self.unknown_msr(index, None, insn_len),
+        }
+    }
+
+    fn wrmsr(&mut self) -> Result<Option<VmExit<'_>>, HvError> {
+        let index = self.vmcs.read_reg(HV_X86_RCX)? as u32;
+        let value = (self.vmcs.read_reg(HV_X86_RDX)? << 32)
+            | (self.vmcs.read_reg(HV_X86_RAX)? & 0xffff_ffff);
+        let insn_len = self.insn_len()?;
+        let ok = match index {
+            MSR_EFER => self.write_efer(value)?,
+            MSR_APIC_BASE => {
+                // The BSP flag is read-only.
+                self.apic_base = (value & !APIC_BASE_BSP) | (self.apic_base & APIC_BASE_BSP);
+                true
+            }
+            MSR_PAT => {
+                let valid = (0..8).all(|i| matches!((value >> (i * 8)) & 0xff, 0 | 1 | 4..=7));
+                if valid {
+                    self.vmcs.write_field(VMCS_GUEST_IA32_PAT, value)?;
+                }
+                valid
+            }
+            MSR_MISC_ENABLE => (value ^ MISC_ENABLE) & !MISC_ENABLE_IGNORED == 0,
+            MSR_MCG_CAP | MSR_MCG_STATUS | MSR_BIOS_SIGN | MSR_MTRR_DEF_TYPE | MSR_MTRR_FIX_64K
+            | MSR_MTRR_FIX_16K | MSR_MTRR_FIX_16K_2 => true,
+            MSR_MTRR_FIX_4K_FIRST..=MSR_MTRR_FIX_4K_LAST
+            | MSR_MTRR_PHYS_FIRST..=MSR_MTRR_PHYS_LAST => true,
+            MSR_MTRR_CAP | MSR_FEATURE_CONTROL => false,
+            _ => return self.unknown_msr(index, Some(value), insn_len),
+        };
+        if ok {
+            self.advance_rip(insn_len)?;
+        } else {
+            self.inject_exception(EXC_GP, Some(0));
+        }
+        Ok(None)
+    }
+
+    /// EFER: SCE, LME and NXE are writable; LMA follows CR0.PG and LME. False = #GP.
+    fn write_efer(&mut self, value: u64) -> Result<bool, HvError> {
+        if value & !(EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE) != 0 {
+            return Ok(false);
+        }
+        let cr0 = self.guest_cr0()?;
+        let old = self.vmcs.read_field(VMCS_GUEST_IA32_EFER)?;
+        // LME cannot change while paging is on.
+        if cr0 & CR0_PG != 0 && (old ^ value) & EFER_LME != 0 {
+            return Ok(false);
+        }
+        let lma = cr0 & CR0_PG != 0 && value & EFER_LME != 0;
+        let efer = if lma {
+            value | EFER_LMA
+        } else {
+            value & !EFER_LMA
+        };
+        self.vmcs.write_field(VMCS_GUEST_IA32_EFER, efer)?;
+        self.set_long_mode(lma)?;
+        Ok(true)
+    }
+
+    /// An MSR the layer does not know: with `-w` the VMM decides (its answer is applied by
+    /// `prepare_entry`), without it the guest gets #GP as on real hardware.
+    fn unknown_msr(
+        &mut self,
+        index: u32,
+        write: Option<u64>,
+        insn_len: u64,
+    ) -> Result<Option<VmExit<'_>>, HvError> {
+        if !self.config.ignore_unknown_msrs {
+            self.inject_exception(EXC_GP, Some(0));
+            return Ok(None);
+        }
+        self.msr_fault = 0;
+        Ok(Some(match write {
+            None => {
+                self.msr_value = 0;
+                self.pending = Pending::MsrRead { insn_len };
+                VmExit::MsrRead {
+                    index,
+                    value: &mut self.msr_value,
+                    fault: &mut self.msr_fault,
+                }
+            }
+            Some(value) => {
+                self.pending = Pending::MsrWrite { insn_len };
+                VmExit::MsrWrite {
+                    index,
+                    value,
+                    fault: &mut self.msr_fault,
+                }
+            }
+        }))
+    }
+
+    fn xsetbv(&mut self) -> Result<Option<VmExit<'_>>, HvError> {
+        let index = self.vmcs.read_reg(HV_X86_RCX)? as u32;
+        let value = (self.vmcs.read_reg(HV_X86_RDX)? << 32)
+            | (self.vmcs.read_reg(HV_X86_RAX)? & 0xffff_ffff);
+        // XCR0: x87 state must stay enabled, AVX needs SSE.
+        let valid = index == 0 && value & 1 != 0 && (value & 4 == 0 || value & 2 != 0);
+        if valid && self.guest_cr4()? & CR4_OSXSAVE != 0 {
+            self.vmcs.write_reg(HV_X86_XCR0, value)?;
+            let len = self.insn_len()?;
+            self.advance_rip(len)?;
+        } else {
+            self.inject_exception(EXC_GP, Some(0));
+        }
+        Ok(None)
+    }
+
+    /// Emulates the instruction at RIP that touched MMIO. `replay` is the read the VMM just
+    /// answered (its value is in `self.data`). `Some` = an access for the VMM.
+    fn emulate_mmio(
+        &mut self,
+        _ram: &dyn GuestRam,
+        _replay: Option<(u64, usize)>,
+    ) -> Result<Option<MmioAccess>, HvError> {
+        Ok(Some(MmioAccess::Failed))
+    }
+
+    fn mmio_exit(&mut self, access: MmioAccess) -> VmExit<'_> {
+        match access {
+            MmioAccess::Read { gpa, len } => VmExit::MmioRead {
+                addr: gpa,
+                data: &mut self.data[..len],
+            },
+            MmioAccess::Write { gpa, len } => VmExit::MmioWrite {
+                addr: gpa,
+                data: &self.data[..len],
+            },
+            MmioAccess::Failed => VmExit::InternalError {
+                suberror: INTERNAL_ERROR_EMULATION,
+            },
+        }
+    }
+
+    // ---- registers and interrupts ----
+
+    pub fn regs(&self) -> Result<StandardRegisters, HvError> {
+        let r = |reg| self.vmcs.read_reg(reg);
+        Ok(StandardRegisters {
+            rax: r(HV_X86_RAX)?,
+            rbx: r(HV_X86_RBX)?,
+            rcx: r(HV_X86_RCX)?,
+            rdx: r(HV_X86_RDX)?,
+            rsi: r(HV_X86_RSI)?,
+            rdi: r(HV_X86_RDI)?,
+            rsp: self.vmcs.read_field(VMCS_GUEST_RSP)?,
+            rbp: r(HV_X86_RBP)?,
+            r8: r(HV_X86_R8)?,
+            r9: r(HV_X86_R9)?,
+            r10: r(HV_X86_R10)?,
+            r11: r(HV_X86_R11)?,
+            r12: r(HV_X86_R12)?,
+            r13: r(HV_X86_R13)?,
+            r14: r(HV_X86_R14)?,
+            r15: r(HV_X86_R15)?,
+            rip: self.vmcs.read_field(VMCS_GUEST_RIP)?,
+            rflags: self.vmcs.read_field(VMCS_GUEST_RFLAGS)?,
+        })
+    }
+
+    /// Sets the registers; an application processor starts running with them.
+    pub fn set_regs(&mut self, regs: &StandardRegisters) -> Result<(), HvError> {
+        let v = &mut self.vmcs;
+        for (reg, value) in [
+            (HV_X86_RAX, regs.rax),
+            (HV_X86_RBX, regs.rbx),
+            (HV_X86_RCX, regs.rcx),
+            (HV_X86_RDX, regs.rdx),
+            (HV_X86_RSI, regs.rsi),
+            (HV_X86_RDI, regs.rdi),
+            (HV_X86_RBP, regs.rbp),
+            (HV_X86_R8, regs.r8),
+            (HV_X86_R9, regs.r9),
+            (HV_X86_R10, regs.r10),
+            (HV_X86_R11, regs.r11),
+            (HV_X86_R12, regs.r12),
+            (HV_X86_R13, regs.r13),
+            (HV_X86_R14, regs.r14),
+            (HV_X86_R15, regs.r15),
+        ] {
+            v.write_reg(reg, value)?;
+        }
+        v.write_field(VMCS_GUEST_RSP, regs.rsp)?;
+        v.write_field(VMCS_GUEST_RIP, regs.rip)?;
+        v.write_field(VMCS_GUEST_RFLAGS, regs.rflags | RFLAGS_RESERVED)?;
+        self.start();
+        Ok(())
+    }
+
+    pub fn sregs(&self) -> Result<SpecialRegisters, HvError> {
+        let v = &self.vmcs;
+        let segment = |f: &SegmentFields| -> Result<SegmentRegister, HvError> {
+            Ok(segment_from(
+                v.read_field(f.selector)?,
+                v.read_field(f.base)?,
+                v.read_field(f.limit)?,
+                v.read_field(f.access)?,
+            ))
+        };
+        Ok(SpecialRegisters {
+            cs: segment(&CS)?,
+            ds: segment(&DS)?,
+            es: segment(&ES)?,
+            fs: segment(&FS)?,
+            gs: segment(&GS)?,
+            ss: segment(&SS)?,
+            tr: segment(&TR)?,
+            ldt: segment(&LDTR)?,
+            gdt: DescriptorTable {
+                base: v.read_field(VMCS_GUEST_GDTR_BASE)?,
+                limit: v.read_field(VMCS_GUEST_GDTR_LIMIT)? as u16,
+            },
+            idt: DescriptorTable {
+                base: v.read_field(VMCS_GUEST_IDTR_BASE)?,
+                limit: v.read_field(VMCS_GUEST_IDTR_LIMIT)? as u16,
+            },
+            cr0: self.guest_cr0()?,
+            cr2: v.read_reg(HV_X86_CR2)?,
+            cr3: v.read_field(VMCS_GUEST_CR3)?,
+            cr4: self.guest_cr4()?,
+            cr8: self.cr8,
+            efer: v.read_field(VMCS_GUEST_IA32_EFER)?,
+            apic_base: self.apic_base,
+        })
+    }
+
+    /// Sets segments and control registers; an application processor starts running.
+    pub fn set_sregs(&mut self, sregs: &SpecialRegisters) -> Result<(), HvError> {
+        for (fields, s) in [
+            (&CS, &sregs.cs),
+            (&DS, &sregs.ds),
+            (&ES, &sregs.es),
+            (&FS, &sregs.fs),
+            (&GS, &sregs.gs),
+            (&SS, &sregs.ss),
+            (&TR, &sregs.tr),
+            (&LDTR, &sregs.ldt),
+        ] {
+            write_segment(&mut self.vmcs, fields, s)?;
+        }
+        let v = &mut self.vmcs;
+        v.write_field(VMCS_GUEST_GDTR_BASE, sregs.gdt.base)?;
+        v.write_field(VMCS_GUEST_GDTR_LIMIT, sregs.gdt.limit.into())?;
+        v.write_field(VMCS_GUEST_IDTR_BASE, sregs.idt.base)?;
+        v.write_field(VMCS_GUEST_IDTR_LIMIT, sregs.idt.limit.into())?;
+        v.write_reg(HV_X86_CR2, sregs.cr2)?;
+        v.write_field(VMCS_GUEST_CR3, sregs.cr3)?;
+        // EFER first: the CR0 write derives LMA from it.
+        v.write_field(VMCS_GUEST_IA32_EFER, sregs.efer)?;
+        self.write_cr4(sregs.cr4)?;
+        self.write_cr0(sregs.cr0)?;
+        self.cr8 = sregs.cr8 & 0xf;
+        if sregs.apic_base != 0 {
+            self.apic_base = sregs.apic_base;
+        }
+        self.start();
+        Ok(())
+    }
+
+    fn start(&mut self) {
+        if self.run_state == RunState::WaitingForSipi {
+            self.run_state = RunState::Running;
+        }
+    }
+
+    /// Whether an external interrupt can be injected on the next entry: RFLAGS.IF set, no
+    /// STI/MOV SS shadow, and nothing queued already.
+    pub fn ready_for_interrupt(&mut self) -> bool {
+        if self.interrupt.is_some() || self.exception.is_some() || self.nmi {
+            return false;
+        }
+        let (Ok(rflags), Ok(blocking)) = (
+            self.vmcs.read_field(VMCS_GUEST_RFLAGS),
+            self.vmcs.read_field(VMCS_GUEST_IGNORE_IRQ),
+        ) else {
+            return false;
+        };
+        rflags & RFLAGS_IF != 0
+            && blocking
+                & (VMCS_INTERRUPTIBILITY_STI_BLOCKING | VMCS_INTERRUPTIBILITY_MOVSS_BLOCKING)
+                == 0
+    }
+
+    /// Queues external interrupt `vector` for the next entry.
+    pub fn inject_interrupt(&mut self, vector: u8) -> Result<(), HvError> {
+        self.interrupt = Some(vector);
+        Ok(())
+    }
+
+    /// Queues an NMI; it is delivered when NMIs are not blocked (NMI-window exit otherwise).
+    pub fn inject_nmi(&mut self) -> Result<(), HvError> {
+        self.nmi = true;
+        Ok(())
+    }
+
+    /// Asks for `VmExit::IrqWindowOpen` as soon as the guest can take an interrupt; the
+    /// control is written by the next `prepare_entry`.
+    pub fn request_interrupt_window(&mut self, on: bool) {
+        self.irq_window_wanted = on;
+    }
+
+    pub fn interrupts_enabled(&mut self) -> bool {
+        self.vmcs
+            .read_field(VMCS_GUEST_RFLAGS)
+            .is_ok_and(|f| f & RFLAGS_IF != 0)
+    }
+}
+
+fn write_segment(v: &mut impl Vmcs, f: &SegmentFields, s: &SegmentRegister) -> Result<(), HvError> {
+    v.write_field(f.selector, s.selector.into())?;
+    v.write_field(f.base, s.base)?;
+    v.write_field(f.limit, s.limit.into())?;
+    // VMX wants a null or absent segment marked unusable.
+    let mut ar = access_rights(s);
+    if !s.present {
+        ar |= AR_UNUSABLE;
+    }
+    v.write_field(f.access, ar)
+}
