@@ -6,7 +6,10 @@
 //! buffers owned by [`VmxVcpu`]; the next `prepare_entry` completes it with what the VMM filled
 //! in (register write-back, RIP advance, the next REP element) before anything is injected.
 
+use iced_x86::Register;
+
 use super::controls::Controls;
+use super::emulate::{emulate, CpuMode, EmulateError, Emulated, EmulatorContext};
 use super::ffi::*;
 use super::vmcs::Vmcs;
 use crate::hv::cpuid::CpuidEntry;
@@ -388,6 +391,7 @@ pub struct VmxVcpu<V: Vmcs> {
     msr_fault: u8,
     apic_base: u64,
     cr8: u64,
+    emulation_error: Option<EmulateError>,
 }
 
 impl<V: Vmcs> VmxVcpu<V> {
@@ -418,6 +422,7 @@ impl<V: Vmcs> VmxVcpu<V> {
             msr_fault: 0,
             apic_base: APIC_BASE_DEFAULT | if bsp { APIC_BASE_BSP } else { 0 },
             cr8: 0,
+            emulation_error: None,
         };
         vcpu.reset()?;
         Ok(vcpu)
@@ -1171,10 +1176,79 @@ impl<V: Vmcs> VmxVcpu<V> {
     /// answered (its value is in `self.data`). `Some` = an access for the VMM.
     fn emulate_mmio(
         &mut self,
-        _ram: &dyn GuestRam,
-        _replay: Option<(u64, usize)>,
+        ram: &dyn GuestRam,
+        replay: Option<(u64, usize)>,
     ) -> Result<Option<MmioAccess>, HvError> {
-        Ok(Some(MmioAccess::Failed))
+        let paging = self.paging()?;
+        let rip = self.vmcs.read_field(VMCS_GUEST_RIP)?;
+        let cs_access = self.vmcs.read_field(CS.access)?;
+        let mode = if paging.cr0 & CR0_PE == 0 {
+            CpuMode::Real
+        } else if paging.efer & EFER_LMA != 0 && cs_access & AR_L != 0 {
+            CpuMode::Long64
+        } else if cs_access & AR_DB != 0 {
+            CpuMode::Protected32
+        } else {
+            CpuMode::Protected16
+        };
+        let cs_base = if mode == CpuMode::Long64 {
+            0
+        } else {
+            self.vmcs.read_field(CS.base)?
+        };
+        let mut bytes = [0u8; MAX_INSN_LEN];
+        let fetched = fetch(ram, &paging, cs_base.wrapping_add(rip), mode, &mut bytes);
+        if fetched == 0 {
+            self.emulation_error = None;
+            return Ok(Some(MmioAccess::Failed));
+        }
+        let mut ctx = MmioContext {
+            vmcs: &mut self.vmcs,
+            ram,
+            paging,
+            long_mode: mode == CpuMode::Long64,
+            rip,
+            replay: replay.map(|(gpa, len)| (gpa, len, self.data)),
+            read_miss: None,
+            write: None,
+            error: None,
+        };
+        let result = emulate(&mut ctx, &bytes[..fetched], mode);
+        let MmioContext {
+            read_miss,
+            write,
+            error,
+            ..
+        } = ctx;
+        if let Some(e) = error {
+            return Err(e);
+        }
+        match result {
+            Ok(outcome) => {
+                if let Emulated::Done { len } = outcome {
+                    self.advance_rip(len as u64)?;
+                }
+                Ok(write.map(|(gpa, len, data)| {
+                    self.data = data;
+                    MmioAccess::Write { gpa, len }
+                }))
+            }
+            Err(EmulateError::MmioPending { .. }) if read_miss.is_some() => {
+                let (gpa, len) = read_miss.unwrap_or_default();
+                self.pending = Pending::MmioRead { gpa, len };
+                self.data = [0; 8];
+                Ok(Some(MmioAccess::Read { gpa, len }))
+            }
+            Err(e) => {
+                self.emulation_error = Some(e);
+                Ok(Some(MmioAccess::Failed))
+            }
+        }
+    }
+
+    /// Why the last MMIO emulation failed (`VmExit::InternalError`), for the VMM's message.
+    pub fn last_emulation_error(&self) -> Option<EmulateError> {
+        self.emulation_error
     }
 
     fn mmio_exit(&mut self, access: MmioAccess) -> VmExit<'_> {
@@ -1377,4 +1451,164 @@ fn write_segment(v: &mut impl Vmcs, f: &SegmentFields, s: &SegmentRegister) -> R
         ar |= AR_UNUSABLE;
     }
     v.write_field(f.access, ar)
+}
+
+/// Reads up to `buf.len()` instruction bytes at `linear`, page by page; returns how many.
+fn fetch(ram: &dyn GuestRam, paging: &Paging, linear: u64, mode: CpuMode, buf: &mut [u8]) -> usize {
+    let mut done = 0;
+    while done < buf.len() {
+        let mut at = linear.wrapping_add(done as u64);
+        if mode != CpuMode::Long64 {
+            at &= 0xffff_ffff;
+        }
+        let in_page = (0x1000 - (at & 0xfff)) as usize;
+        let chunk = in_page.min(buf.len() - done);
+        match paging.translate(ram, at) {
+            Some(gpa) if ram.read(gpa, &mut buf[done..done + chunk]) => done += chunk,
+            _ => break,
+        }
+    }
+    done
+}
+
+/// The emulator's view of the vCPU during one MMIO emulation. Memory that is not RAM is the
+/// device: a read is answered from `replay` or recorded as a miss (the emulation aborts and the
+/// VMM is asked), a write is recorded for the VMM.
+struct MmioContext<'a, V: Vmcs> {
+    vmcs: &'a mut V,
+    ram: &'a dyn GuestRam,
+    paging: Paging,
+    long_mode: bool,
+    rip: u64,
+    replay: Option<(u64, usize, [u8; 8])>,
+    read_miss: Option<(u64, usize)>,
+    write: Option<(u64, usize, [u8; 8])>,
+    /// The first VMCS access error; the emulation's result is discarded when set.
+    error: Option<HvError>,
+}
+
+impl<V: Vmcs> MmioContext<'_, V> {
+    fn hv_reg(reg: Register) -> Option<hv_x86_reg_t> {
+        Some(match reg {
+            Register::RAX => HV_X86_RAX,
+            Register::RCX => HV_X86_RCX,
+            Register::RDX => HV_X86_RDX,
+            Register::RBX => HV_X86_RBX,
+            Register::RSP => HV_X86_RSP,
+            Register::RBP => HV_X86_RBP,
+            Register::RSI => HV_X86_RSI,
+            Register::RDI => HV_X86_RDI,
+            Register::R8 => HV_X86_R8,
+            Register::R9 => HV_X86_R9,
+            Register::R10 => HV_X86_R10,
+            Register::R11 => HV_X86_R11,
+            Register::R12 => HV_X86_R12,
+            Register::R13 => HV_X86_R13,
+            Register::R14 => HV_X86_R14,
+            Register::R15 => HV_X86_R15,
+            _ => return None,
+        })
+    }
+
+    fn note(&mut self, result: Result<(), HvError>) {
+        if let Err(e) = result {
+            self.error.get_or_insert(e);
+        }
+    }
+
+    /// The guest-physical address of `linear` when the access stays in one page.
+    fn physical(&self, linear: u64, size: usize) -> Result<u64, EmulateError> {
+        let linear = if self.long_mode {
+            linear
+        } else {
+            linear & 0xffff_ffff
+        };
+        let crosses = (linear & 0xfff) as usize + size > 0x1000;
+        match self.paging.translate(self.ram, linear) {
+            Some(gpa) if !crosses && size <= 8 => Ok(gpa),
+            _ => Err(EmulateError::Memory { linear, size }),
+        }
+    }
+}
+
+impl<V: Vmcs> EmulatorContext for MmioContext<'_, V> {
+    fn gpr(&self, reg: Register) -> u64 {
+        if reg == Register::RIP {
+            return self.rip;
+        }
+        Self::hv_reg(reg)
+            .and_then(|r| self.vmcs.read_reg(r).ok())
+            .unwrap_or(0)
+    }
+
+    fn set_gpr(&mut self, reg: Register, value: u64) {
+        if let Some(r) = Self::hv_reg(reg) {
+            let result = self.vmcs.write_reg(r, value);
+            self.note(result);
+        }
+    }
+
+    fn rflags(&self) -> u64 {
+        self.vmcs
+            .read_field(VMCS_GUEST_RFLAGS)
+            .unwrap_or(RFLAGS_RESERVED)
+    }
+
+    fn set_rflags(&mut self, value: u64) {
+        let result = self
+            .vmcs
+            .write_field(VMCS_GUEST_RFLAGS, value | RFLAGS_RESERVED);
+        self.note(result);
+    }
+
+    fn read_memory(&mut self, linear: u64, data: &mut [u8]) -> Result<(), EmulateError> {
+        let gpa = self.physical(linear, data.len())?;
+        if self.ram.read(gpa, data) {
+            return Ok(());
+        }
+        match self.replay {
+            Some((at, len, value)) if at == gpa && len == data.len() => {
+                data.copy_from_slice(&value[..len]);
+                Ok(())
+            }
+            _ => {
+                self.read_miss = Some((gpa, data.len()));
+                Err(EmulateError::MmioPending {
+                    linear,
+                    size: data.len(),
+                })
+            }
+        }
+    }
+
+    fn write_memory(&mut self, linear: u64, data: &[u8]) -> Result<(), EmulateError> {
+        let gpa = self.physical(linear, data.len())?;
+        if self.ram.write(gpa, data) {
+            return Ok(());
+        }
+        if self.write.is_some() {
+            // One device write per instruction is all the exit can carry.
+            return Err(EmulateError::Memory {
+                linear,
+                size: data.len(),
+            });
+        }
+        let mut value = [0u8; 8];
+        value[..data.len()].copy_from_slice(data);
+        self.write = Some((gpa, data.len(), value));
+        Ok(())
+    }
+
+    fn segment_base(&self, seg: Register) -> u64 {
+        let field = match seg {
+            Register::ES => ES.base,
+            Register::CS => CS.base,
+            Register::SS => SS.base,
+            Register::DS => DS.base,
+            Register::FS => FS.base,
+            Register::GS => GS.base,
+            _ => return 0,
+        };
+        self.vmcs.read_field(field).unwrap_or(0)
+    }
 }
