@@ -313,3 +313,85 @@ impl Controls {
         vmcs.write_field(VMCS_CTRL_VMENTRY_CONTROLS, self.vmentry.into())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hv::hvf::vmcs::{VmcsModel, CAP_ANYTHING};
+
+    #[test]
+    fn forbidden_required_control_is_an_error_naming_it() {
+        let mut m = VmcsModel::new();
+        // Everything allowed except EPT.
+        let no_ept = CAP_ANYTHING & !(u64::from(CPU_BASED2_EPT) << 32);
+        m.capabilities.insert(HV_VMX_CAP_PROCBASED2, no_ept);
+        let err = Controls::negotiate(&m, true, false).unwrap_err();
+        assert!(err.to_string().contains("EPT (secondary"), "{err}");
+    }
+
+    #[test]
+    fn hlt_exiting_is_required_only_with_dash_h() {
+        let mut m = VmcsModel::new();
+        let no_hlt = CAP_ANYTHING & !(u64::from(CPU_BASED_HLT) << 32);
+        m.capabilities.insert(HV_VMX_CAP_PROCBASED, no_hlt);
+        let err = Controls::negotiate(&m, true, false).unwrap_err();
+        assert!(err.to_string().contains("HLT exiting"), "{err}");
+        let c = Controls::negotiate(&m, false, false).unwrap();
+        assert_eq!(c.cpu_based & CPU_BASED_HLT, 0);
+    }
+
+    #[test]
+    fn control_forced_on_that_we_need_off_is_an_error() {
+        let mut m = VmcsModel::new();
+        m.capabilities.insert(
+            HV_VMX_CAP_PROCBASED,
+            CAP_ANYTHING | u64::from(CPU_BASED_RDTSC),
+        );
+        let err = Controls::negotiate(&m, false, false).unwrap_err();
+        assert!(err.to_string().contains("RDTSC"), "{err}");
+    }
+
+    #[test]
+    fn allowed_0_bits_are_forced_on_and_wanted_bits_follow_allowed_1() {
+        let mut m = VmcsModel::new();
+        // Bits 1, 2 and 4 of the pin-based controls must be 1 on this "processor".
+        m.capabilities
+            .insert(HV_VMX_CAP_PINBASED, CAP_ANYTHING | 0x16);
+        // VPID may not be 1: it is wanted, not required, so it is just left off.
+        m.capabilities.insert(
+            HV_VMX_CAP_PROCBASED2,
+            CAP_ANYTHING & !(u64::from(CPU_BASED2_VPID) << 32),
+        );
+        let c = Controls::negotiate(&m, true, true).unwrap();
+        assert_eq!(c.pin_based & 0x16, 0x16);
+        assert_eq!(
+            c.pin_based & (PIN_BASED_INTR | PIN_BASED_NMI | PIN_BASED_VIRTUAL_NMI),
+            PIN_BASED_INTR | PIN_BASED_NMI | PIN_BASED_VIRTUAL_NMI
+        );
+        assert_eq!(c.cpu_based2 & CPU_BASED2_VPID, 0);
+        assert_ne!(c.cpu_based2 & CPU_BASED2_EPT, 0);
+        assert_ne!(c.cpu_based & CPU_BASED_UNCOND_IO, 0);
+        assert_ne!(c.cpu_based & CPU_BASED_HLT, 0);
+        assert_ne!(c.cpu_based & CPU_BASED_PAUSE, 0);
+        assert_eq!(
+            c.cpu_based & CPU_BASED_IRQ_WND,
+            0,
+            "window exits only on request"
+        );
+        assert_ne!(c.vmentry & VMENTRY_LOAD_EFER, 0);
+        assert_eq!(c.vmentry & VMENTRY_GUEST_IA32E, 0);
+    }
+
+    #[test]
+    fn unrequested_bits_keep_the_current_vmcs_value() {
+        let mut m = VmcsModel::new();
+        m.set_field(VMCS_CTRL_VMEXIT_CONTROLS, u64::from(VMEXIT_ACK_INTR));
+        let c = Controls::negotiate(&m, false, false).unwrap();
+        assert_ne!(c.vmexit & VMEXIT_ACK_INTR, 0);
+        c.program(&mut m).unwrap();
+        assert_eq!(
+            m.writes_to(VMCS_CTRL_VMEXIT_CONTROLS),
+            vec![u64::from(c.vmexit)]
+        );
+    }
+}

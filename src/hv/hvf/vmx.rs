@@ -1612,3 +1612,795 @@ impl<V: Vmcs> EmulatorContext for MmioContext<'_, V> {
         self.vmcs.read_field(field).unwrap_or(0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use super::*;
+    use crate::hv::hvf::vmcs::VmcsModel;
+
+    /// Guest RAM from GPA 0; everything above is "MMIO".
+    struct Ram(RefCell<Vec<u8>>);
+
+    impl Ram {
+        fn new(size: usize) -> Ram {
+            Ram(RefCell::new(vec![0; size]))
+        }
+        fn put(&self, gpa: u64, bytes: &[u8]) {
+            let at = gpa as usize;
+            self.0.borrow_mut()[at..at + bytes.len()].copy_from_slice(bytes);
+        }
+        fn put_u64(&self, gpa: u64, value: u64) {
+            self.put(gpa, &value.to_le_bytes());
+        }
+    }
+
+    impl GuestRam for Ram {
+        fn read(&self, gpa: u64, buf: &mut [u8]) -> bool {
+            let mem = self.0.borrow();
+            let Some(end) = (gpa as usize).checked_add(buf.len()) else {
+                return false;
+            };
+            match mem.get(gpa as usize..end) {
+                Some(src) => {
+                    buf.copy_from_slice(src);
+                    true
+                }
+                None => false,
+            }
+        }
+        fn write(&self, gpa: u64, buf: &[u8]) -> bool {
+            let mut mem = self.0.borrow_mut();
+            let Some(end) = (gpa as usize).checked_add(buf.len()) else {
+                return false;
+            };
+            match mem.get_mut(gpa as usize..end) {
+                Some(dst) => {
+                    dst.copy_from_slice(buf);
+                    true
+                }
+                None => false,
+            }
+        }
+    }
+
+    fn config() -> VmxConfig {
+        VmxConfig {
+            vcpu_id: 0,
+            cpuid: vec![],
+            ignore_unknown_msrs: false,
+            exit_on_hlt: true,
+            exit_on_pause: true,
+        }
+    }
+
+    fn vcpu_with(config: VmxConfig) -> VmxVcpu<VmcsModel> {
+        let mut vcpu = VmxVcpu::new(VmcsModel::new(), config).unwrap();
+        // Tests count RIP from 0 rather than from the reset vector.
+        vcpu.vmcs_mut().set_field(VMCS_GUEST_RIP, 0);
+        vcpu.vmcs_mut().writes.clear();
+        vcpu
+    }
+
+    fn vcpu() -> VmxVcpu<VmcsModel> {
+        vcpu_with(config())
+    }
+
+    /// 32-bit protected mode, flat segments, no paging.
+    fn protected32(v: &mut VmxVcpu<VmcsModel>) {
+        let m = v.vmcs_mut();
+        m.set_field(VMCS_GUEST_CR0, CR0_PE | CR0_NE | CR0_ET);
+        m.set_field(VMCS_CTRL_CR0_SHADOW, CR0_PE | CR0_ET);
+        m.set_field(VMCS_GUEST_CS_AR, 0xc09b);
+        m.set_field(VMCS_GUEST_CS_BASE, 0);
+    }
+
+    /// 64-bit mode with identity-mapped 1 GiB pages for the low 4 GiB (PML4 at 0x1000).
+    fn long_mode(v: &mut VmxVcpu<VmcsModel>, ram: &Ram) {
+        ram.put_u64(0x1000, 0x2000 | 3);
+        for i in 0..4u64 {
+            ram.put_u64(0x2000 + i * 8, (i << 30) | 0x83);
+        }
+        let m = v.vmcs_mut();
+        m.set_field(VMCS_GUEST_CR0, CR0_PE | CR0_PG | CR0_NE | CR0_ET);
+        m.set_field(VMCS_CTRL_CR0_SHADOW, CR0_PE | CR0_PG | CR0_ET);
+        m.set_field(VMCS_GUEST_CR4, CR4_PAE | CR4_VMXE);
+        m.set_field(VMCS_GUEST_CR3, 0x1000);
+        m.set_field(VMCS_GUEST_IA32_EFER, EFER_LME | EFER_LMA);
+        m.set_field(VMCS_GUEST_CS_AR, 0xa09b);
+    }
+
+    /// Records an exit in the model as the hardware would leave it.
+    fn exit(v: &mut VmxVcpu<VmcsModel>, reason: u32, qualification: u64, insn_len: u64) {
+        let m = v.vmcs_mut();
+        m.set_field(VMCS_RO_EXIT_REASON, reason.into());
+        m.set_field(VMCS_RO_EXIT_QUALIFIC, qualification);
+        m.set_field(VMCS_RO_VMEXIT_INSTR_LEN, insn_len);
+        m.set_field(VMCS_CTRL_VMENTRY_IRQ_INFO, 0);
+    }
+
+    fn rip(v: &VmxVcpu<VmcsModel>) -> u64 {
+        v.vmcs().field(VMCS_GUEST_RIP)
+    }
+
+    fn set_rip(v: &mut VmxVcpu<VmcsModel>, rip: u64) {
+        v.vmcs_mut().set_field(VMCS_GUEST_RIP, rip);
+    }
+
+    fn reg(v: &VmxVcpu<VmcsModel>, r: hv_x86_reg_t) -> u64 {
+        v.vmcs().reg(r)
+    }
+
+    fn set_reg(v: &mut VmxVcpu<VmcsModel>, r: hv_x86_reg_t, value: u64) {
+        v.vmcs_mut().set_reg(r, value);
+    }
+
+    fn entry_event(v: &VmxVcpu<VmcsModel>) -> u64 {
+        v.vmcs().field(VMCS_CTRL_VMENTRY_IRQ_INFO)
+    }
+
+    const GP_EVENT: u64 = (IRQ_INFO_VALID | IRQ_INFO_HARD_EXC | IRQ_INFO_ERROR_VALID | 13) as u64;
+
+    fn io_qual(port: u16, size: u64, is_in: bool) -> u64 {
+        (u64::from(port) << 16) | (size - 1) | if is_in { 1 << 3 } else { 0 }
+    }
+
+    #[test]
+    fn in_al_dx_merges_the_byte_into_rax_and_advances_rip() {
+        let (mut v, ram) = (vcpu(), Ram::new(0x10000));
+        set_rip(&mut v, 0x100);
+        set_reg(&mut v, HV_X86_RAX, 0x1122_3344_5566_7788);
+        exit(&mut v, VMX_REASON_IO, io_qual(0x3fd, 1, true), 1);
+        match v.handle_exit(&ram).unwrap() {
+            Some(VmExit::IoIn { port, size, data }) => {
+                assert_eq!((port, size, data.len()), (0x3fd, 1, 1));
+                data[0] = 0x60;
+            }
+            other => panic!("expected IoIn, got {other:?}"),
+        }
+        assert_eq!(rip(&v), 0x100, "RIP moves only once the VMM answered");
+        assert!(v.prepare_entry(&ram).unwrap().is_none());
+        assert_eq!(reg(&v, HV_X86_RAX), 0x1122_3344_5566_7760);
+        assert_eq!(rip(&v), 0x101);
+    }
+
+    #[test]
+    fn in_eax_zero_extends() {
+        let (mut v, ram) = (vcpu(), Ram::new(0x10000));
+        set_reg(&mut v, HV_X86_RAX, !0);
+        exit(&mut v, VMX_REASON_IO, io_qual(0xcfc, 4, true), 1);
+        match v.handle_exit(&ram).unwrap() {
+            Some(VmExit::IoIn { data, .. }) => data.copy_from_slice(&[1, 2, 3, 4]),
+            other => panic!("expected IoIn, got {other:?}"),
+        }
+        v.prepare_entry(&ram).unwrap();
+        assert_eq!(reg(&v, HV_X86_RAX), 0x0403_0201);
+    }
+
+    #[test]
+    fn out_dx_al_sends_the_low_byte() {
+        let (mut v, ram) = (vcpu(), Ram::new(0x10000));
+        set_rip(&mut v, 0x200);
+        set_reg(&mut v, HV_X86_RAX, 0xabcd_0041);
+        exit(&mut v, VMX_REASON_IO, io_qual(0x3f8, 1, false), 1);
+        match v.handle_exit(&ram).unwrap() {
+            Some(VmExit::IoOut { port, size, data }) => {
+                assert_eq!((port, size, data), (0x3f8, 1, &[0x41][..]))
+            }
+            other => panic!("expected IoOut, got {other:?}"),
+        }
+        assert!(v.prepare_entry(&ram).unwrap().is_none());
+        assert_eq!(rip(&v), 0x201);
+        assert_eq!(reg(&v, HV_X86_RAX), 0xabcd_0041);
+    }
+
+    #[test]
+    fn out_imm8_eax_sends_four_bytes() {
+        let (mut v, ram) = (vcpu(), Ram::new(0x10000));
+        set_rip(&mut v, 0x300);
+        set_reg(&mut v, HV_X86_RAX, 0xdead_beef);
+        // `out 0x80, eax`: E7 80, immediate-operand bit set.
+        exit(&mut v, VMX_REASON_IO, io_qual(0x80, 4, false) | 1 << 6, 2);
+        match v.handle_exit(&ram).unwrap() {
+            Some(VmExit::IoOut { port, size, data }) => {
+                assert_eq!((port, size), (0x80, 4));
+                assert_eq!(data, &0xdead_beef_u32.to_le_bytes());
+            }
+            other => panic!("expected IoOut, got {other:?}"),
+        }
+        v.prepare_entry(&ram).unwrap();
+        assert_eq!(rip(&v), 0x302);
+    }
+
+    #[test]
+    fn rep_outsb_sends_one_byte_per_exit_and_advances_rip_at_the_end() {
+        let (mut v, ram) = (vcpu(), Ram::new(0x10000));
+        protected32(&mut v);
+        ram.put(0x5000, b"abc");
+        set_rip(&mut v, 0x400);
+        set_reg(&mut v, HV_X86_RSI, 0x5000);
+        set_reg(&mut v, HV_X86_RCX, 3);
+        // 32-bit addressing, DS segment.
+        v.vmcs_mut()
+            .set_field(VMCS_RO_VMX_INSTR_INFO, (1 << 7) | (3 << 15));
+        let qual = io_qual(0x3f8, 1, false) | 1 << 4 | 1 << 5;
+        for (i, expected) in b"abc".iter().enumerate() {
+            exit(&mut v, VMX_REASON_IO, qual, 2);
+            match v.handle_exit(&ram).unwrap() {
+                Some(VmExit::IoOut { port, size, data }) => {
+                    assert_eq!((port, size, data), (0x3f8, 1, &[*expected][..]))
+                }
+                other => panic!("expected IoOut, got {other:?}"),
+            }
+            assert!(v.prepare_entry(&ram).unwrap().is_none());
+            let i = i as u64;
+            assert_eq!(reg(&v, HV_X86_RCX), 2 - i);
+            assert_eq!(reg(&v, HV_X86_RSI), 0x5001 + i);
+            let expected_rip = if i == 2 { 0x402 } else { 0x400 };
+            assert_eq!(rip(&v), expected_rip, "after element {i}");
+        }
+    }
+
+    #[test]
+    fn rep_insb_writes_guest_ram_through_es_rdi() {
+        let (mut v, ram) = (vcpu(), Ram::new(0x10000));
+        protected32(&mut v);
+        set_reg(&mut v, HV_X86_RDI, 0x6000);
+        set_reg(&mut v, HV_X86_RCX, 1);
+        v.vmcs_mut().set_field(VMCS_RO_VMX_INSTR_INFO, 1 << 7);
+        exit(
+            &mut v,
+            VMX_REASON_IO,
+            io_qual(0x60, 1, true) | 1 << 4 | 1 << 5,
+            2,
+        );
+        match v.handle_exit(&ram).unwrap() {
+            Some(VmExit::IoIn { data, .. }) => data[0] = 0x5a,
+            other => panic!("expected IoIn, got {other:?}"),
+        }
+        v.prepare_entry(&ram).unwrap();
+        let mut b = [0u8];
+        assert!(ram.read(0x6000, &mut b));
+        assert_eq!(b[0], 0x5a);
+        assert_eq!(reg(&v, HV_X86_RDI), 0x6001);
+        assert_eq!(rip(&v), 2);
+    }
+
+    #[test]
+    fn mmio_write_to_lapic_eoi_in_long_mode() {
+        let (mut v, ram) = (vcpu(), Ram::new(0x10000));
+        long_mode(&mut v, &ram);
+        ram.put(0x3000, &[0x89, 0x08]); // mov [rax], ecx
+        set_rip(&mut v, 0x3000);
+        set_reg(&mut v, HV_X86_RAX, 0xfee0_00b0);
+        set_reg(&mut v, HV_X86_RCX, 0);
+        v.vmcs_mut()
+            .set_field(VMCS_GUEST_PHYSICAL_ADDRESS, 0xfee0_00b0);
+        exit(&mut v, VMX_REASON_EPT_VIOLATION, 2, 0);
+        match v.handle_exit(&ram).unwrap() {
+            Some(VmExit::MmioWrite { addr, data }) => {
+                assert_eq!((addr, data), (0xfee0_00b0, &[0u8; 4][..]))
+            }
+            other => panic!("expected MmioWrite, got {other:?}"),
+        }
+        assert_eq!(rip(&v), 0x3002);
+        assert!(v.prepare_entry(&ram).unwrap().is_none());
+        assert_eq!(rip(&v), 0x3002);
+    }
+
+    #[test]
+    fn mmio_read_of_the_ioapic_window_is_replayed_with_the_value() {
+        let (mut v, ram) = (vcpu(), Ram::new(0x10000));
+        protected32(&mut v);
+        ram.put(0x3000, &[0x8b, 0x03]); // mov eax, [rbx]
+        set_rip(&mut v, 0x3000);
+        set_reg(&mut v, HV_X86_RAX, 0xffff_ffff);
+        set_reg(&mut v, HV_X86_RBX, 0xfec0_0010);
+        v.vmcs_mut()
+            .set_field(VMCS_GUEST_PHYSICAL_ADDRESS, 0xfec0_0010);
+        exit(&mut v, VMX_REASON_EPT_VIOLATION, 1, 0);
+        match v.handle_exit(&ram).unwrap() {
+            Some(VmExit::MmioRead { addr, data }) => {
+                assert_eq!((addr, data.len()), (0xfec0_0010, 4));
+                data.copy_from_slice(&0x0017_0011_u32.to_le_bytes());
+            }
+            other => panic!("expected MmioRead, got {other:?}"),
+        }
+        assert_eq!(
+            reg(&v, HV_X86_RAX),
+            0xffff_ffff,
+            "no effect before the value"
+        );
+        assert_eq!(rip(&v), 0x3000);
+        assert!(v.prepare_entry(&ram).unwrap().is_none());
+        assert_eq!(reg(&v, HV_X86_RAX), 0x0017_0011);
+        assert_eq!(rip(&v), 0x3002);
+    }
+
+    #[test]
+    fn mmio_read_modify_write_returns_the_write_from_prepare_entry() {
+        let (mut v, ram) = (vcpu(), Ram::new(0x10000));
+        protected32(&mut v);
+        ram.put(0x3000, &[0x09, 0x08]); // or [eax], ecx
+        set_rip(&mut v, 0x3000);
+        set_reg(&mut v, HV_X86_RAX, 0xfec0_0000);
+        set_reg(&mut v, HV_X86_RCX, 0x0100);
+        v.vmcs_mut()
+            .set_field(VMCS_GUEST_PHYSICAL_ADDRESS, 0xfec0_0000);
+        exit(&mut v, VMX_REASON_EPT_VIOLATION, 3, 0);
+        match v.handle_exit(&ram).unwrap() {
+            Some(VmExit::MmioRead { data, .. }) => data.copy_from_slice(&[1, 0, 0, 0]),
+            other => panic!("expected MmioRead, got {other:?}"),
+        }
+        match v.prepare_entry(&ram).unwrap() {
+            Some(VmExit::MmioWrite { addr, data }) => {
+                assert_eq!((addr, data), (0xfec0_0000, &[1, 1, 0, 0][..]))
+            }
+            other => panic!("expected MmioWrite, got {other:?}"),
+        }
+        assert_eq!(rip(&v), 0x3002);
+        assert!(v.prepare_entry(&ram).unwrap().is_none());
+        assert_eq!(rip(&v), 0x3002);
+    }
+
+    #[test]
+    fn unsupported_mmio_instruction_is_an_internal_error_naming_it() {
+        let (mut v, ram) = (vcpu(), Ram::new(0x10000));
+        protected32(&mut v);
+        ram.put(0x3000, &[0x0f, 0xa2]); // cpuid: not an MMIO instruction
+        set_rip(&mut v, 0x3000);
+        v.vmcs_mut()
+            .set_field(VMCS_GUEST_PHYSICAL_ADDRESS, 0xfec0_0000);
+        exit(&mut v, VMX_REASON_EPT_VIOLATION, 1, 0);
+        assert!(matches!(
+            v.handle_exit(&ram).unwrap(),
+            Some(VmExit::InternalError {
+                suberror: INTERNAL_ERROR_EMULATION
+            })
+        ));
+        assert!(v.last_emulation_error().is_some());
+        assert_eq!(rip(&v), 0x3000);
+    }
+
+    fn cpuid_table() -> Vec<CpuidEntry> {
+        vec![
+            CpuidEntry {
+                function: 0,
+                eax: 0xd,
+                ebx: 0x756e_6547,
+                ecx: 0x6c65_746e,
+                edx: 0x4965_6e69,
+                ..Default::default()
+            },
+            CpuidEntry {
+                function: 1,
+                eax: 0x306a9,
+                ebx: 0x0001_0800,
+                ecx: 0x0400_0000 | 1 << 27,
+                edx: 0x0789_fbff,
+                ..Default::default()
+            },
+        ]
+    }
+
+    fn cpuid(v: &mut VmxVcpu<VmcsModel>, leaf: u32) -> [u64; 4] {
+        let ram = Ram::new(0x1000);
+        set_reg(v, HV_X86_RAX, leaf.into());
+        set_reg(v, HV_X86_RCX, 0);
+        exit(v, VMX_REASON_CPUID, 0, 2);
+        assert!(v.handle_exit(&ram).unwrap().is_none());
+        [HV_X86_RAX, HV_X86_RBX, HV_X86_RCX, HV_X86_RDX].map(|r| reg(v, r))
+    }
+
+    #[test]
+    fn cpuid_leaf_0_comes_from_the_table() {
+        let mut v = vcpu_with(VmxConfig {
+            cpuid: cpuid_table(),
+            ..config()
+        });
+        set_rip(&mut v, 0x10);
+        assert_eq!(
+            cpuid(&mut v, 0),
+            [0xd, 0x756e_6547, 0x6c65_746e, 0x4965_6e69]
+        );
+        assert_eq!(rip(&v), 0x12);
+    }
+
+    #[test]
+    fn cpuid_leaf_1_has_the_apic_id_and_osxsave_from_cr4() {
+        let mut v = vcpu_with(VmxConfig {
+            vcpu_id: 3,
+            cpuid: cpuid_table(),
+            ..config()
+        });
+        let [eax, ebx, ecx, edx] = cpuid(&mut v, 1);
+        assert_eq!((eax, edx), (0x306a9, 0x0789_fbff));
+        assert_eq!(ebx, 0x0301_0800);
+        assert_eq!(ecx & 1 << 27, 0, "OSXSAVE clear while CR4.OSXSAVE is clear");
+        v.vmcs_mut()
+            .set_field(VMCS_GUEST_CR4, CR4_OSXSAVE | CR4_VMXE);
+        let [_, _, ecx, _] = cpuid(&mut v, 1);
+        assert_ne!(ecx & 1 << 27, 0);
+        assert_eq!(cpuid(&mut v, 0x4000_0000), [0; 4], "unknown leaves read 0");
+    }
+
+    fn rdmsr(v: &mut VmxVcpu<VmcsModel>, index: u32) {
+        set_reg(v, HV_X86_RCX, index.into());
+        exit(v, VMX_REASON_RDMSR, 0, 2);
+    }
+
+    #[test]
+    fn unknown_msr_with_w_goes_to_the_vmm_and_reads_0() {
+        let (mut v, ram) = (
+            vcpu_with(VmxConfig {
+                ignore_unknown_msrs: true,
+                ..config()
+            }),
+            Ram::new(0x1000),
+        );
+        set_rip(&mut v, 0x40);
+        set_reg(&mut v, HV_X86_RAX, 0x55);
+        set_reg(&mut v, HV_X86_RDX, 0x66);
+        rdmsr(&mut v, 0x1234);
+        match v.handle_exit(&ram).unwrap() {
+            // Answered as src/vmm/vcpu.rs does with -w.
+            Some(VmExit::MsrRead {
+                index,
+                value,
+                fault,
+            }) => {
+                assert_eq!(index, 0x1234);
+                *value = 0;
+                assert_eq!(*fault, 0);
+            }
+            other => panic!("expected MsrRead, got {other:?}"),
+        }
+        assert!(v.prepare_entry(&ram).unwrap().is_none());
+        assert_eq!((reg(&v, HV_X86_RAX), reg(&v, HV_X86_RDX)), (0, 0));
+        assert_eq!(rip(&v), 0x42);
+        assert_eq!(entry_event(&v), 0, "no fault injected");
+    }
+
+    #[test]
+    fn unknown_msr_write_with_w_is_ignored() {
+        let (mut v, ram) = (
+            vcpu_with(VmxConfig {
+                ignore_unknown_msrs: true,
+                ..config()
+            }),
+            Ram::new(0x1000),
+        );
+        set_reg(&mut v, HV_X86_RCX, 0x1234);
+        set_reg(&mut v, HV_X86_RDX, 1);
+        set_reg(&mut v, HV_X86_RAX, 2);
+        exit(&mut v, VMX_REASON_WRMSR, 0, 2);
+        match v.handle_exit(&ram).unwrap() {
+            Some(VmExit::MsrWrite { index, value, .. }) => {
+                assert_eq!((index, value), (0x1234, 0x1_0000_0002))
+            }
+            other => panic!("expected MsrWrite, got {other:?}"),
+        }
+        v.prepare_entry(&ram).unwrap();
+        assert_eq!(rip(&v), 2);
+        assert_eq!(entry_event(&v), 0);
+    }
+
+    #[test]
+    fn unknown_msr_without_w_injects_gp() {
+        let (mut v, ram) = (vcpu(), Ram::new(0x1000));
+        set_rip(&mut v, 0x40);
+        rdmsr(&mut v, 0x1234);
+        assert!(v.handle_exit(&ram).unwrap().is_none());
+        assert!(!v.ready_for_interrupt(), "#GP queued first");
+        assert!(v.prepare_entry(&ram).unwrap().is_none());
+        assert_eq!(entry_event(&v), GP_EVENT);
+        assert_eq!(v.vmcs().writes_to(VMCS_CTRL_VMENTRY_EXC_ERROR), vec![0]);
+        assert_eq!(rip(&v), 0x40, "a faulting RDMSR does not complete");
+    }
+
+    #[test]
+    fn vmm_fault_on_unknown_msr_injects_gp() {
+        let (mut v, ram) = (
+            vcpu_with(VmxConfig {
+                ignore_unknown_msrs: true,
+                ..config()
+            }),
+            Ram::new(0x1000),
+        );
+        rdmsr(&mut v, 0x1234);
+        match v.handle_exit(&ram).unwrap() {
+            Some(VmExit::MsrRead { fault, .. }) => *fault = 1,
+            other => panic!("expected MsrRead, got {other:?}"),
+        }
+        v.prepare_entry(&ram).unwrap();
+        assert_eq!(entry_event(&v), GP_EVENT);
+        assert_eq!(rip(&v), 0);
+    }
+
+    #[test]
+    fn known_msrs_are_handled_in_the_layer() {
+        let (mut v, ram) = (vcpu(), Ram::new(0x1000));
+        rdmsr(&mut v, MSR_APIC_BASE);
+        assert!(v.handle_exit(&ram).unwrap().is_none());
+        assert_eq!(reg(&v, HV_X86_RAX), 0xfee0_0900, "enabled, BSP");
+        rdmsr(&mut v, MSR_PAT);
+        assert!(v.handle_exit(&ram).unwrap().is_none());
+        assert_eq!((reg(&v, HV_X86_RDX) << 32) | reg(&v, HV_X86_RAX), PAT_RESET);
+        rdmsr(&mut v, MSR_MTRR_CAP);
+        assert!(v.handle_exit(&ram).unwrap().is_none());
+        assert_eq!(reg(&v, HV_X86_RAX), 0);
+        assert_eq!(rip(&v), 6);
+        // An invalid PAT memory type faults.
+        set_reg(&mut v, HV_X86_RCX, MSR_PAT.into());
+        set_reg(&mut v, HV_X86_RAX, 2);
+        set_reg(&mut v, HV_X86_RDX, 0);
+        exit(&mut v, VMX_REASON_WRMSR, 0, 2);
+        assert!(v.handle_exit(&ram).unwrap().is_none());
+        v.prepare_entry(&ram).unwrap();
+        assert_eq!(entry_event(&v), GP_EVENT);
+    }
+
+    fn mov_to_cr(v: &mut VmxVcpu<VmcsModel>, cr: u64, gpr: u64, value: u64) {
+        set_reg(v, GPR_BY_INDEX[gpr as usize], value);
+        exit(v, VMX_REASON_MOV_CR, cr | gpr << 8, 3);
+        assert!(v.handle_exit(&Ram::new(0x1000)).unwrap().is_none());
+    }
+
+    #[test]
+    fn efer_lme_then_cr0_pg_enters_long_mode() {
+        let (mut v, ram) = (vcpu(), Ram::new(0x1000));
+        set_reg(&mut v, HV_X86_RCX, MSR_EFER.into());
+        set_reg(&mut v, HV_X86_RAX, EFER_LME);
+        set_reg(&mut v, HV_X86_RDX, 0);
+        exit(&mut v, VMX_REASON_WRMSR, 0, 2);
+        assert!(v.handle_exit(&ram).unwrap().is_none());
+        assert_eq!(v.vmcs().field(VMCS_GUEST_IA32_EFER), EFER_LME);
+        mov_to_cr(&mut v, 4, 0, CR4_PAE);
+        assert_eq!(
+            v.vmcs().field(VMCS_GUEST_CR4),
+            CR4_PAE | CR4_VMXE,
+            "VMXE forced"
+        );
+        assert_eq!(v.vmcs().field(VMCS_CTRL_CR4_SHADOW), CR4_PAE);
+        // mov cr0, rbx with PG|PE (and CD set, which the VMCS value drops).
+        mov_to_cr(&mut v, 0, 3, CR0_PG | CR0_PE | CR0_CD);
+        assert_eq!(
+            v.vmcs().field(VMCS_GUEST_CR0),
+            CR0_PG | CR0_PE | CR0_NE | CR0_ET
+        );
+        assert_eq!(
+            v.vmcs().field(VMCS_CTRL_CR0_SHADOW),
+            CR0_PG | CR0_PE | CR0_CD
+        );
+        assert_eq!(v.vmcs().field(VMCS_GUEST_IA32_EFER), EFER_LME | EFER_LMA);
+        assert_ne!(
+            v.vmcs().field(VMCS_CTRL_VMENTRY_CONTROLS) & u64::from(VMENTRY_GUEST_IA32E),
+            0
+        );
+        assert_eq!(v.sregs().unwrap().cr0, CR0_PG | CR0_PE | CR0_CD);
+        assert_eq!(rip(&v), 8);
+        // Paging off leaves long mode.
+        mov_to_cr(&mut v, 0, 3, CR0_PE);
+        assert_eq!(v.vmcs().field(VMCS_GUEST_IA32_EFER), EFER_LME);
+        assert_eq!(
+            v.vmcs().field(VMCS_CTRL_VMENTRY_CONTROLS) & u64::from(VMENTRY_GUEST_IA32E),
+            0
+        );
+    }
+
+    #[test]
+    fn interrupt_window_is_requested_reported_and_cleared() {
+        let (mut v, ram) = (vcpu(), Ram::new(0x1000));
+        let window = u64::from(CPU_BASED_IRQ_WND);
+        assert_eq!(v.vmcs().field(VMCS_CTRL_CPU_BASED) & window, 0);
+        v.request_interrupt_window(true);
+        v.prepare_entry(&ram).unwrap();
+        assert_ne!(v.vmcs().field(VMCS_CTRL_CPU_BASED) & window, 0);
+        exit(&mut v, VMX_REASON_IRQ_WND, 0, 0);
+        assert!(matches!(
+            v.handle_exit(&ram).unwrap(),
+            Some(VmExit::IrqWindowOpen)
+        ));
+        assert_eq!(v.vmcs().field(VMCS_CTRL_CPU_BASED) & window, 0);
+        v.prepare_entry(&ram).unwrap();
+        assert_eq!(v.vmcs().field(VMCS_CTRL_CPU_BASED) & window, 0, "stays off");
+    }
+
+    #[test]
+    fn nmi_waits_for_the_nmi_window_while_blocked() {
+        let (mut v, ram) = (vcpu(), Ram::new(0x1000));
+        v.vmcs_mut()
+            .set_field(VMCS_GUEST_IGNORE_IRQ, VMCS_INTERRUPTIBILITY_NMI_BLOCKING);
+        v.inject_nmi().unwrap();
+        v.prepare_entry(&ram).unwrap();
+        assert_eq!(entry_event(&v), 0);
+        let window = u64::from(CPU_BASED_VIRTUAL_NMI_WND);
+        assert_ne!(v.vmcs().field(VMCS_CTRL_CPU_BASED) & window, 0);
+        v.vmcs_mut().set_field(VMCS_GUEST_IGNORE_IRQ, 0);
+        exit(&mut v, VMX_REASON_VIRTUAL_NMI_WND, 0, 0);
+        assert!(matches!(
+            v.handle_exit(&ram).unwrap(),
+            Some(VmExit::IrqWindowOpen)
+        ));
+        v.prepare_entry(&ram).unwrap();
+        assert_eq!(
+            entry_event(&v),
+            u64::from(IRQ_INFO_VALID | IRQ_INFO_NMI | 2)
+        );
+        assert_eq!(v.vmcs().field(VMCS_CTRL_CPU_BASED) & window, 0);
+    }
+
+    #[test]
+    fn hlt_then_pending_interrupt_is_injected_past_the_hlt() {
+        let (mut v, ram) = (vcpu(), Ram::new(0x1000));
+        set_rip(&mut v, 0x500);
+        v.vmcs_mut()
+            .set_field(VMCS_GUEST_RFLAGS, RFLAGS_IF | RFLAGS_RESERVED);
+        exit(&mut v, VMX_REASON_HLT, 0, 1);
+        assert!(matches!(v.handle_exit(&ram).unwrap(), Some(VmExit::Hlt)));
+        assert_eq!(rip(&v), 0x501);
+        assert_eq!(v.run_state(), RunState::Halted);
+        assert!(v.interrupts_enabled());
+        assert!(v.ready_for_interrupt());
+        v.inject_interrupt(0x30).unwrap();
+        assert!(!v.ready_for_interrupt(), "one event at a time");
+        assert!(v.prepare_entry(&ram).unwrap().is_none());
+        assert_eq!(
+            entry_event(&v),
+            u64::from(IRQ_INFO_VALID | IRQ_INFO_EXT_IRQ | 0x30)
+        );
+        assert_eq!(v.run_state(), RunState::Running);
+        assert_eq!(rip(&v), 0x501);
+    }
+
+    #[test]
+    fn interrupt_shadow_and_if_gate_interrupts() {
+        let mut v = vcpu();
+        v.vmcs_mut().set_field(VMCS_GUEST_RFLAGS, RFLAGS_RESERVED);
+        assert!(!v.ready_for_interrupt(), "IF clear");
+        assert!(!v.interrupts_enabled());
+        v.vmcs_mut()
+            .set_field(VMCS_GUEST_RFLAGS, RFLAGS_IF | RFLAGS_RESERVED);
+        v.vmcs_mut()
+            .set_field(VMCS_GUEST_IGNORE_IRQ, VMCS_INTERRUPTIBILITY_STI_BLOCKING);
+        assert!(!v.ready_for_interrupt(), "STI shadow");
+        v.vmcs_mut()
+            .set_field(VMCS_GUEST_IGNORE_IRQ, VMCS_INTERRUPTIBILITY_MOVSS_BLOCKING);
+        assert!(!v.ready_for_interrupt(), "MOV SS shadow");
+        v.vmcs_mut().set_field(VMCS_GUEST_IGNORE_IRQ, 0);
+        assert!(v.ready_for_interrupt());
+    }
+
+    #[test]
+    fn triple_fault_is_shutdown() {
+        let (mut v, ram) = (vcpu(), Ram::new(0x1000));
+        exit(&mut v, VMX_REASON_TRIPLE_FAULT, 0, 0);
+        assert!(matches!(
+            v.handle_exit(&ram).unwrap(),
+            Some(VmExit::Shutdown)
+        ));
+    }
+
+    #[test]
+    fn task_switch_and_unknown_exits_are_other_and_entry_failure_is_fail_entry() {
+        let (mut v, ram) = (vcpu(), Ram::new(0x1000));
+        exit(&mut v, VMX_REASON_TASK, 0, 0);
+        assert!(matches!(
+            v.handle_exit(&ram).unwrap(),
+            Some(VmExit::Other { reason: 9 })
+        ));
+        exit(&mut v, VMX_REASON_EPT_MISCONFIG, 0, 0);
+        assert!(matches!(
+            v.handle_exit(&ram).unwrap(),
+            Some(VmExit::Other { reason: 49 })
+        ));
+        let failed = VMX_REASON_ENTRY_FAILED | u64::from(VMX_REASON_VMENTRY_GUEST);
+        v.vmcs_mut().set_field(VMCS_RO_EXIT_REASON, failed);
+        assert!(matches!(
+            v.handle_exit(&ram).unwrap(),
+            Some(VmExit::FailEntry { reason }) if reason == failed
+        ));
+    }
+
+    #[test]
+    fn pause_and_host_interrupts_reenter() {
+        let (mut v, ram) = (vcpu(), Ram::new(0x1000));
+        exit(&mut v, VMX_REASON_PAUSE, 0, 2);
+        assert!(v.handle_exit(&ram).unwrap().is_none());
+        assert_eq!(rip(&v), 2);
+        exit(&mut v, VMX_REASON_IRQ, 0, 0);
+        assert!(v.handle_exit(&ram).unwrap().is_none());
+        assert_eq!(rip(&v), 2);
+    }
+
+    #[test]
+    fn vmcall_and_mwait_raise_ud() {
+        let (mut v, ram) = (vcpu(), Ram::new(0x1000));
+        for reason in [VMX_REASON_VMCALL, VMX_REASON_MWAIT] {
+            exit(&mut v, reason, 0, 3);
+            assert!(v.handle_exit(&ram).unwrap().is_none());
+            v.prepare_entry(&ram).unwrap();
+            assert_eq!(
+                entry_event(&v),
+                u64::from(IRQ_INFO_VALID | IRQ_INFO_HARD_EXC | 6)
+            );
+            assert_eq!(rip(&v), 0);
+        }
+    }
+
+    #[test]
+    fn event_lost_in_delivery_is_injected_again() {
+        let (mut v, ram) = (vcpu(), Ram::new(0x1000));
+        let info = IRQ_INFO_VALID | IRQ_INFO_EXT_IRQ | 0x41;
+        v.vmcs_mut().set_field(VMCS_RO_IDT_VECTOR_INFO, info.into());
+        exit(&mut v, VMX_REASON_IRQ, 0, 0);
+        assert!(v.handle_exit(&ram).unwrap().is_none());
+        v.prepare_entry(&ram).unwrap();
+        assert_eq!(entry_event(&v), u64::from(info));
+    }
+
+    #[test]
+    fn reset_state_of_the_bsp_and_an_ap() {
+        let v = VmxVcpu::new(VmcsModel::new(), config()).unwrap();
+        assert_eq!(v.run_state(), RunState::Running);
+        let s = v.sregs().unwrap();
+        assert_eq!((s.cs.selector, s.cs.base), (0xf000, 0xffff_0000));
+        assert_eq!(rip(&v), 0xfff0);
+        assert_eq!(s.cr0, CR0_RESET);
+        assert_eq!(v.vmcs().field(VMCS_GUEST_CR0), CR0_ET | CR0_NE);
+        assert_eq!(v.vmcs().field(VMCS_GUEST_CR4), CR4_VMXE);
+        assert_eq!(s.cr4, 0);
+        assert_eq!(v.regs().unwrap().rflags, RFLAGS_RESERVED);
+        assert_eq!(s.apic_base & APIC_BASE_BSP, APIC_BASE_BSP);
+
+        let mut ap = vcpu_with(VmxConfig {
+            vcpu_id: 1,
+            ..config()
+        });
+        assert_eq!(ap.run_state(), RunState::WaitingForSipi);
+        assert_eq!(ap.sregs().unwrap().apic_base & APIC_BASE_BSP, 0);
+        let mut sregs = ap.sregs().unwrap();
+        sregs.cs.selector = 0x9900;
+        sregs.cs.base = 0x99000;
+        ap.set_sregs(&sregs).unwrap();
+        assert_eq!(ap.run_state(), RunState::Running);
+        assert_eq!(ap.sregs().unwrap().cs.base, 0x99000);
+    }
+
+    #[test]
+    fn regs_round_trip() {
+        let mut v = vcpu();
+        let regs = StandardRegisters {
+            rax: 1,
+            rbx: 2,
+            rcx: 3,
+            rdx: 4,
+            rsi: 5,
+            rdi: 6,
+            rsp: 7,
+            rbp: 8,
+            r8: 9,
+            r15: 16,
+            rip: 0x1000,
+            rflags: RFLAGS_RESERVED | RFLAGS_IF,
+            ..Default::default()
+        };
+        v.set_regs(&regs).unwrap();
+        assert_eq!(v.regs().unwrap(), regs);
+        assert_eq!(rip(&v), 0x1000);
+    }
+
+    #[test]
+    fn long_mode_page_walk_translates_4k_pages() {
+        let (mut v, ram) = (vcpu(), Ram::new(0x10000));
+        long_mode(&mut v, &ram);
+        // Replace the first 1 GiB mapping with a 4 KiB page table chain: 0x40_0000 -> 0x7000.
+        ram.put_u64(0x2000, 0x4000 | 3);
+        ram.put_u64(0x4000 + 2 * 8, 0x5000 | 3);
+        ram.put_u64(0x5000, 0x7000 | 3);
+        assert_eq!(v.translate(&ram, 0x40_0123).unwrap(), Some(0x7123));
+        assert_eq!(v.translate(&ram, 0x40_1000).unwrap(), None);
+        assert_eq!(v.translate(&ram, 0xfee0_00b0).unwrap(), Some(0xfee0_00b0));
+    }
+}
