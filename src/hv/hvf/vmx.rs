@@ -116,6 +116,9 @@ const MISC_ENABLE: u64 = 1 | (1 << 11) | (1 << 12);
 const MISC_ENABLE_IGNORED: u64 = 1 << 34;
 const APIC_BASE_DEFAULT: u64 = 0xfee0_0000 | (1 << 11);
 const APIC_BASE_BSP: u64 = 1 << 8;
+const APIC_BASE_X2APIC: u64 = 1 << 10;
+/// The LAPIC's task-priority register, which CR8 mirrors (CR8 = TPR[7:4]).
+const LAPIC_TPR_OFFSET: u64 = 0x80;
 
 const EXC_UD: u8 = 6;
 const EXC_GP: u8 = 13;
@@ -238,6 +241,9 @@ fn segment_from(selector: u64, base: u64, limit: u64, ar: u64) -> SegmentRegiste
 struct Event {
     info: u32,
     error_code: Option<u32>,
+    /// For software interrupts and exceptions re-injected after an exit during delivery:
+    /// the instruction length the entry needs to push the right return address.
+    insn_len: Option<u64>,
 }
 
 impl Event {
@@ -246,7 +252,11 @@ impl Event {
         if error_code.is_some() {
             info |= IRQ_INFO_ERROR_VALID;
         }
-        Event { info, error_code }
+        Event {
+            info,
+            error_code,
+            insn_len: None,
+        }
     }
 }
 
@@ -280,6 +290,11 @@ enum Pending {
         insn_len: u64,
     },
     MsrWrite {
+        insn_len: u64,
+    },
+    /// MOV from CR8: the LAPIC's TPR is in `data`.
+    Cr8Read {
+        gpr: hv_x86_reg_t,
         insn_len: u64,
     },
 }
@@ -606,6 +621,11 @@ impl<V: Vmcs> VmxVcpu<V> {
                     self.advance_rip(insn_len)?;
                 }
             }
+            Pending::Cr8Read { gpr, insn_len } => {
+                self.cr8 = u64::from(self.data[0] >> 4);
+                self.vmcs.write_reg(gpr, self.cr8)?;
+                self.advance_rip(insn_len)?;
+            }
         }
         if self.run_state == RunState::Halted {
             self.run_state = RunState::Running;
@@ -687,6 +707,8 @@ impl<V: Vmcs> VmxVcpu<V> {
         let shadow = blocking
             & (VMCS_INTERRUPTIBILITY_STI_BLOCKING | VMCS_INTERRUPTIBILITY_MOVSS_BLOCKING)
             != 0;
+        // An interrupt queued behind an exception may meet IF clear by the time it is due.
+        let if_set = self.vmcs.read_field(VMCS_GUEST_RFLAGS)? & RFLAGS_IF != 0;
         let event = if let Some(e) = self.exception.take() {
             Some(e)
         } else if self.nmi && !shadow && blocking & VMCS_INTERRUPTIBILITY_NMI_BLOCKING == 0 {
@@ -694,12 +716,14 @@ impl<V: Vmcs> VmxVcpu<V> {
             Some(Event {
                 info: IRQ_INFO_VALID | IRQ_INFO_NMI | 2,
                 error_code: None,
+                insn_len: None,
             })
-        } else if let Some(vector) = self.interrupt.filter(|_| !self.nmi && !shadow) {
+        } else if let Some(vector) = self.interrupt.filter(|_| !self.nmi && !shadow && if_set) {
             self.interrupt = None;
             Some(Event {
                 info: IRQ_INFO_VALID | IRQ_INFO_EXT_IRQ | u32::from(vector),
                 error_code: None,
+                insn_len: None,
             })
         } else {
             None
@@ -708,6 +732,9 @@ impl<V: Vmcs> VmxVcpu<V> {
             if let Some(code) = e.error_code {
                 self.vmcs
                     .write_field(VMCS_CTRL_VMENTRY_EXC_ERROR, code.into())?;
+            }
+            if let Some(len) = e.insn_len {
+                self.vmcs.write_field(VMCS_CTRL_VMENTRY_INSTR_LEN, len)?;
             }
             self.vmcs
                 .write_field(VMCS_CTRL_VMENTRY_IRQ_INFO, e.info.into())?;
@@ -758,9 +785,10 @@ impl<V: Vmcs> VmxVcpu<V> {
                 Ok(None)
             }
             VMX_REASON_IRQ_WND => {
-                self.irq_window_wanted = false;
+                let wanted = std::mem::take(&mut self.irq_window_wanted);
                 self.set_windows(false, self.nmi_window_on)?;
-                Ok(Some(VmExit::IrqWindowOpen))
+                // A window opened only for an interrupt we already hold: just deliver it.
+                Ok(wanted.then_some(VmExit::IrqWindowOpen))
             }
             VMX_REASON_VIRTUAL_NMI_WND => {
                 self.set_windows(self.irq_window_on, false)?;
@@ -788,6 +816,7 @@ impl<V: Vmcs> VmxVcpu<V> {
             VMX_REASON_RDMSR => self.rdmsr(),
             VMX_REASON_WRMSR => self.wrmsr(),
             VMX_REASON_EPT_VIOLATION => {
+                self.restore_nmi_blocking()?;
                 let gpa = self.vmcs.read_field(VMCS_GUEST_PHYSICAL_ADDRESS)?;
                 if ram.read(gpa, &mut [0u8; 1]) {
                     // A fault on RAM we mapped: nothing to emulate.
@@ -811,6 +840,22 @@ impl<V: Vmcs> VmxVcpu<V> {
         }
     }
 
+    /// An EPT violation in an IRET that unblocked NMIs must leave NMIs blocked again, as the
+    /// IRET has not completed (SDM 27.2.3, "NMI unblocking due to IRET").
+    fn restore_nmi_blocking(&mut self) -> Result<(), HvError> {
+        const NMI_UNBLOCKED_BY_IRET: u64 = 1 << 12;
+        let qual = self.vmcs.read_field(VMCS_RO_EXIT_QUALIFIC)?;
+        let vectoring = self.vmcs.read_field(VMCS_RO_IDT_VECTOR_INFO)? as u32;
+        if qual & NMI_UNBLOCKED_BY_IRET != 0 && vectoring & IRQ_INFO_VALID == 0 {
+            let blocking = self.vmcs.read_field(VMCS_GUEST_IGNORE_IRQ)?;
+            self.vmcs.write_field(
+                VMCS_GUEST_IGNORE_IRQ,
+                blocking | VMCS_INTERRUPTIBILITY_NMI_BLOCKING,
+            )?;
+        }
+        Ok(())
+    }
+
     /// An exit during event delivery loses the event unless it is delivered again.
     fn requeue_vectoring_event(&mut self) -> Result<(), HvError> {
         let info = self.vmcs.read_field(VMCS_RO_IDT_VECTOR_INFO)? as u32;
@@ -822,7 +867,20 @@ impl<V: Vmcs> VmxVcpu<V> {
         } else {
             None
         };
-        self.exception = Some(Event { info, error_code });
+        let software = matches!(
+            info & IRQ_INFO_TYPE_MASK,
+            IRQ_INFO_SOFT_IRQ | IRQ_INFO_PRIV_SOFT_EXC | IRQ_INFO_SOFT_EXC
+        );
+        let insn_len = if software {
+            Some(self.insn_len()?)
+        } else {
+            None
+        };
+        self.exception = Some(Event {
+            info,
+            error_code,
+            insn_len,
+        });
         Ok(())
     }
 
@@ -912,8 +970,27 @@ impl<V: Vmcs> VmxVcpu<V> {
                 let value = self.vmcs.read_reg(gpr)?;
                 self.write_cr4(value)?;
             }
-            (0, 8) => self.cr8 = self.vmcs.read_reg(gpr)? & 0xf,
-            (1, 8) => self.vmcs.write_reg(gpr, self.cr8)?,
+            (0, 8) => {
+                // The user LAPIC owns the TPR: CR8 writes become TPR writes.
+                self.cr8 = self.vmcs.read_reg(gpr)? & 0xf;
+                let len = self.insn_len()?;
+                self.advance_rip(len)?;
+                self.data = [0; 8];
+                self.data[0] = (self.cr8 << 4) as u8;
+                return Ok(Some(VmExit::MmioWrite {
+                    addr: self.tpr_address(),
+                    data: &self.data[..4],
+                }));
+            }
+            (1, 8) => {
+                let insn_len = self.insn_len()?;
+                self.pending = Pending::Cr8Read { gpr, insn_len };
+                self.data = [0; 8];
+                return Ok(Some(VmExit::MmioRead {
+                    addr: self.tpr_address(),
+                    data: &mut self.data[..4],
+                }));
+            }
             (2, _) => {
                 // CLTS
                 let cr0 = self.guest_cr0()? & !CR0_TS;
@@ -934,6 +1011,10 @@ impl<V: Vmcs> VmxVcpu<V> {
         let len = self.insn_len()?;
         self.advance_rip(len)?;
         Ok(None)
+    }
+
+    fn tpr_address(&self) -> u64 {
+        (self.apic_base & !0xfff) + LAPIC_TPR_OFFSET
     }
 
     fn io_exit(&mut self, ram: &dyn GuestRam) -> Result<Option<VmExit<'_>>, HvError> {
@@ -1073,9 +1154,12 @@ impl<V: Vmcs> VmxVcpu<V> {
         let ok = match index {
             MSR_EFER => self.write_efer(value)?,
             MSR_APIC_BASE => {
-                // The BSP flag is read-only.
-                self.apic_base = (value & !APIC_BASE_BSP) | (self.apic_base & APIC_BASE_BSP);
-                true
+                // The BSP flag is read-only; x2APIC mode does not exist in our LAPIC.
+                let ok = value & APIC_BASE_X2APIC == 0;
+                if ok {
+                    self.apic_base = (value & !APIC_BASE_BSP) | (self.apic_base & APIC_BASE_BSP);
+                }
+                ok
             }
             MSR_PAT => {
                 let valid = (0..8).all(|i| matches!((value >> (i * 8)) & 0xff, 0 | 1 | 4..=7));
@@ -2389,6 +2473,146 @@ mod tests {
         v.set_regs(&regs).unwrap();
         assert_eq!(v.regs().unwrap(), regs);
         assert_eq!(rip(&v), 0x1000);
+    }
+
+    #[test]
+    fn cr8_is_the_lapic_tpr() {
+        let (mut v, ram) = (vcpu(), Ram::new(0x1000));
+        // mov cr8, rdx
+        set_reg(&mut v, HV_X86_RDX, 0x9);
+        exit(&mut v, VMX_REASON_MOV_CR, 8 | 2 << 8, 4);
+        match v.handle_exit(&ram).unwrap() {
+            Some(VmExit::MmioWrite { addr, data }) => {
+                assert_eq!((addr, data), (0xfee0_0080, &[0x90, 0, 0, 0][..]))
+            }
+            other => panic!("expected MmioWrite, got {other:?}"),
+        }
+        assert_eq!(rip(&v), 4);
+        assert!(v.prepare_entry(&ram).unwrap().is_none());
+        assert_eq!(rip(&v), 4);
+        // mov rsi, cr8
+        exit(&mut v, VMX_REASON_MOV_CR, 8 | 1 << 4 | 6 << 8, 4);
+        match v.handle_exit(&ram).unwrap() {
+            Some(VmExit::MmioRead { addr, data }) => {
+                assert_eq!(addr, 0xfee0_0080);
+                data.copy_from_slice(&[0x50, 0, 0, 0]);
+            }
+            other => panic!("expected MmioRead, got {other:?}"),
+        }
+        assert_eq!(rip(&v), 4);
+        v.prepare_entry(&ram).unwrap();
+        assert_eq!(reg(&v, HV_X86_RSI), 5);
+        assert_eq!(rip(&v), 8);
+        assert_eq!(v.sregs().unwrap().cr8, 5);
+    }
+
+    #[test]
+    fn xsetbv_sets_xcr0_or_faults() {
+        let (mut v, ram) = (vcpu(), Ram::new(0x1000));
+        v.vmcs_mut()
+            .set_field(VMCS_GUEST_CR4, CR4_OSXSAVE | CR4_VMXE);
+        set_reg(&mut v, HV_X86_RCX, 0);
+        set_reg(&mut v, HV_X86_RAX, 0x7);
+        set_reg(&mut v, HV_X86_RDX, 0);
+        exit(&mut v, VMX_REASON_XSETBV, 0, 3);
+        assert!(v.handle_exit(&ram).unwrap().is_none());
+        assert_eq!(reg(&v, HV_X86_XCR0), 7);
+        assert_eq!(rip(&v), 3);
+        // x87 state cannot be disabled.
+        set_reg(&mut v, HV_X86_RAX, 0x6);
+        exit(&mut v, VMX_REASON_XSETBV, 0, 3);
+        assert!(v.handle_exit(&ram).unwrap().is_none());
+        v.prepare_entry(&ram).unwrap();
+        assert_eq!(entry_event(&v), GP_EVENT);
+        assert_eq!((reg(&v, HV_X86_XCR0), rip(&v)), (7, 3));
+    }
+
+    #[test]
+    fn x2apic_enable_faults() {
+        let (mut v, ram) = (vcpu(), Ram::new(0x1000));
+        set_reg(&mut v, HV_X86_RCX, MSR_APIC_BASE.into());
+        set_reg(&mut v, HV_X86_RAX, 0xfee0_0c00);
+        set_reg(&mut v, HV_X86_RDX, 0);
+        exit(&mut v, VMX_REASON_WRMSR, 0, 2);
+        assert!(v.handle_exit(&ram).unwrap().is_none());
+        v.prepare_entry(&ram).unwrap();
+        assert_eq!(entry_event(&v), GP_EVENT);
+        assert_eq!(v.sregs().unwrap().apic_base, 0xfee0_0900);
+    }
+
+    #[test]
+    fn interrupt_behind_an_exception_waits_for_if_through_a_silent_window() {
+        let (mut v, ram) = (vcpu(), Ram::new(0x1000));
+        v.vmcs_mut()
+            .set_field(VMCS_GUEST_RFLAGS, RFLAGS_IF | RFLAGS_RESERVED);
+        v.inject_interrupt(0x31).unwrap();
+        v.inject_exception(EXC_GP, Some(0));
+        v.prepare_entry(&ram).unwrap();
+        assert_eq!(entry_event(&v), GP_EVENT);
+        let window = u64::from(CPU_BASED_IRQ_WND);
+        assert_ne!(v.vmcs().field(VMCS_CTRL_CPU_BASED) & window, 0);
+        // The #GP handler runs with IF clear: nothing is injected.
+        v.vmcs_mut().set_field(VMCS_GUEST_RFLAGS, RFLAGS_RESERVED);
+        exit(&mut v, VMX_REASON_IO, io_qual(0x80, 1, false), 1);
+        assert!(v.handle_exit(&ram).unwrap().is_some());
+        v.prepare_entry(&ram).unwrap();
+        assert_eq!(entry_event(&v), 0);
+        // IF set again: the window exit is ours, not the VMM's, and the interrupt goes in.
+        v.vmcs_mut()
+            .set_field(VMCS_GUEST_RFLAGS, RFLAGS_IF | RFLAGS_RESERVED);
+        exit(&mut v, VMX_REASON_IRQ_WND, 0, 0);
+        assert!(v.handle_exit(&ram).unwrap().is_none());
+        v.prepare_entry(&ram).unwrap();
+        assert_eq!(entry_event(&v), u64::from(IRQ_INFO_VALID | 0x31));
+        assert_eq!(v.vmcs().field(VMCS_CTRL_CPU_BASED) & window, 0);
+    }
+
+    #[test]
+    fn software_interrupt_lost_in_delivery_keeps_its_length() {
+        let (mut v, ram) = (vcpu(), Ram::new(0x1000));
+        let info = IRQ_INFO_VALID | IRQ_INFO_SOFT_IRQ | 0x80;
+        v.vmcs_mut().set_field(VMCS_RO_IDT_VECTOR_INFO, info.into());
+        exit(&mut v, VMX_REASON_IRQ, 0, 2);
+        assert!(v.handle_exit(&ram).unwrap().is_none());
+        v.prepare_entry(&ram).unwrap();
+        assert_eq!(entry_event(&v), u64::from(info));
+        assert_eq!(v.vmcs().writes_to(VMCS_CTRL_VMENTRY_INSTR_LEN), vec![2]);
+    }
+
+    #[test]
+    fn ept_violation_in_an_unblocking_iret_blocks_nmis_again() {
+        let (mut v, ram) = (vcpu(), Ram::new(0x10000));
+        protected32(&mut v);
+        ram.put(0x3000, &[0x89, 0x08]);
+        set_rip(&mut v, 0x3000);
+        set_reg(&mut v, HV_X86_RAX, 0xfee0_00b0);
+        v.vmcs_mut()
+            .set_field(VMCS_GUEST_PHYSICAL_ADDRESS, 0xfee0_00b0);
+        exit(&mut v, VMX_REASON_EPT_VIOLATION, 2 | 1 << 12, 0);
+        assert!(v.handle_exit(&ram).unwrap().is_some());
+        assert_ne!(
+            v.vmcs().field(VMCS_GUEST_IGNORE_IRQ) & VMCS_INTERRUPTIBILITY_NMI_BLOCKING,
+            0
+        );
+    }
+
+    #[test]
+    fn sipi_exit_starts_at_the_vector() {
+        let (mut v, ram) = (
+            vcpu_with(VmxConfig {
+                vcpu_id: 2,
+                ..config()
+            }),
+            Ram::new(0x1000),
+        );
+        exit(&mut v, VMX_REASON_INIT, 0, 0);
+        assert!(matches!(v.handle_exit(&ram).unwrap(), Some(VmExit::Hlt)));
+        assert_eq!(v.run_state(), RunState::WaitingForSipi);
+        exit(&mut v, VMX_REASON_SIPI, 0x9a, 0);
+        assert!(v.handle_exit(&ram).unwrap().is_none());
+        let s = v.sregs().unwrap();
+        assert_eq!((s.cs.selector, s.cs.base, rip(&v)), (0x9a00, 0x9a000, 0));
+        assert_eq!(v.run_state(), RunState::Running);
     }
 
     #[test]
