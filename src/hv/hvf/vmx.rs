@@ -703,6 +703,10 @@ impl<V: Vmcs> VmxVcpu<V> {
     /// Writes the highest-priority queued event into the VM-entry interruption field, or asks
     /// for a window exit when it cannot be delivered yet.
     fn write_event(&mut self) -> Result<(), HvError> {
+        if self.exception.is_none() && !self.nmi && self.interrupt.is_none() {
+            // The common entry: nothing to deliver, no VMCS reads.
+            return self.set_windows(self.irq_window_wanted, false);
+        }
         let blocking = self.vmcs.read_field(VMCS_GUEST_IGNORE_IRQ)?;
         let shadow = blocking
             & (VMCS_INTERRUPTIBILITY_STI_BLOCKING | VMCS_INTERRUPTIBILITY_MOVSS_BLOCKING)
@@ -1076,6 +1080,13 @@ impl<V: Vmcs> VmxVcpu<V> {
         } else {
             None
         };
+        if let (true, Some(s)) = (is_in, &string) {
+            // Fault before the device sees the read, so a restarted INS reads it only once.
+            if self.paging()?.translate(ram, s.linear).is_none() {
+                self.page_fault(s.linear, true)?;
+                return Ok(None);
+            }
+        }
         if !is_in {
             match &string {
                 Some(s) => {
@@ -2613,6 +2624,24 @@ mod tests {
         let s = v.sregs().unwrap();
         assert_eq!((s.cs.selector, s.cs.base, rip(&v)), (0x9a00, 0x9a000, 0));
         assert_eq!(v.run_state(), RunState::Running);
+    }
+
+    #[test]
+    fn string_io_to_an_unmapped_page_raises_a_page_fault_without_an_exit() {
+        let (mut v, ram) = (vcpu(), Ram::new(0x10000));
+        long_mode(&mut v, &ram);
+        ram.put_u64(0x2000, 0); // nothing mapped in the first GiB
+        set_rip(&mut v, 0x10);
+        set_reg(&mut v, HV_X86_RDI, 0x1234);
+        v.vmcs_mut().set_field(VMCS_RO_VMX_INSTR_INFO, 2 << 7);
+        exit(&mut v, VMX_REASON_IO, io_qual(0x60, 1, true) | 1 << 4, 1);
+        assert!(v.handle_exit(&ram).unwrap().is_none());
+        v.prepare_entry(&ram).unwrap();
+        let pf = IRQ_INFO_VALID | IRQ_INFO_HARD_EXC | IRQ_INFO_ERROR_VALID | 14;
+        assert_eq!(entry_event(&v), u64::from(pf));
+        assert_eq!(v.vmcs().writes_to(VMCS_CTRL_VMENTRY_EXC_ERROR), vec![2]);
+        assert_eq!(reg(&v, HV_X86_CR2), 0x1234);
+        assert_eq!((rip(&v), reg(&v, HV_X86_RDI)), (0x10, 0x1234));
     }
 
     #[test]
