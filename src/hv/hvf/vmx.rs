@@ -1133,6 +1133,7 @@ impl<V: Vmcs> VmxVcpu<V> {
         let insn_len = self.insn_len()?;
         let value = match index {
             MSR_EFER => Some(self.vmcs.read_field(VMCS_GUEST_IA32_EFER)?),
+            MSR_TSC => Some(host_tsc().wrapping_add(self.vmcs.read_field(VMCS_CTRL_TSC_OFFSET)?)),
             MSR_APIC_BASE => Some(self.apic_base),
             MSR_PAT => Some(self.vmcs.read_field(VMCS_GUEST_IA32_PAT)?),
             MSR_MISC_ENABLE => Some(MISC_ENABLE),
@@ -1164,6 +1165,11 @@ impl<V: Vmcs> VmxVcpu<V> {
         let insn_len = self.insn_len()?;
         let ok = match index {
             MSR_EFER => self.write_efer(value)?,
+            MSR_TSC => {
+                let offset = value.wrapping_sub(host_tsc());
+                self.vmcs.write_field(VMCS_CTRL_TSC_OFFSET, offset)?;
+                true
+            }
             MSR_APIC_BASE => {
                 // The BSP flag is read-only; x2APIC mode does not exist in our LAPIC.
                 let ok = value & APIC_BASE_X2APIC == 0;
@@ -1546,6 +1552,18 @@ fn write_segment(v: &mut impl Vmcs, f: &SegmentFields, s: &SegmentRegister) -> R
         ar |= AR_UNUSABLE;
     }
     v.write_field(f.access, ar)
+}
+
+/// The host's time-stamp counter, which the guest's runs at plus VMCS_CTRL_TSC_OFFSET.
+/// (The back end makes the TSC MSR native, so this serves only a back end that does not.)
+fn host_tsc() -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: RDTSC has no memory effects and exists on every x86-64 processor.
+    unsafe {
+        std::arch::x86_64::_rdtsc()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    0
 }
 
 /// Reads up to `buf.len()` instruction bytes at `linear`, page by page; returns how many.
@@ -2642,6 +2660,26 @@ mod tests {
         assert_eq!(v.vmcs().writes_to(VMCS_CTRL_VMENTRY_EXC_ERROR), vec![2]);
         assert_eq!(reg(&v, HV_X86_CR2), 0x1234);
         assert_eq!((rip(&v), reg(&v, HV_X86_RDI)), (0x10, 0x1234));
+    }
+
+    #[test]
+    fn tsc_msr_moves_the_tsc_offset() {
+        let (mut v, ram) = (vcpu(), Ram::new(0x1000));
+        set_reg(&mut v, HV_X86_RCX, MSR_TSC.into());
+        set_reg(&mut v, HV_X86_RAX, 0);
+        set_reg(&mut v, HV_X86_RDX, 0);
+        exit(&mut v, VMX_REASON_WRMSR, 0, 2);
+        assert!(v.handle_exit(&ram).unwrap().is_none());
+        assert_eq!(v.vmcs().writes_to(VMCS_CTRL_TSC_OFFSET).len(), 1);
+        rdmsr(&mut v, MSR_TSC);
+        assert!(v.handle_exit(&ram).unwrap().is_none());
+        let tsc = (reg(&v, HV_X86_RDX) << 32) | reg(&v, HV_X86_RAX);
+        // Counted from 0 a moment ago: far below the host's own count.
+        assert!(
+            tsc < host_tsc() / 2 || cfg!(not(target_arch = "x86_64")),
+            "{tsc}"
+        );
+        assert_eq!(rip(&v), 4);
     }
 
     #[test]
