@@ -1163,7 +1163,20 @@ impl<V: Vmcs> VmxVcpu<V> {
         let value = (self.vmcs.read_reg(HV_X86_RDX)? << 32)
             | (self.vmcs.read_reg(HV_X86_RAX)? & 0xffff_ffff);
         let insn_len = self.insn_len()?;
-        let ok = match index {
+        match self.set_msr(index, value)? {
+            Some(true) => self.advance_rip(insn_len)?,
+            Some(false) => self.inject_exception(EXC_GP, Some(0)),
+            None => return self.unknown_msr(index, Some(value), insn_len),
+        }
+        Ok(None)
+    }
+
+    /// Writes an MSR this layer emulates (EFER, TSC, APIC base, PAT, the MTRRs and machine-check
+    /// MSRs, which xhyve ignores): `Some(true)` = done, `Some(false)` = the value is invalid
+    /// (#GP for a guest write), `None` = not an MSR of this layer (the framework's native MSRs
+    /// included). The back end's `set_msrs` can route the VMM's boot MSRs through it.
+    pub fn set_msr(&mut self, index: u32, value: u64) -> Result<Option<bool>, HvError> {
+        Ok(Some(match index {
             MSR_EFER => self.write_efer(value)?,
             MSR_TSC => {
                 let offset = value.wrapping_sub(host_tsc());
@@ -1185,20 +1198,15 @@ impl<V: Vmcs> VmxVcpu<V> {
                 }
                 valid
             }
-            MSR_MISC_ENABLE => (value ^ MISC_ENABLE) & !MISC_ENABLE_IGNORED == 0,
+            // As xhyve: only the XD-disable bit may change; anything else is the VMM's call.
+            MSR_MISC_ENABLE if (value ^ MISC_ENABLE) & !MISC_ENABLE_IGNORED == 0 => true,
             MSR_MCG_CAP | MSR_MCG_STATUS | MSR_BIOS_SIGN | MSR_MTRR_DEF_TYPE | MSR_MTRR_FIX_64K
             | MSR_MTRR_FIX_16K | MSR_MTRR_FIX_16K_2 => true,
             MSR_MTRR_FIX_4K_FIRST..=MSR_MTRR_FIX_4K_LAST
             | MSR_MTRR_PHYS_FIRST..=MSR_MTRR_PHYS_LAST => true,
             MSR_MTRR_CAP | MSR_FEATURE_CONTROL => false,
-            _ => return self.unknown_msr(index, Some(value), insn_len),
-        };
-        if ok {
-            self.advance_rip(insn_len)?;
-        } else {
-            self.inject_exception(EXC_GP, Some(0));
-        }
-        Ok(None)
+            _ => return Ok(None),
+        }))
     }
 
     /// EFER: SCE, LME and NXE are writable; LMA follows CR0.PG and LME. False = #GP.
@@ -2680,6 +2688,47 @@ mod tests {
             "{tsc}"
         );
         assert_eq!(rip(&v), 4);
+    }
+
+    #[test]
+    fn set_msr_takes_the_layers_msrs_only() {
+        let mut v = vcpu();
+        assert_eq!(
+            v.set_msr(MSR_PAT, 0x0606_0606_0606_0606).unwrap(),
+            Some(true)
+        );
+        assert_eq!(v.vmcs().field(VMCS_GUEST_IA32_PAT), 0x0606_0606_0606_0606);
+        assert_eq!(v.set_msr(MSR_MTRR_CAP, 0).unwrap(), Some(false));
+        assert_eq!(v.set_msr(MSR_LSTAR, 0).unwrap(), None, "native MSR");
+        assert_eq!(v.set_msr(0x1234, 0).unwrap(), None);
+    }
+
+    #[test]
+    fn misc_enable_changes_other_than_xd_go_to_the_vmm() {
+        let (mut v, ram) = (
+            vcpu_with(VmxConfig {
+                ignore_unknown_msrs: true,
+                ..config()
+            }),
+            Ram::new(0x1000),
+        );
+        set_reg(&mut v, HV_X86_RCX, MSR_MISC_ENABLE.into());
+        set_reg(&mut v, HV_X86_RDX, 0);
+        set_reg(&mut v, HV_X86_RAX, MISC_ENABLE);
+        exit(&mut v, VMX_REASON_WRMSR, 0, 2);
+        assert!(
+            v.handle_exit(&ram).unwrap().is_none(),
+            "unchanged: accepted"
+        );
+        set_reg(&mut v, HV_X86_RAX, MISC_ENABLE | 1 << 18);
+        exit(&mut v, VMX_REASON_WRMSR, 0, 2);
+        assert!(matches!(
+            v.handle_exit(&ram).unwrap(),
+            Some(VmExit::MsrWrite {
+                index: MSR_MISC_ENABLE,
+                ..
+            })
+        ));
     }
 
     #[test]
