@@ -2080,7 +2080,12 @@ mod tests {
                 suberror: INTERNAL_ERROR_EMULATION
             })
         ));
-        assert!(v.last_emulation_error().is_some());
+        assert!(matches!(
+            v.last_emulation_error(),
+            Some(EmulateError::Unsupported {
+                mnemonic: iced_x86::Mnemonic::Cpuid
+            })
+        ));
         assert_eq!(rip(&v), 0x3000);
     }
 
@@ -2729,6 +2734,79 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn host_nmi_reenters_and_other_exceptions_are_other() {
+        let (mut v, ram) = (vcpu(), Ram::new(0x1000));
+        exit(&mut v, VMX_REASON_EXC_NMI, 0, 0);
+        v.vmcs_mut().set_field(
+            VMCS_RO_VMEXIT_IRQ_INFO,
+            u64::from(IRQ_INFO_VALID | IRQ_INFO_NMI | 2),
+        );
+        assert!(v.handle_exit(&ram).unwrap().is_none());
+        v.vmcs_mut().set_field(
+            VMCS_RO_VMEXIT_IRQ_INFO,
+            u64::from(IRQ_INFO_VALID | IRQ_INFO_HARD_EXC | 18),
+        );
+        assert!(matches!(
+            v.handle_exit(&ram).unwrap(),
+            Some(VmExit::Other { reason: 0 })
+        ));
+    }
+
+    #[test]
+    fn ept_violation_on_ram_is_not_emulated() {
+        let (mut v, ram) = (vcpu(), Ram::new(0x10000));
+        v.vmcs_mut().set_field(VMCS_GUEST_PHYSICAL_ADDRESS, 0x8000);
+        exit(&mut v, VMX_REASON_EPT_VIOLATION, 1, 0);
+        assert!(matches!(
+            v.handle_exit(&ram).unwrap(),
+            Some(VmExit::Other { reason: 48 })
+        ));
+    }
+
+    #[test]
+    fn clts_and_lmsw_edit_the_guest_cr0() {
+        let (mut v, ram) = (vcpu(), Ram::new(0x1000));
+        mov_to_cr(&mut v, 0, 0, CR0_PE | CR0_TS | CR0_ET);
+        exit(&mut v, VMX_REASON_MOV_CR, 2 << 4, 2); // clts
+        assert!(v.handle_exit(&ram).unwrap().is_none());
+        assert_eq!(v.sregs().unwrap().cr0, CR0_PE | CR0_ET);
+        // lmsw with source 0b1010 (MP|TS, PE clear): PE stays set.
+        exit(&mut v, VMX_REASON_MOV_CR, 3 << 4 | 0xa << 16, 3);
+        assert!(v.handle_exit(&ram).unwrap().is_none());
+        assert_eq!(v.sregs().unwrap().cr0, CR0_PE | CR0_ET | CR0_TS | 2);
+        assert_eq!(rip(&v), 3 + 2 + 3);
+    }
+
+    #[test]
+    fn legacy_and_pae_page_walks() {
+        let ram = Ram::new(0x20000);
+        let legacy = Paging {
+            cr0: CR0_PE | CR0_PG,
+            cr3: 0x1000,
+            cr4: CR4_PSE,
+            efer: 0,
+        };
+        // PDE 0 -> page table at 0x2000, PTE 5 -> 0x9000; PDE 1 is a 4 MiB page at 0x800000.
+        ram.put(0x1000, &(0x2000u32 | 1).to_le_bytes());
+        ram.put(0x1004, &(0x80_0000u32 | 0x81).to_le_bytes());
+        ram.put(0x2000 + 5 * 4, &(0x9000u32 | 1).to_le_bytes());
+        assert_eq!(legacy.translate(&ram, 0x5abc), Some(0x9abc));
+        assert_eq!(legacy.translate(&ram, 0x40_1234), Some(0x80_1234));
+        assert_eq!(legacy.translate(&ram, 0x6000), None);
+        let pae = Paging {
+            cr0: CR0_PE | CR0_PG,
+            cr3: 0x3000,
+            cr4: CR4_PAE,
+            efer: 0,
+        };
+        // PDPTE 3 -> PD at 0x4000; PDE 0x1f7 is a 2 MiB page at 0xfee00000.
+        ram.put_u64(0x3000 + 3 * 8, 0x4000 | 1);
+        ram.put_u64(0x4000 + 0x1f7 * 8, 0xfee0_0000 | 0x83);
+        assert_eq!(pae.translate(&ram, 0xfee0_00b0), Some(0xfee0_00b0));
+        assert_eq!(pae.translate(&ram, 0x1000), None);
     }
 
     #[test]
