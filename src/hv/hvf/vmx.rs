@@ -795,8 +795,9 @@ impl<V: Vmcs> VmxVcpu<V> {
                 Ok(wanted.then_some(VmExit::IrqWindowOpen))
             }
             VMX_REASON_VIRTUAL_NMI_WND => {
+                // Only a queued NMI opens this window; the next entry delivers it.
                 self.set_windows(self.irq_window_on, false)?;
-                Ok(Some(VmExit::IrqWindowOpen))
+                Ok(None)
             }
             // xhyve does not emulate hardware task switches either.
             VMX_REASON_TASK => Ok(Some(VmExit::Other { reason })),
@@ -2345,10 +2346,7 @@ mod tests {
         assert_ne!(v.vmcs().field(VMCS_CTRL_CPU_BASED) & window, 0);
         v.vmcs_mut().set_field(VMCS_GUEST_IGNORE_IRQ, 0);
         exit(&mut v, VMX_REASON_VIRTUAL_NMI_WND, 0, 0);
-        assert!(matches!(
-            v.handle_exit(&ram).unwrap(),
-            Some(VmExit::IrqWindowOpen)
-        ));
+        assert!(v.handle_exit(&ram).unwrap().is_none());
         v.prepare_entry(&ram).unwrap();
         assert_eq!(
             entry_event(&v),
