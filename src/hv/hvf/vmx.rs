@@ -6,6 +6,8 @@
 //! buffers owned by [`VmxVcpu`]; the next `prepare_entry` completes it with what the VMM filled
 //! in (register write-back, RIP advance, the next REP element) before anything is injected.
 
+use std::cell::RefCell;
+
 use iced_x86::Register;
 
 use super::controls::Controls;
@@ -1321,7 +1323,7 @@ impl<V: Vmcs> VmxVcpu<V> {
             replay: replay.map(|(gpa, len)| (gpa, len, self.data)),
             read_miss: None,
             write: None,
-            error: None,
+            error: RefCell::new(None),
         };
         let result = emulate(&mut ctx, &bytes[..fetched], mode);
         let MmioContext {
@@ -1330,7 +1332,7 @@ impl<V: Vmcs> VmxVcpu<V> {
             error,
             ..
         } = ctx;
-        if let Some(e) = error {
+        if let Some(e) = error.into_inner() {
             return Err(e);
         }
         match result {
@@ -1605,8 +1607,9 @@ struct MmioContext<'a, V: Vmcs> {
     replay: Option<(u64, usize, [u8; 8])>,
     read_miss: Option<(u64, usize)>,
     write: Option<(u64, usize, [u8; 8])>,
-    /// The first VMCS access error; the emulation's result is discarded when set.
-    error: Option<HvError>,
+    /// The first VMCS access error; the emulation's result is discarded when set. A cell
+    /// because register reads happen through `&self`.
+    error: RefCell<Option<HvError>>,
 }
 
 impl<V: Vmcs> MmioContext<'_, V> {
@@ -1632,10 +1635,11 @@ impl<V: Vmcs> MmioContext<'_, V> {
         })
     }
 
-    fn note(&mut self, result: Result<(), HvError>) {
-        if let Err(e) = result {
-            self.error.get_or_insert(e);
-        }
+    fn note<T: Default>(&self, result: Result<T, HvError>) -> T {
+        result.unwrap_or_else(|e| {
+            self.error.borrow_mut().get_or_insert(e);
+            T::default()
+        })
     }
 
     /// The guest-physical address of `linear` when the access stays in one page.
@@ -1658,9 +1662,10 @@ impl<V: Vmcs> EmulatorContext for MmioContext<'_, V> {
         if reg == Register::RIP {
             return self.rip;
         }
-        Self::hv_reg(reg)
-            .and_then(|r| self.vmcs.read_reg(r).ok())
-            .unwrap_or(0)
+        match Self::hv_reg(reg) {
+            Some(r) => self.note(self.vmcs.read_reg(r)),
+            None => 0,
+        }
     }
 
     fn set_gpr(&mut self, reg: Register, value: u64) {
@@ -1671,9 +1676,7 @@ impl<V: Vmcs> EmulatorContext for MmioContext<'_, V> {
     }
 
     fn rflags(&self) -> u64 {
-        self.vmcs
-            .read_field(VMCS_GUEST_RFLAGS)
-            .unwrap_or(RFLAGS_RESERVED)
+        self.note(self.vmcs.read_field(VMCS_GUEST_RFLAGS))
     }
 
     fn set_rflags(&mut self, value: u64) {
@@ -1731,7 +1734,7 @@ impl<V: Vmcs> EmulatorContext for MmioContext<'_, V> {
             Register::GS => GS.base,
             _ => return 0,
         };
-        self.vmcs.read_field(field).unwrap_or(0)
+        self.note(self.vmcs.read_field(field))
     }
 }
 
@@ -2805,6 +2808,46 @@ mod tests {
         ram.put_u64(0x4000 + 0x1f7 * 8, 0xfee0_0000 | 0x83);
         assert_eq!(pae.translate(&ram, 0xfee0_00b0), Some(0xfee0_00b0));
         assert_eq!(pae.translate(&ram, 0x1000), None);
+    }
+
+    /// A VMCS whose RAX cannot be read, as a failing framework call.
+    struct RaxFails(VmcsModel);
+
+    impl Vmcs for RaxFails {
+        fn read_field(&self, field: u32) -> Result<u64, HvError> {
+            self.0.read_field(field)
+        }
+        fn write_field(&mut self, field: u32, value: u64) -> Result<(), HvError> {
+            self.0.write_field(field, value)
+        }
+        fn read_reg(&self, reg: hv_x86_reg_t) -> Result<u64, HvError> {
+            if reg == HV_X86_RAX {
+                return Err(HvError::MissingCapability("RAX"));
+            }
+            self.0.read_reg(reg)
+        }
+        fn write_reg(&mut self, reg: hv_x86_reg_t, value: u64) -> Result<(), HvError> {
+            self.0.write_reg(reg, value)
+        }
+        fn capability(&self, cap: hv_vmx_capability_t) -> Result<u64, HvError> {
+            self.0.capability(cap)
+        }
+    }
+
+    #[test]
+    fn register_read_failure_during_emulation_is_an_error_not_a_guess() {
+        let ram = Ram::new(0x10000);
+        let mut v = VmxVcpu::new(RaxFails(VmcsModel::new()), config()).unwrap();
+        let m = &mut v.vmcs_mut().0;
+        m.set_field(VMCS_GUEST_CR0, CR0_PE | CR0_NE | CR0_ET);
+        m.set_field(VMCS_GUEST_CS_AR, 0xc09b);
+        m.set_field(VMCS_GUEST_CS_BASE, 0);
+        m.set_field(VMCS_GUEST_RIP, 0x3000);
+        m.set_field(VMCS_GUEST_PHYSICAL_ADDRESS, 0xfee0_00b0);
+        m.set_field(VMCS_RO_EXIT_REASON, VMX_REASON_EPT_VIOLATION.into());
+        ram.put(0x3000, &[0x89, 0x08]); // mov [rax], ecx
+        assert!(v.handle_exit(&ram).is_err());
+        assert_eq!(v.vmcs().0.field(VMCS_GUEST_RIP), 0x3000);
     }
 
     #[test]
