@@ -122,6 +122,9 @@ const APIC_BASE_X2APIC: u64 = 1 << 10;
 /// The LAPIC's task-priority register, which CR8 mirrors (CR8 = TPR[7:4]).
 const LAPIC_TPR_OFFSET: u64 = 0x80;
 
+/// CPUID.1:ECX features this layer does not provide whatever the table says: MONITOR/MWAIT
+/// and VMX instructions raise #UD, and the LAPIC has no x2APIC mode.
+const CPUID1_ECX_NOT_HERE: u32 = 1 << 3 | 1 << 5 | 1 << 21;
 const EXC_UD: u8 = 6;
 const EXC_GP: u8 = 13;
 const EXC_PF: u8 = 14;
@@ -907,7 +910,7 @@ impl<V: Vmcs> VmxVcpu<V> {
             1 => {
                 ebx = (ebx & 0x00ff_ffff) | apic_id << 24;
                 let cr4 = self.guest_cr4()?;
-                ecx &= !(1 << 27);
+                ecx &= !(1 << 27 | CPUID1_ECX_NOT_HERE);
                 if cr4 & CR4_OSXSAVE != 0 {
                     ecx |= 1 << 27;
                 }
@@ -2107,7 +2110,7 @@ mod tests {
                 function: 1,
                 eax: 0x306a9,
                 ebx: 0x0001_0800,
-                ecx: 0x0400_0000 | 1 << 27,
+                ecx: 0x0400_0000 | 1 << 27 | 1 << 21 | 1 << 5 | 1 << 3 | 1,
                 edx: 0x0789_fbff,
                 ..Default::default()
             },
@@ -2148,6 +2151,7 @@ mod tests {
         assert_eq!((eax, edx), (0x306a9, 0x0789_fbff));
         assert_eq!(ebx, 0x0301_0800);
         assert_eq!(ecx & 1 << 27, 0, "OSXSAVE clear while CR4.OSXSAVE is clear");
+        assert_eq!(ecx, 0x0400_0001, "no MONITOR, VMX or x2APIC");
         v.vmcs_mut()
             .set_field(VMCS_GUEST_CR4, CR4_OSXSAVE | CR4_VMXE);
         let [_, _, ecx, _] = cpuid(&mut v, 1);
