@@ -1,4 +1,4 @@
-/* Hypervisor.framework return codes (mach_error_t: err_system(0x3e) | err_sub(0x3ba) | n). */
+/* Hypervisor.framework return codes: Mach errors 0xfae94000 + n. */
 #pragma once
 #include <mach/error.h>
 

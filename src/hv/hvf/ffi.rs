@@ -18,7 +18,7 @@ pub type hv_memory_flags_t = u64;
 pub type hv_uvaddr_t = *const c_void;
 pub type hv_gpaddr_t = u64;
 
-// The framework's error codes are `err_sub(0x3ba) | err_system(0x3e)` plus a small number.
+// The framework's error codes are 0xfae94000 plus a small number (a Mach error in its subsystem).
 pub const HV_SUCCESS: hv_return_t = 0;
 pub const HV_ERROR: hv_return_t = 0xfae9_4001_u32 as i32;
 pub const HV_BUSY: hv_return_t = 0xfae9_4002_u32 as i32;
@@ -404,4 +404,37 @@ extern "C" {
     pub fn hv_vmx_read_capability(field: hv_vmx_capability_t, value: *mut u64) -> hv_return_t;
     pub fn hv_vmx_vcpu_read_vmcs(vcpu: hv_vcpuid_t, field: u32, value: *mut u64) -> hv_return_t;
     pub fn hv_vmx_vcpu_write_vmcs(vcpu: hv_vcpuid_t, field: u32, value: u64) -> hv_return_t;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn register_ids_follow_the_header_numbering() {
+        let ids = [
+            (HV_X86_RIP, 0),
+            (HV_X86_RAX, 2),
+            (HV_X86_RBP, 9),
+            (HV_X86_R15, 17),
+            (HV_X86_CS, 18),
+            (HV_X86_GS, 23),
+            (HV_X86_TSS_AR, 35),
+            (HV_X86_CR0, 36),
+            (HV_X86_CR4, 40),
+            (HV_X86_DR7, 48),
+            (HV_X86_XCR0, 50),
+            (HV_X86_REGISTERS_MAX, 51),
+        ];
+        for (reg, id) in ids {
+            assert_eq!(reg as u32, id, "{reg:?}");
+        }
+    }
+
+    #[test]
+    fn error_names() {
+        assert_eq!(hv_error_name(HV_DENIED), "HV_DENIED");
+        assert_eq!(HV_DENIED as u32, 0xfae9_4007);
+        assert_eq!(hv_error_name(1), "unknown Hypervisor.framework error");
+    }
 }
