@@ -125,6 +125,8 @@ pub enum PciDeviceKind {
     AhciCd,
     /// `virtio-tap,tapN[,mac=...]`: virtio-net over a Linux tap interface.
     VirtioTap,
+    /// `virtio-net[,mac=...]`: virtio-net over macOS vmnet (shared mode); macOS only.
+    VirtioNet,
 }
 
 impl VmConfig {
