@@ -68,6 +68,23 @@ pub fn xhyve_interface_id(uuid: [u8; 16]) -> [u8; 16] {
     id
 }
 
+/// Gives up root after vmnet started, as xhyve does: tools install xhyve setuid root only so
+/// that vmnet works (docker-machine-driver-xhyve), and everything after (disk images, pidfile,
+/// the guest itself) should run as the user who started it. Group first, then user (CERT
+/// POS36-C). Does nothing unless effectively root.
+pub fn drop_privileges() -> std::io::Result<()> {
+    // SAFETY: these calls take and return plain integers and touch no memory of ours.
+    unsafe {
+        if libc::geteuid() != 0 && libc::getegid() != 0 {
+            return Ok(());
+        }
+        if libc::setgid(libc::getgid()) == -1 || libc::setuid(libc::getuid()) == -1 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// The guest's MAC: `mac=` if given, else the one vmnet assigned.
 pub fn guest_mac(vmnet: MacAddr, override_mac: Option<MacAddr>) -> MacAddr {
     override_mac.unwrap_or(vmnet)
@@ -393,6 +410,46 @@ mod tests {
         let chosen = MacAddr([0x02, 0, 0, 0, 0, 2]);
         assert_eq!(guest_mac(vmnet, None), vmnet);
         assert_eq!(guest_mac(vmnet, Some(chosen)), chosen);
+    }
+
+    #[test]
+    fn a_setuid_root_process_drops_to_the_real_user() {
+        // SAFETY: plain integer getter.
+        if unsafe { libc::geteuid() } != 0 {
+            // Not root: nothing to drop, and the call must leave the process alone.
+            drop_privileges().unwrap();
+            return;
+        }
+        // As root, a child turns itself into what a setuid-root xhyve run by user 1000 is
+        // (real ids 1000, effective 0), drops, and reports the effective ids by exit code.
+        // SAFETY: the child only calls async-signal-safe id functions and _exit.
+        let child = unsafe { libc::fork() };
+        assert!(child >= 0, "fork failed");
+        if child == 0 {
+            // SAFETY: as above; the child never returns into the test harness.
+            unsafe {
+                let setuid_like = libc::setregid(1000, 0) == 0 && libc::setreuid(1000, 0) == 0;
+                let code = if !setuid_like || libc::geteuid() != 0 {
+                    10
+                } else if drop_privileges().is_err() {
+                    11
+                } else if (libc::geteuid(), libc::getegid()) != (1000, 1000) {
+                    12
+                } else {
+                    0
+                };
+                libc::_exit(code);
+            }
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child; `status` is a live int.
+        assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+        assert!(libc::WIFEXITED(status));
+        assert_eq!(
+            libc::WEXITSTATUS(status),
+            0,
+            "10 setup, 11 error, 12 still root"
+        );
     }
 
     #[test]

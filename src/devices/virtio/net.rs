@@ -345,6 +345,8 @@ pub fn build_virtio_net(
     let options = crate::cli::parse_vmnet_options("virtio-net", config.options.as_deref())
         .map_err(|e| e.to_string())?;
     let mut backend = vmnet::Vmnet::start(vmnet_interface_id(uuid)).map_err(|e| e.to_string())?;
+    vmnet::drop_privileges()
+        .map_err(|e| format!("virtio-net: cannot drop root after starting vmnet: {e}"))?;
     let wakeup = signalled::Wakeup::new();
     let callback = wakeup.clone();
     backend
