@@ -6,6 +6,7 @@
 //! (Hypervisor.framework) on macOS.
 
 pub mod cpuid;
+pub mod hvf;
 pub mod regs;
 
 #[cfg(target_os = "linux")]
