@@ -253,7 +253,12 @@ fn platform_hypervisor() -> Result<Box<dyn Hypervisor>, HvError> {
     Ok(Box::new(kvm::Kvm::new()?))
 }
 
-#[cfg(not(target_os = "linux"))]
+#[cfg(target_os = "macos")]
+fn platform_hypervisor() -> Result<Box<dyn Hypervisor>, HvError> {
+    Ok(Box::new(hvf::Hvf::new()?))
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "macos")))]
 fn platform_hypervisor() -> Result<Box<dyn Hypervisor>, HvError> {
     Err(HvError::Unavailable)
 }

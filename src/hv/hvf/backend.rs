@@ -314,20 +314,30 @@ impl HvfVcpu {
         if let Some(regs) = self.setup.regs.take() {
             live.vmx.set_regs(&regs)?;
         }
-        write_native_msrs(vcpu, &std::mem::take(&mut self.setup.msrs))?;
+        write_msrs(&mut live, &std::mem::take(&mut self.setup.msrs))?;
         Ok(live)
     }
 }
 
-/// Writes the MSRs the hardware keeps (the framework's native MSRs). The others (APIC base,
-/// MTRRs, MISC_ENABLE) are the VMX layer's own emulation, which starts from the same reset
-/// values the VMM writes.
-fn write_native_msrs(vcpu: hv_vcpuid_t, msrs: &[(u32, u64)]) -> Result<(), HvError> {
-    for &(index, value) in msrs.iter().filter(|(i, _)| NATIVE_MSRS.contains(i)) {
-        // SAFETY: no pointers; the vCPU belongs to this thread.
-        check("hv_vcpu_write_msr", unsafe {
-            hv_vcpu_write_msr(vcpu, index, value)
-        })?;
+/// Writes MSRs as the VMM's boot values: the framework's native MSRs to the hardware, the
+/// VMX layer's own (EFER, APIC base, PAT, MTRRs...) through it. Values the layer keeps fixed
+/// (MISC_ENABLE) or MSRs nobody models are left alone, as a guest write would leave them;
+/// a value the layer refuses (x2APIC mode, which our LAPIC lacks) is an error.
+fn write_msrs(live: &mut Live, msrs: &[(u32, u64)]) -> Result<(), HvError> {
+    for &(index, value) in msrs {
+        if NATIVE_MSRS.contains(&index) {
+            // SAFETY: no pointers; the vCPU belongs to this thread.
+            check("hv_vcpu_write_msr", unsafe {
+                hv_vcpu_write_msr(live.vcpu, index, value)
+            })?;
+        } else if live.vmx.set_msr(index, value)? == Some(false) {
+            return Err(HvError::Ioctl {
+                what: "set_msrs",
+                source: io::Error::other(format!(
+                    "MSR {index:#x} = {value:#x} is not supported by the hvf back end"
+                )),
+            });
+        }
     }
     Ok(())
 }
@@ -411,8 +421,8 @@ impl Vcpu for HvfVcpu {
     }
 
     fn set_msrs(&mut self, msrs: &[(u32, u64)]) -> Result<(), HvError> {
-        match &self.live {
-            Some(live) => write_native_msrs(live.vcpu, msrs),
+        match &mut self.live {
+            Some(live) => write_msrs(live, msrs),
             None => {
                 self.setup.msrs.extend_from_slice(msrs);
                 Ok(())
