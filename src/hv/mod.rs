@@ -53,6 +53,8 @@ pub struct VmOptions {
     pub irqchip: IrqChipMode,
     /// Route accesses to MSRs the hypervisor does not know to the VMM (`VmExit::MsrRead/Write`).
     pub user_msr_exits: bool,
+    /// `-P`: a guest PAUSE leaves the guest (Hypervisor.framework; KVM decides itself).
+    pub pause_exits: bool,
 }
 
 /// A hypervisor back end.

@@ -54,6 +54,7 @@ pub fn run(config: &VmConfig) -> Result<i32, VmmError> {
         vcpus: config.vcpus,
         irqchip,
         user_msr_exits: config.ignore_unknown_msrs,
+        pause_exits: config.pause_exit,
     };
     let vm = hypervisor.create_vm(&options)?;
     map_guest_memory(vm.as_ref(), &guest_memory)?;

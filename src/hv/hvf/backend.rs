@@ -69,6 +69,7 @@ impl Hypervisor for Hvf {
         Ok(Arc::new(HvfVm {
             ram: Arc::new(RwLock::new(RegionTable::new())),
             ignore_unknown_msrs: options.user_msr_exits,
+            pause_exits: options.pause_exits,
         }))
     }
 
@@ -87,6 +88,7 @@ fn read_ram(ram: &SharedRam) -> RwLockReadGuard<'_, RegionTable> {
 pub struct HvfVm {
     ram: SharedRam,
     ignore_unknown_msrs: bool,
+    pause_exits: bool,
 }
 
 impl Drop for HvfVm {
@@ -134,6 +136,7 @@ impl Vm for HvfVm {
             id,
             ram: self.ram.clone(),
             ignore_unknown_msrs: self.ignore_unknown_msrs,
+            pause_exits: self.pause_exits,
             setup: Setup::default(),
             live: None,
             kick: Arc::new(KickState {
@@ -258,6 +261,7 @@ pub struct HvfVcpu {
     id: u8,
     ram: SharedRam,
     ignore_unknown_msrs: bool,
+    pause_exits: bool,
     setup: Setup,
     live: Option<Live>,
     kick: Arc<KickState>,
@@ -295,9 +299,10 @@ impl HvfVcpu {
             vcpu_id: self.id,
             cpuid: std::mem::take(&mut self.setup.cpuid),
             ignore_unknown_msrs: self.ignore_unknown_msrs,
-            // The VMM's user irqchip sleeps a halted vCPU itself, so HLT must reach it.
+            // Always, whatever -H says: the VMM's user irqchip sleeps a halted vCPU itself
+            // and reports "every vCPU halted" (exit 2), so HLT must reach it.
             exit_on_hlt: true,
-            exit_on_pause: false,
+            exit_on_pause: self.pause_exits,
         };
         let vmx = match VmxVcpu::new(FrameworkVmcs { vcpu }, config) {
             Ok(vmx) => vmx,
