@@ -347,12 +347,20 @@ pub fn build_virtio_net(
     let mut backend = vmnet::Vmnet::start(vmnet_interface_id(uuid)).map_err(|e| e.to_string())?;
     vmnet::drop_privileges()
         .map_err(|e| format!("virtio-net: cannot drop root after starting vmnet: {e}"))?;
+    let params = backend.params();
+    if params.max_packet_size > MAX_FRAME {
+        // vmnet_read refuses buffers smaller than its largest packet.
+        return Err(format!(
+            "virtio-net: vmnet packets of up to {} bytes exceed the device's {MAX_FRAME}",
+            params.max_packet_size
+        ));
+    }
     let wakeup = signalled::Wakeup::new();
     let callback = wakeup.clone();
     backend
         .set_packet_callback(Box::new(move || callback.wake()))
         .map_err(|e| e.to_string())?;
-    let mac = vmnet::guest_mac(backend.params().mac, options.mac);
+    let mac = vmnet::guest_mac(params.mac, options.mac);
     let device =
         VirtioPci::new(VirtioNet::new(backend, mac), transport).map_err(|e| e.to_string())?;
     let device = Arc::new(Mutex::new(device));
