@@ -116,8 +116,8 @@ pub enum PciDeviceKind {
     Lpc,
     /// `virtio-rnd`: an entropy source.
     VirtioRnd,
-    /// `virtio-blk,PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]]`: a disk; the
-    /// options (checked at parse time) stay in [`PciDeviceConfig::options`].
+    /// `virtio-blk,PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]][,flush=full|fsync]`:
+    /// a disk; the options (checked at parse time) stay in [`PciDeviceConfig::options`].
     VirtioBlk,
     /// `ahci-hd`: an AHCI controller with a SATA disk (options: block device options).
     AhciHd,

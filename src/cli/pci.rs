@@ -140,7 +140,7 @@ fn check_block_options(
         return Err(CliError::PciOptionsRequired {
             spec: spec.to_string(),
             name: kind_name(kind),
-            usage: "PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]]",
+            usage: "PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]][,flush=full|fsync]",
         });
     };
     crate::block::BlockOptions::parse(options)
@@ -347,7 +347,7 @@ mod tests {
         assert_eq!(
             error("4,ahci-hd"),
             "invalid -s \"4,ahci-hd\": ahci-hd needs options: \
-             PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]]"
+             PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]][,flush=full|fsync]"
         );
         assert_eq!(
             error("4,ahci-cd,/a.iso,bogus"),
@@ -360,7 +360,7 @@ mod tests {
         assert_eq!(
             error("4,virtio-blk"),
             "invalid -s \"4,virtio-blk\": virtio-blk needs options: \
-             PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]]"
+             PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]][,flush=full|fsync]"
         );
         assert_eq!(
             error("4,virtio-blk,d.img,rw"),
