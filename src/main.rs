@@ -32,13 +32,21 @@ fn main() {
             0
         }
         // -M: xhyve prints the network device's MAC and exits 0 (without a network device
-        // the flag does nothing). The MAC is known from the command line alone, so no tap
-        // is opened and no root is needed.
-        Ok(Action::Run(config)) if config.print_mac && cli::first_nic_mac(&config).is_some() => {
-            if let Some(mac) = cli::first_nic_mac(&config) {
-                println!("MAC: {mac}");
+        // the flag does nothing). A tap's MAC is known from the command line alone (no tap
+        // is opened, no root needed); vmnet assigns its own, so that one starts vmnet.
+        Ok(Action::Run(config)) if config.print_mac && cli::first_nic(&config).is_some() => {
+            match xhyve::devices::virtio::net::mac_to_print(&config) {
+                Ok(mac) => {
+                    if let Some(mac) = mac {
+                        println!("MAC: {mac}");
+                    }
+                    0
+                }
+                Err(e) => {
+                    eprintln!("xhyve: {e}");
+                    vmm::exit::EXIT_SETUP_ERROR
+                }
             }
-            0
         }
         Ok(Action::Run(config)) => match vmm::run(&config) {
             Ok(code) => code,

@@ -5,6 +5,9 @@
 //! 0x88B5, no IP addresses. Creating a tap needs root; without it the exchange tests skip,
 //! or fail under `XHYVE_REQUIRE_KVM=1`.
 
+// Linux tap and packet sockets: nothing here builds for macOS.
+#![cfg(target_os = "linux")]
+
 #[macro_use]
 mod common;
 

@@ -1,7 +1,13 @@
-//! xhyve's block device options: `PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]]`.
+//! xhyve's block device options:
+//! `PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]][,flush=full|fsync]`.
 //!
 //! The same string configures virtio-blk, ahci-hd and ahci-cd. The whole string (not just
 //! the path) seeds the device serial, as xhyve does, so it is kept verbatim.
+//!
+//! `flush=` is our extension (xhyve has no such option): how a guest's flush reaches the
+//! disk. `full` (the default on macOS) is `fcntl(F_FULLFSYNC)`, which also empties the
+//! drive's write cache; `fsync` is the cheaper `fsync(2)`, which on macOS stops at that
+//! cache. On Linux both are `fsync(2)`, which already flushes the drive cache there.
 
 use std::path::PathBuf;
 
@@ -21,6 +27,8 @@ pub enum OptionsError {
     SectorSizeNotPowerOfTwo(String),
     #[error("invalid sectorsize \"{0}\": the logical size must not exceed the physical size")]
     LogicalAbovePhysical(String),
+    #[error("invalid flush \"{0}\": expected full or fsync")]
+    FlushMode(String),
 }
 
 /// How a flush reaches stable storage.
@@ -34,6 +42,15 @@ pub enum FlushMode {
 }
 
 impl FlushMode {
+    /// `full` or `fsync`, the values of the `flush=` option.
+    pub fn parse(text: &str) -> Result<Self, OptionsError> {
+        match text {
+            "full" => Ok(FlushMode::FullFsync),
+            "fsync" => Ok(FlushMode::Fsync),
+            _ => Err(OptionsError::FlushMode(text.to_string())),
+        }
+    }
+
     /// The safe default for the host: `FullFsync` on macOS, `Fsync` elsewhere.
     pub fn host_default() -> Self {
         if cfg!(target_os = "macos") {
@@ -57,7 +74,7 @@ pub struct BlockOptions {
     pub logical_sector_size: u32,
     /// Physical sector size in bytes (reported as a hint for alignment).
     pub physical_sector_size: u32,
-    /// Not an xhyve option: set by the embedder (macOS users may prefer plain fsync).
+    /// `flush=full|fsync` (our extension, not xhyve's); defaults to [`FlushMode::host_default`].
     pub flush_mode: FlushMode,
     /// The option string as given, the seed of the device serial.
     pub spec: String,
@@ -93,14 +110,17 @@ impl BlockOptions {
                 "nocache" => options.nocache = true,
                 "sync" | "direct" => options.sync = true,
                 "ro" => options.read_only = true,
-                _ => match field.strip_prefix("sectorsize=") {
-                    Some(sizes) => {
+                _ => {
+                    if let Some(sizes) = field.strip_prefix("sectorsize=") {
                         let (logical, physical) = parse_sector_sizes(sizes)?;
                         options.logical_sector_size = logical;
                         options.physical_sector_size = physical;
+                    } else if let Some(mode) = field.strip_prefix("flush=") {
+                        options.flush_mode = FlushMode::parse(mode)?;
+                    } else {
+                        return Err(OptionsError::UnknownOption(field.to_string()));
                     }
-                    None => return Err(OptionsError::UnknownOption(field.to_string())),
-                },
+                }
             }
         }
         Ok(options)
@@ -150,6 +170,45 @@ mod tests {
         assert_eq!((o.logical_sector_size, o.physical_sector_size), (512, 4096));
         assert_eq!(o.spec, "d.img,nocache,direct,ro,sectorsize=512/4096");
         assert!(BlockOptions::parse("d.img,sync").unwrap().sync);
+    }
+
+    #[test]
+    fn flush_defaults_to_the_host_choice() {
+        let o = BlockOptions::parse("d.img").unwrap();
+        let expected = if cfg!(target_os = "macos") {
+            FlushMode::FullFsync
+        } else {
+            FlushMode::Fsync
+        };
+        assert_eq!(o.flush_mode, expected);
+    }
+
+    #[test]
+    fn flush_option_selects_the_mode() {
+        let full = BlockOptions::parse("d.img,flush=full").unwrap();
+        assert_eq!(full.flush_mode, FlushMode::FullFsync);
+        let cheap = BlockOptions::parse("d.img,ro,flush=fsync,sectorsize=4096").unwrap();
+        assert_eq!(cheap.flush_mode, FlushMode::Fsync);
+        assert!(cheap.read_only);
+        assert_eq!(cheap.logical_sector_size, 4096);
+        // The last one given wins, like the other options.
+        let last = BlockOptions::parse("d.img,flush=fsync,flush=full").unwrap();
+        assert_eq!(last.flush_mode, FlushMode::FullFsync);
+    }
+
+    #[test]
+    fn bad_flush_values_are_named() {
+        for bad in ["", "FULL", "fullfsync", "sync", "full=1"] {
+            let spec = format!("d.img,flush={bad}");
+            let err = BlockOptions::parse(&spec).unwrap_err();
+            assert_eq!(err, OptionsError::FlushMode(bad.to_string()), "{spec}");
+        }
+        assert_eq!(
+            BlockOptions::parse("d.img,flush=sync")
+                .unwrap_err()
+                .to_string(),
+            "invalid flush \"sync\": expected full or fsync"
+        );
     }
 
     #[test]

@@ -116,8 +116,8 @@ pub enum PciDeviceKind {
     Lpc,
     /// `virtio-rnd`: an entropy source.
     VirtioRnd,
-    /// `virtio-blk,PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]]`: a disk; the
-    /// options (checked at parse time) stay in [`PciDeviceConfig::options`].
+    /// `virtio-blk,PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]][,flush=full|fsync]`:
+    /// a disk; the options (checked at parse time) stay in [`PciDeviceConfig::options`].
     VirtioBlk,
     /// `ahci-hd`: an AHCI controller with a SATA disk (options: block device options).
     AhciHd,
@@ -125,6 +125,8 @@ pub enum PciDeviceKind {
     AhciCd,
     /// `virtio-tap,tapN[,mac=...]`: virtio-net over a Linux tap interface.
     VirtioTap,
+    /// `virtio-net[,mac=...]`: virtio-net over macOS vmnet (shared mode); macOS only.
+    VirtioNet,
 }
 
 impl VmConfig {

@@ -12,6 +12,9 @@ mod usage;
 
 pub use config::*;
 pub use error::CliError;
-pub use net::{first_nic_mac, parse_tap_options, tap_mac, TapOptions};
+pub use net::{
+    first_nic, first_nic_mac, parse_tap_options, parse_vmnet_options, tap_mac, TapOptions,
+    VmnetOptions,
+};
 pub use parse::parse;
 pub use usage::{usage, version_text};

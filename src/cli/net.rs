@@ -1,5 +1,5 @@
-//! Options of the network devices: `virtio-tap,tapN[,mac=xx:xx:xx:xx:xx:xx]`, and the MAC
-//! that `-M` prints.
+//! Options of the network devices: `virtio-tap,tapN[,mac=xx:xx:xx:xx:xx:xx]` (Linux),
+//! `virtio-net[,mac=xx:xx:xx:xx:xx:xx]` (macOS vmnet), and the MAC that `-M` prints.
 
 use super::{CliError, PciDeviceConfig, PciDeviceKind, VmConfig};
 use crate::net::{derive_mac, valid_interface_name, MacAddr};
@@ -26,6 +26,36 @@ pub fn parse_tap_options(spec: &str, options: Option<&str>) -> Result<TapOptions
             "tap name \"{name}\" must be 1-15 letters, digits, '-', '_' or '.' (e.g. tap0)"
         )));
     }
+    Ok(TapOptions {
+        name: name.to_string(),
+        mac: parse_mac_option(fields, invalid)?,
+    })
+}
+
+/// A parsed `virtio-net` (vmnet) configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmnetOptions {
+    /// `mac=`: overrides the MAC vmnet assigns. Our extension: xhyve takes no options here.
+    pub mac: Option<MacAddr>,
+}
+
+/// Parses the options of `-s spec` (everything after `virtio-net,`; may be absent).
+pub fn parse_vmnet_options(spec: &str, options: Option<&str>) -> Result<VmnetOptions, CliError> {
+    let invalid = |reason: String| CliError::InvalidNetOptions {
+        spec: spec.to_string(),
+        reason,
+    };
+    let fields = options.into_iter().flat_map(|o| o.split(','));
+    Ok(VmnetOptions {
+        mac: parse_mac_option(fields, invalid)?,
+    })
+}
+
+/// The only option the network devices share: at most one `mac=`.
+fn parse_mac_option<'a>(
+    fields: impl Iterator<Item = &'a str>,
+    invalid: impl Fn(String) -> CliError,
+) -> Result<Option<MacAddr>, CliError> {
     let mut mac = None;
     for field in fields {
         match field.split_once('=') {
@@ -36,10 +66,7 @@ pub fn parse_tap_options(spec: &str, options: Option<&str>) -> Result<TapOptions
             _ => return Err(invalid(format!("unknown option \"{field}\""))),
         }
     }
-    Ok(TapOptions {
-        name: name.to_string(),
-        mac,
-    })
+    Ok(mac)
 }
 
 /// The MAC of a network device: its `mac=`, else the one derived from `-U` and its slot.
@@ -49,18 +76,27 @@ pub fn tap_mac(uuid: Option<[u8; 16]>, device: &PciDeviceConfig, options: &TapOp
         .unwrap_or_else(|| derive_mac(uuid, device.bus, device.slot, device.function))
 }
 
-/// What `-M` prints: the MAC of the first network device, if there is one (as in xhyve,
-/// `-M` without a network device does nothing).
-pub fn first_nic_mac(config: &VmConfig) -> Option<MacAddr> {
+/// The first network device (the one `-M` describes; as in xhyve, `-M` without a network
+/// device does nothing).
+pub fn first_nic(config: &VmConfig) -> Option<&PciDeviceConfig> {
     config
         .pci_devices
         .iter()
-        .filter(|d| d.kind == PciDeviceKind::VirtioTap)
-        .find_map(|d| {
-            let spec = d.options.as_deref();
+        .find(|d| matches!(d.kind, PciDeviceKind::VirtioTap | PciDeviceKind::VirtioNet))
+}
+
+/// The MAC of the first network device where the command line alone decides it: a tap's,
+/// or a vmnet device's `mac=`. `None` for vmnet without `mac=`: vmnet assigns that one.
+pub fn first_nic_mac(config: &VmConfig) -> Option<MacAddr> {
+    let device = first_nic(config)?;
+    let spec = device.options.as_deref();
+    match device.kind {
+        PciDeviceKind::VirtioTap => {
             let options = parse_tap_options("", spec).ok()?;
-            Some(tap_mac(config.uuid, d, &options))
-        })
+            Some(tap_mac(config.uuid, device, &options))
+        }
+        _ => parse_vmnet_options("", spec).ok()?.mac,
+    }
 }
 
 #[cfg(test)]
@@ -138,5 +174,45 @@ mod tests {
         );
         config.pci_devices.remove(0);
         assert_eq!(first_nic_mac(&config), Some(MacAddr([2, 0, 0, 0, 0, 9])));
+
+        // A vmnet device first: its mac=, or nothing the command line can tell.
+        let vmnet = |options: Option<&str>| PciDeviceConfig {
+            kind: PciDeviceKind::VirtioNet,
+            options: options.map(str::to_string),
+            ..tap(2, "")
+        };
+        config.pci_devices.insert(0, vmnet(None));
+        assert_eq!(first_nic(&config).map(|d| d.slot), Some(2));
+        assert_eq!(first_nic_mac(&config), None);
+        config.pci_devices[0] = vmnet(Some("mac=02:00:00:00:00:0a"));
+        assert_eq!(first_nic_mac(&config), Some(MacAddr([2, 0, 0, 0, 0, 10])));
+    }
+
+    #[test]
+    fn vmnet_options_take_only_a_mac() {
+        assert_eq!(
+            parse_vmnet_options("2,virtio-net", None).unwrap(),
+            VmnetOptions { mac: None }
+        );
+        assert_eq!(
+            parse_vmnet_options("s", Some("mac=02:00:00:00:00:07"))
+                .unwrap()
+                .mac,
+            Some(MacAddr([2, 0, 0, 0, 0, 7]))
+        );
+        let error = |options| {
+            parse_vmnet_options("2,virtio-net,x", Some(options))
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            error("tap0"),
+            "invalid -s \"2,virtio-net,x\": unknown option \"tap0\""
+        );
+        assert_eq!(
+            error("mac=zz"),
+            "invalid -s \"2,virtio-net,x\": invalid MAC address \"zz\": expected xx:xx:xx:xx:xx:xx"
+        );
+        assert!(error("mac=02:00:00:00:00:01,mac=02:00:00:00:00:02").contains("twice"));
     }
 }

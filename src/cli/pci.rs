@@ -1,6 +1,6 @@
 //! `-s [bus:]slot[:func],emulation[,config]`: one PCI device per argument.
 
-use super::{parse_tap_options, CliError, PciDeviceConfig, PciDeviceKind};
+use super::{parse_tap_options, parse_vmnet_options, CliError, PciDeviceConfig, PciDeviceKind};
 
 /// Emulations of xhyve/HyperKit that this port will add later; named so users get
 /// "not supported yet" rather than "unknown device".
@@ -38,9 +38,8 @@ pub fn parse_pci_device(spec: &str) -> Result<PciDeviceConfig, CliError> {
             PciDeviceKind::VirtioTap
         }
         "virtio-net" if cfg!(target_os = "macos") => {
-            return Err(CliError::NotSupportedYet(format!(
-                "-s {spec} (virtio-net over vmnet)"
-            )))
+            parse_vmnet_options(spec, options.as_deref())?;
+            PciDeviceKind::VirtioNet
         }
         "virtio-net" => return Err(CliError::NetNeedsVmnet(spec.to_string())),
         later if LATER_EMULATIONS.contains(&later) => {
@@ -58,7 +57,7 @@ pub fn parse_pci_device(spec: &str) -> Result<PciDeviceConfig, CliError> {
     };
     if takes_block_options(kind) {
         check_block_options(spec, kind, options.as_deref())?;
-    } else if options.is_some() && kind != PciDeviceKind::VirtioTap {
+    } else if options.is_some() && !is_network(kind) {
         return Err(CliError::PciOptionsNotAccepted {
             spec: spec.to_string(),
             name: kind_name(kind),
@@ -122,7 +121,13 @@ fn kind_name(kind: PciDeviceKind) -> &'static str {
         PciDeviceKind::AhciHd => "ahci-hd",
         PciDeviceKind::AhciCd => "ahci-cd",
         PciDeviceKind::VirtioTap => "virtio-tap",
+        PciDeviceKind::VirtioNet => "virtio-net",
     }
+}
+
+/// Network devices parse their own options (checked above).
+fn is_network(kind: PciDeviceKind) -> bool {
+    matches!(kind, PciDeviceKind::VirtioTap | PciDeviceKind::VirtioNet)
 }
 
 /// Block devices need an image path; the rest of the string must parse as xhyve's options.
@@ -135,7 +140,7 @@ fn check_block_options(
         return Err(CliError::PciOptionsRequired {
             spec: spec.to_string(),
             name: kind_name(kind),
-            usage: "PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]]",
+            usage: "PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]][,flush=full|fsync]",
         });
     };
     crate::block::BlockOptions::parse(options)
@@ -342,7 +347,7 @@ mod tests {
         assert_eq!(
             error("4,ahci-hd"),
             "invalid -s \"4,ahci-hd\": ahci-hd needs options: \
-             PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]]"
+             PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]][,flush=full|fsync]"
         );
         assert_eq!(
             error("4,ahci-cd,/a.iso,bogus"),
@@ -355,7 +360,7 @@ mod tests {
         assert_eq!(
             error("4,virtio-blk"),
             "invalid -s \"4,virtio-blk\": virtio-blk needs options: \
-             PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]]"
+             PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]][,flush=full|fsync]"
         );
         assert_eq!(
             error("4,virtio-blk,d.img,rw"),
@@ -391,12 +396,19 @@ mod tests {
             error("2,virtio-net"),
             "-s 2,virtio-net: virtio-net needs vmnet (macOS); use virtio-tap,tapN on Linux"
         );
-        #[cfg(target_os = "macos")]
-        assert!(matches!(
-            parse_pci_device("2,virtio-net"),
-            Err(CliError::NotSupportedYet(_))
-        ));
+        #[cfg(target_os = "linux")]
         assert_eq!(parse_pci_device("2,virtio-net").unwrap_err().exit_code(), 1);
+        #[cfg(target_os = "macos")]
+        {
+            assert_eq!(
+                parse_pci_device("2,virtio-net,mac=02:00:00:00:00:03").unwrap(),
+                PciDeviceConfig {
+                    options: Some("mac=02:00:00:00:00:03".into()),
+                    ..device(0, 2, 0, PciDeviceKind::VirtioNet)
+                }
+            );
+            assert!(error("2,virtio-net,tap0").contains("unknown option \"tap0\""));
+        }
     }
 
     #[test]

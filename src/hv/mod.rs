@@ -33,7 +33,7 @@ pub enum HvError {
     MissingCapability(&'static str),
     #[error("no hypervisor back end for this platform")]
     Unavailable,
-    #[error("unknown hypervisor back end \"{0}\" (XHYVE_HV): expected kvm")]
+    #[error("unknown hypervisor back end \"{0}\" (XHYVE_HV): expected {BACKEND_NAME}")]
     UnknownBackend(String),
 }
 
@@ -53,6 +53,8 @@ pub struct VmOptions {
     pub irqchip: IrqChipMode,
     /// Route accesses to MSRs the hypervisor does not know to the VMM (`VmExit::MsrRead/Write`).
     pub user_msr_exits: bool,
+    /// `-P`: a guest PAUSE leaves the guest (Hypervisor.framework; KVM decides itself).
+    pub pause_exits: bool,
 }
 
 /// A hypervisor back end.
@@ -228,11 +230,23 @@ pub enum RunState {
     Halted,
 }
 
+/// The name `XHYVE_HV` may give: each platform has exactly one back end.
+pub const BACKEND_NAME: &str = if cfg!(target_os = "macos") {
+    "hvf"
+} else {
+    "kvm"
+};
+
 /// The back end for this platform, or the one `XHYVE_HV` names.
 pub fn default_hypervisor() -> Result<Box<dyn Hypervisor>, HvError> {
-    match std::env::var("XHYVE_HV") {
-        Ok(name) if name != "kvm" => Err(HvError::UnknownBackend(name)),
-        _ => platform_hypervisor(),
+    check_backend_name(std::env::var("XHYVE_HV").ok())?;
+    platform_hypervisor()
+}
+
+fn check_backend_name(name: Option<String>) -> Result<(), HvError> {
+    match name {
+        Some(name) if name != BACKEND_NAME => Err(HvError::UnknownBackend(name)),
+        _ => Ok(()),
     }
 }
 
@@ -241,7 +255,30 @@ fn platform_hypervisor() -> Result<Box<dyn Hypervisor>, HvError> {
     Ok(Box::new(kvm::Kvm::new()?))
 }
 
-#[cfg(not(target_os = "linux"))]
+#[cfg(target_os = "macos")]
+fn platform_hypervisor() -> Result<Box<dyn Hypervisor>, HvError> {
+    Ok(Box::new(hvf::Hvf::new()?))
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "macos")))]
 fn platform_hypervisor() -> Result<Box<dyn Hypervisor>, HvError> {
     Err(HvError::Unavailable)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xhyve_hv_accepts_only_this_platforms_back_end() {
+        assert!(check_backend_name(None).is_ok());
+        assert!(check_backend_name(Some(BACKEND_NAME.into())).is_ok());
+        let other = if BACKEND_NAME == "kvm" { "hvf" } else { "kvm" };
+        assert_eq!(
+            check_backend_name(Some(other.into()))
+                .unwrap_err()
+                .to_string(),
+            format!("unknown hypervisor back end \"{other}\" (XHYVE_HV): expected {BACKEND_NAME}")
+        );
+    }
 }

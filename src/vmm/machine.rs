@@ -54,6 +54,7 @@ pub fn run(config: &VmConfig) -> Result<i32, VmmError> {
         vcpus: config.vcpus,
         irqchip,
         user_msr_exits: config.ignore_unknown_msrs,
+        pause_exits: config.pause_exit,
     };
     let vm = hypervisor.create_vm(&options)?;
     map_guest_memory(vm.as_ref(), &guest_memory)?;
@@ -119,16 +120,20 @@ pub fn run(config: &VmConfig) -> Result<i32, VmmError> {
 }
 
 /// `XHYVE_IRQCHIP`: who emulates the interrupt controllers; the in-kernel irqchip unless
-/// told otherwise.
+/// told otherwise. Hypervisor.framework has none, so macOS always uses the VMM's own.
 fn irqchip_mode() -> Result<IrqChipMode, VmmError> {
-    match std::env::var("XHYVE_IRQCHIP") {
-        Err(_) => Ok(IrqChipMode::Kernel),
-        Ok(value) => parse_irqchip_mode(&value),
-    }
+    let value = std::env::var("XHYVE_IRQCHIP").unwrap_or_default();
+    parse_irqchip_mode(&value, cfg!(target_os = "macos"))
 }
 
-fn parse_irqchip_mode(value: &str) -> Result<IrqChipMode, VmmError> {
+fn parse_irqchip_mode(value: &str, user_only: bool) -> Result<IrqChipMode, VmmError> {
     match value {
+        "" if user_only => Ok(IrqChipMode::User),
+        "kernel" if user_only => Err(VmmError::Setup(
+            "invalid XHYVE_IRQCHIP \"kernel\": Hypervisor.framework has no in-kernel irqchip; \
+             expected user"
+                .into(),
+        )),
         "" | "kernel" => Ok(IrqChipMode::Kernel),
         "user" => Ok(IrqChipMode::User),
         other => Err(VmmError::Setup(format!(
@@ -243,11 +248,26 @@ mod tests {
 
     #[test]
     fn irqchip_mode_names() {
-        assert_eq!(parse_irqchip_mode("kernel").unwrap(), IrqChipMode::Kernel);
-        assert_eq!(parse_irqchip_mode("").unwrap(), IrqChipMode::Kernel);
-        assert_eq!(parse_irqchip_mode("user").unwrap(), IrqChipMode::User);
-        let err = parse_irqchip_mode("usr").unwrap_err().to_string();
+        assert_eq!(
+            parse_irqchip_mode("kernel", false).unwrap(),
+            IrqChipMode::Kernel
+        );
+        assert_eq!(parse_irqchip_mode("", false).unwrap(), IrqChipMode::Kernel);
+        assert_eq!(
+            parse_irqchip_mode("user", false).unwrap(),
+            IrqChipMode::User
+        );
+        let err = parse_irqchip_mode("usr", false).unwrap_err().to_string();
         assert!(err.contains("\"usr\""), "{err}");
+    }
+
+    #[test]
+    fn irqchip_is_always_the_vmms_on_macos() {
+        assert_eq!(parse_irqchip_mode("", true).unwrap(), IrqChipMode::User);
+        assert_eq!(parse_irqchip_mode("user", true).unwrap(), IrqChipMode::User);
+        let err = parse_irqchip_mode("kernel", true).unwrap_err().to_string();
+        assert!(err.contains("no in-kernel irqchip"), "{err}");
+        assert!(parse_irqchip_mode("usr", true).is_err());
     }
 
     #[test]

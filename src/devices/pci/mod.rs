@@ -433,6 +433,12 @@ pub fn build_pci_bus(
                 virtio_transport(resources, addr),
             )
             .map_err(|reason| PciError::Device { addr, reason })?,
+            PciDeviceKind::VirtioNet => super::virtio::net::build_virtio_net(
+                config,
+                resources.uuid,
+                virtio_transport(resources, addr),
+            )
+            .map_err(|reason| PciError::Device { addr, reason })?,
             PciDeviceKind::AhciHd | PciDeviceKind::AhciCd => {
                 Arc::new(Mutex::new(build_ahci(addr, config, resources)?))
             }

@@ -1,10 +1,13 @@
-//! virtio-net (`-s N,virtio-tap,tapN[,mac=...]`): an Ethernet card over a [`NetBackend`].
+//! virtio-net (`-s N,virtio-tap,tapN[,mac=...]` on Linux, `-s N,virtio-net[,mac=...]` over
+//! vmnet on macOS): an Ethernet card over a [`NetBackend`].
 //!
 //! Queue 0 receives (host to guest), queue 1 transmits. The device offers its MAC and link
 //! status in configuration space and no offloads, so every frame is a plain Ethernet frame
 //! behind a virtio-net header that is all zero (plus `num_buffers = 1` where the header has
 //! it). On a real machine the frames move on a network thread ([`worker`]): the doorbell
-//! only wakes it, so a vCPU never waits for the host's network stack.
+//! only wakes it, so a vCPU never waits for the host's network stack. A tap's thread polls
+//! its descriptor ([`worker`], Linux); vmnet has none, so its thread sleeps on a flag that
+//! vmnet's packet callback and the doorbells set ([`signalled`]).
 
 use std::io;
 
@@ -13,11 +16,12 @@ use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::pci::VirtioPciResources;
 use super::{QueueError, VirtioDevice, F_VERSION_1};
-use crate::cli::PciDeviceConfig;
+use crate::cli::{PciDeviceConfig, VmConfig};
 use crate::devices::pci::SharedPciDevice;
 use crate::net::{MacAddr, NetBackend};
 use crate::vmm::memory::GuestMemory;
 
+pub mod signalled;
 #[cfg(target_os = "linux")]
 pub mod worker;
 
@@ -315,14 +319,106 @@ pub fn build_virtio_tap(
     Ok(device)
 }
 
-/// Tap devices are Linux's; macOS gets vmnet (`virtio-net`) in issue 6.
+/// Tap devices are Linux's; macOS has vmnet (`virtio-net`).
 #[cfg(not(target_os = "linux"))]
 pub fn build_virtio_tap(
     _config: &PciDeviceConfig,
     _uuid: Option<[u8; 16]>,
     _transport: VirtioPciResources,
 ) -> Result<SharedPciDevice, String> {
-    Err("virtio-tap needs Linux tap devices; vmnet (virtio-net) is not supported yet".into())
+    Err("virtio-tap needs Linux tap devices; on macOS use virtio-net (vmnet)".into())
+}
+
+/// Builds `-s ...,virtio-net[,mac=...]`: starts a shared-mode vmnet interface whose id is
+/// the `-U` UUID, and the network thread, which runs for the life of the process.
+#[cfg(target_os = "macos")]
+pub fn build_virtio_net(
+    config: &PciDeviceConfig,
+    uuid: Option<[u8; 16]>,
+    transport: VirtioPciResources,
+) -> Result<SharedPciDevice, String> {
+    use std::sync::{Arc, Mutex};
+
+    use super::pci::VirtioPci;
+    use crate::net::vmnet;
+
+    let options = crate::cli::parse_vmnet_options("virtio-net", config.options.as_deref())
+        .map_err(|e| e.to_string())?;
+    let mut backend = vmnet::Vmnet::start(vmnet_interface_id(uuid)).map_err(|e| e.to_string())?;
+    vmnet::drop_privileges()
+        .map_err(|e| format!("virtio-net: cannot drop root after starting vmnet: {e}"))?;
+    let params = backend.params();
+    if params.max_packet_size > MAX_FRAME {
+        // vmnet_read refuses buffers smaller than its largest packet.
+        return Err(format!(
+            "virtio-net: vmnet packets of up to {} bytes exceed the device's {MAX_FRAME}",
+            params.max_packet_size
+        ));
+    }
+    let wakeup = signalled::Wakeup::new();
+    let callback = wakeup.clone();
+    backend
+        .set_packet_callback(Box::new(move || callback.wake()))
+        .map_err(|e| e.to_string())?;
+    let mac = vmnet::guest_mac(params.mac, options.mac);
+    let device =
+        VirtioPci::new(VirtioNet::new(backend, mac), transport).map_err(|e| e.to_string())?;
+    let device = Arc::new(Mutex::new(device));
+    signalled::SignalledWorker::spawn(device.clone(), wakeup)
+        .map_err(|e| format!("virtio-net: network thread: {e}"))?
+        .detach();
+    Ok(device)
+}
+
+/// vmnet exists only on macOS (the command line refuses `virtio-net` elsewhere).
+#[cfg(not(target_os = "macos"))]
+pub fn build_virtio_net(
+    _config: &PciDeviceConfig,
+    _uuid: Option<[u8; 16]>,
+    _transport: VirtioPciResources,
+) -> Result<SharedPciDevice, String> {
+    Err("virtio-net needs vmnet (macOS); use virtio-tap,tapN on Linux".into())
+}
+
+/// vmnet's interface id: the `-U` UUID as xhyve passes it (so the vmnet MAC stays the one
+/// xhyve got), or a random one without `-U` (a new MAC every run, as in xhyve).
+#[cfg(target_os = "macos")]
+fn vmnet_interface_id(uuid: Option<[u8; 16]>) -> [u8; 16] {
+    match uuid {
+        Some(uuid) => crate::net::vmnet::xhyve_interface_id(uuid),
+        None => {
+            let mut random = [0u8; 16];
+            // SAFETY: arc4random_buf fills exactly the 16 bytes it is given and cannot fail.
+            unsafe { libc::arc4random_buf(random.as_mut_ptr().cast(), random.len()) };
+            random
+        }
+    }
+}
+
+/// What `-M` prints: the first network device's MAC, or `None` without one. A vmnet device
+/// without `mac=` learns its MAC by starting the vmnet interface, as xhyve does (so `-M`
+/// then needs root or the vmnet entitlement too); everything else comes from the command
+/// line alone, and no tap is opened.
+pub fn mac_to_print(config: &VmConfig) -> Result<Option<MacAddr>, String> {
+    if let Some(mac) = crate::cli::first_nic_mac(config) {
+        return Ok(Some(mac));
+    }
+    match crate::cli::first_nic(config) {
+        Some(_vmnet) => vmnet_mac(config.uuid),
+        None => Ok(None),
+    }
+}
+
+#[cfg(target_os = "macos")]
+fn vmnet_mac(uuid: Option<[u8; 16]>) -> Result<Option<MacAddr>, String> {
+    let backend =
+        crate::net::vmnet::Vmnet::start(vmnet_interface_id(uuid)).map_err(|e| e.to_string())?;
+    Ok(Some(backend.params().mac))
+}
+
+#[cfg(not(target_os = "macos"))]
+fn vmnet_mac(_uuid: Option<[u8; 16]>) -> Result<Option<MacAddr>, String> {
+    Err("virtio-net needs vmnet (macOS); use virtio-tap,tapN on Linux".into())
 }
 
 #[cfg(test)]

@@ -519,6 +519,7 @@ pub(crate) mod tests_support {
             vcpus: 1,
             irqchip: IrqChipMode::Kernel,
             user_msr_exits: false,
+            pause_exits: false,
         };
         let vm = kvm.create_vm(&options).unwrap();
         let mem = create_guest_memory(1 << 20).unwrap();
