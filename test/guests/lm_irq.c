@@ -39,6 +39,7 @@ static void route_pin(u32 pin, u32 vector, u32 flags)
  * arrives through LINT0 (ExtINT). */
 static void controllers_init(void)
 {
+    ring3_init();
     mmio_write32(LAPIC + 0xF0, 0x1FF);
     outb(0x20, 0x11); outb(0xA0, 0x11);
     outb(0x21, 0x20); outb(0xA1, 0x28);
@@ -75,18 +76,40 @@ static void report_rate(const char *name, u32 vector, u32 periods)
 
 #define PIT_VECTOR 0x30
 #define PIT_PIN 2
+#define PIC_BASE_VECTOR 0x20
 
+/* lm-pit: IOAPIC pin 2, as the MADT's override of ISA IRQ 0 says. lm-pit pic: the 8259's
+ * IRQ 0 (vector 0x20) through LINT0 as ExtINT; EOI to the 8259, the LAPIC has nothing in
+ * service. lm-pit pin0: pin 0 (where KVM's in-kernel PIT lands without GSI routing). */
 void test_lm_pit(const struct mb_info *mbi)
 {
     (void)mbi;
     controllers_init();
-    route_pin(PIT_PIN, PIT_VECTOR, 0);
-    ring3_handle(PIT_VECTOR, R3_SAMPLE_ISR | R3_EOI_LAPIC, PIT_PIN, 0);
+    u32 vector = PIT_VECTOR;
+    u32 pin = cmdline_has("pin0") ? 0 : PIT_PIN;
+    if (cmdline_has("pic")) {
+        vector = PIC_BASE_VECTOR;
+        mmio_write32(LAPIC + 0x350, 0x700); /* LVT LINT0: ExtINT, unmasked */
+        outb(0x21, 0x20); /* ICW2 was 0x20: IRQ 0 is vector 0x20; unmask IRQ 0 only */
+        outb(0x21, 0xFE);
+        ring3_handle(vector, R3_EOI_PIC, 0, 0);
+    } else {
+        route_pin(pin, vector, 0);
+        ring3_handle(vector, R3_SAMPLE_ISR | R3_EOI_LAPIC, pin, 0);
+    }
     outb(0x43, 0x34); /* channel 0, lobyte/hibyte, mode 2 */
     outb(0x40, (PIT_HZ / 100) & 0xFF);
     outb(0x40, (PIT_HZ / 100) >> 8);
-    report_rate("lm-pit", PIT_VECTOR, 50);
-    route_pin(PIT_PIN, PIT_VECTOR, 1u << 16);
+    report_rate("lm-pit", vector, 50);
+    if (cmdline_has("pic")) {
+        outb(0x20, 0x0B); /* OCW3: read ISR */
+        puts("lm-pit pic in service after eoi ");
+        print_dec(inb(0x20) & 1);
+        putc('\n');
+        outb(0x21, 0xFF);
+    } else {
+        route_pin(pin, vector, 1u << 16);
+    }
     poweroff();
 }
 

@@ -108,13 +108,18 @@ static void wait_in_ring3(void)
     ring3_leave();
 }
 
+void ring3_init(void)
+{
+    if (initialized)
+        return;
+    build_tables();
+    ring3_cpu_init((u32)pml4);
+    initialized = 1;
+}
+
 u32 ring3_wait(u32 vector, u32 n, u32 timeout_ms)
 {
-    if (!initialized) {
-        build_tables();
-        ring3_cpu_init((u32)pml4);
-        initialized = 1;
-    }
+    ring3_init();
     wait_vector = vector & 0xFF;
     wait_n = n;
     wait_timeout_ticks = timeout_ms * PM_TICKS_PER_MS;

@@ -26,6 +26,10 @@ extern volatile u32 ring3_isr_seen[256];
 extern volatile u32 ring3_rte_seen[256];
 extern volatile u32 ring3_rtc_c;
 
+/* Turns on long mode and loads the tables, once; ring3_wait() does it if not done. Tens of
+ * milliseconds of emulated CPL0 code: call it before starting a timer that is to be timed. */
+void ring3_init(void);
+
 /* Sets what the handler of `vector` does; `pin` is its IOAPIC pin for R3_SAMPLE_RTE and
  * R3_MASK_PIN. Resets the vector's count. */
 void ring3_handle(u32 vector, u32 actions, u32 pin, u32 mask_after);
