@@ -94,12 +94,16 @@ void ring3_handle(u32 vector, u32 actions, u32 pin, u32 mask_after)
 
 static volatile u32 wait_vector, wait_n, wait_timeout_ticks;
 
+/* Each PM timer read is a VM exit that takes the VMM's device locks; reading it only every
+ * ~1 ms leaves the VMM's timer thread free to raise the ticks being counted. */
+#define SPINS_PER_CLOCK_READ 20000
+
 /* Runs at CPL3 (compatibility mode, IOPL 3): spins with interrupts on. */
 static void wait_in_ring3(void)
 {
     u32 last = inl(PM_TIMER) & 0xffffff, elapsed = 0;
     while (ring3_count[wait_vector] < wait_n && elapsed < wait_timeout_ticks) {
-        for (int i = 0; i < 100; i++)
+        for (int i = 0; i < SPINS_PER_CLOCK_READ && ring3_count[wait_vector] < wait_n; i++)
             cpu_relax();
         u32 now = inl(PM_TIMER) & 0xffffff;
         elapsed += (now - last) & 0xffffff;
