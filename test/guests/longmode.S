@@ -23,7 +23,8 @@
 #define PM_TIMER 0x408
 #define LAPIC 0xFEE00000
 #define IOAPIC 0xFEC00000
-/* IOPL 3 | IF | the always-one bit 1 */
+/* IOPL 3 | IF | the always-one bit 1. This host's KVM clears the IOPL bits (ring 3 runs with
+ * IOPL 0), so ring 3's port access rests on the TSS I/O bitmap; IOPL 3 is for real CPUs. */
 #define USER_RFLAGS 0x3202
 
 /* ring3_action bits, as in ring3.h */

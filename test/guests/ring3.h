@@ -2,8 +2,8 @@
  *
  * This host delivers interrupts to a protected/long-mode guest only while it runs at CPL3
  * (DESIGN.md). ring3_wait() turns on long mode on first use (identity map of the low 4 GiB,
- * U/S at every level; IDT of 64-bit interrupt gates; 64-bit TSS), drops to ring 3 with IF=1
- * and IOPL=3, and spins there until a vector's handler has run often enough or a PM-timer
+ * U/S at every level; IDT of 64-bit interrupt gates; 64-bit TSS whose I/O bitmap allows every
+ * port), drops to ring 3 with IF=1, and spins there until a vector's handler has run often enough or a PM-timer
  * deadline passes. The handlers run at CPL0, count per vector, do what ring3_handle() asked
  * and iretq back to ring 3. The caller's code keeps running at CPL0 in compatibility mode
  * before and after, with interrupts off. */
