@@ -358,3 +358,21 @@ fn ticks_line_parser() {
     );
     assert_eq!(parse_ticks("lm-pit 50 ticks in 1 us", "lm-hpet"), None);
 }
+
+guest_test!(an_ipi_runs_the_handler_on_the_other_cpu_waiting_in_ring3, |mode| {
+    // cpu1 goes to long mode (lm_ap.S, its own TSS) and waits in ring 3; the BSP sends three
+    // fixed IPIs, each after the last was handled. The handler reads its CPU's APIC ID.
+    let outcome = Vm::multiboot("lm-ipi").irqchip(mode).vcpus(2).run();
+    outcome
+        .assert_exit(1)
+        .assert_line("lm-ipi cpu1 waiting")
+        .assert_line("lm-ipi handled 3")
+        .assert_line("lm-ipi handler on apic 1")
+        .assert_line("lm-ipi cpu1 left ring 3 1");
+    // As for rm-ipi: our LAPIC holds the vector in service while the handler runs, so the
+    // second and third IPIs arrive only because the handler's EOI retired the first; KVM's
+    // in-kernel LAPIC on this host shows the ISR bit clear inside the handler.
+    if mode == IrqChip::User {
+        outcome.assert_line("lm-ipi in service in the handler 1");
+    }
+});

@@ -1,7 +1,7 @@
 /* Long mode with a ring-3 waiting loop: the only way a protected/long-mode guest takes
  * interrupts on the build machines' KVM (DESIGN.md: delivery works at CPL3, not at CPL0).
  *
- * ring3_cpu_init(cr3)  from 32-bit protected mode (paging off): loads ring3_gdt, turns on
+ * ring3_cpu_init(cr3, tss)  from 32-bit protected mode (paging off): loads ring3_gdt, turns on
  *                      IA-32e paging (CR4.PAE, CR3, EFER.LME, CR0.PG), loads ring3_idt and the
  *                      64-bit TSS. The caller keeps running its 32-bit code at CPL0 in
  *                      compatibility mode.
@@ -19,7 +19,6 @@
 #define SEL_CODE64 0x18
 #define SEL_USER_CODE32 0x23
 #define SEL_USER_DATA 0x2B
-#define SEL_TSS 0x30
 #define PM_TIMER 0x408
 #define LAPIC 0xFEE00000
 #define IOAPIC 0xFEC00000
@@ -34,6 +33,7 @@
 #define A_SAMPLE_ISR 8
 #define A_SAMPLE_RTE 16
 #define A_MASK_PIN 32
+#define A_SAMPLE_CPU 64
 
     .text
     .code32
@@ -60,7 +60,7 @@ ring3_cpu_init:
     orl $0x80000000, %eax               /* PG: IA-32e mode, compatibility submode */
     movl %eax, %cr0
     lidt ring3_idt_descriptor
-    movw $SEL_TSS, %ax
+    movl 8(%esp), %eax                  /* TSS selector: one TSS per CPU */
     ltr %ax
     ret
 
@@ -168,6 +168,14 @@ ring3_common:
     AT(ring3_rte_seen)
     movl %eax, (%r8, %rcx, 4)
 1:
+    testl $A_SAMPLE_CPU, %ebx
+    jz 1f
+    movl $(LAPIC + 0x20), %eax
+    movl (%rax), %eax
+    shrl $24, %eax
+    AT(ring3_cpu_seen)
+    movl %eax, (%r8, %rcx, 4)
+1:
     testl $A_READ_RTC_C, %ebx
     jz 1f
     movb $0x0C, %al
@@ -269,7 +277,8 @@ ring3_gdt:
     .quad 0x00af9a000000ffff            /* 0x18: 64-bit code, DPL 0 (interrupt gates) */
     .quad 0x00cffa000000ffff            /* 0x20: 32-bit code, DPL 3 */
     .quad 0x00cff2000000ffff            /* 0x28: data, DPL 3 */
-    .quad 0, 0                          /* 0x30: 64-bit TSS, filled in by ring3.c */
+    .quad 0, 0                          /* 0x30: 64-bit TSS of the BSP, filled in by ring3.c */
+    .quad 0, 0                          /* 0x40: 64-bit TSS of cpu1 */
 ring3_gdt_end:
 ring3_gdt_descriptor:
     .word ring3_gdt_end - ring3_gdt - 1

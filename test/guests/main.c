@@ -212,6 +212,7 @@ static const struct {
     { "lm-lapic", test_lm_lapic },
     { "lm-hpet", test_lm_hpet },
     { "lm-level", test_lm_level },
+    { "lm-ipi", test_lm_ipi },
 };
 
 void main(u32 magic, const struct mb_info *mbi)

@@ -13,12 +13,15 @@
 #define SEL_CODE64 0x18
 #define GATE_INTERRUPT_DPL0 0x8E
 #define TSS_AVAILABLE_64 0x89
+#define SEL_TSS_BSP 0x30
+#define SEL_TSS_AP 0x40
 
 volatile u32 ring3_count[256];
 volatile u32 ring3_first_pm[256];
 volatile u32 ring3_last_pm[256];
 volatile u32 ring3_isr_seen[256];
 volatile u32 ring3_rte_seen[256];
+volatile u32 ring3_cpu_seen[256];
 volatile u32 ring3_rtc_c;
 u32 ring3_action[256];
 u32 ring3_pin[256];
@@ -28,7 +31,7 @@ volatile u32 ring3_faulted, ring3_fault_vector, ring3_fault_error, ring3_fault_r
 
 extern u64 ring3_gdt[];
 extern u8 ring3_stubs[];
-void ring3_cpu_init(u32 cr3);
+void ring3_cpu_init(u32 cr3, u32 tss_selector);
 void ring3_run(void (*body)(void), u32 stack_pointer);
 void ring3_leave(void) __attribute__((noreturn));
 
@@ -38,10 +41,11 @@ static u64 pdpt[512] __attribute__((aligned(4096)));
 static u64 pd[4][512] __attribute__((aligned(4096)));
 u64 ring3_idt[512] __attribute__((aligned(4096)));
 static u8 interrupt_stack[4096] __attribute__((aligned(16)));
+static u8 ap_interrupt_stack[4096] __attribute__((aligned(16)));
 static u8 user_stack[8192] __attribute__((aligned(16)));
 
 /* The 64-bit TSS: only RSP0 matters (the stack for interrupts taken in ring 3). */
-static struct {
+struct tss64 {
     u32 reserved0;
     u64 rsp[3];
     u64 reserved1;
@@ -54,7 +58,20 @@ static struct {
      * it must be all ones. */
     u8 iomap[8192];
     u8 iomap_end;
-} __attribute__((packed, aligned(16))) tss;
+} __attribute__((packed, aligned(16)));
+static struct tss64 tss, ap_tss;
+
+/* A 16-byte available 64-bit TSS descriptor at GDT index `index`. */
+static void set_tss(struct tss64 *t, u32 index, u8 *stack, u32 stack_size)
+{
+    t->rsp[0] = (u32)stack + stack_size;
+    t->iomap_base = (u32)t->iomap - (u32)t;
+    t->iomap_end = 0xFF;
+    u32 base = (u32)t, limit = sizeof(*t) - 1;
+    ring3_gdt[index] = (limit & 0xFFFFu) | ((u64)(base & 0xFFFFFFu) << 16) |
+                       ((u64)TSS_AVAILABLE_64 << 40) | ((u64)(base >> 24) << 56);
+    ring3_gdt[index + 1] = 0; /* base bits 63:32 */
+}
 
 static int initialized;
 
@@ -75,13 +92,8 @@ static void build_tables(void)
         ring3_idt[2 * v + 1] = 0; /* offset bits 63:32 */
     }
 
-    tss.rsp[0] = (u32)interrupt_stack + sizeof(interrupt_stack);
-    tss.iomap_base = (u32)tss.iomap - (u32)&tss;
-    tss.iomap_end = 0xFF;
-    u32 base = (u32)&tss, limit = sizeof(tss) - 1;
-    ring3_gdt[6] = (limit & 0xFFFFu) | ((u64)(base & 0xFFFFFFu) << 16) |
-                   ((u64)TSS_AVAILABLE_64 << 40) | ((u64)(base >> 24) << 56);
-    ring3_gdt[7] = 0; /* base bits 63:32 */
+    set_tss(&tss, SEL_TSS_BSP / 8, interrupt_stack, sizeof(interrupt_stack));
+    set_tss(&ap_tss, SEL_TSS_AP / 8, ap_interrupt_stack, sizeof(ap_interrupt_stack));
 }
 
 void ring3_handle(u32 vector, u32 actions, u32 pin, u32 mask_after)
@@ -117,8 +129,13 @@ void ring3_init(void)
     if (initialized)
         return;
     build_tables();
-    ring3_cpu_init((u32)pml4);
+    ring3_cpu_init((u32)pml4, SEL_TSS_BSP);
     initialized = 1;
+}
+
+void ring3_init_ap(void)
+{
+    ring3_cpu_init((u32)pml4, SEL_TSS_AP);
 }
 
 u32 ring3_wait(u32 vector, u32 n, u32 timeout_ms)

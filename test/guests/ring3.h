@@ -13,6 +13,7 @@
 
 /* What the handler of a vector does, in this order, besides counting. */
 #define R3_SAMPLE_ISR 8   /* ring3_isr_seen[v] = the vector's LAPIC ISR bit, before any EOI */
+#define R3_SAMPLE_CPU 64  /* ring3_cpu_seen[v] = the APIC ID of the CPU running the handler */
 #define R3_SAMPLE_RTE 16  /* ring3_rte_seen[v] = the pin's IOAPIC redirection entry (low) */
 #define R3_READ_RTC_C 4   /* ring3_rtc_c = RTC register C (which re-arms the RTC's IRQ 8) */
 #define R3_MASK_PIN 32    /* mask the IOAPIC pin once ring3_count[v] >= mask_after */
@@ -24,11 +25,16 @@ extern volatile u32 ring3_first_pm[256]; /* PM timer at the first handler run */
 extern volatile u32 ring3_last_pm[256];  /* and at the latest */
 extern volatile u32 ring3_isr_seen[256];
 extern volatile u32 ring3_rte_seen[256];
+extern volatile u32 ring3_cpu_seen[256];
 extern volatile u32 ring3_rtc_c;
 
 /* Turns on long mode and loads the tables, once; ring3_wait() does it if not done. Tens of
  * milliseconds of emulated CPL0 code: call it before starting a timer that is to be timed. */
 void ring3_init(void);
+
+/* On cpu1, after ring3_init() on the BSP: the same tables, cpu1's own TSS. Then cpu1 may
+ * ring3_wait() (one CPU at a time: the saved ring-0 stack and the ring-3 stack are shared). */
+void ring3_init_ap(void);
 
 /* Sets what the handler of `vector` does; `pin` is its IOAPIC pin for R3_SAMPLE_RTE and
  * R3_MASK_PIN. Resets the vector's count. */

@@ -28,5 +28,6 @@ void test_lm_rtc(const struct mb_info *mbi);
 void test_lm_lapic(const struct mb_info *mbi);
 void test_lm_hpet(const struct mb_info *mbi);
 void test_lm_level(const struct mb_info *mbi);
+void test_lm_ipi(const struct mb_info *mbi);
 
 #endif
