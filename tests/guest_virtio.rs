@@ -117,3 +117,18 @@ guest_test!(virtio_rnd_msix_reaches_apic_0_waiting_in_ring3, |mode| {
     let (out, runs) = ring3_runs(mode, "msix");
     assert_eq!(runs, 1, "{out}");
 });
+
+guest_test!(virtio_rnd_msix_reaches_apic_1_waiting_in_ring3, |mode| {
+    // After the APIC 0 request, the MSI-X message is retargeted to APIC ID 1, where cpu1
+    // waits in ring 3 of long mode: its handler runs once and reads APIC ID 1, and the BSP's
+    // IRR stays clear (the guest fails otherwise).
+    let out = Vm::multiboot("virtio-rnd msix ring3 ap")
+        .pci(&["0:0,hostbridge", "4,virtio-rnd", "31,lpc"])
+        .vcpus(2)
+        .irqchip(mode)
+        .run();
+    out.assert_exit(1)
+        .assert_line("virtio ring3 handler runs 1")
+        .assert_line("virtio msix ring3 handled on cpu1 1 apic 1")
+        .assert_line("virtio-rnd ok");
+});

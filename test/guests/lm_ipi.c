@@ -19,7 +19,7 @@
 #define AP_WAIT_SPINS 3000000u
 
 extern const u8 lm_ap_trampoline[], lm_ap_trampoline_end[];
-static volatile u32 ap_ready, ap_done;
+static volatile u32 ap_ready, ap_done, ap_vector, ap_runs;
 
 /* cpu1, at CPL0 in 32-bit protected mode, from lm_ap.S. */
 void lm_ap_main(void)
@@ -27,7 +27,7 @@ void lm_ap_main(void)
     ring3_init_ap();
     mmio_write32(LAPIC + 0xF0, 0x1FF); /* cpu1's LAPIC software enable */
     ap_ready = 1;
-    ring3_wait(LM_IPI_VECTOR, LM_IPI_COUNT, 20000);
+    ring3_wait(ap_vector, ap_runs, 20000);
     ap_done = 1;
 }
 
@@ -47,11 +47,12 @@ static int wait_for(volatile u32 *value, u32 at_least, u32 spins)
     return *value >= at_least;
 }
 
-void test_lm_ipi(const struct mb_info *mbi)
+void lm_ap_start(u32 vector, u32 runs, u32 actions)
 {
-    (void)mbi;
     ring3_init(); /* the tables cpu1 shares */
-    ring3_handle(LM_IPI_VECTOR, R3_SAMPLE_CPU | R3_SAMPLE_ISR | R3_EOI_LAPIC, 0, 0);
+    ring3_handle(vector, actions, 0, 0);
+    ap_vector = vector;
+    ap_runs = runs;
     mmio_write32(LAPIC + 0xF0, 0x1FF);
     memcpy((void *)LM_AP_BASE, lm_ap_trampoline, (u32)(lm_ap_trampoline_end - lm_ap_trampoline));
     send_ipi(AP_APIC_ID, ICR_INIT | ICR_LEVEL_ASSERT);
@@ -61,14 +62,25 @@ void test_lm_ipi(const struct mb_info *mbi)
     if (!wait_for(&ap_ready, 1, AP_WAIT_SPINS / 10)) {
         send_ipi(AP_APIC_ID, ICR_STARTUP | ICR_LEVEL_ASSERT | (LM_AP_BASE >> 12));
         if (!wait_for(&ap_ready, 1, AP_WAIT_SPINS))
-            fail("lm-ipi: cpu1 did not reach long mode");
+            fail("cpu1 did not reach long mode");
     }
+}
+
+u32 lm_ap_wait_count(u32 vector, u32 n)
+{
+    wait_for(&ring3_count[vector & 0xFF], n, AP_WAIT_SPINS);
+    return ring3_count[vector & 0xFF];
+}
+
+void test_lm_ipi(const struct mb_info *mbi)
+{
+    (void)mbi;
+    lm_ap_start(LM_IPI_VECTOR, LM_IPI_COUNT, R3_SAMPLE_CPU | R3_SAMPLE_ISR | R3_EOI_LAPIC);
     println("lm-ipi cpu1 waiting");
     u32 handled = 0;
     for (u32 i = 1; i <= LM_IPI_COUNT; i++) {
         send_ipi(AP_APIC_ID, ICR_LEVEL_ASSERT | LM_IPI_VECTOR); /* fixed, physical */
-        wait_for(&ring3_count[LM_IPI_VECTOR], i, AP_WAIT_SPINS);
-        handled = ring3_count[LM_IPI_VECTOR];
+        handled = lm_ap_wait_count(LM_IPI_VECTOR, i);
         if (handled < i)
             break;
     }
