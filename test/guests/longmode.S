@@ -34,6 +34,7 @@
 #define A_SAMPLE_RTE 16
 #define A_MASK_PIN 32
 #define A_SAMPLE_CPU 64
+#define RING3_LOG_SIZE 64
 
     .text
     .code32
@@ -141,6 +142,14 @@ ring3_common:
     jne 1f
     AT(ring3_first_pm)
     movl %eax, (%r8, %rcx, 4)
+1:  /* The first RING3_LOG_SIZE runs of ring3_log_vector: their PM timer readings. */
+    AT(ring3_log_vector)
+    cmpl (%r8), %ecx
+    jne 1f
+    cmpl $RING3_LOG_SIZE, %ebx
+    ja 1f
+    AT(ring3_log)
+    movl %eax, -4(%r8, %rbx, 4)
 1:  AT(ring3_action)
     movl (%r8, %rcx, 4), %ebx
 

@@ -22,6 +22,8 @@ volatile u32 ring3_last_pm[256];
 volatile u32 ring3_isr_seen[256];
 volatile u32 ring3_rte_seen[256];
 volatile u32 ring3_cpu_seen[256];
+volatile u32 ring3_log_vector = 256; /* none */
+volatile u32 ring3_log[RING3_LOG_SIZE];
 volatile u32 ring3_rtc_c;
 u32 ring3_action[256];
 u32 ring3_pin[256];

@@ -26,6 +26,11 @@ extern volatile u32 ring3_last_pm[256];  /* and at the latest */
 extern volatile u32 ring3_isr_seen[256];
 extern volatile u32 ring3_rte_seen[256];
 extern volatile u32 ring3_cpu_seen[256];
+/* PM timer at each of the first RING3_LOG_SIZE handler runs of ring3_log_vector (set it
+ * before the wait): the per-period intervals, for rates that a late host thread blurs. */
+#define RING3_LOG_SIZE 64
+extern volatile u32 ring3_log_vector;
+extern volatile u32 ring3_log[RING3_LOG_SIZE];
 extern volatile u32 ring3_rtc_c;
 
 /* Turns on long mode and loads the tables, once; ring3_wait() does it if not done. Tens of
