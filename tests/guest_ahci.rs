@@ -1,7 +1,8 @@
 //! ahci-hd and ahci-cd driven by the test guest's minimal AHCI driver (`test/guests/ahci.c`),
 //! with interrupts off: completion is checked through PxCI, PxTFD, PxIS and IS, and the
 //! interrupt as the vector pending in the LAPIC IRR (routed by the IOAPIC for INTx, or sent
-//! as MSI).
+//! as MSI). The `ring3` variants also take one completion interrupt end to end, waiting in
+//! ring 3 of long mode.
 
 #[macro_use]
 mod common;

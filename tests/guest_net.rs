@@ -1,7 +1,8 @@
 //! virtio-tap: the test guest's minimal virtio-net driver (`test/guests/net.c`) exchanges one
 //! Ethernet frame each way with this test over a tap interface the test creates, with
 //! interrupts off (completion interrupts read back from the virtio ISR, MSI-X PBA and LAPIC
-//! IRR). Traffic stays on that tap: raw Ethernet frames of the local experimental type
+//! IRR; the `ring3` variants take the receive interrupt in ring 3 of long mode). Traffic stays
+//! on that tap: raw Ethernet frames of the local experimental type
 //! 0x88B5, no IP addresses. Creating a tap needs root; without it the exchange tests skip,
 //! or fail under `XHYVE_REQUIRE_KVM=1`.
 

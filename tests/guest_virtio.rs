@@ -1,6 +1,7 @@
 //! virtio devices driven by the test guest's own minimal drivers (`test/guests/virtio.c`),
 //! with interrupts off: completion interrupts are checked where this host lets a ring-0 guest
-//! see them (the virtio ISR status, the MSI-X pending bit, the LAPIC IRR).
+//! see them (the virtio ISR status, the MSI-X pending bit, the LAPIC IRR). The `ring3` variants
+//! also take one completion interrupt end to end, waiting in ring 3 of long mode.
 
 #[macro_use]
 mod common;

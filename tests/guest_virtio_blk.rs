@@ -1,7 +1,8 @@
 //! virtio-blk driven by the test guest's minimal driver (`test/guests/virtio_blk.c`), with
 //! interrupts off. The host prepares a sparse image, the guest reads, writes, flushes,
 //! write-zeroes and discards through the device, and the host checks the image afterwards:
-//! contents, blocks freed by the discard, and that the file stayed sparse.
+//! contents, blocks freed by the discard, and that the file stayed sparse. The `ring3` variants
+//! also take one completion interrupt end to end, waiting in ring 3 of long mode.
 
 #[macro_use]
 mod common;
