@@ -200,8 +200,8 @@ fn rm_pit_line_parser() {
 // thread is sometimes late by a period or more: 20 HPET periods measured 190-200 ms alone,
 // 240-310 ms with two such VMs at once on the 2-core host (real-mode guests, which halt,
 // stayed at 210 ms), and one 50-tick PIT run took +63% while other work loaded the host to
-// 7. So the spinning tests of this file run one at a time (`one_spinner`), and late ticks
-// get +40%.
+// 7. So the spinning tests of this file run one at a time (`one_spinner`), late ticks get
+// +40%, and a rate outside that gets one more run.
 // KVM's in-kernel PIT re-injects late ticks back to back, which shortens the span instead
 // (measured -7% when the guest started the PIT before its 30 ms of table setup). A wrong
 // clock domain or divider is still far outside: 2x, 10x, 1/2.
@@ -224,7 +224,8 @@ fn parse_ticks(line: &str, name: &str) -> Option<(u32, u32)> {
 }
 
 /// Runs a long-mode timer test and checks its tick count, its rate (first to last handler run
-/// on the PM timer, within `us_range`) and its EOIs.
+/// on the PM timer, within `us_range`) and its EOIs. A rate outside the range gets one more
+/// run: a load spike on the shared host stretches one run (above), a wrong rate fails both.
 fn long_mode_timer(
     mode: IrqChip,
     cmdline: &str,
@@ -232,31 +233,37 @@ fn long_mode_timer(
     ticks: u32,
     us_range: std::ops::RangeInclusive<u32>,
 ) -> common::Outcome {
-    let outcome = {
-        let _spinning = one_spinner();
-        Vm::multiboot(cmdline).irqchip(mode).run()
-    };
-    outcome.assert_exit(1);
-    let (got, us) = outcome
-        .lines()
-        .find_map(|l| parse_ticks(l, name))
-        .unwrap_or_else(|| panic!("no {name} line\n{outcome}"));
-    assert_eq!(got, ticks, "{outcome}");
-    assert!(
-        us_range.contains(&us),
-        "{ticks} {name} ticks took {us} us, expected {us_range:?}\n{outcome}"
-    );
-    // Each tick after the first arrived only after the previous handler's EOI (edge
-    // interrupts of one vector wait while it is in service), and after the last EOI nothing
-    // is left in service.
-    outcome.assert_line(&format!("{name} in service after eoi 0"));
-    // Our LAPIC shows the vector in service inside the handler. KVM's in-kernel LAPIC on
-    // this host (kvm_pvm) shows the ISR bit clear there, as in the real-mode `rm-ipi` test.
-    if mode == IrqChip::User && !cmdline.contains("pic") {
-        outcome.assert_line(&format!("{name} in service in the handler 1"));
+    let mut attempts = Vec::new();
+    loop {
+        let outcome = {
+            let _spinning = one_spinner();
+            Vm::multiboot(cmdline).irqchip(mode).run()
+        };
+        outcome.assert_exit(1);
+        let (got, us) = outcome
+            .lines()
+            .find_map(|l| parse_ticks(l, name))
+            .unwrap_or_else(|| panic!("no {name} line\n{outcome}"));
+        assert_eq!(got, ticks, "{outcome}");
+        // Each tick after the first arrived only after the previous handler's EOI (edge
+        // interrupts of one vector wait while it is in service), and after the last EOI
+        // nothing is left in service.
+        outcome.assert_line(&format!("{name} in service after eoi 0"));
+        // Our LAPIC shows the vector in service inside the handler. KVM's in-kernel LAPIC on
+        // this host (kvm_pvm) shows the ISR bit clear there, as in the real-mode `rm-ipi` test.
+        if mode == IrqChip::User && !cmdline.contains("pic") {
+            outcome.assert_line(&format!("{name} in service in the handler 1"));
+        }
+        attempts.push(us);
+        if us_range.contains(&us) {
+            eprintln!("{mode:?}: {ticks} {name} ticks in {us} us (runs: {attempts:?})");
+            return outcome;
+        }
+        assert!(
+            attempts.len() < 2,
+            "{ticks} {name} ticks took {attempts:?} us in two runs, expected {us_range:?}\n{outcome}"
+        );
     }
-    eprintln!("{mode:?}: {ticks} {name} ticks in {us} us");
-    outcome
 }
 
 guest_test!(
