@@ -3,8 +3,9 @@
  * irqchip) must handle, and prints how long they took by the ACPI PM timer.
  * It runs at CPL 0, which the build machines emulate (DESIGN.md): there the
  * loop's own instructions add a fixed cost per exit to both modes. (Ring 3
- * would run natively, but this host's emulator triple-faults on the iretq to
- * ring 3 from this guest, with or without a TSS.)
+ * would run natively: ring3.h shows how; this host drops IOPL 3 from the
+ * iretq frame, so ring-3 port access needs the TSS I/O bitmap, which is what
+ * made the earlier ring-3 attempt fault.)
  *   eoi        32-bit write of the LAPIC EOI register (MMIO)
  *   pit-read   inb from PIT channel 0 (port 0x40)
  *   pit-latch  outb of a counter-latch command to the PIT (port 0x43) */

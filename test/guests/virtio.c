@@ -8,6 +8,7 @@
  *                     real mode: its handler runs, and nothing is pending at the BSP.
  * Prints "virtio-rnd ok" when every check passes; anything else is a FAIL line. */
 #include "tests.h"
+#include "ring3.h"
 
 #define IOAPIC 0xFEC00000u
 #define INTX_VECTOR 0x52
@@ -79,6 +80,15 @@ static void lapic_enable(void)
     mmio_write32(LAPIC + 0xF0, 0x1FF);
 }
 
+static void report_ring3_runs(u32 runs)
+{
+    puts("virtio ring3 handler runs ");
+    print_dec(runs);
+    putc('\n');
+    if (!runs)
+        fail("virtio-rnd: no interrupt taken in ring 3");
+}
+
 static void run_intx(u32 slot, u32 bar0)
 {
     u16 io = bar0 & ~3u;
@@ -118,6 +128,23 @@ static void run_intx(u32 slot, u32 bar0)
         fail("virtio-rnd: ISR queue bit not set");
     if (inb(io + 0x13) != 0)
         fail("virtio-rnd: ISR not cleared by reading it");
+    if (!cmdline_has("ring3"))
+        return;
+    /* A second request, its interrupt taken in ring 3. The handler masks the level pin
+     * before its EOI: the line stays high until the ISR read below. */
+    u32 actions = R3_EOI_LAPIC | R3_MASK_PIN;
+    ring3_handle(INTX_VECTOR, actions, gsi, 1);
+    ring3_wait(INTX_VECTOR, 1, 100); /* takes the first request's, pending since */
+    mmio_write32(IOAPIC, 0x10 + 2 * gsi);
+    mmio_write32(IOAPIC + 0x10, INTX_VECTOR | (1u << 15));
+    ring3_handle(INTX_VECTOR, actions, gsi, 1);
+    offer_buffer(1);
+    outw(io + 0x10, 0);
+    report_ring3_runs(ring3_wait(INTX_VECTOR, 1, 5000));
+    wait_used(2);
+    puts("virtio ring3 isr ");
+    print_hex(inb(io + 0x13), 2);
+    putc('\n');
 }
 
 static void run_msix(u32 slot, u32 bar2)
@@ -150,7 +177,7 @@ static void run_msix(u32 slot, u32 bar2)
         fail("virtio-rnd: missing common/notify/MSI-X capability");
     (void)notify_mult;
     lapic_enable();
-    int to_ap = cmdline_has("ap");
+    int to_ap = cmdline_has("ap") && !cmdline_has("ring3");
     volatile u32 *ap_count = to_ap ? rm_ap_start() : 0;
     u32 vector = to_ap ? RM_AP_VECTOR : MSIX_VECTOR;
 
@@ -213,6 +240,37 @@ static void run_msix(u32 slot, u32 bar2)
     if (!irr_pending(MSIX_VECTOR))
         fail("virtio-rnd: MSI-X vector not pending in the LAPIC IRR");
     println("virtio msix irq pending");
+    if (!cmdline_has("ring3"))
+        return;
+    /* A second request, unmasked: the message names APIC 0, whose handler counts it. */
+    ring3_handle(MSIX_VECTOR, R3_EOI_LAPIC, 0, 0);
+    ring3_wait(MSIX_VECTOR, 1, 100); /* takes the first request's, pending since */
+    ring3_handle(MSIX_VECTOR, R3_EOI_LAPIC, 0, 0);
+    offer_buffer(1);
+    mmio_write16(notify + notify_off * notify_mult, 0);
+    report_ring3_runs(ring3_wait(MSIX_VECTOR, 1, 5000));
+    wait_used(2);
+    if (mmio_read32(pba) & 1)
+        fail("virtio-rnd: PBA bit set for an unmasked vector");
+    if (!cmdline_has("ap"))
+        return;
+    /* A third request, the message retargeted to APIC ID 1, where cpu1 waits in ring 3 of
+     * long mode: its handler runs there, and nothing arrives at the BSP. */
+    lm_ap_start(RM_AP_VECTOR, 1, R3_SAMPLE_CPU | R3_EOI_LAPIC);
+    mmio_write32(table + 12, 1);
+    mmio_write32(table + 0, LAPIC | (1u << 12));
+    mmio_write32(table + 8, RM_AP_VECTOR);
+    mmio_write32(table + 12, 0);
+    offer_buffer(2);
+    mmio_write16(notify + notify_off * notify_mult, 0);
+    puts("virtio msix ring3 handled on cpu1 ");
+    print_dec(lm_ap_wait_count(RM_AP_VECTOR, 1));
+    puts(" apic ");
+    print_dec(ring3_cpu_seen[RM_AP_VECTOR]);
+    putc('\n');
+    wait_used(3);
+    if (irr_pending(RM_AP_VECTOR))
+        fail("virtio-rnd: MSI-X for APIC 1 pending at the BSP");
 }
 
 void test_virtio_rnd(const struct mb_info *mbi)
