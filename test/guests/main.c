@@ -207,6 +207,7 @@ static const struct {
     { "ahci-hd", test_ahci },
     { "ahci-cd", test_ahci },
     { "virtio-net", test_virtio_net },
+    { "blkbench", test_blkbench },
 };
 
 void main(u32 magic, const struct mb_info *mbi)
