@@ -40,8 +40,10 @@
 #define T_IN 0
 #define T_OUT 1
 #define T_FLUSH 4
+#define F_FLUSH (1u << 9)
 
 /* Legacy virtio PCI I/O BAR registers. */
+#define VIO_HOST_FEATURES 0x00
 #define VIO_GUEST_FEATURES 0x04
 #define VIO_QUEUE_PFN 0x08
 #define VIO_QUEUE_NUM 0x0C
@@ -128,14 +130,16 @@ static u32 find_device(void)
     fail("blkbench: no virtio-blk 1af4:1001 on bus 0");
 }
 
-/* Resets the device, accepts no optional feature, and places queue 0 at RING_BASE. */
+/* Resets the device, accepts FLUSH alone, and places queue 0 at RING_BASE. */
 static void legacy_start(u32 slot)
 {
     cfg_write16(slot, 0x04, 0x0005); /* I/O space, bus master */
     io = (u16)(cfg_read32(slot, 0x10) & ~3u);
     outb(io + VIO_STATUS, 0);
     outb(io + VIO_STATUS, STATUS_ACK | STATUS_DRIVER);
-    outl(io + VIO_GUEST_FEATURES, 0);
+    /* FLUSH, as every real driver: QEMU turns its write cache off (a host flush after every
+     * write) for a driver that does not take it; xhyve, like bhyve, writes back either way. */
+    outl(io + VIO_GUEST_FEATURES, inl(io + VIO_HOST_FEATURES) & F_FLUSH);
     outw(io + VIO_QUEUE_SEL, 0);
     qsize = inw(io + VIO_QUEUE_NUM);
     if (qsize < 3 * MAX_DEPTH || qsize > MAX_QUEUE || (qsize & (qsize - 1)))
