@@ -207,6 +207,11 @@ static const struct {
     { "ahci-hd", test_ahci },
     { "ahci-cd", test_ahci },
     { "virtio-net", test_virtio_net },
+    { "lm-pit", test_lm_pit },
+    { "lm-rtc", test_lm_rtc },
+    { "lm-lapic", test_lm_lapic },
+    { "lm-hpet", test_lm_hpet },
+    { "lm-level", test_lm_level },
     { "blkbench", test_blkbench },
 };
 

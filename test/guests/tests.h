@@ -23,6 +23,11 @@ void test_exitbench(const struct mb_info *mbi);
 void test_virtio_blk(const struct mb_info *mbi);
 void test_ahci(const struct mb_info *mbi);
 void test_virtio_net(const struct mb_info *mbi);
+void test_lm_pit(const struct mb_info *mbi);
+void test_lm_rtc(const struct mb_info *mbi);
+void test_lm_lapic(const struct mb_info *mbi);
+void test_lm_hpet(const struct mb_info *mbi);
+void test_lm_level(const struct mb_info *mbi);
 void test_blkbench(const struct mb_info *mbi);
 
 #endif
