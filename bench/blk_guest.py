@@ -7,7 +7,8 @@ polls the used ring (no interrupts) and times itself with the ACPI PM timer it f
 FADT. Workloads: sequential read and write (64 KiB requests), random read and write (4 KiB).
 
     cargo build --release
-    python3 bench/blk_guest.py                      # about 3 minutes with the defaults
+    python3 bench/blk_guest.py                      # about 5 minutes with the defaults
+    python3 bench/blk_guest.py --ring0 --runs 3     # the loop at CPL 0 (emulated here)
 
 Both disks go through the host page cache with write-back semantics (xhyve's default; QEMU
 cache=writeback), so this measures the VMMs' request paths, not the host's disk. The image
@@ -27,7 +28,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PM_HZ = 3579545
 RESULT = re.compile(
-    r"^blkbench (\w+) reqs (\d+) bytes (\d+) qd (\d+) ticks (\d+)\s*$", re.MULTILINE
+    r"^blkbench (\w+) reqs (\d+) bytes (\d+) qd (\d+) ticks (\d+) notifies (\d+) ring (\d)\s*$",
+    re.MULTILINE,
 )
 PM_PORT = re.compile(r"pm port ([0-9a-f]+)")
 WORKLOADS = ["seqread", "seqwrite", "randread", "randwrite"]
@@ -35,7 +37,10 @@ WORKLOADS = ["seqread", "seqwrite", "randread", "randwrite"]
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", type=int, default=3, help="runs per VMM per workload (median)")
+    p.add_argument("--ring0", action="store_true",
+                   help="run the guest's submit/poll loop at CPL 0 (emulated on the build "
+                   "machines, so the guest caps the rate) instead of CPL 3 (native)")
+    p.add_argument("--runs", type=int, default=5, help="runs per VMM per workload (median)")
     p.add_argument("--seq-count", type=int, default=4096, help="64 KiB requests per seq run")
     p.add_argument("--rand-count", type=int, default=40000, help="4 KiB requests per random run")
     p.add_argument("--qd", type=int, default=32, help="requests in flight (1-32)")
@@ -83,7 +88,8 @@ def qemu_cmd(args, guest, command):
 
 
 def run_once(cmd, timeout, env):
-    """Runs one VM; returns (MB/s, IOPS, pm port) or raises RuntimeError with its output."""
+    """Runs one VM; returns (MB/s, IOPS, notifications per request, ring, pm port), or raises
+    RuntimeError with its output."""
     try:
         p = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, timeout=timeout, env=env)
@@ -99,7 +105,8 @@ def run_once(cmd, timeout, env):
     if seconds <= 0:
         raise RuntimeError(f"zero elapsed time:\n{out}")
     port = PM_PORT.search(out)
-    return reqs * size / seconds / 1e6, reqs / seconds, port.group(1) if port else "?"
+    return (reqs * size / seconds / 1e6, reqs / seconds, int(m.group(6)) / reqs, m.group(7),
+            port.group(1) if port else "?")
 
 
 def main():
@@ -116,23 +123,24 @@ def main():
         t = time.time()
         make_image(args.image, args.size_mib)
         print(f"image {args.image}: {args.size_mib} MiB written in {time.time() - t:.1f} s; "
-              f"cache={args.cache}, qd {args.qd}, {args.runs} runs each", flush=True)
+              f"cache={args.cache}, qd {args.qd}, {args.runs} runs each, guest loop in ring "
+              f"{0 if args.ring0 else 3}; load average {os.getloadavg()[0]:.2f}", flush=True)
         results = {}
         for w in workloads:
             count = args.seq_count if w.startswith("seq") else args.rand_count
-            command = f"blkbench {w} {count} qd {args.qd}"
+            command = f"blkbench {w} {count} qd {args.qd}" + (" ring0" if args.ring0 else "")
             vmms = [("xhyve", xhyve_cmd(args, guest, command)),
                     ("qemu", qemu_cmd(args, guest, command))]
             for run in range(args.runs):
                 for name, cmd in vmms if run % 2 == 0 else vmms[::-1]:
                     try:
-                        mbs, iops, port = run_once(cmd, args.timeout, env)
+                        mbs, iops, kicks, ring, port = run_once(cmd, args.timeout, env)
                     except RuntimeError as e:
                         sys.exit(f"{name} {w} run {run + 1}: {e}")
                     results.setdefault((w, name), []).append((mbs, iops))
                     print(f"  {w:9} {name:5} run {run + 1}: {mbs:9.1f} MB/s {iops:9.0f} IOPS "
-                          f"(pm port 0x{port})", flush=True)
-    print()
+                          f"{kicks:5.3f} notifies/req (ring {ring}, pm port 0x{port})", flush=True)
+    print(f"\nmedians; load average now {os.getloadavg()[0]:.2f}")
     print(f"{'workload':10} {'req':>5} {'xhyve MB/s':>11} {'xhyve IOPS':>11} "
           f"{'QEMU MB/s':>10} {'QEMU IOPS':>10} {'xhyve/QEMU':>11}")
     for w in workloads:
