@@ -140,17 +140,20 @@ def main():
                     results.setdefault((w, name), []).append((mbs, iops))
                     print(f"  {w:9} {name:5} run {run + 1}: {mbs:9.1f} MB/s {iops:9.0f} IOPS "
                           f"{kicks:5.3f} notifies/req (ring {ring}, pm port 0x{port})", flush=True)
-    print(f"\nmedians; load average now {os.getloadavg()[0]:.2f}")
-    print(f"{'workload':10} {'req':>5} {'xhyve MB/s':>11} {'xhyve IOPS':>11} "
-          f"{'QEMU MB/s':>10} {'QEMU IOPS':>10} {'xhyve/QEMU':>11}")
+    print(f"\nmedian of {args.runs} runs (best run in the last column); load average now "
+          f"{os.getloadavg()[0]:.2f}")
+    print(f"{'workload':10} {'req':>4} {'xhyve MB/s':>11} {'xhyve IOPS':>11} "
+          f"{'QEMU MB/s':>10} {'QEMU IOPS':>10} {'xhyve/QEMU':>11} {'best/best':>10}")
     for w in workloads:
-        xm = statistics.median(r[0] for r in results[(w, "xhyve")])
-        xi = statistics.median(r[1] for r in results[(w, "xhyve")])
-        qm = statistics.median(r[0] for r in results[(w, "qemu")])
-        qi = statistics.median(r[1] for r in results[(w, "qemu")])
+        xhyve, qemu = results[(w, "xhyve")], results[(w, "qemu")]
+        xm = statistics.median(r[0] for r in xhyve)
+        xi = statistics.median(r[1] for r in xhyve)
+        qm = statistics.median(r[0] for r in qemu)
+        qi = statistics.median(r[1] for r in qemu)
+        best = max(r[0] for r in xhyve) / max(r[0] for r in qemu)
         size = "64k" if w.startswith("seq") else "4k"
-        print(f"{w:10} {size:>5} {xm:11.1f} {xi:11.0f} {qm:10.1f} {qi:10.0f} {xm / qm:11.2f}")
-
+        print(f"{w:10} {size:>4} {xm:11.1f} {xi:11.0f} {qm:10.1f} {qi:10.0f} {xm / qm:11.2f} "
+              f"{best:10.2f}")
 
 if __name__ == "__main__":
     main()
