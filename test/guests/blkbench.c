@@ -285,6 +285,8 @@ static void measure(void)
             used_seen++;
             completed++;
             u32 s = head / 3;
+            if (s >= depth || head != 3 * s)
+                fail("blkbench: used ring names a chain that was not submitted");
             if (status[s] != 0)
                 fail("blkbench: request failed");
             if (submitted < count) {
