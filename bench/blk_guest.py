@@ -47,7 +47,8 @@ def parse_args():
     p.add_argument("--size-mib", type=int, default=256, help="image size")
     p.add_argument("--image", default=os.path.join(ROOT, "bench", "out", "blk_guest.img"))
     p.add_argument("--cache", choices=["writeback", "writethrough"], default="writeback",
-                   help="writethrough: xhyve ',sync' (O_SYNC) against QEMU cache=writethrough")
+                   help="writethrough: xhyve ',sync' (O_SYNC) against QEMU cache=writethrough, "
+                   "with the guest not negotiating FLUSH (else QEMU turns its write cache on)")
     p.add_argument("--xhyve", default=os.path.join(ROOT, "target", "release", "xhyve"))
     p.add_argument("--qemu", default="qemu-system-x86_64")
     p.add_argument("--timeout", type=float, default=120, help="seconds per VM run")
@@ -129,6 +130,8 @@ def main():
         for w in workloads:
             count = args.seq_count if w.startswith("seq") else args.rand_count
             command = f"blkbench {w} {count} qd {args.qd}" + (" ring0" if args.ring0 else "")
+            if args.cache == "writethrough":
+                command += " noflush"
             vmms = [("xhyve", xhyve_cmd(args, guest, command)),
                     ("qemu", qemu_cmd(args, guest, command))]
             for run in range(args.runs):

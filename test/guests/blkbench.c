@@ -1,8 +1,9 @@
 /* blkbench: the guest side of bench/blk_guest.py. Command line:
- *   blkbench MODE COUNT [qd N] [ring0]
+ *   blkbench MODE COUNT [qd N] [ring0] [noflush]
  *   MODE  seqread | seqwrite : 64 KiB requests, sequential, wrapping at the end of the disk
  *         randread | randwrite : 4 KiB requests at random 4 KiB-aligned offsets
  *   COUNT requests to complete; qd N keeps N (1-32, default 32) in flight.
+ *   noflush: do not negotiate FLUSH (QEMU then syncs every write: write-through).
  * It drives the first virtio-blk function (1af4:1001) through the legacy I/O interface, which
  * both xhyve and QEMU's transitional device offer, with interrupts suppressed
  * (VRING_AVAIL_F_NO_INTERRUPT): it polls the used ring and refills each completed slot at once.
@@ -142,7 +143,10 @@ static u32 find_device(void)
     fail("blkbench: no virtio-blk 1af4:1001 on bus 0");
 }
 
-/* Resets the device, accepts FLUSH alone, and places queue 0 at RING_BASE. */
+static int no_flush;
+
+/* Resets the device, accepts FLUSH alone (or nothing, with `noflush`), and places queue 0 at
+ * RING_BASE. */
 static void legacy_start(u32 slot)
 {
     cfg_write16(slot, 0x04, 0x0005); /* I/O space, bus master */
@@ -150,8 +154,9 @@ static void legacy_start(u32 slot)
     outb(io + VIO_STATUS, 0);
     outb(io + VIO_STATUS, STATUS_ACK | STATUS_DRIVER);
     /* FLUSH, as every real driver: QEMU turns its write cache off (a host flush after every
-     * write) for a driver that does not take it; xhyve, like bhyve, writes back either way. */
-    outl(io + VIO_GUEST_FEATURES, inl(io + VIO_HOST_FEATURES) & F_FLUSH);
+     * write) for a driver that does not take it, and on for one that does, whatever its
+     * cache= option; xhyve, like bhyve, keeps its open mode (O_SYNC with `,sync`) either way. */
+    outl(io + VIO_GUEST_FEATURES, no_flush ? 0 : inl(io + VIO_HOST_FEATURES) & F_FLUSH);
     outw(io + VIO_QUEUE_SEL, 0);
     qsize = inw(io + VIO_QUEUE_NUM);
     if (qsize < 3 * MAX_DEPTH || qsize > MAX_QUEUE || (qsize & (qsize - 1)))
@@ -380,6 +385,7 @@ void test_blkbench(const struct mb_info *mbi)
         fail("blkbench: COUNT must be positive and qd 1-32");
 
     u16 pm = pm_timer_port();
+    no_flush = cmdline_has("noflush");
     legacy_start(find_device());
     u32 capacity = capacity_sectors();
     u32 step = bytes / 512;
@@ -425,7 +431,7 @@ void test_blkbench(const struct mb_info *mbi)
     puts(job.pm_every_spins == PM_EVERY_SPINS_RING0 ? " ring 0" : " ring 3");
     putc('\n');
 
-    if (type == T_OUT) {
+    if (type == T_OUT && !no_flush) {
         /* Untimed: both VMMs write through the host page cache; the flush only proves the
          * request path, it is not part of the figure. */
         if (single_request(T_FLUSH) != 0)
