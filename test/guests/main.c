@@ -213,6 +213,7 @@ static const struct {
     { "lm-hpet", test_lm_hpet },
     { "lm-level", test_lm_level },
     { "lm-ipi", test_lm_ipi },
+    { "blkbench", test_blkbench },
 };
 
 void main(u32 magic, const struct mb_info *mbi)
