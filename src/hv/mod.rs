@@ -97,6 +97,30 @@ pub trait Vm: Send + Sync {
         let _ = (fd, doorbell);
         Err(HvError::MissingCapability("doorbell file descriptors"))
     }
+
+    /// Makes each 8-byte counter write to the eventfd-like `fd` raise `source` inside the
+    /// hypervisor (KVM irqfd), so a device thread signals with one write(2) and no lock.
+    /// Returns the route's number, which [`Vm::retarget_irqfd`] takes. Back ends without
+    /// this say `MissingCapability`; the VMM keeps `set_irq_line` and `signal_msi` then.
+    fn register_irqfd(&self, fd: RawFd, source: IrqfdSource) -> Result<u32, HvError> {
+        let _ = (fd, source);
+        Err(HvError::MissingCapability("interrupt file descriptors"))
+    }
+
+    /// Points the MSI route `route` (from [`Vm::register_irqfd`]) at another message.
+    fn retarget_irqfd(&self, route: u32, address: u64, data: u32) -> Result<(), HvError> {
+        let _ = (route, address, data);
+        Err(HvError::MissingCapability("interrupt file descriptors"))
+    }
+}
+
+/// What an interrupt file descriptor raises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IrqfdSource {
+    /// An edge on a GSI (IOAPIC pin, and PIC line below 16): raise, then lower.
+    Edge { gsi: u32 },
+    /// A message-signalled interrupt.
+    Msi { address: u64, data: u32 },
 }
 
 /// A guest write the hypervisor turns into an event without a VM exit.
