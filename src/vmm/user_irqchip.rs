@@ -8,6 +8,7 @@
 //! lock is held; waking a vCPU (condvar + kick) happens after it is released.
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use super::control::Control;
@@ -62,11 +63,35 @@ struct ChipState {
 
 /// Per-vCPU wake-up: the condvar a halted or not-yet-started vCPU sleeps on, and the kicker
 /// that makes a running one leave the guest.
-#[derive(Default)]
 struct CpuWake {
     generation: Mutex<u64>,
     changed: Condvar,
     kicker: OnceLock<Arc<dyn VcpuKicker>>,
+    /// Something may be waiting for this vCPU (a vector, the PIC, NMI, INIT, SIPI, an open
+    /// window request). Set by whoever changes that, before the kick; cleared only by the
+    /// vCPU's own entry decision under the chip lock. While clear, entering the guest needs
+    /// no lock at all, which is most exits.
+    attention: AtomicBool,
+}
+
+impl Default for CpuWake {
+    fn default() -> Self {
+        CpuWake {
+            generation: Mutex::new(0),
+            changed: Condvar::new(),
+            kicker: OnceLock::new(),
+            attention: AtomicBool::new(true),
+        }
+    }
+}
+
+/// What the vCPU thread does before its next entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryStep {
+    /// Enter the guest (interrupts are injected and the window set as needed).
+    Run,
+    /// The vCPU must (re)start through INIT/SIPI first: `wait_for_startup`.
+    Startup,
 }
 
 thread_local! {
@@ -176,9 +201,16 @@ impl UserIrqChip {
         let current = CURRENT_VCPU.with(Cell::get);
         for cpu in set.iter() {
             if Some(cpu) == current {
+                self.note_attention(cpu);
                 continue;
             }
             self.wake_cpu(cpu);
+        }
+    }
+
+    fn note_attention(&self, cpu: usize) {
+        if let Some(wake) = self.wakes.get(cpu) {
+            wake.attention.store(true, Ordering::Release);
         }
     }
 
@@ -186,6 +218,8 @@ impl UserIrqChip {
         let Some(wake) = self.wakes.get(cpu) else {
             return;
         };
+        // Before the kick: the kicked vCPU must see it on its way back in.
+        wake.attention.store(true, Ordering::Release);
         *lock(&wake.generation) += 1;
         wake.changed.notify_all();
         if let Some(kicker) = wake.kicker.get() {
@@ -222,16 +256,12 @@ impl UserIrqChip {
             let Some(cpu) = cpus.get_mut(index) else {
                 return;
             };
-            match cpu.lapic.mmio_write(offset, data, now) {
-                LapicEvent::None => {}
-                LapicEvent::Ipi(request) => {
-                    deliver(cpus, router, &request, Some(index), &mut kicks);
-                }
-                LapicEvent::EoiBroadcast(vector) => {
-                    ioapic.end_of_interrupt(vector, &mut |request: InterruptRequest| {
-                        deliver(cpus, router, &request, None, &mut kicks)
-                    });
-                }
+            let event = cpu.lapic.mmio_write(offset, data, now);
+            apply_lapic_event(event, index, ioapic, router, cpus, &mut kicks);
+            // An EOI, a lower TPR or LINT0 opened to the PIC can uncover an interrupt that
+            // was already waiting here.
+            if has_work(&state, index) {
+                kicks.insert(index);
             }
         }
         if TIMER_REGISTERS.contains(&offset) {
@@ -243,38 +273,24 @@ impl UserIrqChip {
     /// Decides what vCPU `id` takes on its next entry; `ready` is whether the guest can
     /// take an external interrupt now. Acknowledges what it returns.
     pub fn next_entry(&self, id: u8, ready: bool) -> Entry {
-        let index = usize::from(id);
-        let mut state = lock(&self.state);
-        let ChipState { pic, cpus, .. } = &mut *state;
-        let Some(cpu) = cpus.get_mut(index) else {
-            return Entry {
-                nmi: false,
-                vector: None,
-                window: false,
-            };
-        };
-        let nmi = std::mem::take(&mut cpu.nmi_pending);
-        let pic_wired = index == PIC_CPU && cpu.lapic.accepts_pic_interrupts();
-        let mut vector = None;
-        if ready {
-            vector = if pic_wired && pic.intr_asserted() {
-                Some(pic.intack())
-            } else {
-                cpu.lapic.acknowledge()
-            };
-        }
-        let window = (pic_wired && pic.intr_asserted()) || cpu.lapic.pending_vector().is_some();
-        Entry {
-            nmi,
-            vector,
-            window,
-        }
+        next_entry_locked(&mut lock(&self.state), usize::from(id), ready)
     }
 
-    /// Injects what `next_entry` decides and opens an interrupt window for the rest.
-    pub fn prepare_entry(&self, vcpu: &mut dyn Vcpu) -> Result<(), HvError> {
+    /// Injects what `next_entry` decides and opens an interrupt window for the rest, or says
+    /// the vCPU must start through INIT/SIPI first. Takes no lock when nothing changed for
+    /// this vCPU since its last entry.
+    pub fn prepare_entry(&self, vcpu: &mut dyn Vcpu) -> Result<EntryStep, HvError> {
+        let id = vcpu.id();
+        let Some(wake) = self.wakes.get(usize::from(id)) else {
+            return Ok(EntryStep::Run);
+        };
+        if !wake.attention.load(Ordering::Acquire) {
+            return Ok(EntryStep::Run);
+        }
         let ready = vcpu.ready_for_interrupt();
-        let entry = self.next_entry(vcpu.id(), ready);
+        let Some(entry) = self.entry_decision(id, ready) else {
+            return Ok(EntryStep::Startup);
+        };
         if entry.nmi {
             vcpu.inject_nmi()?;
         }
@@ -282,7 +298,25 @@ impl UserIrqChip {
             vcpu.inject_interrupt(vector)?;
         }
         vcpu.request_interrupt_window(entry.window);
-        Ok(())
+        Ok(EntryStep::Run)
+    }
+
+    /// `next_entry` unless the vCPU needs INIT/SIPI first (`None`), under one lock; clears the
+    /// vCPU's attention when nothing is left for it.
+    fn entry_decision(&self, id: u8, ready: bool) -> Option<Entry> {
+        let index = usize::from(id);
+        let mut state = lock(&self.state);
+        let cpu = state.cpus.get(index)?;
+        if cpu.init_pending || cpu.start_vector.is_some() || cpu.run == CpuRun::WaitingForSipi {
+            return None;
+        }
+        let entry = next_entry_locked(&mut state, index, ready);
+        if !entry.window {
+            if let Some(wake) = self.wakes.get(index) {
+                wake.attention.store(false, Ordering::Release);
+            }
+        }
+        Some(entry)
     }
 
     /// Whether vCPU `id` must (re)start through INIT/SIPI before it may run.
@@ -515,6 +549,61 @@ impl UserIrqChip {
             }
         }
         self.wake_cpus(kicks);
+    }
+}
+
+fn next_entry_locked(state: &mut ChipState, index: usize, ready: bool) -> Entry {
+    let ChipState { pic, cpus, .. } = state;
+    let Some(cpu) = cpus.get_mut(index) else {
+        return Entry {
+            nmi: false,
+            vector: None,
+            window: false,
+        };
+    };
+    let nmi = std::mem::take(&mut cpu.nmi_pending);
+    let pic_wired = index == PIC_CPU && cpu.lapic.accepts_pic_interrupts();
+    let mut vector = None;
+    if ready {
+        vector = if pic_wired && pic.intr_asserted() {
+            Some(pic.intack())
+        } else {
+            cpu.lapic.acknowledge()
+        };
+    }
+    let window = (pic_wired && pic.intr_asserted()) || cpu.lapic.pending_vector().is_some();
+    Entry {
+        nmi,
+        vector,
+        window,
+    }
+}
+
+/// Whether vCPU `index` has an interrupt it could take.
+fn has_work(state: &ChipState, index: usize) -> bool {
+    state.cpus.get(index).is_some_and(|cpu| {
+        cpu.lapic.pending_vector().is_some()
+            || (index == PIC_CPU && cpu.lapic.accepts_pic_interrupts() && state.pic.intr_asserted())
+    })
+}
+
+/// Routes what a LAPIC write of vCPU `index` sends: an IPI, or an EOI to the IOAPIC.
+fn apply_lapic_event(
+    event: LapicEvent,
+    index: usize,
+    ioapic: &mut IoApic,
+    router: &mut Router,
+    cpus: &mut [CpuState],
+    kicks: &mut CpuSet,
+) {
+    match event {
+        LapicEvent::None => {}
+        LapicEvent::Ipi(request) => deliver(cpus, router, &request, Some(index), kicks),
+        LapicEvent::EoiBroadcast(vector) => {
+            ioapic.end_of_interrupt(vector, &mut |request: InterruptRequest| {
+                deliver(cpus, router, &request, None, kicks)
+            });
+        }
     }
 }
 
@@ -867,6 +956,40 @@ mod tests {
         timers.tick(10_000);
         assert_eq!(chip.next_entry(0, true).vector, Some(0x40));
         assert_eq!(timers.next_deadline_ns(), None);
+    }
+
+    fn attention(chip: &UserIrqChip, id: usize) -> bool {
+        chip.wakes[id].attention.load(Ordering::Acquire)
+    }
+
+    #[test]
+    fn a_quiet_vcpu_enters_without_the_lock_until_something_arrives() {
+        let (chip, _clock, _control) = chip(2);
+        route_pin(&chip, 4, 0x34, false);
+        assert_eq!(chip.entry_decision(1, true), None, "vCPU 1 waits for SIPI");
+        assert!(attention(&chip, 1), "and keeps looking until it starts");
+        assert!(chip.entry_decision(0, true).is_some());
+        assert!(!attention(&chip, 0), "nothing pending: the next entry skips the lock");
+
+        chip.set_gsi(4, true);
+        assert!(attention(&chip, 0), "an interrupt from another thread");
+        let entry = chip.entry_decision(0, true).unwrap();
+        assert_eq!(entry.vector, Some(0x34));
+        assert!(!attention(&chip, 0));
+
+        lapic_write32(&chip, 0, 0xB0, 0); // EOI 0x34
+        assert!(!attention(&chip, 0), "an EOI that uncovers nothing");
+        // 0x50 in service holds 0x44 back; the vCPU's own EOI uncovers it.
+        chip.send_msi(0xFEE0_0000, 0x50);
+        chip.send_msi(0xFEE0_0000, 0x44);
+        let entry = chip.entry_decision(0, true).unwrap();
+        assert_eq!((entry.vector, entry.window), (Some(0x50), false));
+        assert!(!attention(&chip, 0));
+        CURRENT_VCPU.with(|c| c.set(Some(0)));
+        lapic_write32(&chip, 0, 0xB0, 0); // EOI 0x50, on vCPU 0's own thread
+        CURRENT_VCPU.with(|c| c.set(None));
+        assert!(attention(&chip, 0), "the EOI uncovered 0x44");
+        assert_eq!(chip.entry_decision(0, true).unwrap().vector, Some(0x44));
     }
 
     #[test]

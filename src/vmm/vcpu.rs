@@ -9,7 +9,7 @@ use super::control::Control;
 use super::diagnostics;
 use super::exit::StopReason;
 use super::memory::GuestMemory;
-use super::user_irqchip::UserIrqChip;
+use super::user_irqchip::{EntryStep, UserIrqChip};
 use crate::devices::bus::Bus;
 use crate::devices::power::PowerEvent;
 use crate::hv::regs::{SegmentRegister, RFLAGS_IF};
@@ -78,7 +78,13 @@ fn prepare_user_entry(
     chip: &UserIrqChip,
     ctx: &VcpuContext,
 ) -> Result<(), StopReason> {
-    if chip.needs_startup(vcpu.id()) {
+    loop {
+        let step = chip
+            .prepare_entry(vcpu)
+            .map_err(|e| fatal(vcpu, ctx, &format!("cannot inject an interrupt: {e}")))?;
+        if step == EntryStep::Run {
+            return Ok(());
+        }
         let Some(vector) = chip.wait_for_startup(vcpu.id()) else {
             return Ok(());
         };
@@ -90,8 +96,6 @@ fn prepare_user_entry(
             )
         })?;
     }
-    chip.prepare_entry(vcpu)
-        .map_err(|e| fatal(vcpu, ctx, &format!("cannot inject an interrupt: {e}")))
 }
 
 /// The state a SIPI leaves: real mode at CS = vector << 8 (base vector << 12), IP 0.
