@@ -213,6 +213,12 @@ pub trait Vcpu: Send {
     /// Writes MSRs as (index, value) pairs.
     fn set_msrs(&mut self, msrs: &[(u32, u64)]) -> Result<(), HvError>;
 
+    /// The guest's TSC: (rate in Hz, value now), for a VMM that turns TSC-deadline writes
+    /// into clock time. `MissingCapability` where the back end cannot say.
+    fn guest_tsc(&self) -> Result<(u64, u64), HvError> {
+        Err(HvError::MissingCapability("guest TSC rate"))
+    }
+
     /// Whether the vCPU is halted waiting for an interrupt, and whether it has started at all
     /// (an application processor waits for INIT/SIPI until then).
     fn run_state(&self) -> Result<RunState, HvError>;

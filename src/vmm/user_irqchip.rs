@@ -21,7 +21,10 @@ use crate::hv::{HvError, Vcpu, VcpuKicker};
 use crate::intc::clock::Clock;
 use crate::intc::hpet::HpetIrqSink;
 use crate::intc::ioapic::IoApic;
-use crate::intc::lapic::{Accepted, Lapic, LapicConfig, LapicEvent, LAPIC_BASE, LAPIC_SIZE};
+use crate::intc::lapic::{
+    Accepted, Lapic, LapicConfig, LapicEvent, LAPIC_BASE, LAPIC_SIZE, MSR_APIC_BASE,
+    MSR_TSC_DEADLINE, MSR_X2APIC_FIRST,
+};
 use crate::intc::msi::{decode_msi, CpuSet, DestinationInfo, InterruptRequest, Router, MAX_CPUS};
 use crate::intc::pic::PicPair;
 use crate::intc::pit::Pit;
@@ -30,11 +33,14 @@ use crate::intc::pit::Pit;
 const PIT_IOAPIC_PIN: usize = 2;
 /// The vCPU whose LINT0 takes the 8259's ExtINT (virtual wire): the bootstrap processor.
 const PIC_CPU: usize = 0;
-/// Guest TSC rate assumed for TSC-deadline conversion (not advertised in user mode).
+/// Guest TSC rate assumed for TSC-deadline conversion until the vCPU's thread reports the
+/// real one (`attach_vcpu`).
 const NOMINAL_TSC_HZ: u64 = 1_000_000_000;
 
 /// LAPIC registers whose writes can move the LAPIC timer's deadline.
 const TIMER_REGISTERS: [u64; 4] = [0x0F0, 0x320, 0x380, 0x3E0];
+/// IA32_APIC_BASE's x2APIC enable bit.
+const APIC_BASE_X2APIC: u64 = 1 << 10;
 
 /// Where a vCPU is in its life, as the halt detection and INIT/SIPI see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,9 +134,10 @@ pub struct UserIrqChip {
 
 impl UserIrqChip {
     /// The controllers of a machine with `vcpus` processors; vCPU 0 runs, the others wait
-    /// for INIT/SIPI.
+    /// for INIT/SIPI. `x2apic` (xhyve's `-x`) starts every LAPIC in x2APIC mode.
     pub fn new(
         vcpus: u8,
+        x2apic: bool,
         clock: Arc<dyn Clock>,
         timer_waker: TimerWaker,
         control: Arc<Control>,
@@ -140,9 +147,15 @@ impl UserIrqChip {
                 let mut lapic = Lapic::new(LapicConfig {
                     apic_id: u32::from(id),
                     bootstrap: id == 0,
-                    x2apic_allowed: false,
+                    x2apic_allowed: x2apic,
                     tsc_hz: NOMINAL_TSC_HZ,
                 });
+                if x2apic {
+                    let base = lapic.apic_base() | APIC_BASE_X2APIC;
+                    if let Err(e) = lapic.wrmsr(MSR_APIC_BASE, base, 0) {
+                        log::warn!("LAPIC {id} stays in xAPIC mode: {e}");
+                    }
+                }
                 lapic.set_virtual_wire();
                 CpuState {
                     lapic,
@@ -228,6 +241,62 @@ impl UserIrqChip {
     }
 
     // ---- the vCPU thread ----
+
+    /// Tells vCPU `id`'s LAPIC the guest TSC's rate and its value now, for TSC-deadline.
+    pub fn set_guest_tsc(&self, id: u8, tsc_hz: u64, tsc_now: u64) {
+        let now = self.clock.now_ns();
+        if let Some(cpu) = lock(&self.state).cpus.get_mut(usize::from(id)) {
+            cpu.lapic.set_tsc_rate(tsc_hz);
+            cpu.lapic.set_tsc_reference(tsc_now, now);
+        }
+    }
+
+    /// RDMSR of a LAPIC MSR (`Lapic::handles_msr`) on vCPU `id`; `None` raises #GP.
+    pub fn msr_read(&self, id: u8, msr: u32) -> Option<u64> {
+        let now = self.clock.now_ns();
+        let state = lock(&self.state);
+        let cpu = state.cpus.get(usize::from(id))?;
+        cpu.lapic
+            .rdmsr(msr, now)
+            .map_err(|e| log::trace!("vCPU {id} RDMSR {msr:#x}: {e}"))
+            .ok()
+    }
+
+    /// WRMSR of a LAPIC MSR on vCPU `id`, routed as an MMIO write is; `false` raises #GP.
+    pub fn msr_write(&self, id: u8, msr: u32, value: u64) -> bool {
+        let index = usize::from(id);
+        let now = self.clock.now_ns();
+        let mut kicks = CpuSet::EMPTY;
+        {
+            let mut state = lock(&self.state);
+            let ChipState {
+                ioapic,
+                router,
+                cpus,
+                ..
+            } = &mut *state;
+            let Some(cpu) = cpus.get_mut(index) else {
+                return false;
+            };
+            match cpu.lapic.wrmsr(msr, value, now) {
+                Ok(event) => apply_lapic_event(event, index, ioapic, router, cpus, &mut kicks),
+                Err(e) => {
+                    log::trace!("vCPU {id} WRMSR {msr:#x} <- {value:#x}: {e}");
+                    return false;
+                }
+            }
+            if has_work(&state, index) {
+                kicks.insert(index);
+            }
+        }
+        let register = u64::from(msr.wrapping_sub(MSR_X2APIC_FIRST)) << 4;
+        if msr == MSR_TSC_DEADLINE || msr == MSR_APIC_BASE || TIMER_REGISTERS.contains(&register)
+        {
+            self.timer_waker.wake();
+        }
+        self.wake_cpus(kicks);
+        true
+    }
 
     /// The guest read vCPU `id`'s LAPIC page.
     pub fn lapic_read(&self, id: u8, addr: u64, data: &mut [u8]) {
@@ -805,7 +874,7 @@ mod tests {
         let clock = Arc::new(ManualClock::new(0));
         let service = TimerService::new(clock.clone());
         let (control, _woken) = Control::new(vcpus);
-        let chip = UserIrqChip::new(vcpus, clock.clone(), service.waker(), control.clone());
+        let chip = UserIrqChip::new(vcpus, false, clock.clone(), service.waker(), control.clone());
         (chip, clock, control)
     }
 
@@ -990,6 +1059,33 @@ mod tests {
         CURRENT_VCPU.with(|c| c.set(None));
         assert!(attention(&chip, 0), "the EOI uncovered 0x44");
         assert_eq!(chip.entry_decision(0, true).unwrap().vector, Some(0x44));
+    }
+
+    #[test]
+    fn x2apic_msrs_and_the_tsc_deadline_timer_reach_the_model() {
+        let clock = Arc::new(ManualClock::new(0));
+        let service = TimerService::new(clock.clone());
+        let (control, _woken) = Control::new(2);
+        let chip = UserIrqChip::new(2, true, clock.clone(), service.waker(), control);
+        assert_eq!(chip.msr_read(1, 0x802), Some(1), "x2APIC ID");
+        assert_eq!(chip.msr_read(0, 0x803).map(|v| v & 0xFF), Some(0x14));
+        assert_ne!(chip.msr_read(0, MSR_APIC_BASE).unwrap() & APIC_BASE_X2APIC, 0);
+        assert!(!chip.msr_write(0, 0x802, 5), "the ID is read-only: #GP");
+
+        chip.set_guest_tsc(0, 2_000_000_000, 1_000); // 2 GHz, TSC 1000 at time 0
+        assert!(chip.msr_write(0, 0x80F, 0x1FF));
+        assert!(chip.msr_write(0, 0x832, (2 << 17) | 0x61)); // TSC-deadline mode
+        assert!(chip.msr_write(0, MSR_TSC_DEADLINE, 1_000 + 20_000)); // 10 us ahead
+        let mut timers = LapicTimers(chip.clone());
+        assert_eq!(timers.next_deadline_ns(), Some(10_000));
+        clock.set(10_000);
+        timers.tick(10_000);
+        let irr = chip.msr_read(0, 0x820 + 0x61 / 32).unwrap();
+        assert_ne!(irr & (1 << (0x61 % 32)), 0, "vector 0x61 pending in IRR");
+
+        let (xapic, _clock, _control) = super::tests::chip(1);
+        assert_eq!(xapic.msr_read(0, 0x802), None, "no x2APIC MSRs in xAPIC mode");
+        assert!(!xapic.msr_write(0, MSR_APIC_BASE, 0xFEE0_0000 | (3 << 10)));
     }
 
     #[test]

@@ -12,10 +12,13 @@ use kvm_bindings::{
     kvm_ioeventfd_flag_nr_datamatch, kvm_ioeventfd_flag_nr_deassign, kvm_ioeventfd_flag_nr_pio,
     kvm_msi, kvm_msr_entry, kvm_pit_config, CpuId, Msrs, KVMIO, KVM_CAP_X86_USER_SPACE_MSR,
     KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_HALTED,
-    KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED, KVM_MSR_EXIT_REASON_UNKNOWN,
+    KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED, KVM_MSR_EXIT_REASON_FILTER,
+    KVM_MSR_EXIT_REASON_UNKNOWN,
     KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Cap, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{
+    Cap, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuExit, VcpuFd, VmFd,
+};
 use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_iow_nr;
 
@@ -114,29 +117,68 @@ impl Kvm {
             // LAPIC, IOAPIC, PIC and PIT accesses exit to the VMM; HLT exits too.
             IrqChipMode::User => {}
         }
+        let user_msrs = fd.check_extension_raw(u64::from(KVM_CAP_X86_USER_SPACE_MSR)) > 0;
+        if options.user_msr_exits && !user_msrs {
+            return Err(HvError::MissingCapability("KVM_CAP_X86_USER_SPACE_MSR"));
+        }
+        // User mode: the LAPIC's MSRs (IA32_APIC_BASE, TSC-deadline, x2APIC) belong to the
+        // VMM's model. Without a filter KVM would answer them itself (it drops TSC-deadline
+        // writes silently when it has no LAPIC), so they are denied to KVM and exit.
+        let lapic_msr_exits = options.irqchip == IrqChipMode::User
+            && user_msrs
+            && install_lapic_msr_filter(&fd)
+                .map_err(|e| log::debug!("LAPIC MSRs stay with KVM: {e}"))
+                .is_ok();
+        let mut reasons = 0;
         if options.user_msr_exits {
-            if fd.check_extension_raw(u64::from(KVM_CAP_X86_USER_SPACE_MSR)) <= 0 {
-                return Err(HvError::MissingCapability("KVM_CAP_X86_USER_SPACE_MSR"));
-            }
+            reasons |= KVM_MSR_EXIT_REASON_UNKNOWN;
+        }
+        if lapic_msr_exits {
+            reasons |= KVM_MSR_EXIT_REASON_FILTER;
+        }
+        if reasons != 0 {
             let mut cap = kvm_enable_cap {
                 cap: KVM_CAP_X86_USER_SPACE_MSR,
                 ..Default::default()
             };
-            cap.args[0] = u64::from(KVM_MSR_EXIT_REASON_UNKNOWN);
+            cap.args[0] = u64::from(reasons);
             fd.enable_cap(&cap)
                 .map_err(ioctl_err("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
         }
         Ok(KvmVm {
             fd,
             irqchip: options.irqchip,
+            lapic_msr_exits,
             routes: Mutex::new(GsiRoutes::default()),
         })
     }
 }
 
+/// Denies KVM the LAPIC's MSRs, so that each access exits as KVM_MSR_EXIT_REASON_FILTER.
+fn install_lapic_msr_filter(fd: &VmFd) -> Result<(), HvError> {
+    use crate::intc::lapic::{MSR_APIC_BASE, MSR_TSC_DEADLINE, MSR_X2APIC_FIRST, MSR_X2APIC_LAST};
+    let denied = [0u8; 32]; // a clear bit denies; 256 MSRs at most per range here
+    let both = MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE;
+    let range = |base: u32, msr_count: u32| MsrFilterRange {
+        flags: both,
+        base,
+        msr_count,
+        bitmap: &denied,
+    };
+    let ranges = [
+        range(MSR_APIC_BASE, 1),
+        range(MSR_TSC_DEADLINE, 1),
+        range(MSR_X2APIC_FIRST, MSR_X2APIC_LAST - MSR_X2APIC_FIRST + 1),
+    ];
+    fd.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)
+        .map_err(ioctl_err("KVM_X86_SET_MSR_FILTER"))
+}
+
 pub struct KvmVm {
     fd: VmFd,
     irqchip: IrqChipMode,
+    /// User mode with the LAPIC's MSRs exiting to the VMM (x2APIC and TSC-deadline served).
+    lapic_msr_exits: bool,
     /// The GSI routing table as last given to KVM (irqfd MSI routes added on demand).
     routes: Mutex<GsiRoutes>,
 }
@@ -167,7 +209,14 @@ impl Vm for KvmVm {
             .fd
             .create_vcpu(u64::from(id))
             .map_err(ioctl_err("KVM_CREATE_VCPU"))?;
-        let vcpu = KvmVcpu { fd, id };
+        // What the guest may see of the LAPIC's MSR features: all of KVM's with its
+        // irqchip, the VMM model's when they exit to it, none when they cannot.
+        let hide_lapic_msr_features = self.irqchip == IrqChipMode::User && !self.lapic_msr_exits;
+        let vcpu = KvmVcpu {
+            fd,
+            id,
+            hide_lapic_msr_features,
+        };
         vcpu.init_fpu()?;
         if self.irqchip == IrqChipMode::Kernel {
             vcpu.init_lapic_lints()?;
@@ -325,13 +374,20 @@ ioctl_iow_nr!(KVM_IRQFD, KVMIO, 0x76, kvm_irqfd);
 pub struct KvmVcpu {
     fd: VcpuFd,
     id: u8,
+    /// CPUID must not show x2APIC or TSC-deadline: nobody would answer their MSRs.
+    hide_lapic_msr_features: bool,
 }
+
+/// CPUID.1:ECX bits of features served through LAPIC MSRs.
+const CPUID1_ECX_X2APIC: u32 = 1 << 21;
+const CPUID1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 
 /// LAPIC register offsets and LVT delivery modes used for virtual-wire mode.
 const APIC_LVT0: usize = 0x350;
 const APIC_LVT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
+const MSR_IA32_TSC: u32 = 0x10;
 
 impl KvmVcpu {
     fn init_fpu(&self) -> Result<(), HvError> {
@@ -459,7 +515,11 @@ impl Vcpu for KvmVcpu {
                 },
                 eax: e.eax,
                 ebx: e.ebx,
-                ecx: e.ecx,
+                ecx: if e.function == 1 && self.hide_lapic_msr_features {
+                    e.ecx & !(CPUID1_ECX_X2APIC | CPUID1_ECX_TSC_DEADLINE)
+                } else {
+                    e.ecx
+                },
                 edx: e.edx,
                 ..Default::default()
             })
@@ -491,6 +551,23 @@ impl Vcpu for KvmVcpu {
             });
         }
         Ok(())
+    }
+
+    fn guest_tsc(&self) -> Result<(u64, u64), HvError> {
+        let khz = self
+            .fd
+            .get_tsc_khz()
+            .map_err(ioctl_err("KVM_GET_TSC_KHZ"))?;
+        let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index: MSR_IA32_TSC,
+            ..Default::default()
+        }])
+        .map_err(|_| HvError::MissingCapability("MSR list too large"))?;
+        let read = self.fd.get_msrs(&mut msrs).map_err(ioctl_err("KVM_GET_MSRS"))?;
+        match msrs.as_slice().first() {
+            Some(entry) if read == 1 && khz > 0 => Ok((u64::from(khz) * 1000, entry.data)),
+            _ => Err(HvError::MissingCapability("guest TSC rate")),
+        }
     }
 
     fn run_state(&self) -> Result<RunState, HvError> {
