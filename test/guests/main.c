@@ -207,6 +207,7 @@ static const struct {
     { "ahci-hd", test_ahci },
     { "ahci-cd", test_ahci },
     { "virtio-net", test_virtio_net },
+    { "x2apic", test_x2apic },
 };
 
 void main(u32 magic, const struct mb_info *mbi)

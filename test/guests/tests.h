@@ -23,5 +23,6 @@ void test_exitbench(const struct mb_info *mbi);
 void test_virtio_blk(const struct mb_info *mbi);
 void test_ahci(const struct mb_info *mbi);
 void test_virtio_net(const struct mb_info *mbi);
+void test_x2apic(const struct mb_info *mbi);
 
 #endif
