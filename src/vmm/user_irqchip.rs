@@ -290,8 +290,7 @@ impl UserIrqChip {
             }
         }
         let register = u64::from(msr.wrapping_sub(MSR_X2APIC_FIRST)) << 4;
-        if msr == MSR_TSC_DEADLINE || msr == MSR_APIC_BASE || TIMER_REGISTERS.contains(&register)
-        {
+        if msr == MSR_TSC_DEADLINE || msr == MSR_APIC_BASE || TIMER_REGISTERS.contains(&register) {
             self.timer_waker.wake();
         }
         self.wake_cpus(kicks);
@@ -874,7 +873,13 @@ mod tests {
         let clock = Arc::new(ManualClock::new(0));
         let service = TimerService::new(clock.clone());
         let (control, _woken) = Control::new(vcpus);
-        let chip = UserIrqChip::new(vcpus, false, clock.clone(), service.waker(), control.clone());
+        let chip = UserIrqChip::new(
+            vcpus,
+            false,
+            clock.clone(),
+            service.waker(),
+            control.clone(),
+        );
         (chip, clock, control)
     }
 
@@ -1038,7 +1043,10 @@ mod tests {
         assert_eq!(chip.entry_decision(1, true), None, "vCPU 1 waits for SIPI");
         assert!(attention(&chip, 1), "and keeps looking until it starts");
         assert!(chip.entry_decision(0, true).is_some());
-        assert!(!attention(&chip, 0), "nothing pending: the next entry skips the lock");
+        assert!(
+            !attention(&chip, 0),
+            "nothing pending: the next entry skips the lock"
+        );
 
         chip.set_gsi(4, true);
         assert!(attention(&chip, 0), "an interrupt from another thread");
@@ -1069,7 +1077,10 @@ mod tests {
         let chip = UserIrqChip::new(2, true, clock.clone(), service.waker(), control);
         assert_eq!(chip.msr_read(1, 0x802), Some(1), "x2APIC ID");
         assert_eq!(chip.msr_read(0, 0x803).map(|v| v & 0xFF), Some(0x14));
-        assert_ne!(chip.msr_read(0, MSR_APIC_BASE).unwrap() & APIC_BASE_X2APIC, 0);
+        assert_ne!(
+            chip.msr_read(0, MSR_APIC_BASE).unwrap() & APIC_BASE_X2APIC,
+            0
+        );
         assert!(!chip.msr_write(0, 0x802, 5), "the ID is read-only: #GP");
 
         chip.set_guest_tsc(0, 2_000_000_000, 1_000); // 2 GHz, TSC 1000 at time 0
@@ -1084,7 +1095,11 @@ mod tests {
         assert_ne!(irr & (1 << (0x61 % 32)), 0, "vector 0x61 pending in IRR");
 
         let (xapic, _clock, _control) = super::tests::chip(1);
-        assert_eq!(xapic.msr_read(0, 0x802), None, "no x2APIC MSRs in xAPIC mode");
+        assert_eq!(
+            xapic.msr_read(0, 0x802),
+            None,
+            "no x2APIC MSRs in xAPIC mode"
+        );
         assert!(!xapic.msr_write(0, MSR_APIC_BASE, 0xFEE0_0000 | (3 << 10)));
     }
 

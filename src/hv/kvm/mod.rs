@@ -8,12 +8,12 @@ use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_enable_cap, kvm_interrupt, kvm_ioeventfd, kvm_irqfd,
+    kvm_cpuid_entry2, kvm_enable_cap, kvm_interrupt, kvm_ioeventfd,
     kvm_ioeventfd_flag_nr_datamatch, kvm_ioeventfd_flag_nr_deassign, kvm_ioeventfd_flag_nr_pio,
-    kvm_msi, kvm_msr_entry, kvm_pit_config, CpuId, Msrs, KVMIO, KVM_CAP_X86_USER_SPACE_MSR,
-    KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_HALTED,
-    KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED, KVM_MSR_EXIT_REASON_FILTER,
-    KVM_MSR_EXIT_REASON_INVAL, KVM_MSR_EXIT_REASON_UNKNOWN,
+    kvm_irqfd, kvm_msi, kvm_msr_entry, kvm_pit_config, CpuId, Msrs, KVMIO,
+    KVM_CAP_X86_USER_SPACE_MSR, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_MAX_CPUID_ENTRIES,
+    KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED,
+    KVM_MSR_EXIT_REASON_FILTER, KVM_MSR_EXIT_REASON_INVAL, KVM_MSR_EXIT_REASON_UNKNOWN,
     KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{
@@ -161,7 +161,7 @@ impl Kvm {
 fn install_lapic_msr_filter(fd: &VmFd) -> Result<(), HvError> {
     use crate::intc::lapic::{MSR_APIC_BASE, MSR_TSC_DEADLINE, MSR_X2APIC_FIRST, MSR_X2APIC_LAST};
     let denied = [0u8; 32]; // a clear bit denies; 256 MSRs at most per range here
-    // The x2APIC range is listed for kernels that filter it; current ones ignore it.
+                            // The x2APIC range is listed for kernels that filter it; current ones ignore it.
     let both = MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE;
     let range = |base: u32, msr_count: u32| MsrFilterRange {
         flags: both,
@@ -278,12 +278,10 @@ impl Vm for KvmVm {
             }
             IrqfdSource::Msi { address, data } => {
                 let mut routes = crate::devices::bus::lock(&self.routes);
-                let gsi = routes
-                    .add_msi(address, data)
-                    .map_err(|e| HvError::Ioctl {
-                        what: "KVM_SET_GSI_ROUTING",
-                        source: std::io::Error::other(e.to_string()),
-                    })?;
+                let gsi = routes.add_msi(address, data).map_err(|e| HvError::Ioctl {
+                    what: "KVM_SET_GSI_ROUTING",
+                    source: std::io::Error::other(e.to_string()),
+                })?;
                 let installed = self
                     .install_routes(&routes)
                     .and_then(|()| self.irqfd(fd, gsi));
@@ -567,7 +565,10 @@ impl Vcpu for KvmVcpu {
             ..Default::default()
         }])
         .map_err(|_| HvError::MissingCapability("MSR list too large"))?;
-        let read = self.fd.get_msrs(&mut msrs).map_err(ioctl_err("KVM_GET_MSRS"))?;
+        let read = self
+            .fd
+            .get_msrs(&mut msrs)
+            .map_err(ioctl_err("KVM_GET_MSRS"))?;
         match msrs.as_slice().first() {
             Some(entry) if read == 1 && khz > 0 => Ok((u64::from(khz) * 1000, entry.data)),
             _ => Err(HvError::MissingCapability("guest TSC rate")),
@@ -825,11 +826,17 @@ mod tests {
         assert_eq!(route, 24, "the first GSI past the IOAPIC");
         assert!(!irr_has(&vcpu, 0x45));
         fd.write(1).unwrap();
-        assert!(wait_for_irr(&vcpu, 0x45), "vector 0x45 pending after the write");
+        assert!(
+            wait_for_irr(&vcpu, 0x45),
+            "vector 0x45 pending after the write"
+        );
 
         vm.retarget_irqfd(route, 0xFEE0_0000, 0x46).unwrap();
         fd.write(1).unwrap();
-        assert!(wait_for_irr(&vcpu, 0x46), "the retargeted route raises 0x46");
+        assert!(
+            wait_for_irr(&vcpu, 0x46),
+            "the retargeted route raises 0x46"
+        );
         assert!(
             vm.register_irqfd(fd.as_raw_fd(), IrqfdSource::Edge { gsi: 4 })
                 .is_err(),

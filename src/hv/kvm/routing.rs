@@ -37,7 +37,7 @@ impl GsiRoutes {
     /// Adds a route for one MSI message on a fresh GSI above the IOAPIC's pins.
     pub fn add_msi(&mut self, address: u64, data: u32) -> Result<u32, RoutingError> {
         let gsi = IOAPIC_PINS + self.msi.len() as u32;
-        if self.len() + 1 > KVM_MAX_IRQ_ROUTES as usize {
+        if self.len() >= KVM_MAX_IRQ_ROUTES {
             return Err(RoutingError::Full(self.msi.len()));
         }
         self.msi.push(MsiRoute { gsi, address, data });
@@ -141,11 +141,17 @@ mod tests {
         let irqchip = KVM_IRQ_ROUTING_IRQCHIP;
         assert_eq!(
             gsi(2),
-            vec![(2, irqchip, KVM_IRQCHIP_IOAPIC, 2), (2, irqchip, KVM_IRQCHIP_PIC_MASTER, 2)]
+            vec![
+                (2, irqchip, KVM_IRQCHIP_IOAPIC, 2),
+                (2, irqchip, KVM_IRQCHIP_PIC_MASTER, 2)
+            ]
         );
         assert_eq!(
             gsi(9),
-            vec![(9, irqchip, KVM_IRQCHIP_IOAPIC, 9), (9, irqchip, KVM_IRQCHIP_PIC_SLAVE, 1)]
+            vec![
+                (9, irqchip, KVM_IRQCHIP_IOAPIC, 9),
+                (9, irqchip, KVM_IRQCHIP_PIC_SLAVE, 1)
+            ]
         );
         assert_eq!(gsi(23), vec![(23, irqchip, KVM_IRQCHIP_IOAPIC, 23)]);
     }
