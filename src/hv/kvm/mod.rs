@@ -681,10 +681,15 @@ pub(crate) mod tests_support {
 
     /// A VM with 1 MiB of RAM mapped at 0.
     pub fn real_mode_vm() -> Option<(Kvm, Arc<dyn Vm>, GuestMemory)> {
+        real_mode_vm_with(IrqChipMode::Kernel)
+    }
+
+    /// `real_mode_vm` with the interrupt controllers `irqchip` says.
+    pub fn real_mode_vm_with(irqchip: IrqChipMode) -> Option<(Kvm, Arc<dyn Vm>, GuestMemory)> {
         let kvm = kvm_or_skip()?;
         let options = VmOptions {
             vcpus: 1,
-            irqchip: IrqChipMode::Kernel,
+            irqchip,
             user_msr_exits: false,
         };
         let vm = kvm.create_vm(&options).unwrap();
@@ -859,6 +864,42 @@ mod tests {
             by_irqfd.as_nanos() / u128::from(SENDS),
             by_ioctl.as_nanos() / u128::from(SENDS)
         );
+    }
+
+    #[test]
+    fn user_mode_lapic_msrs_exit_to_the_vmm() {
+        let Some((_kvm, vm, mem)) = real_mode_vm_with(IrqChipMode::User) else {
+            return;
+        };
+        // mov ecx,0x1b; rdmsr; mov ecx,0x6e0; wrmsr; mov ecx,0x802; rdmsr; hlt
+        let code = [
+            0x66, 0xb9, 0x1b, 0x00, 0x00, 0x00, 0x0f, 0x32, 0x66, 0xb9, 0xe0, 0x06, 0x00, 0x00,
+            0x0f, 0x30, 0x66, 0xb9, 0x02, 0x08, 0x00, 0x00, 0x0f, 0x32, 0xf4,
+        ];
+        mem.write_slice(&code, GuestAddress(0x1000)).unwrap();
+        let mut vcpu = start_real_mode_vcpu(vm.as_ref(), 0x1000);
+        match vcpu.run().unwrap() {
+            VmExit::MsrRead { index, value, .. } => {
+                assert_eq!(index, 0x1b);
+                *value = 0xfee0_0900;
+            }
+            other => panic!("unexpected exit {other:?}"),
+        }
+        match vcpu.run().unwrap() {
+            VmExit::MsrWrite { index, value, .. } => {
+                assert_eq!((index, value), (0x6e0, 0xfee0_0900), "TSC-deadline write");
+            }
+            other => panic!("unexpected exit {other:?}"),
+        }
+        match vcpu.run().unwrap() {
+            VmExit::MsrRead { index, value, .. } => {
+                assert_eq!(index, 0x802, "an x2APIC MSR");
+                *value = 0;
+            }
+            other => panic!("unexpected exit {other:?}"),
+        }
+        assert!(matches!(vcpu.run().unwrap(), VmExit::Hlt));
+        assert!(vcpu.guest_tsc().unwrap().0 > 0, "a TSC rate");
     }
 
     #[test]
