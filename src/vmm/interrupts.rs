@@ -1,11 +1,16 @@
 //! Interrupt lines and MSIs backed by the hypervisor's interrupt controllers.
 //!
-//! With KVM's in-kernel irqchip, MSIs and edges go through interrupt file descriptors (irqfd):
-//! a device thread raises one with a single write(2), no ioctl and no lock. Levels stay on
-//! `Vm::set_irq_line` (KVM_IRQ_LINE): a level line is lowered by the device (an ISR read), and
-//! the guest sees that at once in the IOAPIC's remote IRR and the PIC's IRR; an irqfd with a
-//! resample fd would hold the line until the guest's EOI and add a resampling thread, for the
-//! legacy path no fast device uses. `XHYVE_IRQFD=off` keeps every interrupt on the ioctls.
+//! With KVM's in-kernel irqchip, MSIs go through interrupt file descriptors (irqfd): a device
+//! thread raises one with a single write(2), no ioctl and no lock. `XHYVE_IRQFD=off` keeps
+//! them on KVM_SIGNAL_MSI, to compare.
+//!
+//! GSI lines stay on `Vm::set_irq_line` (KVM_IRQ_LINE). Levels: the device lowers its line
+//! (an ISR read) and the guest sees that at once in the IOAPIC's remote IRR and the PIC's IRR;
+//! an irqfd with a resample fd would hold the line until the guest's EOI and need a
+//! resampling thread. Edges: KVM injects an irqfd on an IOAPIC/PIC route from a kernel worker,
+//! not in the writer's context as for MSIs; measured here, that made a pulse dearer for the
+//! sender (medians 2.6-4.4 us against 1.4 us for two KVM_IRQ_LINE calls), and the UART
+//! pulses on the vCPU's own exit path.
 
 #[cfg(target_os = "linux")]
 mod irqfd;
@@ -61,20 +66,6 @@ impl InterruptLine for HvInterruptLine {
     fn gsi(&self) -> u32 {
         self.gsi
     }
-}
-
-#[cfg(target_os = "linux")]
-fn hypervisor_line(vm: &Arc<dyn Vm>, gsi: u32) -> Arc<dyn InterruptLine> {
-    if irqfd_wanted() {
-        irqfd::edge_line(vm.clone(), gsi)
-    } else {
-        HvInterruptLine::new(vm.clone(), gsi)
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn hypervisor_line(vm: &Arc<dyn Vm>, gsi: u32) -> Arc<dyn InterruptLine> {
-    HvInterruptLine::new(vm.clone(), gsi)
 }
 
 #[cfg(target_os = "linux")]
@@ -139,7 +130,7 @@ pub enum InterruptBackend {
 impl InterruptBackend {
     pub fn line(&self, gsi: u32) -> Arc<dyn InterruptLine> {
         match self {
-            InterruptBackend::Hypervisor(vm) => hypervisor_line(vm, gsi),
+            InterruptBackend::Hypervisor(vm) => HvInterruptLine::new(vm.clone(), gsi),
             InterruptBackend::User(chip) => {
                 super::user_irqchip::UserInterruptLine::new(chip.clone(), gsi)
             }

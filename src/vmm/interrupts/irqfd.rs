@@ -1,4 +1,4 @@
-//! Interrupt file descriptors (KVM irqfd): MSIs and edges raised by one eventfd write.
+//! Interrupt file descriptors (KVM irqfd): MSIs raised by one eventfd write.
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -6,47 +6,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::HvInterruptLine;
 use crate::devices::bus::lock;
-use crate::devices::irq::{InterruptLine, MsiSender};
+use crate::devices::irq::MsiSender;
 use crate::hv::{IrqfdSource, Vm};
-
-/// A GSI whose edges go through an irqfd and whose levels through `Vm::set_irq_line`.
-pub struct IrqfdEdgeLine {
-    level: Arc<HvInterruptLine>,
-    edge: EventFd,
-}
-
-/// GSI `gsi` with edges by irqfd when the hypervisor takes one, else all by ioctl.
-pub fn edge_line(vm: Arc<dyn Vm>, gsi: u32) -> Arc<dyn InterruptLine> {
-    let edge = EventFd::new(EFD_NONBLOCK).ok().filter(|fd| {
-        vm.register_irqfd(fd.as_raw_fd(), IrqfdSource::Edge { gsi })
-            .map_err(|e| log::debug!("GSI {gsi} edges stay on KVM_IRQ_LINE: {e}"))
-            .is_ok()
-    });
-    let level = HvInterruptLine::new(vm, gsi);
-    match edge {
-        Some(edge) => Arc::new(IrqfdEdgeLine { level, edge }),
-        None => level,
-    }
-}
-
-impl InterruptLine for IrqfdEdgeLine {
-    fn set_level(&self, high: bool) {
-        self.level.set_level(high);
-    }
-
-    fn pulse(&self) {
-        if self.edge.write(1).is_err() {
-            self.level.set_level(true);
-            self.level.set_level(false);
-        }
-    }
-
-    fn gsi(&self) -> u32 {
-        self.level.gsi()
-    }
-}
 
 /// Routes kept for one MSI sender; more distinct messages than this reuse the oldest.
 const MSI_ROUTES: usize = 64;
@@ -287,15 +249,5 @@ mod tests {
         sender.send_msi(0x1_FEE0_0000, 0x41); // beyond the key's 32-bit address
         assert_eq!(*vm.ioctl_msis.lock().unwrap(), vec![(0x1_FEE0_0000, 0x41)]);
         assert!(vm.irqfds.lock().unwrap().is_empty());
-    }
-
-    #[test]
-    fn edges_go_through_an_irqfd_and_levels_do_not() {
-        let vm = Arc::new(FakeVm::default());
-        let line = edge_line(vm.clone(), 4);
-        line.pulse();
-        line.set_level(true);
-        assert_eq!(vm.irqfds.lock().unwrap()[0].1, IrqfdSource::Edge { gsi: 4 });
-        assert_eq!(vm.signals(0), 1);
     }
 }
