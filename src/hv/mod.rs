@@ -100,6 +100,30 @@ pub trait Vm: Send + Sync {
         let _ = (fd, doorbell);
         Err(HvError::MissingCapability("doorbell file descriptors"))
     }
+
+    /// Makes each 8-byte counter write to the eventfd-like `fd` raise `source` inside the
+    /// hypervisor (KVM irqfd), so a device thread signals with one write(2) and no lock.
+    /// Returns the route's number, which [`Vm::retarget_irqfd`] takes. Back ends without
+    /// this say `MissingCapability`; the VMM keeps `set_irq_line` and `signal_msi` then.
+    fn register_irqfd(&self, fd: RawFd, source: IrqfdSource) -> Result<u32, HvError> {
+        let _ = (fd, source);
+        Err(HvError::MissingCapability("interrupt file descriptors"))
+    }
+
+    /// Points the MSI route `route` (from [`Vm::register_irqfd`]) at another message.
+    fn retarget_irqfd(&self, route: u32, address: u64, data: u32) -> Result<(), HvError> {
+        let _ = (route, address, data);
+        Err(HvError::MissingCapability("interrupt file descriptors"))
+    }
+}
+
+/// What an interrupt file descriptor raises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IrqfdSource {
+    /// An edge on a GSI (IOAPIC pin, and PIC line below 16): raise, then lower.
+    Edge { gsi: u32 },
+    /// A message-signalled interrupt.
+    Msi { address: u64, data: u32 },
 }
 
 /// A guest write the hypervisor turns into an event without a VM exit.
@@ -191,6 +215,12 @@ pub trait Vcpu: Send {
     fn set_cpuid(&mut self, entries: &[cpuid::CpuidEntry]) -> Result<(), HvError>;
     /// Writes MSRs as (index, value) pairs.
     fn set_msrs(&mut self, msrs: &[(u32, u64)]) -> Result<(), HvError>;
+
+    /// The guest's TSC: (rate in Hz, value now), for a VMM that turns TSC-deadline writes
+    /// into clock time. `MissingCapability` where the back end cannot say.
+    fn guest_tsc(&self) -> Result<(u64, u64), HvError> {
+        Err(HvError::MissingCapability("guest TSC rate"))
+    }
 
     /// Whether the vCPU is halted waiting for an interrupt, and whether it has started at all
     /// (an application processor waits for INIT/SIPI until then).

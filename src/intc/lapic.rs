@@ -325,6 +325,11 @@ impl Lapic {
         self.tsc_reference = (tsc, now_ns);
     }
 
+    /// The guest TSC's rate, once the hypervisor has told it (`LapicConfig::tsc_hz`).
+    pub fn set_tsc_rate(&mut self, tsc_hz: u64) {
+        self.config.tsc_hz = tsc_hz;
+    }
+
     /// Virtual-wire mode, as PC firmware leaves it: LINT0 takes the 8259's ExtINT, LINT1 is
     /// NMI, both unmasked even while the APIC is software-disabled.
     pub fn set_virtual_wire(&mut self) {

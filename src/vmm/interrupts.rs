@@ -1,9 +1,48 @@
 //! Interrupt lines and MSIs backed by the hypervisor's interrupt controllers.
+//!
+//! With KVM's in-kernel irqchip, MSIs go through interrupt file descriptors (irqfd): a device
+//! thread raises one with a single write(2), no ioctl and no lock. `XHYVE_IRQFD=off` keeps
+//! them on KVM_SIGNAL_MSI, to compare.
+//!
+//! GSI lines stay on `Vm::set_irq_line` (KVM_IRQ_LINE). Levels: the device lowers its line
+//! (an ISR read) and the guest sees that at once in the IOAPIC's remote IRR and the PIC's IRR;
+//! an irqfd with a resample fd would hold the line until the guest's EOI and need a
+//! resampling thread. Edges: KVM injects an irqfd on an IOAPIC/PIC route from a kernel worker,
+//! not in the writer's context as for MSIs; measured here, that made a pulse dearer for the
+//! sender (medians 2.6-4.4 us against 1.4 us for two KVM_IRQ_LINE calls), and the UART
+//! pulses on the vCPU's own exit path.
 
-use std::sync::Arc;
+#[cfg(target_os = "linux")]
+mod irqfd;
+
+use std::sync::{Arc, OnceLock};
 
 use crate::devices::irq::{InterruptLine, MsiSender};
 use crate::hv::Vm;
+
+/// Whether interrupts go through irqfds where the hypervisor has them (`XHYVE_IRQFD`, default
+/// on; `off` keeps KVM_IRQ_LINE and KVM_SIGNAL_MSI, to compare).
+pub fn irqfd_wanted() -> bool {
+    static WANTED: OnceLock<bool> = OnceLock::new();
+    *WANTED.get_or_init(|| match std::env::var("XHYVE_IRQFD") {
+        Err(_) => true,
+        Ok(value) => match parse_irqfd_setting(&value) {
+            Some(on) => on,
+            None => {
+                log::warn!("ignoring XHYVE_IRQFD=\"{value}\": expected on or off");
+                true
+            }
+        },
+    })
+}
+
+fn parse_irqfd_setting(value: &str) -> Option<bool> {
+    match value {
+        "" | "on" | "1" => Some(true),
+        "off" | "0" => Some(false),
+        _ => None,
+    }
+}
 
 /// A GSI driven through `Vm::set_irq_line` (KVM_IRQ_LINE with the in-kernel irqchip).
 pub struct HvInterruptLine {
@@ -27,6 +66,20 @@ impl InterruptLine for HvInterruptLine {
     fn gsi(&self) -> u32 {
         self.gsi
     }
+}
+
+#[cfg(target_os = "linux")]
+fn hypervisor_msi_sender(vm: &Arc<dyn Vm>) -> Arc<dyn MsiSender> {
+    if irqfd_wanted() {
+        irqfd::IrqfdMsiSender::new(vm.clone())
+    } else {
+        HvMsiSender::new(vm.clone())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn hypervisor_msi_sender(vm: &Arc<dyn Vm>) -> Arc<dyn MsiSender> {
+    HvMsiSender::new(vm.clone())
 }
 
 pub struct HvMsiSender {
@@ -86,7 +139,7 @@ impl InterruptBackend {
 
     pub fn msi_sender(&self) -> Arc<dyn MsiSender> {
         match self {
-            InterruptBackend::Hypervisor(vm) => HvMsiSender::new(vm.clone()),
+            InterruptBackend::Hypervisor(vm) => hypervisor_msi_sender(vm),
             InterruptBackend::User(chip) => {
                 Arc::new(super::user_irqchip::UserMsiSender(chip.clone()))
             }
@@ -100,5 +153,17 @@ impl InterruptBackend {
                 Arc::new(super::user_irqchip::UserPinSink(chip.clone()))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn irqfd_setting_names() {
+        assert_eq!(parse_irqfd_setting("off"), Some(false));
+        assert_eq!(parse_irqfd_setting("on"), Some(true));
+        assert_eq!(parse_irqfd_setting("of"), None);
     }
 }

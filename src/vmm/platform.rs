@@ -230,7 +230,13 @@ fn build_user_irqchip(
     io_bus: &Bus,
     mmio_bus: &Bus,
 ) -> Result<Arc<UserIrqChip>, VmmError> {
-    let chip = UserIrqChip::new(config.vcpus, clock.clone(), timers.waker(), control.clone());
+    let chip = UserIrqChip::new(
+        config.vcpus,
+        config.x2apic,
+        clock.clone(),
+        timers.waker(),
+        control.clone(),
+    );
     timers.add_timed(Arc::new(Mutex::new(LapicTimers(chip.clone()))));
     insert(mmio_bus, IoApicMmio(chip.clone()), IOAPIC_BASE, IOAPIC_SIZE)?;
     let pic = shared(PicPorts(chip.clone()));

@@ -8,6 +8,7 @@
 //! lock is held; waking a vCPU (condvar + kick) happens after it is released.
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use super::control::Control;
@@ -20,7 +21,10 @@ use crate::hv::{HvError, Vcpu, VcpuKicker};
 use crate::intc::clock::Clock;
 use crate::intc::hpet::HpetIrqSink;
 use crate::intc::ioapic::IoApic;
-use crate::intc::lapic::{Accepted, Lapic, LapicConfig, LapicEvent, LAPIC_BASE, LAPIC_SIZE};
+use crate::intc::lapic::{
+    Accepted, Lapic, LapicConfig, LapicEvent, LAPIC_BASE, LAPIC_SIZE, MSR_APIC_BASE,
+    MSR_TSC_DEADLINE, MSR_X2APIC_FIRST,
+};
 use crate::intc::msi::{decode_msi, CpuSet, DestinationInfo, InterruptRequest, Router, MAX_CPUS};
 use crate::intc::pic::PicPair;
 use crate::intc::pit::Pit;
@@ -29,11 +33,14 @@ use crate::intc::pit::Pit;
 const PIT_IOAPIC_PIN: usize = 2;
 /// The vCPU whose LINT0 takes the 8259's ExtINT (virtual wire): the bootstrap processor.
 const PIC_CPU: usize = 0;
-/// Guest TSC rate assumed for TSC-deadline conversion (not advertised in user mode).
+/// Guest TSC rate assumed for TSC-deadline conversion until the vCPU's thread reports the
+/// real one (`attach_vcpu`).
 const NOMINAL_TSC_HZ: u64 = 1_000_000_000;
 
 /// LAPIC registers whose writes can move the LAPIC timer's deadline.
 const TIMER_REGISTERS: [u64; 4] = [0x0F0, 0x320, 0x380, 0x3E0];
+/// IA32_APIC_BASE's x2APIC enable bit.
+const APIC_BASE_X2APIC: u64 = 1 << 10;
 
 /// Where a vCPU is in its life, as the halt detection and INIT/SIPI see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,11 +69,35 @@ struct ChipState {
 
 /// Per-vCPU wake-up: the condvar a halted or not-yet-started vCPU sleeps on, and the kicker
 /// that makes a running one leave the guest.
-#[derive(Default)]
 struct CpuWake {
     generation: Mutex<u64>,
     changed: Condvar,
     kicker: OnceLock<Arc<dyn VcpuKicker>>,
+    /// Something may be waiting for this vCPU (a vector, the PIC, NMI, INIT, SIPI, an open
+    /// window request). Set by whoever changes that, before the kick; cleared only by the
+    /// vCPU's own entry decision under the chip lock. While clear, entering the guest needs
+    /// no lock at all, which is most exits.
+    attention: AtomicBool,
+}
+
+impl Default for CpuWake {
+    fn default() -> Self {
+        CpuWake {
+            generation: Mutex::new(0),
+            changed: Condvar::new(),
+            kicker: OnceLock::new(),
+            attention: AtomicBool::new(true),
+        }
+    }
+}
+
+/// What the vCPU thread does before its next entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryStep {
+    /// Enter the guest (interrupts are injected and the window set as needed).
+    Run,
+    /// The vCPU must (re)start through INIT/SIPI first: `wait_for_startup`.
+    Startup,
 }
 
 thread_local! {
@@ -103,9 +134,10 @@ pub struct UserIrqChip {
 
 impl UserIrqChip {
     /// The controllers of a machine with `vcpus` processors; vCPU 0 runs, the others wait
-    /// for INIT/SIPI.
+    /// for INIT/SIPI. `x2apic` (xhyve's `-x`) starts every LAPIC in x2APIC mode.
     pub fn new(
         vcpus: u8,
+        x2apic: bool,
         clock: Arc<dyn Clock>,
         timer_waker: TimerWaker,
         control: Arc<Control>,
@@ -115,9 +147,15 @@ impl UserIrqChip {
                 let mut lapic = Lapic::new(LapicConfig {
                     apic_id: u32::from(id),
                     bootstrap: id == 0,
-                    x2apic_allowed: false,
+                    x2apic_allowed: x2apic,
                     tsc_hz: NOMINAL_TSC_HZ,
                 });
+                if x2apic {
+                    let base = lapic.apic_base() | APIC_BASE_X2APIC;
+                    if let Err(e) = lapic.wrmsr(MSR_APIC_BASE, base, 0) {
+                        log::warn!("LAPIC {id} stays in xAPIC mode: {e}");
+                    }
+                }
                 lapic.set_virtual_wire();
                 CpuState {
                     lapic,
@@ -176,9 +214,16 @@ impl UserIrqChip {
         let current = CURRENT_VCPU.with(Cell::get);
         for cpu in set.iter() {
             if Some(cpu) == current {
+                self.note_attention(cpu);
                 continue;
             }
             self.wake_cpu(cpu);
+        }
+    }
+
+    fn note_attention(&self, cpu: usize) {
+        if let Some(wake) = self.wakes.get(cpu) {
+            wake.attention.store(true, Ordering::Release);
         }
     }
 
@@ -186,6 +231,8 @@ impl UserIrqChip {
         let Some(wake) = self.wakes.get(cpu) else {
             return;
         };
+        // Before the kick: the kicked vCPU must see it on its way back in.
+        wake.attention.store(true, Ordering::Release);
         *lock(&wake.generation) += 1;
         wake.changed.notify_all();
         if let Some(kicker) = wake.kicker.get() {
@@ -194,6 +241,61 @@ impl UserIrqChip {
     }
 
     // ---- the vCPU thread ----
+
+    /// Tells vCPU `id`'s LAPIC the guest TSC's rate and its value now, for TSC-deadline.
+    pub fn set_guest_tsc(&self, id: u8, tsc_hz: u64, tsc_now: u64) {
+        let now = self.clock.now_ns();
+        if let Some(cpu) = lock(&self.state).cpus.get_mut(usize::from(id)) {
+            cpu.lapic.set_tsc_rate(tsc_hz);
+            cpu.lapic.set_tsc_reference(tsc_now, now);
+        }
+    }
+
+    /// RDMSR of a LAPIC MSR (`Lapic::handles_msr`) on vCPU `id`; `None` raises #GP.
+    pub fn msr_read(&self, id: u8, msr: u32) -> Option<u64> {
+        let now = self.clock.now_ns();
+        let state = lock(&self.state);
+        let cpu = state.cpus.get(usize::from(id))?;
+        cpu.lapic
+            .rdmsr(msr, now)
+            .map_err(|e| log::trace!("vCPU {id} RDMSR {msr:#x}: {e}"))
+            .ok()
+    }
+
+    /// WRMSR of a LAPIC MSR on vCPU `id`, routed as an MMIO write is; `false` raises #GP.
+    pub fn msr_write(&self, id: u8, msr: u32, value: u64) -> bool {
+        let index = usize::from(id);
+        let now = self.clock.now_ns();
+        let mut kicks = CpuSet::EMPTY;
+        {
+            let mut state = lock(&self.state);
+            let ChipState {
+                ioapic,
+                router,
+                cpus,
+                ..
+            } = &mut *state;
+            let Some(cpu) = cpus.get_mut(index) else {
+                return false;
+            };
+            match cpu.lapic.wrmsr(msr, value, now) {
+                Ok(event) => apply_lapic_event(event, index, ioapic, router, cpus, &mut kicks),
+                Err(e) => {
+                    log::trace!("vCPU {id} WRMSR {msr:#x} <- {value:#x}: {e}");
+                    return false;
+                }
+            }
+            if has_work(&state, index) {
+                kicks.insert(index);
+            }
+        }
+        let register = u64::from(msr.wrapping_sub(MSR_X2APIC_FIRST)) << 4;
+        if msr == MSR_TSC_DEADLINE || msr == MSR_APIC_BASE || TIMER_REGISTERS.contains(&register) {
+            self.timer_waker.wake();
+        }
+        self.wake_cpus(kicks);
+        true
+    }
 
     /// The guest read vCPU `id`'s LAPIC page.
     pub fn lapic_read(&self, id: u8, addr: u64, data: &mut [u8]) {
@@ -222,16 +324,12 @@ impl UserIrqChip {
             let Some(cpu) = cpus.get_mut(index) else {
                 return;
             };
-            match cpu.lapic.mmio_write(offset, data, now) {
-                LapicEvent::None => {}
-                LapicEvent::Ipi(request) => {
-                    deliver(cpus, router, &request, Some(index), &mut kicks);
-                }
-                LapicEvent::EoiBroadcast(vector) => {
-                    ioapic.end_of_interrupt(vector, &mut |request: InterruptRequest| {
-                        deliver(cpus, router, &request, None, &mut kicks)
-                    });
-                }
+            let event = cpu.lapic.mmio_write(offset, data, now);
+            apply_lapic_event(event, index, ioapic, router, cpus, &mut kicks);
+            // An EOI, a lower TPR or LINT0 opened to the PIC can uncover an interrupt that
+            // was already waiting here.
+            if has_work(&state, index) {
+                kicks.insert(index);
             }
         }
         if TIMER_REGISTERS.contains(&offset) {
@@ -243,38 +341,24 @@ impl UserIrqChip {
     /// Decides what vCPU `id` takes on its next entry; `ready` is whether the guest can
     /// take an external interrupt now. Acknowledges what it returns.
     pub fn next_entry(&self, id: u8, ready: bool) -> Entry {
-        let index = usize::from(id);
-        let mut state = lock(&self.state);
-        let ChipState { pic, cpus, .. } = &mut *state;
-        let Some(cpu) = cpus.get_mut(index) else {
-            return Entry {
-                nmi: false,
-                vector: None,
-                window: false,
-            };
-        };
-        let nmi = std::mem::take(&mut cpu.nmi_pending);
-        let pic_wired = index == PIC_CPU && cpu.lapic.accepts_pic_interrupts();
-        let mut vector = None;
-        if ready {
-            vector = if pic_wired && pic.intr_asserted() {
-                Some(pic.intack())
-            } else {
-                cpu.lapic.acknowledge()
-            };
-        }
-        let window = (pic_wired && pic.intr_asserted()) || cpu.lapic.pending_vector().is_some();
-        Entry {
-            nmi,
-            vector,
-            window,
-        }
+        next_entry_locked(&mut lock(&self.state), usize::from(id), ready)
     }
 
-    /// Injects what `next_entry` decides and opens an interrupt window for the rest.
-    pub fn prepare_entry(&self, vcpu: &mut dyn Vcpu) -> Result<(), HvError> {
+    /// Injects what `next_entry` decides and opens an interrupt window for the rest, or says
+    /// the vCPU must start through INIT/SIPI first. Takes no lock when nothing changed for
+    /// this vCPU since its last entry.
+    pub fn prepare_entry(&self, vcpu: &mut dyn Vcpu) -> Result<EntryStep, HvError> {
+        let id = vcpu.id();
+        let Some(wake) = self.wakes.get(usize::from(id)) else {
+            return Ok(EntryStep::Run);
+        };
+        if !wake.attention.load(Ordering::Acquire) {
+            return Ok(EntryStep::Run);
+        }
         let ready = vcpu.ready_for_interrupt();
-        let entry = self.next_entry(vcpu.id(), ready);
+        let Some(entry) = self.entry_decision(id, ready) else {
+            return Ok(EntryStep::Startup);
+        };
         if entry.nmi {
             vcpu.inject_nmi()?;
         }
@@ -282,7 +366,25 @@ impl UserIrqChip {
             vcpu.inject_interrupt(vector)?;
         }
         vcpu.request_interrupt_window(entry.window);
-        Ok(())
+        Ok(EntryStep::Run)
+    }
+
+    /// `next_entry` unless the vCPU needs INIT/SIPI first (`None`), under one lock; clears the
+    /// vCPU's attention when nothing is left for it.
+    fn entry_decision(&self, id: u8, ready: bool) -> Option<Entry> {
+        let index = usize::from(id);
+        let mut state = lock(&self.state);
+        let cpu = state.cpus.get(index)?;
+        if cpu.init_pending || cpu.start_vector.is_some() || cpu.run == CpuRun::WaitingForSipi {
+            return None;
+        }
+        let entry = next_entry_locked(&mut state, index, ready);
+        if !entry.window {
+            if let Some(wake) = self.wakes.get(index) {
+                wake.attention.store(false, Ordering::Release);
+            }
+        }
+        Some(entry)
     }
 
     /// Whether vCPU `id` must (re)start through INIT/SIPI before it may run.
@@ -518,6 +620,61 @@ impl UserIrqChip {
     }
 }
 
+fn next_entry_locked(state: &mut ChipState, index: usize, ready: bool) -> Entry {
+    let ChipState { pic, cpus, .. } = state;
+    let Some(cpu) = cpus.get_mut(index) else {
+        return Entry {
+            nmi: false,
+            vector: None,
+            window: false,
+        };
+    };
+    let nmi = std::mem::take(&mut cpu.nmi_pending);
+    let pic_wired = index == PIC_CPU && cpu.lapic.accepts_pic_interrupts();
+    let mut vector = None;
+    if ready {
+        vector = if pic_wired && pic.intr_asserted() {
+            Some(pic.intack())
+        } else {
+            cpu.lapic.acknowledge()
+        };
+    }
+    let window = (pic_wired && pic.intr_asserted()) || cpu.lapic.pending_vector().is_some();
+    Entry {
+        nmi,
+        vector,
+        window,
+    }
+}
+
+/// Whether vCPU `index` has an interrupt it could take.
+fn has_work(state: &ChipState, index: usize) -> bool {
+    state.cpus.get(index).is_some_and(|cpu| {
+        cpu.lapic.pending_vector().is_some()
+            || (index == PIC_CPU && cpu.lapic.accepts_pic_interrupts() && state.pic.intr_asserted())
+    })
+}
+
+/// Routes what a LAPIC write of vCPU `index` sends: an IPI, or an EOI to the IOAPIC.
+fn apply_lapic_event(
+    event: LapicEvent,
+    index: usize,
+    ioapic: &mut IoApic,
+    router: &mut Router,
+    cpus: &mut [CpuState],
+    kicks: &mut CpuSet,
+) {
+    match event {
+        LapicEvent::None => {}
+        LapicEvent::Ipi(request) => deliver(cpus, router, &request, Some(index), kicks),
+        LapicEvent::EoiBroadcast(vector) => {
+            ioapic.end_of_interrupt(vector, &mut |request: InterruptRequest| {
+                deliver(cpus, router, &request, None, kicks)
+            });
+        }
+    }
+}
+
 /// Marks the PIC's CPU for a wake-up when the 8259 is asking for service.
 fn note_pic(state: &ChipState, kicks: &mut CpuSet) {
     if state.pic.intr_asserted()
@@ -716,7 +873,13 @@ mod tests {
         let clock = Arc::new(ManualClock::new(0));
         let service = TimerService::new(clock.clone());
         let (control, _woken) = Control::new(vcpus);
-        let chip = UserIrqChip::new(vcpus, clock.clone(), service.waker(), control.clone());
+        let chip = UserIrqChip::new(
+            vcpus,
+            false,
+            clock.clone(),
+            service.waker(),
+            control.clone(),
+        );
         (chip, clock, control)
     }
 
@@ -867,6 +1030,77 @@ mod tests {
         timers.tick(10_000);
         assert_eq!(chip.next_entry(0, true).vector, Some(0x40));
         assert_eq!(timers.next_deadline_ns(), None);
+    }
+
+    fn attention(chip: &UserIrqChip, id: usize) -> bool {
+        chip.wakes[id].attention.load(Ordering::Acquire)
+    }
+
+    #[test]
+    fn a_quiet_vcpu_enters_without_the_lock_until_something_arrives() {
+        let (chip, _clock, _control) = chip(2);
+        route_pin(&chip, 4, 0x34, false);
+        assert_eq!(chip.entry_decision(1, true), None, "vCPU 1 waits for SIPI");
+        assert!(attention(&chip, 1), "and keeps looking until it starts");
+        assert!(chip.entry_decision(0, true).is_some());
+        assert!(
+            !attention(&chip, 0),
+            "nothing pending: the next entry skips the lock"
+        );
+
+        chip.set_gsi(4, true);
+        assert!(attention(&chip, 0), "an interrupt from another thread");
+        let entry = chip.entry_decision(0, true).unwrap();
+        assert_eq!(entry.vector, Some(0x34));
+        assert!(!attention(&chip, 0));
+
+        lapic_write32(&chip, 0, 0xB0, 0); // EOI 0x34
+        assert!(!attention(&chip, 0), "an EOI that uncovers nothing");
+        // 0x50 in service holds 0x44 back; the vCPU's own EOI uncovers it.
+        chip.send_msi(0xFEE0_0000, 0x50);
+        chip.send_msi(0xFEE0_0000, 0x44);
+        let entry = chip.entry_decision(0, true).unwrap();
+        assert_eq!((entry.vector, entry.window), (Some(0x50), false));
+        assert!(!attention(&chip, 0));
+        CURRENT_VCPU.with(|c| c.set(Some(0)));
+        lapic_write32(&chip, 0, 0xB0, 0); // EOI 0x50, on vCPU 0's own thread
+        CURRENT_VCPU.with(|c| c.set(None));
+        assert!(attention(&chip, 0), "the EOI uncovered 0x44");
+        assert_eq!(chip.entry_decision(0, true).unwrap().vector, Some(0x44));
+    }
+
+    #[test]
+    fn x2apic_msrs_and_the_tsc_deadline_timer_reach_the_model() {
+        let clock = Arc::new(ManualClock::new(0));
+        let service = TimerService::new(clock.clone());
+        let (control, _woken) = Control::new(2);
+        let chip = UserIrqChip::new(2, true, clock.clone(), service.waker(), control);
+        assert_eq!(chip.msr_read(1, 0x802), Some(1), "x2APIC ID");
+        assert_eq!(chip.msr_read(0, 0x803).map(|v| v & 0xFF), Some(0x14));
+        assert_ne!(
+            chip.msr_read(0, MSR_APIC_BASE).unwrap() & APIC_BASE_X2APIC,
+            0
+        );
+        assert!(!chip.msr_write(0, 0x802, 5), "the ID is read-only: #GP");
+
+        chip.set_guest_tsc(0, 2_000_000_000, 1_000); // 2 GHz, TSC 1000 at time 0
+        assert!(chip.msr_write(0, 0x80F, 0x1FF));
+        assert!(chip.msr_write(0, 0x832, (2 << 17) | 0x61)); // TSC-deadline mode
+        assert!(chip.msr_write(0, MSR_TSC_DEADLINE, 1_000 + 20_000)); // 10 us ahead
+        let mut timers = LapicTimers(chip.clone());
+        assert_eq!(timers.next_deadline_ns(), Some(10_000));
+        clock.set(10_000);
+        timers.tick(10_000);
+        let irr = chip.msr_read(0, 0x820 + 0x61 / 32).unwrap();
+        assert_ne!(irr & (1 << (0x61 % 32)), 0, "vector 0x61 pending in IRR");
+
+        let (xapic, _clock, _control) = super::tests::chip(1);
+        assert_eq!(
+            xapic.msr_read(0, 0x802),
+            None,
+            "no x2APIC MSRs in xAPIC mode"
+        );
+        assert!(!xapic.msr_write(0, MSR_APIC_BASE, 0xFEE0_0000 | (3 << 10)));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use super::control::Control;
 use super::diagnostics;
 use super::exit::StopReason;
 use super::memory::GuestMemory;
-use super::user_irqchip::UserIrqChip;
+use super::user_irqchip::{EntryStep, UserIrqChip};
 use crate::devices::bus::Bus;
 use crate::devices::power::PowerEvent;
 use crate::hv::regs::{SegmentRegister, RFLAGS_IF};
@@ -48,7 +48,14 @@ pub fn run(mut vcpu: Box<dyn Vcpu>, ctx: Arc<VcpuContext>) {
     match vcpu.kicker() {
         Ok(kicker) => {
             let kicker = match &ctx.user_irqchip {
-                Some(chip) => chip.attach_vcpu(id, kicker),
+                Some(chip) => {
+                    // TSC-deadline counts in guest TSC ticks; the model needs their rate.
+                    match vcpu.guest_tsc() {
+                        Ok((hz, now)) => chip.set_guest_tsc(id, hz, now),
+                        Err(e) => log::debug!("vCPU {id}: TSC-deadline uses a nominal rate: {e}"),
+                    }
+                    chip.attach_vcpu(id, kicker)
+                }
                 None => kicker,
             };
             ctx.control.register_kicker(id, kicker)
@@ -78,7 +85,13 @@ fn prepare_user_entry(
     chip: &UserIrqChip,
     ctx: &VcpuContext,
 ) -> Result<(), StopReason> {
-    if chip.needs_startup(vcpu.id()) {
+    loop {
+        let step = chip
+            .prepare_entry(vcpu)
+            .map_err(|e| fatal(vcpu, ctx, &format!("cannot inject an interrupt: {e}")))?;
+        if step == EntryStep::Run {
+            return Ok(());
+        }
         let Some(vector) = chip.wait_for_startup(vcpu.id()) else {
             return Ok(());
         };
@@ -90,8 +103,6 @@ fn prepare_user_entry(
             )
         })?;
     }
-    chip.prepare_entry(vcpu)
-        .map_err(|e| fatal(vcpu, ctx, &format!("cannot inject an interrupt: {e}")))
 }
 
 /// The state a SIPI leaves: real mode at CS = vector << 8 (base vector << 12), IP 0.
@@ -160,18 +171,27 @@ fn run_once(vcpu: &mut dyn Vcpu, ctx: &VcpuContext) -> Result<(), StopReason> {
                 log::trace!("unhandled MMIO write at {addr:#x}");
             }
         }
-        Ok(VmExit::MsrRead { value, fault, .. }) => {
-            if ctx.ignore_unknown_msrs {
-                *value = 0;
-            } else {
-                *fault = 1;
-            }
-        }
-        Ok(VmExit::MsrWrite { fault, .. }) => {
-            if !ctx.ignore_unknown_msrs {
-                *fault = 1;
-            }
-        }
+        Ok(VmExit::MsrRead {
+            index,
+            value,
+            fault,
+        }) => match lapic_msr_chip(ctx, index) {
+            Some(chip) => match chip.msr_read(vcpu_id, index) {
+                Some(read) => *value = read,
+                None => *fault = 1,
+            },
+            None if ctx.ignore_unknown_msrs => *value = 0,
+            None => *fault = 1,
+        },
+        Ok(VmExit::MsrWrite {
+            index,
+            value,
+            fault,
+        }) => match lapic_msr_chip(ctx, index) {
+            Some(chip) => *fault = u8::from(!chip.msr_write(vcpu_id, index, value)),
+            None if ctx.ignore_unknown_msrs => {}
+            None => *fault = 1,
+        },
         Ok(VmExit::Interrupted) => {
             vcpu.clear_kick();
             if ctx.user_irqchip.is_none() {
@@ -250,6 +270,13 @@ fn run_once(vcpu: &mut dyn Vcpu, ctx: &VcpuContext) -> Result<(), StopReason> {
         }
         None => Ok(()),
     }
+}
+
+/// The user irqchip when `msr` is one of its LAPIC's.
+fn lapic_msr_chip(ctx: &VcpuContext, msr: u32) -> Option<&UserIrqChip> {
+    ctx.user_irqchip
+        .as_deref()
+        .filter(|_| crate::intc::lapic::Lapic::handles_msr(msr))
 }
 
 fn answer_halt_poll(vcpu: &mut dyn Vcpu, ctx: &VcpuContext) {

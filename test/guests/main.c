@@ -214,6 +214,7 @@ static const struct {
     { "lm-level", test_lm_level },
     { "lm-ipi", test_lm_ipi },
     { "blkbench", test_blkbench },
+    { "x2apic", test_x2apic },
 };
 
 void main(u32 magic, const struct mb_info *mbi)

@@ -120,6 +120,9 @@ struct DoorbellService {
     me: Weak<Mutex<dyn PciDevice>>,
     /// The legacy I/O and modern memory BAR bases the registrations were made for.
     bases: Option<(Option<u64>, Option<u64>)>,
+    /// Which queues were ready when the registrations were made: a queue the driver enables
+    /// after DRIVER_OK (legacy drivers may) needs its own.
+    ready: Vec<bool>,
     registered: Vec<DoorbellId>,
 }
 
@@ -371,13 +374,23 @@ impl<D: VirtioDevice> VirtioPci<D> {
             }
             (io, memory)
         });
-        if wanted == doorbells.bases {
+        let same_queues = doorbells.ready.len() == self.queues.len()
+            && doorbells
+                .ready
+                .iter()
+                .zip(&self.queues)
+                .all(|(was, queue)| *was == queue.ready());
+        if wanted == doorbells.bases && (wanted.is_none() || same_queues) {
             return;
         }
         for id in doorbells.registered.drain(..) {
             doorbells.service.unregister(id);
         }
         doorbells.bases = wanted;
+        doorbells.ready.clear();
+        doorbells
+            .ready
+            .extend(self.queues.iter().map(|queue| queue.ready()));
         let Some((io, memory)) = wanted else {
             return;
         };
@@ -514,7 +527,10 @@ impl<D: VirtioDevice> VirtioPci<D> {
                 self.driver_features = u64::from(value) & self.offered_features();
                 self.apply_features();
             }
-            (legacy::QUEUE_PFN, 4) => self.legacy_set_pfn(value),
+            (legacy::QUEUE_PFN, 4) => {
+                self.legacy_set_pfn(value);
+                self.sync_doorbells();
+            }
             (legacy::QUEUE_SELECT, 2) => self.queue_select = value as u16,
             (legacy::QUEUE_NOTIFY, 2) => self.notify_queue_on_exit(value as u16),
             (legacy::STATUS, 1) => self.set_status(value as u8),
@@ -636,6 +652,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
                 if let Some(q) = self.selected_queue() {
                     q.set_ready(true);
                 }
+                self.sync_doorbells();
             }
             (0x20..=0x34, 4) if configurable => {
                 let Some(q) = self.selected_queue() else {
@@ -765,6 +782,7 @@ impl<D: VirtioDevice> PciDevice for VirtioPci<D> {
             service,
             me,
             bases: None,
+            ready: Vec::new(),
             registered: Vec::new(),
         });
         self.sync_doorbells();
@@ -969,6 +987,33 @@ mod tests {
 
         r.mem_w(0x14, 0, 1);
         assert!(service.active().is_empty(), "a reset drops every doorbell");
+    }
+
+    #[test]
+    fn a_queue_enabled_after_driver_ok_gets_its_doorbell() {
+        let mut r = rig(false);
+        let service = Arc::new(RecordingDoorbells::default());
+        r.dev.config_space_mut().set_bar_address(LEGACY_BAR, 0xC000);
+        r.dev
+            .attach_doorbells(service.clone(), Weak::<Mutex<VirtioPci<VirtioRnd>>>::new());
+        r.dev
+            .write_config(0x04, &crate::devices::pci::COMMAND_IO_SPACE.to_le_bytes());
+        r.io_w(0x12, u32::from(STATUS_DRIVER_OK | 3), 1);
+        assert!(service.active().is_empty(), "no queue is ready yet");
+
+        r.io_w(0x0E, 0, 2);
+        r.io_w(0x08, 0x4, 4); // legacy drivers may set a queue up while running
+        let port = Doorbell::Port16 {
+            port: 0xC010,
+            value: 0,
+        };
+        assert_eq!(service.active(), vec![(port, 0)]);
+
+        r.io_w(0x08, 0, 4);
+        assert!(
+            service.active().is_empty(),
+            "a queue torn down loses its doorbell"
+        );
     }
 
     #[test]
