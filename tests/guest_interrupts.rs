@@ -273,26 +273,15 @@ guest_test!(
     }
 );
 
-/// The PIT through IOAPIC pin 2, where the MADT's interrupt source override (ISA IRQ 0 ->
-/// GSI 2) and the MP table put it. Our irqchip does this.
-#[test]
-fn pit_interrupts_through_ioapic_pin_2_reach_a_ring3_waiting_long_mode_guest_user_irqchip() {
-    if common::kvm_usable() {
-        long_mode_timer(IrqChip::User, "lm-pit", "lm-pit", 50, LM_PIT_US);
+// The PIT through IOAPIC pin 2, where the MADT's interrupt source override (ISA IRQ 0 ->
+// GSI 2) and the MP table put it. KVM's in-kernel PIT raises GSI 0, which our GSI routing
+// table sends to pin 2 (KVM's default table would send it to pin 0).
+guest_test!(
+    pit_interrupts_through_ioapic_pin_2_reach_a_ring3_waiting_long_mode_guest,
+    |mode| {
+        long_mode_timer(mode, "lm-pit", "lm-pit", 50, LM_PIT_US);
     }
-}
-
-/// KVM's in-kernel PIT raises GSI 0, and without a GSI routing table KVM's default routing
-/// sends GSI 0 to IOAPIC pin 0 (measured: `lm-pit pin0` gets its 50 ticks in kernel mode, pin
-/// 2 none), so a guest that follows the MADT gets no timer. Needs KVM_SET_GSI_ROUTING with
-/// GSI 0 -> IOAPIC pin 2 in src/hv/kvm.
-#[test]
-#[ignore = "kernel irqchip: the in-kernel PIT lands on IOAPIC pin 0, the MADT says pin 2"]
-fn pit_interrupts_through_ioapic_pin_2_reach_a_ring3_waiting_long_mode_guest_kernel_irqchip() {
-    if common::kvm_usable() {
-        long_mode_timer(IrqChip::Kernel, "lm-pit", "lm-pit", 50, LM_PIT_US);
-    }
-}
+);
 
 guest_test!(
     rtc_periodic_interrupts_reach_a_ring3_waiting_long_mode_guest,

@@ -90,7 +90,7 @@ static void report_rate(const char *name, u32 vector, u32 periods)
 
 /* lm-pit: IOAPIC pin 2, as the MADT's override of ISA IRQ 0 says. lm-pit pic: the 8259's
  * IRQ 0 (vector 0x20) through LINT0 as ExtINT; EOI to the 8259, the LAPIC has nothing in
- * service. lm-pit pin0: pin 0 (where KVM's in-kernel PIT lands without GSI routing). */
+ * service. lm-pit pin0: pin 0 (where KVM's default GSI routing, which we replace, puts its PIT). */
 void test_lm_pit(const struct mb_info *mbi)
 {
     (void)mbi;

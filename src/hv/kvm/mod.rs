@@ -148,12 +148,17 @@ impl Kvm {
             fd.enable_cap(&cap)
                 .map_err(ioctl_err("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
         }
-        Ok(KvmVm {
+        let vm = KvmVm {
             fd,
             irqchip: options.irqchip,
             lapic_msr_exits,
             routes: Mutex::new(GsiRoutes::default()),
-        })
+        };
+        if options.irqchip == IrqChipMode::Kernel {
+            // KVM's default table puts the in-kernel PIT on IOAPIC pin 0; ours follows the MADT.
+            vm.install_routes(&GsiRoutes::default())?;
+        }
+        Ok(vm)
     }
 }
 
@@ -837,6 +842,7 @@ mod tests {
                 vcpus: 1,
                 irqchip: IrqChipMode::Kernel,
                 user_msr_exits: false,
+                pause_exits: false,
             })
             .unwrap();
         let vcpu = vm.fd.create_vcpu(0).unwrap();

@@ -1,6 +1,10 @@
 //! KVM's GSI routing table (KVM_SET_GSI_ROUTING), which replaces the kernel's default table as
-//! a whole: it keeps the default's IOAPIC and PIC routes and adds one route per MSI message
-//! that an irqfd raises.
+//! a whole: the IOAPIC and PIC routes our MADT and MP table describe, plus one route per MSI
+//! message that an irqfd raises.
+//!
+//! KVM's default table sends GSI 0 (the in-kernel PIT) to IOAPIC pin 0, but our tables declare
+//! the ISA override IRQ 0 -> GSI 2, as PCs do. A guest that follows them (Linux does) would get
+//! no timer, so GSI 0 goes to pin 2 here, and pin 2's own GSI (the PIC cascade) to nothing.
 
 use kvm_bindings::{
     kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
@@ -11,6 +15,10 @@ use kvm_bindings::{
 pub const IOAPIC_PINS: u32 = 24;
 /// GSIs below this also drive a PIC line (ISA IRQs).
 const PIC_LINES: u32 = 16;
+/// ISA IRQ 0, the PIT, which the MADT overrides to IOAPIC pin 2.
+const TIMER_IRQ: u32 = 0;
+/// The master PIC's cascade input, and the IOAPIC pin the timer takes.
+const CASCADE_GSI: u32 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct MsiRoute {
@@ -61,15 +69,21 @@ impl GsiRoutes {
     }
 
     fn len(&self) -> usize {
-        (IOAPIC_PINS + PIC_LINES) as usize + self.msi.len()
+        // Every GSI below 24 but the cascade to the IOAPIC, below 16 but the cascade to a PIC.
+        (IOAPIC_PINS - 1 + PIC_LINES - 1) as usize + self.msi.len()
     }
 
-    /// The entries, as the kernel's default table has them (every GSI below 24 to its IOAPIC
-    /// pin, below 16 also to the PIC) followed by the MSI routes.
+    /// The entries: every GSI below 24 to its IOAPIC pin, below 16 also to the PIC, except
+    /// that GSI 0 reaches IOAPIC pin 2 (the MADT's override) and GSI 2, the cascade, nothing;
+    /// then the MSI routes.
     pub fn entries(&self) -> Vec<kvm_irq_routing_entry> {
         let mut entries = Vec::with_capacity(self.len());
         for gsi in 0..IOAPIC_PINS {
-            entries.push(irqchip_entry(gsi, KVM_IRQCHIP_IOAPIC, gsi));
+            if gsi == CASCADE_GSI {
+                continue;
+            }
+            let pin = if gsi == TIMER_IRQ { CASCADE_GSI } else { gsi };
+            entries.push(irqchip_entry(gsi, KVM_IRQCHIP_IOAPIC, pin));
             if gsi < PIC_LINES {
                 let chip = if gsi < 8 {
                     KVM_IRQCHIP_PIC_MASTER
@@ -134,16 +148,24 @@ mod tests {
     }
 
     #[test]
-    fn the_default_routes_match_the_kernels() {
+    fn the_default_routes_follow_the_madt() {
         let table = summary(&GsiRoutes::default());
-        assert_eq!(table.len(), 40);
+        assert_eq!(table.len(), 38);
         let gsi = |n: u32| -> Vec<_> { table.iter().filter(|e| e.0 == n).copied().collect() };
         let irqchip = KVM_IRQ_ROUTING_IRQCHIP;
         assert_eq!(
-            gsi(2),
+            gsi(0),
             vec![
-                (2, irqchip, KVM_IRQCHIP_IOAPIC, 2),
-                (2, irqchip, KVM_IRQCHIP_PIC_MASTER, 2)
+                (0, irqchip, KVM_IRQCHIP_IOAPIC, 2),
+                (0, irqchip, KVM_IRQCHIP_PIC_MASTER, 0)
+            ]
+        );
+        assert_eq!(gsi(2), vec![]);
+        assert_eq!(
+            gsi(4),
+            vec![
+                (4, irqchip, KVM_IRQCHIP_IOAPIC, 4),
+                (4, irqchip, KVM_IRQCHIP_PIC_MASTER, 4)
             ]
         );
         assert_eq!(
@@ -165,7 +187,7 @@ mod tests {
         assert_eq!(routes.retarget_msi(3, 0, 0), Err(RoutingError::NotMsi(3)));
         let table = summary(&routes);
         assert_eq!(
-            &table[40..],
+            &table[38..],
             &[
                 (24, KVM_IRQ_ROUTING_MSI, 0xFEE0_2000, 0x51),
                 (25, KVM_IRQ_ROUTING_MSI, 0xFEE0_1000, 0x42)
@@ -173,6 +195,6 @@ mod tests {
         );
         routes.remove_last_msi();
         assert_eq!(routes.add_msi(0xFEE0_0000, 0x43), Ok(25));
-        assert_eq!(routes.to_kvm().unwrap().as_slice().len(), 42);
+        assert_eq!(routes.to_kvm().unwrap().as_slice().len(), 40);
     }
 }
