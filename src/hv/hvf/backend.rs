@@ -14,7 +14,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, RwLock};
 
 use super::ffi::*;
 use super::host_cpuid;
@@ -67,7 +67,7 @@ impl Hypervisor for Hvf {
         // SAFETY: no pointers; one VM per process, destroyed in HvfVm's Drop.
         check("hv_vm_create", unsafe { hv_vm_create(HV_VM_DEFAULT) })?;
         Ok(Arc::new(HvfVm {
-            ram: Arc::new(RwLock::new(RegionTable::new())),
+            ram: Arc::new(RwLock::new(Arc::new(RegionTable::new()))),
             ignore_unknown_msrs: options.user_msr_exits,
             pause_exits: options.pause_exits,
         }))
@@ -78,10 +78,14 @@ impl Hypervisor for Hvf {
     }
 }
 
-type SharedRam = Arc<RwLock<RegionTable>>;
+/// Copy-on-write: a vCPU takes a snapshot for one `run()` and holds no lock while the guest
+/// runs; `map_memory` (at setup) publishes a new table.
+type SharedRam = Arc<RwLock<Arc<RegionTable>>>;
 
-fn read_ram(ram: &SharedRam) -> RwLockReadGuard<'_, RegionTable> {
-    ram.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+fn read_ram(ram: &SharedRam) -> Arc<RegionTable> {
+    ram.read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone()
 }
 
 /// The process's VM (the framework allows one).
@@ -120,14 +124,19 @@ impl Vm for HvfVm {
                     HV_MEMORY_READ | HV_MEMORY_WRITE | HV_MEMORY_EXEC,
                 ),
             )?;
-            self.ram
+            let mut shared = self
+                .ram
                 .write()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut table = RegionTable::clone(&shared);
+            table
                 .insert(guest_addr, size, host_addr)
                 .map_err(|e| HvError::Ioctl {
                     what: "hv_vm_map",
                     source: io::Error::other(e.to_string()),
-                })
+                })?;
+            *shared = Arc::new(table);
+            Ok(())
         }
     }
 

@@ -19,7 +19,7 @@ pub enum RamError {
 }
 
 /// The mapped regions, sorted by guest address, never overlapping.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct RegionTable {
     regions: Vec<Region>,
 }
