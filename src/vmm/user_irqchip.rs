@@ -264,37 +264,15 @@ impl UserIrqChip {
 
     /// WRMSR of a LAPIC MSR on vCPU `id`, routed as an MMIO write is; `false` raises #GP.
     pub fn msr_write(&self, id: u8, msr: u32, value: u64) -> bool {
-        let index = usize::from(id);
-        let now = self.clock.now_ns();
-        let mut kicks = CpuSet::EMPTY;
-        {
-            let mut state = lock(&self.state);
-            let ChipState {
-                ioapic,
-                router,
-                cpus,
-                ..
-            } = &mut *state;
-            let Some(cpu) = cpus.get_mut(index) else {
-                return false;
-            };
-            match cpu.lapic.wrmsr(msr, value, now) {
-                Ok(event) => apply_lapic_event(event, index, ioapic, router, cpus, &mut kicks),
-                Err(e) => {
-                    log::trace!("vCPU {id} WRMSR {msr:#x} <- {value:#x}: {e}");
-                    return false;
-                }
-            }
-            if has_work(&state, index) {
-                kicks.insert(index);
-            }
-        }
         let register = u64::from(msr.wrapping_sub(MSR_X2APIC_FIRST)) << 4;
-        if msr == MSR_TSC_DEADLINE || msr == MSR_APIC_BASE || TIMER_REGISTERS.contains(&register) {
-            self.timer_waker.wake();
-        }
-        self.wake_cpus(kicks);
-        true
+        let timer =
+            msr == MSR_TSC_DEADLINE || msr == MSR_APIC_BASE || TIMER_REGISTERS.contains(&register);
+        self.write_lapic(id, timer, |lapic, now| {
+            lapic
+                .wrmsr(msr, value, now)
+                .map_err(|e| log::trace!("vCPU {id} WRMSR {msr:#x} <- {value:#x}: {e}"))
+                .ok()
+        })
     }
 
     /// The guest read vCPU `id`'s LAPIC page.
@@ -310,6 +288,21 @@ impl UserIrqChip {
     /// The guest wrote vCPU `id`'s LAPIC page: EOIs reach the IOAPIC, IPIs their targets.
     pub fn lapic_write(&self, id: u8, addr: u64, data: &[u8]) {
         let offset = addr - LAPIC_BASE;
+        let timer = TIMER_REGISTERS.contains(&offset);
+        self.write_lapic(id, timer, |lapic, now| {
+            Some(lapic.mmio_write(offset, data, now))
+        });
+    }
+
+    /// One write to vCPU `id`'s LAPIC (page or MSR) by `write`, which returns the event to
+    /// route or `None` to refuse it; `timer` says the write may have re-armed its timer.
+    /// Returns whether the write was taken.
+    fn write_lapic(
+        &self,
+        id: u8,
+        timer: bool,
+        write: impl FnOnce(&mut Lapic, u64) -> Option<LapicEvent>,
+    ) -> bool {
         let index = usize::from(id);
         let now = self.clock.now_ns();
         let mut kicks = CpuSet::EMPTY;
@@ -322,9 +315,11 @@ impl UserIrqChip {
                 ..
             } = &mut *state;
             let Some(cpu) = cpus.get_mut(index) else {
-                return;
+                return false;
             };
-            let event = cpu.lapic.mmio_write(offset, data, now);
+            let Some(event) = write(&mut cpu.lapic, now) else {
+                return false;
+            };
             apply_lapic_event(event, index, ioapic, router, cpus, &mut kicks);
             // An EOI, a lower TPR or LINT0 opened to the PIC can uncover an interrupt that
             // was already waiting here.
@@ -332,10 +327,11 @@ impl UserIrqChip {
                 kicks.insert(index);
             }
         }
-        if TIMER_REGISTERS.contains(&offset) {
+        if timer {
             self.timer_waker.wake();
         }
         self.wake_cpus(kicks);
+        true
     }
 
     /// Decides what vCPU `id` takes on its next entry; `ready` is whether the guest can
