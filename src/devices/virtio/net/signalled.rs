@@ -111,7 +111,7 @@ impl Drop for SignalledWorker {
 #[cfg(test)]
 mod tests {
     use std::collections::VecDeque;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use vm_memory::{Bytes, GuestAddress};
 
@@ -119,6 +119,7 @@ mod tests {
     use crate::devices::irq::test_util::RecordingLine;
     use crate::devices::pci::msix::tests::RecordingMsi;
     use crate::devices::pci::PciDevice;
+    use crate::devices::virtio::net::tests::wait_for;
     use crate::devices::virtio::pci::test_ring::Ring;
     use crate::devices::virtio::pci::{VirtioPciResources, MODERN_BAR};
     use crate::devices::virtio::{
@@ -155,17 +156,6 @@ mod tests {
 
     fn frame(marker: u8, len: usize) -> Vec<u8> {
         (0..len).map(|i| marker ^ i as u8).collect()
-    }
-
-    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-        let start = Instant::now();
-        while !done() {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "timed out: {what}"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
     }
 
     #[test]

@@ -1,4 +1,5 @@
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use vm_memory::GuestAddress;
 
@@ -235,12 +236,23 @@ fn with_a_waker_the_doorbell_only_wakes_and_service_queue_does_the_work() {
     assert_eq!(pci.device_mut().backend_mut().sent, vec![frame(9, 60)]);
 }
 
+/// Polls `done` for up to 10 s (the network threads move frames asynchronously).
+pub(in crate::devices::virtio::net) fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "timed out: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
 #[cfg(target_os = "linux")]
 mod thread {
     use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixDatagram;
     use std::sync::{Arc, Mutex};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use super::*;
     use crate::devices::bus::lock;
@@ -265,17 +277,6 @@ mod thread {
 
     fn w(dev: &Mutex<VirtioPci<VirtioNet<Datagrams>>>, offset: u64, value: u32, len: usize) {
         lock(dev).write_bar(MODERN_BAR, offset, &value.to_le_bytes()[..len]);
-    }
-
-    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-        let start = Instant::now();
-        while !done() {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "timed out: {what}"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
     }
 
     #[test]
