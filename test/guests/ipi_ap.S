@@ -8,6 +8,8 @@
  * sends EOI: without the EOI a second IPI of the same vector would stay
  * pending in the IRR, so several handler runs prove EOI works too. */
 
+#include "mode_switch.inc"
+
 #define IPI_AP_BASE 0x7000
 #define A(label) (IPI_AP_BASE + (label - ipi_ap_start))
 #define AP_STACK 0x7ff0
@@ -36,16 +38,12 @@ ipi_ap_start:
     movw %ax, %ss
     movw $AP_STACK, %sp
     lgdtl A(ap_gdt_descriptor)
-    movl %cr0, %eax
-    orl $1, %eax
-    movl %eax, %cr0
+    CR0_PE_ON
     ljmp $0x08, $A(ap_pm16)
 ap_pm16:
     movw $0x10, %ax
     movw %ax, %fs
-    movl %cr0, %eax
-    andl $~1, %eax
-    movl %eax, %cr0
+    CR0_PE_OFF
     ljmp $0, $A(ap_real)
 ap_real:
     xorw %ax, %ax

@@ -5,10 +5,10 @@
  * and filled by the BSP's ring3_init) and jumps to lm_ap_pm32, linked where the image is,
  * which calls lm_ap_main() on its own stack. */
 
+#include "mode_switch.inc"
+
 #define LM_AP_BASE 0x9000
 #define LOW(label) (LM_AP_BASE + (label - lm_ap_trampoline))
-#define SEL_CODE32 0x08
-#define SEL_DATA32 0x10
 
     .section .rodata
     .code16
@@ -18,9 +18,7 @@ lm_ap_trampoline:
     xorw %ax, %ax
     movw %ax, %ds
     lgdtl LOW(gdt_descriptor)
-    movl %cr0, %eax
-    orl $1, %eax
-    movl %eax, %cr0
+    CR0_PE_ON
     ljmpl $SEL_CODE32, $lm_ap_pm32
     .p2align 2
 gdt_descriptor:
@@ -31,12 +29,7 @@ lm_ap_trampoline_end:
     .text
     .code32
 lm_ap_pm32:
-    movw $SEL_DATA32, %ax
-    movw %ax, %ds
-    movw %ax, %es
-    movw %ax, %fs
-    movw %ax, %gs
-    movw %ax, %ss
+    LOAD_FLAT_DATA_SEGMENTS
     movl $lm_ap_stack_top, %esp
     call lm_ap_main
 1:  cli
