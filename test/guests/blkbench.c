@@ -19,6 +19,7 @@
  * into MB/s and IOPS. */
 #include "tests.h"
 #include "ring3.h"
+#include "virtio_common.h"
 
 /* longmode.S and ring3.c, beyond ring3.h */
 void ring3_run(void (*body)(void), u32 stack_pointer);
@@ -43,27 +44,12 @@ extern volatile u32 ring3_faulted, ring3_fault_vector, ring3_fault_rip;
 #define PM_EVERY_SPINS_RING0 0x10000u  /* emulated: ~0.1-0.5 s */
 #define PM_EVERY_SPINS_RING3 0x400000u /* native: a few ms */
 
-#define STATUS_ACK 1
-#define STATUS_DRIVER 2
-#define STATUS_DRIVER_OK 4
-#define DESC_F_NEXT 1
-#define DESC_F_WRITE 2
 #define AVAIL_F_NO_INTERRUPT 1
 #define USED_F_NO_NOTIFY 1
 #define T_IN 0
 #define T_OUT 1
 #define T_FLUSH 4
 #define F_FLUSH (1u << 9)
-
-/* Legacy virtio PCI I/O BAR registers. */
-#define VIO_HOST_FEATURES 0x00
-#define VIO_GUEST_FEATURES 0x04
-#define VIO_QUEUE_PFN 0x08
-#define VIO_QUEUE_NUM 0x0C
-#define VIO_QUEUE_SEL 0x0E
-#define VIO_QUEUE_NOTIFY 0x10
-#define VIO_STATUS 0x12
-#define VIO_CONFIG 0x14
 
 struct req_header {
     u32 type;
@@ -135,14 +121,6 @@ static u16 pm_timer_port(void)
     fail("blkbench: no FADT");
 }
 
-static u32 find_device(void)
-{
-    for (u32 slot = 0; slot < 32; slot++)
-        if (cfg_read32(slot, 0) == 0x10011AF4u)
-            return slot;
-    fail("blkbench: no virtio-blk 1af4:1001 on bus 0");
-}
-
 static int no_flush;
 
 /* Resets the device, accepts FLUSH alone (or nothing, with `noflush`), and places queue 0 at
@@ -151,12 +129,11 @@ static void legacy_start(u32 slot)
 {
     cfg_write16(slot, 0x04, 0x0005); /* I/O space, bus master */
     io = (u16)(cfg_read32(slot, 0x10) & ~3u);
-    outb(io + VIO_STATUS, 0);
-    outb(io + VIO_STATUS, STATUS_ACK | STATUS_DRIVER);
+    u32 offered = virtio_legacy_begin(io);
     /* FLUSH, as every real driver: QEMU turns its write cache off (a host flush after every
      * write) for a driver that does not take it, and on for one that does, whatever its
      * cache= option; xhyve, like bhyve, keeps its open mode (O_SYNC with `,sync`) either way. */
-    outl(io + VIO_GUEST_FEATURES, no_flush ? 0 : inl(io + VIO_HOST_FEATURES) & F_FLUSH);
+    outl(io + VIO_GUEST_FEATURES, no_flush ? 0 : offered & F_FLUSH);
     outw(io + VIO_QUEUE_SEL, 0);
     qsize = inw(io + VIO_QUEUE_NUM);
     if (qsize < 3 * MAX_DEPTH || qsize > MAX_QUEUE || (qsize & (qsize - 1)))
@@ -386,7 +363,7 @@ void test_blkbench(const struct mb_info *mbi)
 
     u16 pm = pm_timer_port();
     no_flush = cmdline_has("noflush");
-    legacy_start(find_device());
+    legacy_start(virtio_find_device(0x10011AF4u, "blkbench: no virtio-blk 1af4:1001 on bus 0"));
     u32 capacity = capacity_sectors();
     u32 step = bytes / 512;
     if (capacity < step * depth)

@@ -9,8 +9,9 @@
  * Prints "virtio-net ok" when every check passes; anything else is a FAIL line. */
 #include "tests.h"
 #include "ring3.h"
+#include "virtio_common.h"
 
-#define IOAPIC 0xFEC00000u
+#define WHO "virtio-net"
 #define INTX_VECTOR 0x62
 #define RX_VECTOR 0x63
 #define TX_VECTOR 0x64
@@ -19,12 +20,6 @@
 #define USED_OFFSET 20480 /* descriptors and available ring, rounded up to 4 KiB */
 #define BUF_LEN 2048
 #define ETHERTYPE 0x88B5
-
-#define STATUS_ACK 1
-#define STATUS_DRIVER 2
-#define STATUS_DRIVER_OK 4
-#define STATUS_FEATURES_OK 8
-#define DESC_F_WRITE 2
 #define F_MAC (1u << 5)
 #define F_STATUS (1u << 16)
 
@@ -35,8 +30,6 @@ static u8 mac[6];
 static u32 header_len;
 static u16 rx_posted;
 static u16 io; /* legacy I/O BAR */
-
-
 
 /* The network thread writes the used ring, then raises the interrupt: allow it a moment. */
 static int irr_pending_soon(u32 vector)
@@ -58,36 +51,17 @@ static int isr_queue_bit_soon(u16 isr_port)
 /* Puts one buffer in descriptor 0 of queue `q` and publishes it as entry `n`. */
 static void offer(int q, u16 n, u8 *buf, u32 len, u32 flags)
 {
-    volatile u32 *desc = (volatile u32 *)rings[q];
-    desc[0] = (u32)buf;
-    desc[1] = 0;
-    desc[2] = len;
-    desc[3] = flags;
-    volatile u16 *avail = (volatile u16 *)(rings[q] + 16 * QUEUE_SIZE);
-    avail[2 + n % QUEUE_SIZE] = 0;
-    __asm__ volatile("" ::: "memory");
-    avail[1] = n + 1;
+    virtq_set_desc(rings[q], 0, (u32)buf, len, flags);
+    virtq_publish(rings[q], QUEUE_SIZE, n, 0);
 }
 
 /* Waits until queue `q` has used `count` buffers; returns the length of the last. */
 static u32 wait_used(int q, u16 count, u32 spins_max, const char *what)
 {
-    volatile u16 *used = (volatile u16 *)(rings[q] + USED_OFFSET);
-    for (u32 spins = 0; used[1] != count; spins++)
-        if (spins > spins_max)
-            fail(what);
-    volatile u32 *elem = (volatile u32 *)(rings[q] + USED_OFFSET + 4 + 8 * ((count - 1) % QUEUE_SIZE));
+    volatile u32 *elem = virtq_wait_used(rings[q], QUEUE_SIZE, USED_OFFSET, count, spins_max, what);
     if (elem[0] != 0)
         fail("virtio-net: used element names another descriptor");
     return elem[1];
-}
-
-static u32 find_device(void)
-{
-    for (u32 slot = 0; slot < 32; slot++)
-        if (cfg_read32(slot, 0) == 0x10001AF4u)
-            return slot;
-    fail("virtio-net: no 1af4:1000 on bus 0");
 }
 
 static void print_mac_and_link(u16 status)
@@ -130,10 +104,8 @@ static u32 rx_actions(void)
 static void arm_rx_interrupt(void)
 {
     ring3_handle(rx_vector, rx_actions(), intx_gsi, 1);
-    if (rx_vector == INTX_VECTOR) {
-        mmio_write32(IOAPIC, 0x10 + 2 * intx_gsi);
-        mmio_write32(IOAPIC + 0x10, INTX_VECTOR | (1u << 15));
-    }
+    if (rx_vector == INTX_VECTOR)
+        ioapic_write_rte_low(intx_gsi, INTX_VECTOR | IOAPIC_LEVEL);
 }
 
 /* Posts receive buffers until one holds our ethertype (the host may send others first). */
@@ -161,7 +133,7 @@ static void receive(void (*notify_rx)(void), void (*check_rx_irq)(void))
         u8 *f = rx_buf + header_len;
         if (len < header_len + 14 || f[12] != (ETHERTYPE >> 8) || f[13] != (ETHERTYPE & 0xFF)) {
             if (rx_vector == INTX_VECTOR)
-                (void)inb(io + 0x13); /* lower the line for the next try */
+                (void)inb(io + VIO_ISR); /* lower the line for the next try */
             continue;
         }
         if (ring3) {
@@ -189,53 +161,44 @@ static void receive(void (*notify_rx)(void), void (*check_rx_irq)(void))
 
 /* ---- legacy interface, INTx ---- */
 
-static void legacy_notify_rx(void) { outw(io + 0x10, 0); }
+static void legacy_notify_rx(void) { outw(io + VIO_QUEUE_NOTIFY, 0); }
 
 static void legacy_check_rx_irq(void)
 {
-    if (!isr_queue_bit_soon(io + 0x13))
+    if (!isr_queue_bit_soon(io + VIO_ISR))
         fail("virtio-net: ISR queue bit not set after receive");
     println("virtio-net rx isr 01");
 }
 
-static void run_intx(u32 slot, u32 bar0)
+static void run_intx(u32 slot, u16 legacy_io)
 {
-    io = bar0 & ~3u;
+    io = legacy_io;
     u32 gsi = cfg_read8(slot, 0x3C);
     intx_gsi = gsi;
     rx_vector = INTX_VECTOR;
-    mmio_write32(LAPIC + 0xF0, 0x1FF);
-    mmio_write32(IOAPIC, 0x10 + 2 * gsi + 1);
-    mmio_write32(IOAPIC + 0x10, 0);
-    mmio_write32(IOAPIC, 0x10 + 2 * gsi);
-    mmio_write32(IOAPIC + 0x10, INTX_VECTOR | (1u << 15)); /* level, active high */
+    lapic_enable();
+    ioapic_route_level(gsi, INTX_VECTOR);
 
-    outb(io + 0x12, 0);
-    outb(io + 0x12, STATUS_ACK | STATUS_DRIVER);
-    u32 features = inl(io + 0x00);
+    u32 features = virtio_legacy_begin(io);
     if ((features & (F_MAC | F_STATUS)) != (F_MAC | F_STATUS))
         fail("virtio-net: MAC or STATUS not offered");
-    outl(io + 0x04, F_MAC | F_STATUS);
+    outl(io + VIO_GUEST_FEATURES, F_MAC | F_STATUS);
     header_len = 10;
     for (int i = 0; i < 6; i++)
-        mac[i] = inb(io + 0x14 + i);
-    print_mac_and_link(inw(io + 0x14 + 6));
-    for (u16 q = 0; q < 2; q++) {
-        outw(io + 0x0E, q);
-        if (inw(io + 0x0C) != QUEUE_SIZE)
-            fail("virtio-net: legacy queue size is not 1024");
-        outl(io + 0x08, (u32)rings[q] >> 12);
-    }
-    outb(io + 0x12, STATUS_ACK | STATUS_DRIVER | STATUS_DRIVER_OK);
+        mac[i] = inb(io + VIO_CONFIG + i);
+    print_mac_and_link(inw(io + VIO_CONFIG + 6));
+    for (u16 q = 0; q < 2; q++)
+        virtio_legacy_queue(io, WHO, q, QUEUE_SIZE, (u32)rings[q]);
+    outb(io + VIO_STATUS, STATUS_ACK | STATUS_DRIVER | STATUS_DRIVER_OK);
 
     offer(1, 0, tx_buf, build_frame(), 0);
-    outw(io + 0x10, 1);
+    outw(io + VIO_QUEUE_NOTIFY, 1);
     wait_used(1, 1, 20000000u, "virtio-net: frame not sent");
     println("virtio-net sent");
     if (!irr_pending_soon(INTX_VECTOR))
         fail("virtio-net: INTx vector not pending in the LAPIC IRR");
     println("virtio-net intx irq pending");
-    if (!isr_queue_bit_soon(io + 0x13))
+    if (!isr_queue_bit_soon(io + VIO_ISR))
         fail("virtio-net: ISR queue bit not set after transmit");
     println("virtio-net tx isr 01");
     receive(legacy_notify_rx, legacy_check_rx_irq);
@@ -243,12 +206,11 @@ static void run_intx(u32 slot, u32 bar0)
 
 /* ---- modern interface, MSI-X ---- */
 
-static u32 common, notify, notify_mult, device_cfg, table, pba;
+static u32 notify_at[2];
 
 static void modern_notify(u16 q)
 {
-    mmio_write16(common + 0x16, q);
-    mmio_write16(notify + mmio_read16(common + 0x1E) * notify_mult, q);
+    mmio_write16(notify_at[q], q);
 }
 
 static void modern_notify_rx(void) { modern_notify(0); }
@@ -260,75 +222,30 @@ static void modern_check_rx_irq(void)
     println("virtio-net rx msix irq pending");
 }
 
-static void run_msix(u32 slot, u32 bar2)
+static void run_msix(u32 slot)
 {
-    u32 mem = bar2 & ~0xFu;
-    u32 msix_cap = 0;
-    for (u32 cap = cfg_read8(slot, 0x34); cap; cap = cfg_read8(slot, cap + 1)) {
-        u8 id = cfg_read8(slot, cap);
-        if (id == 0x11) {
-            msix_cap = cap;
-            u32 t = cfg_read32(slot, cap + 4), p = cfg_read32(slot, cap + 8);
-            table = (cfg_read32(slot, 0x10 + 4 * (t & 7)) & ~0xFu) + (t & ~7u);
-            pba = (cfg_read32(slot, 0x10 + 4 * (p & 7)) & ~0xFu) + (p & ~7u);
-        } else if (id == 0x09) {
-            u8 type = cfg_read8(slot, cap + 3);
-            u32 at = mem + cfg_read32(slot, cap + 8);
-            if (type == 1)
-                common = at;
-            if (type == 2) {
-                notify = at;
-                notify_mult = cfg_read32(slot, cap + 16);
-            }
-            if (type == 4)
-                device_cfg = at;
-        }
-    }
-    if (!common || !notify || !device_cfg || !msix_cap)
+    struct virtio_modern m;
+    virtio_modern_find(slot, &m);
+    if (!m.common || !m.notify || !m.device_cfg || !m.msix_cap)
         fail("virtio-net: missing common/notify/device/MSI-X capability");
+    u32 table = m.msix_table, pba = m.msix_pba;
     rx_vector = RX_VECTOR;
-    mmio_write32(LAPIC + 0xF0, 0x1FF);
+    lapic_enable();
 
-    mmio_write8(common + 0x14, 0);
-    mmio_write8(common + 0x14, STATUS_ACK | STATUS_DRIVER);
-    mmio_write32(common + 0x08, 0);
-    mmio_write32(common + 0x0C, F_MAC | F_STATUS);
-    mmio_write32(common + 0x08, 1);
-    mmio_write32(common + 0x0C, 1); /* VERSION_1 */
-    mmio_write8(common + 0x14, STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK);
-    if (!(mmio_read8(common + 0x14) & STATUS_FEATURES_OK))
-        fail("virtio-net: FEATURES_OK refused");
+    (void)virtio_modern_begin(&m, WHO);
+    virtio_modern_accept(&m, WHO, F_MAC | F_STATUS);
     header_len = 12;
     for (int i = 0; i < 6; i++)
-        mac[i] = mmio_read8(device_cfg + i);
-    print_mac_and_link(mmio_read16(device_cfg + 6));
+        mac[i] = mmio_read8(m.device_cfg + i);
+    print_mac_and_link(mmio_read16(m.device_cfg + 6));
 
     /* Entry 0: receive, unmasked. Entry 1: transmit, masked for now. */
-    u32 vectors[2] = { RX_VECTOR, TX_VECTOR };
-    for (u32 e = 0; e < 2; e++) {
-        mmio_write32(table + 16 * e + 0, LAPIC);
-        mmio_write32(table + 16 * e + 4, 0);
-        mmio_write32(table + 16 * e + 8, vectors[e]);
-        mmio_write32(table + 16 * e + 12, e == 1);
-    }
-    cfg_write16(slot, msix_cap + 2, 0x8000);
-    for (u16 q = 0; q < 2; q++) {
-        u32 ring = (u32)rings[q];
-        mmio_write16(common + 0x16, q);
-        if (mmio_read16(common + 0x18) != QUEUE_SIZE)
-            fail("virtio-net: modern queue size is not 1024");
-        mmio_write16(common + 0x1A, q);
-        if (mmio_read16(common + 0x1A) != q)
-            fail("virtio-net: queue vector refused");
-        mmio_write32(common + 0x20, ring);
-        mmio_write32(common + 0x24, 0);
-        mmio_write32(common + 0x28, ring + 16 * QUEUE_SIZE);
-        mmio_write32(common + 0x2C, 0);
-        mmio_write32(common + 0x30, ring + USED_OFFSET);
-        mmio_write32(common + 0x34, 0);
-        mmio_write16(common + 0x1C, 1);
-    }
-    mmio_write8(common + 0x14, STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+    virtio_msix_entry(&m, 0, 0, RX_VECTOR, 0);
+    virtio_msix_entry(&m, 1, 0, TX_VECTOR, 1);
+    virtio_msix_enable(slot, &m);
+    for (u16 q = 0; q < 2; q++)
+        notify_at[q] = virtio_modern_queue(&m, WHO, q, QUEUE_SIZE, (u32)rings[q], USED_OFFSET);
+    virtio_modern_driver_ok(&m);
 
     offer(1, 0, tx_buf, build_frame(), 0);
     modern_notify(1);
@@ -351,15 +268,12 @@ static void run_msix(u32 slot, u32 bar2)
 void test_virtio_net(const struct mb_info *mbi)
 {
     (void)mbi;
-    u32 slot = find_device();
-    cfg_write16(slot, 0x04, 0x0007); /* I/O, memory, bus master */
-    u32 bar0 = cfg_read32(slot, 0x10), bar2 = cfg_read32(slot, 0x18);
-    if (!(bar0 & 1) || !bar2)
-        fail("virtio-net: BARs not assigned");
+    u32 slot = virtio_find_device(0x10001AF4u, "virtio-net: no 1af4:1000 on bus 0");
+    u16 legacy_io = virtio_pci_enable(slot, WHO);
     if (cmdline_has("msix"))
-        run_msix(slot, bar2);
+        run_msix(slot);
     else
-        run_intx(slot, bar0);
+        run_intx(slot, legacy_io);
     println("virtio-net ok");
     poweroff();
 }

@@ -11,24 +11,14 @@
 
 #include "realmode_common.inc"
 
-    .text
-    .code32
-    .globl realmode_pit
-realmode_pit:
-    RM_COPY_LOW
+    RM_FUNCTION realmode_pit
     movl RM_ARG0, %eax                  /* count */
     movw %ax, LOW(rm_count)
     RM_DROP_TO_REAL
 
     RM_BACK_IN_PM
-    popal
-    ret
+    RM_PM_RETURN
 
-    RM_PM_DATA
-
-    .section .rodata
-    .code16
-rm_start:
     RM_ENTER_REAL
     movw $LOW(rm_irq0), 0x20            /* IVT entry 8: offset */
     movw $0, 0x22                       /*              segment */

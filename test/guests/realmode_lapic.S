@@ -15,22 +15,12 @@
 #define LAPIC_VECTOR_IVT (0x40 * 4)
 #define LAPIC_EOI 0xFEE000B0
 
-    .text
-    .code32
-    .globl realmode_lapic
-realmode_lapic:
-    RM_COPY_LOW
+    RM_FUNCTION realmode_lapic
     RM_DROP_TO_REAL
 
     RM_BACK_IN_PM
-    popal
-    ret
+    RM_PM_RETURN
 
-    RM_PM_DATA
-
-    .section .rodata
-    .code16
-rm_start:
     RM_ENTER_REAL unreal_fs=1           /* fs reaches the LAPIC's EOI register */
     movw $LOW(rm_lapic_timer), LAPIC_VECTOR_IVT
     movw $0, LAPIC_VECTOR_IVT + 2

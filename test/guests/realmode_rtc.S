@@ -13,11 +13,7 @@
 
 #define RTC_VECTOR_IVT (0x70 * 4)
 
-    .text
-    .code32
-    .globl realmode_rtc
-realmode_rtc:
-    RM_COPY_LOW
+    RM_FUNCTION realmode_rtc
     movl RM_ARG0, %eax                  /* reg_a */
     movb %al, LOW(rm_reg_a)
     RM_DROP_TO_REAL
@@ -25,14 +21,8 @@ realmode_rtc:
     RM_BACK_IN_PM
     movzbl LOW(rm_last_c), %eax
     movl %eax, 12(%edi)
-    popal
-    ret
+    RM_PM_RETURN
 
-    RM_PM_DATA
-
-    .section .rodata
-    .code16
-rm_start:
     RM_ENTER_REAL
     movw $LOW(rm_irq8), RTC_VECTOR_IVT
     movw $0, RTC_VECTOR_IVT + 2

@@ -8,19 +8,14 @@
  * afterwards. Prints "virtio-blk ok" when every check passes; anything else is a FAIL. */
 #include "tests.h"
 #include "ring3.h"
+#include "virtio_common.h"
 
-#define IOAPIC 0xFEC00000u
+#define WHO "virtio-blk"
 #define INTX_VECTOR 0x53
 #define MSIX_VECTOR 0x54
 #define QUEUE_SIZE 128
+#define USED_OFFSET 4096
 #define SPIN_LIMIT 5000000u
-
-#define STATUS_ACK 1
-#define STATUS_DRIVER 2
-#define STATUS_DRIVER_OK 4
-#define STATUS_FEATURES_OK 8
-#define DESC_F_NEXT 1
-#define DESC_F_WRITE 2
 
 #define T_IN 0
 #define T_OUT 1
@@ -66,9 +61,6 @@ static int msix_mode;
 static u16 legacy_io;
 static u32 notify_addr, device_cfg, msix_table, msix_pba;
 
-
-
-
 /* The IRR bit is set by the I/O thread, a moment after the used ring: poll for it. */
 static int irr_pending_soon(u32 vector)
 {
@@ -76,23 +68,6 @@ static int irr_pending_soon(u32 vector)
         if (irr_pending(vector))
             return 1;
     return 0;
-}
-
-static u32 find_device(void)
-{
-    for (u32 slot = 0; slot < 32; slot++)
-        if (cfg_read32(slot, 0) == 0x10011AF4u)
-            return slot;
-    fail("virtio-blk: no 1af4:1001 on bus 0");
-}
-
-static void set_desc(u32 index, const volatile void *addr, u32 len, u16 flags)
-{
-    volatile u32 *desc = (volatile u32 *)(ring + 16 * index);
-    desc[0] = (u32)addr;
-    desc[1] = 0;
-    desc[2] = len;
-    desc[3] = flags | ((index + 1) << 16);
 }
 
 /* Publishes one request (header, optional data, status) and rings the doorbell. */
@@ -103,30 +78,24 @@ static void submit(u32 type, u64 sector, void *buf, u32 len, int device_writes)
     header.sector = sector;
     status = 0xFF;
     u32 n = 0;
-    set_desc(n++, &header, sizeof header, DESC_F_NEXT);
+    virtq_set_desc(ring, n++, (u32)&header, sizeof header, DESC_F_NEXT);
     if (len)
-        set_desc(n++, buf, len, DESC_F_NEXT | (device_writes ? DESC_F_WRITE : 0));
-    set_desc(n++, &status, 1, DESC_F_WRITE);
-    volatile u16 *avail = (volatile u16 *)(ring + 16 * QUEUE_SIZE);
-    avail[2 + published % QUEUE_SIZE] = 0;
-    __asm__ volatile("" ::: "memory");
+        virtq_set_desc(ring, n++, (u32)buf, len, DESC_F_NEXT | (device_writes ? DESC_F_WRITE : 0));
+    virtq_set_desc(ring, n++, (u32)&status, 1, DESC_F_WRITE);
+    virtq_publish(ring, QUEUE_SIZE, published, 0);
     published++;
-    avail[1] = published;
     __asm__ volatile("" ::: "memory");
     if (msix_mode)
         mmio_write16(notify_addr, 0);
     else
-        outw(legacy_io + 0x10, 0);
+        outw(legacy_io + VIO_QUEUE_NOTIFY, 0);
 }
 
 /* Waits for the used entry of the last submitted request; returns its status. */
 static u8 wait_completion(void)
 {
-    volatile u16 *used = (volatile u16 *)(ring + 4096);
-    for (u32 spins = 0; used[1] != published; spins++)
-        if (spins > SPIN_LIMIT)
-            fail("virtio-blk: request not completed");
-    volatile u32 *elem = (volatile u32 *)(ring + 4096 + 4 + 8 * ((published - 1) % QUEUE_SIZE));
+    volatile u32 *elem = virtq_wait_used(ring, QUEUE_SIZE, USED_OFFSET, published, SPIN_LIMIT,
+                                         "virtio-blk: request not completed");
     if (elem[0] != 0)
         fail("virtio-blk: used element names another chain");
     return status;
@@ -153,7 +122,7 @@ static u8 config8(u32 off)
 {
     if (msix_mode)
         return mmio_read8(device_cfg + off);
-    return inb(legacy_io + 0x14 + off);
+    return inb(legacy_io + VIO_CONFIG + off);
 }
 
 static u32 config32(u32 off)
@@ -164,11 +133,6 @@ static u32 config32(u32 off)
     return v;
 }
 
-static void lapic_enable(void)
-{
-    mmio_write32(LAPIC + 0xF0, 0x1FF);
-}
-
 static u32 intx_gsi;
 
 static u32 legacy_start(u32 slot)
@@ -177,85 +141,35 @@ static u32 legacy_start(u32 slot)
     u32 gsi = cfg_read8(slot, 0x3C);
     intx_gsi = gsi;
     lapic_enable();
-    mmio_write32(IOAPIC, 0x10 + 2 * gsi + 1);
-    mmio_write32(IOAPIC + 0x10, 0);
-    mmio_write32(IOAPIC, 0x10 + 2 * gsi);
-    mmio_write32(IOAPIC + 0x10, INTX_VECTOR | (1u << 15)); /* level, active high */
+    ioapic_route_level(gsi, INTX_VECTOR);
 
-    outb(legacy_io + 0x12, 0);
-    outb(legacy_io + 0x12, STATUS_ACK | STATUS_DRIVER);
-    u32 features = inl(legacy_io + 0x00);
-    outl(legacy_io + 0x04, features & (F_RO | F_BLK_SIZE | F_FLUSH | F_DISCARD | F_WRITE_ZEROES));
-    outw(legacy_io + 0x0E, 0);
-    if (inw(legacy_io + 0x0C) != QUEUE_SIZE)
-        fail("virtio-blk: legacy queue size is not 128");
-    outl(legacy_io + 0x08, (u32)ring >> 12);
-    outb(legacy_io + 0x12, STATUS_ACK | STATUS_DRIVER | STATUS_DRIVER_OK);
+    u32 features = virtio_legacy_begin(legacy_io);
+    outl(legacy_io + VIO_GUEST_FEATURES,
+         features & (F_RO | F_BLK_SIZE | F_FLUSH | F_DISCARD | F_WRITE_ZEROES));
+    virtio_legacy_queue(legacy_io, WHO, 0, QUEUE_SIZE, (u32)ring);
+    outb(legacy_io + VIO_STATUS, STATUS_ACK | STATUS_DRIVER | STATUS_DRIVER_OK);
     return features;
 }
 
 static u32 modern_start(u32 slot)
 {
-    u32 mem = cfg_read32(slot, 0x18) & ~0xFu;
-    u32 common = 0, notify_mult = 0, msix_cap = 0;
-    for (u32 cap = cfg_read8(slot, 0x34); cap; cap = cfg_read8(slot, cap + 1)) {
-        u8 id = cfg_read8(slot, cap);
-        if (id == 0x11) {
-            msix_cap = cap;
-            u32 t = cfg_read32(slot, cap + 4), p = cfg_read32(slot, cap + 8);
-            msix_table = (cfg_read32(slot, 0x10 + 4 * (t & 7)) & ~0xFu) + (t & ~7u);
-            msix_pba = (cfg_read32(slot, 0x10 + 4 * (p & 7)) & ~0xFu) + (p & ~7u);
-        } else if (id == 0x09) {
-            u8 type = cfg_read8(slot, cap + 3);
-            u32 off = cfg_read32(slot, cap + 8);
-            if (type == 1)
-                common = mem + off;
-            if (type == 2) {
-                notify_addr = mem + off;
-                notify_mult = cfg_read32(slot, cap + 16);
-            }
-            if (type == 4)
-                device_cfg = mem + off;
-        }
-    }
-    if (!common || !notify_addr || !device_cfg || !msix_cap)
+    struct virtio_modern m;
+    virtio_modern_find(slot, &m);
+    if (!m.common || !m.notify || !m.device_cfg || !m.msix_cap)
         fail("virtio-blk: missing common/notify/device/MSI-X capability");
+    device_cfg = m.device_cfg;
+    msix_table = m.msix_table;
+    msix_pba = m.msix_pba;
     lapic_enable();
 
-    mmio_write8(common + 0x14, 0);
-    mmio_write8(common + 0x14, STATUS_ACK | STATUS_DRIVER);
-    mmio_write32(common + 0x00, 0);
-    u32 features = mmio_read32(common + 0x04);
-    mmio_write32(common + 0x08, 1);
-    mmio_write32(common + 0x0C, 1); /* VERSION_1 */
-    mmio_write32(common + 0x08, 0);
-    mmio_write32(common + 0x0C, features & (F_RO | F_BLK_SIZE | F_FLUSH | F_DISCARD | F_WRITE_ZEROES));
-    mmio_write8(common + 0x14, STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK);
-    if (!(mmio_read8(common + 0x14) & STATUS_FEATURES_OK))
-        fail("virtio-blk: FEATURES_OK refused");
+    u32 features = virtio_modern_begin(&m, WHO);
+    virtio_modern_accept(&m, WHO, features & (F_RO | F_BLK_SIZE | F_FLUSH | F_DISCARD | F_WRITE_ZEROES));
 
     /* Vector 0: the LAPIC, fixed delivery, masked until the end. */
-    mmio_write32(msix_table + 0, LAPIC);
-    mmio_write32(msix_table + 4, 0);
-    mmio_write32(msix_table + 8, MSIX_VECTOR);
-    mmio_write32(msix_table + 12, 1);
-    cfg_write16(slot, msix_cap + 2, 0x8000);
-
-    mmio_write16(common + 0x16, 0);
-    if (mmio_read16(common + 0x18) != QUEUE_SIZE)
-        fail("virtio-blk: modern queue size is not 128");
-    mmio_write16(common + 0x1A, 0);
-    if (mmio_read16(common + 0x1A) != 0)
-        fail("virtio-blk: queue vector 0 refused");
-    mmio_write32(common + 0x20, (u32)ring);
-    mmio_write32(common + 0x24, 0);
-    mmio_write32(common + 0x28, (u32)ring + 16 * QUEUE_SIZE);
-    mmio_write32(common + 0x2C, 0);
-    mmio_write32(common + 0x30, (u32)ring + 4096);
-    mmio_write32(common + 0x34, 0);
-    mmio_write16(common + 0x1C, 1);
-    notify_addr += mmio_read16(common + 0x1E) * notify_mult;
-    mmio_write8(common + 0x14, STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+    virtio_msix_entry(&m, 0, 0, MSIX_VECTOR, 1);
+    virtio_msix_enable(slot, &m);
+    notify_addr = virtio_modern_queue(&m, WHO, 0, QUEUE_SIZE, (u32)ring, USED_OFFSET);
+    virtio_modern_driver_ok(&m);
     return features;
 }
 
@@ -272,7 +186,7 @@ static void check_first_interrupt(void)
     if (!irr_pending_soon(INTX_VECTOR))
         fail("virtio-blk: INTx vector not pending in the LAPIC IRR");
     println("virtio-blk intx irq pending");
-    u8 isr = inb(legacy_io + 0x13);
+    u8 isr = inb(legacy_io + VIO_ISR);
     puts("virtio-blk isr ");
     print_hex(isr, 2);
     putc('\n');
@@ -324,8 +238,7 @@ static void bench_reads(void)
 
 static void route_intx(u32 masked)
 {
-    mmio_write32(IOAPIC, 0x10 + 2 * intx_gsi);
-    mmio_write32(IOAPIC + 0x10, INTX_VECTOR | (1u << 15) | (masked << 16));
+    ioapic_write_rte_low(intx_gsi, INTX_VECTOR | IOAPIC_LEVEL | (masked << 16));
 }
 
 /* One more read, its completion interrupt taken while waiting in ring 3 with interrupts on
@@ -337,7 +250,7 @@ static void completion_in_ring3(void)
     u32 actions = R3_EOI_LAPIC | (msix_mode ? 0 : R3_MASK_PIN);
     /* First take what the earlier requests left pending with interrupts off. */
     if (!msix_mode)
-        (void)inb(legacy_io + 0x13);
+        (void)inb(legacy_io + VIO_ISR);
     ring3_handle(vector, actions, intx_gsi, 1);
     ring3_wait(vector, 1, 100);
     if (!msix_mode)
@@ -353,7 +266,7 @@ static void completion_in_ring3(void)
     if (!runs)
         fail("virtio-blk: no completion interrupt in ring 3");
     if (!msix_mode) {
-        u8 isr = inb(legacy_io + 0x13);
+        u8 isr = inb(legacy_io + VIO_ISR);
         puts("virtio-blk ring3 isr ");
         print_hex(isr, 2);
         putc('\n');
@@ -365,7 +278,7 @@ static void completion_in_ring3(void)
 void test_virtio_blk(const struct mb_info *mbi)
 {
     (void)mbi;
-    u32 slot = find_device();
+    u32 slot = virtio_find_device(0x10011AF4u, "virtio-blk: no 1af4:1001 on bus 0");
     cfg_write16(slot, 0x04, 0x0007); /* I/O, memory, bus master */
     msix_mode = cmdline_has("msix");
     int read_only = cmdline_has("ro");
