@@ -184,7 +184,7 @@ fn step(vcpu: &mut VmxVcpu<VmcsModel>, ram: &VecRam, input: &mut Input) {
     let gpa = if control & 0x80 != 0 {
         input.uint(8)
     } else {
-        input.uint(2) | 0x1_0000 * (input.uint(1) & 1)
+        input.uint(2) | (0x1_0000 * (input.uint(1) & 1))
     };
     let idt_vectoring = input.uint(4);
     let exit_irq_info = input.uint(4);
