@@ -11,7 +11,10 @@
 //!   BT/BTS/BTR/BTC with a register bit offset, the operand-sized unit that offset selects).
 #![no_main]
 
-use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
+use iced_x86::{
+    Decoder, DecoderOptions, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, OpKind,
+    Register, RflagsBits,
+};
 use libfuzzer_sys::fuzz_target;
 use xhyve::hv::hvf::emulate::{emulate, CpuMode, EmulateError, Emulated, EmulatorContext};
 
@@ -273,6 +276,58 @@ fn allowed_writes(instr: &Instruction, ctx: &Context, before: &State, mode: CpuM
     allowed
 }
 
+/// The x86 RFLAGS bits (OF, SF, ZF, AF, PF, CF, DF) iced-x86 says the instruction may change.
+fn flags_it_may_change(instr: &Instruction) -> u64 {
+    const BITS: [(u32, u64); 7] = [
+        (RflagsBits::CF, 1 << 0),
+        (RflagsBits::PF, 1 << 2),
+        (RflagsBits::AF, 1 << 4),
+        (RflagsBits::ZF, 1 << 6),
+        (RflagsBits::SF, 1 << 7),
+        (RflagsBits::DF, 1 << 10),
+        (RflagsBits::OF, 1 << 11),
+    ];
+    let modified = instr.rflags_modified();
+    BITS.iter()
+        .filter(|(iced, _)| modified & iced != 0)
+        .fold(0, |acc, (_, x86)| acc | x86)
+}
+
+/// Asserts that only registers and flags iced-x86 says the instruction writes changed.
+fn assert_only_its_registers_changed(instr: &Instruction, before: &State, after: &State) {
+    let mut factory = InstructionInfoFactory::new();
+    let info = factory.info(instr);
+    for (i, (&old, &new)) in before.gprs.iter().zip(&after.gprs).enumerate() {
+        if old == new {
+            continue;
+        }
+        let written = info.used_registers().iter().any(|used| {
+            used.register().full_register() == GPRS[i]
+                && matches!(
+                    used.access(),
+                    OpAccess::Write
+                        | OpAccess::CondWrite
+                        | OpAccess::ReadWrite
+                        | OpAccess::ReadCondWrite
+                )
+        });
+        assert!(
+            written,
+            "{instr} changed {:?} from {old:#x} to {new:#x}",
+            GPRS[i]
+        );
+    }
+    let changed = before.rflags ^ after.rflags;
+    let allowed = flags_it_may_change(instr);
+    assert_eq!(
+        changed & !allowed,
+        0,
+        "{instr} changed RFLAGS {:#x} -> {:#x}",
+        before.rflags,
+        after.rflags
+    );
+}
+
 fuzz_target!(|data: &[u8]| {
     let mut input = Input(data);
     let control = input.byte();
@@ -341,13 +396,25 @@ fuzz_target!(|data: &[u8]| {
             if let Emulated::Done { len } = outcome {
                 assert!((1..=15).contains(&len), "Done with length {len}");
                 assert_eq!(len, instr.len(), "Done length differs from iced-x86's");
+            } else {
+                assert!(
+                    instr.has_rep_prefix() || instr.has_repe_prefix() || instr.has_repne_prefix(),
+                    "{instr} without a REP prefix asked to repeat"
+                );
             }
+            assert_only_its_registers_changed(&instr, &before, &ctx.state);
             let allowed = allowed_writes(&instr, &ctx, &before, mode);
             for &(linear, size) in &ctx.writes {
                 assert!(
                     allowed.contains(&linear),
                     "{} wrote {size} bytes at {linear:#x}; operands name {allowed:x?}",
                     instr
+                );
+                assert_eq!(
+                    size,
+                    instr.memory_size().size(),
+                    "{instr} wrote {size} bytes, its memory operand has {}",
+                    instr.memory_size().size()
                 );
             }
         }
