@@ -76,6 +76,7 @@ pub struct SpecialRegisters {
 pub const CR0_PE: u64 = 1 << 0;
 pub const CR0_ET: u64 = 1 << 4;
 pub const CR0_PG: u64 = 1 << 31;
+pub const CR4_PSE: u64 = 1 << 4;
 pub const CR4_PAE: u64 = 1 << 5;
 pub const EFER_LME: u64 = 1 << 8;
 pub const EFER_LMA: u64 = 1 << 10;

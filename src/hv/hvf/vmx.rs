@@ -13,10 +13,12 @@ use iced_x86::Register;
 use super::controls::Controls;
 use super::emulate::{emulate, CpuMode, EmulateError, Emulated, EmulatorContext};
 use super::ffi::*;
+pub use super::paging::GuestRam;
+use super::paging::{fetch, Paging};
 use super::vmcs::Vmcs;
 use crate::hv::cpuid::CpuidEntry;
 use crate::hv::regs::{
-    DescriptorTable, SegmentRegister, SpecialRegisters, StandardRegisters, CR0_PE, CR0_PG,
+    DescriptorTable, SegmentRegister, SpecialRegisters, StandardRegisters, CR0_ET, CR0_PE, CR0_PG,
     EFER_LMA, EFER_LME, RFLAGS_IF, RFLAGS_RESERVED,
 };
 use crate::hv::{HvError, RunState, VmExit};
@@ -33,12 +35,6 @@ pub struct VmxConfig {
     pub exit_on_hlt: bool,
     /// `-P`: exit on PAUSE.
     pub exit_on_pause: bool,
-}
-
-/// Guest-physical memory as the back end sees it (bounds-checked; false = not RAM).
-pub trait GuestRam {
-    fn read(&self, gpa: u64, buf: &mut [u8]) -> bool;
-    fn write(&self, gpa: u64, buf: &[u8]) -> bool;
 }
 
 /// MSRs the back end passes through to the hardware with `hv_vcpu_enable_native_msr`, as xhyve
@@ -89,12 +85,9 @@ pub const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 pub const MSR_TSC_AUX: u32 = 0xc000_0103;
 
 const CR0_TS: u64 = 1 << 3;
-const CR0_ET: u64 = 1 << 4;
 const CR0_NE: u64 = 1 << 5;
 const CR0_NW: u64 = 1 << 29;
 const CR0_CD: u64 = 1 << 30;
-const CR4_PSE: u64 = 1 << 4;
-const CR4_PAE: u64 = 1 << 5;
 const CR4_VMXE: u64 = 1 << 13;
 const CR4_OSXSAVE: u64 = 1 << 18;
 const EFER_SCE: u64 = 1 << 0;
@@ -313,81 +306,6 @@ enum MmioAccess {
     Write { gpa: u64, len: usize },
     /// The instruction cannot be emulated.
     Failed,
-}
-
-/// Paging state for guest linear-address translation.
-#[derive(Debug, Clone, Copy)]
-struct Paging {
-    cr0: u64,
-    cr3: u64,
-    cr4: u64,
-    efer: u64,
-}
-
-impl Paging {
-    /// Walks the guest page tables; `None` when a level is not present or not in RAM.
-    fn translate(&self, ram: &dyn GuestRam, linear: u64) -> Option<u64> {
-        if self.cr0 & CR0_PG == 0 {
-            return Some(linear);
-        }
-        let entry = |table: u64, index: u64, wide: bool| -> Option<u64> {
-            if wide {
-                let mut b = [0u8; 8];
-                ram.read(table + index * 8, &mut b)
-                    .then(|| u64::from_le_bytes(b))
-            } else {
-                let mut b = [0u8; 4];
-                ram.read(table + index * 4, &mut b)
-                    .then(|| u64::from(u32::from_le_bytes(b)))
-            }
-        };
-        const PRESENT: u64 = 1;
-        const LARGE: u64 = 1 << 7;
-        const ADDR: u64 = 0x000f_ffff_ffff_f000;
-        if self.cr4 & CR4_PAE == 0 {
-            // Two-level 32-bit paging, 4 MiB pages with CR4.PSE.
-            let linear = linear & 0xffff_ffff;
-            let pde = entry(self.cr3 & 0xffff_f000, linear >> 22, false)?;
-            if pde & PRESENT == 0 {
-                return None;
-            }
-            if pde & LARGE != 0 && self.cr4 & CR4_PSE != 0 {
-                let base = (pde & 0xffc0_0000) | ((pde >> 13) & 0xff) << 32;
-                return Some(base | (linear & 0x3f_ffff));
-            }
-            let pte = entry(pde & 0xffff_f000, (linear >> 12) & 0x3ff, false)?;
-            return (pte & PRESENT != 0).then_some((pte & 0xffff_f000) | (linear & 0xfff));
-        }
-        let (mut table, levels) = if self.efer & EFER_LMA != 0 {
-            (self.cr3 & ADDR, 4)
-        } else {
-            // PAE: the 32-byte-aligned PDPT holds four entries indexed by bits 31:30.
-            let linear32 = linear & 0xffff_ffff;
-            let pdpte = entry(self.cr3 & 0xffff_ffe0, linear32 >> 30, true)?;
-            if pdpte & PRESENT == 0 {
-                return None;
-            }
-            (pdpte & ADDR, 2)
-        };
-        let linear = if levels == 2 {
-            linear & 0xffff_ffff
-        } else {
-            linear
-        };
-        for level in (1..=levels).rev() {
-            let shift = 12 + 9 * (level - 1);
-            let e = entry(table, (linear >> shift) & 0x1ff, true)?;
-            if e & PRESENT == 0 {
-                return None;
-            }
-            if level == 1 || (level <= 3 && e & LARGE != 0) {
-                let page_mask = (1u64 << shift) - 1;
-                return Some((e & ADDR & !page_mask) | (linear & page_mask));
-            }
-            table = e & ADDR;
-        }
-        None
-    }
 }
 
 /// One vCPU's VMX state machine over a [`Vmcs`].
@@ -1580,24 +1498,6 @@ fn host_tsc() -> u64 {
     0
 }
 
-/// Reads up to `buf.len()` instruction bytes at `linear`, page by page; returns how many.
-fn fetch(ram: &dyn GuestRam, paging: &Paging, linear: u64, mode: CpuMode, buf: &mut [u8]) -> usize {
-    let mut done = 0;
-    while done < buf.len() {
-        let mut at = linear.wrapping_add(done as u64);
-        if mode != CpuMode::Long64 {
-            at &= 0xffff_ffff;
-        }
-        let in_page = (0x1000 - (at & 0xfff)) as usize;
-        let chunk = in_page.min(buf.len() - done);
-        match paging.translate(ram, at) {
-            Some(gpa) if ram.read(gpa, &mut buf[done..done + chunk]) => done += chunk,
-            _ => break,
-        }
-    }
-    done
-}
-
 /// The emulator's view of the vCPU during one MMIO emulation. Memory that is not RAM is the
 /// device: a read is answered from `replay` or recorded as a miss (the emulation aborts and the
 /// VMM is asked), a write is recorded for the VMM.
@@ -1747,6 +1647,7 @@ mod tests {
 
     use super::*;
     use crate::hv::hvf::vmcs::VmcsModel;
+    use crate::hv::regs::{CR4_PAE, CR4_PSE};
 
     /// Guest RAM from GPA 0; everything above is "MMIO".
     struct Ram(RefCell<Vec<u8>>);
