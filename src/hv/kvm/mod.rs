@@ -1,5 +1,6 @@
 //! The KVM back end (Linux): kvm-ioctls behind the `hv` traits.
 
+mod complete;
 mod kick;
 mod regs;
 mod routing;
@@ -23,6 +24,8 @@ use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_iow_nr;
 
 use super::cpuid::CpuidEntry;
+use crate::arch::x86_64::emulate::complete::{CompleteError, Cpu, Kind, COMPLETIONS};
+use crate::arch::x86_64::emulate::{self, GuestRam};
 use super::regs::{SpecialRegisters, StandardRegisters};
 use super::{
     Doorbell, HvError, Hypervisor, IrqChipMode, IrqfdSource, RunState, SystemEvent, Vcpu,
@@ -221,10 +224,12 @@ impl Vm for KvmVm {
         // What the guest may see of the LAPIC's MSR features: all of KVM's with its
         // irqchip, the VMM model's when they exit to it, none when they cannot.
         let hide_lapic_msr_features = self.irqchip == IrqChipMode::User && !self.lapic_msr_exits;
+        let completion = complete::CompletionBuffers::new().map_err(HvError::MissingCapability)?;
         let vcpu = KvmVcpu {
             fd,
             id,
             hide_lapic_msr_features,
+            completion,
         };
         vcpu.init_fpu()?;
         if self.irqchip == IrqChipMode::Kernel {
@@ -383,6 +388,8 @@ pub struct KvmVcpu {
     id: u8,
     /// CPUID must not show x2APIC or TSC-deadline: nobody would answer their MSRs.
     hide_lapic_msr_features: bool,
+    /// Buffers for completing what KVM cannot emulate, allocated up front.
+    completion: complete::CompletionBuffers,
 }
 
 /// CPUID.1:ECX bits of features served through LAPIC MSRs.
@@ -638,6 +645,27 @@ impl Vcpu for KvmVcpu {
 
     fn request_interrupt_window(&mut self, on: bool) {
         self.fd.get_kvm_run().request_interrupt_window = u8::from(on);
+    }
+
+    fn complete_instruction(&mut self, ram: &dyn GuestRam) -> Result<Kind, CompleteError> {
+        let regs = self
+            .regs()
+            .map_err(|_| CompleteError::State("KVM_GET_REGS failed"))?;
+        let sregs = self
+            .sregs()
+            .map_err(|_| CompleteError::State("KVM_GET_SREGS failed"))?;
+        let mut cpu = Cpu { regs, sregs };
+        let mut ext = complete::KvmExtendedState::new(&self.fd, &mut self.completion);
+        let kind = emulate::complete::complete(&mut cpu, ram, &mut ext)?;
+        ext.finish()?;
+        if cpu.sregs != sregs {
+            self.set_sregs(&cpu.sregs)
+                .map_err(|_| CompleteError::State("KVM_SET_SREGS failed"))?;
+        }
+        self.set_regs(&cpu.regs)
+            .map_err(|_| CompleteError::State("KVM_SET_REGS failed"))?;
+        COMPLETIONS.record(kind);
+        Ok(kind)
     }
 }
 
