@@ -257,6 +257,12 @@ pub trait Vcpu: Send {
     /// Whether the guest had interrupts enabled (RFLAGS.IF) at the last exit.
     fn interrupts_enabled(&mut self) -> bool;
 
+    /// How many instructions the hypervisor has emulated for this vCPU (KVM's
+    /// `insn_emulation` statistic), where it says.
+    fn emulated_instructions(&self) -> Option<u64> {
+        None
+    }
+
     /// Completes, with the VMM's own emulator, the instruction at RIP that the hypervisor
     /// failed to emulate (KVM's emulation-failure exit); the vCPU then runs on. `ram` is the
     /// guest's RAM. On `Err` the vCPU is unchanged.

@@ -79,6 +79,9 @@ pub fn run(mut vcpu: Box<dyn Vcpu>, ctx: Arc<VcpuContext>) {
             break;
         }
     }
+    if let Some(count) = vcpu.emulated_instructions() {
+        log::debug!("vCPU {id}: the hypervisor emulated {count} instructions");
+    }
 }
 
 /// User irqchip: (re)starts a vCPU through INIT/SIPI, then injects what it can take.

@@ -4,6 +4,7 @@ mod complete;
 mod kick;
 mod regs;
 mod routing;
+mod stats;
 
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex};
@@ -225,11 +226,13 @@ impl Vm for KvmVm {
         // irqchip, the VMM model's when they exit to it, none when they cannot.
         let hide_lapic_msr_features = self.irqchip == IrqChipMode::User && !self.lapic_msr_exits;
         let completion = complete::CompletionBuffers::new().map_err(HvError::MissingCapability)?;
+        let emulated = stats::StatCounter::open(&fd, "insn_emulation");
         let vcpu = KvmVcpu {
             fd,
             id,
             hide_lapic_msr_features,
             completion,
+            emulated,
         };
         vcpu.init_fpu()?;
         if self.irqchip == IrqChipMode::Kernel {
@@ -390,6 +393,8 @@ pub struct KvmVcpu {
     hide_lapic_msr_features: bool,
     /// Buffers for completing what KVM cannot emulate, allocated up front.
     completion: complete::CompletionBuffers,
+    /// KVM's count of instructions it emulated for this vCPU, where it keeps statistics.
+    emulated: Option<stats::StatCounter>,
 }
 
 /// CPUID.1:ECX bits of features served through LAPIC MSRs.
@@ -645,6 +650,10 @@ impl Vcpu for KvmVcpu {
 
     fn request_interrupt_window(&mut self, on: bool) {
         self.fd.get_kvm_run().request_interrupt_window = u8::from(on);
+    }
+
+    fn emulated_instructions(&self) -> Option<u64> {
+        self.emulated.as_ref().and_then(stats::StatCounter::read)
     }
 
     fn complete_instruction(&mut self, ram: &dyn GuestRam) -> Result<Kind, CompleteError> {
@@ -1083,6 +1092,42 @@ mod cpuid_tests {
                 assert_eq!(ecx & (1 << 26), 0, "xsave visible: ecx {ecx:#x}");
                 assert_eq!(ecx & (1 << 13), 0, "cx16 visible: ecx {ecx:#x}");
                 assert_ne!(ecx & (1 << 31), 0, "hypervisor bit missing: ecx {ecx:#x}");
+            }
+            other => panic!("unexpected exit {other:?}"),
+        }
+    }
+
+    #[test]
+    fn guest_sees_no_kvm_paravirtual_features_that_make_hypercalls() {
+        let Some((kvm, vm, mem)) = real_mode_vm() else {
+            return;
+        };
+        // mov eax,0x40000001; cpuid; out 0x80,eax (32-bit operands in 16-bit code)
+        let code = [
+            0x66, 0xb8, 0x01, 0x00, 0x00, 0x40, 0x0f, 0xa2, 0x66, 0xe7, 0x80,
+        ];
+        mem.write_slice(&code, GuestAddress(0x1000)).unwrap();
+        let mut vcpu = start_real_mode_vcpu(vm.as_ref(), 0x1000);
+        let supported = kvm.supported_cpuid().unwrap();
+        let offered = supported
+            .iter()
+            .find(|e| e.function == crate::hv::cpuid::KVM_CPUID_FEATURES)
+            .map_or(0, |e| e.eax);
+        vcpu.set_cpuid(&CpuidPolicy::new(1, false).apply(&supported, 0))
+            .unwrap();
+        match vcpu.run().unwrap() {
+            VmExit::IoOut {
+                port: 0x80,
+                size: 4,
+                data,
+            } => {
+                let eax = u32::from_le_bytes(data.try_into().unwrap());
+                eprintln!("KVM_GET_SUPPORTED_CPUID 0x40000001.eax {offered:#x}; the guest sees {eax:#x}");
+                assert_eq!(
+                    eax & crate::hv::cpuid::KVM_PV_HIDDEN,
+                    0,
+                    "the guest sees hypercall features: {eax:#x}"
+                );
             }
             other => panic!("unexpected exit {other:?}"),
         }

@@ -1385,3 +1385,838 @@ fn set_mxcsr(area: &mut [u8], value: u32) {
     }
     area[XSAVE_MXCSR..XSAVE_MXCSR + 4].copy_from_slice(&value.to_le_bytes());
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hv::regs::{DescriptorTable, CR0_PG, CR4_PAE, EFER_LME};
+    use iced_x86::{Code, Encoder, MemoryOperand};
+    use std::cell::RefCell;
+
+    const RAM_BYTES: usize = 4 << 20;
+    const CODE: u64 = 0x1000;
+    const GDT: u64 = 0x2000;
+    const IDT: u64 = 0x3000;
+    const TSS: u64 = 0x4000;
+    const DATA: u64 = 0x10000;
+    const STACK_TOP: u64 = 0x20000;
+    const RSP0_TOP: u64 = 0x30000;
+    const IST1_TOP: u64 = 0x40000;
+
+    /// Flat test RAM from 0.
+    struct Ram(RefCell<Vec<u8>>);
+
+    impl Ram {
+        fn new() -> Self {
+            Ram(RefCell::new(vec![0; RAM_BYTES]))
+        }
+        fn poke(&self, at: u64, bytes: &[u8]) {
+            self.0.borrow_mut()[at as usize..at as usize + bytes.len()].copy_from_slice(bytes);
+        }
+        fn peek(&self, at: u64, len: usize) -> Vec<u8> {
+            self.0.borrow()[at as usize..at as usize + len].to_vec()
+        }
+        fn peek_u64(&self, at: u64) -> u64 {
+            u64::from_le_bytes(self.peek(at, 8).try_into().unwrap())
+        }
+        fn peek_u32(&self, at: u64) -> u32 {
+            u32::from_le_bytes(self.peek(at, 4).try_into().unwrap())
+        }
+    }
+
+    impl GuestRam for Ram {
+        fn read(&self, gpa: u64, buf: &mut [u8]) -> bool {
+            let ram = self.0.borrow();
+            match ram.get(gpa as usize..(gpa as usize).saturating_add(buf.len())) {
+                Some(src) if gpa < RAM_BYTES as u64 => {
+                    buf.copy_from_slice(src);
+                    true
+                }
+                _ => false,
+            }
+        }
+        fn write(&self, gpa: u64, buf: &[u8]) -> bool {
+            let mut ram = self.0.borrow_mut();
+            match ram.get_mut(gpa as usize..(gpa as usize).saturating_add(buf.len())) {
+                Some(dst) if gpa < RAM_BYTES as u64 => {
+                    dst.copy_from_slice(buf);
+                    true
+                }
+                _ => false,
+            }
+        }
+    }
+
+    /// An XSAVE image with the AVX component at its usual standard offset (576, 256 bytes) and
+    /// a 64-byte aligned component 5 (opmask-like, 64 bytes at 1088).
+    struct Ext {
+        area: Vec<u8>,
+        xcr0: u64,
+        xss: u64,
+        changed: bool,
+    }
+
+    impl Ext {
+        fn new() -> Self {
+            let mut area = vec![0u8; 4096];
+            area[XSAVE_MXCSR..XSAVE_MXCSR + 4].copy_from_slice(&MXCSR_DEFAULT.to_le_bytes());
+            area[XSAVE_MXCSR_MASK..XSAVE_MXCSR_MASK + 4].copy_from_slice(&0xffffu32.to_le_bytes());
+            area[0..2].copy_from_slice(&0x37fu16.to_le_bytes());
+            Ext {
+                area,
+                xcr0: X87 | SSE | YMM | 1 << 5,
+                xss: 0,
+                changed: false,
+            }
+        }
+    }
+
+    impl ExtendedState for Ext {
+        fn xsave_area(&mut self) -> Result<&mut [u8], CompleteError> {
+            Ok(&mut self.area)
+        }
+        fn xsave_changed(&mut self) {
+            self.changed = true;
+        }
+        fn xcr0(&mut self) -> Result<u64, CompleteError> {
+            Ok(self.xcr0)
+        }
+        fn set_xcr0(&mut self, value: u64) -> Result<(), CompleteError> {
+            self.xcr0 = value;
+            Ok(())
+        }
+        fn xss(&mut self) -> Result<u64, CompleteError> {
+            Ok(self.xss)
+        }
+        fn component(&self, index: u32) -> Option<Component> {
+            match index {
+                2 => Some(Component {
+                    offset: 576,
+                    size: 256,
+                    align64: false,
+                }),
+                5 => Some(Component {
+                    offset: 1088,
+                    size: 64,
+                    align64: true,
+                }),
+                _ => None,
+            }
+        }
+    }
+
+    fn code_descriptor(long: bool, dpl: u8) -> u64 {
+        // Base 0, limit 0xfffff pages, present, code execute/read.
+        let mut d: u64 = 0xffff | 0xf << 48 | 1 << 55 | 1 << 47 | 1 << 44 | 0xa << 40;
+        d |= u64::from(dpl) << 45;
+        if long {
+            d |= 1 << 53;
+        } else {
+            d |= 1 << 54;
+        }
+        d
+    }
+
+    fn data_descriptor(dpl: u8) -> u64 {
+        0xffff | 0xf << 48 | 1 << 55 | 1 << 54 | 1 << 47 | 1 << 44 | 0x2 << 40 | u64::from(dpl) << 45
+    }
+
+    /// GDT: 0x08 kernel code, 0x10 kernel data, 0x18 user code, 0x20 user data.
+    fn gdt(ram: &Ram, long: bool) {
+        ram.poke(GDT + 8, &code_descriptor(long, 0).to_le_bytes());
+        ram.poke(GDT + 16, &data_descriptor(0).to_le_bytes());
+        ram.poke(GDT + 24, &code_descriptor(long, 3).to_le_bytes());
+        ram.poke(GDT + 32, &data_descriptor(3).to_le_bytes());
+    }
+
+    fn segment(ram: &Ram, selector: u16) -> SegmentRegister {
+        let raw = ram.peek_u64(GDT + u64::from(selector & !7));
+        Descriptor { raw }.load(selector)
+    }
+
+    fn gate64(ram: &Ram, vector: u8, target: u64, gate_type: u8, dpl: u8, ist: u8) {
+        let low = (target & 0xffff)
+            | 0x08 << 16
+            | u64::from(ist) << 32
+            | u64::from(gate_type) << 40
+            | u64::from(dpl) << 45
+            | 1 << 47
+            | (target & 0xffff_0000) << 32;
+        ram.poke(IDT + u64::from(vector) * 16, &low.to_le_bytes());
+        ram.poke(IDT + u64::from(vector) * 16 + 8, &(target >> 32).to_le_bytes());
+    }
+
+    fn gate32(ram: &Ram, vector: u8, target: u32, gate_type: u8, dpl: u8) {
+        let target = u64::from(target);
+        let gate = (target & 0xffff)
+            | 0x08 << 16
+            | u64::from(gate_type) << 40
+            | u64::from(dpl) << 45
+            | 1 << 47
+            | (target & 0xffff_0000) << 32;
+        ram.poke(IDT + u64::from(vector) * 8, &gate.to_le_bytes());
+    }
+
+    /// A 64-bit CPU at CPL `cpl` (paging off: linear = physical, which the completer allows).
+    fn long_cpu(ram: &Ram, cpl: u8) -> Cpu {
+        gdt(ram, true);
+        ram.poke(TSS + 4, &RSP0_TOP.to_le_bytes());
+        ram.poke(TSS + 0x24, &IST1_TOP.to_le_bytes());
+        let mut cpu = Cpu::default();
+        cpu.sregs.cr0 = CR0_PE;
+        cpu.sregs.cr4 = CR4_OSXSAVE;
+        cpu.sregs.efer = EFER_LME | EFER_LMA;
+        cpu.sregs.gdt = DescriptorTable {
+            base: GDT,
+            limit: 39,
+        };
+        cpu.sregs.idt = DescriptorTable {
+            base: IDT,
+            limit: 0xfff,
+        };
+        cpu.sregs.tr = SegmentRegister {
+            base: TSS,
+            limit: 0x67,
+            type_: 0xb,
+            present: true,
+            ..SegmentRegister::default()
+        };
+        let (cs, ss) = if cpl == 0 { (0x08, 0x10) } else { (0x1b, 0x23) };
+        cpu.sregs.cs = segment(ram, cs);
+        cpu.sregs.ss = segment(ram, ss);
+        cpu.regs.rip = CODE;
+        cpu.regs.rsp = STACK_TOP;
+        cpu.regs.rflags = 0x202;
+        cpu
+    }
+
+    fn encode(bitness: u32, ip: u64, instr: Instruction) -> Vec<u8> {
+        let mut encoder = Encoder::new(bitness);
+        encoder.encode(&instr, ip).expect("encodable");
+        encoder.take_buffer()
+    }
+
+    /// Places `instr` at RIP and completes it: the new state, or the error (state unchanged).
+    fn run(
+        ram: &Ram,
+        cpu: &Cpu,
+        ext: &mut Ext,
+        bitness: u32,
+        instr: Instruction,
+    ) -> Result<(Cpu, Kind, usize), CompleteError> {
+        let linear = cpu.sregs.cs.base + cpu.regs.rip;
+        let bytes = encode(bitness, cpu.regs.rip, instr);
+        ram.poke(linear, &bytes);
+        let mut after = *cpu;
+        let result = complete(&mut after, ram, ext);
+        if result.is_err() {
+            assert_eq!(after, *cpu, "a failed completion changed the registers");
+        }
+        result.map(|kind| (after, kind, bytes.len()))
+    }
+
+    fn with1(code: Code, op: MemoryOperand) -> Instruction {
+        Instruction::with1(code, op).unwrap()
+    }
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        /// Values with few or many bits set, zero, and single bits: the edges of bit counts.
+        fn interesting(&mut self) -> u64 {
+            match self.next() % 5 {
+                0 => 0,
+                1 => 1 << (self.next() % 64),
+                2 => self.next() & self.next() & self.next(),
+                3 => self.next() | self.next(),
+                _ => self.next(),
+            }
+        }
+    }
+
+    #[test]
+    fn bit_counts_match_rust_and_the_sdm_flags() {
+        let ram = Ram::new();
+        let mut ext = Ext::new();
+        let mut rng = Rng(0x1234_5678_9abc_def1);
+        let forms = [
+            (Code::Popcnt_r16_rm16, Register::AX, Register::BX, 16),
+            (Code::Popcnt_r32_rm32, Register::EAX, Register::EBX, 32),
+            (Code::Popcnt_r64_rm64, Register::RAX, Register::RBX, 64),
+            (Code::Lzcnt_r16_rm16, Register::AX, Register::BX, 16),
+            (Code::Lzcnt_r32_rm32, Register::EAX, Register::EBX, 32),
+            (Code::Lzcnt_r64_rm64, Register::RAX, Register::RBX, 64),
+            (Code::Tzcnt_r16_rm16, Register::AX, Register::BX, 16),
+            (Code::Tzcnt_r32_rm32, Register::EAX, Register::EBX, 32),
+            (Code::Tzcnt_r64_rm64, Register::RAX, Register::RBX, 64),
+        ];
+        for _ in 0..300 {
+            for &(code, dst, src, bits) in &forms {
+                let mut cpu = long_cpu(&ram, 0);
+                let value = rng.interesting();
+                let old_rax = rng.next();
+                cpu.regs.rax = old_rax;
+                cpu.regs.rbx = value;
+                cpu.regs.rflags = 0x2 | (rng.next() & 0x8d5);
+                let from_memory = rng.next() % 2 == 0;
+                let instr = if from_memory {
+                    ram.poke(DATA, &value.to_le_bytes());
+                    cpu.regs.rbx = DATA;
+                    Instruction::with2(code, dst, MemoryOperand::with_base(Register::RBX))
+                } else {
+                    Instruction::with2(code, dst, src)
+                }
+                .unwrap();
+                let (after, _, len) = run(&ram, &cpu, &mut ext, 64, instr).unwrap();
+                let source = value & size_mask(bits / 8);
+                let (expected, flags_changed, flags) = match code.mnemonic() {
+                    Mnemonic::Popcnt => (
+                        u64::from(source.count_ones()),
+                        0x8d5,
+                        if source == 0 { RFLAGS_ZF } else { 0 },
+                    ),
+                    Mnemonic::Lzcnt => {
+                        let n = match bits {
+                            16 => (source as u16).leading_zeros(),
+                            32 => (source as u32).leading_zeros(),
+                            _ => source.leading_zeros(),
+                        };
+                        let f = if source == 0 { RFLAGS_CF } else { 0 } | if n == 0 { RFLAGS_ZF } else { 0 };
+                        (u64::from(n), RFLAGS_CF | RFLAGS_ZF, f)
+                    }
+                    _ => {
+                        let n = match bits {
+                            16 => (source as u16).trailing_zeros(),
+                            32 => (source as u32).trailing_zeros(),
+                            _ => source.trailing_zeros(),
+                        };
+                        let f = if source == 0 { RFLAGS_CF } else { 0 } | if n == 0 { RFLAGS_ZF } else { 0 };
+                        (u64::from(n), RFLAGS_CF | RFLAGS_ZF, f)
+                    }
+                };
+                let expected_rax = match bits {
+                    16 => old_rax & !0xffff | expected,
+                    _ => expected,
+                };
+                assert_eq!(after.regs.rax, expected_rax, "{code:?} of {value:#x}");
+                assert_eq!(
+                    after.regs.rflags,
+                    cpu.regs.rflags & !flags_changed | flags,
+                    "{code:?} of {value:#x}: flags"
+                );
+                assert_eq!(after.regs.rip, CODE + len as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn int3_through_a_64_bit_interrupt_gate_at_cpl0() {
+        let ram = Ram::new();
+        let mut ext = Ext::new();
+        gate64(&ram, 3, 0xffff_ffff_8100_1234, GATE_INTERRUPT, 3, 0);
+        let mut cpu = long_cpu(&ram, 0);
+        cpu.regs.rsp = STACK_TOP - 8; // not 16-byte aligned: the frame is aligned down
+        cpu.regs.rflags = 0x202 | RFLAGS_TF | RFLAGS_NT | RFLAGS_AC;
+        let (after, kind, _) = run(&ram, &cpu, &mut ext, 64, Instruction::with(Code::Int3)).unwrap();
+        assert_eq!(kind, Kind::Int3);
+        assert_eq!(after.regs.rip, 0xffff_ffff_8100_1234);
+        assert_eq!(after.regs.rsp, STACK_TOP - 16 - 40);
+        let frame: Vec<u64> = (0..5).map(|i| ram.peek_u64(after.regs.rsp + i * 8)).collect();
+        assert_eq!(frame, [CODE + 1, 0x08, cpu.regs.rflags, STACK_TOP - 8, 0x10]);
+        // Interrupt gate: IF, TF and NT clear; AC stays.
+        assert_eq!(after.regs.rflags, 0x2 | RFLAGS_AC);
+        assert_eq!(after.sregs.cs.selector, 0x08);
+        assert_eq!(after.sregs.ss, cpu.sregs.ss);
+    }
+
+    #[test]
+    fn int_n_through_a_trap_gate_keeps_if_and_uses_the_ist_stack() {
+        let ram = Ram::new();
+        let mut ext = Ext::new();
+        gate64(&ram, 0x80, 0x5000, GATE_TRAP, 0, 1);
+        let cpu = long_cpu(&ram, 0);
+        let instr = Instruction::with1(Code::Int_imm8, 0x80u32).unwrap();
+        let (after, kind, _) = run(&ram, &cpu, &mut ext, 64, instr).unwrap();
+        assert_eq!(kind, Kind::IntN);
+        assert_eq!(after.regs.rsp, IST1_TOP - 40);
+        assert_eq!(ram.peek_u64(IST1_TOP - 40), CODE + 2);
+        assert_eq!(ram.peek_u64(IST1_TOP - 16), STACK_TOP);
+        assert_eq!(after.regs.rflags, 0x202);
+        assert_eq!(after.regs.rip, 0x5000);
+    }
+
+    #[test]
+    fn int3_from_cpl3_switches_to_the_tss_stack_and_a_null_ss() {
+        let ram = Ram::new();
+        let mut ext = Ext::new();
+        gate64(&ram, 3, 0x6000, GATE_INTERRUPT, 3, 0);
+        let cpu = long_cpu(&ram, 3);
+        let (after, _, _) = run(&ram, &cpu, &mut ext, 64, Instruction::with(Code::Int3)).unwrap();
+        assert_eq!(after.regs.rsp, RSP0_TOP - 40);
+        let frame: Vec<u64> = (0..5).map(|i| ram.peek_u64(after.regs.rsp + i * 8)).collect();
+        assert_eq!(frame, [CODE + 1, 0x1b, 0x202, STACK_TOP, 0x23]);
+        assert_eq!(after.sregs.cs.selector, 0x08);
+        assert_eq!(after.sregs.cs.dpl, 0);
+        assert_eq!(after.sregs.ss.selector, 0);
+        assert!(after.sregs.ss.unusable);
+        assert_eq!(after.sregs.cpl(), 0);
+    }
+
+    #[test]
+    fn software_interrupts_the_guest_may_not_take_are_refused() {
+        let ram = Ram::new();
+        let mut ext = Ext::new();
+        // DPL 0 gate from CPL 3: #GP.
+        gate64(&ram, 3, 0x6000, GATE_INTERRUPT, 0, 0);
+        let cpu = long_cpu(&ram, 3);
+        let err = run(&ram, &cpu, &mut ext, 64, Instruction::with(Code::Int3)).unwrap_err();
+        assert!(matches!(err, CompleteError::Fault { fault: "#GP", .. }), "{err}");
+        // Not present: #NP.
+        gate64(&ram, 4, 0x6000, GATE_INTERRUPT, 3, 0);
+        let mut raw = ram.peek_u64(IDT + 4 * 16);
+        raw &= !(1 << 47);
+        ram.poke(IDT + 4 * 16, &raw.to_le_bytes());
+        let cpu = long_cpu(&ram, 0);
+        let instr = Instruction::with1(Code::Int_imm8, 4u32).unwrap();
+        let err = run(&ram, &cpu, &mut ext, 64, instr).unwrap_err();
+        assert!(matches!(err, CompleteError::Fault { fault: "#NP", .. }), "{err}");
+        // Beyond the IDT limit: #GP.
+        let mut cpu = long_cpu(&ram, 0);
+        cpu.sregs.idt.limit = 3 * 16 + 14;
+        let err = run(&ram, &cpu, &mut ext, 64, Instruction::with(Code::Int3)).unwrap_err();
+        assert!(matches!(err, CompleteError::Fault { fault: "#GP", .. }), "{err}");
+        // A stack outside RAM: nothing is written, nothing changes.
+        gate64(&ram, 3, 0x6000, GATE_INTERRUPT, 3, 0);
+        let mut cpu = long_cpu(&ram, 0);
+        cpu.regs.rsp = RAM_BYTES as u64 + 0x1000;
+        let err = run(&ram, &cpu, &mut ext, 64, Instruction::with(Code::Int3)).unwrap_err();
+        assert!(matches!(err, CompleteError::Memory { .. }), "{err}");
+    }
+
+    fn protected_cpu(ram: &Ram, cpl: u8) -> Cpu {
+        let mut cpu = long_cpu(ram, cpl);
+        gdt(ram, false);
+        cpu.sregs.efer = 0;
+        let (cs, ss) = if cpl == 0 { (0x08, 0x10) } else { (0x1b, 0x23) };
+        cpu.sregs.cs = segment(ram, cs);
+        cpu.sregs.ss = segment(ram, ss);
+        // 32-bit TSS: ESP0 at 4, SS0 at 8.
+        ram.poke(TSS + 4, &(RSP0_TOP as u32).to_le_bytes());
+        ram.poke(TSS + 8, &0x10u32.to_le_bytes());
+        cpu
+    }
+
+    #[test]
+    fn int_n_through_32_bit_gates_with_and_without_a_privilege_change() {
+        let ram = Ram::new();
+        let mut ext = Ext::new();
+        gate32(&ram, 0x30, 0x7000, GATE_INTERRUPT, 3);
+        let instr = Instruction::with1(Code::Int_imm8, 0x30u32).unwrap();
+        let cpu = protected_cpu(&ram, 0);
+        let (after, _, _) = run(&ram, &cpu, &mut ext, 32, instr).unwrap();
+        assert_eq!(after.regs.rsp, STACK_TOP - 12);
+        let frame: Vec<u32> = (0..3).map(|i| ram.peek_u32(after.regs.rsp + i * 4)).collect();
+        assert_eq!(frame, [CODE as u32 + 2, 0x08, 0x202]);
+        assert_eq!(after.regs.rflags, 0x2);
+        assert_eq!(after.regs.rip, 0x7000);
+
+        let cpu = protected_cpu(&ram, 3);
+        let (after, _, _) = run(&ram, &cpu, &mut ext, 32, instr).unwrap();
+        assert_eq!(after.regs.rsp, RSP0_TOP - 20);
+        let frame: Vec<u32> = (0..5).map(|i| ram.peek_u32(after.regs.rsp + i * 4)).collect();
+        assert_eq!(frame, [CODE as u32 + 2, 0x1b, 0x202, STACK_TOP as u32, 0x23]);
+        assert_eq!(after.sregs.ss.selector, 0x10);
+        assert_eq!(after.sregs.cs.selector, 0x08);
+    }
+
+    #[test]
+    fn int_n_in_real_mode_goes_through_the_ivt() {
+        let ram = Ram::new();
+        let mut ext = Ext::new();
+        let mut cpu = Cpu::default();
+        cpu.sregs.idt = DescriptorTable {
+            base: 0,
+            limit: 0x3ff,
+        };
+        cpu.sregs.cs.selector = 0x100;
+        cpu.sregs.cs.base = 0x1000;
+        cpu.sregs.ss.base = 0x8000;
+        cpu.regs.rip = 0x10;
+        cpu.regs.rsp = 0x200;
+        cpu.regs.rflags = 0x202 | RFLAGS_TF;
+        ram.poke(0x21 * 4, &[0x34, 0x12, 0x00, 0x20]); // 2000:1234
+        let instr = Instruction::with1(Code::Int_imm8, 0x21u32).unwrap();
+        let (after, _, _) = run(&ram, &cpu, &mut ext, 16, instr).unwrap();
+        assert_eq!(after.regs.rip, 0x1234);
+        assert_eq!(after.sregs.cs.selector, 0x2000);
+        assert_eq!(after.sregs.cs.base, 0x20000);
+        assert_eq!(after.regs.rsp, 0x1fa);
+        assert_eq!(ram.peek(0x8000 + 0x1fa, 6), [0x12, 0x00, 0x00, 0x01, 0x02, 0x03]);
+        assert_eq!(after.regs.rflags, 0x2);
+    }
+
+    #[test]
+    fn into_traps_only_on_overflow_and_only_outside_64_bit_mode() {
+        let ram = Ram::new();
+        let mut ext = Ext::new();
+        gate32(&ram, 4, 0x7000, GATE_TRAP, 3);
+        let mut cpu = protected_cpu(&ram, 0);
+        let (after, _, _) = run(&ram, &cpu, &mut ext, 32, Instruction::with(Code::Into)).unwrap();
+        assert_eq!(after.regs.rip, CODE + 1);
+        cpu.regs.rflags |= RFLAGS_OF;
+        let (after, _, _) = run(&ram, &cpu, &mut ext, 32, Instruction::with(Code::Into)).unwrap();
+        assert_eq!(after.regs.rip, 0x7000);
+        let cpu = long_cpu(&ram, 0);
+        ram.poke(CODE, &[0xce]);
+        let mut after = cpu;
+        // 0xCE is invalid in 64-bit mode: the decoder refuses it.
+        assert!(complete(&mut after, &ram, &mut ext).is_err());
+    }
+
+    #[test]
+    fn cmpxchg16b_and_8b_swap_on_a_match_and_load_on_a_mismatch() {
+        let ram = Ram::new();
+        let mut ext = Ext::new();
+        let mut cpu = long_cpu(&ram, 0);
+        cpu.regs.rdi = DATA;
+        ram.poke(DATA, &[0x11; 8]);
+        ram.poke(DATA + 8, &[0x22; 8]);
+        cpu.regs.rax = 0x1111_1111_1111_1111;
+        cpu.regs.rdx = 0x2222_2222_2222_2222;
+        cpu.regs.rbx = 0xaaaa;
+        cpu.regs.rcx = 0xbbbb;
+        let instr = with1(Code::Cmpxchg16b_m128, MemoryOperand::with_base(Register::RDI));
+        let (after, kind, _) = run(&ram, &cpu, &mut ext, 64, instr).unwrap();
+        assert_eq!(kind, Kind::Cmpxchg16b);
+        assert_ne!(after.regs.rflags & RFLAGS_ZF, 0);
+        assert_eq!((ram.peek_u64(DATA), ram.peek_u64(DATA + 8)), (0xaaaa, 0xbbbb));
+        // Mismatch now: RDX:RAX get the memory, ZF clear, memory kept.
+        let (after, _, _) = run(&ram, &cpu, &mut ext, 64, instr).unwrap();
+        assert_eq!(after.regs.rflags & RFLAGS_ZF, 0);
+        assert_eq!((after.regs.rax, after.regs.rdx), (0xaaaa, 0xbbbb));
+        assert_eq!((ram.peek_u64(DATA), ram.peek_u64(DATA + 8)), (0xaaaa, 0xbbbb));
+        // Misaligned: #GP, refused.
+        let mut misaligned = cpu;
+        misaligned.regs.rdi = DATA + 8;
+        let err = run(&ram, &misaligned, &mut ext, 64, instr).unwrap_err();
+        assert!(matches!(err, CompleteError::Fault { fault: "#GP", .. }), "{err}");
+
+        // cmpxchg8b compares EDX:EAX; the upper halves of the 64-bit registers do not count.
+        cpu.regs.rdi = DATA + 4;
+        ram.poke(DATA + 4, &0x0000_0005_0000_0007u64.to_le_bytes());
+        cpu.regs.rax = 0xffff_ffff_0000_0007;
+        cpu.regs.rdx = 0xffff_ffff_0000_0005;
+        cpu.regs.rbx = 0x9;
+        cpu.regs.rcx = 0x8;
+        let instr = with1(Code::Cmpxchg8b_m64, MemoryOperand::with_base(Register::RDI));
+        let (after, _, _) = run(&ram, &cpu, &mut ext, 64, instr).unwrap();
+        assert_ne!(after.regs.rflags & RFLAGS_ZF, 0);
+        assert_eq!(ram.peek_u64(DATA + 4), 0x0000_0008_0000_0009);
+        let (after, _, _) = run(&ram, &cpu, &mut ext, 64, instr).unwrap();
+        assert_eq!((after.regs.rax, after.regs.rdx), (9, 8));
+    }
+
+    #[test]
+    fn fwait_waits_for_nothing_unless_an_unmasked_exception_is_pending() {
+        let ram = Ram::new();
+        let mut ext = Ext::new();
+        let cpu = long_cpu(&ram, 0);
+        let (after, kind, _) = run(&ram, &cpu, &mut ext, 64, Instruction::with(Code::Wait)).unwrap();
+        assert_eq!((kind, after.regs.rip), (Kind::Fwait, CODE + 1));
+        // Invalid-operation pending (FSW.IE) with IM masked: still nothing.
+        ext.area[XSAVE_HEADER] = 1;
+        ext.area[XSAVE_FSW] = 0x81;
+        run(&ram, &cpu, &mut ext, 64, Instruction::with(Code::Wait)).unwrap();
+        // Unmask it: #MF, refused.
+        ext.area[XSAVE_FCW] = 0x7e;
+        let err = run(&ram, &cpu, &mut ext, 64, Instruction::with(Code::Wait)).unwrap_err();
+        assert!(matches!(err, CompleteError::Fault { fault: "#MF", .. }), "{err}");
+        assert!(!ext.changed);
+    }
+
+    #[test]
+    fn clac_and_stac_flip_ac_in_ring_0_only() {
+        let ram = Ram::new();
+        let mut ext = Ext::new();
+        let cpu = long_cpu(&ram, 0);
+        let (after, _, _) = run(&ram, &cpu, &mut ext, 64, Instruction::with(Code::Stac)).unwrap();
+        assert_eq!(after.regs.rflags, 0x202 | RFLAGS_AC);
+        let (after, _, _) = run(&ram, &after, &mut ext, 64, Instruction::with(Code::Clac)).unwrap();
+        assert_eq!(after.regs.rflags, 0x202);
+        let user = long_cpu(&ram, 3);
+        assert!(run(&ram, &user, &mut ext, 64, Instruction::with(Code::Stac)).is_err());
+    }
+
+    #[test]
+    fn ldmxcsr_and_stmxcsr_go_through_the_xsave_image() {
+        let ram = Ram::new();
+        let mut ext = Ext::new();
+        let mut cpu = long_cpu(&ram, 0);
+        cpu.regs.rsi = DATA;
+        ram.poke(DATA, &0x9fc0u32.to_le_bytes());
+        let instr = with1(Code::Ldmxcsr_m32, MemoryOperand::with_base(Register::RSI));
+        run(&ram, &cpu, &mut ext, 64, instr).unwrap();
+        assert!(ext.changed);
+        assert_eq!(read_u32(&ext.area, XSAVE_MXCSR), 0x9fc0);
+        // SSE state must be live for the hypervisor to take MXCSR from the image.
+        assert_ne!(read_u64(&ext.area, XSAVE_HEADER) & SSE, 0);
+        let instr = with1(Code::Stmxcsr_m32, MemoryOperand::with_base_displ(Register::RSI, 8));
+        run(&ram, &cpu, &mut ext, 64, instr).unwrap();
+        assert_eq!(ram.peek_u32(DATA + 8), 0x9fc0);
+        // Reserved bits (beyond MXCSR_MASK): #GP, refused, the image unchanged.
+        ext.changed = false;
+        ram.poke(DATA, &0x1_0000u32.to_le_bytes());
+        let instr = with1(Code::Ldmxcsr_m32, MemoryOperand::with_base(Register::RSI));
+        let err = run(&ram, &cpu, &mut ext, 64, instr).unwrap_err();
+        assert!(matches!(err, CompleteError::Fault { fault: "#GP", .. }), "{err}");
+        assert!(!ext.changed);
+    }
+
+    /// An image with recognisable contents in every component.
+    fn patterned_ext() -> Ext {
+        let mut ext = Ext::new();
+        for (i, b) in ext.area.iter_mut().enumerate() {
+            *b = (i * 7 + 3) as u8;
+        }
+        ext.area[XSAVE_MXCSR..XSAVE_MXCSR + 4].copy_from_slice(&0x1f80u32.to_le_bytes());
+        ext.area[XSAVE_MXCSR_MASK..XSAVE_MXCSR_MASK + 4].copy_from_slice(&0xffffu32.to_le_bytes());
+        ext.area[XSAVE_HEADER..XSAVE_EXTENDED].fill(0);
+        write_u64(&mut ext.area, XSAVE_HEADER, X87 | SSE | YMM | 1 << 5);
+        ext
+    }
+
+    #[test]
+    fn xsave_then_xrstor_round_trips_in_the_standard_format() {
+        let ram = Ram::new();
+        let saved = patterned_ext();
+        let mut ext = patterned_ext();
+        let mut cpu = long_cpu(&ram, 0);
+        cpu.regs.rdi = DATA;
+        cpu.regs.rax = u64::from(u32::MAX);
+        cpu.regs.rdx = u64::from(u32::MAX);
+        let instr = with1(Code::Xsave64_mem, MemoryOperand::with_base(Register::RDI));
+        let (_, kind, _) = run(&ram, &cpu, &mut ext, 64, instr).unwrap();
+        assert_eq!(kind, Kind::Xsave);
+        assert!(!ext.changed);
+        assert_eq!(ram.peek(DATA, 416), saved.area[..416]);
+        assert_eq!(ram.peek(DATA + 576, 256), saved.area[576..832]);
+        assert_eq!(ram.peek(DATA + 1088, 64), saved.area[1088..1152]);
+        assert_eq!(ram.peek_u64(DATA + 512), X87 | SSE | YMM | 1 << 5);
+        assert_eq!(ram.peek_u64(DATA + 520), 0);
+
+        // Wipe the vCPU's state, then restore it from memory.
+        ext.area[..416].fill(0);
+        ext.area[576..1152].fill(0);
+        ext.area[XSAVE_MXCSR_MASK..XSAVE_MXCSR_MASK + 4].copy_from_slice(&0xffffu32.to_le_bytes());
+        let instr = with1(Code::Xrstor64_mem, MemoryOperand::with_base(Register::RDI));
+        let (_, kind, _) = run(&ram, &cpu, &mut ext, 64, instr).unwrap();
+        assert_eq!(kind, Kind::Xrstor);
+        assert!(ext.changed);
+        assert_eq!(ext.area[..416], saved.area[..416]);
+        assert_eq!(ext.area[576..832], saved.area[576..832]);
+        assert_eq!(ext.area[1088..1152], saved.area[1088..1152]);
+    }
+
+    #[test]
+    fn xrstor_puts_components_absent_from_xstate_bv_in_their_initial_state() {
+        let ram = Ram::new();
+        let mut ext = patterned_ext();
+        let mut cpu = long_cpu(&ram, 0);
+        cpu.regs.rdi = DATA;
+        cpu.regs.rax = YMM | SSE; // only AVX and SSE are requested
+        ram.poke(DATA + 512, &SSE.to_le_bytes()); // XSTATE_BV: SSE only
+        ram.poke(DATA + XSAVE_MXCSR as u64, &0x1f80u32.to_le_bytes());
+        let x87_before = ext.area[..24].to_vec();
+        let instr = with1(Code::Xrstor64_mem, MemoryOperand::with_base(Register::RDI));
+        run(&ram, &cpu, &mut ext, 64, instr).unwrap();
+        assert!(ext.area[576..832].iter().all(|&b| b == 0), "AVX state initialised");
+        assert_eq!(ext.area[..24], x87_before[..], "x87 not requested: untouched");
+        let bv = read_u64(&ext.area, XSAVE_HEADER);
+        assert_eq!(bv & (X87 | SSE | YMM), X87 | SSE);
+    }
+
+    #[test]
+    fn xsavec_packs_components_and_xrstor_reads_the_compacted_form() {
+        let ram = Ram::new();
+        let saved = patterned_ext();
+        let mut ext = patterned_ext();
+        let mut cpu = long_cpu(&ram, 0);
+        cpu.regs.rdi = DATA;
+        cpu.regs.rax = X87 | SSE | YMM | 1 << 5;
+        let instr = with1(Code::Xsavec64_mem, MemoryOperand::with_base(Register::RDI));
+        run(&ram, &cpu, &mut ext, 64, instr).unwrap();
+        assert_eq!(
+            ram.peek_u64(DATA + 520),
+            XCOMP_BV_COMPACTED | X87 | SSE | YMM | 1 << 5
+        );
+        // AVX at 576 (256 bytes), then component 5 aligned up from 832 to 832 (already 64).
+        assert_eq!(ram.peek(DATA + 576, 256), saved.area[576..832]);
+        assert_eq!(ram.peek(DATA + 832, 64), saved.area[1088..1152]);
+
+        ext.area[576..1152].fill(0);
+        let instr = with1(Code::Xrstor64_mem, MemoryOperand::with_base(Register::RDI));
+        run(&ram, &cpu, &mut ext, 64, instr).unwrap();
+        assert_eq!(ext.area[576..832], saved.area[576..832]);
+        assert_eq!(ext.area[1088..1152], saved.area[1088..1152]);
+    }
+
+    #[test]
+    fn xsave_family_refuses_what_would_fault() {
+        let ram = Ram::new();
+        let mut ext = patterned_ext();
+        let mut cpu = long_cpu(&ram, 0);
+        cpu.regs.rax = u64::from(u32::MAX);
+        cpu.regs.rdi = DATA + 16; // not 64-byte aligned
+        let xsave = with1(Code::Xsave64_mem, MemoryOperand::with_base(Register::RDI));
+        let err = run(&ram, &cpu, &mut ext, 64, xsave).unwrap_err();
+        assert!(matches!(err, CompleteError::Fault { fault: "#GP", .. }), "{err}");
+        // XSTATE_BV naming a component XCR0 disables.
+        cpu.regs.rdi = DATA;
+        ram.poke(DATA + 512, &(1u64 << 9).to_le_bytes());
+        let xrstor = with1(Code::Xrstor64_mem, MemoryOperand::with_base(Register::RDI));
+        let err = run(&ram, &cpu, &mut ext, 64, xrstor).unwrap_err();
+        assert!(matches!(err, CompleteError::Fault { fault: "#GP", .. }), "{err}");
+        // Reserved header bytes.
+        ram.poke(DATA + 512, &[0u8; 64]);
+        ram.poke(DATA + 512 + 20, &[1]);
+        let err = run(&ram, &cpu, &mut ext, 64, xrstor).unwrap_err();
+        assert!(matches!(err, CompleteError::Fault { fault: "#GP", .. }), "{err}");
+        // CR4.OSXSAVE clear: #UD.
+        ram.poke(DATA + 512, &[0u8; 64]);
+        cpu.sregs.cr4 = 0;
+        let err = run(&ram, &cpu, &mut ext, 64, xrstor).unwrap_err();
+        assert!(matches!(err, CompleteError::Fault { fault: "#UD", .. }), "{err}");
+        assert!(!ext.changed);
+    }
+
+    #[test]
+    fn fxsave_and_fxrstor_round_trip_the_legacy_region() {
+        let ram = Ram::new();
+        let saved = patterned_ext();
+        let mut ext = patterned_ext();
+        let mut cpu = long_cpu(&ram, 0);
+        cpu.regs.rbx = DATA;
+        let fxsave = with1(Code::Fxsave64_m512byte, MemoryOperand::with_base(Register::RBX));
+        run(&ram, &cpu, &mut ext, 64, fxsave).unwrap();
+        assert_eq!(ram.peek(DATA, 416), saved.area[..416]);
+        // Wipe the registers; MXCSR_MASK is the processor's, not state.
+        ext.area[..XSAVE_MXCSR_MASK].fill(0);
+        ext.area[XSAVE_MXCSR_MASK + 4..416].fill(0);
+        let fxrstor = with1(Code::Fxrstor64_m512byte, MemoryOperand::with_base(Register::RBX));
+        run(&ram, &cpu, &mut ext, 64, fxrstor).unwrap();
+        assert_eq!(ext.area[..416], saved.area[..416]);
+    }
+
+    #[test]
+    fn xgetbv_and_xsetbv_use_xcr0() {
+        let ram = Ram::new();
+        let mut ext = Ext::new();
+        let mut cpu = long_cpu(&ram, 0);
+        let (after, _, _) = run(&ram, &cpu, &mut ext, 64, Instruction::with(Code::Xgetbv)).unwrap();
+        assert_eq!((after.regs.rax, after.regs.rdx), (ext.xcr0, 0));
+        cpu.regs.rax = X87 | SSE;
+        run(&ram, &cpu, &mut ext, 64, Instruction::with(Code::Xsetbv)).unwrap();
+        assert_eq!(ext.xcr0, X87 | SSE);
+        cpu.regs.rax = YMM;
+        assert!(run(&ram, &cpu, &mut ext, 64, Instruction::with(Code::Xsetbv)).is_err());
+    }
+
+    #[test]
+    fn the_instruction_is_fetched_through_4_level_paging() {
+        let ram = Ram::new();
+        let mut ext = Ext::new();
+        let mut cpu = long_cpu(&ram, 0);
+        // CR3 0x100000: PML4[511] -> PDPT 0x101000, PDPT[510] -> PD 0x102000, PD[8] -> a 2 MiB
+        // page at 0x200000. Linear 0xffffffff81000000 + x -> 0x200000 + x.
+        let present_rw = 0x3;
+        ram.poke(0x10_0000 + 511 * 8, &(0x10_1000u64 | present_rw).to_le_bytes());
+        ram.poke(0x10_1000 + 510 * 8, &(0x10_2000u64 | present_rw).to_le_bytes());
+        ram.poke(0x10_2000 + 8 * 8, &(0x20_0000u64 | present_rw | 0x80).to_le_bytes());
+        cpu.sregs.cr0 |= CR0_PG;
+        cpu.sregs.cr4 |= CR4_PAE;
+        cpu.sregs.cr3 = 0x10_0000;
+        cpu.regs.rip = 0xffff_ffff_8100_0ffe; // the instruction straddles nothing: 2 MiB page
+        let bytes = encode(64, cpu.regs.rip, Instruction::with(Code::Stac));
+        ram.poke(0x20_0ffe, &bytes);
+        let mut after = cpu;
+        assert_eq!(complete(&mut after, &ram, &mut ext), Ok(Kind::Stac));
+        assert_eq!(after.regs.rip, 0xffff_ffff_8100_1001);
+        // An unmapped RIP: a fetch error, nothing changes.
+        cpu.regs.rip = 0xffff_8000_0000_0000;
+        let mut after = cpu;
+        assert!(matches!(
+            complete(&mut after, &ram, &mut ext),
+            Err(CompleteError::Fetch { .. })
+        ));
+        assert_eq!(after, cpu);
+    }
+
+    #[test]
+    fn other_instructions_are_not_completed() {
+        let ram = Ram::new();
+        let mut ext = Ext::new();
+        let cpu = long_cpu(&ram, 0);
+        let instr = Instruction::with2(Code::Mov_r64_rm64, Register::RAX, Register::RBX).unwrap();
+        let err = run(&ram, &cpu, &mut ext, 64, instr).unwrap_err();
+        assert_eq!(
+            err,
+            CompleteError::Unsupported {
+                mnemonic: Mnemonic::Mov
+            }
+        );
+    }
+
+    #[test]
+    fn random_bytes_and_registers_never_panic() {
+        let ram = Ram::new();
+        let mut rng = Rng(0xfeed_f00d_dead_beef);
+        for round in 0..20_000 {
+            let mut ext = patterned_ext();
+            let mut cpu = if round % 3 == 0 {
+                protected_cpu(&ram, (round % 2 * 3) as u8)
+            } else {
+                long_cpu(&ram, (round % 2 * 3) as u8)
+            };
+            for reg in [
+                &mut cpu.regs.rax,
+                &mut cpu.regs.rbx,
+                &mut cpu.regs.rcx,
+                &mut cpu.regs.rdx,
+                &mut cpu.regs.rsi,
+                &mut cpu.regs.rdi,
+                &mut cpu.regs.rsp,
+            ] {
+                *reg = if rng.next() % 2 == 0 { rng.next() } else { rng.next() % RAM_BYTES as u64 };
+            }
+            cpu.sregs.idt.base = rng.next() % (RAM_BYTES as u64 * 2);
+            cpu.sregs.tr.base = rng.next() % (RAM_BYTES as u64 * 2);
+            let mut bytes = [0u8; 15];
+            for b in &mut bytes {
+                *b = rng.next() as u8;
+            }
+            // Prefer the opcodes this module completes.
+            let openers: [&[u8]; 8] = [
+                &[0xcc],
+                &[0xcd],
+                &[0x0f, 0xae],
+                &[0x48, 0x0f, 0xc7],
+                &[0xf3, 0x0f, 0xb8],
+                &[0x9b],
+                &[0x0f, 0x01],
+                &[0x48, 0x0f, 0xae],
+            ];
+            let opener = openers[(rng.next() % 8) as usize];
+            bytes[..opener.len()].copy_from_slice(opener);
+            ram.poke(CODE, &bytes);
+            let mut after = cpu;
+            if complete(&mut after, &ram, &mut ext).is_err() {
+                assert_eq!(after, cpu);
+            }
+        }
+    }
+}
