@@ -13,6 +13,8 @@
 //! [`CompleteError::Fault`], so the VMM stops with a diagnostic instead of corrupting the
 //! guest. Segment limits and canonical-address checks are not modelled. No allocation.
 
+mod simd;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
@@ -87,10 +89,14 @@ pub enum Kind {
     Xrstors,
     Xgetbv,
     Xsetbv,
+    /// Integer SSE on XMM registers (the kernel's SSSE3 BLAKE2s).
+    Sse,
+    /// VEX/EVEX integer vector instructions (the kernel's AVX-512VL BLAKE2s).
+    Avx,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 23] = [
+    pub const ALL: [Kind; 25] = [
         Kind::Int3,
         Kind::IntN,
         Kind::Into,
@@ -114,6 +120,8 @@ impl Kind {
         Kind::Xrstors,
         Kind::Xgetbv,
         Kind::Xsetbv,
+        Kind::Sse,
+        Kind::Avx,
     ];
 
     pub fn name(self) -> &'static str {
@@ -141,6 +149,8 @@ impl Kind {
             Kind::Xrstors => "xrstors",
             Kind::Xgetbv => "xgetbv",
             Kind::Xsetbv => "xsetbv",
+            Kind::Sse => "sse",
+            Kind::Avx => "avx",
         }
     }
 
@@ -331,9 +341,12 @@ pub fn complete(
             bytes: InstructionBytes::new(&bytes[..fetched]),
         });
     }
-    let kind = Kind::of(instr.mnemonic()).ok_or(CompleteError::Unsupported {
-        mnemonic: instr.mnemonic(),
-    })?;
+    let kind = Kind::of(instr.mnemonic());
+    if kind.is_none() && !simd::is_simd(instr.mnemonic()) {
+        return Err(CompleteError::Unsupported {
+            mnemonic: instr.mnemonic(),
+        });
+    }
     let mut next = *cpu;
     next.regs.rip = next_ip(cpu.regs.rip, instr.len(), mode);
     let mut op = Op {
@@ -342,7 +355,13 @@ pub fn complete(
         instr: &instr,
         mode,
     };
-    op.run(kind, ext)?;
+    let kind = match kind {
+        Some(kind) => {
+            op.run(kind, ext)?;
+            kind
+        }
+        None => op.complete_simd(ext)?,
+    };
     *cpu = next;
     Ok(kind)
 }
@@ -565,6 +584,7 @@ impl Op<'_> {
             Kind::Xrstor | Kind::Xrstors => self.xrstor(kind == Kind::Xrstors, ext),
             Kind::Xgetbv => self.xgetbv(ext),
             Kind::Xsetbv => self.xsetbv(ext),
+            Kind::Sse | Kind::Avx => self.complete_simd(ext).map(|_| ()),
         }
     }
 
@@ -2338,5 +2358,228 @@ mod tests {
                 assert_eq!(after, cpu);
             }
         }
+    }
+
+    /// XMM/YMM register `n` of the test image (the AVX half at 576).
+    fn vector(ext: &Ext, n: usize) -> [u32; 8] {
+        let mut v = [0u32; 8];
+        for (i, slot) in v.iter_mut().enumerate() {
+            let at = if i < 4 {
+                160 + 16 * n + 4 * i
+            } else {
+                576 + 16 * n + 4 * (i - 4)
+            };
+            *slot = read_u32(&ext.area, at);
+        }
+        v
+    }
+
+    fn set_vector(ext: &mut Ext, n: usize, v: [u32; 8]) {
+        for (i, value) in v.iter().enumerate() {
+            let at = if i < 4 {
+                160 + 16 * n + 4 * i
+            } else {
+                576 + 16 * n + 4 * (i - 4)
+            };
+            ext.area[at..at + 4].copy_from_slice(&value.to_le_bytes());
+        }
+        let bv = read_u64(&ext.area, XSAVE_HEADER) | SSE | YMM;
+        write_u64(&mut ext.area, XSAVE_HEADER, bv);
+    }
+
+    fn simd_cpu(ram: &Ram) -> Cpu {
+        let mut cpu = long_cpu(ram, 0);
+        cpu.sregs.cr4 |= 1 << 9; // OSFXSR
+        cpu
+    }
+
+    fn random_vector(rng: &mut Rng) -> [u32; 8] {
+        std::array::from_fn(|_| rng.next() as u32)
+    }
+
+    #[test]
+    fn blake2s_vector_instructions_match_a_lane_by_lane_oracle() {
+        let ram = Ram::new();
+        let mut rng = Rng(0x5eed_1234_abcd_0001);
+        use Register::*;
+        for _ in 0..50 {
+            let mut ext = Ext::new();
+            let cpu = simd_cpu(&ram);
+            let (x1, x2, x3) = (
+                random_vector(&mut rng),
+                random_vector(&mut rng),
+                random_vector(&mut rng),
+            );
+            set_vector(&mut ext, 1, x1);
+            set_vector(&mut ext, 2, x2);
+            set_vector(&mut ext, 3, x3);
+            let imm = rng.next() as u32 & 0xff;
+            let shift = imm % 32;
+            let cases: Vec<(Instruction, [u32; 8])> = vec![
+                (
+                    Instruction::with3(Code::VEX_Vpaddd_xmm_xmm_xmmm128, XMM0, XMM1, XMM2).unwrap(),
+                    std::array::from_fn(|i| if i < 4 { x1[i].wrapping_add(x2[i]) } else { 0 }),
+                ),
+                (
+                    Instruction::with3(Code::VEX_Vpxor_ymm_ymm_ymmm256, YMM0, YMM1, YMM2).unwrap(),
+                    std::array::from_fn(|i| x1[i] ^ x2[i]),
+                ),
+                (
+                    Instruction::with3(
+                        Code::EVEX_Vprord_xmm_k1z_xmmm128b32_imm8,
+                        XMM0,
+                        XMM1,
+                        shift,
+                    )
+                    .unwrap(),
+                    std::array::from_fn(|i| if i < 4 { x1[i].rotate_right(shift) } else { 0 }),
+                ),
+                (
+                    Instruction::with3(Code::VEX_Vpshufd_xmm_xmmm128_imm8, XMM0, XMM1, imm)
+                        .unwrap(),
+                    std::array::from_fn(|i| {
+                        if i < 4 {
+                            x1[(imm >> (2 * i) & 3) as usize]
+                        } else {
+                            0
+                        }
+                    }),
+                ),
+                (
+                    Instruction::with3(Code::VEX_Vextracti128_xmmm128_ymm_imm8, XMM0, YMM1, 1u32)
+                        .unwrap(),
+                    std::array::from_fn(|i| if i < 4 { x1[i + 4] } else { 0 }),
+                ),
+                (
+                    Instruction::with2(Code::VEX_Vmovdqa_ymm_ymmm256, YMM0, YMM3).unwrap(),
+                    x3,
+                ),
+                (
+                    // Legacy SSE: the upper half of YMM0 (x3's copy below) is kept.
+                    Instruction::with2(Code::Paddd_xmm_xmmm128, XMM3, XMM1).unwrap(),
+                    std::array::from_fn(|i| {
+                        if i < 4 {
+                            x3[i].wrapping_add(x1[i])
+                        } else {
+                            x3[i]
+                        }
+                    }),
+                ),
+            ];
+            for (instr, want) in cases {
+                let mut ext = Ext::new();
+                set_vector(&mut ext, 1, x1);
+                set_vector(&mut ext, 2, x2);
+                set_vector(&mut ext, 3, x3);
+                set_vector(&mut ext, 0, x3);
+                let dst = instr.op0_register().number();
+                run(&ram, &cpu, &mut ext, 64, instr).unwrap_or_else(|e| panic!("{instr}: {e}"));
+                assert_eq!(vector(&ext, dst), want, "{instr}");
+                assert!(ext.changed);
+            }
+            // VPERMI2D ymm0 (indexes), ymm1, ymm2: index i picks from the 16 dwords of ymm1:ymm2.
+            let mut ext = Ext::new();
+            let indexes: [u32; 8] = std::array::from_fn(|_| rng.next() as u32);
+            set_vector(&mut ext, 0, indexes);
+            set_vector(&mut ext, 1, x1);
+            set_vector(&mut ext, 2, x2);
+            let instr =
+                Instruction::with3(Code::EVEX_Vpermi2d_ymm_k1z_ymm_ymmm256b32, YMM0, YMM1, YMM2)
+                    .unwrap();
+            run(&ram, &cpu, &mut ext, 64, instr).unwrap();
+            let want: [u32; 8] = std::array::from_fn(|i| {
+                let pick = (indexes[i] & 15) as usize;
+                if pick < 8 {
+                    x1[pick]
+                } else {
+                    x2[pick - 8]
+                }
+            });
+            assert_eq!(vector(&ext, 0), want);
+            // PSHUFB xmm1, xmm2 (SSSE3): bytes picked by the low nibble, zero where bit 7 is set.
+            let mut ext = Ext::new();
+            set_vector(&mut ext, 1, x1);
+            set_vector(&mut ext, 2, x2);
+            let instr = Instruction::with2(Code::Pshufb_xmm_xmmm128, XMM1, XMM2).unwrap();
+            run(&ram, &cpu, &mut ext, 64, instr).unwrap();
+            let bytes =
+                |v: [u32; 8]| -> Vec<u8> { v[..4].iter().flat_map(|d| d.to_le_bytes()).collect() };
+            let (a, control) = (bytes(x1), bytes(x2));
+            let want: Vec<u8> = control
+                .iter()
+                .map(|&c| {
+                    if c & 0x80 != 0 {
+                        0
+                    } else {
+                        a[usize::from(c & 15)]
+                    }
+                })
+                .collect();
+            assert_eq!(bytes(vector(&ext, 1)), want);
+        }
+    }
+
+    #[test]
+    fn vector_moves_reach_memory_and_vzeroupper_clears_the_upper_halves() {
+        let ram = Ram::new();
+        let mut ext = Ext::new();
+        let mut cpu = simd_cpu(&ram);
+        cpu.regs.rdi = DATA;
+        let pattern: [u32; 8] = std::array::from_fn(|i| 0x1111_1111 * (i as u32 + 1));
+        set_vector(&mut ext, 5, pattern);
+        let store = Instruction::with2(
+            Code::VEX_Vmovdqu_ymmm256_ymm,
+            MemoryOperand::with_base(Register::RDI),
+            Register::YMM5,
+        )
+        .unwrap();
+        run(&ram, &cpu, &mut ext, 64, store).unwrap();
+        let stored: Vec<u32> = (0..8).map(|i| ram.peek_u32(DATA + 4 * i)).collect();
+        assert_eq!(stored, pattern);
+        let load = Instruction::with2(
+            Code::VEX_Vmovdqu_xmm_xmmm128,
+            Register::XMM6,
+            MemoryOperand::with_base(Register::RDI),
+        )
+        .unwrap();
+        set_vector(&mut ext, 6, [9; 8]);
+        run(&ram, &cpu, &mut ext, 64, load).unwrap();
+        assert_eq!(
+            vector(&ext, 6),
+            [pattern[0], pattern[1], pattern[2], pattern[3], 0, 0, 0, 0]
+        );
+        // MOVDQA of a misaligned operand faults.
+        cpu.regs.rdi = DATA + 4;
+        let aligned = Instruction::with2(
+            Code::Movdqa_xmm_xmmm128,
+            Register::XMM6,
+            MemoryOperand::with_base(Register::RDI),
+        )
+        .unwrap();
+        let err = run(&ram, &cpu, &mut ext, 64, aligned).unwrap_err();
+        assert!(
+            matches!(err, CompleteError::Fault { fault: "#GP", .. }),
+            "{err}"
+        );
+        run(
+            &ram,
+            &cpu,
+            &mut ext,
+            64,
+            Instruction::with(Code::VEX_Vzeroupper),
+        )
+        .unwrap();
+        assert_eq!(vector(&ext, 5)[4..], [0, 0, 0, 0]);
+        assert_eq!(vector(&ext, 5)[..4], pattern[..4]);
+        // Masked EVEX forms are not completed.
+        let mut masked = Instruction::with3(
+            Code::EVEX_Vprord_xmm_k1z_xmmm128b32_imm8,
+            Register::XMM0,
+            Register::XMM1,
+            3u32,
+        )
+        .unwrap();
+        masked.set_op_mask(Register::K1);
+        assert!(run(&ram, &cpu, &mut ext, 64, masked).is_err());
     }
 }
