@@ -5,12 +5,12 @@
 //! config; `vmm` builds and runs the machine; `hv` abstracts the hypervisor; `devices` holds
 //! the emulated hardware; `boot` loads guests; `tables` describes the machine to them.
 
+pub mod arch;
 pub mod block;
-pub mod boot;
 pub mod cli;
 pub mod devices;
 pub mod hv;
 pub mod intc;
+pub mod memory;
 pub mod net;
-pub mod tables;
 pub mod vmm;

@@ -8,12 +8,12 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::control::Control;
 use super::exit::StopReason;
-use super::memory::{self, GuestMemory};
 use super::vcpu::VcpuContext;
 use super::{host, pidfile, signals};
 use crate::cli::VmConfig;
 use crate::hv::cpuid::CpuidPolicy;
 use crate::hv::{self, HvError, IrqChipMode, Vcpu, Vm, VmOptions};
+use crate::memory::{self, GuestMemory};
 
 /// How often the main thread asks whether every vCPU is halted.
 const HALT_POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -76,7 +76,7 @@ pub fn run(config: &VmConfig) -> Result<i32, VmmError> {
             vcpu.set_regs(&platform.boot.regs)?;
         }
         // After the segment registers, whose APIC base the MSRs then refine (x2APIC, -x).
-        vcpu.set_msrs(&boot_msrs(id, config.x2apic))?;
+        vcpu.set_msrs(&crate::arch::x86_64::msrs::boot_msrs(id, config.x2apic))?;
         vcpus.push(vcpu);
     }
 
@@ -205,43 +205,6 @@ fn check_pins(config: &VmConfig) -> Result<Vec<Option<u32>>, VmmError> {
     Ok(pins)
 }
 
-const MSR_IA32_APIC_BASE: u32 = 0x1b;
-const MSR_IA32_SYSENTER_CS: u32 = 0x174;
-const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
-const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
-const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
-const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
-const MSR_STAR: u32 = 0xc000_0081;
-const MSR_LSTAR: u32 = 0xc000_0082;
-const MSR_CSTAR: u32 = 0xc000_0083;
-const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
-const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
-
-/// MSRs as firmware leaves them at boot: fast strings on, MTRRs on with write-back default,
-/// syscall MSRs clear, and the APIC base (in x2APIC mode with `-x`).
-fn boot_msrs(id: u8, x2apic: bool) -> Vec<(u32, u64)> {
-    let mut apic_base = memory::LAPIC_BASE | (1 << 11);
-    if id == 0 {
-        apic_base |= 1 << 8;
-    }
-    if x2apic {
-        apic_base |= 1 << 10;
-    }
-    vec![
-        (MSR_IA32_SYSENTER_CS, 0),
-        (MSR_IA32_SYSENTER_ESP, 0),
-        (MSR_IA32_SYSENTER_EIP, 0),
-        (MSR_STAR, 0),
-        (MSR_LSTAR, 0),
-        (MSR_CSTAR, 0),
-        (MSR_SYSCALL_MASK, 0),
-        (MSR_KERNEL_GS_BASE, 0),
-        (MSR_IA32_MISC_ENABLE, 1),
-        (MSR_MTRR_DEF_TYPE, (1 << 11) | 6),
-        (MSR_IA32_APIC_BASE, apic_base),
-    ]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,19 +231,5 @@ mod tests {
         let err = parse_irqchip_mode("kernel", true).unwrap_err().to_string();
         assert!(err.contains("no in-kernel irqchip"), "{err}");
         assert!(parse_irqchip_mode("usr", true).is_err());
-    }
-
-    #[test]
-    fn apic_base_marks_the_bsp_and_x2apic() {
-        let base = |id, x2| {
-            boot_msrs(id, x2)
-                .into_iter()
-                .find(|&(i, _)| i == MSR_IA32_APIC_BASE)
-                .unwrap()
-                .1
-        };
-        assert_eq!(base(0, false), 0xfee0_0900);
-        assert_eq!(base(1, false), 0xfee0_0800);
-        assert_eq!(base(0, true), 0xfee0_0d00);
     }
 }

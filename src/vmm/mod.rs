@@ -8,7 +8,7 @@ pub mod exit;
 mod host;
 pub mod interrupts;
 mod machine;
-pub mod memory;
+
 pub mod pidfile;
 mod platform;
 pub mod signals;

@@ -7,10 +7,11 @@ use super::control::Control;
 use super::doorbells::DoorbellServer;
 use super::interrupts::InterruptBackend;
 use super::machine::VmmError;
-use super::memory::{self, GuestMemory};
 use super::timers::TimerService;
 use super::user_irqchip::{IoApicMmio, LapicTimers, PicPorts, PitDevice, UserIrqChip};
-use crate::boot::{self, BootSetup};
+use crate::arch::x86_64::boot::{self, BootSetup};
+use crate::arch::x86_64::layout;
+use crate::arch::x86_64::tables::{self, MachineDescription, PciIntxRoute};
 use crate::cli::{PciDeviceKind, VmConfig};
 use crate::devices::bus::{lock, Bus, BusDevice};
 use crate::devices::doorbell::Doorbells;
@@ -32,7 +33,7 @@ use crate::intc::hpet::{Hpet, HPET_BASE, HPET_LEN};
 use crate::intc::ioapic::{IOAPIC_BASE, IOAPIC_SIZE};
 use crate::intc::pic::{ELCR_PORT, MASTER_PORT, SLAVE_PORT};
 use crate::intc::pit::{Pit, PIT_PORT, SPEAKER_PORT};
-use crate::tables::{self, MachineDescription, PciIntxRoute};
+use crate::memory::GuestMemory;
 
 /// What the run loop needs from the built platform.
 pub struct Platform {
@@ -113,15 +114,15 @@ pub fn build(
     insert(
         &mmio_bus,
         PciEcam::new(pci),
-        memory::PCI_ECAM_BASE,
-        memory::PCI_ECAM_SIZE,
+        layout::PCI_ECAM_BASE,
+        layout::PCI_ECAM_SIZE,
     )?;
 
     // Neither irqchip mode has an RTC in the kernel: ours raises IRQ 8 from the timer thread.
     let rtc = Rtc::with_host_clock(
         config.rtc_utc,
-        memory::lowmem_size(config.memory_bytes),
-        memory::highmem_size(config.memory_bytes),
+        layout::lowmem_size(config.memory_bytes),
+        layout::highmem_size(config.memory_bytes),
     )
     .with_interrupts(clock.clone(), line(RTC_GSI));
     insert(

@@ -8,12 +8,12 @@ use std::sync::Arc;
 use super::control::Control;
 use super::diagnostics;
 use super::exit::StopReason;
-use super::memory::GuestMemory;
 use super::user_irqchip::{EntryStep, UserIrqChip};
 use crate::devices::bus::Bus;
 use crate::devices::power::PowerEvent;
 use crate::hv::regs::{SegmentRegister, RFLAGS_IF};
 use crate::hv::{SystemEvent, Vcpu, VmExit};
+use crate::memory::GuestMemory;
 
 /// What every vCPU thread shares.
 pub struct VcpuContext {

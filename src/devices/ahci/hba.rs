@@ -18,7 +18,7 @@ use crate::devices::pci::msi::Msi;
 use crate::devices::pci::{
     BarKind, BarSpec, ConfigSpace, ConfigSpaceError, PciDevice, PciIds, COMMAND_INTX_DISABLE,
 };
-use crate::vmm::memory::GuestMemory;
+use crate::memory::GuestMemory;
 use vm_memory::{Bytes, GuestAddress};
 
 /// The ABAR: the HBA's memory BAR.

@@ -83,7 +83,7 @@ impl BusDevice for PciConfigIo {
 }
 
 /// PCI Express enhanced configuration access (MMCONFIG) for bus 0: 4 KiB per function.
-/// Insert at `vmm::memory::PCI_ECAM_BASE` with length `PCI_ECAM_SIZE`.
+/// Insert at `arch::x86_64::layout::PCI_ECAM_BASE` with length `PCI_ECAM_SIZE`.
 pub struct PciEcam {
     bus: Arc<PciBus>,
 }
@@ -124,10 +124,10 @@ impl BusDevice for PciEcam {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::arch::x86_64::layout::{PCI_ECAM_BASE, PCI_ECAM_SIZE};
     use crate::cli::{PciDeviceConfig, PciDeviceKind};
     use crate::devices::bus::Bus;
     use crate::devices::pci::tests::build_pci_bus;
-    use crate::vmm::memory::{PCI_ECAM_BASE, PCI_ECAM_SIZE};
     use std::sync::Mutex;
 
     fn machine() -> Arc<PciBus> {

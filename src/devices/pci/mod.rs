@@ -31,7 +31,7 @@ use super::virtio::blk::VirtioBlk;
 use super::virtio::pci::{VirtioPci, VirtioPciResources};
 use super::virtio::rnd::VirtioRnd;
 use crate::cli::{PciDeviceConfig, PciDeviceKind};
-use crate::vmm::memory::GuestMemory;
+use crate::memory::GuestMemory;
 
 /// The IOAPIC pin (GSI) of a slot's INTx pin (0 = INTA#): the usual swizzle over GSIs 16-23,
 /// the routing the MP table and the DSDT's `_PRT` describe.
@@ -119,7 +119,9 @@ impl BarWindows {
     /// xhyve's windows: I/O from 0x2000, 32-bit memory from the PCI hole up to ECAM, 64-bit
     /// memory in the 32 GiB after high RAM (the windows the DSDT publishes).
     pub fn for_memory(memory_bytes: u64) -> Self {
-        use crate::vmm::memory::{highmem_size, HIGHMEM_BASE, PCI_ECAM_BASE, PCI_HOLE_START};
+        use crate::arch::x86_64::layout::{
+            highmem_size, HIGHMEM_BASE, PCI_ECAM_BASE, PCI_HOLE_START,
+        };
         let high = HIGHMEM_BASE + highmem_size(memory_bytes);
         BarWindows {
             io: (0x2000, 0x1_0000),

@@ -22,7 +22,7 @@ use crate::block::{
 };
 use crate::devices::bus::lock;
 use crate::devices::virtio_blk_req::{self, GuestBuffer, CONFIG_SPACE_LEN};
-use crate::vmm::memory::GuestMemory;
+use crate::memory::GuestMemory;
 
 const DEVICE_TYPE_BLOCK: u16 = 2;
 /// Ring size, as bhyve's virtio-blk.

@@ -19,8 +19,8 @@ use super::rnd::VirtioRnd;
 use super::{QueueError, VirtioDevice};
 use crate::block::MemDisk;
 use crate::devices::virtio_blk_req;
+use crate::memory::GuestMemory;
 use crate::net::{MacAddr, NetBackend};
-use crate::vmm::memory::GuestMemory;
 
 /// Guest RAM of the fuzzed machine; ring addresses reach up to 1 MiB, well past it.
 const MEMORY_SIZE: usize = 64 * 1024;

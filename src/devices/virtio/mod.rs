@@ -12,7 +12,7 @@ pub mod rnd;
 
 use virtio_queue::Queue;
 
-use crate::vmm::memory::GuestMemory;
+use crate::memory::GuestMemory;
 
 /// Red Hat's virtio PCI vendor ID.
 pub const VIRTIO_PCI_VENDOR: u16 = 0x1AF4;

@@ -18,8 +18,8 @@ use super::pci::VirtioPciResources;
 use super::{QueueError, VirtioDevice, F_VERSION_1};
 use crate::cli::{PciDeviceConfig, VmConfig};
 use crate::devices::pci::SharedPciDevice;
+use crate::memory::GuestMemory;
 use crate::net::{MacAddr, NetBackend};
-use crate::vmm::memory::GuestMemory;
 
 pub mod signalled;
 #[cfg(target_os = "linux")]

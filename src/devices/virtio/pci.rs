@@ -25,7 +25,7 @@ use crate::devices::pci::msix::Msix;
 use crate::devices::pci::{
     BarKind, BarSpec, ConfigSpace, ConfigSpaceError, PciDevice, PciIds, COMMAND_INTX_DISABLE,
 };
-use crate::vmm::memory::GuestMemory;
+use crate::memory::GuestMemory;
 
 pub const LEGACY_BAR: usize = 0;
 pub const MSIX_BAR: usize = 1;
@@ -1206,7 +1206,7 @@ pub(crate) mod test_ring {
     use virtio_queue::{Queue, QueueT};
     use vm_memory::{Bytes, GuestAddress};
 
-    use crate::vmm::memory::GuestMemory;
+    use crate::memory::GuestMemory;
 
     pub struct Ring {
         pub desc: u64,

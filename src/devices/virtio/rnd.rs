@@ -8,7 +8,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::{QueueError, VirtioDevice};
-use crate::vmm::memory::GuestMemory;
+use crate::memory::GuestMemory;
 
 const DEVICE_TYPE_ENTROPY: u16 = 4;
 /// bhyve's ring size for virtio-rnd.

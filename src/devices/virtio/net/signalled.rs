@@ -125,8 +125,8 @@ mod tests {
     use crate::devices::virtio::{
         STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
     };
+    use crate::memory::GuestMemory;
     use crate::net::MacAddr;
-    use crate::vmm::memory::GuestMemory;
 
     const WRITE: u16 = 2;
 

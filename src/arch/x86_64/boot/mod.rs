@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use crate::cli::Firmware;
 use crate::hv::regs::{SpecialRegisters, StandardRegisters};
-use crate::vmm::memory::GuestMemory;
+use crate::memory::GuestMemory;
 
 pub use e820::{e820_map, E820Entry, E820Kind};
 
@@ -175,7 +175,7 @@ pub(crate) mod test_util;
 mod tests {
     use super::test_util::*;
     use super::*;
-    use crate::vmm::memory::create_guest_memory;
+    use crate::memory::create_guest_memory;
 
     const MIB: u64 = 1 << 20;
 

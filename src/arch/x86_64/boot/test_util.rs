@@ -211,19 +211,19 @@ pub fn multiboot(kernel: &Path, modules: &[(&Path, &str)], cmdline: &str) -> cra
     }
 }
 
-pub fn read_u32(mem: &crate::vmm::memory::GuestMemory, addr: u64) -> u32 {
+pub fn read_u32(mem: &crate::memory::GuestMemory, addr: u64) -> u32 {
     use vm_memory::Bytes;
     mem.read_obj(vm_memory::GuestAddress(addr))
         .expect("read u32")
 }
 
-pub fn read_u64(mem: &crate::vmm::memory::GuestMemory, addr: u64) -> u64 {
+pub fn read_u64(mem: &crate::memory::GuestMemory, addr: u64) -> u64 {
     use vm_memory::Bytes;
     mem.read_obj(vm_memory::GuestAddress(addr))
         .expect("read u64")
 }
 
-pub fn read_bytes(mem: &crate::vmm::memory::GuestMemory, addr: u64, len: usize) -> Vec<u8> {
+pub fn read_bytes(mem: &crate::memory::GuestMemory, addr: u64, len: usize) -> Vec<u8> {
     use vm_memory::Bytes;
     let mut buf = vec![0; len];
     mem.read_slice(&mut buf, vm_memory::GuestAddress(addr))
@@ -232,7 +232,7 @@ pub fn read_bytes(mem: &crate::vmm::memory::GuestMemory, addr: u64, len: usize) 
 }
 
 /// The NUL-terminated string at `addr`.
-pub fn read_cstr(mem: &crate::vmm::memory::GuestMemory, addr: u64) -> String {
+pub fn read_cstr(mem: &crate::memory::GuestMemory, addr: u64) -> String {
     let mut out = Vec::new();
     let mut at = addr;
     loop {
