@@ -8,6 +8,8 @@
 pub mod arch;
 pub mod block;
 pub mod cli;
+pub mod config;
+pub mod device_manager;
 pub mod devices;
 pub mod hv;
 pub mod intc;

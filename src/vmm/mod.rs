@@ -10,7 +10,6 @@ pub mod interrupts;
 mod machine;
 
 pub mod pidfile;
-mod platform;
 pub mod signals;
 pub mod timers;
 pub mod user_irqchip;

@@ -17,9 +17,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
 use super::pci::{VirtioPci, VirtioPciError, VirtioPciResources};
 use super::{QueueError, VirtioDevice};
-use crate::block::{
-    BlockBackend, BlockError, BlockOptions, IoWorker, OptionsError, RawImage, SubmitError,
-};
+use crate::block::{BlockBackend, BlockError, BlockOptions, IoWorker, RawImage, SubmitError};
 use crate::devices::bus::lock;
 use crate::devices::virtio_blk_req::{self, GuestBuffer, CONFIG_SPACE_LEN};
 use crate::memory::GuestMemory;
@@ -34,8 +32,6 @@ const PCI_CLASS_STORAGE_OTHER: (u8, u8, u8) = (0x01, 0x80, 0x00);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VirtioBlkError {
-    #[error("virtio-blk: {0}")]
-    Options(#[from] OptionsError),
     #[error("virtio-blk: {0}")]
     Disk(#[from] BlockError),
     #[error(transparent)]
@@ -140,15 +136,16 @@ impl VirtioBlk {
         &self.disk
     }
 
-    /// Opens the image of xhyve's option string `options` and builds the PCI function with
-    /// its I/O thread running. A missing or unreadable image fails here, naming the path.
+    /// Opens the image `options` names and builds the PCI function with its I/O thread
+    /// running. A missing or unreadable image fails here, naming the path.
     pub fn build(
-        options: &str,
+        options: &BlockOptions,
         transport: VirtioPciResources,
-    ) -> Result<SharedVirtioBlk, VirtioBlkError> {
-        let options = BlockOptions::parse(options)?;
-        let disk: Arc<dyn BlockBackend> = Arc::new(RawImage::open(&options)?);
-        Self::build_on(disk, transport)
+    ) -> Result<crate::devices::BuiltDevice, VirtioBlkError> {
+        let disk: Arc<dyn BlockBackend> = Arc::new(RawImage::open(options)?);
+        Ok(crate::devices::BuiltDevice::shared(Self::build_on(
+            disk, transport,
+        )?))
     }
 
     /// Builds the PCI function on `disk` and starts its I/O thread.
@@ -723,7 +720,7 @@ mod tests {
     fn a_missing_image_is_an_error_naming_it() {
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let err = VirtioBlk::build(
-            "/nonexistent/xhyve-disk.img,ro",
+            &BlockOptions::parse("/nonexistent/xhyve-disk.img,ro").unwrap(),
             VirtioPciResources {
                 memory: mem,
                 msi: Arc::new(RecordingMsi::default()),

@@ -14,12 +14,13 @@ use std::io;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 
-use super::pci::VirtioPciResources;
+use super::pci::{VirtioPciError, VirtioPciResources};
 use super::{QueueError, VirtioDevice, F_VERSION_1};
-use crate::cli::{PciDeviceConfig, VmConfig};
-use crate::devices::pci::SharedPciDevice;
+use crate::config::VmConfig;
+use crate::devices::pci::PciAddress;
+use crate::devices::BuiltDevice;
 use crate::memory::GuestMemory;
-use crate::net::{MacAddr, NetBackend};
+use crate::net::{MacAddr, NetBackend, TapOptions, VmnetOptions};
 
 pub mod signalled;
 #[cfg(target_os = "linux")]
@@ -292,92 +293,114 @@ impl<B: NetBackend> VirtioDevice for VirtioNet<B> {
     }
 }
 
+/// Why a network device could not be built or its MAC told.
+#[derive(Debug, thiserror::Error)]
+pub enum NetDeviceError {
+    #[error(transparent)]
+    Transport(#[from] VirtioPciError),
+    #[cfg(target_os = "linux")]
+    #[error(transparent)]
+    Tap(#[from] crate::net::tap::TapError),
+    #[error(transparent)]
+    Vmnet(#[from] crate::net::vmnet::VmnetError),
+    #[error("{device}: network thread: {source}")]
+    Thread {
+        device: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("virtio-net: cannot drop root after starting vmnet: {0}")]
+    DropPrivileges(#[source] io::Error),
+    #[error("virtio-net: vmnet packets of up to {0} bytes exceed the device's {MAX_FRAME}")]
+    PacketTooLarge(usize),
+    #[error("virtio-tap needs Linux tap devices; on macOS use virtio-net (vmnet)")]
+    NoTap,
+    #[error("virtio-net needs vmnet (macOS); use virtio-tap,tapN on Linux")]
+    NoVmnet,
+}
+
 /// Builds `-s ...,virtio-tap,tapN[,mac=...]`: opens the tap and starts the network thread,
-/// which runs for the life of the process.
+/// which the returned handle owns.
 #[cfg(target_os = "linux")]
 pub fn build_virtio_tap(
-    config: &PciDeviceConfig,
+    address: PciAddress,
+    options: &TapOptions,
     uuid: Option<[u8; 16]>,
     transport: VirtioPciResources,
-) -> Result<SharedPciDevice, String> {
+) -> Result<BuiltDevice, NetDeviceError> {
     use std::os::fd::AsRawFd;
     use std::sync::{Arc, Mutex};
 
     use super::pci::VirtioPci;
-    use crate::cli::{parse_tap_options, tap_mac};
 
-    let options =
-        parse_tap_options("virtio-tap", config.options.as_deref()).map_err(|e| e.to_string())?;
-    let tap = crate::net::tap::Tap::open(&options.name).map_err(|e| e.to_string())?;
+    let tap = crate::net::tap::Tap::open(&options.name)?;
     let fd = tap.as_raw_fd();
-    let net = VirtioNet::new(tap, tap_mac(uuid, config, &options));
-    let device = VirtioPci::new(net, transport).map_err(|e| e.to_string())?;
-    let device = Arc::new(Mutex::new(device));
-    worker::NetWorker::spawn(device.clone(), fd)
-        .map_err(|e| format!("virtio-tap {}: network thread: {e}", options.name))?
-        .detach();
-    Ok(device)
+    let net = VirtioNet::new(tap, crate::config::tap_mac(uuid, address, options));
+    let device = Arc::new(Mutex::new(VirtioPci::new(net, transport)?));
+    let worker =
+        worker::NetWorker::spawn(device.clone(), fd).map_err(|source| NetDeviceError::Thread {
+            device: format!("virtio-tap {}", options.name),
+            source,
+        })?;
+    Ok(BuiltDevice::with_handle(device, worker))
 }
 
 /// Tap devices are Linux's; macOS has vmnet (`virtio-net`).
 #[cfg(not(target_os = "linux"))]
 pub fn build_virtio_tap(
-    _config: &PciDeviceConfig,
+    _address: PciAddress,
+    _options: &TapOptions,
     _uuid: Option<[u8; 16]>,
     _transport: VirtioPciResources,
-) -> Result<SharedPciDevice, String> {
-    Err("virtio-tap needs Linux tap devices; on macOS use virtio-net (vmnet)".into())
+) -> Result<BuiltDevice, NetDeviceError> {
+    Err(NetDeviceError::NoTap)
 }
 
 /// Builds `-s ...,virtio-net[,mac=...]`: starts a shared-mode vmnet interface whose id is
-/// the `-U` UUID, and the network thread, which runs for the life of the process.
+/// the `-U` UUID, and the network thread, which the returned handle owns.
 #[cfg(target_os = "macos")]
 pub fn build_virtio_net(
-    config: &PciDeviceConfig,
+    options: &VmnetOptions,
     uuid: Option<[u8; 16]>,
     transport: VirtioPciResources,
-) -> Result<SharedPciDevice, String> {
+) -> Result<BuiltDevice, NetDeviceError> {
     use std::sync::{Arc, Mutex};
 
     use super::pci::VirtioPci;
     use crate::net::vmnet;
 
-    let options = crate::cli::parse_vmnet_options("virtio-net", config.options.as_deref())
-        .map_err(|e| e.to_string())?;
-    let mut backend = vmnet::Vmnet::start(vmnet_interface_id(uuid)).map_err(|e| e.to_string())?;
-    vmnet::drop_privileges()
-        .map_err(|e| format!("virtio-net: cannot drop root after starting vmnet: {e}"))?;
+    let mut backend = vmnet::Vmnet::start(vmnet_interface_id(uuid))?;
+    vmnet::drop_privileges().map_err(NetDeviceError::DropPrivileges)?;
     let params = backend.params();
     if params.max_packet_size > MAX_FRAME {
         // vmnet_read refuses buffers smaller than its largest packet.
-        return Err(format!(
-            "virtio-net: vmnet packets of up to {} bytes exceed the device's {MAX_FRAME}",
-            params.max_packet_size
-        ));
+        return Err(NetDeviceError::PacketTooLarge(params.max_packet_size));
     }
     let wakeup = signalled::Wakeup::new();
     let callback = wakeup.clone();
-    backend
-        .set_packet_callback(Box::new(move || callback.wake()))
-        .map_err(|e| e.to_string())?;
+    backend.set_packet_callback(Box::new(move || callback.wake()))?;
     let mac = vmnet::guest_mac(params.mac, options.mac);
-    let device =
-        VirtioPci::new(VirtioNet::new(backend, mac), transport).map_err(|e| e.to_string())?;
-    let device = Arc::new(Mutex::new(device));
-    signalled::SignalledWorker::spawn(device.clone(), wakeup)
-        .map_err(|e| format!("virtio-net: network thread: {e}"))?
-        .detach();
-    Ok(device)
+    let device = Arc::new(Mutex::new(VirtioPci::new(
+        VirtioNet::new(backend, mac),
+        transport,
+    )?));
+    let worker = signalled::SignalledWorker::spawn(device.clone(), wakeup).map_err(|source| {
+        NetDeviceError::Thread {
+            device: "virtio-net".into(),
+            source,
+        }
+    })?;
+    Ok(BuiltDevice::with_handle(device, worker))
 }
 
 /// vmnet exists only on macOS (the command line refuses `virtio-net` elsewhere).
 #[cfg(not(target_os = "macos"))]
 pub fn build_virtio_net(
-    _config: &PciDeviceConfig,
+    _options: &VmnetOptions,
     _uuid: Option<[u8; 16]>,
     _transport: VirtioPciResources,
-) -> Result<SharedPciDevice, String> {
-    Err("virtio-net needs vmnet (macOS); use virtio-tap,tapN on Linux".into())
+) -> Result<BuiltDevice, NetDeviceError> {
+    Err(NetDeviceError::NoVmnet)
 }
 
 /// vmnet's interface id: the `-U` UUID as xhyve passes it (so the vmnet MAC stays the one
@@ -399,26 +422,25 @@ fn vmnet_interface_id(uuid: Option<[u8; 16]>) -> [u8; 16] {
 /// without `mac=` learns its MAC by starting the vmnet interface, as xhyve does (so `-M`
 /// then needs root or the vmnet entitlement too); everything else comes from the command
 /// line alone, and no tap is opened.
-pub fn mac_to_print(config: &VmConfig) -> Result<Option<MacAddr>, String> {
-    if let Some(mac) = crate::cli::first_nic_mac(config) {
+pub fn mac_to_print(config: &VmConfig) -> Result<Option<MacAddr>, NetDeviceError> {
+    if let Some(mac) = config.first_nic_mac() {
         return Ok(Some(mac));
     }
-    match crate::cli::first_nic(config) {
+    match config.first_nic() {
         Some(_vmnet) => vmnet_mac(config.uuid),
         None => Ok(None),
     }
 }
 
 #[cfg(target_os = "macos")]
-fn vmnet_mac(uuid: Option<[u8; 16]>) -> Result<Option<MacAddr>, String> {
-    let backend =
-        crate::net::vmnet::Vmnet::start(vmnet_interface_id(uuid)).map_err(|e| e.to_string())?;
+fn vmnet_mac(uuid: Option<[u8; 16]>) -> Result<Option<MacAddr>, NetDeviceError> {
+    let backend = crate::net::vmnet::Vmnet::start(vmnet_interface_id(uuid))?;
     Ok(Some(backend.params().mac))
 }
 
 #[cfg(not(target_os = "macos"))]
-fn vmnet_mac(_uuid: Option<[u8; 16]>) -> Result<Option<MacAddr>, String> {
-    Err("virtio-net needs vmnet (macOS); use virtio-tap,tapN on Linux".into())
+fn vmnet_mac(_uuid: Option<[u8; 16]>) -> Result<Option<MacAddr>, NetDeviceError> {
+    Err(NetDeviceError::NoVmnet)
 }
 
 #[cfg(test)]

@@ -28,6 +28,16 @@ impl VirtioRnd {
     pub fn new() -> Self {
         VirtioRnd
     }
+
+    /// `-s N,virtio-rnd`: the PCI function.
+    pub fn build(
+        transport: super::pci::VirtioPciResources,
+    ) -> Result<crate::devices::BuiltDevice, super::pci::VirtioPciError> {
+        let device = super::pci::VirtioPci::new(VirtioRnd::new(), transport)?;
+        Ok(crate::devices::BuiltDevice::shared(std::sync::Arc::new(
+            std::sync::Mutex::new(device),
+        )))
+    }
 }
 
 /// Fills `len` bytes of guest memory at `addr` with host entropy.

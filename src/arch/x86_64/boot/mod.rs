@@ -16,7 +16,6 @@ mod pvh;
 
 use std::path::{Path, PathBuf};
 
-use crate::cli::Firmware;
 use crate::hv::regs::{SpecialRegisters, StandardRegisters};
 use crate::memory::GuestMemory;
 
@@ -24,6 +23,29 @@ pub use e820::{e820_map, E820Entry, E820Kind};
 
 use image::Image;
 use layout::GuestLayout;
+
+/// `-f`: the guest loader.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Firmware {
+    /// `-f kexec,KERNEL[,INITRD[,CMDLINE]]`: Linux bzImage or ELF vmlinux (PVH).
+    Kexec {
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        cmdline: String,
+    },
+    /// `-f multiboot,KERNEL[,MODULE[;CMDLINE][:MODULE[;CMDLINE]]...][,CMDLINE]` (HyperKit's syntax).
+    Multiboot {
+        kernel: PathBuf,
+        modules: Vec<MultibootModule>,
+        cmdline: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MultibootModule {
+    pub path: PathBuf,
+    pub cmdline: String,
+}
 
 /// The boot vCPU's initial register state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -189,20 +189,20 @@ pub fn multiboot_header(flags: u32, aout: Option<[u32; 5]>) -> Vec<u8> {
     out
 }
 
-pub fn kexec(kernel: &Path, initrd: Option<&Path>, cmdline: &str) -> crate::cli::Firmware {
-    crate::cli::Firmware::Kexec {
+pub fn kexec(kernel: &Path, initrd: Option<&Path>, cmdline: &str) -> super::Firmware {
+    super::Firmware::Kexec {
         kernel: kernel.to_path_buf(),
         initrd: initrd.map(Path::to_path_buf),
         cmdline: cmdline.to_string(),
     }
 }
 
-pub fn multiboot(kernel: &Path, modules: &[(&Path, &str)], cmdline: &str) -> crate::cli::Firmware {
-    crate::cli::Firmware::Multiboot {
+pub fn multiboot(kernel: &Path, modules: &[(&Path, &str)], cmdline: &str) -> super::Firmware {
+    super::Firmware::Multiboot {
         kernel: kernel.to_path_buf(),
         modules: modules
             .iter()
-            .map(|(path, cmdline)| crate::cli::MultibootModule {
+            .map(|(path, cmdline)| super::MultibootModule {
                 path: path.to_path_buf(),
                 cmdline: cmdline.to_string(),
             })

@@ -57,8 +57,7 @@ impl Wakeup {
     }
 }
 
-/// A running network thread. Dropping it stops the thread; [`SignalledWorker::detach`] lets
-/// it run for the life of the process.
+/// A running network thread, owned by the device manager. Dropping it stops the thread.
 pub struct SignalledWorker {
     wakeup: Arc<Wakeup>,
     thread: Option<JoinHandle<()>>,
@@ -92,12 +91,9 @@ impl SignalledWorker {
             thread: Some(thread),
         })
     }
-
-    /// Leaves the thread running until the process exits.
-    pub fn detach(mut self) {
-        self.thread.take();
-    }
 }
+
+impl crate::devices::DeviceHandle for SignalledWorker {}
 
 impl Drop for SignalledWorker {
     fn drop(&mut self) {

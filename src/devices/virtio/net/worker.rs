@@ -18,8 +18,7 @@ const BACKEND: u64 = 0;
 const DOORBELL: u64 = 1;
 const STOP: u64 = 2;
 
-/// A running network thread. Dropping it stops the thread; [`NetWorker::detach`] lets it
-/// run for the life of the process.
+/// A running network thread, owned by the device manager. Dropping it stops the thread.
 pub struct NetWorker {
     stop: EventFd,
     thread: Option<JoinHandle<()>>,
@@ -66,13 +65,9 @@ impl NetWorker {
             thread: Some(thread),
         })
     }
-
-    /// Leaves the thread running until the process exits.
-    pub fn detach(mut self) {
-        self.thread.take();
-        std::mem::forget(self);
-    }
 }
+
+impl crate::devices::DeviceHandle for NetWorker {}
 
 impl Drop for NetWorker {
     fn drop(&mut self) {
