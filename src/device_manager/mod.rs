@@ -319,8 +319,7 @@ fn add_pci_function(
     let built = pci_devices::build(&device.kind, address, context)
         .map_err(|source| DeviceManagerError::Device { address, source })?;
     if let Some(doorbells) = &context.doorbells {
-        let me = Arc::downgrade(&built.function);
-        lock(&built.function).attach_doorbells(doorbells.clone(), me);
+        lock(&built.function).attach_doorbells(doorbells.clone());
     }
     pci.add(address, built.function)?;
     Ok(built.handle)
@@ -433,7 +432,7 @@ fn doorbell_server(
 ) -> std::io::Result<Option<Arc<dyn Doorbells>>> {
     match irqchip {
         IrqChipMode::Kernel if path == DoorbellPath::EventFd => {
-            Ok(Some(DoorbellServer::start(vm.clone())?))
+            Ok(Some(DoorbellServer::new(vm.clone())))
         }
         _ => Ok(None),
     }

@@ -3,6 +3,7 @@
 pub mod ahci;
 pub mod bus;
 pub mod doorbell;
+pub mod event_loop;
 pub mod irq;
 pub mod pci;
 pub mod power;

@@ -15,7 +15,7 @@ pub mod msix;
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 
 pub use config_space::{
     BarKind, BarSpec, ConfigSpace, ConfigSpaceError, DecodedBar, PciIds, BAR_COUNT,
@@ -60,15 +60,10 @@ pub trait PciDevice: Send {
         let _ = (bar, offset, data);
     }
 
-    /// Offers the VMM's doorbell service; `me` is this function as the bus holds it, for
-    /// the service to ring. Functions without queue doorbells ignore it.
-    fn attach_doorbells(&mut self, doorbells: Arc<dyn Doorbells>, me: Weak<Mutex<dyn PciDevice>>) {
-        let _ = (doorbells, me);
-    }
-
-    /// A doorbell registered through [`Doorbells`] rang for `queue`.
-    fn ring_doorbell(&mut self, queue: u16) {
-        let _ = queue;
+    /// Offers the VMM's doorbell service, which can make a guest write ring a notifier
+    /// without a VM exit. Functions without queue doorbells ignore it.
+    fn attach_doorbells(&mut self, doorbells: Arc<dyn Doorbells>) {
+        let _ = doorbells;
     }
 }
 

@@ -4,10 +4,9 @@
 //! Queue 0 receives (host to guest), queue 1 transmits. The device offers its MAC and link
 //! status in configuration space and no offloads, so every frame is a plain Ethernet frame
 //! behind a virtio-net header that is all zero (plus `num_buffers = 1` where the header has
-//! it). On a real machine the frames move on a network thread ([`worker`]): the doorbell
-//! only wakes it, so a vCPU never waits for the host's network stack. A tap's thread polls
-//! its descriptor ([`worker`], Linux); vmnet has none, so its thread sleeps on a flag that
-//! vmnet's packet callback and the doorbells set ([`signalled`]).
+//! it). The frames move on the device's thread ([`QueueWorker`]): the doorbell only wakes
+//! it, so a vCPU never waits for the host's network stack. The thread also waits on the
+//! back end: a tap's descriptor (Linux), or the notifier vmnet's packet callback rings.
 
 use std::io;
 
@@ -15,16 +14,14 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::pci::{VirtioPciError, VirtioPciResources};
-use super::{QueueError, VirtioDevice, F_VERSION_1};
+use super::queue_worker::{Backend, QueueWorker, VirtioQueues};
+use super::{ActivateError, Activation, QueueError, VirtioDevice, F_VERSION_1};
 use crate::config::VmConfig;
 use crate::devices::pci::PciAddress;
-use crate::devices::BuiltDevice;
+use crate::devices::{BuiltDevice, DeviceHandle};
 use crate::memory::GuestMemory;
 use crate::net::{MacAddr, NetBackend, TapOptions, VmnetOptions};
 
-pub mod signalled;
-#[cfg(target_os = "linux")]
-pub mod worker;
 
 const DEVICE_TYPE_NET: u16 = 1;
 pub const RX_QUEUE: usize = 0;
@@ -62,40 +59,60 @@ pub struct NetStats {
     pub tx_dropped: u64,
 }
 
-pub struct VirtioNet<B: NetBackend> {
-    backend: B,
+/// The device: its MAC, and the worker that moves its frames.
+pub struct VirtioNet<B: NetBackend + 'static> {
     mac: MacAddr,
-    header_len: usize,
-    /// One frame with room for the header in front; allocated once.
-    frame: Vec<u8>,
-    /// Wakes the network thread instead of serving a queue on the vCPU thread.
-    waker: Option<Box<dyn Fn() + Send>>,
-    /// The last receive pass stopped because the back end had no frame left.
-    rx_idle: bool,
-    stats: NetStats,
+    worker: QueueWorker<NetQueues<B>>,
 }
 
-impl<B: NetBackend> VirtioNet<B> {
-    pub fn new(backend: B, mac: MacAddr) -> Self {
-        VirtioNet {
-            backend,
+impl<B: NetBackend + 'static> VirtioNet<B> {
+    /// A card on `backend`, whose readiness `source` signals (none: only doorbells wake it).
+    pub fn new(backend: B, mac: MacAddr, source: Option<Backend>) -> io::Result<Self> {
+        let mut queues = NetQueues::new(backend, mac);
+        queues.source = source;
+        Ok(VirtioNet {
             mac,
-            header_len: HEADER_LEGACY,
-            frame: vec![0; HEADER_MODERN + MAX_FRAME],
-            waker: None,
-            rx_idle: false,
-            stats: NetStats::default(),
-        }
-    }
-
-    /// Doorbells will call `waker` (which must not block or allocate) and leave the queues
-    /// to whoever it wakes.
-    pub fn set_waker(&mut self, waker: Box<dyn Fn() + Send>) {
-        self.waker = Some(waker);
+            worker: QueueWorker::new("virtio-net", queues)?,
+        })
     }
 
     pub fn mac(&self) -> MacAddr {
         self.mac
+    }
+
+    /// Frame counts, while the device is not active (its thread holds them otherwise).
+    pub fn stats(&self) -> Option<NetStats> {
+        self.worker.idle().map(|q| q.stats)
+    }
+}
+
+/// What the device's thread runs: the back end and the frame buffer.
+pub struct NetQueues<B: NetBackend> {
+    backend: B,
+    /// Where the back end signals readiness.
+    source: Option<Backend>,
+    header_len: usize,
+    /// One frame with room for the header in front; allocated once.
+    frame: Vec<u8>,
+    /// The last receive pass stopped because the back end had no frame left.
+    rx_idle: bool,
+    /// The back end holds a frame the guest has no buffer for: stop listening to it until
+    /// the guest's next receive doorbell (else its readiness would spin the thread).
+    rx_blocked: bool,
+    stats: NetStats,
+}
+
+impl<B: NetBackend> NetQueues<B> {
+    pub fn new(backend: B, _mac: MacAddr) -> Self {
+        NetQueues {
+            backend,
+            source: None,
+            header_len: HEADER_LEGACY,
+            frame: vec![0; HEADER_MODERN + MAX_FRAME],
+            rx_idle: false,
+            rx_blocked: false,
+            stats: NetStats::default(),
+        }
     }
 
     pub fn stats(&self) -> NetStats {
@@ -216,7 +233,7 @@ fn read_guest(memory: &GuestMemory, addr: GuestAddress, data: &mut [u8]) -> Resu
         .map_err(|_| outside(addr, data.len()))
 }
 
-impl<B: NetBackend> VirtioDevice for VirtioNet<B> {
+impl<B: NetBackend + 'static> VirtioDevice for VirtioNet<B> {
     fn device_type(&self) -> u16 {
         DEVICE_TYPE_NET
     }
@@ -247,7 +264,21 @@ impl<B: NetBackend> VirtioDevice for VirtioNet<B> {
         }
     }
 
-    fn ack_features(&mut self, features: u64) {
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        self.worker.activate(activation)
+    }
+
+    fn reset(&mut self) {
+        self.worker.reset();
+    }
+
+    fn handle(&self) -> Option<Box<dyn DeviceHandle>> {
+        Some(self.worker.handle())
+    }
+}
+
+impl<B: NetBackend + 'static> VirtioQueues for NetQueues<B> {
+    fn set_features(&mut self, features: u64) {
         self.header_len = if features & (F_VERSION_1 | F_MRG_RXBUF) != 0 {
             HEADER_MODERN
         } else {
@@ -255,14 +286,17 @@ impl<B: NetBackend> VirtioDevice for VirtioNet<B> {
         };
     }
 
-    fn wake(&mut self, _index: usize) -> bool {
-        match &self.waker {
-            Some(waker) => {
-                waker();
-                true
-            }
-            None => false,
-        }
+    fn backend(&self) -> Option<(Backend, usize)> {
+        let source = match self.source.as_ref()? {
+            #[cfg(unix)]
+            Backend::Fd(fd) => Backend::Fd(*fd),
+            Backend::Notifier(n) => Backend::Notifier(n.clone()),
+        };
+        Some((source, RX_QUEUE))
+    }
+
+    fn wants_backend(&self) -> bool {
+        !self.rx_blocked
     }
 
     fn process_queue(
@@ -273,7 +307,7 @@ impl<B: NetBackend> VirtioDevice for VirtioNet<B> {
     ) -> Result<bool, QueueError> {
         let mut used = false;
         // Serve, then ask the driver to ring again (event index) and serve what slipped in
-        // meanwhile; bounded so a busy guest cannot hold the device lock for ever.
+        // meanwhile; bounded so a busy guest cannot hold the thread for ever.
         for _ in 0..4 {
             used |= match index {
                 RX_QUEUE => self.receive(queue, memory)?,
@@ -281,15 +315,15 @@ impl<B: NetBackend> VirtioDevice for VirtioNet<B> {
                 _ => return Ok(false),
             };
             let more_buffers = queue.enable_notification(memory)?;
+            if index == RX_QUEUE {
+                // Out of guest buffers with frames left on the host: wait for a doorbell.
+                self.rx_blocked = !more_buffers && !self.rx_idle;
+            }
             if !more_buffers || (index == RX_QUEUE && self.rx_idle) {
                 break;
             }
         }
         Ok(used)
-    }
-
-    fn reset(&mut self) {
-        self.header_len = HEADER_LEGACY;
     }
 }
 
@@ -335,14 +369,18 @@ pub fn build_virtio_tap(
 
     let tap = crate::net::tap::Tap::open(&options.name)?;
     let fd = tap.as_raw_fd();
-    let net = VirtioNet::new(tap, crate::config::tap_mac(uuid, address, options));
-    let device = Arc::new(Mutex::new(VirtioPci::new(net, transport)?));
-    let worker =
-        worker::NetWorker::spawn(device.clone(), fd).map_err(|source| NetDeviceError::Thread {
+    let mac = crate::config::tap_mac(uuid, address, options);
+    let net =
+        VirtioNet::new(tap, mac, Some(Backend::Fd(fd))).map_err(|source| NetDeviceError::Thread {
             device: format!("virtio-tap {}", options.name),
             source,
         })?;
-    Ok(BuiltDevice::with_handle(device, worker))
+    let handle = net.worker.handle();
+    let device = Arc::new(Mutex::new(VirtioPci::new(net, transport)?));
+    Ok(BuiltDevice {
+        function: device,
+        handle: Some(handle),
+    })
 }
 
 /// Tap devices are Linux's; macOS has vmnet (`virtio-net`).
@@ -376,21 +414,21 @@ pub fn build_virtio_net(
         // vmnet_read refuses buffers smaller than its largest packet.
         return Err(NetDeviceError::PacketTooLarge(params.max_packet_size));
     }
-    let wakeup = signalled::Wakeup::new();
-    let callback = wakeup.clone();
-    backend.set_packet_callback(Box::new(move || callback.wake()))?;
+    let thread_error = |source| NetDeviceError::Thread {
+        device: "virtio-net".into(),
+        source,
+    };
+    let packets = crate::devices::event_loop::Notifier::new().map_err(thread_error)?;
+    let callback = packets.clone();
+    backend.set_packet_callback(Box::new(move || callback.notify()))?;
     let mac = vmnet::guest_mac(params.mac, options.mac);
-    let device = Arc::new(Mutex::new(VirtioPci::new(
-        VirtioNet::new(backend, mac),
-        transport,
-    )?));
-    let worker = signalled::SignalledWorker::spawn(device.clone(), wakeup).map_err(|source| {
-        NetDeviceError::Thread {
-            device: "virtio-net".into(),
-            source,
-        }
-    })?;
-    Ok(BuiltDevice::with_handle(device, worker))
+    let net = VirtioNet::new(backend, mac, Some(Backend::Notifier(packets))).map_err(thread_error)?;
+    let handle = net.worker.handle();
+    let device = Arc::new(Mutex::new(VirtioPci::new(net, transport)?));
+    Ok(BuiltDevice {
+        function: device,
+        handle: Some(handle),
+    })
 }
 
 /// vmnet exists only on macOS (the command line refuses `virtio-net` elsewhere).
