@@ -16,7 +16,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 /// A wake-up a device thread can wait on: rung by a vCPU (a doorbell on the exit path), by
 /// the hypervisor (an ioeventfd), or by a back end's callback.
@@ -126,7 +128,9 @@ impl LoopControl {
     }
 
     fn lock(&self) -> MutexGuard<'_, ControlState> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn wait<'a>(&self, guard: MutexGuard<'a, ControlState>) -> MutexGuard<'a, ControlState> {
@@ -396,7 +400,10 @@ mod tests {
             std::thread::spawn(move || control.pause())
         };
         std::thread::sleep(Duration::from_millis(20));
-        assert!(!pausing.is_finished(), "pause returned with an event running");
+        assert!(
+            !pausing.is_finished(),
+            "pause returned with an event running"
+        );
         drop(held);
         pausing.join().unwrap();
         assert_eq!(received.recv_timeout(Duration::from_secs(5)), Ok(0));

@@ -1,6 +1,6 @@
 //! Builds the machine from a `VmConfig` and runs it to the end.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crossbeam_channel::RecvTimeoutError;
@@ -12,6 +12,7 @@ use super::vcpu::VcpuContext;
 use super::{host, pidfile, signals};
 use crate::config::VmConfig;
 use crate::device_manager::DeviceManager;
+use crate::devices::bus::lock;
 use crate::hv::cpuid::CpuidPolicy;
 use crate::hv::{self, HvError, IrqChipMode, Vcpu, Vm, VmOptions};
 use crate::memory::{self, GuestMemory};
@@ -41,8 +42,51 @@ pub enum VmmError {
     Thread(std::io::Error),
 }
 
+/// The running machine, as a control API or a signal handler drives it. Cheap to clone;
+/// every method may be called from any thread.
+#[derive(Clone)]
+pub struct MachineHandle {
+    control: Arc<Control>,
+    devices: Arc<Mutex<DeviceManager>>,
+    vcpus: u8,
+}
+
+impl MachineHandle {
+    /// Pauses the whole machine and returns once it is quiet: first the vCPUs (each leaves
+    /// the guest at its next exit, so no new doorbell rings), then every device (each
+    /// finishes the request it is running; the rest wait in their queues). Timers keep
+    /// time, so the guest sees the pause as lost time. Idempotent.
+    pub fn pause(&self) {
+        self.control.pause_vcpus(self.vcpus);
+        lock(&self.devices).pause();
+    }
+
+    /// Resumes a paused machine: devices first (they serve what was queued), then the
+    /// vCPUs. Idempotent.
+    pub fn resume(&self) {
+        lock(&self.devices).resume();
+        self.control.resume_vcpus();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.control.pause_requested()
+    }
+
+    /// Stops the machine as a signal would (`xhyve` then exits with that signal's code).
+    pub fn stop(&self, reason: StopReason) {
+        self.control.stop(reason);
+        self.control.kick_all();
+    }
+}
+
 /// Builds and runs the machine; returns the process exit code.
 pub fn run(config: &VmConfig) -> Result<i32, VmmError> {
+    run_with(config, |_| {})
+}
+
+/// As [`run`], calling `started` with the machine's handle once its vCPUs run (a control
+/// API keeps it to pause, resume and stop the machine).
+pub fn run_with(config: &VmConfig, started: impl FnOnce(MachineHandle)) -> Result<i32, VmmError> {
     signals::block_termination_signals();
     let hypervisor = hv::platform_hypervisor()?;
     let pins = check_pins(config)?;
@@ -98,6 +142,12 @@ pub fn run(config: &VmConfig) -> Result<i32, VmmError> {
         user_irqchip: devices.user_irqchip().cloned(),
     });
     let threads = start_vcpus(vcpus, &ctx)?;
+    let devices = Arc::new(Mutex::new(devices));
+    started(MachineHandle {
+        control: control.clone(),
+        devices: devices.clone(),
+        vcpus: config.vcpus,
+    });
 
     loop {
         match woken.recv_timeout(HALT_POLL_INTERVAL) {

@@ -67,9 +67,19 @@ pub fn run(mut vcpu: Box<dyn Vcpu>, ctx: Arc<VcpuContext>) {
         }
     }
     while !ctx.control.is_stopping() {
+        // A machine pause: one atomic load per pass when none is asked for.
+        if ctx.control.pause_requested() {
+            ctx.control.park();
+            continue;
+        }
         let mut step = Ok(());
         if let Some(chip) = &ctx.user_irqchip {
             step = prepare_user_entry(vcpu.as_mut(), chip, &ctx);
+            // Woken from the VMM's HLT or SIPI wait during a pause: park before the guest
+            // runs (the entry is prepared; it runs as prepared after the resume).
+            if ctx.control.pause_requested() {
+                ctx.control.park();
+            }
         }
         if let Err(reason) = step.and_then(|()| run_once(vcpu.as_mut(), &ctx)) {
             ctx.control.stop(reason);

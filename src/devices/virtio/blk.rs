@@ -151,7 +151,10 @@ impl VirtioBlk {
     ) -> Result<(SharedVirtioBlk, Box<dyn DeviceHandle>), VirtioBlkError> {
         let device = VirtioBlk::new(disk)?;
         let handle = device.worker.handle();
-        Ok((Arc::new(Mutex::new(VirtioPci::new(device, transport)?)), handle))
+        Ok((
+            Arc::new(Mutex::new(VirtioPci::new(device, transport)?)),
+            handle,
+        ))
     }
 }
 
@@ -253,6 +256,7 @@ impl VirtioDevice for VirtioBlk {
 mod tests {
     use super::*;
     use crate::block::MemDisk;
+    use crate::devices::bus::lock;
     use crate::devices::irq::test_util::RecordingLine;
     use crate::devices::pci::msix::tests::RecordingMsi;
     use crate::devices::pci::PciDevice;
@@ -265,7 +269,6 @@ mod tests {
         VIRTIO_BLK_F_RO, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
         VIRTIO_BLK_T_OUT,
     };
-    use crate::devices::bus::lock;
     use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
     use std::time::{Duration, Instant};
     use vm_memory::{Bytes, GuestAddress, VolatileSlice};
@@ -475,14 +478,23 @@ mod tests {
         );
         opener.join().unwrap();
         std::thread::sleep(Duration::from_millis(50));
-        assert!(ring.used(&r.mem).len() <= 1, "a request ran after the reset");
+        assert!(
+            ring.used(&r.mem).len() <= 1,
+            "a request ran after the reset"
+        );
         assert_eq!(
             gated.entered.load(Ordering::SeqCst),
             1,
             "the queued request ran after the reset"
         );
         assert_eq!(
-            r.line.levels.lock().unwrap().last().copied().unwrap_or(false),
+            r.line
+                .levels
+                .lock()
+                .unwrap()
+                .last()
+                .copied()
+                .unwrap_or(false),
             false,
             "INTx left high by a reset"
         );

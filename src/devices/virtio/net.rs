@@ -22,7 +22,6 @@ use crate::devices::{BuiltDevice, DeviceHandle};
 use crate::memory::GuestMemory;
 use crate::net::{MacAddr, NetBackend, TapOptions, VmnetOptions};
 
-
 const DEVICE_TYPE_NET: u16 = 1;
 pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
@@ -370,11 +369,12 @@ pub fn build_virtio_tap(
     let tap = crate::net::tap::Tap::open(&options.name)?;
     let fd = tap.as_raw_fd();
     let mac = crate::config::tap_mac(uuid, address, options);
-    let net =
-        VirtioNet::new(tap, mac, Some(Backend::Fd(fd))).map_err(|source| NetDeviceError::Thread {
+    let net = VirtioNet::new(tap, mac, Some(Backend::Fd(fd))).map_err(|source| {
+        NetDeviceError::Thread {
             device: format!("virtio-tap {}", options.name),
             source,
-        })?;
+        }
+    })?;
     let handle = net.worker.handle();
     let device = Arc::new(Mutex::new(VirtioPci::new(net, transport)?));
     Ok(BuiltDevice {
@@ -422,7 +422,8 @@ pub fn build_virtio_net(
     let callback = packets.clone();
     backend.set_packet_callback(Box::new(move || callback.notify()))?;
     let mac = vmnet::guest_mac(params.mac, options.mac);
-    let net = VirtioNet::new(backend, mac, Some(Backend::Notifier(packets))).map_err(thread_error)?;
+    let net =
+        VirtioNet::new(backend, mac, Some(Backend::Notifier(packets))).map_err(thread_error)?;
     let handle = net.worker.handle();
     let device = Arc::new(Mutex::new(VirtioPci::new(net, transport)?));
     Ok(BuiltDevice {

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use virtio_queue::{Queue, QueueT};
 
 use super::{
-    ActiveQueue, Activation, QueueError, SharedQueue, VirtioDevice, VirtioInterrupt,
+    Activation, ActiveQueue, QueueError, SharedQueue, VirtioDevice, VirtioInterrupt,
     F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
     STATUS_NEEDS_RESET, VIRTIO_PCI_VENDOR,
 };
@@ -551,7 +551,9 @@ impl<D: VirtioDevice> VirtioPci<D> {
     }
 
     fn selected_queue(&self) -> Option<MutexGuard<'_, Queue>> {
-        self.queues.get(usize::from(self.queue_select)).map(|q| lock(q))
+        self.queues
+            .get(usize::from(self.queue_select))
+            .map(|q| lock(q))
     }
 
     // ---- legacy (I/O BAR) ----
@@ -647,13 +649,20 @@ impl<D: VirtioDevice> VirtioPci<D> {
 
     fn queue_vector(&self, index: usize) -> u16 {
         let signals = self.interrupt.lock();
-        signals.queue_vectors.get(index).copied().unwrap_or(NO_VECTOR)
+        signals
+            .queue_vectors
+            .get(index)
+            .copied()
+            .unwrap_or(NO_VECTOR)
     }
 
     fn set_queue_vector(&mut self, vector: u16) {
         let mut signals = self.interrupt.lock();
         let vector = Self::checked_vector(&signals, vector);
-        if let Some(v) = signals.queue_vectors.get_mut(usize::from(self.queue_select)) {
+        if let Some(v) = signals
+            .queue_vectors
+            .get_mut(usize::from(self.queue_select))
+        {
             *v = vector;
         }
     }

@@ -196,8 +196,8 @@ mod thread {
     use crate::devices::irq::test_util::RecordingLine;
     use crate::devices::pci::msix::tests::RecordingMsi;
     use crate::devices::pci::PciDevice;
-    use crate::devices::virtio::queue_worker::Backend;
     use crate::devices::virtio::pci::{VirtioPci, VirtioPciResources, MODERN_BAR};
+    use crate::devices::virtio::queue_worker::Backend;
     use crate::devices::virtio::STATUS_DRIVER;
     use crate::devices::virtio::{STATUS_ACKNOWLEDGE, STATUS_DRIVER_OK, STATUS_FEATURES_OK};
 
