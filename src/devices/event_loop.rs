@@ -26,19 +26,32 @@ use vmm_sys_util::event::{
 pub struct Notifier {
     consumer: EventConsumer,
     notifier: EventNotifier,
+    /// Rung by the VMM (`notify`) since the last [`Notifier::take_rung_by_vmm`]: tells a
+    /// doorbell on the exit path from one the hypervisor delivered (for tracing).
+    by_vmm: AtomicBool,
 }
 
 impl Notifier {
     pub fn new() -> io::Result<Arc<Notifier>> {
         let (consumer, notifier) =
             new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
-        Ok(Arc::new(Notifier { consumer, notifier }))
+        Ok(Arc::new(Notifier {
+            consumer,
+            notifier,
+            by_vmm: AtomicBool::new(false),
+        }))
     }
 
     /// Rings it. Never blocks, never allocates: safe on a vCPU's exit path. A full counter
     /// (or pipe) already means "wake up", so a failed write loses nothing.
     pub fn notify(&self) {
+        self.by_vmm.store(true, Ordering::Relaxed);
         let _ = self.notifier.notify();
+    }
+
+    /// Whether `notify` rang it since the last call (else the hypervisor did).
+    pub fn take_rung_by_vmm(&self) -> bool {
+        self.by_vmm.swap(false, Ordering::Relaxed)
     }
 
     /// The descriptor that becomes readable when rung: what the loop polls, and what KVM
@@ -72,8 +85,9 @@ pub trait EventHandler: Send + 'static {
         let _ = token;
         true
     }
-    /// The loop started, or resumed after a pause: serve whatever is already queued.
-    fn started(&mut self) {}
+    /// The loop resumed after a pause: serve what a handler left queued when the pause
+    /// stopped it. (Rings during the pause stay pending on their notifiers.)
+    fn resumed(&mut self) {}
 }
 
 #[derive(Debug, Default)]
@@ -173,18 +187,21 @@ impl LoopControl {
         self.changed.notify_all();
     }
 
-    /// Called by the loop at its control event: blocks while paused; false when killed.
-    fn checkpoint(&self) -> bool {
+    /// Called by the loop at its control event: blocks while paused. `None` when killed,
+    /// else whether it was paused.
+    fn checkpoint(&self) -> Option<bool> {
         self.wake.drain();
         let mut state = self.lock();
+        let mut was_paused = false;
         while state.paused && !state.kill {
+            was_paused = true;
             if !state.pause_acked {
                 state.pause_acked = true;
                 self.changed.notify_all();
             }
             state = self.wait(state);
         }
-        !state.kill
+        (!state.kill).then_some(was_paused)
     }
 
     fn started(&self) {
@@ -280,10 +297,11 @@ fn run<H: EventHandler>(mut handler: H, sources: &[EventSource], control: &LoopC
         revents: 0,
     });
     let control_index = sources.len();
-    if !control.checkpoint() {
-        return handler;
+    match control.checkpoint() {
+        None => return handler,
+        Some(true) => handler.resumed(),
+        Some(false) => {}
     }
-    handler.started();
     loop {
         for (token, pollfd) in fds[..control_index].iter_mut().enumerate() {
             let fd = match &sources[token] {
@@ -308,11 +326,11 @@ fn run<H: EventHandler>(mut handler: H, sources: &[EventSource], control: &LoopC
             return handler;
         }
         if fds[control_index].revents != 0 {
-            if !control.checkpoint() {
-                return handler;
+            match control.checkpoint() {
+                None => return handler,
+                Some(true) => handler.resumed(),
+                Some(false) => {}
             }
-            // Resumed (or a spurious wake): serve what queued up meanwhile.
-            handler.started();
         }
         for token in 0..control_index {
             if fds[token].revents == 0 {
