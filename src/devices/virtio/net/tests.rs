@@ -1,5 +1,4 @@
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
 
 use vm_memory::GuestAddress;
 
@@ -174,7 +173,9 @@ fn bad_buffers_are_errors_not_crashes() {
 }
 
 /// Polls `done` for up to 10 s (the network threads move frames asynchronously).
-pub(in crate::devices::virtio::net) fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+#[cfg(target_os = "linux")]
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    use std::time::{Duration, Instant};
     let start = Instant::now();
     while !done() {
         assert!(
