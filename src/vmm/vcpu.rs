@@ -8,14 +8,14 @@ use std::sync::Arc;
 use super::control::Control;
 use super::diagnostics;
 use super::exit::StopReason;
-use super::guest_ram::RamView;
-use super::memory::GuestMemory;
 use super::user_irqchip::{EntryStep, UserIrqChip};
 use crate::arch::x86_64::emulate::complete::COMPLETIONS;
 use crate::devices::bus::Bus;
 use crate::devices::power::PowerEvent;
 use crate::hv::regs::{SegmentRegister, RFLAGS_IF};
 use crate::hv::{SystemEvent, Vcpu, VmExit, INTERNAL_ERROR_EMULATION};
+use crate::memory::guest_ram::RamView;
+use crate::memory::GuestMemory;
 
 /// What every vCPU thread shares.
 pub struct VcpuContext {
@@ -75,6 +75,11 @@ pub fn run(mut vcpu: Box<dyn Vcpu>, ctx: Arc<VcpuContext>) {
     let mut next_sample = STATS_SAMPLE_INTERVAL;
     let sampling = log::log_enabled!(target: "xhyve::stats", log::Level::Trace);
     while !ctx.control.is_stopping() {
+        // A machine pause: one atomic load per pass when none is asked for.
+        if ctx.control.pause_requested() {
+            ctx.control.park();
+            continue;
+        }
         if sampling && started.elapsed() >= next_sample {
             // How much guest code the hypervisor emulated so far, to time boot phases
             // (XHYVE_LOG=xhyve::stats=trace); trace only, as the exit path requires.
@@ -86,6 +91,11 @@ pub fn run(mut vcpu: Box<dyn Vcpu>, ctx: Arc<VcpuContext>) {
         let mut step = Ok(());
         if let Some(chip) = &ctx.user_irqchip {
             step = prepare_user_entry(vcpu.as_mut(), chip, &ctx);
+            // Woken from the VMM's HLT or SIPI wait during a pause: park before the guest
+            // runs (the entry is prepared; it runs as prepared after the resume).
+            if ctx.control.pause_requested() {
+                ctx.control.park();
+            }
         }
         if let Err(reason) = step.and_then(|()| run_once(vcpu.as_mut(), &ctx)) {
             ctx.control.stop(reason);

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _};
 
-use super::memory::GuestMemory;
+use super::GuestMemory;
 use crate::arch::x86_64::emulate::GuestRam;
 
 pub struct RamView<'a>(pub &'a GuestMemory);
@@ -112,7 +112,7 @@ fn compare_exchange_16(host: *mut u8, expected: u128, new: u128) -> (bool, u128)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vmm::memory::create_guest_memory;
+    use crate::memory::create_guest_memory;
 
     #[test]
     fn compare_exchange_swaps_only_on_a_match() {
