@@ -9,6 +9,7 @@ pub mod block;
 pub mod boot;
 pub mod cli;
 pub mod devices;
+pub mod fs;
 pub mod hv;
 pub mod intc;
 pub mod net;
