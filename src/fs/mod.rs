@@ -3,4 +3,5 @@
 //! work on byte buffers and know nothing of virtqueues.
 
 pub mod linux_abi;
+pub mod p9;
 pub mod sandbox;
