@@ -2,6 +2,7 @@
 //! format ([`wire`]), the built-in server on the sandbox ([`server`]), and the forwarder to an
 //! external server over a Unix socket, HyperKit's `virtio-9p,path=SOCKET` ([`forward`]).
 
+pub mod forward;
 pub mod server;
 pub mod wire;
 
