@@ -8,6 +8,7 @@ use std::sync::Arc;
 use super::wire::{self, Qid, Reader, WireError, Writer, QTDIR, QTFILE, QTSYMLINK};
 use crate::fs::linux_abi::{self, errno};
 use crate::fs::sandbox::{Attr, FsError, Kind, Node, SetAttr, SetTime, Share};
+pub use crate::fs::IdMapping;
 
 /// Message types (9P2000.L and the base 9P2000 ones it keeps).
 pub mod msg {
@@ -69,16 +70,6 @@ const SETATTR_ATIME_SET: u32 = 0x80;
 const SETATTR_MTIME_SET: u32 = 0x100;
 /// Linux AT_REMOVEDIR, in Tunlinkat flags.
 const AT_REMOVEDIR: u32 = 0x200;
-
-/// How file owners look to the guest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IdMapping {
-    /// Owners are the host's; new files get the guest's uid/gid when the VMM runs as root
-    /// (otherwise they belong to the VMM's user).
-    Passthrough,
-    /// Every file appears owned by this uid/gid; ownership changes are accepted and ignored.
-    Squash { uid: u32, gid: u32 },
-}
 
 /// Server options (from `-s N,virtio-9p,DIR,tag=T[,ro][,uid=N,gid=N]`).
 #[derive(Debug, Clone, Copy)]
