@@ -15,3 +15,4 @@ pub mod intc;
 pub mod net;
 pub mod tables;
 pub mod vmm;
+pub mod vsock;
