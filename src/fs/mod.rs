@@ -3,6 +3,7 @@
 //! work on byte buffers and know nothing of virtqueues.
 
 pub mod fuse;
+pub mod fuzz;
 pub mod linux_abi;
 pub mod p9;
 pub mod sandbox;

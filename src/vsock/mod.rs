@@ -2,6 +2,7 @@
 //! (naming documented in [`muxer`]). [`packet`] is the wire header; [`muxer`] the connection
 //! state machine and credit accounting, independent of virtqueues.
 
+pub mod fuzz;
 pub mod muxer;
 pub mod packet;
 
