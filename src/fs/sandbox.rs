@@ -21,7 +21,9 @@ use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
+#[cfg(any(target_os = "linux", test))]
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::linux_abi::{self, errno, mode as lmode};
@@ -232,7 +234,8 @@ impl Default for SetAttr {
 pub struct Share {
     root: Arc<Node>,
     read_only: bool,
-    /// Cleared the first time openat2 reports ENOSYS (kernels before 5.6).
+    /// Cleared the first time openat2 reports ENOSYS (kernels before 5.6). Only Linux has it.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     use_openat2: AtomicBool,
     /// `/proc/self/fd`, for reopening a node's inode without resolving its name again.
     proc_fd: Option<OwnedFd>,

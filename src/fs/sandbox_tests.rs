@@ -328,6 +328,7 @@ fn exchange(a: &Path, b: &Path) {
         CString::new(b.as_os_str().to_str().unwrap()).unwrap(),
     );
     // SAFETY: NUL-terminated paths in our temporary directory.
+    #[cfg(target_os = "linux")]
     let rc = unsafe {
         libc::renameat2(
             libc::AT_FDCWD,
@@ -337,13 +338,15 @@ fn exchange(a: &Path, b: &Path) {
             libc::RENAME_EXCHANGE,
         )
     };
+    // SAFETY: as above; macOS's atomic exchange.
+    #[cfg(target_os = "macos")]
+    let rc = unsafe { libc::renamex_np(ca.as_ptr(), cb.as_ptr(), libc::RENAME_SWAP) };
     assert_eq!(rc, 0, "RENAME_EXCHANGE: {}", io::Error::last_os_error());
 }
 
 /// A host thread keeps atomically exchanging a directory with a symlink that points outside
 /// (and, one level down, a file with a symlink to the secret) while the sandbox walks through
 /// the name and reads: it must only ever see inside data, and must see some.
-#[cfg(target_os = "linux")]
 #[test]
 fn symlink_swap_race_never_escapes() {
     let w = world();

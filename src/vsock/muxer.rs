@@ -275,7 +275,8 @@ impl Muxer {
         match h.op {
             op::REQUEST => {
                 if self.conns.contains_key(&key) || self.conns.len() >= MAX_CONNS {
-                    return Ok(self.rst(key));
+                    self.rst(key);
+                    return Ok(());
                 }
                 let path = self.cfg.dir.join(socket_name(HOST_CID, h.dst_port));
                 match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
@@ -299,7 +300,8 @@ impl Muxer {
             }
             op::SHUTDOWN => {
                 let Some(c) = self.conns.get_mut(&key) else {
-                    return Ok(self.rst(key));
+                    self.rst(key);
+                    return Ok(());
                 };
                 if h.flags & SHUTDOWN_SEND != 0 {
                     c.guest_done_sending = true;
@@ -315,15 +317,18 @@ impl Muxer {
             }
             op::RW => {
                 let Some(c) = self.conns.get_mut(&key) else {
-                    return Ok(self.rst(key));
+                    self.rst(key);
+                    return Ok(());
                 };
                 if c.state != State::Connected || c.guest_done_sending {
-                    return Ok(self.rst(key));
+                    self.rst(key);
+                    return Ok(());
                 }
                 // The guest may have at most our credit in flight.
                 if c.pending.len() + data.len() > BUF_ALLOC as usize {
                     log::debug!("vsock: guest port {} overran its credit", h.src_port);
-                    return Ok(self.rst(key));
+                    self.rst(key);
+                    return Ok(());
                 }
                 c.pending.extend_from_slice(data);
                 self.flush(key);
