@@ -5,6 +5,7 @@
 //! configuration and interrupts, so a model never sees PCI.
 
 pub mod blk;
+pub mod fs_queue;
 pub mod fuzz;
 pub mod net;
 pub mod pci;
