@@ -202,7 +202,32 @@ impl Muxer {
         !self.rx.is_empty()
     }
 
-    /// The next packet for the guest (header and payload), if any.
+    /// The next packet for the guest (header and payload), if any, in at most `room` bytes:
+    /// a longer RW payload is split, the rest stays first in line.
+    pub fn next_rx_within(&mut self, room: usize) -> Option<Vec<u8>> {
+        let front = self.rx.front_mut()?;
+        if front.len() <= room {
+            return self.rx.pop_front();
+        }
+        let take = room.checked_sub(HEADER_LEN).filter(|&n| n > 0)?;
+        let mut h = Header::parse(front).ok()?;
+        if h.op != op::RW {
+            return None;
+        }
+        let mut head = Vec::with_capacity(HEADER_LEN + take);
+        h.len = take as u32;
+        h.write(&mut head);
+        head.extend_from_slice(&front[HEADER_LEN..HEADER_LEN + take]);
+        let rest = front.len() - HEADER_LEN - take;
+        h.len = rest as u32;
+        let mut tail = Vec::with_capacity(HEADER_LEN + rest);
+        h.write(&mut tail);
+        tail.extend_from_slice(&front[HEADER_LEN + take..]);
+        *front = tail;
+        Some(head)
+    }
+
+    /// The next packet for the guest, whole.
     pub fn next_rx(&mut self) -> Option<Vec<u8>> {
         self.rx.pop_front()
     }

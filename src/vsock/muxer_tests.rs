@@ -260,3 +260,33 @@ fn configuration_is_checked() {
     assert_eq!(parse_connect_line(b"3.22\n"), None);
     assert_eq!(parse_connect_line(b"00000003:00000016\n"), None);
 }
+
+#[test]
+fn packets_are_split_to_fit_the_guest_buffers() {
+    let (tmp, mut m) = muxer(vec![]);
+    let svc = UnixListener::bind(tmp.as_path().join("00000002.00000001")).unwrap();
+    m.handle_guest(&guest(op::REQUEST, 9, 1, 0, 1 << 20, 0, &[]))
+        .unwrap();
+    assert_eq!(rx(&mut m).0.op, op::RESPONSE);
+    let (mut host, _) = svc.accept().unwrap();
+    let data: Vec<u8> = (0..10000u32).map(|i| i as u8).collect();
+    host.write_all(&data).unwrap();
+    let mut got = Vec::new();
+    let start = Instant::now();
+    while got.len() < data.len() && start.elapsed() < Duration::from_secs(5) {
+        m.poll_host();
+        while let Some(p) = m.next_rx_within(HEADER_LEN + 1000) {
+            assert!(p.len() <= HEADER_LEN + 1000);
+            let (h, d) = Header::parse_packet(&p).unwrap();
+            assert_eq!((h.op, h.len as usize), (op::RW, d.len()));
+            got.extend_from_slice(d);
+        }
+    }
+    assert_eq!(got, data);
+    // No room for even a header: nothing is taken.
+    host.write_all(b"x").unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    m.poll_host();
+    assert!(m.next_rx_within(HEADER_LEN).is_none());
+    assert!(m.next_rx_within(HEADER_LEN + 1).is_some());
+}

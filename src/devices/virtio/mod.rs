@@ -10,6 +10,7 @@ pub mod fuzz;
 pub mod net;
 pub mod pci;
 pub mod rnd;
+pub mod vsock_queue;
 
 use virtio_queue::Queue;
 

@@ -14,8 +14,9 @@ use crate::fs::IdMapping;
 
 /// Largest write (and read) offered to the kernel: 1 MiB (256 pages).
 pub const MAX_WRITE: u32 = 1024 * 1024;
-/// Default bounds of the node and handle tables.
-pub const DEFAULT_MAX_NODES: usize = 1 << 20;
+/// Default bounds of the node and handle tables. Every node holds an O_PATH descriptor, so
+/// the node bound must stay under the process's descriptor limit.
+pub const DEFAULT_MAX_NODES: usize = 1 << 16;
 pub const DEFAULT_MAX_HANDLES: usize = 1 << 16;
 /// How long the guest may cache names and attributes (seconds): host changes show within it.
 const VALID_SECS: u64 = 1;
