@@ -5,6 +5,7 @@
 pub mod fuse;
 pub mod fuzz;
 pub mod linux_abi;
+pub mod options;
 pub mod p9;
 pub mod sandbox;
 
