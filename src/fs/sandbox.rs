@@ -245,6 +245,17 @@ fn cstring(name: &[u8]) -> Result<CString> {
     CString::new(name).map_err(|_| FsError::BadName(String::from_utf8_lossy(name).into_owned()))
 }
 
+/// Permission bits a guest may set. Set-user-ID never reaches the host (a guest-made
+/// set-uid binary in the share would be a way up for host users); set-group-ID only on
+/// directories, where it means group inheritance.
+pub fn safe_mode(mode: u32, dir: bool) -> u32 {
+    let mut m = mode & 0o7777 & !(libc::S_ISUID as u32);
+    if !dir {
+        m &= !(libc::S_ISGID as u32);
+    }
+    m
+}
+
 /// Checks that a guest-supplied name is one path component and not `.` or `..`.
 pub fn check_name(name: &[u8]) -> Result<CString> {
     if name.len() > NAME_MAX {
@@ -628,7 +639,7 @@ impl Share {
                 dirfd,
                 cname.as_ptr(),
                 flags,
-                (mode & 0o7777) as libc::c_uint,
+                safe_mode(mode, false) as libc::c_uint,
             )
         };
         if fd < 0 {
@@ -654,7 +665,9 @@ impl Share {
         let cname = check_name(name)?;
         let dirfd = self.dir_fd(dir)?;
         // SAFETY: one checked component.
-        if unsafe { libc::mkdirat(dirfd, cname.as_ptr(), (mode & 0o7777) as libc::mode_t) } != 0 {
+        if unsafe { libc::mkdirat(dirfd, cname.as_ptr(), safe_mode(mode, true) as libc::mode_t) }
+            != 0
+        {
             return Err(FsError::os("mkdir", &cname));
         }
         self.lookup(dir, name)
@@ -690,7 +703,7 @@ impl Share {
             libc::mknodat(
                 dirfd,
                 cname.as_ptr(),
-                host_type | (mode & 0o7777) as libc::mode_t,
+                host_type | safe_mode(mode, false) as libc::mode_t,
                 0,
             )
         } != 0
@@ -823,9 +836,10 @@ impl Share {
             return Ok(());
         }
         if let Some(mode) = attr.mode {
+            let mode = safe_mode(mode, node.kind == Kind::Dir);
             self.at_node(node, "chmod", |dirfd, name, _| {
                 // SAFETY: see at_node; the node is not a symlink, so following is moot.
-                unsafe { libc::fchmodat(dirfd, name.as_ptr(), (mode & 0o7777) as libc::mode_t, 0) }
+                unsafe { libc::fchmodat(dirfd, name.as_ptr(), mode as libc::mode_t, 0) }
             })?;
         }
         if attr.atime != SetTime::Keep || attr.mtime != SetTime::Keep {

@@ -410,3 +410,38 @@ fn symlink_swap_race_never_escapes() {
     }
     assert_eq!(fs::read(w.outside.join("f")).unwrap(), SECRET);
 }
+
+#[test]
+fn set_uid_bits_never_reach_the_host() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = world();
+    let s = Share::new(&w.share, false).unwrap();
+    let root = s.root();
+    let (f, _) = s.create(&root, b"suid", libc::O_RDWR, 0o6755).unwrap();
+    let d = s.mkdir(&root, b"sgid", 0o2775).unwrap();
+    let mode = |p: &str| fs::metadata(w.share.join(p)).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode("suid") & 0o6000, 0);
+    assert_eq!(
+        mode("sgid") & 0o2000,
+        0o2000,
+        "set-gid directories keep group inheritance"
+    );
+    s.setattr(
+        &f,
+        &SetAttr {
+            mode: Some(0o4755),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(mode("suid"), 0o755);
+    s.setattr(
+        &d,
+        &SetAttr {
+            mode: Some(0o6777),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(mode("sgid"), 0o2777, "set-gid directories keep group inheritance");
+}
