@@ -249,9 +249,13 @@ fn cstring(name: &[u8]) -> Result<CString> {
 /// set-uid binary in the share would be a way up for host users); set-group-ID only on
 /// directories, where it means group inheritance.
 pub fn safe_mode(mode: u32, dir: bool) -> u32 {
+    #[allow(clippy::unnecessary_cast)] // mode_t is u16 on macOS
     let mut m = mode & 0o7777 & !(libc::S_ISUID as u32);
     if !dir {
-        m &= !(libc::S_ISGID as u32);
+        #[allow(clippy::unnecessary_cast)]
+        {
+            m &= !(libc::S_ISGID as u32);
+        }
     }
     m
 }
