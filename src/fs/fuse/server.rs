@@ -493,6 +493,9 @@ impl Server {
             Some(&id) => {
                 if let Some(i) = self.inodes.get_mut(&id) {
                     i.lookups += 1;
+                    // The fresh node knows the current name and parent (after a rename), which
+                    // reopen-by-name (no /proc, macOS) and `..` rely on.
+                    i.node = node;
                 }
                 id
             }
