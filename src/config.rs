@@ -10,6 +10,7 @@ pub use crate::arch::x86_64::boot::{Firmware, MultibootModule};
 pub use crate::block::BlockOptions;
 pub use crate::devices::pci::PciAddress;
 pub use crate::devices::serial::SerialBackend;
+pub use crate::fs::options::{FsOptions, P9Options};
 use crate::hv::IrqChipMode;
 use crate::net::{derive_mac, MacAddr};
 pub use crate::net::{TapOptions, VmnetOptions};
@@ -87,6 +88,10 @@ pub enum DeviceKind {
     VirtioTap(TapOptions),
     /// `virtio-net[,mac=...]`: virtio-net over macOS vmnet (shared mode); macOS only.
     VirtioNet(VmnetOptions),
+    /// `virtio-9p,DIR,tag=TAG[,ro][,uid=N,gid=N]` or HyperKit's `virtio-9p,path=SOCKET,tag=TAG`.
+    Virtio9p(P9Options),
+    /// `virtio-fs,DIR,tag=TAG[,ro][,uid=N,gid=N]`: virtio-fs served in process.
+    VirtioFs(FsOptions),
 }
 
 impl DeviceKind {
@@ -102,6 +107,8 @@ impl DeviceKind {
             DeviceKind::AhciCd(_) => "ahci-cd",
             DeviceKind::VirtioTap(_) => "virtio-tap",
             DeviceKind::VirtioNet(_) => "virtio-net",
+            DeviceKind::Virtio9p(_) => "virtio-9p",
+            DeviceKind::VirtioFs(_) => "virtio-fs",
         }
     }
 

@@ -58,6 +58,11 @@ pub enum CliError {
         spec: String,
         source: crate::net::NetOptionsError,
     },
+    #[error("invalid -s \"{spec}\": {source}")]
+    InvalidShareOptions {
+        spec: String,
+        source: crate::fs::options::OptionsError,
+    },
     #[error("-s {0}: virtio-net needs vmnet (macOS); use virtio-tap,tapN on Linux")]
     NetNeedsVmnet(String),
     /// A feature of xhyve/HyperKit that this port will implement later.

@@ -3,11 +3,11 @@
 use super::{
     BlockOptions, CliError, DeviceConfig, DeviceKind, PciAddress, TapOptions, VmnetOptions,
 };
+use crate::config::{FsOptions, P9Options};
 
 /// Emulations of xhyve/HyperKit that this port will add later; named so users get
 /// "not supported yet" rather than "unknown device".
 const LATER_EMULATIONS: &[&str] = &[
-    "virtio-9p",
     "virtio-sock",
     "virtio-vpnkit",
     "uart",
@@ -49,6 +49,10 @@ pub fn parse_pci_device(spec: &str) -> Result<DeviceConfig, CliError> {
             source,
         })
     };
+    let share_error = |source| CliError::InvalidShareOptions {
+        spec: spec.to_string(),
+        source,
+    };
     let net_error = |source| CliError::InvalidNetOptions {
         spec: spec.to_string(),
         source,
@@ -66,6 +70,8 @@ pub fn parse_pci_device(spec: &str) -> Result<DeviceConfig, CliError> {
             DeviceKind::VirtioNet(VmnetOptions::parse(options).map_err(net_error)?)
         }
         "virtio-net" => return Err(CliError::NetNeedsVmnet(spec.to_string())),
+        "virtio-9p" => DeviceKind::Virtio9p(P9Options::parse(options).map_err(share_error)?),
+        "virtio-fs" => DeviceKind::VirtioFs(FsOptions::parse(options).map_err(share_error)?),
         later if LATER_EMULATIONS.contains(&later) => {
             return Err(CliError::NotSupportedYet(format!(
                 "-s {spec} (PCI device \"{later}\")"
@@ -260,11 +266,31 @@ mod tests {
     }
 
     #[test]
+    fn shared_folder_devices() {
+        let d = parse_pci_device("5,virtio-9p,/srv,tag=srv,ro").unwrap();
+        assert_eq!(d.kind.name(), "virtio-9p");
+        let d = parse_pci_device("6,virtio-9p,path=/tmp/9p.sock,tag=port").unwrap();
+        assert!(matches!(d.kind, DeviceKind::Virtio9p(_)));
+        let d = parse_pci_device("7,virtio-fs,/home,tag=home").unwrap();
+        assert!(matches!(d.kind, DeviceKind::VirtioFs(_)));
+        assert_eq!(
+            parse_pci_device("5,virtio-9p,/srv")
+                .unwrap_err()
+                .to_string(),
+            "invalid -s \"5,virtio-9p,/srv\": virtio-9p needs tag=TAG"
+        );
+        assert_eq!(
+            parse_pci_device("7,virtio-fs,/h,tag=h,socket=/s").unwrap_err().to_string(),
+            "invalid -s \"7,virtio-fs,/h,tag=h,socket=/s\": virtio-fs socket=PATH (an external vhost-user-fs daemon) is not supported yet"
+        );
+    }
+
+    #[test]
     fn later_emulations_are_not_supported_yet() {
-        let err = parse_pci_device("2,virtio-9p").unwrap_err();
+        let err = parse_pci_device("2,virtio-sock").unwrap_err();
         assert_eq!(
             err.to_string(),
-            "not supported yet: -s 2,virtio-9p (PCI device \"virtio-9p\")"
+            "not supported yet: -s 2,virtio-sock (PCI device \"virtio-sock\")"
         );
         assert_eq!(err.exit_code(), 1);
         for name in LATER_EMULATIONS {

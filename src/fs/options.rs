@@ -20,7 +20,7 @@ pub const MAX_FS_TAG: usize = 36;
 pub const DEFAULT_9P_TAG: &str = "plan9";
 
 /// Why a device option string is wrong.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum OptionsError {
     #[error("{device} needs a directory to share (DIR,tag=TAG)")]
     NoDirectory { device: &'static str },

@@ -151,7 +151,7 @@ mod tests {
     use crate::devices::virtio::pci::test_ring::Ring;
     use crate::fs::p9::wire::{split, Reader, Writer};
     use crate::fs::sandbox::Share;
-    use crate::vmm::memory::GuestMemory as Mem;
+    use crate::memory::GuestMemory as Mem;
 
     const NEXT: u16 = 1;
     const WRITE: u16 = 2;

@@ -9,6 +9,7 @@
 //! and the interrupt state, so a device never sees PCI.
 
 pub mod blk;
+pub mod fs_devices;
 pub mod fs_queue;
 pub mod fuzz;
 pub mod net;

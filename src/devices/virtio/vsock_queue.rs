@@ -119,7 +119,7 @@ mod tests {
 
     use super::*;
     use crate::devices::virtio::pci::test_ring::Ring;
-    use crate::vmm::memory::GuestMemory as Mem;
+    use crate::memory::GuestMemory as Mem;
     use crate::vsock::packet::{op, Header, HOST_CID, TYPE_STREAM};
     use crate::vsock::VsockConfig;
 
