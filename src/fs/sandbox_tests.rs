@@ -190,14 +190,13 @@ fn special_files_are_never_opened_and_devices_never_made() {
     // SAFETY: a NUL-terminated path in our temporary directory.
     assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
     // As root (CI), also a real character device: a copy of /dev/null's numbers.
+    // SAFETY: geteuid has no preconditions.
     let as_root = unsafe { libc::geteuid() } == 0;
     if as_root {
         let dev = CString::new(w.share.join("null").as_os_str().to_str().unwrap()).unwrap();
         // SAFETY: as above; makedev(1, 3) is /dev/null.
-        assert_eq!(
-            unsafe { libc::mknod(dev.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) },
-            0
-        );
+        let rc = unsafe { libc::mknod(dev.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) };
+        assert_eq!(rc, 0);
     }
     for (mode, s) in modes(&w.share, false) {
         let root = s.root();
