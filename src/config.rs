@@ -14,6 +14,7 @@ pub use crate::fs::options::{FsOptions, P9Options};
 use crate::hv::IrqChipMode;
 use crate::net::{derive_mac, MacAddr};
 pub use crate::net::{TapOptions, VmnetOptions};
+pub use crate::vsock::VsockConfig;
 
 /// Everything needed to build and run one virtual machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,6 +93,8 @@ pub enum DeviceKind {
     Virtio9p(P9Options),
     /// `virtio-fs,DIR,tag=TAG[,ro][,uid=N,gid=N]`: virtio-fs served in process.
     VirtioFs(FsOptions),
+    /// `virtio-sock,guest_cid=C,path=DIR[,guest_forwards=P1;P2]`: vsock over Unix sockets in DIR.
+    VirtioSock(VsockConfig),
 }
 
 impl DeviceKind {
@@ -109,6 +112,7 @@ impl DeviceKind {
             DeviceKind::VirtioNet(_) => "virtio-net",
             DeviceKind::Virtio9p(_) => "virtio-9p",
             DeviceKind::VirtioFs(_) => "virtio-fs",
+            DeviceKind::VirtioSock(_) => "virtio-sock",
         }
     }
 

@@ -507,8 +507,8 @@ mod tests {
             "pci slot 0:3:0 already occupied"
         );
         assert_eq!(
-            error(&["-s", "2,virtio-sock,share", "-f", KEXEC]).to_string(),
-            "not supported yet: -s 2,virtio-sock,share (PCI device \"virtio-sock\")"
+            error(&["-s", "2,virtio-vpnkit,share", "-f", KEXEC]).to_string(),
+            "not supported yet: -s 2,virtio-vpnkit,share (PCI device \"virtio-vpnkit\")"
         );
     }
 

@@ -4,17 +4,11 @@ use super::{
     BlockOptions, CliError, DeviceConfig, DeviceKind, PciAddress, TapOptions, VmnetOptions,
 };
 use crate::config::{FsOptions, P9Options};
+use crate::fs::options::parse_vsock;
 
 /// Emulations of xhyve/HyperKit that this port will add later; named so users get
 /// "not supported yet" rather than "unknown device".
-const LATER_EMULATIONS: &[&str] = &[
-    "virtio-sock",
-    "virtio-vpnkit",
-    "uart",
-    "e1000",
-    "fbuf",
-    "dummy",
-];
+const LATER_EMULATIONS: &[&str] = &["virtio-vpnkit", "uart", "e1000", "fbuf", "dummy"];
 
 const BLOCK_USAGE: &str = "PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]][,flush=full|fsync]";
 
@@ -72,6 +66,7 @@ pub fn parse_pci_device(spec: &str) -> Result<DeviceConfig, CliError> {
         "virtio-net" => return Err(CliError::NetNeedsVmnet(spec.to_string())),
         "virtio-9p" => DeviceKind::Virtio9p(P9Options::parse(options).map_err(share_error)?),
         "virtio-fs" => DeviceKind::VirtioFs(FsOptions::parse(options).map_err(share_error)?),
+        "virtio-sock" => DeviceKind::VirtioSock(parse_vsock(options).map_err(share_error)?),
         later if LATER_EMULATIONS.contains(&later) => {
             return Err(CliError::NotSupportedYet(format!(
                 "-s {spec} (PCI device \"{later}\")"
@@ -271,6 +266,9 @@ mod tests {
         assert_eq!(d.kind.name(), "virtio-9p");
         let d = parse_pci_device("6,virtio-9p,path=/tmp/9p.sock,tag=port").unwrap();
         assert!(matches!(d.kind, DeviceKind::Virtio9p(_)));
+        let d =
+            parse_pci_device("8,virtio-sock,guest_cid=3,path=/tmp/vs,guest_forwards=22").unwrap();
+        assert_eq!(d.kind.name(), "virtio-sock");
         let d = parse_pci_device("7,virtio-fs,/home,tag=home").unwrap();
         assert!(matches!(d.kind, DeviceKind::VirtioFs(_)));
         assert_eq!(
@@ -287,10 +285,10 @@ mod tests {
 
     #[test]
     fn later_emulations_are_not_supported_yet() {
-        let err = parse_pci_device("2,virtio-sock").unwrap_err();
+        let err = parse_pci_device("2,virtio-vpnkit").unwrap_err();
         assert_eq!(
             err.to_string(),
-            "not supported yet: -s 2,virtio-sock (PCI device \"virtio-sock\")"
+            "not supported yet: -s 2,virtio-vpnkit (PCI device \"virtio-vpnkit\")"
         );
         assert_eq!(err.exit_code(), 1);
         for name in LATER_EMULATIONS {

@@ -13,6 +13,7 @@ use crate::devices::virtio::fs_devices::{ShareDevice, ShareDeviceError};
 use crate::devices::virtio::net::NetDeviceError;
 use crate::devices::virtio::pci::{VirtioPciError, VirtioPciResources};
 use crate::devices::virtio::rnd::VirtioRnd;
+use crate::devices::virtio::vsock::{VirtioVsock, VsockDeviceError};
 use crate::devices::BuiltDevice;
 use crate::memory::GuestMemory;
 
@@ -70,6 +71,8 @@ pub enum DeviceError {
     Ahci(#[from] AhciError),
     #[error(transparent)]
     Share(#[from] ShareDeviceError),
+    #[error(transparent)]
+    Vsock(#[from] VsockDeviceError),
 }
 
 /// Builds the function `kind` names at `address`. One line per device kind.
@@ -96,6 +99,7 @@ pub fn build(
         DeviceKind::AhciCd(options) => AhciHba::build(Cdrom, options, ctx.ahci(address))?,
         DeviceKind::Virtio9p(options) => ShareDevice::build_9p(options, ctx.virtio(address))?,
         DeviceKind::VirtioFs(options) => ShareDevice::build_fs(options, ctx.virtio(address))?,
+        DeviceKind::VirtioSock(config) => VirtioVsock::build(config, ctx.virtio(address))?,
     })
 }
 
@@ -212,6 +216,10 @@ mod tests {
         let bus = pci_bus(&[(4, DeviceKind::Virtio9p(p9)), (5, DeviceKind::VirtioFs(fs))]).unwrap();
         assert_eq!(read32(&bus, at(0, 4, 0), 0), 0x1009_1AF4);
         assert_eq!(read32(&bus, at(0, 5, 0), 0), 0x105A_1AF4);
+        let vs = crate::fs::options::parse_vsock(Some(&format!("guest_cid=3,path={dir}"))).unwrap();
+        let bus = pci_bus(&[(6, DeviceKind::VirtioSock(vs))]).unwrap();
+        assert_eq!(read32(&bus, at(0, 6, 0), 0), 0x1053_1AF4);
+        assert!(tmp.as_path().join("connect").exists());
         let missing = crate::config::P9Options::parse(Some("/nonexistent/xhyve,tag=t")).unwrap();
         assert!(pci_bus(&[(4, DeviceKind::Virtio9p(missing))]).is_err());
     }

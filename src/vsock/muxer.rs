@@ -192,6 +192,41 @@ impl Muxer {
         v
     }
 
+    /// What to wait for on which descriptor (poll(2) events) for the muxer to make progress:
+    /// listeners and handshakes to read; connections to write while guest data waits; and
+    /// connections to read only while nothing waits for the guest and it has credit left, so
+    /// a waiter never spins on data it cannot move.
+    pub fn poll_interest(&self) -> Vec<(RawFd, i16)> {
+        let mut v = vec![(self.connect.as_raw_fd(), libc::POLLIN)];
+        v.extend(
+            self.forwards
+                .iter()
+                .map(|(_, l)| (l.as_raw_fd(), libc::POLLIN)),
+        );
+        v.extend(
+            self.handshakes
+                .iter()
+                .map(|h| (h.stream.as_raw_fd(), libc::POLLIN)),
+        );
+        for c in self.conns.values() {
+            let mut ev = 0;
+            if !c.pending.is_empty() {
+                ev |= libc::POLLOUT;
+            }
+            if self.rx.is_empty()
+                && c.state == State::Connected
+                && !c.host_done_sending
+                && c.peer_free() > 0
+            {
+                ev |= libc::POLLIN;
+            }
+            if ev != 0 {
+                v.push((c.stream.as_raw_fd(), ev));
+            }
+        }
+        v
+    }
+
     /// Live connections.
     pub fn connections(&self) -> usize {
         self.conns.len()

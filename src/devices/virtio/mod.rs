@@ -16,6 +16,7 @@ pub mod net;
 pub mod pci;
 pub mod queue_worker;
 pub mod rnd;
+pub mod vsock;
 pub mod vsock_queue;
 
 use std::sync::{Arc, Mutex};
