@@ -137,11 +137,8 @@ fn poller(
 }
 
 impl VirtioVsock {
-    /// `-s N,virtio-sock,...`: binds the sockets in DIR and starts the poller.
-    pub fn build(
-        config: &VsockConfig,
-        transport: VirtioPciResources,
-    ) -> Result<BuiltDevice, VsockDeviceError> {
+    /// The muxer on DIR, its poller thread, and the queues' work for the device thread.
+    fn parts(config: &VsockConfig) -> Result<(VsockQueues, Arc<AtomicBool>), VsockDeviceError> {
         let muxer = Arc::new(Mutex::new(Muxer::new(config.clone())?));
         let wake = Notifier::new().map_err(VirtioPciError::Notifier)?;
         let served = Arc::new(AtomicU64::new(0));
@@ -154,12 +151,23 @@ impl VirtioVsock {
                 .spawn(move || poller(muxer, wake, served, stop))
                 .map_err(VsockDeviceError::Thread)?;
         }
-        let queues = VsockQueues {
-            muxer,
-            wake,
-            served,
-            buf: Vec::new(),
-        };
+        Ok((
+            VsockQueues {
+                muxer,
+                wake,
+                served,
+                buf: Vec::new(),
+            },
+            stop,
+        ))
+    }
+
+    /// `-s N,virtio-sock,...`: binds the sockets in DIR and starts the poller.
+    pub fn build(
+        config: &VsockConfig,
+        transport: VirtioPciResources,
+    ) -> Result<BuiltDevice, VsockDeviceError> {
+        let (queues, stop) = Self::parts(config)?;
         let worker = QueueWorker::new("virtio-sock", queues).map_err(VirtioPciError::Notifier)?;
         let device = VirtioVsock {
             guest_cid: config.guest_cid,
@@ -211,5 +219,111 @@ impl VirtioDevice for VirtioVsock {
     }
     fn handle(&self) -> Option<Box<dyn DeviceHandle>> {
         Some(self.worker.handle())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::net::UnixListener;
+    use std::time::Instant;
+
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::tempdir::TempDir;
+
+    use super::*;
+    use crate::devices::virtio::pci::test_ring::Ring;
+    use crate::devices::virtio::{ActiveQueue, VirtioInterrupt};
+    use crate::vsock::packet::{op, Header, HEADER_LEN, HOST_CID, TYPE_STREAM};
+
+    struct Count(AtomicU64);
+    impl VirtioInterrupt for Count {
+        fn signal_used_queue(&self, _index: usize) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+        fn queue_error(&self, why: &QueueError) {
+            panic!("queue error: {why}");
+        }
+    }
+
+    /// The whole device on its own threads: a guest REQUEST on TX gets a RESPONSE on RX, and
+    /// host data arrives on RX through the poller without any guest doorbell.
+    #[test]
+    fn device_threads_carry_a_connection() {
+        let tmp = TempDir::new_with_prefix("/tmp/xvd-").unwrap();
+        let svc = UnixListener::bind(tmp.as_path().join("00000002.00000050")).unwrap();
+        let config = VsockConfig {
+            guest_cid: 3,
+            dir: tmp.as_path().into(),
+            guest_forwards: vec![],
+        };
+        let (queues, stop) = VirtioVsock::parts(&config).unwrap();
+        let mut worker = QueueWorker::new("virtio-sock-test", queues).unwrap();
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let mut rx = Ring::new(&mem, 0x1000, 16);
+        let mut tx = Ring::new(&mem, 0x4000, 16);
+        let ev = Ring::new(&mem, 0x7000, 4);
+        for i in 0..8u64 {
+            rx.add_chain(&mem, &[(0x100000 + i * 0x1000, 0x1000, 2)]);
+        }
+        let mut req = Vec::new();
+        Header {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port: 4000,
+            dst_port: 0x50,
+            ty: TYPE_STREAM,
+            op: op::REQUEST,
+            buf_alloc: 1 << 16,
+            ..Default::default()
+        }
+        .write(&mut req);
+        mem.write_slice(&req, GuestAddress(0x200000)).unwrap();
+        tx.add_chain(&mem, &[(0x200000, req.len() as u32, 0)]);
+        let notifiers: Vec<Arc<Notifier>> = (0..3).map(|_| Notifier::new().unwrap()).collect();
+        let queues = [rx.queue(), tx.queue(), ev.queue()]
+            .into_iter()
+            .zip(&notifiers)
+            .map(|(q, n)| ActiveQueue {
+                queue: Arc::new(Mutex::new(q)),
+                notifier: n.clone(),
+            })
+            .collect();
+        let irq = Arc::new(Count(AtomicU64::new(0)));
+        worker
+            .activate(Activation {
+                memory: mem.clone(),
+                queues,
+                interrupt: irq.clone(),
+                features: 0,
+            })
+            .unwrap();
+        notifiers[TX_QUEUE].notify();
+        let wait_used = |n: usize| {
+            let start = Instant::now();
+            while rx.used(&mem).len() < n {
+                assert!(
+                    start.elapsed() < Duration::from_secs(5),
+                    "RX got {:?}",
+                    rx.used(&mem)
+                );
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        };
+        wait_used(1);
+        let mut h = [0u8; HEADER_LEN];
+        mem.read_slice(&mut h, GuestAddress(0x100000)).unwrap();
+        assert_eq!(Header::parse(&h).unwrap().op, op::RESPONSE);
+        let (mut host, _) = svc.accept().unwrap();
+        host.write_all(b"from the host").unwrap();
+        wait_used(2);
+        let mut p = [0u8; HEADER_LEN + 13];
+        mem.read_slice(&mut p, GuestAddress(0x101000)).unwrap();
+        let (h, d) = Header::parse_packet(&p).unwrap();
+        assert_eq!((h.op, d), (op::RW, &b"from the host"[..]));
+        assert!(irq.0.load(Ordering::Relaxed) >= 2);
+        worker.reset();
+        stop.store(true, Ordering::Release);
+        drop(host);
     }
 }
