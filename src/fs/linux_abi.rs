@@ -119,7 +119,8 @@ pub fn host_open_flags(linux: u32) -> i32 {
     if linux & O_APPEND != 0 {
         host |= libc::O_APPEND;
     }
-    if linux & O_SYNC == O_SYNC {
+    // 9P2000.L's P9_DOTL_SYNC is the one bit 0o4000000 (Linux's O_SYNC adds O_DSYNC to it).
+    if linux & (O_SYNC & !O_DSYNC) != 0 {
         host |= libc::O_SYNC;
     } else if linux & O_DSYNC != 0 {
         host |= libc::O_DSYNC;
@@ -156,6 +157,9 @@ mod tests {
         assert!(wants_write(O_WRONLY));
         assert!(wants_write(O_RDONLY | O_TRUNC));
         assert!(!wants_write(O_RDONLY | O_DIRECTORY));
+        assert_ne!(host_open_flags(0o4000000) & libc::O_SYNC, 0, "P9_DOTL_SYNC");
+        assert_ne!(host_open_flags(O_SYNC) & libc::O_SYNC, 0);
+        assert_eq!(host_open_flags(O_DSYNC) & libc::O_SYNC & !libc::O_DSYNC, 0);
     }
 
     #[test]
