@@ -22,13 +22,17 @@ fn main() {
         .and_then(|a| std::path::Path::new(a).file_name())
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "xhyve".into());
-    let code = match cli::parse(args) {
+    let code = match cli::parse(args.clone()) {
         Ok(Action::Help) => {
             eprint!("{}", cli::usage(&program));
             0
         }
         Ok(Action::Version) => {
-            eprint!("{}", cli::version_text());
+            let personality = args
+                .first()
+                .map(|p| cli::Personality::from_program(p))
+                .unwrap_or_default();
+            eprint!("{}", cli::version_text(personality));
             0
         }
         // -M: xhyve prints the network device's MAC and exits 0 (without a network device

@@ -33,8 +33,8 @@ pub struct VmConfig {
     /// `-P`: exit to the VMM on PAUSE (Hypervisor.framework only).
     pub pause_exit: bool,
     /// `-l com1,...` / `-l com2,...`.
-    pub com1: Option<SerialBackend>,
-    pub com2: Option<SerialBackend>,
+    pub com1: Option<SerialConfig>,
+    pub com2: Option<SerialConfig>,
     /// `-m`: guest RAM in bytes.
     pub memory_bytes: u64,
     /// `-p vcpu:hostcpu`, in the order given.
@@ -55,6 +55,28 @@ pub struct VmConfig {
     pub mptable: bool,
     /// `-M`: print the first network device's MAC address and exit 0.
     pub print_mac: bool,
+    /// Whose behaviour to follow where xhyve and HyperKit differ (from argv[0]).
+    pub personality: Personality,
+}
+
+/// xhyve or HyperKit: the binary behaves as HyperKit when its name (argv[0]'s last path
+/// component) is `hyperkit`, so that it can be installed under that name for HyperKit's
+/// users. The two differ in the `-v` text and the exit codes; everything else is shared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Personality {
+    #[default]
+    Xhyve,
+    HyperKit,
+}
+
+impl Personality {
+    /// The personality for a program name (argv[0]).
+    pub fn from_program(program: &std::ffi::OsStr) -> Self {
+        match std::path::Path::new(program).file_name() {
+            Some(name) if name == "hyperkit" => Personality::HyperKit,
+            _ => Personality::Xhyve,
+        }
+    }
 }
 
 /// `-f`: the guest loader.
@@ -80,13 +102,38 @@ pub struct MultibootModule {
     pub cmdline: String,
 }
 
+/// One COM port: `-l comN,TERMINAL[,log=PATH][,asl]` (HyperKit's chained form).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SerialConfig {
+    /// Where the port's bytes go and come from.
+    pub backend: SerialBackend,
+    /// `log=PATH`: HyperKit's console ring, a 64 KiB memory-mapped file of the latest output.
+    pub log_ring: Option<PathBuf>,
+    /// `asl`: output also goes to the macOS system log, a line at a time.
+    pub asl: bool,
+}
+
+impl SerialConfig {
+    /// A port on `backend` with no log ring and no system log.
+    pub fn new(backend: SerialBackend) -> Self {
+        SerialConfig {
+            backend,
+            log_ring: None,
+            asl: false,
+        }
+    }
+}
+
 /// Where a COM port's bytes go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SerialBackend {
     /// The terminal `xhyve` runs in, in raw mode (restored on every exit).
     Stdio,
     /// A new pseudo-terminal; its name is printed as `COMn connected to /dev/pts/N`.
-    Autopty,
+    /// `autopty=PATH` also makes a symlink at PATH to it, removed on exit.
+    Autopty(Option<PathBuf>),
+    /// `null`: output is dropped, there is no input (HyperKit).
+    Null,
     /// An existing terminal device.
     Tty(PathBuf),
 }
@@ -158,6 +205,7 @@ impl VmConfig {
             x2apic: false,
             mptable: true,
             print_mac: false,
+            personality: Personality::Xhyve,
         }
     }
 }

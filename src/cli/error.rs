@@ -26,6 +26,13 @@ pub enum CliError {
     },
     #[error("invalid -s \"{0}\": emulation required, e.g. -s 0:0,hostbridge")]
     MissingPciEmulation(String),
+    #[error(
+        "-s {bus}:{slot}:{function}: slot {bus}:{slot} has no function 0, so guests never \
+         see it; put a device at {bus}:{slot}:0"
+    )]
+    MissingFunctionZero { bus: u8, slot: u8, function: u8 },
+    #[error("-m given more than once (\"{first}\", then \"{second}\"): give it once")]
+    DuplicateMemsize { first: String, second: String },
     #[error("pci slot {bus}:{slot}:{function} already occupied")]
     PciSlotOccupied { bus: u8, slot: u8, function: u8 },
     #[error("pci slot {bus}:{slot}: unknown device \"{name}\"")]
@@ -48,7 +55,7 @@ pub enum CliError {
     #[error("invalid -s \"{spec}\": {reason}")]
     InvalidPciPlacement { spec: String, reason: &'static str },
     #[error("invalid lpc device configuration '{value}': {reason}")]
-    InvalidLpc { value: String, reason: &'static str },
+    InvalidLpc { value: String, reason: String },
     #[error("invalid -U \"{0}\": not a UUID")]
     InvalidUuid(String),
     #[error("invalid -p \"{value}\": {reason}")]
@@ -71,7 +78,9 @@ impl CliError {
     /// The process exit status for this error: xhyve's `EX_USAGE` for `-m`/`-l`, else 1.
     pub fn exit_code(&self) -> i32 {
         match self {
-            CliError::InvalidMemsize { .. } | CliError::InvalidLpc { .. } => EX_USAGE,
+            CliError::InvalidMemsize { .. }
+            | CliError::DuplicateMemsize { .. }
+            | CliError::InvalidLpc { .. } => EX_USAGE,
             _ => 1,
         }
     }
@@ -94,7 +103,7 @@ mod tests {
         };
         let lpc = CliError::InvalidLpc {
             value: "com3,stdio".into(),
-            reason: "unknown device",
+            reason: "unknown device".into(),
         };
         assert_eq!(memsize.exit_code(), 64);
         assert_eq!(lpc.exit_code(), 64);

@@ -18,8 +18,8 @@ use clap::{Arg, ArgAction, ArgMatches, Command};
 use super::firmware::parse_firmware;
 use super::lpc::SerialPorts;
 use super::memsize::parse_memsize;
-use super::pci::{add_pci_device, parse_pci_device};
-use super::{Action, CliError, CpuPin, VmConfig};
+use super::pci::{add_pci_device, check_function_zero, parse_pci_device};
+use super::{Action, CliError, CpuPin, Personality, VmConfig};
 
 /// Boolean flags: (option letter, clap id).
 const FLAGS: &[(char, &str)] = &[
@@ -46,7 +46,7 @@ const VALUED: &[(char, &str, bool)] = &[
     ('F', "pidfile", false),
     ('g', "gdb_port", false),
     ('l', "lpc", true),
-    ('m', "memsize", false),
+    ('m', "memsize", true),
     ('p', "cpu_pin", true),
     ('s', "pci", true),
     ('U', "uuid", false),
@@ -58,6 +58,11 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    let personality = args
+        .first()
+        .map(|program| Personality::from_program(program))
+        .unwrap_or_default();
     let matches = command().try_get_matches_from(args).map_err(syntax_error)?;
 
     let first_index = |id| {
@@ -84,7 +89,16 @@ where
     }
 
     // -l and -m first: their errors are EX_USAGE, as in xhyve.
-    let memory_bytes = match last(&matches, "memsize") {
+    let memsizes: Vec<&str> = values(&matches, "memsize").collect();
+    if let [first, second, ..] = memsizes[..] {
+        // Two sizes are a mistake in a script (a default plus an override); which one wins
+        // is not obvious, so say so instead of silently taking the last, as getopt would.
+        return Err(CliError::DuplicateMemsize {
+            first: first.to_string(),
+            second: second.to_string(),
+        });
+    }
+    let memory_bytes = match memsizes.first() {
         Some(value) => parse_memsize(value)?,
         None => VmConfig::DEFAULT_MEMORY_BYTES,
     };
@@ -100,6 +114,7 @@ where
     }
 
     let mut config = VmConfig::with_firmware(firmware);
+    config.personality = personality;
     config.memory_bytes = memory_bytes;
     config.com1 = ports.com1;
     config.com2 = ports.com2;
@@ -131,6 +146,7 @@ where
         let device = parse_pci_device(spec)?;
         add_pci_device(&mut config.pci_devices, spec, device)?;
     }
+    check_function_zero(&config.pci_devices)?;
     // After -c, wherever it was given: a pin names an existing vCPU.
     for value in values(&matches, "cpu_pin") {
         let pin = parse_cpu_pin(value, config.vcpus)?;
@@ -265,7 +281,7 @@ fn parse_uuid(value: &str) -> Option<[u8; 16]> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::{Firmware, PciDeviceConfig, PciDeviceKind, SerialBackend};
+    use crate::cli::{Firmware, PciDeviceConfig, PciDeviceKind, SerialBackend, SerialConfig};
 
     const KEXEC: &str = "kexec,vmlinuz,initrd.gz,earlyprintk=serial console=ttyS0";
 
@@ -331,7 +347,7 @@ mod tests {
 
         let c = config(&["-s0,hostbridge", "-lcom1,stdio", "-f", KEXEC]);
         assert_eq!(c.pci_devices.len(), 1);
-        assert_eq!(c.com1, Some(SerialBackend::Stdio));
+        assert_eq!(c.com1, Some(SerialConfig::new(SerialBackend::Stdio)));
     }
 
     #[test]
@@ -376,12 +392,47 @@ mod tests {
 
     #[test]
     fn flags_may_repeat_and_last_value_wins() {
-        let c = config(&[
-            "-A", "-A", "-c", "4", "-c", "3", "-m", "1G", "-m", "512", "-f", KEXEC,
-        ]);
+        let c = config(&["-A", "-A", "-c", "4", "-c", "3", "-m", "512", "-f", KEXEC]);
         assert!(c.acpi);
         assert_eq!(c.vcpus, 3);
         assert_eq!(c.memory_bytes, 512 << 20);
+    }
+
+    #[test]
+    fn memsize_twice_is_an_error_naming_both() {
+        let err = error(&["-m", "1G", "-m", "512", "-f", KEXEC]);
+        assert_eq!(
+            err.to_string(),
+            "-m given more than once (\"1G\", then \"512\"): give it once"
+        );
+        assert_eq!(err.exit_code(), 64);
+        assert!(matches!(
+            error(&["-m1G", "-m1G", "-f", KEXEC]),
+            CliError::DuplicateMemsize { .. }
+        ));
+    }
+
+    #[test]
+    fn a_function_without_function_zero_is_an_error() {
+        let err = error(&["-s", "3:1,virtio-rnd", "-f", KEXEC]);
+        assert_eq!(
+            err.to_string(),
+            "-s 0:3:1: slot 0:3 has no function 0, so guests never see it; put a device at 0:3:0"
+        );
+        let c = config(&["-s", "3:1,virtio-rnd", "-s", "3:0,virtio-rnd", "-f", KEXEC]);
+        assert_eq!(c.pci_devices.len(), 2);
+    }
+
+    #[test]
+    fn personality_follows_the_program_name() {
+        let as_program = |program: &str| match parse([program, "-f", KEXEC]) {
+            Ok(Action::Run(c)) => c.personality,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(as_program("/usr/local/bin/hyperkit"), Personality::HyperKit);
+        assert_eq!(as_program("hyperkit"), Personality::HyperKit);
+        assert_eq!(as_program("/usr/bin/xhyve"), Personality::Xhyve);
+        assert_eq!(as_program("hyperkit-old"), Personality::Xhyve);
     }
 
     #[test]
@@ -513,8 +564,11 @@ mod tests {
     #[test]
     fn serial_ports() {
         let c = config(&["-l", "com1,stdio", "-l", "com2,autopty", "-f", KEXEC]);
-        assert_eq!(c.com1, Some(SerialBackend::Stdio));
-        assert_eq!(c.com2, Some(SerialBackend::Autopty));
+        assert_eq!(c.com1, Some(SerialConfig::new(SerialBackend::Stdio)));
+        assert_eq!(
+            c.com2,
+            Some(SerialConfig::new(SerialBackend::Autopty(None)))
+        );
         let err = error(&["-l", "com1,stdio", "-l", "com1,autopty", "-f", KEXEC]);
         assert_eq!(err.exit_code(), 64);
         assert!(err

@@ -104,6 +104,24 @@ pub fn add_pci_device(
     Ok(())
 }
 
+/// A function other than 0 needs function 0 in its slot: guests (Linux, FreeBSD, firmware)
+/// probe function 0 and skip the slot when it is absent, so the device would silently vanish.
+pub fn check_function_zero(devices: &[PciDeviceConfig]) -> Result<(), CliError> {
+    for d in devices.iter().filter(|d| d.function != 0) {
+        let has_zero = devices
+            .iter()
+            .any(|z| (z.bus, z.slot, z.function) == (d.bus, d.slot, 0));
+        if !has_zero {
+            return Err(CliError::MissingFunctionZero {
+                bus: d.bus,
+                slot: d.slot,
+                function: d.function,
+            });
+        }
+    }
+    Ok(())
+}
+
 fn takes_block_options(kind: PciDeviceKind) -> bool {
     matches!(
         kind,

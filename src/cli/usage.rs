@@ -40,8 +40,25 @@ pub fn usage(program: &str) -> String {
     )
 }
 
-/// The `-v` text, shaped like xhyve's.
-pub fn version_text() -> String {
+/// The HyperKit release whose behaviour the `hyperkit` personality follows (moby/hyperkit at
+/// 3cb0d54, 2022-02-20). Its date is what tools check: minikube takes the first line of
+/// `hyperkit -v`, the part after ": ", the part after the first "." and its first 8 characters
+/// as YYYYMMDD, and wants at least 20190201.
+const HYPERKIT_VERSION: &str = "v0.20220220";
+
+/// The `-v` text, shaped like xhyve's, or like HyperKit's when run as `hyperkit`.
+pub fn version_text(personality: super::Personality) -> String {
+    if personality == super::Personality::HyperKit {
+        return format!(
+            "hyperkit: {HYPERKIT_VERSION} (xhyve-rs {})
+
+Homepage: https://github.com/docker/hyperkit
+License: BSD
+
+",
+            env!("CARGO_PKG_VERSION")
+        );
+    }
     format!(
         "xhyve: {}
 
@@ -84,9 +101,21 @@ mod tests {
 
     #[test]
     fn version_names_the_crate_version() {
-        let text = version_text();
+        let text = version_text(crate::cli::Personality::Xhyve);
         assert!(text.starts_with(&format!("xhyve: {}\n", env!("CARGO_PKG_VERSION"))));
         assert!(text.contains("Rust port of xhyve"));
         assert!(text.ends_with("License: BSD\n"));
+    }
+
+    /// The first line as minikube's hyperkit driver reads it (convertVersionToDate).
+    #[test]
+    fn hyperkit_version_line_parses_as_minikube_does() {
+        let text = version_text(crate::cli::Personality::HyperKit);
+        let line = text.split('\n').next().unwrap();
+        assert!(line.starts_with("hyperkit: v0."), "{line}");
+        let version = line.split(": ").nth(1).unwrap();
+        let date = &version.split('.').nth(1).unwrap()[..8];
+        assert!(date.bytes().all(|b| b.is_ascii_digit()), "{date}");
+        assert!(date >= "20190201", "minikube's minimum: {date}");
     }
 }

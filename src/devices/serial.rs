@@ -19,7 +19,7 @@ use vm_superio::{Serial, Trigger};
 use super::bus::{lock, BusDevice};
 use super::irq::InterruptLine;
 use super::terminal::{Terminal, TerminalError, TerminalHold};
-use crate::cli::SerialBackend;
+use crate::cli::SerialConfig;
 
 /// Number of I/O ports a 16550 decodes.
 pub const UART_PORT_COUNT: u64 = 8;
@@ -181,14 +181,14 @@ pub struct SerialPort {
 impl SerialPort {
     /// Opens `backend` for COM`com` (1 or 2) and starts its input thread.
     pub fn open(
-        backend: &SerialBackend,
+        config: &SerialConfig,
         com: u8,
         irq: Arc<dyn InterruptLine>,
     ) -> Result<SerialPort, SerialError> {
         if com_resources(com).is_none() {
             return Err(SerialError::BadComPort(com));
         }
-        let (output, input, pty_path, hold) = Terminal::open(backend, com)?.into_parts();
+        let (output, input, pty_path, hold) = Terminal::open_config(config, com)?.into_parts();
         let stop = input.as_ref().map(|r| r.stop_flag()).unwrap_or_default();
         let input = input.map(|r| Box::new(r) as Box<dyn Read + Send>);
         let mut port = Self::start(com, output, input, stop, irq)?;
@@ -317,6 +317,7 @@ fn pump_input(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::SerialBackend;
     use crate::devices::irq::test_util::RecordingLine;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     use std::time::Instant;
@@ -435,7 +436,7 @@ mod tests {
     #[test]
     fn bad_com_number_is_refused() {
         let line = Arc::new(RecordingLine::default());
-        let err = SerialPort::open(&SerialBackend::Stdio, 3, line)
+        let err = SerialPort::open(&SerialConfig::new(SerialBackend::Stdio), 3, line)
             .err()
             .unwrap();
         assert_eq!(err.to_string(), "invalid COM port 3: must be 1 or 2");
@@ -445,7 +446,8 @@ mod tests {
     #[test]
     fn autopty_bytes_flow_both_ways_through_the_uart() {
         let line = Arc::new(RecordingLine::default());
-        let port = SerialPort::open(&SerialBackend::Autopty, 2, line).unwrap();
+        let port =
+            SerialPort::open(&SerialConfig::new(SerialBackend::Autopty(None)), 2, line).unwrap();
         let path = std::ffi::CString::new(port.pty_path().unwrap().to_str().unwrap()).unwrap();
         // SAFETY: `path` is a valid C string; the result is checked.
         let raw = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_NOCTTY) };

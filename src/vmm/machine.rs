@@ -116,7 +116,7 @@ pub fn run(config: &VmConfig) -> Result<i32, VmmError> {
         eprintln!("xhyve: {message}");
     }
     drop(vm);
-    Ok(reason.exit_code())
+    Ok(reason.exit_code(config.personality))
 }
 
 /// `XHYVE_IRQCHIP`: who emulates the interrupt controllers; the in-kernel irqchip unless

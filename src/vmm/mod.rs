@@ -22,6 +22,7 @@ pub use machine::{run, VmmError};
 /// Called on every exit path, including fatal ones.
 pub fn cleanup() {
     crate::devices::terminal::restore_terminal();
+    crate::devices::terminal::remove_links();
     pidfile::remove();
 }
 
