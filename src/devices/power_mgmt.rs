@@ -128,9 +128,12 @@ impl AcpiPm {
     }
 
     /// The power button (SIGTERM): sets PWRBTN_STS and raises the SCI if the guest enabled it.
-    pub fn press_power_button(&mut self) {
+    /// Returns whether the guest has ACPI enabled (SCI_EN, set by ACPI_ENABLE on SMI_CMD): if
+    /// not, no OS is listening for the button, and xhyve stops instead.
+    pub fn press_power_button(&mut self) -> bool {
         self.status |= PM1_PWRBTN_STS;
         self.update_sci();
+        self.control & PM1_SCI_EN != 0
     }
 
     /// The SCI is level-triggered: high while an enabled status bit is set and ACPI is on.
@@ -449,8 +452,8 @@ mod tests {
     #[test]
     fn power_button_raises_a_level_sci_until_cleared() {
         let mut pm = pm();
-        // Not enabled yet: status set, no SCI.
-        pm.dev.press_power_button();
+        // Not enabled yet: status set, no SCI, and the caller learns nobody listens.
+        assert!(!pm.dev.press_power_button());
         assert_eq!(inw(&mut pm.dev, PM1A_EVT_PORT), PM1_PWRBTN_STS);
         assert!(pm.sci.levels.lock().unwrap().is_empty());
         out(&mut pm.dev, PM1A_EVT_PORT + 2, &PM1_PWRBTN_EN.to_le_bytes());
@@ -464,7 +467,7 @@ mod tests {
         assert_eq!(inw(&mut pm.dev, PM1A_EVT_PORT), 0);
         assert_eq!(*pm.sci.levels.lock().unwrap(), vec![true, false]);
         // Pressed again while enabled: straight up.
-        pm.dev.press_power_button();
+        assert!(pm.dev.press_power_button());
         assert_eq!(*pm.sci.levels.lock().unwrap(), vec![true, false, true]);
     }
 

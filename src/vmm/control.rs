@@ -1,8 +1,9 @@
 //! Machine-wide control shared by the main thread, the vCPU threads and the devices: who asked
-//! the machine to stop and why, and the poll that detects "every vCPU halted".
+//! the machine to stop and why, pausing the vCPUs, and the poll that detects "every vCPU
+//! halted".
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -37,7 +38,22 @@ pub struct Control {
     poll_generation: AtomicU64,
     samples: Vec<Sample>,
     serial_tail: Mutex<Option<SerialTail>>,
+    pause: Mutex<PauseState>,
+    pause_changed: Condvar,
 }
+
+/// vCPU pause (SIGUSR1/SIGUSR2, the control API): only the vCPUs stop; devices and timers
+/// carry on, so a paused guest finds its timers due when it resumes. The machine-wide
+/// pause of the device manager replaces this.
+#[derive(Default)]
+struct PauseState {
+    paused: bool,
+    /// vCPU threads waiting in [`Control::park_while_paused`].
+    parked: usize,
+}
+
+/// How long `pause` waits for the vCPUs to leave the guest.
+const PAUSE_ACK: Duration = Duration::from_secs(1);
 
 impl Control {
     pub fn new(vcpus: u8) -> (Arc<Control>, Receiver<()>) {
@@ -55,6 +71,8 @@ impl Control {
                 })
                 .collect(),
             serial_tail: Mutex::new(None),
+            pause: Mutex::new(PauseState::default()),
+            pause_changed: Condvar::new(),
         };
         (Arc::new(control), woken)
     }
@@ -67,7 +85,59 @@ impl Control {
         }
         drop(stop);
         self.stopping.store(true, Ordering::SeqCst);
+        // Release parked vCPUs; taking the lock orders this after a parker's stop check.
+        drop(lock(&self.pause));
+        self.pause_changed.notify_all();
         let _ = self.wake.send(());
+    }
+
+    /// Stops every vCPU outside the guest until [`resume`](Self::resume); returns once they
+    /// are all parked (or after a bound, for a vCPU stuck in a host call).
+    pub fn pause(&self) {
+        let vcpus = lock(&self.kickers).iter().flatten().count();
+        let mut state = lock(&self.pause);
+        state.paused = true;
+        drop(state);
+        self.kick_all();
+        let deadline = std::time::Instant::now() + PAUSE_ACK;
+        let mut state = lock(&self.pause);
+        while state.paused && state.parked < vcpus && !self.is_stopping() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            state = match self.pause_changed.wait_timeout(state, left) {
+                Ok((s, _)) => s,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) {
+        lock(&self.pause).paused = false;
+        self.pause_changed.notify_all();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        lock(&self.pause).paused
+    }
+
+    /// Called by a vCPU thread between exits: waits while the machine is paused.
+    pub fn park_while_paused(&self) {
+        let mut state = lock(&self.pause);
+        if !state.paused {
+            return;
+        }
+        state.parked += 1;
+        self.pause_changed.notify_all();
+        while state.paused && !self.is_stopping() {
+            state = match self.pause_changed.wait(state) {
+                Ok(s) => s,
+                Err(p) => p.into_inner(),
+            };
+        }
+        state.parked -= 1;
     }
 
     pub fn is_stopping(&self) -> bool {
@@ -174,6 +244,34 @@ mod tests {
             Some(StopReason::Guest(PowerEvent::Reset))
         );
         assert!(woken.try_recv().is_ok());
+    }
+
+    #[test]
+    fn pause_parks_vcpus_until_resume_or_stop() {
+        let (control, _woken) = Control::new(1);
+        let ran = Arc::new(AtomicU64::new(0));
+        let vcpu = {
+            let (control, ran) = (control.clone(), ran.clone());
+            std::thread::spawn(move || {
+                while !control.is_stopping() {
+                    control.park_while_paused();
+                    ran.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })
+        };
+        control.pause();
+        assert!(control.is_paused());
+        std::thread::sleep(Duration::from_millis(20));
+        let before = ran.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(ran.load(Ordering::SeqCst) <= before + 1, "ran while paused");
+        control.resume();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(ran.load(Ordering::SeqCst) > before + 1, "did not resume");
+        control.pause();
+        control.stop(StopReason::Signal(libc::SIGTERM));
+        vcpu.join().unwrap();
     }
 
     #[test]

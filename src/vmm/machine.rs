@@ -38,7 +38,8 @@ pub enum VmmError {
 
 /// Builds and runs the machine; returns the process exit code.
 pub fn run(config: &VmConfig) -> Result<i32, VmmError> {
-    signals::block_termination_signals();
+    // First: a stop signal during a setup step that blocks must still end the process.
+    signals::start().map_err(VmmError::Thread)?;
     let hypervisor = hv::default_hypervisor()?;
     let pins = check_pins(config)?;
     let guest_memory = memory::create_guest_memory(config.memory_bytes)?;
@@ -81,7 +82,7 @@ pub fn run(config: &VmConfig) -> Result<i32, VmmError> {
     }
 
     let _serial_ports = platform.serial_ports;
-    signals::spawn(control.clone(), platform.power_button).map_err(VmmError::Thread)?;
+    signals::arm(control.clone(), platform.power_button);
     let ctx = Arc::new(VcpuContext {
         io_bus: platform.io_bus,
         mmio_bus: platform.mmio_bus,
@@ -99,7 +100,11 @@ pub fn run(config: &VmConfig) -> Result<i32, VmmError> {
             Ok(()) | Err(RecvTimeoutError::Disconnected) => {}
             Err(RecvTimeoutError::Timeout) => {
                 // In user mode the vCPU threads see HLT themselves (UserIrqChip::halt).
-                if irqchip == IrqChipMode::Kernel && control.poll_all_halted(HALT_POLL_ANSWER) {
+                // A paused vCPU answers no poll.
+                if irqchip == IrqChipMode::Kernel
+                    && !control.is_paused()
+                    && control.poll_all_halted(HALT_POLL_ANSWER)
+                {
                     control.stop(StopReason::Guest(crate::devices::power::PowerEvent::Halt));
                 }
             }

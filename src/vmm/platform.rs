@@ -40,7 +40,7 @@ pub struct Platform {
     pub mmio_bus: Arc<Bus>,
     pub boot: BootSetup,
     /// Presses the ACPI power button (SIGTERM), when the guest has ACPI.
-    pub power_button: Option<Box<dyn Fn() + Send>>,
+    pub power_button: Option<super::signals::PowerButton>,
     /// Kept alive for the VM's life: dropping a port stops its input thread.
     pub serial_ports: Vec<SerialPort>,
     /// The VMM's interrupt controllers, in `IrqChipMode::User`.
@@ -151,7 +151,7 @@ pub fn build(
     insert_shared(&io_bus, &i8042, u64::from(I8042_COMMAND_PORT), 1)?;
     insert(&io_bus, PostCode::default(), u64::from(POST_CODE_PORT), 1)?;
     // SIGTERM presses the power button only where the guest can see it: with ACPI tables.
-    let power_button: Option<Box<dyn Fn() + Send>> = if config.acpi {
+    let power_button: Option<super::signals::PowerButton> = if config.acpi {
         let pm = acpi_pm.clone();
         Some(Box::new(move || lock(&pm).press_power_button()))
     } else {

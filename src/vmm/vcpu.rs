@@ -67,6 +67,7 @@ pub fn run(mut vcpu: Box<dyn Vcpu>, ctx: Arc<VcpuContext>) {
         }
     }
     while !ctx.control.is_stopping() {
+        ctx.control.park_while_paused();
         let mut step = Ok(());
         if let Some(chip) = &ctx.user_irqchip {
             step = prepare_user_entry(vcpu.as_mut(), chip, &ctx);

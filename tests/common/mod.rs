@@ -194,6 +194,7 @@ pub struct Vm {
     irqchip: IrqChip,
     stdin_piped: bool,
     timeout: Duration,
+    console: OsString,
 }
 
 impl Vm {
@@ -218,7 +219,15 @@ impl Vm {
             irqchip: IrqChip::default(),
             stdin_piped: false,
             timeout: GUEST_TIMEOUT,
+            console: "com1,stdio".into(),
         }
+    }
+
+    /// Replaces the default `-l com1,stdio` (the guest's output then no longer reaches
+    /// [`Running::wait_for_line`]).
+    pub fn console(mut self, spec: impl Into<OsString>) -> Vm {
+        self.console = spec.into();
+        self
     }
 
     pub fn memory(mut self, memory: &str) -> Vm {
@@ -281,7 +290,7 @@ impl Vm {
             args.push(slot.into());
         }
         args.push("-l".into());
-        args.push("com1,stdio".into());
+        args.push(self.console.clone());
         args.extend(self.extra_args.iter().cloned());
         if let Some(firmware) = &self.firmware {
             args.push("-f".into());
