@@ -32,6 +32,10 @@ pub enum VmmError {
     BadPin { vcpu: u8, host_cpu: u32 },
     #[error("{0}")]
     Setup(String),
+    /// Guest RAM could not be reserved or handed to the hypervisor: name `-m`, the one knob
+    /// the user can turn, rather than only the hypervisor's ioctl.
+    #[error("-m {size}: cannot set up that much guest memory: {reason}")]
+    GuestMemory { size: String, reason: String },
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
 }
@@ -42,7 +46,12 @@ pub fn run(config: &VmConfig) -> Result<i32, VmmError> {
     signals::start().map_err(VmmError::Thread)?;
     let hypervisor = hv::default_hypervisor()?;
     let pins = check_pins(config)?;
-    let guest_memory = memory::create_guest_memory(config.memory_bytes)?;
+    let memory_error = |reason: String| VmmError::GuestMemory {
+        size: size_text(config.memory_bytes),
+        reason,
+    };
+    let guest_memory = memory::create_guest_memory(config.memory_bytes)
+        .map_err(|e| memory_error(e.to_string()))?;
     for region in guest_memory.iter() {
         host::prefer_huge_pages(region.as_ptr(), region.len() as usize);
         if !config.dump_guest_memory {
@@ -58,7 +67,7 @@ pub fn run(config: &VmConfig) -> Result<i32, VmmError> {
         pause_exits: config.pause_exit,
     };
     let vm = hypervisor.create_vm(&options)?;
-    map_guest_memory(vm.as_ref(), &guest_memory)?;
+    map_guest_memory(vm.as_ref(), &guest_memory).map_err(|e| memory_error(e.to_string()))?;
 
     if let Some(path) = &config.pidfile {
         pidfile::create(path)?;
@@ -122,6 +131,16 @@ pub fn run(config: &VmConfig) -> Result<i32, VmmError> {
     }
     drop(vm);
     Ok(reason.exit_code(config.personality))
+}
+
+/// A byte count as `-m` would take it: the largest binary unit that divides it (`60T`, `512M`).
+fn size_text(bytes: u64) -> String {
+    for (shift, unit) in [(50, "P"), (40, "T"), (30, "G"), (20, "M"), (10, "K")] {
+        if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
 }
 
 /// `XHYVE_IRQCHIP`: who emulates the interrupt controllers; the in-kernel irqchip unless
@@ -264,6 +283,14 @@ mod tests {
         );
         let err = parse_irqchip_mode("usr", false).unwrap_err().to_string();
         assert!(err.contains("\"usr\""), "{err}");
+    }
+
+    #[test]
+    fn sizes_read_as_m_takes_them() {
+        assert_eq!(size_text(60 << 40), "60T");
+        assert_eq!(size_text(1536 << 20), "1536M");
+        assert_eq!(size_text(1 << 30), "1G");
+        assert_eq!(size_text(4097), "4097");
     }
 
     #[test]
