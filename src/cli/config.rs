@@ -57,6 +57,16 @@ pub struct VmConfig {
     pub print_mac: bool,
     /// Whose behaviour to follow where xhyve and HyperKit differ (from argv[0]).
     pub personality: Personality,
+    /// `--restful-uri`: where to serve the control API (vfkit's REST shape), if anywhere.
+    pub restful_uri: Option<RestEndpoint>,
+}
+
+/// `--restful-uri unix:///PATH` or `tcp://127.0.0.1:PORT` (vfkit's option).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestEndpoint {
+    Unix(PathBuf),
+    /// Loopback only: the API can stop the VM, so it is not offered to the network.
+    Tcp(std::net::SocketAddr),
 }
 
 /// xhyve or HyperKit: the binary behaves as HyperKit when its name (argv[0]'s last path
@@ -206,6 +216,7 @@ impl VmConfig {
             mptable: true,
             print_mac: false,
             personality: Personality::Xhyve,
+            restful_uri: None,
         }
     }
 }

@@ -8,6 +8,7 @@ mod memsize;
 mod net;
 mod parse;
 mod pci;
+mod rest_uri;
 mod usage;
 
 pub use config::*;

@@ -147,6 +147,9 @@ where
         add_pci_device(&mut config.pci_devices, spec, device)?;
     }
     check_function_zero(&config.pci_devices)?;
+    if let Some(value) = last(&matches, "restful_uri") {
+        config.restful_uri = super::rest_uri::parse_rest_uri(value)?;
+    }
     // After -c, wherever it was given: a pin names an existing vCPU.
     for value in values(&matches, "cpu_pin") {
         let pin = parse_cpu_pin(value, config.vcpus)?;
@@ -177,12 +180,18 @@ fn command() -> Command {
                 ArgAction::Set
             })
     });
+    // vfkit's option, the one long option: where the control API listens.
+    let restful_uri = Arg::new("restful_uri")
+        .long("restful-uri")
+        .num_args(1)
+        .action(ArgAction::Set);
     Command::new("xhyve")
         .disable_help_flag(true)
         .disable_version_flag(true)
         .args_override_self(true)
         .args(flags)
         .args(valued)
+        .arg(restful_uri)
 }
 
 fn values<'a>(matches: &'a ArgMatches, id: &str) -> impl Iterator<Item = &'a str> {
@@ -421,6 +430,24 @@ mod tests {
         );
         let c = config(&["-s", "3:1,virtio-rnd", "-s", "3:0,virtio-rnd", "-f", KEXEC]);
         assert_eq!(c.pci_devices.len(), 2);
+    }
+
+    #[test]
+    fn restful_uri_is_a_long_option() {
+        let c = config(&["--restful-uri", "unix:///tmp/x.sock", "-f", KEXEC]);
+        assert_eq!(
+            c.restful_uri,
+            Some(crate::cli::RestEndpoint::Unix("/tmp/x.sock".into()))
+        );
+        let c = config(&["--restful-uri=tcp://127.0.0.1:1234", "-f", KEXEC]);
+        assert!(matches!(
+            c.restful_uri,
+            Some(crate::cli::RestEndpoint::Tcp(_))
+        ));
+        assert!(matches!(
+            error(&["--restful-uri", "tcp://1.2.3.4:5", "-f", KEXEC]),
+            CliError::InvalidRestfulUri { .. }
+        ));
     }
 
     #[test]

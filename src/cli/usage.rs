@@ -36,6 +36,7 @@ pub fn usage(program: &str) -> String {
        -W: force virtio to use single-vector MSI
        -x: local apic is in x2APIC mode
        -Y: disable MPtable generation
+       --restful-uri unix:///PATH|tcp://127.0.0.1:PORT: control API (vfkit's REST)
 "
     )
 }
@@ -90,7 +91,8 @@ mod tests {
         assert!(text.contains("       -p: pin 'vcpu' to 'hostcpu'\n"));
         assert!(text.contains("       -f: firmware: kexec,kernel[,initrd[,cmdline]]\n"));
         assert!(text.contains("multiboot,kernel[,modules][,cmdline]\n"));
-        assert!(text.ends_with("       -Y: disable MPtable generation\n"));
+        assert!(text.contains("       -Y: disable MPtable generation\n"));
+        assert!(text.ends_with("control API (vfkit's REST)\n"));
     }
 
     #[test]

@@ -136,6 +136,11 @@ impl AcpiPm {
         self.control & PM1_SCI_EN != 0
     }
 
+    /// Whether the guest enabled ACPI (SCI_EN), so that it would see the power button.
+    pub fn acpi_enabled(&self) -> bool {
+        self.control & PM1_SCI_EN != 0
+    }
+
     /// The SCI is level-triggered: high while an enabled status bit is set and ACPI is on.
     fn update_sci(&mut self) {
         let want = self.control & PM1_SCI_EN != 0 && self.status & self.enable != 0;
@@ -219,6 +224,23 @@ impl BusDevice for AcpiPm {
 const RESET_CPU: u8 = 1 << 2;
 
 /// The reset control register at 0xCF9: setting RST_CPU resets the machine.
+/// The ACPI power button as SIGTERM and the control API press it.
+pub trait PowerButton: Send + Sync {
+    /// Presses it; says whether the guest listens (it enabled ACPI).
+    fn press(&self) -> bool;
+    /// Whether a press would be seen now.
+    fn guest_listens(&self) -> bool;
+}
+
+impl PowerButton for std::sync::Mutex<AcpiPm> {
+    fn press(&self) -> bool {
+        super::bus::lock(self).press_power_button()
+    }
+    fn guest_listens(&self) -> bool {
+        super::bus::lock(self).acpi_enabled()
+    }
+}
+
 pub struct ResetControl {
     value: u8,
     power: Arc<dyn PowerControl>,

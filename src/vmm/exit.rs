@@ -11,6 +11,8 @@ pub enum StopReason {
     /// A signal stopped the machine: SIGTERM, SIGINT or SIGHUP (exit 1), or another signal
     /// whose default action would kill the process (exit 128 + its number).
     Signal(i32),
+    /// The control API asked for it (`HardStop`): exit code 1, as a stop signal.
+    Requested,
     /// The VMM could not emulate what the guest did; the message says what and where.
     Fatal(String),
 }
@@ -46,6 +48,7 @@ impl StopReason {
             StopReason::Guest(PowerEvent::Halt) => EXIT_HALT,
             StopReason::Guest(PowerEvent::TripleFault) => EXIT_TRIPLE_FAULT,
             StopReason::Signal(sig) => signal_exit_code(*sig),
+            StopReason::Requested => EXIT_SIGNAL,
             StopReason::Fatal(_) => EXIT_EMULATION_ERROR,
         }
     }

@@ -91,7 +91,15 @@ pub fn run(config: &VmConfig) -> Result<i32, VmmError> {
     }
 
     let _serial_ports = platform.serial_ports;
-    signals::arm(control.clone(), platform.power_button);
+    signals::arm(control.clone(), platform.power_button.clone());
+    if let Some(endpoint) = &config.restful_uri {
+        let api = super::rest::Api {
+            control: control.clone(),
+            power_button: platform.power_button.clone(),
+            inspect: super::rest::inspect(config),
+        };
+        super::rest::start(endpoint, api).map_err(|e| VmmError::Setup(e.to_string()))?;
+    }
     let ctx = Arc::new(VcpuContext {
         io_bus: platform.io_bus,
         mmio_bus: platform.mmio_bus,

@@ -11,6 +11,7 @@ mod machine;
 pub mod memory;
 pub mod pidfile;
 mod platform;
+pub mod rest;
 pub mod signals;
 pub mod timers;
 pub mod user_irqchip;
@@ -23,6 +24,7 @@ pub use machine::{run, VmmError};
 pub fn cleanup() {
     crate::devices::terminal::restore_terminal();
     crate::devices::terminal::remove_links();
+    rest::remove_socket();
     pidfile::remove();
 }
 

@@ -21,8 +21,8 @@ use crate::devices::pci::{
 };
 use crate::devices::power::PowerControl;
 use crate::devices::power_mgmt::{
-    AcpiPm, PostCode, ResetControl, ACPI_PM_BASE, ACPI_PM_PORT_COUNT, I8042, I8042_COMMAND_PORT,
-    I8042_DATA_PORT, POST_CODE_PORT, RESET_CONTROL_PORT, SCI_GSI, SMI_CMD_PORT,
+    AcpiPm, PostCode, PowerButton, ResetControl, ACPI_PM_BASE, ACPI_PM_PORT_COUNT, I8042,
+    I8042_COMMAND_PORT, I8042_DATA_PORT, POST_CODE_PORT, RESET_CONTROL_PORT, SCI_GSI, SMI_CMD_PORT,
 };
 use crate::devices::rtc::{Rtc, RTC_GSI, RTC_PORT, RTC_PORT_COUNT};
 use crate::devices::serial::{com_resources, SerialPort, UART_PORT_COUNT};
@@ -40,7 +40,7 @@ pub struct Platform {
     pub mmio_bus: Arc<Bus>,
     pub boot: BootSetup,
     /// Presses the ACPI power button (SIGTERM), when the guest has ACPI.
-    pub power_button: Option<super::signals::PowerButton>,
+    pub power_button: Option<Arc<dyn PowerButton>>,
     /// Kept alive for the VM's life: dropping a port stops its input thread.
     pub serial_ports: Vec<SerialPort>,
     /// The VMM's interrupt controllers, in `IrqChipMode::User`.
@@ -151,9 +151,8 @@ pub fn build(
     insert_shared(&io_bus, &i8042, u64::from(I8042_COMMAND_PORT), 1)?;
     insert(&io_bus, PostCode::default(), u64::from(POST_CODE_PORT), 1)?;
     // SIGTERM presses the power button only where the guest can see it: with ACPI tables.
-    let power_button: Option<super::signals::PowerButton> = if config.acpi {
-        let pm = acpi_pm.clone();
-        Some(Box::new(move || lock(&pm).press_power_button()))
+    let power_button: Option<Arc<dyn PowerButton>> = if config.acpi {
+        Some(acpi_pm.clone())
     } else {
         None
     };

@@ -22,10 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use super::control::Control;
 use super::exit::{self, StopReason};
-
-/// Presses the guest's ACPI power button; says whether the guest had ACPI enabled (otherwise
-/// nothing could see the button).
-pub type PowerButton = Box<dyn Fn() -> bool + Send>;
+use crate::devices::power_mgmt::PowerButton;
 
 /// Stop the machine, exit code 1.
 const STOP: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
@@ -76,7 +73,7 @@ fn handled_set() -> libc::sigset_t {
 /// What the thread acts on once the machine runs.
 struct Armed {
     control: Arc<Control>,
-    power_button: Option<PowerButton>,
+    power_button: Option<Arc<dyn PowerButton>>,
     pressed: bool,
 }
 
@@ -105,7 +102,7 @@ pub fn start() -> std::io::Result<()> {
 }
 
 /// Hands the signal thread the running machine. `power_button` is `None` without `-A`.
-pub fn arm(control: Arc<Control>, power_button: Option<PowerButton>) {
+pub fn arm(control: Arc<Control>, power_button: Option<Arc<dyn PowerButton>>) {
     *ARMED.lock().unwrap_or_else(|p| p.into_inner()) = Some(Armed {
         control,
         power_button,
@@ -146,7 +143,7 @@ fn handle(sig: libc::c_int) {
     match action(sig, armed.power_button.is_some(), armed.pressed) {
         Action::PressPowerButton => {
             armed.pressed = true;
-            let seen = armed.power_button.as_ref().is_some_and(|press| press());
+            let seen = armed.power_button.as_ref().is_some_and(|b| b.press());
             if !seen {
                 // The guest has not enabled ACPI: nothing would ever answer the button.
                 stop(&armed.control, sig);
