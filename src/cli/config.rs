@@ -11,6 +11,10 @@ pub enum Action {
     Help,
     /// `-v`: print the version to stderr and exit 0.
     Version,
+    /// `--completions SHELL` (hidden): print a completion script for bash, zsh or fish.
+    Completions(String),
+    /// `--manpage` (hidden): print the xhyve.1 man page (roff).
+    Manpage,
 }
 
 /// Everything needed to build and run one virtual machine.

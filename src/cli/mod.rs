@@ -17,5 +17,5 @@ pub use net::{
     first_nic, first_nic_mac, parse_tap_options, parse_vmnet_options, tap_mac, TapOptions,
     VmnetOptions,
 };
-pub use parse::parse;
-pub use usage::{usage, version_text};
+pub use parse::{command, parse};
+pub use usage::{usage, version_text, MAN_EXTRA_SECTIONS};

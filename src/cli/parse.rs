@@ -21,35 +21,102 @@ use super::memsize::parse_memsize;
 use super::pci::{add_pci_device, check_function_zero, parse_pci_device};
 use super::{Action, CliError, CpuPin, Personality, VmConfig};
 
-/// Boolean flags: (option letter, clap id).
-const FLAGS: &[(char, &str)] = &[
-    ('A', "acpi"),
-    ('b', "bvmcons"),
-    ('C', "dump_guest_memory"),
-    ('e', "strict_io"),
-    ('h', "help"),
-    ('H', "hlt_exit"),
-    ('M', "print_mac"),
-    ('P', "pause_exit"),
-    ('u', "rtc_utc"),
-    ('v', "version"),
-    ('w', "ignore_unknown_msrs"),
-    ('W', "virtio_single_msi"),
-    ('x', "x2apic"),
-    ('Y', "no_mptable"),
+/// Boolean flags: (option letter, clap id, help for the man page and completions).
+const FLAGS: &[(char, &str, &str)] = &[
+    ('A', "acpi", "create ACPI tables"),
+    ('b', "bvmcons", "bvmcons console (not supported yet)"),
+    (
+        'C',
+        "dump_guest_memory",
+        "include guest memory in core files",
+    ),
+    ('e', "strict_io", "exit on an unhandled I/O port access"),
+    ('h', "help", "print usage and exit"),
+    ('H', "hlt_exit", "vmexit from the guest on HLT"),
+    (
+        'M',
+        "print_mac",
+        "print the MAC address of the first network device and exit",
+    ),
+    ('P', "pause_exit", "vmexit from the guest on PAUSE"),
+    ('u', "rtc_utc", "the RTC keeps UTC time"),
+    ('v', "version", "print the version and exit"),
+    ('w', "ignore_unknown_msrs", "ignore unimplemented MSRs"),
+    (
+        'W',
+        "virtio_single_msi",
+        "force virtio to use single-vector MSI",
+    ),
+    ('x', "x2apic", "start the local APICs in x2APIC mode"),
+    ('Y', "no_mptable", "do not build an MP table"),
 ];
 
-/// Options with one value: (option letter, clap id, may repeat and all values count).
-const VALUED: &[(char, &str, bool)] = &[
-    ('c', "vcpus", false),
-    ('f', "firmware", true),
-    ('F', "pidfile", false),
-    ('g', "gdb_port", false),
-    ('l', "lpc", true),
-    ('m', "memsize", true),
-    ('p', "cpu_pin", true),
-    ('s', "pci", true),
-    ('U', "uuid", false),
+/// Options with one value: (option letter, clap id, may repeat and all values count, value
+/// name, help).
+const VALUED: &[(char, &str, bool, &str, &str)] = &[
+    (
+        'c',
+        "vcpus",
+        false,
+        "VCPUS",
+        "number of vCPUs, 1-16 (default 1)",
+    ),
+    (
+        'f',
+        "firmware",
+        true,
+        "FW",
+        "kexec,KERNEL[,INITRD[,CMDLINE]] or multiboot,KERNEL[,MODULES][,CMDLINE]",
+    ),
+    (
+        'F',
+        "pidfile",
+        false,
+        "PIDFILE",
+        "write the process id here, removed at exit",
+    ),
+    (
+        'g',
+        "gdb_port",
+        false,
+        "PORT",
+        "gdb port (not supported yet)",
+    ),
+    (
+        'l',
+        "lpc",
+        true,
+        "LPC",
+        "comN,stdio|autopty[=LINK]|null|TTY[,log=RING][,asl]: a COM port of the LPC bridge",
+    ),
+    (
+        'm',
+        "memsize",
+        true,
+        "MEM",
+        "guest RAM, MB or with a K, M, G or T suffix (default 256M)",
+    ),
+    (
+        'p',
+        "cpu_pin",
+        true,
+        "VCPU:HOSTCPU",
+        "pin a vCPU to a host CPU",
+    ),
+    (
+        's',
+        "pci",
+        true,
+        "PCI",
+        "[BUS:]SLOT[:FUNC],EMULATION[,CONFIG]: a PCI device",
+    ),
+    (
+        'U',
+        "uuid",
+        false,
+        "UUID",
+        "machine UUID (SMBIOS, network MACs)",
+    ),
 ];
 
 /// Parses xhyve's command line. `args` includes argv[0].
@@ -72,6 +139,17 @@ where
             None
         }
     };
+    if matches.get_flag("manpage") {
+        return Ok(Action::Manpage);
+    }
+    if let Some(shell) = last(&matches, "completions") {
+        return match shell {
+            "bash" | "zsh" | "fish" => Ok(Action::Completions(shell.to_string())),
+            _ => Err(CliError::Syntax(format!(
+                "--completions \"{shell}\": expected bash, zsh or fish"
+            ))),
+        };
+    }
     match (first_index("help"), first_index("version")) {
         (Some(help), Some(version)) if version < help => return Ok(Action::Version),
         (Some(_), _) => return Ok(Action::Help),
@@ -165,15 +243,22 @@ where
     Ok(Action::Run(Box::new(config)))
 }
 
-fn command() -> Command {
-    let flags = FLAGS
-        .iter()
-        .map(|&(letter, id)| Arg::new(id).short(letter).action(ArgAction::SetTrue));
-    let valued = VALUED.iter().map(|&(letter, id, repeats)| {
+/// The command-line definition: clap parses with it (getopt style: bundled flags, attached
+/// values), and the man page and shell completions are generated from it.
+pub fn command() -> Command {
+    let flags = FLAGS.iter().map(|&(letter, id, help)| {
+        Arg::new(id)
+            .short(letter)
+            .action(ArgAction::SetTrue)
+            .help(help)
+    });
+    let valued = VALUED.iter().map(|&(letter, id, repeats, name, help)| {
         Arg::new(id)
             .short(letter)
             .num_args(1)
             .allow_hyphen_values(true)
+            .value_name(name)
+            .help(help)
             .action(if repeats {
                 ArgAction::Append
             } else {
@@ -184,14 +269,33 @@ fn command() -> Command {
     let restful_uri = Arg::new("restful_uri")
         .long("restful-uri")
         .num_args(1)
+        .value_name("URI")
+        .help("control API (vfkit's REST shape): unix:///PATH or tcp://127.0.0.1:PORT")
         .action(ArgAction::Set);
+    // Hidden: generators for packagers (`xhyve --completions bash`, `xhyve --manpage`).
+    let completions = Arg::new("completions")
+        .long("completions")
+        .num_args(1)
+        .value_name("SHELL")
+        .hide(true)
+        .action(ArgAction::Set);
+    let manpage = Arg::new("manpage")
+        .long("manpage")
+        .hide(true)
+        .action(ArgAction::SetTrue);
     Command::new("xhyve")
+        .about(
+            "a tiny virtual machine monitor with xhyve's command line (KVM, Hypervisor.framework)",
+        )
+        .version(env!("CARGO_PKG_VERSION"))
         .disable_help_flag(true)
         .disable_version_flag(true)
         .args_override_self(true)
         .args(flags)
         .args(valued)
         .arg(restful_uri)
+        .arg(completions)
+        .arg(manpage)
 }
 
 fn values<'a>(matches: &'a ArgMatches, id: &str) -> impl Iterator<Item = &'a str> {
@@ -448,6 +552,26 @@ mod tests {
             error(&["--restful-uri", "tcp://1.2.3.4:5", "-f", KEXEC]),
             CliError::InvalidRestfulUri { .. }
         ));
+    }
+
+    #[test]
+    fn hidden_generators() {
+        assert_eq!(run(&["--manpage"]).unwrap(), Action::Manpage);
+        assert_eq!(
+            run(&["--completions", "zsh"]).unwrap(),
+            Action::Completions("zsh".into())
+        );
+        let err = run(&["--completions", "tcsh"]).unwrap_err().to_string();
+        assert!(err.contains("\"tcsh\""), "{err}");
+        // The definition the generators read names every option with its help.
+        let cmd = command();
+        for letter in ['A', 'c', 'f', 'F', 'l', 'm', 's', 'U', 'Y'] {
+            let arg = cmd
+                .get_arguments()
+                .find(|a| a.get_short() == Some(letter))
+                .unwrap();
+            assert!(arg.get_help().is_some(), "-{letter} has no help");
+        }
     }
 
     #[test]

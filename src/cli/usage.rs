@@ -41,6 +41,25 @@ pub fn usage(program: &str) -> String {
     )
 }
 
+/// Man page sections clap's definition cannot carry, appended to the generated page (roff).
+pub const MAN_EXTRA_SECTIONS: &str = r#".SH EXIT STATUS
+As xhyve: 0 reset, 1 poweroff, 2 halt (every vCPU halted with interrupts off), 3 triple
+fault, 4 an emulation failure (stderr says what and where), 1 a setup error, 64 a bad
+\fB\-m\fR or \fB\-l\fR. Run as \fBhyperkit\fR: 0 poweroff and halt, 2 reset, 3 triple
+fault. Stopped by SIGTERM, SIGINT, SIGHUP or the control API: 1; by another terminating
+signal: 128 plus its number.
+.SH SIGNALS
+SIGTERM presses the ACPI power button when the guest enabled ACPI (\fB\-A\fR); otherwise,
+and on a second SIGTERM, xhyve stops at once. SIGINT and SIGHUP stop at once. SIGUSR1 pauses
+the vCPUs and SIGUSR2 resumes them. SIGPIPE is ignored. Every stop removes the pidfile,
+the \fBautopty=\fR links and the control socket, and restores the terminal.
+.SH ENVIRONMENT
+\fBXHYVE_LOG\fR log filter (e.g. debug); \fBXHYVE_HV\fR hypervisor back end (kvm, hvf);
+\fBXHYVE_IRQCHIP\fR kernel or user interrupt controllers (Linux).
+.SH SEE ALSO
+The README of xhyve-rs; xhyve(1) and hyperkit(1) upstream.
+"#;
+
 /// The HyperKit release whose behaviour the `hyperkit` personality follows (moby/hyperkit at
 /// 3cb0d54, 2022-02-20). Its date is what tools check: minikube takes the first line of
 /// `hyperkit -v`, the part after ": ", the part after the first "." and its first 8 characters
