@@ -108,7 +108,7 @@ guest_test!(
 // With -A but a guest that never enabled ACPI, nobody would see the button: stop at once.
 guest_test!(
     sigterm_before_the_guest_enables_acpi_stops_at_once,
-    |mode| { stops_cleanly(mode, "term-noacpi", true, &[libc::SIGTERM]) }
+    |mode| stops_cleanly(mode, "term-noacpi", true, &[libc::SIGTERM])
 );
 
 // SIGQUIT, SIGALRM and the like used to kill xhyve with the pidfile left behind and the
@@ -144,8 +144,8 @@ guest_test!(sigusr1_pauses_and_sigusr2_resumes, |mode| {
     vm.finish().assert_exit(1).assert_line("got P");
 });
 
-/// A kernel that is a FIFO nobody writes blocks xhyve's setup in open(2); SIGTERM used to be
-/// blocked with no thread to take it (only SIGKILL worked).
+// A kernel that is a FIFO nobody writes blocks xhyve's setup in open(2); SIGTERM used to be
+// blocked with no thread to take it (only SIGKILL worked).
 guest_test!(sigterm_during_setup_stops, |mode| {
     let pidfile = pidfile_for("setup", mode);
     let fifo = pidfile.with_file_name("kernel.fifo");
@@ -169,8 +169,8 @@ guest_test!(sigterm_during_setup_stops, |mode| {
     let _ = std::fs::remove_file(&fifo);
 });
 
-/// With `-l com1,stdio` and a stdout pipe nobody reads, the vCPU used to block in write(2)
-/// holding the UART lock, retrying on EINTR for ever: SIGTERM could not stop xhyve.
+// With `-l com1,stdio` and a stdout pipe nobody reads, the vCPU used to block in write(2)
+// holding the UART lock, retrying on EINTR for ever: SIGTERM could not stop xhyve.
 guest_test!(sigterm_stops_a_guest_whose_console_nobody_reads, |mode| {
     let vm = Vm::multiboot("flood").irqchip(mode);
     let mut child = std::process::Command::new(common::xhyve_binary())
