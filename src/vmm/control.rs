@@ -221,6 +221,36 @@ impl Control {
     }
 }
 
+/// What signals and the control API do to a running machine. `Control` pauses only the
+/// vCPUs; the device manager's machine-wide pause can stand in behind the same interface.
+pub trait Lifecycle: Send + Sync {
+    fn pause(&self);
+    fn resume(&self);
+    fn is_paused(&self) -> bool;
+    fn is_stopping(&self) -> bool;
+    /// Stops the machine now, for `reason`.
+    fn stop_now(&self, reason: StopReason);
+}
+
+impl Lifecycle for Control {
+    fn pause(&self) {
+        Control::pause(self)
+    }
+    fn resume(&self) {
+        Control::resume(self)
+    }
+    fn is_paused(&self) -> bool {
+        Control::is_paused(self)
+    }
+    fn is_stopping(&self) -> bool {
+        Control::is_stopping(self)
+    }
+    fn stop_now(&self, reason: StopReason) {
+        self.stop(reason);
+        self.kick_all();
+    }
+}
+
 impl PowerControl for Control {
     fn request(&self, event: PowerEvent) {
         self.stop(StopReason::Guest(event));

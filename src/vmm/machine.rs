@@ -94,7 +94,7 @@ pub fn run(config: &VmConfig) -> Result<i32, VmmError> {
     signals::arm(control.clone(), platform.power_button.clone());
     if let Some(endpoint) = &config.restful_uri {
         let api = super::rest::Api {
-            control: control.clone(),
+            machine: control.clone(),
             power_button: platform.power_button.clone(),
             inspect: super::rest::inspect(config),
         };

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
 
-use super::control::Control;
+use super::control::Lifecycle;
 use super::exit::StopReason;
 use crate::cli::{Firmware, PciDeviceKind, RestEndpoint, SerialBackend, SerialConfig, VmConfig};
 use crate::devices::power_mgmt::PowerButton;
@@ -55,7 +55,7 @@ pub fn remove_socket() {
 
 /// What the API acts on.
 pub struct Api {
-    pub control: Arc<Control>,
+    pub machine: Arc<dyn Lifecycle>,
     pub power_button: Option<Arc<dyn PowerButton>>,
     /// The `GET /vm/inspect` answer, fixed at start.
     pub inspect: Value,
@@ -159,8 +159,8 @@ fn handle(api: &Api, method: &str, url: &str, body: &[u8]) -> (u16, Option<Value
 }
 
 fn state(api: &Api) -> Value {
-    let stopping = api.control.is_stopping();
-    let paused = api.control.is_paused();
+    let stopping = api.machine.is_stopping();
+    let paused = api.machine.is_paused();
     let name = if stopping {
         "VirtualMachineStateStopping"
     } else if paused {
@@ -187,16 +187,13 @@ fn change_state(api: &Api, body: &[u8]) -> (u16, Option<Value>) {
     let Some(wanted) = request.get("state").and_then(Value::as_str) else {
         return error(400, "expected {\"state\": \"Stop|HardStop|Pause|Resume\"}");
     };
-    if api.control.is_stopping() {
+    if api.machine.is_stopping() {
         return error(409, "the VM is stopping");
     }
     match wanted {
-        "Pause" => api.control.pause(),
-        "Resume" => api.control.resume(),
-        "HardStop" => {
-            api.control.stop(StopReason::Requested);
-            api.control.kick_all();
-        }
+        "Pause" => api.machine.pause(),
+        "Resume" => api.machine.resume(),
+        "HardStop" => api.machine.stop_now(StopReason::Requested),
         "Stop" => match &api.power_button {
             None => return error(409, "no ACPI power button: the VM runs without -A"),
             Some(button) => {
@@ -343,6 +340,7 @@ fn uuid_text(u: [u8; 16]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vmm::control::Control;
     use std::sync::atomic::{AtomicBool, Ordering};
 
     struct Button {
@@ -360,18 +358,18 @@ mod tests {
         }
     }
 
-    fn api(listens: bool) -> (Api, Arc<Button>) {
+    fn api(listens: bool) -> (Api, Arc<Button>, Arc<Control>) {
         let (control, _woken) = Control::new(1);
         let button = Arc::new(Button {
             listens: AtomicBool::new(listens),
             pressed: AtomicBool::new(false),
         });
         let api = Api {
-            control,
+            machine: control.clone(),
             power_button: Some(button.clone()),
             inspect: json!({"vcpus": 1}),
         };
-        (api, button)
+        (api, button, control)
     }
 
     fn post(api: &Api, body: &str) -> (u16, Option<Value>) {
@@ -380,7 +378,7 @@ mod tests {
 
     #[test]
     fn state_reports_running_then_paused() {
-        let (api, _) = api(true);
+        let (api, _, _control) = api(true);
         let (status, body) = handle(&api, "GET", "/vm/state", b"");
         assert_eq!(status, 200);
         let body = body.unwrap();
@@ -392,17 +390,17 @@ mod tests {
         assert_eq!(body["state"], "VirtualMachineStatePaused");
         assert_eq!(body["canResume"], true);
         assert_eq!(post(&api, r#"{"state":"Resume"}"#).0, 202);
-        assert!(!api.control.is_paused());
+        assert!(!api.machine.is_paused());
     }
 
     #[test]
     fn stop_presses_the_button_and_hardstop_stops() {
-        let (api, button) = api(true);
+        let (api, button, control) = api(true);
         assert_eq!(post(&api, r#"{"state":"Stop"}"#).0, 202);
         assert!(button.pressed.load(Ordering::SeqCst));
-        assert!(!api.control.is_stopping());
+        assert!(!api.machine.is_stopping());
         assert_eq!(post(&api, r#"{"state":"HardStop"}"#).0, 202);
-        assert_eq!(api.control.stop_reason(), Some(StopReason::Requested));
+        assert_eq!(control.stop_reason(), Some(StopReason::Requested));
         let body = handle(&api, "GET", "/vm/state", b"").1.unwrap();
         assert_eq!(body["state"], "VirtualMachineStateStopping");
         assert_eq!(post(&api, r#"{"state":"Pause"}"#).0, 409);
@@ -410,19 +408,19 @@ mod tests {
 
     #[test]
     fn stop_without_acpi_is_a_conflict() {
-        let (api, _) = api(false);
+        let (api, _, _control) = api(false);
         let (status, body) = post(&api, r#"{"state":"Stop"}"#);
         assert_eq!(status, 409);
         assert!(body.unwrap()["error"]
             .as_str()
             .unwrap()
             .contains("HardStop"));
-        assert!(!api.control.is_stopping());
+        assert!(!api.machine.is_stopping());
     }
 
     #[test]
     fn bad_requests_get_4xx_with_a_message() {
-        let (api, _) = api(true);
+        let (api, _, _control) = api(true);
         for (method, path, body, status, text) in [
             ("POST", "/vm/state", "{", 400, "not JSON"),
             (
@@ -443,7 +441,7 @@ mod tests {
             let message = answer.unwrap()["error"].as_str().unwrap().to_string();
             assert!(message.contains(text), "{message}");
         }
-        assert!(!api.control.is_stopping());
+        assert!(!api.machine.is_stopping());
     }
 
     #[test]

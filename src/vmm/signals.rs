@@ -20,7 +20,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::control::Control;
+use super::control::Lifecycle;
 use super::exit::{self, StopReason};
 use crate::devices::power_mgmt::PowerButton;
 
@@ -72,7 +72,7 @@ fn handled_set() -> libc::sigset_t {
 
 /// What the thread acts on once the machine runs.
 struct Armed {
-    control: Arc<Control>,
+    machine: Arc<dyn Lifecycle>,
     power_button: Option<Arc<dyn PowerButton>>,
     pressed: bool,
 }
@@ -102,9 +102,9 @@ pub fn start() -> std::io::Result<()> {
 }
 
 /// Hands the signal thread the running machine. `power_button` is `None` without `-A`.
-pub fn arm(control: Arc<Control>, power_button: Option<Arc<dyn PowerButton>>) {
+pub fn arm(machine: Arc<dyn Lifecycle>, power_button: Option<Arc<dyn PowerButton>>) {
     *ARMED.lock().unwrap_or_else(|p| p.into_inner()) = Some(Armed {
-        control,
+        machine,
         power_button,
         pressed: false,
     });
@@ -146,18 +146,13 @@ fn handle(sig: libc::c_int) {
             let seen = armed.power_button.as_ref().is_some_and(|b| b.press());
             if !seen {
                 // The guest has not enabled ACPI: nothing would ever answer the button.
-                stop(&armed.control, sig);
+                armed.machine.stop_now(StopReason::Signal(sig));
             }
         }
-        Action::Stop => stop(&armed.control, sig),
-        Action::Pause => armed.control.pause(),
-        Action::Resume => armed.control.resume(),
+        Action::Stop => armed.machine.stop_now(StopReason::Signal(sig)),
+        Action::Pause => armed.machine.pause(),
+        Action::Resume => armed.machine.resume(),
     }
-}
-
-fn stop(control: &Control, sig: libc::c_int) {
-    control.stop(StopReason::Signal(sig));
-    control.kick_all();
 }
 
 #[cfg(test)]
