@@ -214,3 +214,24 @@ guest_test!(sighup_stops_at_once, |mode| stops_cleanly(
     false,
     &[libc::SIGHUP]
 ));
+
+// A fault signal (here sent by another process, as a crash would raise it) used to leave the
+// pidfile behind; now a handler removes it, then the signal ends xhyve as before.
+guest_test!(a_fault_signal_still_removes_the_pidfile, |mode| {
+    let pidfile = pidfile_for("segv", mode);
+    let mut vm = Vm::multiboot("wait-input")
+        .irqchip(mode)
+        .args(["-F".into(), pidfile.clone().into_os_string()])
+        .stdin_piped()
+        .spawn();
+    vm.wait_for_line("ready");
+    assert!(pidfile.exists());
+    vm.signal(libc::SIGSEGV);
+    let outcome = vm.finish();
+    assert_eq!(outcome.code, None, "ended by the signal: {outcome}");
+    assert!(
+        !pidfile.exists(),
+        "pidfile {} left behind",
+        pidfile.display()
+    );
+});

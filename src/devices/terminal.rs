@@ -145,6 +145,7 @@ fn make_link(link: &Path, target: &Path) -> io::Result<()> {
         _ => {}
     }
     std::os::unix::fs::symlink(target, link)?;
+    crate::vmm::signals::remove_at_crash(link);
     LINKS
         .lock()
         .unwrap_or_else(|p| p.into_inner())

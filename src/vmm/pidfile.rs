@@ -37,6 +37,7 @@ pub fn create(path: &Path) -> Result<(), PidFileError> {
         return Err(err(e));
     }
     *CURRENT.lock().unwrap_or_else(|p| p.into_inner()) = Some(path.to_path_buf());
+    super::signals::remove_at_crash(path);
     Ok(())
 }
 

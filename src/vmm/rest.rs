@@ -105,6 +105,7 @@ fn bind_unix(path: &Path) -> Result<std::os::unix::net::UnixListener, RestError>
     let listener = bound.map_err(listen_error)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(listen_error)?;
     *SOCKET.lock().unwrap_or_else(|p| p.into_inner()) = Some(path.to_path_buf());
+    super::signals::remove_at_crash(path);
     Ok(listener)
 }
 

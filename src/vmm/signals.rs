@@ -10,15 +10,20 @@
 //!   SIGPWR, SIGSTKFLT; SIGEMT on macOS) stops at once with exit code 128 + its number.
 //! - SIGPIPE is ignored, as HyperKit: a console or socket whose reader left gets EPIPE instead.
 //!
-//! Not covered: SIGKILL and SIGSTOP (no process can catch them), and the synchronous fault
-//! signals (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGTRAP, SIGABRT, SIGSYS), which the kernel
-//! delivers to the faulting thread whatever the mask says.
+//! - The fault signals (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGTRAP, SIGABRT, SIGSYS) go to the
+//!   faulting thread whatever the mask says, so they get an ordinary handler instead: it does
+//!   only async-signal-safe cleanup (restore the terminal, unlink the files registered with
+//!   [`remove_at_crash`]), then lets the signal end the process as it would have (core dump
+//!   included).
+//!
+//! Not covered: SIGKILL and SIGSTOP, which no process can catch.
 //!
 //! The thread starts first thing in [`super::run`], before any setup step that can block
 //! (a FIFO given as kernel, a hung network file system): a stop signal during setup cleans up
 //! and exits at once. Once the machine runs, [`arm`] hands the thread the machine's controls.
 
-use std::sync::{Arc, Mutex};
+use std::ffi::CString;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use super::control::Lifecycle;
 use super::exit::{self, StopReason};
@@ -70,6 +75,65 @@ fn handled_set() -> libc::sigset_t {
     }
 }
 
+/// Signals that report a fault of this process (or that another process sent in its name).
+const FAULTS: [libc::c_int; 7] = [
+    libc::SIGSEGV,
+    libc::SIGBUS,
+    libc::SIGILL,
+    libc::SIGFPE,
+    libc::SIGTRAP,
+    libc::SIGABRT,
+    libc::SIGSYS,
+];
+
+/// Files a crash must not leave behind (pidfile, `autopty=` links, the API socket), as C
+/// strings prepared in advance: a fault handler may not allocate or lock.
+static CRASH_FILES: [OnceLock<CString>; 8] = [const { OnceLock::new() }; 8];
+
+/// Registers `path` to be unlinked if the process dies of a fault signal. Quietly ignores
+/// paths past the eighth (the machine makes at most four such files).
+pub fn remove_at_crash(path: &std::path::Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c_path) = CString::new(path.as_os_str().as_bytes()) else {
+        return;
+    };
+    let mut c_path = c_path;
+    for slot in &CRASH_FILES {
+        match slot.set(c_path) {
+            Ok(()) => return,
+            Err(back) => c_path = back,
+        }
+    }
+}
+
+extern "C" fn on_fault(sig: libc::c_int) {
+    crate::devices::terminal::restore_terminal();
+    for slot in &CRASH_FILES {
+        if let Some(path) = slot.get() {
+            // SAFETY: unlink is async-signal-safe; `path` is a NUL-terminated string that
+            // lives for the whole process.
+            unsafe { libc::unlink(path.as_ptr()) };
+        }
+    }
+    // SA_RESETHAND restored the default action: raising again ends the process as the
+    // fault would have. SAFETY: raise is async-signal-safe.
+    unsafe { libc::raise(sig) };
+}
+
+fn install_fault_handlers() {
+    for sig in FAULTS {
+        // SAFETY: a zeroed sigaction is a valid starting value; the handler only calls
+        // async-signal-safe functions; SA_RESETHAND makes it run once per signal.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_fault as *const () as libc::sighandler_t;
+            action.sa_flags = libc::SA_RESETHAND | libc::SA_NODEFER;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(sig, &action, std::ptr::null_mut());
+        }
+    }
+}
+
 /// What the thread acts on once the machine runs.
 struct Armed {
     machine: Arc<dyn Lifecycle>,
@@ -89,6 +153,7 @@ pub fn start() -> std::io::Result<()> {
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
     }
+    install_fault_handlers();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || loop {
