@@ -222,9 +222,9 @@ where
     }
     for spec in values(&matches, "pci") {
         let device = parse_pci_device(spec)?;
-        add_pci_device(&mut config.pci_devices, spec, device)?;
+        add_pci_device(&mut config.devices, spec, device)?;
     }
-    check_function_zero(&config.pci_devices)?;
+    check_function_zero(&config.devices)?;
     if let Some(value) = last(&matches, "restful_uri") {
         config.restful_uri = super::rest_uri::parse_rest_uri(value)?;
     }
@@ -394,7 +394,7 @@ fn parse_uuid(value: &str) -> Option<[u8; 16]> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::{Firmware, PciDeviceConfig, PciDeviceKind, SerialBackend, SerialConfig};
+    use crate::cli::{DeviceConfig, DeviceKind, Firmware, PciAddress, SerialBackend, SerialConfig};
 
     const KEXEC: &str = "kexec,vmlinuz,initrd.gz,earlyprintk=serial console=ttyS0";
 
@@ -459,7 +459,7 @@ mod tests {
         assert_eq!(c.firmware, kexec_firmware());
 
         let c = config(&["-s0,hostbridge", "-lcom1,stdio", "-f", KEXEC]);
-        assert_eq!(c.pci_devices.len(), 1);
+        assert_eq!(c.devices.len(), 1);
         assert_eq!(c.com1, Some(SerialConfig::new(SerialBackend::Stdio)));
     }
 
@@ -533,7 +533,7 @@ mod tests {
             "-s 0:3:1: slot 0:3 has no function 0, so guests never see it; put a device at 0:3:0"
         );
         let c = config(&["-s", "3:1,virtio-rnd", "-s", "3:0,virtio-rnd", "-f", KEXEC]);
-        assert_eq!(c.pci_devices.len(), 2);
+        assert_eq!(c.devices.len(), 2);
     }
 
     #[test]
@@ -684,21 +684,23 @@ mod tests {
     fn pci_devices_keep_their_order() {
         let c = config(&["-s", "31,lpc", "-s", "0:0,hostbridge", "-f", KEXEC]);
         assert_eq!(
-            c.pci_devices,
+            c.devices,
             vec![
-                PciDeviceConfig {
-                    bus: 0,
-                    slot: 31,
-                    function: 0,
-                    kind: PciDeviceKind::Lpc,
-                    options: None,
+                DeviceConfig {
+                    address: PciAddress {
+                        bus: 0,
+                        slot: 31,
+                        function: 0
+                    },
+                    kind: DeviceKind::Lpc,
                 },
-                PciDeviceConfig {
-                    bus: 0,
-                    slot: 0,
-                    function: 0,
-                    kind: PciDeviceKind::Hostbridge,
-                    options: None,
+                DeviceConfig {
+                    address: PciAddress {
+                        bus: 0,
+                        slot: 0,
+                        function: 0
+                    },
+                    kind: DeviceKind::Hostbridge,
                 },
             ]
         );
@@ -755,7 +757,7 @@ mod tests {
         assert!(!config(&["-f", KEXEC]).print_mac);
         let c = config(&["-M", "-s", "2,virtio-tap,tap0", "-f", KEXEC]);
         assert!(c.print_mac);
-        assert!(crate::cli::first_nic_mac(&c).is_some());
+        assert!(c.first_nic_mac().is_some());
     }
 
     #[test]

@@ -19,7 +19,42 @@ use vm_superio::{Serial, Trigger};
 use super::bus::{lock, BusDevice};
 use super::irq::InterruptLine;
 use super::terminal::{Terminal, TerminalError, TerminalHold};
-use crate::cli::SerialConfig;
+
+/// One COM port: `-l comN,TERMINAL[,log=PATH][,asl]` (HyperKit's chained form).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SerialConfig {
+    /// Where the port's bytes go and come from.
+    pub backend: SerialBackend,
+    /// `log=PATH`: HyperKit's console ring, a 64 KiB memory-mapped file of the latest output.
+    pub log_ring: Option<PathBuf>,
+    /// `asl`: output also goes to the macOS system log, a line at a time.
+    pub asl: bool,
+}
+
+impl SerialConfig {
+    /// A port on `backend` with no log ring and no system log.
+    pub fn new(backend: SerialBackend) -> Self {
+        SerialConfig {
+            backend,
+            log_ring: None,
+            asl: false,
+        }
+    }
+}
+
+/// Where a COM port's bytes go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialBackend {
+    /// The terminal `xhyve` runs in, in raw mode (restored on every exit).
+    Stdio,
+    /// A new pseudo-terminal; its name is printed as `COMn connected to /dev/pts/N`.
+    /// `autopty=PATH` also makes a symlink at PATH to it, removed on exit.
+    Autopty(Option<PathBuf>),
+    /// `null`: output is dropped, there is no input (HyperKit).
+    Null,
+    /// An existing terminal device.
+    Tty(PathBuf),
+}
 
 /// Number of I/O ports a 16550 decodes.
 pub const UART_PORT_COUNT: u64 = 8;
@@ -317,7 +352,6 @@ fn pump_input(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::SerialBackend;
     use crate::devices::irq::test_util::RecordingLine;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     use std::time::Instant;

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::console_log::{ConsoleLogError, LogRing, LoggedWriter, SystemLog};
-use crate::cli::{SerialBackend, SerialConfig};
+use super::serial::{SerialBackend, SerialConfig};
 
 /// How long a stdio console write waits for the reader of a full stdout (a pipe nobody
 /// reads, a suspended terminal) before output is dropped. Long enough for a slow but live

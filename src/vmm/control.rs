@@ -1,6 +1,5 @@
 //! Machine-wide control shared by the main thread, the vCPU threads and the devices: who asked
-//! the machine to stop and why, pausing the vCPUs, and the poll that detects "every vCPU
-//! halted".
+//! the machine to stop and why, and the poll that detects "every vCPU halted".
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -38,22 +37,22 @@ pub struct Control {
     poll_generation: AtomicU64,
     samples: Vec<Sample>,
     serial_tail: Mutex<Option<SerialTail>>,
+    /// Set while the machine's vCPUs must stay out of the guest (`pause_vcpus`); read with
+    /// one atomic load on every pass of the vCPU loop.
+    pause_requested: AtomicBool,
     pause: Mutex<PauseState>,
     pause_changed: Condvar,
 }
 
-/// vCPU pause (SIGUSR1/SIGUSR2, the control API): only the vCPUs stop; devices and timers
-/// carry on, so a paused guest finds its timers due when it resumes. The machine-wide
-/// pause of the device manager replaces this.
+/// How many vCPU threads are out of the guest for a pause.
 #[derive(Default)]
 struct PauseState {
-    paused: bool,
-    /// vCPU threads waiting in [`Control::park_while_paused`].
-    parked: usize,
+    /// Parked at the top of their loop.
+    parked: u8,
+    /// Blocked in the VMM's own HLT or wait-for-SIPI (user irqchip): not running guest code,
+    /// and they park before they run it again.
+    idle: u8,
 }
-
-/// How long `pause` waits for the vCPUs to leave the guest.
-const PAUSE_ACK: Duration = Duration::from_secs(1);
 
 impl Control {
     pub fn new(vcpus: u8) -> (Arc<Control>, Receiver<()>) {
@@ -71,6 +70,7 @@ impl Control {
                 })
                 .collect(),
             serial_tail: Mutex::new(None),
+            pause_requested: AtomicBool::new(false),
             pause: Mutex::new(PauseState::default()),
             pause_changed: Condvar::new(),
         };
@@ -85,59 +85,7 @@ impl Control {
         }
         drop(stop);
         self.stopping.store(true, Ordering::SeqCst);
-        // Release parked vCPUs; taking the lock orders this after a parker's stop check.
-        drop(lock(&self.pause));
-        self.pause_changed.notify_all();
         let _ = self.wake.send(());
-    }
-
-    /// Stops every vCPU outside the guest until [`resume`](Self::resume); returns once they
-    /// are all parked (or after a bound, for a vCPU stuck in a host call).
-    pub fn pause(&self) {
-        let vcpus = lock(&self.kickers).iter().flatten().count();
-        let mut state = lock(&self.pause);
-        state.paused = true;
-        drop(state);
-        self.kick_all();
-        let deadline = std::time::Instant::now() + PAUSE_ACK;
-        let mut state = lock(&self.pause);
-        while state.paused && state.parked < vcpus && !self.is_stopping() {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            state = match self.pause_changed.wait_timeout(state, left) {
-                Ok((s, _)) => s,
-                Err(p) => p.into_inner().0,
-            };
-        }
-    }
-
-    /// Lets paused vCPUs run again.
-    pub fn resume(&self) {
-        lock(&self.pause).paused = false;
-        self.pause_changed.notify_all();
-    }
-
-    pub fn is_paused(&self) -> bool {
-        lock(&self.pause).paused
-    }
-
-    /// Called by a vCPU thread between exits: waits while the machine is paused.
-    pub fn park_while_paused(&self) {
-        let mut state = lock(&self.pause);
-        if !state.paused {
-            return;
-        }
-        state.parked += 1;
-        self.pause_changed.notify_all();
-        while state.paused && !self.is_stopping() {
-            state = match self.pause_changed.wait(state) {
-                Ok(s) => s,
-                Err(p) => p.into_inner(),
-            };
-        }
-        state.parked -= 1;
     }
 
     pub fn is_stopping(&self) -> bool {
@@ -221,8 +169,85 @@ impl Control {
     }
 }
 
-/// What signals and the control API do to a running machine. `Control` pauses only the
-/// vCPUs; the device manager's machine-wide pause can stand in behind the same interface.
+/// Pausing the vCPUs.
+impl Control {
+    /// Whether a vCPU must park before it enters the guest.
+    pub fn pause_requested(&self) -> bool {
+        self.pause_requested.load(Ordering::SeqCst)
+    }
+
+    /// Stops every vCPU from running guest code: returns once each of the `vcpus` threads
+    /// is parked (or idle in the VMM's HLT/SIPI wait, which parks before the guest runs
+    /// again), or the machine stops.
+    pub fn pause_vcpus(&self, vcpus: u8) {
+        self.pause_requested.store(true, Ordering::SeqCst);
+        let mut state = lock(&self.pause);
+        loop {
+            if state.parked.saturating_add(state.idle) >= vcpus || self.is_stopping() {
+                return;
+            }
+            drop(state);
+            // A vCPU inside the guest leaves it only when kicked; kick until all are out.
+            self.kick_all();
+            state = lock(&self.pause);
+            state = match self
+                .pause_changed
+                .wait_timeout(state, Duration::from_millis(10))
+            {
+                Ok((state, _)) => state,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+    }
+
+    /// Lets parked vCPUs run the guest again.
+    pub fn resume_vcpus(&self) {
+        let _state = lock(&self.pause);
+        self.pause_requested.store(false, Ordering::SeqCst);
+        self.pause_changed.notify_all();
+    }
+
+    /// Called by a vCPU thread at a point where it is out of the guest: waits while a pause
+    /// is requested (or until the machine stops).
+    pub fn park(&self) {
+        let mut state = lock(&self.pause);
+        if !self.pause_requested() {
+            return;
+        }
+        state.parked += 1;
+        self.pause_changed.notify_all();
+        while self.pause_requested() && !self.is_stopping() {
+            state = match self
+                .pause_changed
+                .wait_timeout(state, Duration::from_millis(50))
+            {
+                Ok((state, _)) => state,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+        state.parked -= 1;
+    }
+
+    /// A vCPU thread blocks in the VMM's HLT or SIPI wait until the guard drops.
+    pub fn idle(&self) -> IdleGuard<'_> {
+        lock(&self.pause).idle += 1;
+        self.pause_changed.notify_all();
+        IdleGuard(self)
+    }
+}
+
+/// Counts a vCPU as out of the guest while it lives (see [`Control::idle`]).
+pub struct IdleGuard<'a>(&'a Control);
+
+impl Drop for IdleGuard<'_> {
+    fn drop(&mut self) {
+        let mut state = lock(&self.0.pause);
+        state.idle = state.idle.saturating_sub(1);
+    }
+}
+
+/// What signals and the control API do to a running machine (the machine handle pauses
+/// the vCPUs and the devices).
 pub trait Lifecycle: Send + Sync {
     fn pause(&self);
     fn resume(&self);
@@ -230,25 +255,6 @@ pub trait Lifecycle: Send + Sync {
     fn is_stopping(&self) -> bool;
     /// Stops the machine now, for `reason`.
     fn stop_now(&self, reason: StopReason);
-}
-
-impl Lifecycle for Control {
-    fn pause(&self) {
-        Control::pause(self)
-    }
-    fn resume(&self) {
-        Control::resume(self)
-    }
-    fn is_paused(&self) -> bool {
-        Control::is_paused(self)
-    }
-    fn is_stopping(&self) -> bool {
-        Control::is_stopping(self)
-    }
-    fn stop_now(&self, reason: StopReason) {
-        self.stop(reason);
-        self.kick_all();
-    }
 }
 
 impl PowerControl for Control {
@@ -277,34 +283,6 @@ mod tests {
     }
 
     #[test]
-    fn pause_parks_vcpus_until_resume_or_stop() {
-        let (control, _woken) = Control::new(1);
-        let ran = Arc::new(AtomicU64::new(0));
-        let vcpu = {
-            let (control, ran) = (control.clone(), ran.clone());
-            std::thread::spawn(move || {
-                while !control.is_stopping() {
-                    control.park_while_paused();
-                    ran.fetch_add(1, Ordering::SeqCst);
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            })
-        };
-        control.pause();
-        assert!(control.is_paused());
-        std::thread::sleep(Duration::from_millis(20));
-        let before = ran.load(Ordering::SeqCst);
-        std::thread::sleep(Duration::from_millis(50));
-        assert!(ran.load(Ordering::SeqCst) <= before + 1, "ran while paused");
-        control.resume();
-        std::thread::sleep(Duration::from_millis(50));
-        assert!(ran.load(Ordering::SeqCst) > before + 1, "did not resume");
-        control.pause();
-        control.stop(StopReason::Signal(libc::SIGTERM));
-        vcpu.join().unwrap();
-    }
-
-    #[test]
     fn halt_needs_every_started_vcpu_halted_with_interrupts_off() {
         let (control, _woken) = Control::new(3);
         // Nobody answers: not halted.
@@ -328,5 +306,51 @@ mod tests {
             !control.poll_all_halted(Duration::from_millis(5)),
             "nobody ever ran"
         );
+    }
+
+    /// Fake vCPU threads that count their trips into the "guest" and park as the real loop
+    /// does: a pause stops every trip, a resume lets them go on.
+    #[test]
+    fn pause_parks_every_vcpu_and_resume_releases_them() {
+        use std::sync::atomic::AtomicUsize;
+        let (control, _woken) = Control::new(2);
+        let trips: Arc<Vec<AtomicUsize>> = Arc::new((0..3).map(|_| AtomicUsize::new(0)).collect());
+        let mut threads = Vec::new();
+        for id in 0..2 {
+            let control = control.clone();
+            let trips = trips.clone();
+            threads.push(std::thread::spawn(move || {
+                while !control.is_stopping() {
+                    if control.pause_requested() {
+                        control.park();
+                        continue;
+                    }
+                    trips[id].fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }));
+        }
+        // A third vCPU sits in the VMM's HLT: it counts as out of the guest.
+        let idle = control.idle();
+        control.pause_vcpus(3);
+        let before: Vec<usize> = trips.iter().map(|t| t.load(Ordering::SeqCst)).collect();
+        std::thread::sleep(Duration::from_millis(30));
+        let after: Vec<usize> = trips.iter().map(|t| t.load(Ordering::SeqCst)).collect();
+        assert_eq!(before, after, "a vCPU ran while paused");
+        drop(idle);
+        control.resume_vcpus();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while trips[0].load(Ordering::SeqCst) == after[0]
+            || trips[1].load(Ordering::SeqCst) == after[1]
+        {
+            assert!(std::time::Instant::now() < deadline, "not resumed");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // A stop releases parked vCPUs too.
+        control.pause_vcpus(2);
+        control.stop(StopReason::Fatal("test".into()));
+        for t in threads {
+            t.join().unwrap();
+        }
     }
 }

@@ -23,7 +23,9 @@ use serde_json::{json, Value};
 
 use super::control::Lifecycle;
 use super::exit::StopReason;
-use crate::cli::{Firmware, PciDeviceKind, RestEndpoint, SerialBackend, SerialConfig, VmConfig};
+use crate::config::{
+    DeviceConfig, DeviceKind, Firmware, RestEndpoint, SerialBackend, SerialConfig, VmConfig,
+};
 use crate::devices::power_mgmt::PowerButton;
 
 /// Largest request body read; a state change is a few dozen bytes.
@@ -247,7 +249,7 @@ pub fn inspect(config: &VmConfig) -> Value {
         }),
     };
     let mut devices: Vec<Value> = config
-        .pci_devices
+        .devices
         .iter()
         .map(|d| pci_device(config, d))
         .collect();
@@ -266,45 +268,40 @@ pub fn inspect(config: &VmConfig) -> Value {
     })
 }
 
-fn pci_device(config: &VmConfig, d: &crate::cli::PciDeviceConfig) -> Value {
-    let slot = format!("{}:{}:{}", d.bus, d.slot, d.function);
-    let options = d.options.as_deref();
-    let disk = |kind: &str| {
-        let parsed = options.and_then(|o| crate::block::BlockOptions::parse(o).ok());
+fn pci_device(config: &VmConfig, d: &DeviceConfig) -> Value {
+    let a = d.address;
+    let slot = format!("{}:{}:{}", a.bus, a.slot, a.function);
+    let disk = |kind: &str, o: &crate::block::BlockOptions| {
         json!({
             "kind": kind,
             "pciSlot": slot,
-            "imagePath": parsed.as_ref().map(|o| o.path.display().to_string()),
-            "readOnly": parsed.as_ref().is_some_and(|o| o.read_only) || kind == "ahcicd",
+            "imagePath": o.path,
+            "readOnly": o.read_only || kind == "ahcicd",
         })
     };
-    match d.kind {
-        PciDeviceKind::VirtioBlk => disk("virtioblk"),
-        PciDeviceKind::AhciHd => disk("ahcihd"),
-        PciDeviceKind::AhciCd => disk("ahcicd"),
-        PciDeviceKind::VirtioRnd => json!({ "kind": "virtiorng", "pciSlot": slot }),
-        PciDeviceKind::VirtioTap => {
-            let tap = crate::cli::parse_tap_options("", options).ok();
-            json!({
-                "kind": "virtionet",
-                "pciSlot": slot,
-                "nat": false,
-                "tap": tap.as_ref().map(|t| t.name.clone()),
-                "macAddress": tap.map(|t| crate::cli::tap_mac(config.uuid, d, &t).to_string()),
-            })
-        }
-        PciDeviceKind::VirtioNet => {
-            // Without mac= vmnet assigns the MAC when it starts; vfkit omits it then too.
-            let mac = crate::cli::parse_vmnet_options("", options)
-                .ok()
-                .and_then(|o| o.mac)
-                .map(|m| m.to_string());
-            json!({ "kind": "virtionet", "pciSlot": slot, "nat": true, "macAddress": mac })
-        }
-        PciDeviceKind::Hostbridge | PciDeviceKind::AmdHostbridge => {
+    match &d.kind {
+        DeviceKind::VirtioBlk(o) => disk("virtioblk", o),
+        DeviceKind::AhciHd(o) => disk("ahcihd", o),
+        DeviceKind::AhciCd(o) => disk("ahcicd", o),
+        DeviceKind::VirtioRnd => json!({ "kind": "virtiorng", "pciSlot": slot }),
+        DeviceKind::VirtioTap(tap) => json!({
+            "kind": "virtionet",
+            "pciSlot": slot,
+            "nat": false,
+            "tap": tap.name,
+            "macAddress": crate::config::tap_mac(config.uuid, a, tap).to_string(),
+        }),
+        // Without mac= vmnet assigns the MAC when it starts; vfkit omits it then too.
+        DeviceKind::VirtioNet(o) => json!({
+            "kind": "virtionet",
+            "pciSlot": slot,
+            "nat": true,
+            "macAddress": o.mac.map(|m| m.to_string()),
+        }),
+        DeviceKind::Hostbridge | DeviceKind::AmdHostbridge => {
             json!({ "kind": "hostbridge", "pciSlot": slot })
         }
-        PciDeviceKind::Lpc => json!({ "kind": "lpc", "pciSlot": slot }),
+        DeviceKind::Lpc => json!({ "kind": "lpc", "pciSlot": slot }),
     }
 }
 
@@ -344,6 +341,30 @@ mod tests {
     use crate::vmm::control::Control;
     use std::sync::atomic::{AtomicBool, Ordering};
 
+    /// The control's stop plus a pause flag: what the API needs of a machine.
+    struct FakeMachine {
+        control: Arc<Control>,
+        paused: AtomicBool,
+    }
+
+    impl Lifecycle for FakeMachine {
+        fn pause(&self) {
+            self.paused.store(true, Ordering::SeqCst)
+        }
+        fn resume(&self) {
+            self.paused.store(false, Ordering::SeqCst)
+        }
+        fn is_paused(&self) -> bool {
+            self.paused.load(Ordering::SeqCst)
+        }
+        fn is_stopping(&self) -> bool {
+            self.control.is_stopping()
+        }
+        fn stop_now(&self, reason: StopReason) {
+            self.control.stop(reason)
+        }
+    }
+
     struct Button {
         listens: AtomicBool,
         pressed: AtomicBool,
@@ -365,8 +386,12 @@ mod tests {
             listens: AtomicBool::new(listens),
             pressed: AtomicBool::new(false),
         });
+        let machine = Arc::new(FakeMachine {
+            control: control.clone(),
+            paused: AtomicBool::new(false),
+        });
         let api = Api {
-            machine: control.clone(),
+            machine,
             power_button: Some(button.clone()),
             inspect: json!({"vcpus": 1}),
         };
