@@ -51,7 +51,7 @@ signal: 128 plus its number.
 .SH SIGNALS
 SIGTERM presses the ACPI power button when the guest enabled ACPI (\fB\-A\fR); otherwise,
 and on a second SIGTERM, xhyve stops at once. SIGINT and SIGHUP stop at once. SIGUSR1 pauses
-the vCPUs and SIGUSR2 resumes them. SIGPIPE is ignored. Every stop removes the pidfile,
+the machine and SIGUSR2 resumes it. SIGPIPE is ignored. Every stop removes the pidfile,
 the \fBautopty=\fR links and the control socket, and restores the terminal.
 .SH ENVIRONMENT
 \fBXHYVE_LOG\fR log filter (e.g. debug); \fBXHYVE_HV\fR hypervisor back end (kvm, hvf);

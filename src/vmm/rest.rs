@@ -12,7 +12,7 @@
 //! Errors are `{"error": "..."}` with a 4xx status. The Unix socket is created 0600 (only
 //! the owner may stop the VM) and removed at exit. Requests are read by tiny_http's
 //! connection threads, so clients are served concurrently; each request is answered on the
-//! API thread in a few microseconds (a pause waits for the vCPUs, at most a second).
+//! API thread in a few microseconds (a pause waits until the machine is quiet).
 
 use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};

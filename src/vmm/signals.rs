@@ -4,7 +4,7 @@
 //! - SIGTERM presses the ACPI power button when the guest enabled ACPI (`-A`, and the guest
 //!   wrote ACPI_ENABLE to SMI_CMD), as xhyve; otherwise, and on a second SIGTERM, it stops at
 //!   once. SIGINT and SIGHUP stop at once. Exit code 1.
-//! - SIGUSR1 pauses the vCPUs and SIGUSR2 resumes them, as HyperKit.
+//! - SIGUSR1 pauses the machine and SIGUSR2 resumes it, as HyperKit.
 //! - Every other signal whose default action ends the process and that another process can
 //!   send (SIGQUIT, SIGALRM, SIGVTALRM, SIGPROF, SIGXCPU, SIGXFSZ, and on Linux SIGIO,
 //!   SIGPWR, SIGSTKFLT; SIGEMT on macOS) stops at once with exit code 128 + its number.
