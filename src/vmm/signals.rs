@@ -137,6 +137,10 @@ fn install_fault_handlers() {
 /// What the thread acts on once the machine runs.
 struct Armed {
     machine: Arc<dyn Lifecycle>,
+    /// Pause (true) and resume (false) requests, run in order on a thread of their own: a
+    /// pause waits until the machine is quiet, and the signal thread must stay free for a
+    /// SIGTERM meanwhile (which also ends a pause that cannot complete).
+    pauser: Option<crossbeam_channel::Sender<bool>>,
     power_button: Option<Arc<dyn PowerButton>>,
     pressed: bool,
 }
@@ -168,7 +172,24 @@ pub fn start() -> std::io::Result<()> {
 
 /// Hands the signal thread the running machine. `power_button` is `None` without `-A`.
 pub fn arm(machine: Arc<dyn Lifecycle>, power_button: Option<Arc<dyn PowerButton>>) {
+    let (pauser, requests) = crossbeam_channel::unbounded::<bool>();
+    let worker = machine.clone();
+    let started = std::thread::Builder::new()
+        .name("pause".into())
+        .spawn(move || {
+            for pause in requests {
+                if pause {
+                    worker.pause();
+                } else {
+                    worker.resume();
+                }
+            }
+        });
+    if let Err(e) = &started {
+        log::warn!("SIGUSR1/SIGUSR2 will be ignored: cannot start the pause thread: {e}");
+    }
     *ARMED.lock().unwrap_or_else(|p| p.into_inner()) = Some(Armed {
+        pauser: started.ok().map(|_| pauser),
         machine,
         power_button,
         pressed: false,
@@ -205,7 +226,8 @@ fn handle(sig: libc::c_int) {
         }
         return;
     };
-    match action(sig, armed.power_button.is_some(), armed.pressed) {
+    let todo = action(sig, armed.power_button.is_some(), armed.pressed);
+    match todo {
         Action::PressPowerButton => {
             armed.pressed = true;
             let seen = armed.power_button.as_ref().is_some_and(|b| b.press());
@@ -215,8 +237,11 @@ fn handle(sig: libc::c_int) {
             }
         }
         Action::Stop => armed.machine.stop_now(StopReason::Signal(sig)),
-        Action::Pause => armed.machine.pause(),
-        Action::Resume => armed.machine.resume(),
+        Action::Pause | Action::Resume => {
+            if let Some(pauser) = &armed.pauser {
+                let _ = pauser.send(todo == Action::Pause);
+            }
+        }
     }
 }
 
