@@ -235,3 +235,19 @@ guest_test!(a_fault_signal_still_removes_the_pidfile, |mode| {
         pidfile.display()
     );
 });
+
+guest_test!(sigterm_stops_a_paused_machine, |mode| {
+    let pidfile = pidfile_for("paused", mode);
+    let mut vm = Vm::multiboot("wait-input")
+        .irqchip(mode)
+        .args(["-F".into(), pidfile.clone().into_os_string()])
+        .stdin_piped()
+        .spawn();
+    vm.wait_for_line("ready");
+    vm.signal(libc::SIGUSR1);
+    thread::sleep(Duration::from_millis(300));
+    assert!(!vm.has_exited(), "SIGUSR1 ended xhyve");
+    vm.signal(libc::SIGTERM);
+    vm.finish().assert_exit(1);
+    assert!(!pidfile.exists(), "pidfile left behind");
+});
