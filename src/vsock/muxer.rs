@@ -227,6 +227,14 @@ impl Muxer {
         v
     }
 
+    /// Drops every connection and queued packet (the driver reset the device: the guest's
+    /// sockets are gone). Host peers see their streams close; the listeners stay.
+    pub fn reset(&mut self) {
+        self.conns.clear();
+        self.handshakes.clear();
+        self.rx.clear();
+    }
+
     /// Live connections.
     pub fn connections(&self) -> usize {
         self.conns.len()

@@ -290,3 +290,22 @@ fn packets_are_split_to_fit_the_guest_buffers() {
     assert!(m.next_rx_within(HEADER_LEN).is_none());
     assert!(m.next_rx_within(HEADER_LEN + 1).is_some());
 }
+
+#[test]
+fn reset_closes_every_connection() {
+    let (tmp, mut m) = muxer(vec![]);
+    let svc = UnixListener::bind(tmp.as_path().join("00000002.00000009")).unwrap();
+    m.handle_guest(&guest(op::REQUEST, 1, 9, 0, 4096, 0, &[]))
+        .unwrap();
+    let (mut host, _) = svc.accept().unwrap();
+    assert_eq!(m.connections(), 1);
+    m.reset();
+    assert_eq!(m.connections(), 0);
+    assert!(!m.has_rx());
+    let mut b = [0u8; 1];
+    assert_eq!(host.read(&mut b).unwrap(), 0, "the host peer sees EOF");
+    // The same ports connect again after the reset.
+    m.handle_guest(&guest(op::REQUEST, 1, 9, 0, 4096, 0, &[]))
+        .unwrap();
+    assert_eq!(rx(&mut m).0.op, op::RESPONSE);
+}

@@ -93,6 +93,8 @@ impl VirtioQueues for VsockQueues {
 pub struct VirtioVsock {
     guest_cid: u64,
     worker: QueueWorker<VsockQueues>,
+    /// The muxer the worker serves, kept to drop its connections at a reset.
+    muxer: Arc<Mutex<Muxer>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -168,10 +170,12 @@ impl VirtioVsock {
         transport: VirtioPciResources,
     ) -> Result<BuiltDevice, VsockDeviceError> {
         let (queues, stop) = Self::parts(config)?;
+        let muxer = queues.muxer.clone();
         let worker = QueueWorker::new("virtio-sock", queues).map_err(VirtioPciError::Notifier)?;
         let device = VirtioVsock {
             guest_cid: config.guest_cid,
             worker,
+            muxer,
             stop,
         };
         let handle = device.worker.handle();
@@ -216,6 +220,7 @@ impl VirtioDevice for VirtioVsock {
     }
     fn reset(&mut self) {
         self.worker.reset();
+        lock(&self.muxer).reset();
     }
     fn handle(&self) -> Option<Box<dyn DeviceHandle>> {
         Some(self.worker.handle())
