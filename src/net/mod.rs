@@ -1,7 +1,13 @@
-//! Network back ends for the virtio-net device: tap interfaces on Linux, vmnet on macOS, and
-//! the MAC address rule.
+//! Network back ends for the virtio-net device: tap interfaces on Linux, vmnet on macOS, the
+//! built-in user-mode network (libslirp), network daemons over Unix sockets, and the MAC
+//! address rule.
 
+pub mod dhcp;
 pub mod mac;
+pub mod options;
+pub mod packet;
+pub mod slirp;
+pub mod socket;
 #[cfg(target_os = "linux")]
 pub mod tap;
 /// Compiled everywhere: its portable helpers are tested on Linux; the framework calls are
