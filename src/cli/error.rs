@@ -57,8 +57,6 @@ pub enum CliError {
     InvalidPidfile(String),
     #[error("invalid -s \"{spec}\": {reason}")]
     InvalidNetOptions { spec: String, reason: String },
-    #[error("-s {0}: virtio-net needs vmnet (macOS); use virtio-tap,tapN on Linux")]
-    NetNeedsVmnet(String),
     /// A feature of xhyve/HyperKit that this port will implement later.
     #[error("not supported yet: {0}")]
     NotSupportedYet(String),

@@ -13,7 +13,7 @@ mod usage;
 pub use config::*;
 pub use error::CliError;
 pub use net::{
-    first_nic, first_nic_mac, parse_tap_options, parse_vmnet_options, tap_mac, TapOptions,
+    first_nic, first_nic_mac, net_mac, parse_tap_options, parse_vmnet_options, tap_mac, TapOptions,
     VmnetOptions,
 };
 pub use parse::parse;

@@ -1,7 +1,9 @@
 //! Options of the network devices: `virtio-tap,tapN[,mac=xx:xx:xx:xx:xx:xx]` (Linux),
-//! `virtio-net[,mac=xx:xx:xx:xx:xx:xx]` (macOS vmnet), and the MAC that `-M` prints.
+//! `virtio-net[,...]` (vmnet on macOS, the built-in network, daemons' sockets), and the MAC
+//! that `-M` prints.
 
 use super::{CliError, PciDeviceConfig, PciDeviceKind, VmConfig};
+use crate::net::options::{parse_net_options, NetOptions};
 use crate::net::{derive_mac, valid_interface_name, MacAddr};
 
 /// A parsed `virtio-tap` configuration.
@@ -32,22 +34,15 @@ pub fn parse_tap_options(spec: &str, options: Option<&str>) -> Result<TapOptions
     })
 }
 
-/// A parsed `virtio-net` (vmnet) configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VmnetOptions {
-    /// `mac=`: overrides the MAC vmnet assigns. Our extension: xhyve takes no options here.
-    pub mac: Option<MacAddr>,
-}
+/// A parsed `virtio-net` configuration: vmnet (macOS's default), the built-in network
+/// (`user`; Linux's default) or a daemon's socket (see [`crate::net::options`]).
+pub type VmnetOptions = NetOptions;
 
 /// Parses the options of `-s spec` (everything after `virtio-net,`; may be absent).
-pub fn parse_vmnet_options(spec: &str, options: Option<&str>) -> Result<VmnetOptions, CliError> {
-    let invalid = |reason: String| CliError::InvalidNetOptions {
+pub fn parse_vmnet_options(spec: &str, options: Option<&str>) -> Result<NetOptions, CliError> {
+    parse_net_options(options).map_err(|e| CliError::InvalidNetOptions {
         spec: spec.to_string(),
-        reason,
-    };
-    let fields = options.into_iter().flat_map(|o| o.split(','));
-    Ok(VmnetOptions {
-        mac: parse_mac_option(fields, invalid)?,
+        reason: e.to_string(),
     })
 }
 
@@ -76,6 +71,14 @@ pub fn tap_mac(uuid: Option<[u8; 16]>, device: &PciDeviceConfig, options: &TapOp
         .unwrap_or_else(|| derive_mac(uuid, device.bus, device.slot, device.function))
 }
 
+/// The MAC of a `virtio-net` device that vmnet does not assign: its `mac=`, else derived from
+/// `-U` and its slot, as a tap's.
+pub fn net_mac(uuid: Option<[u8; 16]>, device: &PciDeviceConfig, options: &NetOptions) -> MacAddr {
+    options
+        .mac
+        .unwrap_or_else(|| derive_mac(uuid, device.bus, device.slot, device.function))
+}
+
 /// The first network device (the one `-M` describes; as in xhyve, `-M` without a network
 /// device does nothing).
 pub fn first_nic(config: &VmConfig) -> Option<&PciDeviceConfig> {
@@ -86,7 +89,8 @@ pub fn first_nic(config: &VmConfig) -> Option<&PciDeviceConfig> {
 }
 
 /// The MAC of the first network device where the command line alone decides it: a tap's,
-/// or a vmnet device's `mac=`. `None` for vmnet without `mac=`: vmnet assigns that one.
+/// a vmnet device's `mac=`, or the derived one of every other back end. `None` for vmnet
+/// without `mac=`: vmnet assigns that one.
 pub fn first_nic_mac(config: &VmConfig) -> Option<MacAddr> {
     let device = first_nic(config)?;
     let spec = device.options.as_deref();
@@ -95,7 +99,14 @@ pub fn first_nic_mac(config: &VmConfig) -> Option<MacAddr> {
             let options = parse_tap_options("", spec).ok()?;
             Some(tap_mac(config.uuid, device, &options))
         }
-        _ => parse_vmnet_options("", spec).ok()?.mac,
+        _ => {
+            let options = parse_vmnet_options("", spec).ok()?;
+            match options.mac {
+                Some(mac) => Some(mac),
+                None if options.uses_vmnet() => None,
+                None => Some(net_mac(config.uuid, device, &options)),
+            }
+        }
     }
 }
 
@@ -183,17 +194,21 @@ mod tests {
         };
         config.pci_devices.insert(0, vmnet(None));
         assert_eq!(first_nic(&config).map(|d| d.slot), Some(2));
-        assert_eq!(first_nic_mac(&config), None);
+        if cfg!(target_os = "macos") {
+            assert_eq!(first_nic_mac(&config), None);
+        } else {
+            // The built-in network: derived like a tap's.
+            assert_eq!(first_nic_mac(&config), Some(derive_mac(Some([7; 16]), 0, 2, 0)));
+        }
+        config.pci_devices[0] = vmnet(Some("socket=/tmp/x.sock"));
+        assert_eq!(first_nic_mac(&config), Some(derive_mac(Some([7; 16]), 0, 2, 0)));
         config.pci_devices[0] = vmnet(Some("mac=02:00:00:00:00:0a"));
         assert_eq!(first_nic_mac(&config), Some(MacAddr([2, 0, 0, 0, 0, 10])));
     }
 
     #[test]
-    fn vmnet_options_take_only_a_mac() {
-        assert_eq!(
-            parse_vmnet_options("2,virtio-net", None).unwrap(),
-            VmnetOptions { mac: None }
-        );
+    fn vmnet_options_take_a_mac_and_name_bad_options() {
+        assert_eq!(parse_vmnet_options("2,virtio-net", None).unwrap().mac, None);
         assert_eq!(
             parse_vmnet_options("s", Some("mac=02:00:00:00:00:07"))
                 .unwrap()

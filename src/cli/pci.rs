@@ -37,11 +37,10 @@ pub fn parse_pci_device(spec: &str) -> Result<PciDeviceConfig, CliError> {
             parse_tap_options(spec, options.as_deref())?;
             PciDeviceKind::VirtioTap
         }
-        "virtio-net" if cfg!(target_os = "macos") => {
+        "virtio-net" => {
             parse_vmnet_options(spec, options.as_deref())?;
             PciDeviceKind::VirtioNet
         }
-        "virtio-net" => return Err(CliError::NetNeedsVmnet(spec.to_string())),
         later if LATER_EMULATIONS.contains(&later) => {
             return Err(CliError::NotSupportedYet(format!(
                 "-s {spec} (PCI device \"{later}\")"
@@ -391,24 +390,21 @@ mod tests {
             "invalid -s \"2,virtio-tap,tap0,mac=nope\": invalid MAC address \"nope\": expected xx:xx:xx:xx:xx:xx"
         );
         assert!(error("2,virtio-tap").contains("tap name \"\""));
-        #[cfg(target_os = "linux")]
+        // Everywhere now: vmnet or the built-in network, or a daemon's socket.
         assert_eq!(
-            error("2,virtio-net"),
-            "-s 2,virtio-net: virtio-net needs vmnet (macOS); use virtio-tap,tapN on Linux"
+            parse_pci_device("2,virtio-net").unwrap(),
+            device(0, 2, 0, PciDeviceKind::VirtioNet)
         );
-        #[cfg(target_os = "linux")]
-        assert_eq!(parse_pci_device("2,virtio-net").unwrap_err().exit_code(), 1);
-        #[cfg(target_os = "macos")]
-        {
-            assert_eq!(
-                parse_pci_device("2,virtio-net,mac=02:00:00:00:00:03").unwrap(),
-                PciDeviceConfig {
-                    options: Some("mac=02:00:00:00:00:03".into()),
-                    ..device(0, 2, 0, PciDeviceKind::VirtioNet)
-                }
-            );
-            assert!(error("2,virtio-net,tap0").contains("unknown option \"tap0\""));
-        }
+        assert_eq!(
+            parse_pci_device("2,virtio-net,mac=02:00:00:00:00:03").unwrap(),
+            PciDeviceConfig {
+                options: Some("mac=02:00:00:00:00:03".into()),
+                ..device(0, 2, 0, PciDeviceKind::VirtioNet)
+            }
+        );
+        assert!(error("2,virtio-net,tap0").contains("unknown option \"tap0\""));
+        assert!(error("2,virtio-net,socket=/x,user").contains("conflicts"));
+        assert!(parse_pci_device("2,virtio-net,user,hostfwd=tcp::2222-:22,restrict").is_ok());
     }
 
     #[test]

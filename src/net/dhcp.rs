@@ -135,6 +135,48 @@ impl GuestLease {
     }
 }
 
+/// A back end whose frames to the guest are watched for the guest's DHCP lease (a daemon's
+/// DHCP server, e.g. passt's, tells nobody else).
+pub struct LeaseSnoop<B> {
+    inner: B,
+    lease: std::sync::Arc<GuestLease>,
+    guest: MacAddr,
+    what: &'static str,
+}
+
+impl<B> LeaseSnoop<B> {
+    pub fn new(inner: B, guest: MacAddr, what: &'static str) -> Self {
+        LeaseSnoop {
+            inner,
+            lease: Default::default(),
+            guest,
+            what,
+        }
+    }
+
+    pub fn lease(&self) -> std::sync::Arc<GuestLease> {
+        self.lease.clone()
+    }
+}
+
+impl<B: super::NetBackend> super::NetBackend for LeaseSnoop<B> {
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        self.inner.send(frame)
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.recv(buf)?;
+        self.lease.observe(&buf[..n], self.guest, self.what);
+        Ok(n)
+    }
+}
+
+impl<B: std::os::fd::AsRawFd> std::os::fd::AsRawFd for LeaseSnoop<B> {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.inner.as_raw_fd()
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

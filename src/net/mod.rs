@@ -8,6 +8,7 @@ pub mod options;
 pub mod packet;
 pub mod slirp;
 pub mod socket;
+pub mod threaded;
 #[cfg(target_os = "linux")]
 pub mod tap;
 /// Compiled everywhere: its portable helpers are tested on Linux; the framework calls are

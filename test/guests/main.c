@@ -215,6 +215,7 @@ static const struct {
     { "lm-ipi", test_lm_ipi },
     { "blkbench", test_blkbench },
     { "x2apic", test_x2apic },
+    { "usernet", test_usernet },
 };
 
 void main(u32 magic, const struct mb_info *mbi)

@@ -1,5 +1,6 @@
-//! virtio-net (`-s N,virtio-tap,tapN[,mac=...]` on Linux, `-s N,virtio-net[,mac=...]` over
-//! vmnet on macOS): an Ethernet card over a [`NetBackend`].
+//! virtio-net (`-s N,virtio-tap,tapN[,mac=...]` on Linux, `-s N,virtio-net[,...]` over vmnet
+//! on macOS, the built-in user network, or a daemon's socket): an Ethernet card over a
+//! [`NetBackend`].
 //!
 //! Queue 0 receives (host to guest), queue 1 transmits. The device offers its MAC and link
 //! status in configuration space and no offloads, so every frame is a plain Ethernet frame
@@ -329,11 +330,99 @@ pub fn build_virtio_tap(
     Err("virtio-tap needs Linux tap devices; on macOS use virtio-net (vmnet)".into())
 }
 
-/// Builds `-s ...,virtio-net[,mac=...]`: starts a shared-mode vmnet interface whose id is
-/// the `-U` UUID, and the network thread, which runs for the life of the process.
-#[cfg(target_os = "macos")]
+/// Builds `-s ...,virtio-net[,...]`: the back end its options name (vmnet, the built-in
+/// network, or a daemon's socket) and the network thread, which run for the life of the
+/// process.
 pub fn build_virtio_net(
     config: &PciDeviceConfig,
+    uuid: Option<[u8; 16]>,
+    transport: VirtioPciResources,
+) -> Result<SharedPciDevice, String> {
+    use crate::net::dhcp::LeaseSnoop;
+    use crate::net::options::NetBackendKind;
+    use crate::net::slirp::UserNet;
+    use crate::net::socket::{DgramSocket, StreamSocket};
+
+    let options = crate::cli::parse_vmnet_options("virtio-net", config.options.as_deref())
+        .map_err(|e| e.to_string())?;
+    if options.uses_vmnet() {
+        return build_vmnet(options.mac, uuid, transport);
+    }
+    let mac = crate::cli::net_mac(uuid, config, &options);
+    match options.backend {
+        NetBackendKind::Default | NetBackendKind::User(_) => {
+            let user = match options.backend {
+                NetBackendKind::User(user) => user,
+                _ => Default::default(),
+            };
+            let (stack, link) = UserNet::start(&user, mac).map_err(|e| e.to_string())?;
+            stack.detach();
+            spawn_polled(link, mac, transport, "user network")
+        }
+        NetBackendKind::Stream(path) => {
+            let socket = StreamSocket::connect(&path).map_err(|e| format!("virtio-net: {e}"))?;
+            log::info!("virtio-net: frames over {} (stream)", path.display());
+            spawn_polled(LeaseSnoop::new(socket, mac, "virtio-net socket"), mac, transport, "socket")
+        }
+        NetBackendKind::Dgram { path, local } => {
+            let socket = DgramSocket::connect(&path, local.as_deref())
+                .map_err(|e| format!("virtio-net: {e}"))?;
+            log::info!("virtio-net: frames over {} (datagrams)", path.display());
+            spawn_polled(LeaseSnoop::new(socket, mac, "virtio-net dgram"), mac, transport, "dgram")
+        }
+    }
+}
+
+/// A device over a back end with a descriptor that polls readable when frames wait.
+#[cfg(target_os = "linux")]
+fn spawn_polled<B: NetBackend + std::os::fd::AsRawFd + 'static>(
+    backend: B,
+    mac: MacAddr,
+    transport: VirtioPciResources,
+    what: &str,
+) -> Result<SharedPciDevice, String> {
+    use std::sync::{Arc, Mutex};
+
+    use super::pci::VirtioPci;
+
+    let fd = backend.as_raw_fd();
+    let device = VirtioPci::new(VirtioNet::new(backend, mac), transport).map_err(|e| e.to_string())?;
+    let device = Arc::new(Mutex::new(device));
+    worker::NetWorker::spawn(device.clone(), fd)
+        .map_err(|e| format!("virtio-net {what}: network thread: {e}"))?
+        .detach();
+    Ok(device)
+}
+
+/// Elsewhere (no epoll): a reader thread queues the back end's frames and wakes the
+/// callback-driven network thread, as vmnet's callback does.
+#[cfg(not(target_os = "linux"))]
+fn spawn_polled<B: NetBackend + std::os::fd::AsRawFd + 'static>(
+    backend: B,
+    mac: MacAddr,
+    transport: VirtioPciResources,
+    what: &str,
+) -> Result<SharedPciDevice, String> {
+    use std::sync::{Arc, Mutex};
+
+    use super::pci::VirtioPci;
+
+    let wakeup = signalled::Wakeup::new();
+    let waker = wakeup.clone();
+    let backend = crate::net::threaded::Threaded::spawn(backend, Box::new(move || waker.wake()))
+        .map_err(|e| format!("virtio-net {what}: reader thread: {e}"))?;
+    let device = VirtioPci::new(VirtioNet::new(backend, mac), transport).map_err(|e| e.to_string())?;
+    let device = Arc::new(Mutex::new(device));
+    signalled::SignalledWorker::spawn(device.clone(), wakeup)
+        .map_err(|e| format!("virtio-net {what}: network thread: {e}"))?
+        .detach();
+    Ok(device)
+}
+
+/// vmnet in shared (NAT) mode, as xhyve: its interface id is the `-U` UUID.
+#[cfg(target_os = "macos")]
+fn build_vmnet(
+    mac_option: Option<MacAddr>,
     uuid: Option<[u8; 16]>,
     transport: VirtioPciResources,
 ) -> Result<SharedPciDevice, String> {
@@ -342,8 +431,6 @@ pub fn build_virtio_net(
     use super::pci::VirtioPci;
     use crate::net::vmnet;
 
-    let options = crate::cli::parse_vmnet_options("virtio-net", config.options.as_deref())
-        .map_err(|e| e.to_string())?;
     let mut backend = vmnet::Vmnet::start(vmnet_interface_id(uuid)).map_err(|e| e.to_string())?;
     vmnet::drop_privileges()
         .map_err(|e| format!("virtio-net: cannot drop root after starting vmnet: {e}"))?;
@@ -360,7 +447,7 @@ pub fn build_virtio_net(
     backend
         .set_packet_callback(Box::new(move || callback.wake()))
         .map_err(|e| e.to_string())?;
-    let mac = vmnet::guest_mac(params.mac, options.mac);
+    let mac = vmnet::guest_mac(params.mac, mac_option);
     let device =
         VirtioPci::new(VirtioNet::new(backend, mac), transport).map_err(|e| e.to_string())?;
     let device = Arc::new(Mutex::new(device));
@@ -370,14 +457,14 @@ pub fn build_virtio_net(
     Ok(device)
 }
 
-/// vmnet exists only on macOS (the command line refuses `virtio-net` elsewhere).
+/// vmnet exists only on macOS (where `uses_vmnet` can be true).
 #[cfg(not(target_os = "macos"))]
-pub fn build_virtio_net(
-    _config: &PciDeviceConfig,
+fn build_vmnet(
+    _mac: Option<MacAddr>,
     _uuid: Option<[u8; 16]>,
     _transport: VirtioPciResources,
 ) -> Result<SharedPciDevice, String> {
-    Err("virtio-net needs vmnet (macOS); use virtio-tap,tapN on Linux".into())
+    Err("virtio-net: vmnet needs macOS".into())
 }
 
 /// vmnet's interface id: the `-U` UUID as xhyve passes it (so the vmnet MAC stays the one
@@ -418,7 +505,7 @@ fn vmnet_mac(uuid: Option<[u8; 16]>) -> Result<Option<MacAddr>, String> {
 
 #[cfg(not(target_os = "macos"))]
 fn vmnet_mac(_uuid: Option<[u8; 16]>) -> Result<Option<MacAddr>, String> {
-    Err("virtio-net needs vmnet (macOS); use virtio-tap,tapN on Linux".into())
+    Err("virtio-net: vmnet needs macOS".into())
 }
 
 #[cfg(test)]
