@@ -44,7 +44,11 @@ fn host_listener() -> (u16, std::thread::JoinHandle<Vec<u8>>) {
 
 fn free_port(udp: bool) -> u16 {
     if udp {
-        UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+        UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
     } else {
         std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -97,14 +101,24 @@ fn tcp_through_forward(port: u16, vm: &mut common::Running) -> Vec<u8> {
 /// Runs the guest against the network `device` and checks every step; `gateway` is what
 /// DHCP names as the router.
 /// `tcp_fwd` None: no TCP step.
-fn run_guest(mode: common::IrqChip, device: &str, udp_fwd: u16, tcp_fwd: Option<u16>, host_port: u16) -> common::Outcome {
-    let tcp = if tcp_fwd.is_some() { format!(" tcp {GUEST_TCP}") } else { String::new() };
+fn run_guest(
+    mode: common::IrqChip,
+    device: &str,
+    udp_fwd: u16,
+    tcp_fwd: Option<u16>,
+    host_port: u16,
+) -> common::Outcome {
+    let tcp = if tcp_fwd.is_some() {
+        format!(" tcp {GUEST_TCP}")
+    } else {
+        String::new()
+    };
     let mut vm = Vm::multiboot(&format!("usernet port {host_port} fwd {GUEST_UDP}{tcp}"))
-    .pci(&["0:0,hostbridge", device, "31,lpc"])
-    .args(["-U", UUID])
-    .env("XHYVE_LOG", "info")
-    .irqchip(mode)
-    .spawn();
+        .pci(&["0:0,hostbridge", device, "31,lpc"])
+        .args(["-U", UUID])
+        .env("XHYVE_LOG", "info")
+        .irqchip(mode)
+        .spawn();
     vm.wait_for_line("usernet fwd ready");
     let answer = udp_through_forward(udp_fwd, &mut vm);
     assert_eq!(answer, b"xhyve-usernet fwd reply");
@@ -167,7 +181,15 @@ impl Passt {
         // Foreground, one client, IPv4 only, no DNS handed out, forwards bound to 127.0.0.1
         // only. The guest talks only to its gateway, which passt maps to the host's loopback.
         let spawned = Command::new("passt")
-            .args(["-f", "-1", "-4", "-D", "none", "--no-dhcp-dns", "--no-dhcp-search"])
+            .args([
+                "-f",
+                "-1",
+                "-4",
+                "-D",
+                "none",
+                "--no-dhcp-dns",
+                "--no-dhcp-search",
+            ])
             .arg("--socket")
             .arg(&socket)
             .args(["-t", &format!("127.0.0.1/{tcp_fwd}:{GUEST_TCP}")])
@@ -220,10 +242,14 @@ guest_test!(passt_over_a_stream_socket, |mode| {
     let out = run_guest(mode, &device, udp_fwd, None, host_port);
     assert!(out.lines().any(|l| l.starts_with("usernet dhcp ")), "{out}");
     assert_eq!(listener.join().unwrap(), b"xhyve-usernet guest");
-    let dhcp = out.lines().find(|l| l.starts_with("usernet dhcp ")).unwrap();
+    let dhcp = out
+        .lines()
+        .find(|l| l.starts_with("usernet dhcp "))
+        .unwrap();
     let address = dhcp.split(' ').nth(2).unwrap();
     assert!(
-        out.stderr.contains(&format!("has IPv4 address {address} (DHCP)")),
+        out.stderr
+            .contains(&format!("has IPv4 address {address} (DHCP)")),
         "the VMM learns passt's lease too\n{out}"
     );
     drop(passt);
@@ -247,8 +273,16 @@ fn a_missing_daemon_socket_is_a_clear_setup_error() {
         return;
     }
     let out = Vm::multiboot("poweroff")
-        .pci(&["0:0,hostbridge", "3,virtio-net,socket=/nonexistent/passt.sock", "31,lpc"])
+        .pci(&[
+            "0:0,hostbridge",
+            "3,virtio-net,socket=/nonexistent/passt.sock",
+            "31,lpc",
+        ])
         .run();
     out.assert_exit(1);
-    assert!(out.stderr.contains("cannot connect to /nonexistent/passt.sock"), "{out}");
+    assert!(
+        out.stderr
+            .contains("cannot connect to /nonexistent/passt.sock"),
+        "{out}"
+    );
 }

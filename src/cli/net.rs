@@ -198,10 +198,16 @@ mod tests {
             assert_eq!(first_nic_mac(&config), None);
         } else {
             // The built-in network: derived like a tap's.
-            assert_eq!(first_nic_mac(&config), Some(derive_mac(Some([7; 16]), 0, 2, 0)));
+            assert_eq!(
+                first_nic_mac(&config),
+                Some(derive_mac(Some([7; 16]), 0, 2, 0))
+            );
         }
         config.pci_devices[0] = vmnet(Some("socket=/tmp/x.sock"));
-        assert_eq!(first_nic_mac(&config), Some(derive_mac(Some([7; 16]), 0, 2, 0)));
+        assert_eq!(
+            first_nic_mac(&config),
+            Some(derive_mac(Some([7; 16]), 0, 2, 0))
+        );
         config.pci_devices[0] = vmnet(Some("mac=02:00:00:00:00:0a"));
         assert_eq!(first_nic_mac(&config), Some(MacAddr([2, 0, 0, 0, 0, 10])));
     }

@@ -72,7 +72,10 @@ pub fn dhcp_reply(frame: &[u8]) -> Option<DhcpReply> {
         return None;
     }
     let bootp = &udp[8..udp_len];
-    if bootp.len() < BOOTP_FIXED + 4 || bootp[0] != BOOTREPLY || bootp[BOOTP_FIXED..BOOTP_FIXED + 4] != MAGIC_COOKIE {
+    if bootp.len() < BOOTP_FIXED + 4
+        || bootp[0] != BOOTREPLY
+        || bootp[BOOTP_FIXED..BOOTP_FIXED + 4] != MAGIC_COOKIE
+    {
         return None;
     }
     let yiaddr = Ipv4Addr::new(bootp[16], bootp[17], bootp[18], bootp[19]);
@@ -196,7 +199,20 @@ pub(crate) mod tests {
         f.extend_from_slice(&[0x52, 0x55, 10, 0, 2, 2]);
         f.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
         let total = 20 + udp_len;
-        f.extend_from_slice(&[0x45, 0, (total >> 8) as u8, total as u8, 0, 0, 0, 0, 64, IPPROTO_UDP, 0, 0]);
+        f.extend_from_slice(&[
+            0x45,
+            0,
+            (total >> 8) as u8,
+            total as u8,
+            0,
+            0,
+            0,
+            0,
+            64,
+            IPPROTO_UDP,
+            0,
+            0,
+        ]);
         f.extend_from_slice(&[10, 0, 2, 2, 255, 255, 255, 255]);
         f.extend_from_slice(&BOOTPS.to_be_bytes());
         f.extend_from_slice(&BOOTPC.to_be_bytes());
@@ -210,11 +226,21 @@ pub(crate) mod tests {
 
     #[test]
     fn an_ack_names_the_client_and_its_address() {
-        let ack = reply(MAC, [10, 0, 2, 15], &[OPTION_PAD, 1, 4, 255, 255, 255, 0, 53, 1, 5, 255]);
-        assert_eq!(dhcp_ack(&ack), Some((MacAddr(MAC), Ipv4Addr::new(10, 0, 2, 15))));
+        let ack = reply(
+            MAC,
+            [10, 0, 2, 15],
+            &[OPTION_PAD, 1, 4, 255, 255, 255, 0, 53, 1, 5, 255],
+        );
+        assert_eq!(
+            dhcp_ack(&ack),
+            Some((MacAddr(MAC), Ipv4Addr::new(10, 0, 2, 15)))
+        );
         let offer = reply(MAC, [10, 0, 2, 15], &[53, 1, 2, 255]);
         assert_eq!(dhcp_ack(&offer), None, "an offer is not a lease");
-        assert_eq!(dhcp_ack(&reply(MAC, [10, 0, 2, 15], &[1, 4, 255, 255, 255, 0, 255])), None);
+        assert_eq!(
+            dhcp_ack(&reply(MAC, [10, 0, 2, 15], &[1, 4, 255, 255, 255, 0, 255])),
+            None
+        );
     }
 
     #[test]
@@ -244,9 +270,17 @@ pub(crate) mod tests {
     fn the_lease_follows_acks_for_our_mac_only() {
         let lease = GuestLease::default();
         assert_eq!(lease.get(), None);
-        lease.observe(&reply([2, 0, 0, 0, 0, 8], [10, 0, 2, 16], &[53, 1, 5, 255]), MacAddr(MAC), "t");
+        lease.observe(
+            &reply([2, 0, 0, 0, 0, 8], [10, 0, 2, 16], &[53, 1, 5, 255]),
+            MacAddr(MAC),
+            "t",
+        );
         assert_eq!(lease.get(), None, "another client's lease");
-        lease.observe(&reply(MAC, [10, 0, 2, 15], &[53, 1, 5, 255]), MacAddr(MAC), "t");
+        lease.observe(
+            &reply(MAC, [10, 0, 2, 15], &[53, 1, 5, 255]),
+            MacAddr(MAC),
+            "t",
+        );
         assert_eq!(lease.get(), Some(Ipv4Addr::new(10, 0, 2, 15)));
     }
 }

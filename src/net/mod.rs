@@ -8,9 +8,9 @@ pub mod options;
 pub mod packet;
 pub mod slirp;
 pub mod socket;
-pub mod threaded;
 #[cfg(target_os = "linux")]
 pub mod tap;
+pub mod threaded;
 /// Compiled everywhere: its portable helpers are tested on Linux; the framework calls are
 /// macOS-only inside.
 pub mod vmnet;

@@ -61,7 +61,10 @@ pub enum NetBackendKind {
     /// A Unix stream socket speaking QEMU's framing (4-byte big-endian length, then the frame).
     Stream(PathBuf),
     /// A Unix datagram socket, one frame per datagram; `local` is our own socket's path.
-    Dgram { path: PathBuf, local: Option<PathBuf> },
+    Dgram {
+        path: PathBuf,
+        local: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,7 +106,10 @@ pub fn parse_net_options(options: Option<&str>) -> Result<NetOptions, NetOptions
                 if mac.is_some() {
                     return Err(NetOptionsError::Twice("mac="));
                 }
-                mac = Some(v.parse().map_err(|e| NetOptionsError::Mac(format!("{e}")))?);
+                mac = Some(
+                    v.parse()
+                        .map_err(|e| NetOptionsError::Mac(format!("{e}")))?,
+                );
             }
             ("user", None) => set_backend(field, NetBackendKind::User(Default::default()))?,
             ("socket", Some(path)) => {
@@ -236,7 +242,9 @@ mod tests {
 
     #[test]
     fn user_takes_forwards_restrict_and_dns() {
-        let u = user("user,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=udp::5353-10.0.2.15:53,restrict,dns=off");
+        let u = user(
+            "user,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=udp::5353-10.0.2.15:53,restrict,dns=off",
+        );
         assert_eq!(
             u.hostfwd,
             vec![
@@ -282,13 +290,34 @@ mod tests {
     #[test]
     fn bad_options_are_named() {
         assert_eq!(err("speed=10"), "unknown option \"speed=10\"");
-        assert_eq!(err("user,socket=/x"), "choose one back end: \"user\" conflicts with \"socket=/x\"");
-        assert_eq!(err("socket=/x,restrict"), "\"restrict\" needs the built-in network (user)");
-        assert_eq!(err("dgram=/x,hostfwd=tcp::1-:2"), "\"hostfwd=tcp::1-:2\" needs the built-in network (user)");
-        assert_eq!(err("user,local=/x"), "unknown option \"local= (only with dgram=)\"");
-        assert_eq!(err("mac=1,mac=2"), "invalid MAC address \"1\": expected xx:xx:xx:xx:xx:xx");
-        assert_eq!(err("mac=02:00:00:00:00:01,mac=02:00:00:00:00:02"), "mac= given twice");
-        assert_eq!(err("user,dns=maybe"), "invalid dns \"maybe\": expected dns=on or dns=off");
+        assert_eq!(
+            err("user,socket=/x"),
+            "choose one back end: \"user\" conflicts with \"socket=/x\""
+        );
+        assert_eq!(
+            err("socket=/x,restrict"),
+            "\"restrict\" needs the built-in network (user)"
+        );
+        assert_eq!(
+            err("dgram=/x,hostfwd=tcp::1-:2"),
+            "\"hostfwd=tcp::1-:2\" needs the built-in network (user)"
+        );
+        assert_eq!(
+            err("user,local=/x"),
+            "unknown option \"local= (only with dgram=)\""
+        );
+        assert_eq!(
+            err("mac=1,mac=2"),
+            "invalid MAC address \"1\": expected xx:xx:xx:xx:xx:xx"
+        );
+        assert_eq!(
+            err("mac=02:00:00:00:00:01,mac=02:00:00:00:00:02"),
+            "mac= given twice"
+        );
+        assert_eq!(
+            err("user,dns=maybe"),
+            "invalid dns \"maybe\": expected dns=on or dns=off"
+        );
         for bad in [
             "hostfwd=tcp:1-:2",
             "hostfwd=icmp::1-:2",
@@ -298,7 +327,10 @@ mod tests {
             "hostfwd=tcp::22",
             "hostfwd=",
         ] {
-            assert!(err(&format!("user,{bad}")).starts_with("invalid hostfwd"), "{bad}");
+            assert!(
+                err(&format!("user,{bad}")).starts_with("invalid hostfwd"),
+                "{bad}"
+            );
         }
     }
 }

@@ -45,16 +45,27 @@ pub fn arp_request(mac: MacAddr, ip: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
 /// An ARP reply's sender: (its MAC, its address).
 pub fn arp_reply(frame: &[u8]) -> Option<(MacAddr, Ipv4Addr)> {
     let arp = frame.get(14..42)?;
-    if u16::from_be_bytes([frame[12], frame[13]]) != ETHERTYPE_ARP || arp[..8] != [0, 1, 8, 0, 6, 4, 0, 2] {
+    if u16::from_be_bytes([frame[12], frame[13]]) != ETHERTYPE_ARP
+        || arp[..8] != [0, 1, 8, 0, 6, 4, 0, 2]
+    {
         return None;
     }
     let mut mac = [0; 6];
     mac.copy_from_slice(&arp[8..14]);
-    Some((MacAddr(mac), Ipv4Addr::new(arp[14], arp[15], arp[16], arp[17])))
+    Some((
+        MacAddr(mac),
+        Ipv4Addr::new(arp[14], arp[15], arp[16], arp[17]),
+    ))
 }
 
 /// A UDP datagram in an IPv4 packet in an Ethernet frame, checksums filled in.
-pub fn udp(dst_mac: MacAddr, src_mac: MacAddr, src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+pub fn udp(
+    dst_mac: MacAddr,
+    src_mac: MacAddr,
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    payload: &[u8],
+) -> Vec<u8> {
     let udp_len = 8 + payload.len();
     let total = 20 + udp_len;
     let mut f = ethernet(dst_mac, src_mac, ETHERTYPE_IPV4);
@@ -161,10 +172,18 @@ mod tests {
         assert_eq!(checksum(&f[14..34], 0), 0, "IP header");
         let mut pseudo = f[26..34].to_vec();
         pseudo.extend_from_slice(&[0, IPPROTO_UDP, 0, 11]);
-        assert_eq!(checksum(&f[34..], u32::from(!checksum(&pseudo, 0))), 0, "UDP");
+        assert_eq!(
+            checksum(&f[34..], u32::from(!checksum(&pseudo, 0))),
+            0,
+            "UDP"
+        );
         assert_eq!(
             parse_udp(&f),
-            Some(("10.0.2.15:1000".parse().unwrap(), "10.0.2.2:2000".parse().unwrap(), &b"odd"[..]))
+            Some((
+                "10.0.2.15:1000".parse().unwrap(),
+                "10.0.2.2:2000".parse().unwrap(),
+                &b"odd"[..]
+            ))
         );
         assert_eq!(parse_udp(&f[..f.len() - 1]), None, "truncated");
     }

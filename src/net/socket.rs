@@ -113,7 +113,10 @@ impl StreamSocket {
             self.start = 0;
         }
         match self.stream.read(&mut self.inbox[self.end..]) {
-            Ok(0) => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the daemon closed the socket")),
+            Ok(0) => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the daemon closed the socket",
+            )),
             Ok(n) => {
                 self.end += n;
                 Ok(true)
@@ -139,7 +142,10 @@ impl NetBackend for StreamSocket {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && done == 0 => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if !wait_writable(self.stream.as_raw_fd(), STREAM_WRITE_PATIENCE)? {
-                        return Err(io::Error::new(io::ErrorKind::TimedOut, "the daemon stopped reading"));
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the daemon stopped reading",
+                        ));
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -185,11 +191,15 @@ impl DgramSocket {
             None => default_bound()?,
         };
         let me = DgramSocket { socket, created };
-        me.socket.connect(path).map_err(|err| SocketError::Connect {
-            path: path.into(),
-            err,
-        })?;
-        me.socket.set_nonblocking(true).map_err(SocketError::Setup)?;
+        me.socket
+            .connect(path)
+            .map_err(|err| SocketError::Connect {
+                path: path.into(),
+                err,
+            })?;
+        me.socket
+            .set_nonblocking(true)
+            .map_err(SocketError::Setup)?;
         set_buffers(me.socket.as_raw_fd());
         Ok(me)
     }
@@ -198,7 +208,10 @@ impl DgramSocket {
     pub fn from_socket(socket: UnixDatagram) -> io::Result<DgramSocket> {
         socket.set_nonblocking(true)?;
         set_buffers(socket.as_raw_fd());
-        Ok(DgramSocket { socket, created: None })
+        Ok(DgramSocket {
+            socket,
+            created: None,
+        })
     }
 
     pub fn socket(&self) -> &UnixDatagram {
@@ -352,7 +365,7 @@ mod tests {
             bytes.extend_from_slice(&f);
         }
         bytes.extend_from_slice(&((MAX_SOCKET_FRAME + 1) as u32).to_be_bytes());
-        bytes.extend(std::iter::repeat(0xEE).take(MAX_SOCKET_FRAME + 1));
+        bytes.extend(std::iter::repeat_n(0xEE, MAX_SOCKET_FRAME + 1));
         bytes.extend_from_slice(&0u32.to_be_bytes());
         bytes.extend_from_slice(&9u32.to_be_bytes());
         bytes.extend_from_slice(&frame(4, 9));
@@ -366,7 +379,10 @@ mod tests {
 
         drop(daemon);
         let mut buf = [0u8; 16];
-        assert_eq!(backend.recv(&mut buf).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(
+            backend.recv(&mut buf).unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
     }
 
     #[test]
@@ -405,7 +421,8 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
 
         // Without local=, the daemon can still answer (an autobound name on Linux).
-        let daemon_path = std::env::temp_dir().join(format!("xhyve-dgram-test-{}.sock", std::process::id()));
+        let daemon_path =
+            std::env::temp_dir().join(format!("xhyve-dgram-test-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&daemon_path);
         let daemon = UnixDatagram::bind(&daemon_path).unwrap();
         let mut backend = DgramSocket::connect(&daemon_path, None).unwrap();

@@ -141,7 +141,11 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(wakes.load(Ordering::Relaxed), QUEUE_FRAMES, "the full queue holds the reader");
+        assert_eq!(
+            wakes.load(Ordering::Relaxed),
+            QUEUE_FRAMES,
+            "the full queue holds the reader"
+        );
         let mut buf = [0u8; 100];
         let mut got = 0;
         while got < QUEUE_FRAMES + 10 && Instant::now() < deadline {

@@ -362,13 +362,23 @@ pub fn build_virtio_net(
         NetBackendKind::Stream(path) => {
             let socket = StreamSocket::connect(&path).map_err(|e| format!("virtio-net: {e}"))?;
             log::info!("virtio-net: frames over {} (stream)", path.display());
-            spawn_polled(LeaseSnoop::new(socket, mac, "virtio-net socket"), mac, transport, "socket")
+            spawn_polled(
+                LeaseSnoop::new(socket, mac, "virtio-net socket"),
+                mac,
+                transport,
+                "socket",
+            )
         }
         NetBackendKind::Dgram { path, local } => {
             let socket = DgramSocket::connect(&path, local.as_deref())
                 .map_err(|e| format!("virtio-net: {e}"))?;
             log::info!("virtio-net: frames over {} (datagrams)", path.display());
-            spawn_polled(LeaseSnoop::new(socket, mac, "virtio-net dgram"), mac, transport, "dgram")
+            spawn_polled(
+                LeaseSnoop::new(socket, mac, "virtio-net dgram"),
+                mac,
+                transport,
+                "dgram",
+            )
         }
     }
 }
@@ -386,7 +396,8 @@ fn spawn_polled<B: NetBackend + std::os::fd::AsRawFd + 'static>(
     use super::pci::VirtioPci;
 
     let fd = backend.as_raw_fd();
-    let device = VirtioPci::new(VirtioNet::new(backend, mac), transport).map_err(|e| e.to_string())?;
+    let device =
+        VirtioPci::new(VirtioNet::new(backend, mac), transport).map_err(|e| e.to_string())?;
     let device = Arc::new(Mutex::new(device));
     worker::NetWorker::spawn(device.clone(), fd)
         .map_err(|e| format!("virtio-net {what}: network thread: {e}"))?
@@ -411,7 +422,8 @@ fn spawn_polled<B: NetBackend + std::os::fd::AsRawFd + 'static>(
     let waker = wakeup.clone();
     let backend = crate::net::threaded::Threaded::spawn(backend, Box::new(move || waker.wake()))
         .map_err(|e| format!("virtio-net {what}: reader thread: {e}"))?;
-    let device = VirtioPci::new(VirtioNet::new(backend, mac), transport).map_err(|e| e.to_string())?;
+    let device =
+        VirtioPci::new(VirtioNet::new(backend, mac), transport).map_err(|e| e.to_string())?;
     let device = Arc::new(Mutex::new(device));
     signalled::SignalledWorker::spawn(device.clone(), wakeup)
         .map_err(|e| format!("virtio-net {what}: network thread: {e}"))?

@@ -20,9 +20,11 @@ pub const SLIRP_POLL_PRI: c_int = 1 << 2;
 pub const SLIRP_POLL_ERR: c_int = 1 << 3;
 pub const SLIRP_POLL_HUP: c_int = 1 << 4;
 
-pub type SlirpWriteCb = unsafe extern "C" fn(buf: *const c_void, len: size_t, opaque: *mut c_void) -> ssize_t;
+pub type SlirpWriteCb =
+    unsafe extern "C" fn(buf: *const c_void, len: size_t, opaque: *mut c_void) -> ssize_t;
 pub type SlirpTimerCb = unsafe extern "C" fn(opaque: *mut c_void);
-pub type SlirpAddPollCb = unsafe extern "C" fn(fd: c_int, events: c_int, opaque: *mut c_void) -> c_int;
+pub type SlirpAddPollCb =
+    unsafe extern "C" fn(fd: c_int, events: c_int, opaque: *mut c_void) -> c_int;
 pub type SlirpGetREventsCb = unsafe extern "C" fn(idx: c_int, opaque: *mut c_void) -> c_int;
 /// `SlirpTimerId` (a C enum: an int).
 pub type SlirpTimerId = c_int;
@@ -34,16 +36,24 @@ pub struct SlirpCb {
     pub send_packet: SlirpWriteCb,
     pub guest_error: unsafe extern "C" fn(msg: *const c_char, opaque: *mut c_void),
     pub clock_get_ns: unsafe extern "C" fn(opaque: *mut c_void) -> i64,
-    pub timer_new:
-        unsafe extern "C" fn(cb: SlirpTimerCb, cb_opaque: *mut c_void, opaque: *mut c_void) -> *mut c_void,
+    pub timer_new: unsafe extern "C" fn(
+        cb: SlirpTimerCb,
+        cb_opaque: *mut c_void,
+        opaque: *mut c_void,
+    ) -> *mut c_void,
     pub timer_free: unsafe extern "C" fn(timer: *mut c_void, opaque: *mut c_void),
-    pub timer_mod: unsafe extern "C" fn(timer: *mut c_void, expire_time_ms: i64, opaque: *mut c_void),
+    pub timer_mod:
+        unsafe extern "C" fn(timer: *mut c_void, expire_time_ms: i64, opaque: *mut c_void),
     pub register_poll_fd: unsafe extern "C" fn(fd: c_int, opaque: *mut c_void),
     pub unregister_poll_fd: unsafe extern "C" fn(fd: c_int, opaque: *mut c_void),
     pub notify: unsafe extern "C" fn(opaque: *mut c_void),
     pub init_completed: Option<unsafe extern "C" fn(slirp: *mut Slirp, opaque: *mut c_void)>,
     pub timer_new_opaque: Option<
-        unsafe extern "C" fn(id: SlirpTimerId, cb_opaque: *mut c_void, opaque: *mut c_void) -> *mut c_void,
+        unsafe extern "C" fn(
+            id: SlirpTimerId,
+            cb_opaque: *mut c_void,
+            opaque: *mut c_void,
+        ) -> *mut c_void,
     >,
 }
 
@@ -84,7 +94,11 @@ pub struct SlirpConfig {
 }
 
 extern "C" {
-    pub fn slirp_new(cfg: *const SlirpConfig, callbacks: *const SlirpCb, opaque: *mut c_void) -> *mut Slirp;
+    pub fn slirp_new(
+        cfg: *const SlirpConfig,
+        callbacks: *const SlirpCb,
+        opaque: *mut c_void,
+    ) -> *mut Slirp;
     pub fn slirp_cleanup(slirp: *mut Slirp);
     pub fn slirp_pollfds_fill(
         slirp: *mut Slirp,

@@ -45,7 +45,10 @@ pub enum SlirpError {
     #[error("user network: cannot start libslirp")]
     New,
     #[error("user network: hostfwd {proto}:{host}: cannot bind on the host (in use?)")]
-    HostFwd { proto: &'static str, host: SocketAddrV4 },
+    HostFwd {
+        proto: &'static str,
+        host: SocketAddrV4,
+    },
     #[error("user network: {0}")]
     Io(#[from] io::Error),
     #[error("user network: the stack thread ended before it started")]
@@ -65,7 +68,10 @@ impl UserNet {
     /// Starts the stack for a guest whose MAC is `guest_mac`; returns it and the device's
     /// end of the frame link. Port forwards are bound before this returns, so a busy port is
     /// an error at start-up, not a surprise later.
-    pub fn start(options: &UserNetOptions, guest_mac: MacAddr) -> Result<(UserNet, DgramSocket), SlirpError> {
+    pub fn start(
+        options: &UserNetOptions,
+        guest_mac: MacAddr,
+    ) -> Result<(UserNet, DgramSocket), SlirpError> {
         let (device_end, stack_end) = UnixDatagram::pair()?;
         let device_end = DgramSocket::from_socket(device_end)?;
         let stack_end = DgramSocket::from_socket(stack_end)?;
@@ -77,7 +83,8 @@ impl UserNet {
         let thread = std::thread::Builder::new()
             .name("slirp".into())
             .spawn(move || {
-                let stack = match Stack::new(&options, stack_end, stop_rx, guest_mac, thread_lease) {
+                let stack = match Stack::new(&options, stack_end, stop_rx, guest_mac, thread_lease)
+                {
                     Ok(stack) => stack,
                     Err(e) => {
                         let _ = started_tx.send(Err(e));
@@ -95,7 +102,10 @@ impl UserNet {
             }
             Err(_) => return Err(SlirpError::Thread),
         }
-        log::info!("virtio-net user: libslirp {} on {NETWORK}/24, gateway {GATEWAY}", version());
+        log::info!(
+            "virtio-net user: libslirp {} on {NETWORK}/24, gateway {GATEWAY}",
+            version()
+        );
         Ok((
             UserNet {
                 stop: Some(stop_tx),
@@ -282,7 +292,9 @@ impl Stack {
                 }
             }
             // SAFETY: a live Slirp; add_poll receives our context, valid for the call.
-            unsafe { ffi::slirp_pollfds_fill(self.slirp(), &mut timeout, add_poll, self.ctx.cast()) };
+            unsafe {
+                ffi::slirp_pollfds_fill(self.slirp(), &mut timeout, add_poll, self.ctx.cast())
+            };
             let wait_ms = {
                 // SAFETY: as above; the fill call has returned.
                 let ctx = unsafe { &mut *self.ctx };
@@ -297,18 +309,37 @@ impl Stack {
                 let slirp_ms = (timeout != u32::MAX).then_some(i64::from(timeout));
                 match (next_timer, slirp_ms) {
                     (None, None) => -1,
-                    (a, b) => a.into_iter().chain(b).min().unwrap_or(0).min(i64::from(i32::MAX)) as c_int,
+                    (a, b) => a
+                        .into_iter()
+                        .chain(b)
+                        .min()
+                        .unwrap_or(0)
+                        .min(i64::from(i32::MAX)) as c_int,
                 }
             };
             let rc = {
                 // SAFETY: as above.
                 let ctx = unsafe { &mut *self.ctx };
                 // SAFETY: `pollfds` is a live array of the length passed.
-                unsafe { libc::poll(ctx.pollfds.as_mut_ptr(), ctx.pollfds.len() as libc::nfds_t, wait_ms) }
+                unsafe {
+                    libc::poll(
+                        ctx.pollfds.as_mut_ptr(),
+                        ctx.pollfds.len() as libc::nfds_t,
+                        wait_ms,
+                    )
+                }
             };
-            let poll_error = rc < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted;
+            let poll_error =
+                rc < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted;
             // SAFETY: a live Slirp; get_revents reads the pollfds this pass filled.
-            unsafe { ffi::slirp_pollfds_poll(self.slirp(), c_int::from(poll_error), get_revents, self.ctx.cast()) };
+            unsafe {
+                ffi::slirp_pollfds_poll(
+                    self.slirp(),
+                    c_int::from(poll_error),
+                    get_revents,
+                    self.ctx.cast(),
+                )
+            };
             let (link_ready, stop) = {
                 // SAFETY: as above.
                 let ctx = unsafe { &*self.ctx };
@@ -368,7 +399,8 @@ impl Stack {
             // free it (so it is not touched afterwards).
             unsafe {
                 (*timer).expires = None;
-                let (callback, id, cb_opaque) = ((*timer).callback, (*timer).id, (*timer).cb_opaque);
+                let (callback, id, cb_opaque) =
+                    ((*timer).callback, (*timer).id, (*timer).cb_opaque);
                 match callback {
                     Some(cb) => cb(cb_opaque),
                     None => ffi::slirp_handle_timer(self.slirp(), id, cb_opaque),
@@ -467,7 +499,12 @@ unsafe fn context<'a>(opaque: *mut c_void) -> &'a mut Context {
 /// A frame from the stack to the guest.
 unsafe extern "C" fn send_packet(buf: *const c_void, len: usize, opaque: *mut c_void) -> isize {
     // SAFETY: libslirp passes our opaque pointer and a frame of `len` readable bytes.
-    let (ctx, frame) = unsafe { (context(opaque), std::slice::from_raw_parts(buf.cast::<u8>(), len)) };
+    let (ctx, frame) = unsafe {
+        (
+            context(opaque),
+            std::slice::from_raw_parts(buf.cast::<u8>(), len),
+        )
+    };
     ctx.lease.observe(frame, ctx.guest_mac, "virtio-net user");
     match ctx.link.socket().send(frame) {
         Ok(n) => n as isize,
@@ -489,7 +526,12 @@ unsafe extern "C" fn clock_get_ns(opaque: *mut c_void) -> i64 {
     unsafe { context(opaque) }.clock_ns()
 }
 
-fn new_timer(ctx: &mut Context, callback: Option<ffi::SlirpTimerCb>, id: ffi::SlirpTimerId, cb_opaque: *mut c_void) -> *mut c_void {
+fn new_timer(
+    ctx: &mut Context,
+    callback: Option<ffi::SlirpTimerCb>,
+    id: ffi::SlirpTimerId,
+    cb_opaque: *mut c_void,
+) -> *mut c_void {
     let timer = Box::into_raw(Box::new(Timer {
         callback,
         id,
@@ -500,12 +542,20 @@ fn new_timer(ctx: &mut Context, callback: Option<ffi::SlirpTimerCb>, id: ffi::Sl
     timer.cast()
 }
 
-unsafe extern "C" fn timer_new(cb: ffi::SlirpTimerCb, cb_opaque: *mut c_void, opaque: *mut c_void) -> *mut c_void {
+unsafe extern "C" fn timer_new(
+    cb: ffi::SlirpTimerCb,
+    cb_opaque: *mut c_void,
+    opaque: *mut c_void,
+) -> *mut c_void {
     // SAFETY: called by libslirp with our opaque pointer.
     new_timer(unsafe { context(opaque) }, Some(cb), 0, cb_opaque)
 }
 
-unsafe extern "C" fn timer_new_opaque(id: ffi::SlirpTimerId, cb_opaque: *mut c_void, opaque: *mut c_void) -> *mut c_void {
+unsafe extern "C" fn timer_new_opaque(
+    id: ffi::SlirpTimerId,
+    cb_opaque: *mut c_void,
+    opaque: *mut c_void,
+) -> *mut c_void {
     // SAFETY: called by libslirp with our opaque pointer.
     new_timer(unsafe { context(opaque) }, None, id, cb_opaque)
 }

@@ -24,7 +24,9 @@ fn expect<T>(link: &mut DgramSocket, what: &str, mut pick: impl FnMut(&[u8]) -> 
                     return found;
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(2)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(2))
+            }
             Err(e) => panic!("{what}: {e}"),
         }
     }
@@ -34,12 +36,19 @@ fn expect<T>(link: &mut DgramSocket, what: &str, mut pick: impl FnMut(&[u8]) -> 
 /// Runs DHCP to the end; returns the guest's address and the gateway's MAC.
 pub(crate) fn dhcp(link: &mut DgramSocket, mac: MacAddr) -> (Ipv4Addr, MacAddr) {
     link.send(&packet::dhcp_client(mac, 0x1234, None)).unwrap();
-    let offer = expect(link, "DHCP offer", |f| dhcp_reply(f).filter(|r| r.message_type == DHCPOFFER));
+    let offer = expect(link, "DHCP offer", |f| {
+        dhcp_reply(f).filter(|r| r.message_type == DHCPOFFER)
+    });
     let server = offer.server.expect("server id");
-    link.send(&packet::dhcp_client(mac, 0x1234, Some((offer.yiaddr, server))))
-        .unwrap();
+    link.send(&packet::dhcp_client(
+        mac,
+        0x1234,
+        Some((offer.yiaddr, server)),
+    ))
+    .unwrap();
     let ack = expect(link, "DHCP ack", |f| {
-        crate::net::dhcp::dhcp_ack(f).map(|(client, addr)| (client, addr, MacAddr(f[6..12].try_into().unwrap())))
+        crate::net::dhcp::dhcp_ack(f)
+            .map(|(client, addr)| (client, addr, MacAddr(f[6..12].try_into().unwrap())))
     });
     assert_eq!(ack.0, mac);
     (ack.1, ack.2)
@@ -48,14 +57,20 @@ pub(crate) fn dhcp(link: &mut DgramSocket, mac: MacAddr) -> (Ipv4Addr, MacAddr) 
 #[test]
 fn a_guest_gets_a_lease_the_gateway_and_the_hosts_loopback() {
     let listener = UdpSocket::bind("127.0.0.1:0").unwrap();
-    listener.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    listener
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     let port = listener.local_addr().unwrap().port();
     let (net, mut link) = UserNet::start(&UserNetOptions::default(), MAC).unwrap();
     assert_eq!(net.guest_ip(), None);
 
     let (addr, gw_mac) = dhcp(&mut link, MAC);
     assert_eq!(addr, DHCP_START);
-    assert_eq!(net.guest_ip(), Some(DHCP_START), "the lease is known to the VMM");
+    assert_eq!(
+        net.guest_ip(),
+        Some(DHCP_START),
+        "the lease is known to the VMM"
+    );
 
     link.send(&packet::arp_request(MAC, addr, GATEWAY)).unwrap();
     let (mac, ip) = expect(&mut link, "ARP reply", arp_reply);
@@ -63,8 +78,14 @@ fn a_guest_gets_a_lease_the_gateway_and_the_hosts_loopback() {
 
     // The gateway is the host's loopback: a datagram to 10.0.2.2:port reaches 127.0.0.1:port.
     let guest = SocketAddrV4::new(addr, 40000);
-    link.send(&packet::udp(gw_mac, MAC, guest, SocketAddrV4::new(GATEWAY, port), b"to host"))
-        .unwrap();
+    link.send(&packet::udp(
+        gw_mac,
+        MAC,
+        guest,
+        SocketAddrV4::new(GATEWAY, port),
+        b"to host",
+    ))
+    .unwrap();
     let mut buf = [0u8; 64];
     let (n, from) = listener.recv_from(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"to host");
@@ -72,7 +93,10 @@ fn a_guest_gets_a_lease_the_gateway_and_the_hosts_loopback() {
     let (src, dst, payload) = expect(&mut link, "UDP reply", |f| {
         parse_udp(f).map(|(s, d, p)| (s, d, p.to_vec()))
     });
-    assert_eq!((src, dst, payload.as_slice()), (SocketAddrV4::new(GATEWAY, port), guest, &b"to guest"[..]));
+    assert_eq!(
+        (src, dst, payload.as_slice()),
+        (SocketAddrV4::new(GATEWAY, port), guest, &b"to guest"[..])
+    );
     drop(net);
 }
 
@@ -95,7 +119,10 @@ fn udp_host_forwards_reach_the_guest_and_a_busy_port_is_an_error() {
             no_dns: true,
         };
         match UserNet::start(&options, MAC) {
-            Err(SlirpError::HostFwd { proto: "udp", host: h }) => assert_eq!(h, host),
+            Err(SlirpError::HostFwd {
+                proto: "udp",
+                host: h,
+            }) => assert_eq!(h, host),
             other => panic!("busy port: {:?}", other.map(|_| ())),
         }
         drop(probe);
@@ -103,7 +130,12 @@ fn udp_host_forwards_reach_the_guest_and_a_busy_port_is_an_error() {
         let (_net, mut link) = UserNet::start(&options, MAC).unwrap();
         let (addr, gw_mac) = dhcp(&mut link, MAC);
         let client = UdpSocket::bind("127.0.0.1:0").unwrap();
-        client.set_read_timeout(Some(Duration::from_millis(if restrict { 300 } else { 5000 })))
+        client
+            .set_read_timeout(Some(Duration::from_millis(if restrict {
+                300
+            } else {
+                5000
+            })))
             .unwrap();
         client.send_to(b"ping guest", host).unwrap();
         let (src, dst, payload) = expect(&mut link, "forwarded datagram", |f| {
@@ -113,7 +145,8 @@ fn udp_host_forwards_reach_the_guest_and_a_busy_port_is_an_error() {
         });
         assert_eq!(dst, SocketAddrV4::new(addr, 7777));
         assert_eq!(payload, b"ping guest");
-        link.send(&packet::udp(gw_mac, MAC, dst, src, b"pong host")).unwrap();
+        link.send(&packet::udp(gw_mac, MAC, dst, src, b"pong host"))
+            .unwrap();
         let mut buf = [0u8; 64];
         let reply = client.recv_from(&mut buf);
         if restrict {
@@ -129,7 +162,9 @@ fn udp_host_forwards_reach_the_guest_and_a_busy_port_is_an_error() {
 #[test]
 fn restrict_keeps_the_guest_from_the_host() {
     let listener = UdpSocket::bind("127.0.0.1:0").unwrap();
-    listener.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    listener
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
     let port = listener.local_addr().unwrap().port();
     let options = UserNetOptions {
         restrict: true,
@@ -138,10 +173,19 @@ fn restrict_keeps_the_guest_from_the_host() {
     let (_net, mut link) = UserNet::start(&options, MAC).unwrap();
     let (addr, gw_mac) = dhcp(&mut link, MAC);
     let guest = SocketAddrV4::new(addr, 40000);
-    link.send(&packet::udp(gw_mac, MAC, guest, SocketAddrV4::new(GATEWAY, port), b"escape"))
-        .unwrap();
+    link.send(&packet::udp(
+        gw_mac,
+        MAC,
+        guest,
+        SocketAddrV4::new(GATEWAY, port),
+        b"escape",
+    ))
+    .unwrap();
     let mut buf = [0u8; 64];
-    assert!(listener.recv_from(&mut buf).is_err(), "restrict let a datagram out");
+    assert!(
+        listener.recv_from(&mut buf).is_err(),
+        "restrict let a datagram out"
+    );
 }
 
 #[test]
