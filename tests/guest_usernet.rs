@@ -237,9 +237,7 @@ guest_test!(passt_over_a_stream_socket, |mode| {
         return;
     };
     let device = format!("2,virtio-net,socket={}", passt.socket.display());
-    // Not yet the TCP step: this passt (Debian bookworm's 2023-03) gets the guest's SYN-ACK
-    // but its data never reaches the test guest's minimal TCP; to be investigated.
-    let out = run_guest(mode, &device, udp_fwd, None, host_port);
+    let out = run_guest(mode, &device, udp_fwd, Some(tcp_fwd), host_port);
     assert!(out.lines().any(|l| l.starts_with("usernet dhcp ")), "{out}");
     assert_eq!(listener.join().unwrap(), b"xhyve-usernet guest");
     let dhcp = out
