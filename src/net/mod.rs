@@ -10,12 +10,12 @@ pub mod slirp;
 pub mod socket;
 #[cfg(target_os = "linux")]
 pub mod tap;
-pub mod threaded;
 /// Compiled everywhere: its portable helpers are tested on Linux; the framework calls are
 /// macOS-only inside.
 pub mod vmnet;
 
 pub use mac::{derive_mac, MacAddr, MacError};
+pub use options::{NetOptions, NetOptionsError, TapOptions};
 
 /// Whether `name` can name a host network interface: the kernel's 15-byte limit, and only
 /// characters that need no quoting in scripts.

@@ -1,8 +1,9 @@
-//! The options of `-s N,virtio-net[,...]`: which back end carries the frames, and its
-//! settings. Parsed once from the command line; no I/O here.
+//! Options of the network devices, parsed once by the command line and handed to the device
+//! manager as they are: `virtio-tap,tapN[,mac=xx:xx:xx:xx:xx:xx]` (Linux), and `virtio-net`
+//! with the back end its options name:
 //!
 //! ```text
-//! virtio-net[,mac=M]                       vmnet on macOS (xhyve), the built-in network on Linux
+//! virtio-net[,mac=M]                       vmnet on macOS (xhyve), the built-in network elsewhere
 //! virtio-net,user[,hostfwd=...][,restrict][,dns=off][,mac=M]   the built-in network (libslirp)
 //! virtio-net,socket=PATH[,mac=M]           a daemon on a Unix stream socket (QEMU framing: passt, gvproxy)
 //! virtio-net,dgram=PATH[,local=LPATH][,mac=M]  a daemon on a Unix datagram socket (socket_vmnet, vfkit-style gvproxy)
@@ -11,16 +12,20 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 
-use super::MacAddr;
+use super::{valid_interface_name, MacAddr, MacError};
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NetOptionsError {
+    #[error("tap name \"{0}\" must be 1-15 letters, digits, '-', '_' or '.' (e.g. tap0)")]
+    TapName(String),
+    #[error(transparent)]
+    Mac(#[from] MacError),
+    #[error("mac= given twice")]
+    MacTwice,
     #[error("unknown option \"{0}\"")]
     Unknown(String),
     #[error("{0} given twice")]
     Twice(&'static str),
-    #[error("{0}")]
-    Mac(String),
     #[error("choose one back end: \"{0}\" conflicts with \"{1}\"")]
     Conflict(String, String),
     #[error("\"{0}\" needs the built-in network (user)")]
@@ -31,6 +36,45 @@ pub enum NetOptionsError {
     HostFwd(String),
     #[error("invalid dns \"{0}\": expected dns=on or dns=off")]
     Dns(String),
+}
+
+/// `virtio-tap` options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TapOptions {
+    /// The host interface, e.g. `tap0`.
+    pub name: String,
+    /// `mac=`: overrides the MAC derived from `-U`.
+    pub mac: Option<MacAddr>,
+}
+
+impl TapOptions {
+    /// Parses everything after `virtio-tap,` (absent: an error naming the empty tap).
+    pub fn parse(options: Option<&str>) -> Result<Self, NetOptionsError> {
+        let mut fields = options.unwrap_or_default().split(',');
+        let name = fields.next().unwrap_or_default();
+        if !valid_interface_name(name) {
+            return Err(NetOptionsError::TapName(name.to_string()));
+        }
+        Ok(TapOptions {
+            name: name.to_string(),
+            mac: parse_mac_option(fields)?,
+        })
+    }
+}
+
+/// The only option the network devices share: at most one `mac=`.
+fn parse_mac_option<'a>(
+    fields: impl Iterator<Item = &'a str>,
+) -> Result<Option<MacAddr>, NetOptionsError> {
+    let mut mac = None;
+    for field in fields {
+        match field.split_once('=') {
+            Some(("mac", value)) if mac.is_none() => mac = Some(value.parse()?),
+            Some(("mac", _)) => return Err(NetOptionsError::MacTwice),
+            _ => return Err(NetOptionsError::Unknown(field.to_string())),
+        }
+    }
+    Ok(mac)
 }
 
 /// A host port forward: connections (TCP) or datagrams (UDP) to `host` reach the guest.
@@ -67,6 +111,7 @@ pub enum NetBackendKind {
     },
 }
 
+/// `virtio-net` options.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetOptions {
     pub backend: NetBackendKind,
@@ -75,6 +120,11 @@ pub struct NetOptions {
 }
 
 impl NetOptions {
+    /// Parses everything after `virtio-net,` (`None`: nothing was given).
+    pub fn parse(options: Option<&str>) -> Result<Self, NetOptionsError> {
+        parse_net_options(options)
+    }
+
     /// Whether this device needs vmnet (macOS's default back end).
     pub fn uses_vmnet(&self) -> bool {
         cfg!(target_os = "macos") && self.backend == NetBackendKind::Default
@@ -104,12 +154,9 @@ pub fn parse_net_options(options: Option<&str>) -> Result<NetOptions, NetOptions
         match (key, value) {
             ("mac", Some(v)) => {
                 if mac.is_some() {
-                    return Err(NetOptionsError::Twice("mac="));
+                    return Err(NetOptionsError::MacTwice);
                 }
-                mac = Some(
-                    v.parse()
-                        .map_err(|e| NetOptionsError::Mac(format!("{e}")))?,
-                );
+                mac = Some(v.parse()?);
             }
             ("user", None) => set_backend(field, NetBackendKind::User(Default::default()))?,
             ("socket", Some(path)) => {
@@ -213,6 +260,44 @@ fn parse_hostfwd(spec: &str) -> Result<HostFwd, NetOptionsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn error(options: &str) -> String {
+        TapOptions::parse(Some(options)).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn name_and_mac() {
+        assert_eq!(
+            TapOptions::parse(Some("tap0")).unwrap(),
+            TapOptions {
+                name: "tap0".into(),
+                mac: None
+            }
+        );
+        assert_eq!(
+            TapOptions::parse(Some("tap12,mac=02:00:00:00:00:07"))
+                .unwrap()
+                .mac,
+            Some(MacAddr([2, 0, 0, 0, 0, 7]))
+        );
+    }
+
+    #[test]
+    fn bad_options_name_the_value() {
+        assert_eq!(
+            TapOptions::parse(None).unwrap_err().to_string(),
+            "tap name \"\" must be 1-15 letters, digits, '-', '_' or '.' (e.g. tap0)"
+        );
+        assert!(error("tap/0").contains("tap name \"tap/0\""));
+        assert!(error("a234567890123456").contains("tap name"));
+        assert_eq!(
+            error("tap0,mac=zz"),
+            "invalid MAC address \"zz\": expected xx:xx:xx:xx:xx:xx"
+        );
+        assert!(error("tap0,mac=01:00:00:00:00:01").contains("multicast"));
+        assert_eq!(error("tap0,speed=10"), "unknown option \"speed=10\"");
+        assert!(error("tap0,mac=02:00:00:00:00:01,mac=02:00:00:00:00:02").contains("twice"));
+    }
 
     fn user(options: &str) -> UserNetOptions {
         match parse_net_options(Some(options)).unwrap().backend {
