@@ -24,7 +24,8 @@ const UUID: &str = "0c5f3b8e-7d21-4a6b-9e43-5a1d2c3b4e5f";
 const GUEST_UDP: u16 = 7777;
 const GUEST_TCP: u16 = 8080;
 
-/// A UDP listener on 127.0.0.1 that answers the guest's datagram once.
+/// A UDP listener on 127.0.0.1 that answers the guest's datagrams (the guest sends again if
+/// an answer is lost) until none comes for 2 s; returns the first.
 fn host_listener() -> (u16, std::thread::JoinHandle<Vec<u8>>) {
     let listener = UdpSocket::bind("127.0.0.1:0").unwrap();
     listener
@@ -36,8 +37,15 @@ fn host_listener() -> (u16, std::thread::JoinHandle<Vec<u8>>) {
         let Ok((n, from)) = listener.recv_from(&mut buf) else {
             return Vec::new();
         };
+        let first = buf[..n].to_vec();
         listener.send_to(b"xhyve-usernet host", from).unwrap();
-        buf[..n].to_vec()
+        listener
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        while let Ok((_, from)) = listener.recv_from(&mut buf) {
+            listener.send_to(b"xhyve-usernet host", from).unwrap();
+        }
+        first
     });
     (port, thread)
 }

@@ -204,14 +204,14 @@ static void send_dhcp(u8 type)
 
 /* ---- frames in ---- */
 
-/* The next received frame (after answering ARP requests for us), or fails after SPINS. */
-static u8 *receive(u32 *len, const char *what)
+/* The next received frame (after answering ARP requests for us), or 0 after `spins_max`. */
+static u8 *receive_within(u32 *len, u32 spins_max)
 {
     volatile u16 *used = (volatile u16 *)(rings[0] + USED_OFFSET);
     for (u32 spins = 0;; spins++) {
         if (used[1] == rx_seen) {
-            if (spins > SPINS)
-                fail(what);
+            if (spins > spins_max)
+                return 0;
             cpu_relax();
             continue;
         }
@@ -234,6 +234,19 @@ static u8 *receive(u32 *len, const char *what)
         return frame;
     }
 }
+
+/* The next received frame, or fails after SPINS. */
+static u8 *receive(u32 *len, const char *what)
+{
+    u8 *f = receive_within(len, SPINS);
+    if (!f)
+        fail(what);
+    return f;
+}
+
+/* Requests (DHCP, ARP) are sent again this often while no answer comes, as real clients do. */
+#define RETRY_SPINS (SPINS / 8)
+#define TRIES 8
 
 /* The UDP payload of an IPv4/UDP frame to our port `port`, or 0. */
 static u8 *udp_to(u8 *f, u32 len, u16 port, u32 *n, u8 **ip_out)
@@ -266,10 +279,17 @@ static const u8 *dhcp_option(const u8 *b, u32 n, u8 code)
 static void dhcp(void)
 {
     for (int step = 0; step < 2; step++) {
+        int tries = 0;
         send_dhcp(step == 0 ? 1 : 3);
         for (;;) {
             u32 len, n;
-            u8 *f = receive(&len, step == 0 ? "usernet: no DHCP offer" : "usernet: no DHCP ack");
+            u8 *f = receive_within(&len, RETRY_SPINS);
+            if (!f) {
+                if (++tries == TRIES)
+                    fail(step == 0 ? "usernet: no DHCP offer" : "usernet: no DHCP ack");
+                send_dhcp(step == 0 ? 1 : 3);
+                continue;
+            }
             u8 *b = udp_to(f, len, 68, &n, 0);
             if (!b || n < 244 || b[0] != 2 || be32(b + 4) != XID)
                 continue;
@@ -296,10 +316,17 @@ static void arp_router(void)
 {
     static const u8 zero_mac[6] = { 0, 0, 0, 0, 0, 0 };
     static const u8 bcast_mac[6] = { 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF };
+    int tries = 0;
     send_arp(1, zero_mac, router, bcast_mac);
     for (;;) {
         u32 len;
-        u8 *f = receive(&len, "usernet: no ARP reply");
+        u8 *f = receive_within(&len, RETRY_SPINS);
+        if (!f) {
+            if (++tries == TRIES)
+                fail("usernet: no ARP reply");
+            send_arp(1, zero_mac, router, bcast_mac);
+            continue;
+        }
         u8 *a = f + 14;
         if (be16(f + 12) == 0x0806 && len >= 42 && be16(a + 6) == 2 && same(a + 14, router, 4)) {
             memcpy(router_mac, a + 8, 6);
@@ -324,11 +351,18 @@ static void print_payload(const char *what, const u8 *p, u32 n)
 static void udp_to_host(u16 port)
 {
     static const char msg[] = "xhyve-usernet guest";
+    int tries = 0;
     send_udp(router_mac, my_ip, 4000, router, port, (const u8 *)msg, sizeof(msg) - 1);
     println("usernet udp sent");
     for (;;) {
         u32 len, n;
-        u8 *f = receive(&len, "usernet: no UDP reply from the host");
+        u8 *f = receive_within(&len, RETRY_SPINS);
+        if (!f) {
+            if (++tries == TRIES)
+                fail("usernet: no UDP reply from the host");
+            send_udp(router_mac, my_ip, 4000, router, port, (const u8 *)msg, sizeof(msg) - 1);
+            continue;
+        }
         u8 *p = udp_to(f, len, 4000, &n, 0);
         if (p) {
             print_payload("usernet udp reply ", p, n);
