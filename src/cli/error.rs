@@ -65,13 +65,8 @@ pub enum CliError {
         spec: String,
         source: crate::net::NetOptionsError,
     },
-<<<<<<< HEAD
-=======
-    #[error("-s {0}: virtio-net needs vmnet (macOS); use virtio-tap,tapN on Linux")]
-    NetNeedsVmnet(String),
     #[error("invalid --restful-uri \"{value}\": {reason}")]
     InvalidRestfulUri { value: String, reason: String },
->>>>>>> main
     /// A feature of xhyve/HyperKit that this port will implement later.
     #[error("not supported yet: {0}")]
     NotSupportedYet(String),
