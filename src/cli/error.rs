@@ -70,8 +70,6 @@ pub enum CliError {
         spec: String,
         source: crate::fs::options::OptionsError,
     },
-    #[error("-s {0}: virtio-net needs vmnet (macOS); use virtio-tap,tapN on Linux")]
-    NetNeedsVmnet(String),
     #[error("invalid --restful-uri \"{value}\": {reason}")]
     InvalidRestfulUri { value: String, reason: String },
     /// A feature of xhyve/HyperKit that this port will implement later.

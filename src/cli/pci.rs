@@ -1,8 +1,6 @@
 //! `-s [bus:]slot[:func],emulation[,config]`: one PCI device per argument.
 
-use super::{
-    BlockOptions, CliError, DeviceConfig, DeviceKind, PciAddress, TapOptions, VmnetOptions,
-};
+use super::{BlockOptions, CliError, DeviceConfig, DeviceKind, NetOptions, PciAddress, TapOptions};
 use crate::config::{FsOptions, P9Options};
 use crate::fs::options::parse_vsock;
 
@@ -60,10 +58,7 @@ pub fn parse_pci_device(spec: &str) -> Result<DeviceConfig, CliError> {
         "ahci-hd" => DeviceKind::AhciHd(block("ahci-hd")?),
         "ahci-cd" => DeviceKind::AhciCd(block("ahci-cd")?),
         "virtio-tap" => DeviceKind::VirtioTap(TapOptions::parse(options).map_err(net_error)?),
-        "virtio-net" if cfg!(target_os = "macos") => {
-            DeviceKind::VirtioNet(VmnetOptions::parse(options).map_err(net_error)?)
-        }
-        "virtio-net" => return Err(CliError::NetNeedsVmnet(spec.to_string())),
+        "virtio-net" => DeviceKind::VirtioNet(NetOptions::parse(options).map_err(net_error)?),
         "virtio-9p" => DeviceKind::Virtio9p(P9Options::parse(options).map_err(share_error)?),
         "virtio-fs" => DeviceKind::VirtioFs(FsOptions::parse(options).map_err(share_error)?),
         "virtio-sock" => DeviceKind::VirtioSock(parse_vsock(options).map_err(share_error)?),
@@ -416,28 +411,22 @@ mod tests {
             "invalid -s \"2,virtio-tap,tap0,mac=nope\": invalid MAC address \"nope\": expected xx:xx:xx:xx:xx:xx"
         );
         assert!(error("2,virtio-tap").contains("tap name \"\""));
-        #[cfg(target_os = "linux")]
-        assert_eq!(
-            error("2,virtio-net"),
-            "-s 2,virtio-net: virtio-net needs vmnet (macOS); use virtio-tap,tapN on Linux"
-        );
-        #[cfg(target_os = "linux")]
-        assert_eq!(parse_pci_device("2,virtio-net").unwrap_err().exit_code(), 1);
-        #[cfg(target_os = "macos")]
-        {
-            assert_eq!(
-                parse_pci_device("2,virtio-net,mac=02:00:00:00:00:03").unwrap(),
-                device(
-                    0,
-                    2,
-                    0,
-                    DeviceKind::VirtioNet(VmnetOptions {
-                        mac: Some(crate::net::MacAddr([2, 0, 0, 0, 0, 3]))
-                    })
-                )
-            );
-            assert!(error("2,virtio-net,tap0").contains("unknown option \"tap0\""));
-        }
+        // Everywhere: vmnet (macOS's default) or the built-in network, or a daemon's socket.
+        let DeviceKind::VirtioNet(plain) = parse_pci_device("2,virtio-net").unwrap().kind else {
+            panic!("virtio-net is a VirtioNet");
+        };
+        assert_eq!(plain.uses_vmnet(), cfg!(target_os = "macos"));
+        let DeviceKind::VirtioNet(with_mac) =
+            parse_pci_device("2,virtio-net,mac=02:00:00:00:00:03")
+                .unwrap()
+                .kind
+        else {
+            panic!("virtio-net is a VirtioNet");
+        };
+        assert_eq!(with_mac.mac, Some(crate::net::MacAddr([2, 0, 0, 0, 0, 3])));
+        assert!(error("2,virtio-net,tap0").contains("unknown option \"tap0\""));
+        assert!(error("2,virtio-net,socket=/x,user").contains("conflicts"));
+        assert!(parse_pci_device("2,virtio-net,user,hostfwd=tcp::2222-:22,restrict").is_ok());
     }
 
     #[test]

@@ -93,7 +93,7 @@ pub fn build(
             net::build_virtio_tap(address, options, ctx.uuid, ctx.virtio(address))?
         }
         DeviceKind::VirtioNet(options) => {
-            net::build_virtio_net(options, ctx.uuid, ctx.virtio(address))?
+            net::build_virtio_net(address, options, ctx.uuid, ctx.virtio(address))?
         }
         DeviceKind::AhciHd(options) => AhciHba::build(Disk, options, ctx.ahci(address))?,
         DeviceKind::AhciCd(options) => AhciHba::build(Cdrom, options, ctx.ahci(address))?,
