@@ -5,6 +5,7 @@
 //! config; `vmm` builds and runs the machine; `hv` abstracts the hypervisor; `devices` holds
 //! the emulated hardware; `boot` loads guests; `tables` describes the machine to them.
 
+pub mod arch;
 pub mod block;
 pub mod boot;
 pub mod cli;

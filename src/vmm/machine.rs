@@ -109,6 +109,10 @@ pub fn run(config: &VmConfig) -> Result<i32, VmmError> {
         }
     }
     stop_vcpus(&control, threads);
+    log::debug!(
+        "instructions xhyve completed for the hypervisor: {}",
+        crate::arch::x86_64::emulate::complete::COMPLETIONS.summary()
+    );
     let reason = control
         .stop_reason()
         .unwrap_or(StopReason::Fatal("stopped for no recorded reason".into()));

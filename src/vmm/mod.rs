@@ -5,6 +5,7 @@ pub mod diagnostics;
 #[cfg(target_os = "linux")]
 pub mod doorbells;
 pub mod exit;
+pub mod guest_ram;
 mod host;
 pub mod interrupts;
 mod machine;
