@@ -10,7 +10,7 @@
 # run is in it (see that fragment and README "Linux here").
 #
 # The kernel is cached by a hash of its inputs (fragment, patches, the linux-source version and
-# this script) in /var/cache/xhyve-rs/ (override: XHYVE_CACHE), so a fresh clone on the same
+# this script's compile recipe) in /var/cache/xhyve-rs/ (override: XHYVE_CACHE), so a fresh clone on the same
 # machine, or a second run, reuses it in a second. The compile itself runs under
 # flock /tmp/xhyve-heavy.lock (one heavy job at a time on shared machines).
 #
@@ -19,7 +19,6 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 readonly ROOT
-readonly SELF=$ROOT/test/build-test-kernel.sh
 readonly KDIR=$ROOT/test/kernel
 readonly FRAGMENT=$KDIR/xhyve-test.config
 readonly OUT=$ROOT/test/build/test-kernel
@@ -48,13 +47,17 @@ need_pkgs() {
 		{ apt-get -q update >/dev/null && apt-get -q install -y --no-install-recommends "${missing[@]}" >/dev/null; }
 }
 
-# The key of the kernel in the cache: what changes the vmlinux, and nothing else.
+# The key of the kernel in the cache: what changes the vmlinux, and nothing else: the source
+# package's version, the fragment, the patches and this script's recipe (the text of
+# compile_kernel, so that editing comments or the caching elsewhere in this file does not cost
+# a rebuild).
 cache_key() {
 	local version
 	version=$(dpkg-query -W -f='${Version}' "$SOURCE_PKG")
 	{
 		echo "$SOURCE_PKG $version"
-		sha256sum "$FRAGMENT" "$SELF" "$KDIR"/*.patch | awk '{ print $1 }'
+		declare -f compile_kernel
+		sha256sum "$FRAGMENT" "$KDIR"/*.patch | awk '{ print $1 }'
 	} | sha256sum | cut -c1-16
 }
 
@@ -113,7 +116,9 @@ kernel() {
 		cp "$work/src/usr/gen_init_cpio" "$entry.tmp/"
 		rm -rf "$entry"
 		mv "$entry.tmp" "$entry"
-		rm -rf "$work"
+		# Deleting a kernel tree takes minutes on a busy machine: nobody needs to wait for it.
+		mv "$work" "$work.old"
+		(nice rm -rf "$work.old" &)
 	fi
 	readelf -n "$entry/vmlinux" | grep -q 'Xen.*0x00000012' ||
 		die "$entry/vmlinux has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)"
