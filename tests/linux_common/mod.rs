@@ -55,7 +55,10 @@ pub fn test_kernel() -> Option<(PathBuf, PathBuf)> {
             kernel.display()
         );
     }
-    eprintln!("skipping: {} is missing (run test/build-test-kernel.sh)", kernel.display());
+    eprintln!(
+        "skipping: {} is missing (run test/build-test-kernel.sh)",
+        kernel.display()
+    );
     None
 }
 
@@ -178,11 +181,17 @@ pub struct Booted {
 impl Booted {
     fn spawn(args: Vec<OsString>, irqchip: IrqChip) -> Booted {
         let binary = xhyve_binary();
-        let description = format!("XHYVE_IRQCHIP={} {} {args:?}", irqchip.env_value(), binary.display());
+        let description = format!(
+            "XHYVE_IRQCHIP={} {} {args:?}",
+            irqchip.env_value(),
+            binary.display()
+        );
         let started = Instant::now();
         let mut child = Command::new(&binary)
             .args(&args)
             .env("XHYVE_IRQCHIP", irqchip.env_value())
+            // The vCPU threads log KVM's emulated-instruction count at exit (figures).
+            .env("XHYVE_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -263,6 +272,17 @@ impl Booted {
         String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
     }
 
+    /// Instructions KVM emulated, summed over vCPUs, once xhyve has exited (debug log).
+    pub fn emulated_instructions(&self) -> Option<u64> {
+        let stderr = self.stderr();
+        let counts: Vec<u64> = stderr
+            .lines()
+            .filter_map(|l| l.split("the hypervisor emulated ").nth(1))
+            .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+            .collect();
+        (!counts.is_empty()).then(|| counts.iter().sum())
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -282,7 +302,12 @@ impl Booted {
 
     /// Waits until the console (from `from` on) contains `needle`; returns the time since
     /// start and the console offset just after the needle.
-    pub fn wait_for_from(&mut self, from: usize, needle: &str, timeout: Duration) -> (Duration, usize) {
+    pub fn wait_for_from(
+        &mut self,
+        from: usize,
+        needle: &str,
+        timeout: Duration,
+    ) -> (Duration, usize) {
         let deadline = Instant::now() + timeout;
         loop {
             let console = self.console();
@@ -294,7 +319,9 @@ impl Booted {
                 if let Some(at) = self.console().get(from..).and_then(|t| t.find(needle)) {
                     return (self.started.elapsed(), from + at + needle.len());
                 }
-                self.fail(&format!("xhyve exited before the console showed {needle:?}"));
+                self.fail(&format!(
+                    "xhyve exited before the console showed {needle:?}"
+                ));
             }
             if Instant::now() >= deadline {
                 self.fail(&format!("timed out waiting for {needle:?}"));
@@ -311,35 +338,35 @@ impl Booted {
     pub fn type_text(&mut self, text: &str) {
         // A slow guest drains the UART's receive FIFO one interrupt at a time: type in small
         // bursts, as a person would.
-        for chunk in text.as_bytes().chunks(8) {
+        for chunk in text.as_bytes().chunks(4) {
             if let Err(e) = self.pty.write_all(chunk).and_then(|()| self.pty.flush()) {
                 self.fail(&format!("cannot type on the console: {e}"));
             }
-            thread::sleep(Duration::from_millis(20));
+            thread::sleep(Duration::from_millis(30));
         }
     }
 
-    /// Runs a shell command at the prompt and returns its output (between the echoed command
-    /// line and the end marker). Panics unless it exits with status 0.
+    /// Runs a shell command at the prompt and returns its output. Panics unless it exits with
+    /// status 0. The shell prints a start and an end marker around it; both are computed by
+    /// the shell, so the echoed command line (which line editing may wrap) never matches them.
     pub fn sh(&mut self, command: &str) -> String {
         self.marker += 1;
-        let n = self.marker;
+        let n = 1000 + self.marker;
         let from = self.console().len();
-        // The marker is computed by the shell, so the echoed command line never matches it.
-        self.type_text(&format!("{command}; echo \"@@$((1000+{n})) $?@@\"\n"));
-        let end_marker = format!("@@{} ", 1000 + n);
-        let (_, after) = self.wait_for_from(from, &end_marker, COMMAND_TIMEOUT);
+        self.type_text(&format!(
+            "echo \"<<$((1000+{}))>>\"; {command}; echo \"@@$((1000+{})) $?@@\"\n",
+            self.marker, self.marker
+        ));
+        let (_, body_start) = self.wait_for_from(from, &format!("<<{n}>>"), COMMAND_TIMEOUT);
+        let end_marker = format!("@@{n} ");
+        let (_, after) = self.wait_for_from(body_start, &end_marker, COMMAND_TIMEOUT);
         let (_, end) = self.wait_for_from(after, "@@", COMMAND_TIMEOUT);
         let console = self.console();
         let status = console[after..end - 2].trim().to_string();
-        let start = after - end_marker.len();
-        // Output starts after the echoed command line.
-        let body = &console[from..start];
-        let body = match body.find('\n') {
-            Some(eol) => &body[eol + 1..],
-            None => "",
-        };
-        let body = body.replace('\r', "");
+        let body = console[body_start..after - end_marker.len()]
+            .replace('\r', "")
+            .trim_start_matches('\n')
+            .to_string();
         if status != "0" {
             self.fail(&format!("`{command}` exited with {status}:\n{body}"));
         }
