@@ -52,7 +52,10 @@ guest_test!(
             .lines()
             .find_map(|l| l.strip_prefix("lm-complete lzcnt "))
             .unwrap_or_else(|| panic!("no lzcnt line\n{outcome}"));
-        assert!(lzcnt == "23" || lzcnt == "40", "lzcnt gave {lzcnt}\n{outcome}");
+        assert!(
+            lzcnt == "23" || lzcnt == "40",
+            "lzcnt gave {lzcnt}\n{outcome}"
+        );
         if let Some(counts) = outcome
             .stderr
             .lines()

@@ -1,4 +1,5 @@
-//! The instruction completer (`xhyve::arch::x86_64::emulate::complete`) on fuzzed registers,
+//! The instruction completer (`xhyve::arch::x86_64::emulate::complete`, its SIMD subset
+//! included) on fuzzed registers,
 //! segment and control registers, descriptor tables, XSAVE image and guest RAM, with the
 //! instruction bytes at CS:RIP taken from the input (often one of the opcodes it completes).
 //!
@@ -143,7 +144,7 @@ impl Input<'_> {
     }
 }
 
-const OPENERS: [&[u8]; 14] = [
+const OPENERS: [&[u8]; 18] = [
     &[0xcc],
     &[0xcd],
     &[0xce],
@@ -158,6 +159,10 @@ const OPENERS: [&[u8]; 14] = [
     &[0x0f, 0x01],
     &[0x0f, 0xc7],
     &[0xc5, 0xf8, 0xae],
+    &[0xc5, 0xf9, 0xfe],
+    &[0x62, 0xf1, 0x75, 0x08, 0x72],
+    &[0x66, 0x0f, 0x38, 0x00],
+    &[0x62, 0xf2, 0x4d, 0x28, 0x76],
 ];
 
 fuzz_target!(|data: &[u8]| {

@@ -51,7 +51,8 @@ impl GuestRam for RamView<'_> {
                 // life and is 8-byte aligned; guest RAM is shared memory that other vCPUs
                 // access atomically too.
                 let atomic = unsafe { AtomicU64::from_ptr(host.cast::<u64>()) };
-                let result = atomic.compare_exchange(expected, new, Ordering::SeqCst, Ordering::SeqCst);
+                let result =
+                    atomic.compare_exchange(expected, new, Ordering::SeqCst, Ordering::SeqCst);
                 let (swapped, seen) = match result {
                     Ok(old) => (true, old),
                     Err(old) => (false, old),
@@ -119,16 +120,31 @@ mod tests {
         let ram = RamView(&memory);
         assert!(ram.write(0x1000, &[1u8; 16]));
         let mut seen = [0u8; 16];
-        assert_eq!(ram.compare_exchange(0x1000, &[2; 16], &[3; 16], &mut seen), Some(false));
+        assert_eq!(
+            ram.compare_exchange(0x1000, &[2; 16], &[3; 16], &mut seen),
+            Some(false)
+        );
         assert_eq!(seen, [1; 16]);
-        assert_eq!(ram.compare_exchange(0x1000, &[1; 16], &[3; 16], &mut seen), Some(true));
+        assert_eq!(
+            ram.compare_exchange(0x1000, &[1; 16], &[3; 16], &mut seen),
+            Some(true)
+        );
         let mut now = [0u8; 16];
         assert!(ram.read(0x1000, &mut now));
         assert_eq!(now, [3; 16]);
         let mut seen8 = [0u8; 8];
-        assert_eq!(ram.compare_exchange(0x1008, &[3; 8], &[4; 8], &mut seen8), Some(true));
-        assert_eq!(ram.compare_exchange(0x1003, &[3; 8], &[5; 8], &mut seen8), Some(false));
+        assert_eq!(
+            ram.compare_exchange(0x1008, &[3; 8], &[4; 8], &mut seen8),
+            Some(true)
+        );
+        assert_eq!(
+            ram.compare_exchange(0x1003, &[3; 8], &[5; 8], &mut seen8),
+            Some(false)
+        );
         assert_eq!(seen8, [3, 3, 3, 3, 3, 4, 4, 4]);
-        assert_eq!(ram.compare_exchange(1 << 30, &[0; 8], &[0; 8], &mut seen8), None);
+        assert_eq!(
+            ram.compare_exchange(1 << 30, &[0; 8], &[0; 8], &mut seen8),
+            None
+        );
     }
 }

@@ -25,13 +25,13 @@ use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_iow_nr;
 
 use super::cpuid::CpuidEntry;
-use crate::arch::x86_64::emulate::complete::{CompleteError, Cpu, Kind, COMPLETIONS};
-use crate::arch::x86_64::emulate::{self, GuestRam};
 use super::regs::{SpecialRegisters, StandardRegisters};
 use super::{
     Doorbell, HvError, Hypervisor, IrqChipMode, IrqfdSource, RunState, SystemEvent, Vcpu,
     VcpuKicker, Vm, VmExit, VmOptions,
 };
+use crate::arch::x86_64::emulate::complete::{CompleteError, Cpu, Kind, COMPLETIONS};
+use crate::arch::x86_64::emulate::{self, GuestRam};
 use routing::GsiRoutes;
 
 /// KVM's TSS and identity-map pages for real-mode emulation on Intel: three pages just below
@@ -1122,7 +1122,9 @@ mod cpuid_tests {
                 data,
             } => {
                 let eax = u32::from_le_bytes(data.try_into().unwrap());
-                eprintln!("KVM_GET_SUPPORTED_CPUID 0x40000001.eax {offered:#x}; the guest sees {eax:#x}");
+                eprintln!(
+                    "KVM_GET_SUPPORTED_CPUID 0x40000001.eax {offered:#x}; the guest sees {eax:#x}"
+                );
                 assert_eq!(
                     eax & crate::hv::cpuid::KVM_PV_HIDDEN,
                     0,

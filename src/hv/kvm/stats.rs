@@ -37,9 +37,14 @@ impl StatCounter {
         let file = unsafe { File::from_raw_fd(fd) };
         let mut header = [0u8; HEADER_BYTES];
         file.read_exact_at(&mut header, 0).ok()?;
-        let word = |i: usize| u32::from_le_bytes(header[i * 4..i * 4 + 4].try_into().unwrap_or_default());
-        let (name_size, count, desc_offset, data_offset) =
-            (word(1) as usize, word(2) as usize, u64::from(word(4)), u64::from(word(5)));
+        let word =
+            |i: usize| u32::from_le_bytes(header[i * 4..i * 4 + 4].try_into().unwrap_or_default());
+        let (name_size, count, desc_offset, data_offset) = (
+            word(1) as usize,
+            word(2) as usize,
+            u64::from(word(4)),
+            u64::from(word(5)),
+        );
         let stride = DESCRIPTOR_FIXED_BYTES + name_size;
         if name_size == 0 || count > 4096 || stride > 4096 {
             return None;
@@ -49,7 +54,8 @@ impl StatCounter {
         let offset = descriptors.chunks_exact(stride).find_map(|d| {
             let label = &d[DESCRIPTOR_FIXED_BYTES..];
             let label = &label[..label.iter().position(|&b| b == 0).unwrap_or(label.len())];
-            (label == name.as_bytes()).then(|| u64::from(u32::from_le_bytes([d[8], d[9], d[10], d[11]])))
+            (label == name.as_bytes())
+                .then(|| u64::from(u32::from_le_bytes([d[8], d[9], d[10], d[11]])))
         })?;
         Some(StatCounter {
             file,

@@ -13,6 +13,8 @@
 //! [`CompleteError::Fault`], so the VMM stops with a diagnostic instead of corrupting the
 //! guest. Segment limits and canonical-address checks are not modelled. No allocation.
 
+mod simd;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
@@ -87,10 +89,14 @@ pub enum Kind {
     Xrstors,
     Xgetbv,
     Xsetbv,
+    /// Integer SSE on XMM registers (the kernel's SSSE3 BLAKE2s).
+    Sse,
+    /// VEX/EVEX integer vector instructions (the kernel's AVX-512VL BLAKE2s).
+    Avx,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 23] = [
+    pub const ALL: [Kind; 25] = [
         Kind::Int3,
         Kind::IntN,
         Kind::Into,
@@ -114,6 +120,8 @@ impl Kind {
         Kind::Xrstors,
         Kind::Xgetbv,
         Kind::Xsetbv,
+        Kind::Sse,
+        Kind::Avx,
     ];
 
     pub fn name(self) -> &'static str {
@@ -141,6 +149,8 @@ impl Kind {
             Kind::Xrstors => "xrstors",
             Kind::Xgetbv => "xgetbv",
             Kind::Xsetbv => "xsetbv",
+            Kind::Sse => "sse",
+            Kind::Avx => "avx",
         }
     }
 
@@ -331,9 +341,12 @@ pub fn complete(
             bytes: InstructionBytes::new(&bytes[..fetched]),
         });
     }
-    let kind = Kind::of(instr.mnemonic()).ok_or(CompleteError::Unsupported {
-        mnemonic: instr.mnemonic(),
-    })?;
+    let kind = Kind::of(instr.mnemonic());
+    if kind.is_none() && !simd::is_simd(instr.mnemonic()) {
+        return Err(CompleteError::Unsupported {
+            mnemonic: instr.mnemonic(),
+        });
+    }
     let mut next = *cpu;
     next.regs.rip = next_ip(cpu.regs.rip, instr.len(), mode);
     let mut op = Op {
@@ -342,7 +355,13 @@ pub fn complete(
         instr: &instr,
         mode,
     };
-    op.run(kind, ext)?;
+    let kind = match kind {
+        Some(kind) => {
+            op.run(kind, ext)?;
+            kind
+        }
+        None => op.complete_simd(ext)?,
+    };
     *cpu = next;
     Ok(kind)
 }
@@ -376,7 +395,12 @@ impl Memory<'_> {
     }
 
     /// The guest-physical address of the page-bounded chunk of `len` bytes at `linear`.
-    fn chunks(&self, linear: u64, len: usize, mut each: impl FnMut(u64, usize, usize) -> bool) -> bool {
+    fn chunks(
+        &self,
+        linear: u64,
+        len: usize,
+        mut each: impl FnMut(u64, usize, usize) -> bool,
+    ) -> bool {
         let mut done = 0;
         while done < len {
             let at = self.wrap(linear.wrapping_add(done as u64));
@@ -394,7 +418,8 @@ impl Memory<'_> {
         let ok = self.chunks(linear, len, |gpa, at, chunk| {
             self.ram.read(gpa, &mut buf[at..at + chunk])
         });
-        ok.then_some(()).ok_or(CompleteError::Memory { linear, size: len })
+        ok.then_some(())
+            .ok_or(CompleteError::Memory { linear, size: len })
     }
 
     fn read_u64(&self, linear: u64) -> Result<u64, CompleteError> {
@@ -413,7 +438,8 @@ impl Memory<'_> {
     fn check(&self, linear: u64, len: usize) -> Result<(), CompleteError> {
         // Memory regions are whole pages, so a page's first byte being RAM covers the chunk.
         let ok = self.chunks(linear, len, |gpa, _, _| self.ram.read(gpa, &mut [0u8; 1]));
-        ok.then_some(()).ok_or(CompleteError::Memory { linear, size: len })
+        ok.then_some(())
+            .ok_or(CompleteError::Memory { linear, size: len })
     }
 
     fn write(&self, linear: u64, data: &[u8]) -> Result<(), CompleteError> {
@@ -558,6 +584,7 @@ impl Op<'_> {
             Kind::Xrstor | Kind::Xrstors => self.xrstor(kind == Kind::Xrstors, ext),
             Kind::Xgetbv => self.xgetbv(ext),
             Kind::Xsetbv => self.xsetbv(ext),
+            Kind::Sse | Kind::Avx => self.complete_simd(ext).map(|_| ()),
         }
     }
 
@@ -658,7 +685,9 @@ impl Op<'_> {
         if entry + 3 > u64::from(self.cpu.sregs.idt.limit) {
             return Err(self.fault("#GP", "vector beyond the IVT limit"));
         }
-        let target = self.memory.read_u32(self.cpu.sregs.idt.base.wrapping_add(entry))?;
+        let target = self
+            .memory
+            .read_u32(self.cpu.sregs.idt.base.wrapping_add(entry))?;
         let sp = self.cpu.regs.rsp & 0xffff;
         if sp < 6 && sp != 0 {
             return Err(self.fault("#SS", "the stack wraps inside the frame"));
@@ -706,7 +735,11 @@ impl Op<'_> {
     }
 
     /// The gate's code segment and the privilege level the handler runs at.
-    fn handler_segment(&self, selector: u16, long: bool) -> Result<(Descriptor, u8), CompleteError> {
+    fn handler_segment(
+        &self,
+        selector: u16,
+        long: bool,
+    ) -> Result<(Descriptor, u8), CompleteError> {
         let code = self.descriptor(selector)?;
         if !code.is_code() {
             return Err(self.fault("#GP", "the gate's selector is not a code segment"));
@@ -852,7 +885,10 @@ impl Op<'_> {
         };
         // A 16-bit stack segment (B clear) addresses with SP.
         let (esp_mask, new_esp) = if stack.db {
-            (0xffff_ffffu64, esp.wrapping_sub(frame_len as u64) & 0xffff_ffff)
+            (
+                0xffff_ffffu64,
+                esp.wrapping_sub(frame_len as u64) & 0xffff_ffff,
+            )
         } else {
             (0xffffu64, esp.wrapping_sub(frame_len as u64) & 0xffff)
         };
@@ -1096,7 +1132,9 @@ impl Op<'_> {
             let component = ext
                 .component(i)
                 .filter(|c| c.offset as usize + c.size as usize <= area_len)
-                .ok_or(CompleteError::State("a state component outside the XSAVE image"))?;
+                .ok_or(CompleteError::State(
+                    "a state component outside the XSAVE image",
+                ))?;
             let at = if compacted {
                 if component.align64 {
                     next = next.next_multiple_of(64);
@@ -1162,18 +1200,21 @@ impl Op<'_> {
             )?;
         }
         memory.write(linear + XSAVE_HEADER as u64, &header)?;
-        for i in 2..63 {
+        for (i, &(at, c)) in places.iter().enumerate().skip(2) {
             if rfbm >> i & 1 == 0 {
                 continue;
             }
-            let (at, c) = places[i];
             let data = &area[c.offset as usize..c.offset as usize + c.size as usize];
             memory.write(linear + at as u64, data)?;
         }
         Ok(())
     }
 
-    fn xrstor(&mut self, supervisor: bool, ext: &mut dyn ExtendedState) -> Result<(), CompleteError> {
+    fn xrstor(
+        &mut self,
+        supervisor: bool,
+        ext: &mut dyn ExtendedState,
+    ) -> Result<(), CompleteError> {
         let (rfbm, xcr0, xss) = self.xsave_request(supervisor, ext)?;
         let linear = self.memory_operand()?;
         self.require_alignment(linear, 64)?;
@@ -1210,7 +1251,11 @@ impl Op<'_> {
         }
         let area_len = xsave_image(ext)?.len();
         // Compacted: every XCOMP_BV component has a slot, loaded or not.
-        let layout_bits = if compacted { xcomp_bv & !XCOMP_BV_COMPACTED } else { rfbm };
+        let layout_bits = if compacted {
+            xcomp_bv & !XCOMP_BV_COMPACTED
+        } else {
+            rfbm
+        };
         let places = self.layout(layout_bits & !xss, compacted, area_len, ext)?;
 
         // Every read from guest memory happens before the image changes.
@@ -1233,12 +1278,9 @@ impl Op<'_> {
                 return Err(self.fault("#GP", "reserved MXCSR bits set"));
             }
         }
-        for i in 2..63 {
-            let bit = 1u64 << i;
-            if rfbm & xstate_bv & bit != 0 {
-                let (at, c) = places[i];
-                self.memory
-                    .check(linear + at as u64, c.size as usize)?;
+        for (i, &(at, c)) in places.iter().enumerate().skip(2) {
+            if rfbm & xstate_bv & 1u64 << i != 0 {
+                self.memory.check(linear + at as u64, c.size as usize)?;
             }
         }
         let mut bv = read_u64(area, XSAVE_HEADER);
@@ -1264,12 +1306,11 @@ impl Op<'_> {
                 bv &= !SSE;
             }
         }
-        for i in 2..63 {
+        for (i, &(at, c)) in places.iter().enumerate().skip(2) {
             let bit = 1u64 << i;
             if rfbm & bit == 0 {
                 continue;
             }
-            let (at, c) = places[i];
             let range = c.offset as usize..c.offset as usize + c.size as usize;
             if xstate_bv & bit != 0 {
                 self.memory.read(linear + at as u64, &mut area[range])?;
@@ -1518,7 +1559,14 @@ mod tests {
     }
 
     fn data_descriptor(dpl: u8) -> u64 {
-        0xffff | 0xf << 48 | 1 << 55 | 1 << 54 | 1 << 47 | 1 << 44 | 0x2 << 40 | u64::from(dpl) << 45
+        0xffff
+            | 0xf << 48
+            | 1 << 55
+            | 1 << 54
+            | 1 << 47
+            | 1 << 44
+            | 0x2 << 40
+            | u64::from(dpl) << 45
     }
 
     /// GDT: 0x08 kernel code, 0x10 kernel data, 0x18 user code, 0x20 user data.
@@ -1543,7 +1591,10 @@ mod tests {
             | 1 << 47
             | (target & 0xffff_0000) << 32;
         ram.poke(IDT + u64::from(vector) * 16, &low.to_le_bytes());
-        ram.poke(IDT + u64::from(vector) * 16 + 8, &(target >> 32).to_le_bytes());
+        ram.poke(
+            IDT + u64::from(vector) * 16 + 8,
+            &(target >> 32).to_le_bytes(),
+        );
     }
 
     fn gate32(ram: &Ram, vector: u8, target: u32, gate_type: u8, dpl: u8) {
@@ -1686,7 +1737,8 @@ mod tests {
                             32 => (source as u32).leading_zeros(),
                             _ => source.leading_zeros(),
                         };
-                        let f = if source == 0 { RFLAGS_CF } else { 0 } | if n == 0 { RFLAGS_ZF } else { 0 };
+                        let f = if source == 0 { RFLAGS_CF } else { 0 }
+                            | if n == 0 { RFLAGS_ZF } else { 0 };
                         (u64::from(n), RFLAGS_CF | RFLAGS_ZF, f)
                     }
                     _ => {
@@ -1695,7 +1747,8 @@ mod tests {
                             32 => (source as u32).trailing_zeros(),
                             _ => source.trailing_zeros(),
                         };
-                        let f = if source == 0 { RFLAGS_CF } else { 0 } | if n == 0 { RFLAGS_ZF } else { 0 };
+                        let f = if source == 0 { RFLAGS_CF } else { 0 }
+                            | if n == 0 { RFLAGS_ZF } else { 0 };
                         (u64::from(n), RFLAGS_CF | RFLAGS_ZF, f)
                     }
                 };
@@ -1722,12 +1775,18 @@ mod tests {
         let mut cpu = long_cpu(&ram, 0);
         cpu.regs.rsp = STACK_TOP - 8; // not 16-byte aligned: the frame is aligned down
         cpu.regs.rflags = 0x202 | RFLAGS_TF | RFLAGS_NT | RFLAGS_AC;
-        let (after, kind, _) = run(&ram, &cpu, &mut ext, 64, Instruction::with(Code::Int3)).unwrap();
+        let (after, kind, _) =
+            run(&ram, &cpu, &mut ext, 64, Instruction::with(Code::Int3)).unwrap();
         assert_eq!(kind, Kind::Int3);
         assert_eq!(after.regs.rip, 0xffff_ffff_8100_1234);
         assert_eq!(after.regs.rsp, STACK_TOP - 16 - 40);
-        let frame: Vec<u64> = (0..5).map(|i| ram.peek_u64(after.regs.rsp + i * 8)).collect();
-        assert_eq!(frame, [CODE + 1, 0x08, cpu.regs.rflags, STACK_TOP - 8, 0x10]);
+        let frame: Vec<u64> = (0..5)
+            .map(|i| ram.peek_u64(after.regs.rsp + i * 8))
+            .collect();
+        assert_eq!(
+            frame,
+            [CODE + 1, 0x08, cpu.regs.rflags, STACK_TOP - 8, 0x10]
+        );
         // Interrupt gate: IF, TF and NT clear; AC stays.
         assert_eq!(after.regs.rflags, 0x2 | RFLAGS_AC);
         assert_eq!(after.sregs.cs.selector, 0x08);
@@ -1758,7 +1817,9 @@ mod tests {
         let cpu = long_cpu(&ram, 3);
         let (after, _, _) = run(&ram, &cpu, &mut ext, 64, Instruction::with(Code::Int3)).unwrap();
         assert_eq!(after.regs.rsp, RSP0_TOP - 40);
-        let frame: Vec<u64> = (0..5).map(|i| ram.peek_u64(after.regs.rsp + i * 8)).collect();
+        let frame: Vec<u64> = (0..5)
+            .map(|i| ram.peek_u64(after.regs.rsp + i * 8))
+            .collect();
         assert_eq!(frame, [CODE + 1, 0x1b, 0x202, STACK_TOP, 0x23]);
         assert_eq!(after.sregs.cs.selector, 0x08);
         assert_eq!(after.sregs.cs.dpl, 0);
@@ -1775,7 +1836,10 @@ mod tests {
         gate64(&ram, 3, 0x6000, GATE_INTERRUPT, 0, 0);
         let cpu = long_cpu(&ram, 3);
         let err = run(&ram, &cpu, &mut ext, 64, Instruction::with(Code::Int3)).unwrap_err();
-        assert!(matches!(err, CompleteError::Fault { fault: "#GP", .. }), "{err}");
+        assert!(
+            matches!(err, CompleteError::Fault { fault: "#GP", .. }),
+            "{err}"
+        );
         // Not present: #NP.
         gate64(&ram, 4, 0x6000, GATE_INTERRUPT, 3, 0);
         let mut raw = ram.peek_u64(IDT + 4 * 16);
@@ -1784,12 +1848,18 @@ mod tests {
         let cpu = long_cpu(&ram, 0);
         let instr = Instruction::with1(Code::Int_imm8, 4u32).unwrap();
         let err = run(&ram, &cpu, &mut ext, 64, instr).unwrap_err();
-        assert!(matches!(err, CompleteError::Fault { fault: "#NP", .. }), "{err}");
+        assert!(
+            matches!(err, CompleteError::Fault { fault: "#NP", .. }),
+            "{err}"
+        );
         // Beyond the IDT limit: #GP.
         let mut cpu = long_cpu(&ram, 0);
         cpu.sregs.idt.limit = 3 * 16 + 14;
         let err = run(&ram, &cpu, &mut ext, 64, Instruction::with(Code::Int3)).unwrap_err();
-        assert!(matches!(err, CompleteError::Fault { fault: "#GP", .. }), "{err}");
+        assert!(
+            matches!(err, CompleteError::Fault { fault: "#GP", .. }),
+            "{err}"
+        );
         // A stack outside RAM: nothing is written, nothing changes.
         gate64(&ram, 3, 0x6000, GATE_INTERRUPT, 3, 0);
         let mut cpu = long_cpu(&ram, 0);
@@ -1820,7 +1890,9 @@ mod tests {
         let cpu = protected_cpu(&ram, 0);
         let (after, _, _) = run(&ram, &cpu, &mut ext, 32, instr).unwrap();
         assert_eq!(after.regs.rsp, STACK_TOP - 12);
-        let frame: Vec<u32> = (0..3).map(|i| ram.peek_u32(after.regs.rsp + i * 4)).collect();
+        let frame: Vec<u32> = (0..3)
+            .map(|i| ram.peek_u32(after.regs.rsp + i * 4))
+            .collect();
         assert_eq!(frame, [CODE as u32 + 2, 0x08, 0x202]);
         assert_eq!(after.regs.rflags, 0x2);
         assert_eq!(after.regs.rip, 0x7000);
@@ -1828,8 +1900,13 @@ mod tests {
         let cpu = protected_cpu(&ram, 3);
         let (after, _, _) = run(&ram, &cpu, &mut ext, 32, instr).unwrap();
         assert_eq!(after.regs.rsp, RSP0_TOP - 20);
-        let frame: Vec<u32> = (0..5).map(|i| ram.peek_u32(after.regs.rsp + i * 4)).collect();
-        assert_eq!(frame, [CODE as u32 + 2, 0x1b, 0x202, STACK_TOP as u32, 0x23]);
+        let frame: Vec<u32> = (0..5)
+            .map(|i| ram.peek_u32(after.regs.rsp + i * 4))
+            .collect();
+        assert_eq!(
+            frame,
+            [CODE as u32 + 2, 0x1b, 0x202, STACK_TOP as u32, 0x23]
+        );
         assert_eq!(after.sregs.ss.selector, 0x10);
         assert_eq!(after.sregs.cs.selector, 0x08);
     }
@@ -1856,7 +1933,10 @@ mod tests {
         assert_eq!(after.sregs.cs.selector, 0x2000);
         assert_eq!(after.sregs.cs.base, 0x20000);
         assert_eq!(after.regs.rsp, 0x1fa);
-        assert_eq!(ram.peek(0x8000 + 0x1fa, 6), [0x12, 0x00, 0x00, 0x01, 0x02, 0x03]);
+        assert_eq!(
+            ram.peek(0x8000 + 0x1fa, 6),
+            [0x12, 0x00, 0x00, 0x01, 0x02, 0x03]
+        );
         assert_eq!(after.regs.rflags, 0x2);
     }
 
@@ -1890,21 +1970,33 @@ mod tests {
         cpu.regs.rdx = 0x2222_2222_2222_2222;
         cpu.regs.rbx = 0xaaaa;
         cpu.regs.rcx = 0xbbbb;
-        let instr = with1(Code::Cmpxchg16b_m128, MemoryOperand::with_base(Register::RDI));
+        let instr = with1(
+            Code::Cmpxchg16b_m128,
+            MemoryOperand::with_base(Register::RDI),
+        );
         let (after, kind, _) = run(&ram, &cpu, &mut ext, 64, instr).unwrap();
         assert_eq!(kind, Kind::Cmpxchg16b);
         assert_ne!(after.regs.rflags & RFLAGS_ZF, 0);
-        assert_eq!((ram.peek_u64(DATA), ram.peek_u64(DATA + 8)), (0xaaaa, 0xbbbb));
+        assert_eq!(
+            (ram.peek_u64(DATA), ram.peek_u64(DATA + 8)),
+            (0xaaaa, 0xbbbb)
+        );
         // Mismatch now: RDX:RAX get the memory, ZF clear, memory kept.
         let (after, _, _) = run(&ram, &cpu, &mut ext, 64, instr).unwrap();
         assert_eq!(after.regs.rflags & RFLAGS_ZF, 0);
         assert_eq!((after.regs.rax, after.regs.rdx), (0xaaaa, 0xbbbb));
-        assert_eq!((ram.peek_u64(DATA), ram.peek_u64(DATA + 8)), (0xaaaa, 0xbbbb));
+        assert_eq!(
+            (ram.peek_u64(DATA), ram.peek_u64(DATA + 8)),
+            (0xaaaa, 0xbbbb)
+        );
         // Misaligned: #GP, refused.
         let mut misaligned = cpu;
         misaligned.regs.rdi = DATA + 8;
         let err = run(&ram, &misaligned, &mut ext, 64, instr).unwrap_err();
-        assert!(matches!(err, CompleteError::Fault { fault: "#GP", .. }), "{err}");
+        assert!(
+            matches!(err, CompleteError::Fault { fault: "#GP", .. }),
+            "{err}"
+        );
 
         // cmpxchg8b compares EDX:EAX; the upper halves of the 64-bit registers do not count.
         cpu.regs.rdi = DATA + 4;
@@ -1926,7 +2018,8 @@ mod tests {
         let ram = Ram::new();
         let mut ext = Ext::new();
         let cpu = long_cpu(&ram, 0);
-        let (after, kind, _) = run(&ram, &cpu, &mut ext, 64, Instruction::with(Code::Wait)).unwrap();
+        let (after, kind, _) =
+            run(&ram, &cpu, &mut ext, 64, Instruction::with(Code::Wait)).unwrap();
         assert_eq!((kind, after.regs.rip), (Kind::Fwait, CODE + 1));
         // Invalid-operation pending (FSW.IE) with IM masked: still nothing.
         ext.area[XSAVE_HEADER] = 1;
@@ -1935,7 +2028,10 @@ mod tests {
         // Unmask it: #MF, refused.
         ext.area[XSAVE_FCW] = 0x7e;
         let err = run(&ram, &cpu, &mut ext, 64, Instruction::with(Code::Wait)).unwrap_err();
-        assert!(matches!(err, CompleteError::Fault { fault: "#MF", .. }), "{err}");
+        assert!(
+            matches!(err, CompleteError::Fault { fault: "#MF", .. }),
+            "{err}"
+        );
         assert!(!ext.changed);
     }
 
@@ -1965,7 +2061,10 @@ mod tests {
         assert_eq!(read_u32(&ext.area, XSAVE_MXCSR), 0x9fc0);
         // SSE state must be live for the hypervisor to take MXCSR from the image.
         assert_ne!(read_u64(&ext.area, XSAVE_HEADER) & SSE, 0);
-        let instr = with1(Code::Stmxcsr_m32, MemoryOperand::with_base_displ(Register::RSI, 8));
+        let instr = with1(
+            Code::Stmxcsr_m32,
+            MemoryOperand::with_base_displ(Register::RSI, 8),
+        );
         run(&ram, &cpu, &mut ext, 64, instr).unwrap();
         assert_eq!(ram.peek_u32(DATA + 8), 0x9fc0);
         // Reserved bits (beyond MXCSR_MASK): #GP, refused, the image unchanged.
@@ -1973,7 +2072,10 @@ mod tests {
         ram.poke(DATA, &0x1_0000u32.to_le_bytes());
         let instr = with1(Code::Ldmxcsr_m32, MemoryOperand::with_base(Register::RSI));
         let err = run(&ram, &cpu, &mut ext, 64, instr).unwrap_err();
-        assert!(matches!(err, CompleteError::Fault { fault: "#GP", .. }), "{err}");
+        assert!(
+            matches!(err, CompleteError::Fault { fault: "#GP", .. }),
+            "{err}"
+        );
         assert!(!ext.changed);
     }
 
@@ -2034,8 +2136,15 @@ mod tests {
         let x87_before = ext.area[..24].to_vec();
         let instr = with1(Code::Xrstor64_mem, MemoryOperand::with_base(Register::RDI));
         run(&ram, &cpu, &mut ext, 64, instr).unwrap();
-        assert!(ext.area[576..832].iter().all(|&b| b == 0), "AVX state initialised");
-        assert_eq!(ext.area[..24], x87_before[..], "x87 not requested: untouched");
+        assert!(
+            ext.area[576..832].iter().all(|&b| b == 0),
+            "AVX state initialised"
+        );
+        assert_eq!(
+            ext.area[..24],
+            x87_before[..],
+            "x87 not requested: untouched"
+        );
         let bv = read_u64(&ext.area, XSAVE_HEADER);
         assert_eq!(bv & (X87 | SSE | YMM), X87 | SSE);
     }
@@ -2074,23 +2183,35 @@ mod tests {
         cpu.regs.rdi = DATA + 16; // not 64-byte aligned
         let xsave = with1(Code::Xsave64_mem, MemoryOperand::with_base(Register::RDI));
         let err = run(&ram, &cpu, &mut ext, 64, xsave).unwrap_err();
-        assert!(matches!(err, CompleteError::Fault { fault: "#GP", .. }), "{err}");
+        assert!(
+            matches!(err, CompleteError::Fault { fault: "#GP", .. }),
+            "{err}"
+        );
         // XSTATE_BV naming a component XCR0 disables.
         cpu.regs.rdi = DATA;
         ram.poke(DATA + 512, &(1u64 << 9).to_le_bytes());
         let xrstor = with1(Code::Xrstor64_mem, MemoryOperand::with_base(Register::RDI));
         let err = run(&ram, &cpu, &mut ext, 64, xrstor).unwrap_err();
-        assert!(matches!(err, CompleteError::Fault { fault: "#GP", .. }), "{err}");
+        assert!(
+            matches!(err, CompleteError::Fault { fault: "#GP", .. }),
+            "{err}"
+        );
         // Reserved header bytes.
         ram.poke(DATA + 512, &[0u8; 64]);
         ram.poke(DATA + 512 + 20, &[1]);
         let err = run(&ram, &cpu, &mut ext, 64, xrstor).unwrap_err();
-        assert!(matches!(err, CompleteError::Fault { fault: "#GP", .. }), "{err}");
+        assert!(
+            matches!(err, CompleteError::Fault { fault: "#GP", .. }),
+            "{err}"
+        );
         // CR4.OSXSAVE clear: #UD.
         ram.poke(DATA + 512, &[0u8; 64]);
         cpu.sregs.cr4 = 0;
         let err = run(&ram, &cpu, &mut ext, 64, xrstor).unwrap_err();
-        assert!(matches!(err, CompleteError::Fault { fault: "#UD", .. }), "{err}");
+        assert!(
+            matches!(err, CompleteError::Fault { fault: "#UD", .. }),
+            "{err}"
+        );
         assert!(!ext.changed);
     }
 
@@ -2101,13 +2222,19 @@ mod tests {
         let mut ext = patterned_ext();
         let mut cpu = long_cpu(&ram, 0);
         cpu.regs.rbx = DATA;
-        let fxsave = with1(Code::Fxsave64_m512byte, MemoryOperand::with_base(Register::RBX));
+        let fxsave = with1(
+            Code::Fxsave64_m512byte,
+            MemoryOperand::with_base(Register::RBX),
+        );
         run(&ram, &cpu, &mut ext, 64, fxsave).unwrap();
         assert_eq!(ram.peek(DATA, 416), saved.area[..416]);
         // Wipe the registers; MXCSR_MASK is the processor's, not state.
         ext.area[..XSAVE_MXCSR_MASK].fill(0);
         ext.area[XSAVE_MXCSR_MASK + 4..416].fill(0);
-        let fxrstor = with1(Code::Fxrstor64_m512byte, MemoryOperand::with_base(Register::RBX));
+        let fxrstor = with1(
+            Code::Fxrstor64_m512byte,
+            MemoryOperand::with_base(Register::RBX),
+        );
         run(&ram, &cpu, &mut ext, 64, fxrstor).unwrap();
         assert_eq!(ext.area[..416], saved.area[..416]);
     }
@@ -2134,9 +2261,18 @@ mod tests {
         // CR3 0x100000: PML4[511] -> PDPT 0x101000, PDPT[510] -> PD 0x102000, PD[8] -> a 2 MiB
         // page at 0x200000. Linear 0xffffffff81000000 + x -> 0x200000 + x.
         let present_rw = 0x3;
-        ram.poke(0x10_0000 + 511 * 8, &(0x10_1000u64 | present_rw).to_le_bytes());
-        ram.poke(0x10_1000 + 510 * 8, &(0x10_2000u64 | present_rw).to_le_bytes());
-        ram.poke(0x10_2000 + 8 * 8, &(0x20_0000u64 | present_rw | 0x80).to_le_bytes());
+        ram.poke(
+            0x10_0000 + 511 * 8,
+            &(0x10_1000u64 | present_rw).to_le_bytes(),
+        );
+        ram.poke(
+            0x10_1000 + 510 * 8,
+            &(0x10_2000u64 | present_rw).to_le_bytes(),
+        );
+        ram.poke(
+            0x10_2000 + 8 * 8,
+            &(0x20_0000u64 | present_rw | 0x80).to_le_bytes(),
+        );
         cpu.sregs.cr0 |= CR0_PG;
         cpu.sregs.cr4 |= CR4_PAE;
         cpu.sregs.cr3 = 0x10_0000;
@@ -2191,7 +2327,11 @@ mod tests {
                 &mut cpu.regs.rdi,
                 &mut cpu.regs.rsp,
             ] {
-                *reg = if rng.next() % 2 == 0 { rng.next() } else { rng.next() % RAM_BYTES as u64 };
+                *reg = if rng.next() % 2 == 0 {
+                    rng.next()
+                } else {
+                    rng.next() % RAM_BYTES as u64
+                };
             }
             cpu.sregs.idt.base = rng.next() % (RAM_BYTES as u64 * 2);
             cpu.sregs.tr.base = rng.next() % (RAM_BYTES as u64 * 2);
@@ -2218,5 +2358,228 @@ mod tests {
                 assert_eq!(after, cpu);
             }
         }
+    }
+
+    /// XMM/YMM register `n` of the test image (the AVX half at 576).
+    fn vector(ext: &Ext, n: usize) -> [u32; 8] {
+        let mut v = [0u32; 8];
+        for (i, slot) in v.iter_mut().enumerate() {
+            let at = if i < 4 {
+                160 + 16 * n + 4 * i
+            } else {
+                576 + 16 * n + 4 * (i - 4)
+            };
+            *slot = read_u32(&ext.area, at);
+        }
+        v
+    }
+
+    fn set_vector(ext: &mut Ext, n: usize, v: [u32; 8]) {
+        for (i, value) in v.iter().enumerate() {
+            let at = if i < 4 {
+                160 + 16 * n + 4 * i
+            } else {
+                576 + 16 * n + 4 * (i - 4)
+            };
+            ext.area[at..at + 4].copy_from_slice(&value.to_le_bytes());
+        }
+        let bv = read_u64(&ext.area, XSAVE_HEADER) | SSE | YMM;
+        write_u64(&mut ext.area, XSAVE_HEADER, bv);
+    }
+
+    fn simd_cpu(ram: &Ram) -> Cpu {
+        let mut cpu = long_cpu(ram, 0);
+        cpu.sregs.cr4 |= 1 << 9; // OSFXSR
+        cpu
+    }
+
+    fn random_vector(rng: &mut Rng) -> [u32; 8] {
+        std::array::from_fn(|_| rng.next() as u32)
+    }
+
+    #[test]
+    fn blake2s_vector_instructions_match_a_lane_by_lane_oracle() {
+        let ram = Ram::new();
+        let mut rng = Rng(0x5eed_1234_abcd_0001);
+        use Register::*;
+        for _ in 0..50 {
+            let mut ext = Ext::new();
+            let cpu = simd_cpu(&ram);
+            let (x1, x2, x3) = (
+                random_vector(&mut rng),
+                random_vector(&mut rng),
+                random_vector(&mut rng),
+            );
+            set_vector(&mut ext, 1, x1);
+            set_vector(&mut ext, 2, x2);
+            set_vector(&mut ext, 3, x3);
+            let imm = rng.next() as u32 & 0xff;
+            let shift = imm % 32;
+            let cases: Vec<(Instruction, [u32; 8])> = vec![
+                (
+                    Instruction::with3(Code::VEX_Vpaddd_xmm_xmm_xmmm128, XMM0, XMM1, XMM2).unwrap(),
+                    std::array::from_fn(|i| if i < 4 { x1[i].wrapping_add(x2[i]) } else { 0 }),
+                ),
+                (
+                    Instruction::with3(Code::VEX_Vpxor_ymm_ymm_ymmm256, YMM0, YMM1, YMM2).unwrap(),
+                    std::array::from_fn(|i| x1[i] ^ x2[i]),
+                ),
+                (
+                    Instruction::with3(
+                        Code::EVEX_Vprord_xmm_k1z_xmmm128b32_imm8,
+                        XMM0,
+                        XMM1,
+                        shift,
+                    )
+                    .unwrap(),
+                    std::array::from_fn(|i| if i < 4 { x1[i].rotate_right(shift) } else { 0 }),
+                ),
+                (
+                    Instruction::with3(Code::VEX_Vpshufd_xmm_xmmm128_imm8, XMM0, XMM1, imm)
+                        .unwrap(),
+                    std::array::from_fn(|i| {
+                        if i < 4 {
+                            x1[(imm >> (2 * i) & 3) as usize]
+                        } else {
+                            0
+                        }
+                    }),
+                ),
+                (
+                    Instruction::with3(Code::VEX_Vextracti128_xmmm128_ymm_imm8, XMM0, YMM1, 1u32)
+                        .unwrap(),
+                    std::array::from_fn(|i| if i < 4 { x1[i + 4] } else { 0 }),
+                ),
+                (
+                    Instruction::with2(Code::VEX_Vmovdqa_ymm_ymmm256, YMM0, YMM3).unwrap(),
+                    x3,
+                ),
+                (
+                    // Legacy SSE: the upper half of YMM0 (x3's copy below) is kept.
+                    Instruction::with2(Code::Paddd_xmm_xmmm128, XMM3, XMM1).unwrap(),
+                    std::array::from_fn(|i| {
+                        if i < 4 {
+                            x3[i].wrapping_add(x1[i])
+                        } else {
+                            x3[i]
+                        }
+                    }),
+                ),
+            ];
+            for (instr, want) in cases {
+                let mut ext = Ext::new();
+                set_vector(&mut ext, 1, x1);
+                set_vector(&mut ext, 2, x2);
+                set_vector(&mut ext, 3, x3);
+                set_vector(&mut ext, 0, x3);
+                let dst = instr.op0_register().number();
+                run(&ram, &cpu, &mut ext, 64, instr).unwrap_or_else(|e| panic!("{instr}: {e}"));
+                assert_eq!(vector(&ext, dst), want, "{instr}");
+                assert!(ext.changed);
+            }
+            // VPERMI2D ymm0 (indexes), ymm1, ymm2: index i picks from the 16 dwords of ymm1:ymm2.
+            let mut ext = Ext::new();
+            let indexes: [u32; 8] = std::array::from_fn(|_| rng.next() as u32);
+            set_vector(&mut ext, 0, indexes);
+            set_vector(&mut ext, 1, x1);
+            set_vector(&mut ext, 2, x2);
+            let instr =
+                Instruction::with3(Code::EVEX_Vpermi2d_ymm_k1z_ymm_ymmm256b32, YMM0, YMM1, YMM2)
+                    .unwrap();
+            run(&ram, &cpu, &mut ext, 64, instr).unwrap();
+            let want: [u32; 8] = std::array::from_fn(|i| {
+                let pick = (indexes[i] & 15) as usize;
+                if pick < 8 {
+                    x1[pick]
+                } else {
+                    x2[pick - 8]
+                }
+            });
+            assert_eq!(vector(&ext, 0), want);
+            // PSHUFB xmm1, xmm2 (SSSE3): bytes picked by the low nibble, zero where bit 7 is set.
+            let mut ext = Ext::new();
+            set_vector(&mut ext, 1, x1);
+            set_vector(&mut ext, 2, x2);
+            let instr = Instruction::with2(Code::Pshufb_xmm_xmmm128, XMM1, XMM2).unwrap();
+            run(&ram, &cpu, &mut ext, 64, instr).unwrap();
+            let bytes =
+                |v: [u32; 8]| -> Vec<u8> { v[..4].iter().flat_map(|d| d.to_le_bytes()).collect() };
+            let (a, control) = (bytes(x1), bytes(x2));
+            let want: Vec<u8> = control
+                .iter()
+                .map(|&c| {
+                    if c & 0x80 != 0 {
+                        0
+                    } else {
+                        a[usize::from(c & 15)]
+                    }
+                })
+                .collect();
+            assert_eq!(bytes(vector(&ext, 1)), want);
+        }
+    }
+
+    #[test]
+    fn vector_moves_reach_memory_and_vzeroupper_clears_the_upper_halves() {
+        let ram = Ram::new();
+        let mut ext = Ext::new();
+        let mut cpu = simd_cpu(&ram);
+        cpu.regs.rdi = DATA;
+        let pattern: [u32; 8] = std::array::from_fn(|i| 0x1111_1111 * (i as u32 + 1));
+        set_vector(&mut ext, 5, pattern);
+        let store = Instruction::with2(
+            Code::VEX_Vmovdqu_ymmm256_ymm,
+            MemoryOperand::with_base(Register::RDI),
+            Register::YMM5,
+        )
+        .unwrap();
+        run(&ram, &cpu, &mut ext, 64, store).unwrap();
+        let stored: Vec<u32> = (0..8).map(|i| ram.peek_u32(DATA + 4 * i)).collect();
+        assert_eq!(stored, pattern);
+        let load = Instruction::with2(
+            Code::VEX_Vmovdqu_xmm_xmmm128,
+            Register::XMM6,
+            MemoryOperand::with_base(Register::RDI),
+        )
+        .unwrap();
+        set_vector(&mut ext, 6, [9; 8]);
+        run(&ram, &cpu, &mut ext, 64, load).unwrap();
+        assert_eq!(
+            vector(&ext, 6),
+            [pattern[0], pattern[1], pattern[2], pattern[3], 0, 0, 0, 0]
+        );
+        // MOVDQA of a misaligned operand faults.
+        cpu.regs.rdi = DATA + 4;
+        let aligned = Instruction::with2(
+            Code::Movdqa_xmm_xmmm128,
+            Register::XMM6,
+            MemoryOperand::with_base(Register::RDI),
+        )
+        .unwrap();
+        let err = run(&ram, &cpu, &mut ext, 64, aligned).unwrap_err();
+        assert!(
+            matches!(err, CompleteError::Fault { fault: "#GP", .. }),
+            "{err}"
+        );
+        run(
+            &ram,
+            &cpu,
+            &mut ext,
+            64,
+            Instruction::with(Code::VEX_Vzeroupper),
+        )
+        .unwrap();
+        assert_eq!(vector(&ext, 5)[4..], [0, 0, 0, 0]);
+        assert_eq!(vector(&ext, 5)[..4], pattern[..4]);
+        // Masked EVEX forms are not completed.
+        let mut masked = Instruction::with3(
+            Code::EVEX_Vprord_xmm_k1z_xmmm128b32_imm8,
+            Register::XMM0,
+            Register::XMM1,
+            3u32,
+        )
+        .unwrap();
+        masked.set_op_mask(Register::K1);
+        assert!(run(&ram, &cpu, &mut ext, 64, masked).is_err());
     }
 }

@@ -18,7 +18,13 @@ pub trait GuestRam {
     /// `Some(swapped)`, or `None` when the range is not RAM. All three slices have one length
     /// (8 or 16). This default is not atomic against other vCPUs; a back end whose vCPUs run
     /// while the VMM emulates overrides it with a locked compare-exchange.
-    fn compare_exchange(&self, gpa: u64, expected: &[u8], new: &[u8], actual: &mut [u8]) -> Option<bool> {
+    fn compare_exchange(
+        &self,
+        gpa: u64,
+        expected: &[u8],
+        new: &[u8],
+        actual: &mut [u8],
+    ) -> Option<bool> {
         if !self.read(gpa, actual) {
             return None;
         }
@@ -73,7 +79,10 @@ impl Paging {
             return (pte & PRESENT != 0).then_some((pte & 0xffff_f000) | (linear & 0xfff));
         }
         let (mut table, levels) = if self.efer & EFER_LMA != 0 {
-            (self.cr3 & ADDR, if self.cr4 & CR4_LA57 != 0 { 5 } else { 4 })
+            (
+                self.cr3 & ADDR,
+                if self.cr4 & CR4_LA57 != 0 { 5 } else { 4 },
+            )
         } else {
             // PAE: the 32-byte-aligned PDPT holds four entries indexed by bits 31:30.
             let linear32 = linear & 0xffff_ffff;
