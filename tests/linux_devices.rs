@@ -135,8 +135,12 @@ fn user_space(mode: IrqChip) {
     let to_init = vm.wait_for("Run /init as init process", BOOT_TIMEOUT);
     let to_prompt = vm.wait_for(PROMPT, BOOT_TIMEOUT);
     eprintln!(
-        "figures ({}): Linux version {to_banner:.1?}, Run /init {to_init:.1?}, prompt {to_prompt:.1?}",
-        mode.env_value()
+        "figures ({}): Linux version {to_banner:.1?} ({:?} emulated), Run /init {to_init:.1?} \
+         ({:?}), prompt {to_prompt:.1?} ({:?})",
+        mode.env_value(),
+        vm.emulated_at(to_banner),
+        vm.emulated_at(to_init),
+        vm.emulated_at(to_prompt),
     );
 
     let cpus = vm.sh("grep -c ^processor /proc/cpuinfo; cat /sys/devices/system/cpu/online");

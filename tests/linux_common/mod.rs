@@ -190,8 +190,9 @@ impl Booted {
         let mut child = Command::new(&binary)
             .args(&args)
             .env("XHYVE_IRQCHIP", irqchip.env_value())
-            // The vCPU threads log KVM's emulated-instruction count at exit (figures).
-            .env("XHYVE_LOG", "debug")
+            // The vCPU threads log KVM's emulated-instruction count at exit, and a sample of it
+            // every 2 s (figures).
+            .env("XHYVE_LOG", "debug,xhyve::stats=trace")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -281,6 +282,37 @@ impl Booted {
             .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
             .collect();
         (!counts.is_empty()).then(|| counts.iter().sum())
+    }
+
+    /// Instructions KVM had emulated `at` after start, summed over vCPUs, from the last sample
+    /// of each vCPU (`XHYVE_LOG=xhyve::stats=trace`, every 2 s) no later than `at`.
+    pub fn emulated_at(&self, at: Duration) -> Option<u64> {
+        let stderr = self.stderr();
+        let mut latest: std::collections::BTreeMap<u32, u64> = Default::default();
+        for line in stderr.lines() {
+            // "vCPU 0 at 12.0 s: 1234 instructions emulated"
+            let Some(rest) = line.split("vCPU ").nth(1) else {
+                continue;
+            };
+            let mut words = rest.split_whitespace();
+            let (Some(id), Some("at"), Some(secs), Some("s:"), Some(count)) = (
+                words.next(),
+                words.next(),
+                words.next(),
+                words.next(),
+                words.next(),
+            ) else {
+                continue;
+            };
+            let (Ok(id), Ok(secs), Ok(count)) = (id.parse(), secs.parse::<f64>(), count.parse())
+            else {
+                continue;
+            };
+            if secs <= at.as_secs_f64() {
+                latest.insert(id, count);
+            }
+        }
+        (!latest.is_empty()).then(|| latest.values().sum())
     }
 
     pub fn pid(&self) -> u32 {
