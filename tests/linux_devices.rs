@@ -16,7 +16,7 @@ mod linux_common;
 use std::path::Path;
 use std::time::Duration;
 
-use linux_common::{host, test_kernel, Booted, IrqChip, Linux, Scratch, BOOT_TIMEOUT, PROMPT};
+use linux_common::{boot_timeout, host, test_kernel, Booted, IrqChip, Linux, Scratch, PROMPT};
 
 /// A file the guest writes and the host reads back.
 const PAYLOAD: &str = "written by Linux through xhyve";
@@ -131,9 +131,9 @@ fn user_space(mode: IrqChip) {
         linux.devices.push(format!("6,virtio-tap,{TAP}"));
     }
     let mut vm = linux.boot();
-    let to_banner = vm.wait_for("Linux version", BOOT_TIMEOUT);
-    let to_init = vm.wait_for("Run /init as init process", BOOT_TIMEOUT);
-    let to_prompt = vm.wait_for(PROMPT, BOOT_TIMEOUT);
+    let to_banner = vm.wait_for("Linux version", boot_timeout());
+    let to_init = vm.wait_for("Run /init as init process", boot_timeout());
+    let to_prompt = vm.wait_for(PROMPT, boot_timeout());
     eprintln!(
         "figures ({}): Linux version {to_banner:.1?} ({:?} emulated), Run /init {to_init:.1?} \
          ({:?}), prompt {to_prompt:.1?} ({:?})",

@@ -10,7 +10,7 @@ mod linux_common;
 
 use std::path::{Path, PathBuf};
 
-use linux_common::{host, test_kernel, IrqChip, Linux, Scratch, BOOT_TIMEOUT};
+use linux_common::{boot_timeout, host, test_kernel, IrqChip, Linux, Scratch};
 
 /// What the disk's /init prints (the shell computes the number, so the script text never matches).
 const ROOT_SAYS: &str = "xhyve-rs root init: 42";
@@ -65,9 +65,13 @@ fn boot_root(kernel: &Path, device: String, cmdline: &str) {
     linux.devices = vec![device];
     linux.cmdline = cmdline.into();
     let mut vm = linux.boot();
-    vm.wait_for("Run /init as init process", BOOT_TIMEOUT);
-    vm.wait_for(ROOT_SAYS, BOOT_TIMEOUT);
-    assert_eq!(vm.wait_exit(BOOT_TIMEOUT), Some(0), "reboot -f: exit code");
+    vm.wait_for("Run /init as init process", boot_timeout());
+    vm.wait_for(ROOT_SAYS, boot_timeout());
+    assert_eq!(
+        vm.wait_exit(boot_timeout()),
+        Some(0),
+        "reboot -f: exit code"
+    );
 }
 
 fn ext2_root(slot: &str, dev: &str) {

@@ -23,7 +23,14 @@ pub use crate::common::{kvm_usable, xhyve_binary, IrqChip};
 
 /// Generous: the build machines emulate ring-0 guest code at about 1.4 M instructions/s, two
 /// boots may share the machine in CI, and development machines run other engineers' jobs.
-pub const BOOT_TIMEOUT: Duration = Duration::from_secs(900);
+/// `XHYVE_LINUX_TIMEOUT=<seconds>` overrides it (a developer holding a shared lock).
+pub fn boot_timeout() -> Duration {
+    std::env::var("XHYVE_LINUX_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::from_secs(900))
+}
 /// A shell command (ring 3 runs natively; each system call costs some emulated ring 0).
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
 
