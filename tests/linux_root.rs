@@ -84,7 +84,7 @@ fn ext2_root(slot: &str, dev: &str) {
     boot_root(
         &kernel,
         format!("2,{slot},{}", image.display()),
-        &format!("root={dev} rootfstype=ext2 rw"),
+        &format!("root={dev} rootfstype=ext2 rw init=/init"),
     );
     let after = mount_count(&image);
     assert!(after > before, "mount count {before} -> {after}");
@@ -125,6 +125,6 @@ fn root_on_ahci_cd() {
     boot_root(
         &kernel,
         format!("2,ahci-cd,{}", iso.display()),
-        "root=/dev/sr0 rootfstype=iso9660 ro",
+        "root=/dev/sr0 rootfstype=iso9660 ro init=/init",
     );
 }
