@@ -131,10 +131,10 @@ impl DeviceManager {
             uuid: config.uuid,
             doorbells,
         };
-        let mut pci = PciBus::with_buses(io_bus.clone(), mmio_bus.clone());
+        let pci = PciBus::with_buses(io_bus.clone(), mmio_bus.clone());
         let mut handles = Vec::new();
         for device in &config.devices {
-            if let Some(handle) = add_pci_function(&mut pci, &context, device)? {
+            if let Some(handle) = add_pci_function(&pci, &context, device)? {
                 handles.push(handle);
             }
         }
@@ -278,6 +278,20 @@ impl DeviceManager {
         &self.context
     }
 
+    /// Builds the function `device` names and puts it on the PCI bus, its BARs placed after
+    /// the others' and mapped at once (hot-plug: the guest finds it when it rescans; the
+    /// firmware tables written at boot do not list it). A paused machine's new device
+    /// starts paused.
+    pub fn add(&mut self, device: &DeviceConfig) -> Result<(), DeviceManagerError> {
+        if let Some(mut handle) = add_pci_function(&self.pci, &self.context, device)? {
+            if self.paused {
+                handle.pause();
+            }
+            self.handles.push(handle);
+        }
+        Ok(())
+    }
+
     /// Stops every device from touching guest memory or raising interrupts; requests in
     /// flight finish first, queued ones wait. Returns when all devices are quiet.
     pub fn pause(&mut self) {
@@ -311,7 +325,7 @@ impl DeviceManager {
 
 /// Builds the function `device` names and puts it on `pci`; returns its handle.
 fn add_pci_function(
-    pci: &mut PciBus,
+    pci: &PciBus,
     context: &DeviceContext,
     device: &DeviceConfig,
 ) -> Result<Option<Box<dyn DeviceHandle>>, DeviceManagerError> {
