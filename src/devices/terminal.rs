@@ -5,8 +5,9 @@
 //! with `poll()` so that the input thread can notice a stop request.
 
 use std::ffi::CStr;
-use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::fs::File;
+use std::io::{self, IsTerminal, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -88,15 +89,15 @@ impl Terminal {
 
 fn open_stdio(com: u8) -> Result<Terminal, TerminalError> {
     let setup = |source| TerminalError::Setup { com, source };
-    let output = FdWriter::new(dup_fd(libc::STDOUT_FILENO).map_err(setup)?, false);
+    let output = io::stdout().as_fd().try_clone_to_owned().map_err(setup)?;
+    let output = FdWriter::new(output, false);
     // A closed stdin (daemons, some CI runners) means a port without input, not an error.
-    let input = match dup_fd(libc::STDIN_FILENO) {
+    let input = match io::stdin().as_fd().try_clone_to_owned() {
         Ok(fd) => Some(FdReader::new(fd, false)),
         Err(e) if e.raw_os_error() == Some(libc::EBADF) => None,
         Err(e) => return Err(setup(e)),
     };
-    // SAFETY: isatty only inspects the descriptor.
-    let raw = if unsafe { libc::isatty(libc::STDIN_FILENO) } == 1 {
+    let raw = if io::stdin().is_terminal() {
         Some(RawStdinGuard::enter().map_err(setup)?)
     } else {
         None
@@ -116,7 +117,7 @@ fn open_autopty(com: u8) -> Result<Terminal, TerminalError> {
     let slave = open_path(&slave_path, libc::O_RDWR | libc::O_NOCTTY).map_err(pty)?;
     make_raw(slave.as_raw_fd()).map_err(pty)?;
     set_nonblocking(master.as_raw_fd()).map_err(pty)?;
-    let reader_fd = dup_fd(master.as_raw_fd()).map_err(pty)?;
+    let reader_fd = master.try_clone().map_err(pty)?;
     println!("COM{com} connected to {}", slave_path.display());
     // The VMM's later output and a test reading this line must see it now.
     let _ = io::stdout().flush();
@@ -138,8 +139,7 @@ fn open_tty(com: u8, path: &Path) -> Result<Terminal, TerminalError> {
                 source,
             }
         })?;
-    // SAFETY: isatty only inspects the descriptor.
-    if unsafe { libc::isatty(fd.as_raw_fd()) } != 1 {
+    if !fd.is_terminal() {
         return Err(TerminalError::NotATerminal {
             com,
             path: path.to_owned(),
@@ -147,7 +147,7 @@ fn open_tty(com: u8, path: &Path) -> Result<Terminal, TerminalError> {
     }
     let setup = |source| TerminalError::Setup { com, source };
     make_raw(fd.as_raw_fd()).map_err(setup)?;
-    let reader_fd = dup_fd(fd.as_raw_fd()).map_err(setup)?;
+    let reader_fd = fd.try_clone().map_err(setup)?;
     Ok(Terminal {
         output: Box::new(FdWriter::new(fd, true)),
         input: Some(FdReader::new(reader_fd, false)),
@@ -199,27 +199,15 @@ fn slave_name(master: RawFd) -> io::Result<PathBuf> {
     Ok(PathBuf::from(name.to_string_lossy().into_owned()))
 }
 
+/// Opens `path` read-write with extra open(2) `flags` (close-on-exec, as std always sets).
 fn open_path(path: &Path, flags: libc::c_int) -> io::Result<OwnedFd> {
-    use std::os::unix::ffi::OsStrExt;
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: `c_path` is a valid NUL-terminated string; the result is checked.
-    let raw = unsafe { libc::open(c_path.as_ptr(), flags | libc::O_CLOEXEC) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a fresh descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
-}
-
-fn dup_fd(fd: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: F_DUPFD_CLOEXEC on any descriptor number is safe; the result is checked.
-    let raw = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a fresh descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(flags)
+        .open(path)?;
+    Ok(OwnedFd::from(file))
 }
 
 fn set_nonblocking(fd: RawFd) -> io::Result<()> {
@@ -304,26 +292,28 @@ impl Drop for RawStdinGuard {
 
 /// Unbuffered output to a descriptor: each `write` is one `write(2)`.
 pub struct FdWriter {
-    fd: OwnedFd,
+    fd: File,
     /// Drop output the peer does not take (a pty nobody reads) instead of blocking the vCPU.
     drop_when_full: bool,
 }
 
 impl FdWriter {
     pub fn new(fd: OwnedFd, drop_when_full: bool) -> Self {
-        FdWriter { fd, drop_when_full }
+        FdWriter {
+            fd: File::from(fd),
+            drop_when_full,
+        }
     }
 }
 
 impl Write for FdWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         loop {
-            // SAFETY: `buf` is valid for reads of `buf.len()` bytes.
-            let n = unsafe { libc::write(self.fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
-            if n >= 0 {
-                return Ok(n as usize);
-            }
-            let err = io::Error::last_os_error();
+            // One write(2) per call: a File has no user-space buffer.
+            let err = match self.fd.write(buf) {
+                Ok(n) => return Ok(n),
+                Err(err) => err,
+            };
             match err.kind() {
                 io::ErrorKind::Interrupted => continue,
                 // A pty with no client reports EIO; the byte is lost, as on a real unplugged line.
@@ -344,7 +334,7 @@ impl Write for FdWriter {
 /// Input from a descriptor, waiting with `poll` so a stop request is seen within
 /// [`FdReader::POLL_INTERVAL_MS`].
 pub struct FdReader {
-    fd: OwnedFd,
+    fd: File,
     /// A pty master reads EIO while no client has the slave open: wait, do not stop.
     is_pty_master: bool,
     stop: Arc<AtomicBool>,
@@ -355,7 +345,7 @@ impl FdReader {
 
     pub fn new(fd: OwnedFd, is_pty_master: bool) -> Self {
         FdReader {
-            fd,
+            fd: File::from(fd),
             is_pty_master,
             stop: Arc::new(AtomicBool::new(false)),
         }
@@ -391,12 +381,10 @@ impl Read for FdReader {
             if ready == 0 {
                 continue;
             }
-            // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
-            let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-            if n >= 0 {
-                return Ok(n as usize);
-            }
-            let err = io::Error::last_os_error();
+            let err = match self.fd.read(buf) {
+                Ok(n) => return Ok(n),
+                Err(err) => err,
+            };
             match err.kind() {
                 io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock => continue,
                 _ if self.is_pty_master && err.raw_os_error() == Some(libc::EIO) => {
@@ -443,7 +431,7 @@ mod tests {
         let mut term = Terminal::open(&SerialBackend::Autopty, 1).unwrap();
         let path = term.pty_path.clone().unwrap();
         let client = open_path(&path, libc::O_RDWR | libc::O_NOCTTY).unwrap();
-        let mut client_w = FdWriter::new(dup_fd(client.as_raw_fd()).unwrap(), false);
+        let mut client_w = FdWriter::new(client.try_clone().unwrap(), false);
         let mut client_r = FdReader::new(client, false);
         // "\r\n" and 0x03 would be translated or eaten by a cooked terminal.
         term.output.write_all(b"a\nb\x03").unwrap();
