@@ -502,3 +502,72 @@ mod tests {
         );
     }
 }
+
+/// The whole manager on a real (KVM) VM: built from a typed config, a device added while
+/// it runs, pause and resume. Skips without /dev/kvm, as the other KVM unit tests.
+#[cfg(all(test, target_os = "linux"))]
+mod kvm_tests {
+    use super::*;
+    use crate::block::test_util::TempImage;
+    use crate::config::{BlockOptions, DeviceKind, Firmware};
+    use crate::devices::pci::PciAddress;
+    use crate::hv::kvm::tests_support::real_mode_vm;
+
+    fn at(slot: u8) -> PciAddress {
+        PciAddress::new(0, slot, 0).unwrap()
+    }
+
+    fn vendor_device(dm: &DeviceManager, slot: u8) -> u32 {
+        let mut d = [0u8; 4];
+        dm.pci().read_config(at(slot), 0, &mut d);
+        u32::from_le_bytes(d)
+    }
+
+    #[test]
+    fn builds_the_config_adds_a_device_and_pauses() {
+        let Some((_kvm, vm, mem)) = real_mode_vm() else {
+            return;
+        };
+        let image = TempImage::new("devmgr-blk", 1 << 20);
+        let mut config = VmConfig::with_firmware(Firmware::Kexec {
+            kernel: "unused".into(),
+            initrd: None,
+            cmdline: String::new(),
+        });
+        let blk = BlockOptions::parse(&image.path.to_string_lossy()).unwrap();
+        for (slot, kind) in [
+            (0, DeviceKind::Hostbridge),
+            (4, DeviceKind::VirtioBlk(blk)),
+            (31, DeviceKind::Lpc),
+        ] {
+            config.devices.push(DeviceConfig {
+                address: at(slot),
+                kind,
+            });
+        }
+        let (control, _woken) = Control::new(1);
+        let mut dm = DeviceManager::new(&config, &vm, &mem, &control).unwrap();
+        assert_eq!(vendor_device(&dm, 0), 0x1275_1275);
+        assert_eq!(vendor_device(&dm, 4), 0x1001_1AF4);
+        assert_eq!(vendor_device(&dm, 5), 0xFFFF_FFFF);
+        assert_eq!(dm.pci().mapped_bars(at(4)).len(), 3);
+
+        dm.pause();
+        // Added while paused: it starts paused, with its BARs placed and mapped.
+        dm.add(&DeviceConfig {
+            address: at(5),
+            kind: DeviceKind::VirtioRnd,
+        })
+        .unwrap();
+        assert_eq!(vendor_device(&dm, 5), 0x1005_1AF4);
+        assert_eq!(dm.pci().mapped_bars(at(5)).len(), 3);
+        dm.resume();
+        let err = dm
+            .add(&DeviceConfig {
+                address: at(5),
+                kind: DeviceKind::VirtioRnd,
+            })
+            .unwrap_err();
+        assert_eq!(err.to_string(), "PCI slot 0:5:0 is already in use");
+    }
+}
