@@ -164,6 +164,10 @@ pub fn run_with(config: &VmConfig, started: impl FnOnce(MachineHandle)) -> Resul
         }
     }
     stop_vcpus(&control, threads);
+    log::debug!(
+        "instructions xhyve completed for the hypervisor: {}",
+        crate::arch::x86_64::emulate::complete::COMPLETIONS.summary()
+    );
     let reason = control
         .stop_reason()
         .unwrap_or(StopReason::Fatal("stopped for no recorded reason".into()));

@@ -213,6 +213,7 @@ static const struct {
     { "lm-hpet", test_lm_hpet },
     { "lm-level", test_lm_level },
     { "lm-ipi", test_lm_ipi },
+    { "lm-complete", test_lm_complete },
     { "blkbench", test_blkbench },
     { "x2apic", test_x2apic },
 };
