@@ -468,7 +468,7 @@ fn build_ahci(
     config: &PciDeviceConfig,
     resources: &PciResources,
 ) -> Result<crate::devices::ahci::hba::AhciHba, PciError> {
-    use crate::block::{BlockBackend, BlockOptions, RawImage};
+    use crate::block::BlockOptions;
     use crate::devices::ahci::{hba, DriveKind};
     let device_error = |reason: String| PciError::Device { addr, reason };
     let spec = config.options.as_deref().unwrap_or_default();
@@ -479,8 +479,7 @@ fn build_ahci(
     } else {
         DriveKind::Disk
     };
-    let disk: Arc<dyn BlockBackend> =
-        Arc::new(RawImage::open(&options).map_err(|e| device_error(e.to_string()))?);
+    let disk = crate::block::open_image(&options).map_err(|e| device_error(e.to_string()))?;
     let hba_resources = hba::AhciResources {
         memory: resources.memory.clone(),
         msi: resources.msi.clone(),

@@ -17,9 +17,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
 use super::pci::{VirtioPci, VirtioPciError, VirtioPciResources};
 use super::{QueueError, VirtioDevice};
-use crate::block::{
-    BlockBackend, BlockError, BlockOptions, IoWorker, OptionsError, RawImage, SubmitError,
-};
+use crate::block::{BlockBackend, BlockError, BlockOptions, IoWorker, OptionsError, SubmitError};
 use crate::devices::bus::lock;
 use crate::devices::virtio_blk_req::{self, GuestBuffer, CONFIG_SPACE_LEN};
 use crate::vmm::memory::GuestMemory;
@@ -147,7 +145,7 @@ impl VirtioBlk {
         transport: VirtioPciResources,
     ) -> Result<SharedVirtioBlk, VirtioBlkError> {
         let options = BlockOptions::parse(options)?;
-        let disk: Arc<dyn BlockBackend> = Arc::new(RawImage::open(&options)?);
+        let disk = crate::block::open_image(&options)?;
         Self::build_on(disk, transport)
     }
 
