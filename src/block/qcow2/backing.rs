@@ -11,7 +11,7 @@
 //! A relative backing file name is relative to the directory of the image naming it, as in
 //! QEMU.
 
-use super::{open_error, Qcow2Error};
+use super::{open_error, ImageFile, OrderedStorage, Qcow2Error};
 use imago::file::File as ImagoFile;
 use imago::qcow2::Qcow2;
 use imago::raw::Raw;
@@ -60,12 +60,12 @@ pub fn open_file(
 /// read-only. `depth` counts the images above the one being opened.
 pub fn open_chain(
     path: &Path,
-    image: &Qcow2<ImagoFile>,
+    image: &Qcow2<ImageFile>,
     header: &[u8],
     storage_options: &StorageOpenOptions,
     depth: usize,
     locks: &mut Vec<std::fs::File>,
-) -> Result<Option<FormatAccess<ImagoFile>>, Qcow2Error> {
+) -> Result<Option<FormatAccess<ImageFile>>, Qcow2Error> {
     let Some(name) = image.implicit_backing_file() else {
         return Ok(None);
     };
@@ -104,8 +104,10 @@ pub fn open_chain(
         Vec::new()
     };
     locks.push(lock);
+    // Read-only: nothing is ever written, so nothing is held.
+    let file = OrderedStorage::new(file, &[]);
     let opened = if format == "qcow2" {
-        let mut qcow2 = Qcow2::<ImagoFile>::open_image(file, false)
+        let mut qcow2 = Qcow2::<ImageFile>::open_image(file, false)
             .map_err(|e| open_error(&backing_path, e))?;
         if qcow2.requires_external_data_file() {
             return Err(Qcow2Error::ExternalDataFile(backing_path));
