@@ -73,7 +73,9 @@ pub fn fuzz_image(data: &[u8]) {
     let size = disk.size();
     let mut buf = vec![0u8; 64 * 1024];
     for request in rest.chunks_exact(6) {
-        let offset = u64::from(u32::from_le_bytes([request[1], request[2], request[3], request[4]]));
+        let offset = u64::from(u32::from_le_bytes([
+            request[1], request[2], request[3], request[4],
+        ]));
         let offset = (offset * 512) % (size + 512);
         let len = usize::from(request[5]) * 512 % (buf.len() + 512);
         let _ = match request[0] % 5 {
