@@ -514,3 +514,26 @@ fn a_crash_before_flush_leaves_no_corruption() {
         );
     }
 }
+
+#[test]
+fn dirty_images_are_refused_and_lazy_refcount_images_work() {
+    if !have_qemu_img() {
+        return;
+    }
+    let img = TempImage::new("q-dirty", 1 << 20);
+    let lazy = img.dir.join("lazy.qcow2");
+    create(&lazy, "compat=1.1,lazy_refcounts=on", "16M");
+    {
+        // The compatible bit only allows lazy refcounts; we keep them exact.
+        let disk = open(&lazy, "").unwrap();
+        disk.write_at(0, &[3; 65536 * 3]).unwrap();
+        disk.flush().unwrap();
+    }
+    check_clean(&lazy);
+    let mut bytes = std::fs::read(&lazy).unwrap();
+    bytes[79] |= 1; // incompatible feature bit 0: dirty
+    std::fs::write(&lazy, &bytes).unwrap();
+    let err = open(&lazy, "").unwrap_err().to_string();
+    assert!(err.contains("dirty"), "{err}");
+    assert!(err.starts_with(&format!("qcow2 {:?}", lazy)), "{err}");
+}
