@@ -3,6 +3,7 @@
 use std::io::Write;
 
 use xhyve::cli::{self, Action};
+use xhyve::config::HostSettings;
 use xhyve::vmm;
 
 fn main() {
@@ -34,7 +35,7 @@ fn main() {
         // -M: xhyve prints the network device's MAC and exits 0 (without a network device
         // the flag does nothing). A tap's MAC is known from the command line alone (no tap
         // is opened, no root needed); vmnet assigns its own, so that one starts vmnet.
-        Ok(Action::Run(config)) if config.print_mac && cli::first_nic(&config).is_some() => {
+        Ok(Action::Run(config)) if config.print_mac && config.first_nic().is_some() => {
             match xhyve::devices::virtio::net::mac_to_print(&config) {
                 Ok(mac) => {
                     if let Some(mac) = mac {
@@ -48,8 +49,18 @@ fn main() {
                 }
             }
         }
-        Ok(Action::Run(config)) => match vmm::run(&config) {
-            Ok(code) => code,
+        // The environment is read here, once; nothing below reads it again.
+        Ok(Action::Run(mut config)) => match HostSettings::from_env() {
+            Ok(host) => {
+                config.host = host;
+                match vmm::run(&config) {
+                    Ok(code) => code,
+                    Err(e) => {
+                        eprintln!("xhyve: {e}");
+                        vmm::exit::EXIT_SETUP_ERROR
+                    }
+                }
+            }
             Err(e) => {
                 eprintln!("xhyve: {e}");
                 vmm::exit::EXIT_SETUP_ERROR

@@ -68,15 +68,15 @@ guest_test!(virtio_rnd_msix_reaches_the_apic_id_it_names, |mode| {
     entropy_line(&out);
 });
 
-// With KVM's irqchip, queue doorbells are ioeventfds: they reach the device through the
-// doorbell thread, never as a VM exit. In user mode they stay on the exit path.
+// With KVM's irqchip, queue doorbells are ioeventfds: KVM rings the device's thread
+// directly, never as a VM exit. In user mode they stay on the exit path.
 guest_test!(
     virtio_doorbells_skip_the_exit_loop_with_the_kernel_irqchip,
     |mode| {
         for interface in ["intx", "msix"] {
             let out = with_rnd(interface)
                 .irqchip(mode)
-                .env("XHYVE_LOG", "xhyve::devices::virtio::pci=trace")
+                .env("XHYVE_LOG", "xhyve::devices::virtio=trace")
                 .run();
             out.assert_exit(1).assert_line("virtio-rnd ok");
             let by_exit = out.stderr.matches("by VM exit").count();

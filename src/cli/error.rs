@@ -44,8 +44,6 @@ pub enum CliError {
         source: crate::block::OptionsError,
     },
     #[error("invalid -s \"{spec}\": {reason}")]
-    InvalidPciOptions { spec: String, reason: String },
-    #[error("invalid -s \"{spec}\": {reason}")]
     InvalidPciPlacement { spec: String, reason: &'static str },
     #[error("invalid lpc device configuration '{value}': {reason}")]
     InvalidLpc { value: String, reason: &'static str },
@@ -55,8 +53,11 @@ pub enum CliError {
     InvalidCpuPin { value: String, reason: String },
     #[error("invalid -F \"{0}\": pidfile path required")]
     InvalidPidfile(String),
-    #[error("invalid -s \"{spec}\": {reason}")]
-    InvalidNetOptions { spec: String, reason: String },
+    #[error("invalid -s \"{spec}\": {source}")]
+    InvalidNetOptions {
+        spec: String,
+        source: crate::net::NetOptionsError,
+    },
     #[error("-s {0}: virtio-net needs vmnet (macOS); use virtio-tap,tapN on Linux")]
     NetNeedsVmnet(String),
     /// A feature of xhyve/HyperKit that this port will implement later.

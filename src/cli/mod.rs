@@ -1,20 +1,26 @@
-//! xhyve-compatible command-line parsing into a typed [`VmConfig`]. No I/O happens here.
+//! xhyve-compatible command-line parsing into a typed [`VmConfig`] (defined in
+//! `crate::config`). No I/O happens here, and nothing else parses an option string.
 
-mod config;
 mod error;
 mod firmware;
 mod lpc;
 mod memsize;
-mod net;
 mod parse;
 mod pci;
 mod usage;
 
-pub use config::*;
+pub use crate::config::*;
 pub use error::CliError;
-pub use net::{
-    first_nic, first_nic_mac, parse_tap_options, parse_vmnet_options, tap_mac, TapOptions,
-    VmnetOptions,
-};
 pub use parse::parse;
 pub use usage::{usage, version_text};
+
+/// What the command line asks `xhyve` to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Boot a virtual machine.
+    Run(Box<VmConfig>),
+    /// `-h`: print usage to stderr and exit 0.
+    Help,
+    /// `-v`: print the version to stderr and exit 0.
+    Version,
+}

@@ -129,7 +129,7 @@ where
     }
     for spec in values(&matches, "pci") {
         let device = parse_pci_device(spec)?;
-        add_pci_device(&mut config.pci_devices, spec, device)?;
+        add_pci_device(&mut config.devices, spec, device)?;
     }
     // After -c, wherever it was given: a pin names an existing vCPU.
     for value in values(&matches, "cpu_pin") {
@@ -265,7 +265,7 @@ fn parse_uuid(value: &str) -> Option<[u8; 16]> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::{Firmware, PciDeviceConfig, PciDeviceKind, SerialBackend};
+    use crate::cli::{DeviceConfig, DeviceKind, Firmware, PciAddress, SerialBackend};
 
     const KEXEC: &str = "kexec,vmlinuz,initrd.gz,earlyprintk=serial console=ttyS0";
 
@@ -330,7 +330,7 @@ mod tests {
         assert_eq!(c.firmware, kexec_firmware());
 
         let c = config(&["-s0,hostbridge", "-lcom1,stdio", "-f", KEXEC]);
-        assert_eq!(c.pci_devices.len(), 1);
+        assert_eq!(c.devices.len(), 1);
         assert_eq!(c.com1, Some(SerialBackend::Stdio));
     }
 
@@ -482,21 +482,23 @@ mod tests {
     fn pci_devices_keep_their_order() {
         let c = config(&["-s", "31,lpc", "-s", "0:0,hostbridge", "-f", KEXEC]);
         assert_eq!(
-            c.pci_devices,
+            c.devices,
             vec![
-                PciDeviceConfig {
-                    bus: 0,
-                    slot: 31,
-                    function: 0,
-                    kind: PciDeviceKind::Lpc,
-                    options: None,
+                DeviceConfig {
+                    address: PciAddress {
+                        bus: 0,
+                        slot: 31,
+                        function: 0
+                    },
+                    kind: DeviceKind::Lpc,
                 },
-                PciDeviceConfig {
-                    bus: 0,
-                    slot: 0,
-                    function: 0,
-                    kind: PciDeviceKind::Hostbridge,
-                    options: None,
+                DeviceConfig {
+                    address: PciAddress {
+                        bus: 0,
+                        slot: 0,
+                        function: 0
+                    },
+                    kind: DeviceKind::Hostbridge,
                 },
             ]
         );
@@ -550,7 +552,7 @@ mod tests {
         assert!(!config(&["-f", KEXEC]).print_mac);
         let c = config(&["-M", "-s", "2,virtio-tap,tap0", "-f", KEXEC]);
         assert!(c.print_mac);
-        assert!(crate::cli::first_nic_mac(&c).is_some());
+        assert!(c.first_nic_mac().is_some());
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! `-s [bus:]slot[:func],emulation[,config]`: one PCI device per argument.
 
-use super::{parse_tap_options, parse_vmnet_options, CliError, PciDeviceConfig, PciDeviceKind};
+use super::{
+    BlockOptions, CliError, DeviceConfig, DeviceKind, PciAddress, TapOptions, VmnetOptions,
+};
 
 /// Emulations of xhyve/HyperKit that this port will add later; named so users get
 /// "not supported yet" rather than "unknown device".
@@ -14,32 +16,54 @@ const LATER_EMULATIONS: &[&str] = &[
     "dummy",
 ];
 
-/// Parses one `-s` argument (without checking it against other devices).
-pub fn parse_pci_device(spec: &str) -> Result<PciDeviceConfig, CliError> {
+const BLOCK_USAGE: &str = "PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]][,flush=full|fsync]";
+
+/// Parses one `-s` argument, options included (without checking it against other devices).
+pub fn parse_pci_device(spec: &str) -> Result<DeviceConfig, CliError> {
     let mut fields = spec.splitn(3, ',');
     let location = fields.next().unwrap_or_default();
     let emulation = fields.next().unwrap_or_default();
-    let options = fields.next().map(str::to_string);
+    let options = fields.next();
 
     let (bus, slot, function) = parse_location(location)?;
     if emulation.is_empty() {
         return Err(CliError::MissingPciEmulation(spec.to_string()));
     }
+    let no_options = |kind: DeviceKind| match options {
+        Some(_) => Err(CliError::PciOptionsNotAccepted {
+            spec: spec.to_string(),
+            name: kind.name(),
+        }),
+        None => Ok(kind),
+    };
+    let block = |name: &'static str| -> Result<BlockOptions, CliError> {
+        let Some(options) = options else {
+            return Err(CliError::PciOptionsRequired {
+                spec: spec.to_string(),
+                name,
+                usage: BLOCK_USAGE,
+            });
+        };
+        BlockOptions::parse(options).map_err(|source| CliError::InvalidBlockOptions {
+            spec: spec.to_string(),
+            source,
+        })
+    };
+    let net_error = |source| CliError::InvalidNetOptions {
+        spec: spec.to_string(),
+        source,
+    };
     let kind = match emulation {
-        "hostbridge" => PciDeviceKind::Hostbridge,
-        "amd_hostbridge" => PciDeviceKind::AmdHostbridge,
-        "lpc" => PciDeviceKind::Lpc,
-        "virtio-rnd" => PciDeviceKind::VirtioRnd,
-        "virtio-blk" => PciDeviceKind::VirtioBlk,
-        "ahci-hd" => PciDeviceKind::AhciHd,
-        "ahci-cd" => PciDeviceKind::AhciCd,
-        "virtio-tap" => {
-            parse_tap_options(spec, options.as_deref())?;
-            PciDeviceKind::VirtioTap
-        }
+        "hostbridge" => no_options(DeviceKind::Hostbridge)?,
+        "amd_hostbridge" => no_options(DeviceKind::AmdHostbridge)?,
+        "lpc" => no_options(DeviceKind::Lpc)?,
+        "virtio-rnd" => no_options(DeviceKind::VirtioRnd)?,
+        "virtio-blk" => DeviceKind::VirtioBlk(block("virtio-blk")?),
+        "ahci-hd" => DeviceKind::AhciHd(block("ahci-hd")?),
+        "ahci-cd" => DeviceKind::AhciCd(block("ahci-cd")?),
+        "virtio-tap" => DeviceKind::VirtioTap(TapOptions::parse(options).map_err(net_error)?),
         "virtio-net" if cfg!(target_os = "macos") => {
-            parse_vmnet_options(spec, options.as_deref())?;
-            PciDeviceKind::VirtioNet
+            DeviceKind::VirtioNet(VmnetOptions::parse(options).map_err(net_error)?)
         }
         "virtio-net" => return Err(CliError::NetNeedsVmnet(spec.to_string())),
         later if LATER_EMULATIONS.contains(&later) => {
@@ -55,46 +79,42 @@ pub fn parse_pci_device(spec: &str) -> Result<PciDeviceConfig, CliError> {
             })
         }
     };
-    if takes_block_options(kind) {
-        check_block_options(spec, kind, options.as_deref())?;
-    } else if options.is_some() && !is_network(kind) {
-        return Err(CliError::PciOptionsNotAccepted {
-            spec: spec.to_string(),
-            name: kind_name(kind),
-        });
-    }
-    if kind == PciDeviceKind::Lpc && bus != 0 {
+    if kind == DeviceKind::Lpc && bus != 0 {
         return Err(CliError::InvalidPciPlacement {
             spec: spec.to_string(),
             reason: "the LPC bridge must be on bus 0",
         });
     }
-    Ok(PciDeviceConfig {
-        bus,
-        slot,
-        function,
+    Ok(DeviceConfig {
+        address: PciAddress {
+            bus,
+            slot,
+            function,
+        },
         kind,
-        options,
     })
 }
 
-/// Adds a parsed device to the list, rejecting an occupied bus:slot:func and a second LPC bridge.
+/// Adds a parsed device to the list, rejecting an occupied bus:slot:func and a second LPC
+/// bridge. These are the only placement rules; the device manager trusts them.
 pub fn add_pci_device(
-    devices: &mut Vec<PciDeviceConfig>,
+    devices: &mut Vec<DeviceConfig>,
     spec: &str,
-    device: PciDeviceConfig,
+    device: DeviceConfig,
 ) -> Result<(), CliError> {
-    let same_place = |d: &&PciDeviceConfig| {
-        (d.bus, d.slot, d.function) == (device.bus, device.slot, device.function)
-    };
-    if devices.iter().any(|d| same_place(&d)) {
+    if devices.iter().any(|d| d.address == device.address) {
+        let PciAddress {
+            bus,
+            slot,
+            function,
+        } = device.address;
         return Err(CliError::PciSlotOccupied {
-            bus: device.bus,
-            slot: device.slot,
-            function: device.function,
+            bus,
+            slot,
+            function,
         });
     }
-    if device.kind == PciDeviceKind::Lpc && devices.iter().any(|d| d.kind == PciDeviceKind::Lpc) {
+    if device.kind == DeviceKind::Lpc && devices.iter().any(|d| d.kind == DeviceKind::Lpc) {
         return Err(CliError::InvalidPciPlacement {
             spec: spec.to_string(),
             reason: "only one LPC bridge is allowed",
@@ -102,53 +122,6 @@ pub fn add_pci_device(
     }
     devices.push(device);
     Ok(())
-}
-
-fn takes_block_options(kind: PciDeviceKind) -> bool {
-    matches!(
-        kind,
-        PciDeviceKind::VirtioBlk | PciDeviceKind::AhciHd | PciDeviceKind::AhciCd
-    )
-}
-
-fn kind_name(kind: PciDeviceKind) -> &'static str {
-    match kind {
-        PciDeviceKind::Hostbridge => "hostbridge",
-        PciDeviceKind::AmdHostbridge => "amd_hostbridge",
-        PciDeviceKind::Lpc => "lpc",
-        PciDeviceKind::VirtioRnd => "virtio-rnd",
-        PciDeviceKind::VirtioBlk => "virtio-blk",
-        PciDeviceKind::AhciHd => "ahci-hd",
-        PciDeviceKind::AhciCd => "ahci-cd",
-        PciDeviceKind::VirtioTap => "virtio-tap",
-        PciDeviceKind::VirtioNet => "virtio-net",
-    }
-}
-
-/// Network devices parse their own options (checked above).
-fn is_network(kind: PciDeviceKind) -> bool {
-    matches!(kind, PciDeviceKind::VirtioTap | PciDeviceKind::VirtioNet)
-}
-
-/// Block devices need an image path; the rest of the string must parse as xhyve's options.
-fn check_block_options(
-    spec: &str,
-    kind: PciDeviceKind,
-    options: Option<&str>,
-) -> Result<(), CliError> {
-    let Some(options) = options else {
-        return Err(CliError::PciOptionsRequired {
-            spec: spec.to_string(),
-            name: kind_name(kind),
-            usage: "PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]][,flush=full|fsync]",
-        });
-    };
-    crate::block::BlockOptions::parse(options)
-        .map(|_| ())
-        .map_err(|source| CliError::InvalidBlockOptions {
-            spec: spec.to_string(),
-            source,
-        })
 }
 
 /// `slot`, `slot:func` or `bus:slot:func`.
@@ -192,13 +165,14 @@ fn parse_field(field: &'static str, value: &str, max: u8) -> Result<u8, CliError
 mod tests {
     use super::*;
 
-    fn device(bus: u8, slot: u8, function: u8, kind: PciDeviceKind) -> PciDeviceConfig {
-        PciDeviceConfig {
-            bus,
-            slot,
-            function,
+    fn device(bus: u8, slot: u8, function: u8, kind: DeviceKind) -> DeviceConfig {
+        DeviceConfig {
+            address: PciAddress {
+                bus,
+                slot,
+                function,
+            },
             kind,
-            options: None,
         }
     }
 
@@ -210,28 +184,28 @@ mod tests {
     fn location_forms() {
         assert_eq!(
             parse_pci_device("0:0,hostbridge").unwrap(),
-            device(0, 0, 0, PciDeviceKind::Hostbridge)
+            device(0, 0, 0, DeviceKind::Hostbridge)
         );
         assert_eq!(
             parse_pci_device("31,lpc").unwrap(),
-            device(0, 31, 0, PciDeviceKind::Lpc)
+            device(0, 31, 0, DeviceKind::Lpc)
         );
         // Two numbers are slot:func, as in bhyve.
         assert_eq!(
             parse_pci_device("5:7,amd_hostbridge").unwrap(),
-            device(0, 5, 7, PciDeviceKind::AmdHostbridge)
+            device(0, 5, 7, DeviceKind::AmdHostbridge)
         );
         assert_eq!(
             parse_pci_device("4,virtio-rnd").unwrap(),
-            device(0, 4, 0, PciDeviceKind::VirtioRnd)
+            device(0, 4, 0, DeviceKind::VirtioRnd)
         );
         assert_eq!(
             parse_pci_device("1:2:3,hostbridge").unwrap(),
-            device(1, 2, 3, PciDeviceKind::Hostbridge)
+            device(1, 2, 3, DeviceKind::Hostbridge)
         );
         assert_eq!(
             parse_pci_device("255:31:7,hostbridge").unwrap(),
-            device(255, 31, 7, PciDeviceKind::Hostbridge)
+            device(255, 31, 7, DeviceKind::Hostbridge)
         );
     }
 
@@ -321,28 +295,31 @@ mod tests {
     #[test]
     fn virtio_blk_keeps_its_option_string() {
         let d = parse_pci_device("4:1,virtio-blk,/img/d.img,ro,sectorsize=512/4096").unwrap();
-        assert_eq!(
-            (d.slot, d.function, d.kind),
-            (4, 1, PciDeviceKind::VirtioBlk)
-        );
-        assert_eq!(
-            d.options.as_deref(),
-            Some("/img/d.img,ro,sectorsize=512/4096")
-        );
+        assert_eq!((d.address.slot, d.address.function), (4, 1));
+        let DeviceKind::VirtioBlk(options) = d.kind else {
+            panic!("not virtio-blk: {:?}", d.kind);
+        };
+        assert_eq!(options.spec, "/img/d.img,ro,sectorsize=512/4096");
+        assert!(options.read_only);
+        assert_eq!(options.physical_sector_size, 4096);
     }
 
     #[test]
     fn ahci_devices_require_block_options() {
         let hd = parse_pci_device("4,ahci-hd,/tmp/disk.img,ro,sectorsize=4096").unwrap();
-        assert_eq!(hd.kind, PciDeviceKind::AhciHd);
         assert_eq!(
-            hd.options.as_deref(),
-            Some("/tmp/disk.img,ro,sectorsize=4096")
+            hd.kind,
+            DeviceKind::AhciHd(BlockOptions::parse("/tmp/disk.img,ro,sectorsize=4096").unwrap())
         );
         let cd = parse_pci_device("0:5:1,ahci-cd,/tmp/a.iso").unwrap();
         assert_eq!(
-            (cd.slot, cd.function, cd.kind),
-            (5, 1, PciDeviceKind::AhciCd)
+            cd,
+            device(
+                0,
+                5,
+                1,
+                DeviceKind::AhciCd(BlockOptions::parse("/tmp/a.iso").unwrap())
+            )
         );
         assert_eq!(
             error("4,ahci-hd"),
@@ -381,10 +358,15 @@ mod tests {
     fn virtio_tap_keeps_its_options_and_virtio_net_explains_itself() {
         assert_eq!(
             parse_pci_device("2:1,virtio-tap,tap0,mac=02:00:00:00:00:01").unwrap(),
-            PciDeviceConfig {
-                options: Some("tap0,mac=02:00:00:00:00:01".into()),
-                ..device(0, 2, 1, PciDeviceKind::VirtioTap)
-            }
+            device(
+                0,
+                2,
+                1,
+                DeviceKind::VirtioTap(TapOptions {
+                    name: "tap0".into(),
+                    mac: Some(crate::net::MacAddr([2, 0, 0, 0, 0, 1]))
+                })
+            )
         );
         assert_eq!(
             error("2,virtio-tap,tap0,mac=nope"),
@@ -402,10 +384,14 @@ mod tests {
         {
             assert_eq!(
                 parse_pci_device("2,virtio-net,mac=02:00:00:00:00:03").unwrap(),
-                PciDeviceConfig {
-                    options: Some("mac=02:00:00:00:00:03".into()),
-                    ..device(0, 2, 0, PciDeviceKind::VirtioNet)
-                }
+                device(
+                    0,
+                    2,
+                    0,
+                    DeviceKind::VirtioNet(VmnetOptions {
+                        mac: Some(crate::net::MacAddr([2, 0, 0, 0, 0, 3]))
+                    })
+                )
             );
             assert!(error("2,virtio-net,tap0").contains("unknown option \"tap0\""));
         }

@@ -3,6 +3,7 @@
 pub mod ahci;
 pub mod bus;
 pub mod doorbell;
+pub mod event_loop;
 pub mod irq;
 pub mod pci;
 pub mod power;
@@ -12,3 +13,47 @@ pub mod serial;
 pub mod terminal;
 pub mod virtio;
 pub mod virtio_blk_req;
+
+use std::sync::Arc;
+
+use pci::SharedPciDevice;
+
+/// What the device manager keeps of a device besides its place on a bus: the owner of its
+/// threads. Dropping it stops them (no thread outlives its device).
+pub trait DeviceHandle: Send {
+    /// Stops touching guest memory and raising interrupts: a request in flight finishes,
+    /// the rest wait in their queues. Returns once the device is quiet.
+    fn pause(&mut self) {}
+    /// Serves again whatever the guest queued meanwhile.
+    fn resume(&mut self) {}
+    /// Back to the power-on state (a machine reset).
+    fn reset(&mut self) {}
+}
+
+/// A PCI function as a device's builder returns it.
+pub struct BuiltDevice {
+    pub function: SharedPciDevice,
+    pub handle: Option<Box<dyn DeviceHandle>>,
+}
+
+impl BuiltDevice {
+    /// A function with no threads of its own.
+    pub fn plain(function: SharedPciDevice) -> Self {
+        BuiltDevice {
+            function,
+            handle: None,
+        }
+    }
+
+    pub fn with_handle(function: SharedPciDevice, handle: impl DeviceHandle + 'static) -> Self {
+        BuiltDevice {
+            function,
+            handle: Some(Box::new(handle)),
+        }
+    }
+
+    /// A function built on its own mutex type, e.g. `Arc<Mutex<VirtioPci<D>>>`.
+    pub fn shared<T: pci::PciDevice + 'static>(function: Arc<std::sync::Mutex<T>>) -> Self {
+        Self::plain(function)
+    }
+}

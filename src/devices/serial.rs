@@ -19,7 +19,17 @@ use vm_superio::{Serial, Trigger};
 use super::bus::{lock, BusDevice};
 use super::irq::InterruptLine;
 use super::terminal::{Terminal, TerminalError, TerminalHold};
-use crate::cli::SerialBackend;
+
+/// Where a COM port's bytes go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialBackend {
+    /// The terminal `xhyve` runs in, in raw mode (restored on every exit).
+    Stdio,
+    /// A new pseudo-terminal; its name is printed as `COMn connected to /dev/pts/N`.
+    Autopty,
+    /// An existing terminal device.
+    Tty(PathBuf),
+}
 
 /// Number of I/O ports a 16550 decodes.
 pub const UART_PORT_COUNT: u64 = 8;

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use crate::cli::SerialBackend;
+use super::serial::SerialBackend;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TerminalError {

@@ -12,7 +12,7 @@
 
 use crate::block::serial::virtio_blk_id;
 use crate::block::{check_range, BlockBackend, BlockError};
-use crate::vmm::memory::GuestMemory;
+use crate::memory::GuestMemory;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 pub const VIRTIO_BLK_T_IN: u32 = 0;

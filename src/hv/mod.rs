@@ -33,8 +33,6 @@ pub enum HvError {
     MissingCapability(&'static str),
     #[error("no hypervisor back end for this platform")]
     Unavailable,
-    #[error("unknown hypervisor back end \"{0}\" (XHYVE_HV): expected {BACKEND_NAME}")]
-    UnknownBackend(String),
 }
 
 /// How the machine's interrupt controllers and timers are provided.
@@ -260,55 +258,25 @@ pub enum RunState {
     Halted,
 }
 
-/// The name `XHYVE_HV` may give: each platform has exactly one back end.
+/// The name `XHYVE_HV` may give (checked once, in `config::HostSettings`): each platform has exactly one back end.
 pub const BACKEND_NAME: &str = if cfg!(target_os = "macos") {
     "hvf"
 } else {
     "kvm"
 };
 
-/// The back end for this platform, or the one `XHYVE_HV` names.
-pub fn default_hypervisor() -> Result<Box<dyn Hypervisor>, HvError> {
-    check_backend_name(std::env::var("XHYVE_HV").ok())?;
-    platform_hypervisor()
-}
-
-fn check_backend_name(name: Option<String>) -> Result<(), HvError> {
-    match name {
-        Some(name) if name != BACKEND_NAME => Err(HvError::UnknownBackend(name)),
-        _ => Ok(()),
-    }
-}
-
+/// The hypervisor back end of this platform.
 #[cfg(target_os = "linux")]
-fn platform_hypervisor() -> Result<Box<dyn Hypervisor>, HvError> {
+pub fn platform_hypervisor() -> Result<Box<dyn Hypervisor>, HvError> {
     Ok(Box::new(kvm::Kvm::new()?))
 }
 
 #[cfg(target_os = "macos")]
-fn platform_hypervisor() -> Result<Box<dyn Hypervisor>, HvError> {
+pub fn platform_hypervisor() -> Result<Box<dyn Hypervisor>, HvError> {
     Ok(Box::new(hvf::Hvf::new()?))
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "macos")))]
-fn platform_hypervisor() -> Result<Box<dyn Hypervisor>, HvError> {
+pub fn platform_hypervisor() -> Result<Box<dyn Hypervisor>, HvError> {
     Err(HvError::Unavailable)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn xhyve_hv_accepts_only_this_platforms_back_end() {
-        assert!(check_backend_name(None).is_ok());
-        assert!(check_backend_name(Some(BACKEND_NAME.into())).is_ok());
-        let other = if BACKEND_NAME == "kvm" { "hvf" } else { "kvm" };
-        assert_eq!(
-            check_backend_name(Some(other.into()))
-                .unwrap_err()
-                .to_string(),
-            format!("unknown hypervisor back end \"{other}\" (XHYVE_HV): expected {BACKEND_NAME}")
-        );
-    }
 }

@@ -2,6 +2,7 @@
 //! the MAC address rule.
 
 pub mod mac;
+pub mod options;
 #[cfg(target_os = "linux")]
 pub mod tap;
 /// Compiled everywhere: its portable helpers are tested on Linux; the framework calls are
@@ -9,6 +10,7 @@ pub mod tap;
 pub mod vmnet;
 
 pub use mac::{derive_mac, MacAddr, MacError};
+pub use options::{NetOptionsError, TapOptions, VmnetOptions};
 
 /// Whether `name` can name a host network interface: the kernel's 15-byte limit, and only
 /// characters that need no quoting in scripts.

@@ -2,7 +2,7 @@
 //! the machine to stop and why, and the poll that detects "every vCPU halted".
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -37,6 +37,21 @@ pub struct Control {
     poll_generation: AtomicU64,
     samples: Vec<Sample>,
     serial_tail: Mutex<Option<SerialTail>>,
+    /// Set while the machine's vCPUs must stay out of the guest (`pause_vcpus`); read with
+    /// one atomic load on every pass of the vCPU loop.
+    pause_requested: AtomicBool,
+    pause: Mutex<PauseState>,
+    pause_changed: Condvar,
+}
+
+/// How many vCPU threads are out of the guest for a pause.
+#[derive(Default)]
+struct PauseState {
+    /// Parked at the top of their loop.
+    parked: u8,
+    /// Blocked in the VMM's own HLT or wait-for-SIPI (user irqchip): not running guest code,
+    /// and they park before they run it again.
+    idle: u8,
 }
 
 impl Control {
@@ -55,6 +70,9 @@ impl Control {
                 })
                 .collect(),
             serial_tail: Mutex::new(None),
+            pause_requested: AtomicBool::new(false),
+            pause: Mutex::new(PauseState::default()),
+            pause_changed: Condvar::new(),
         };
         (Arc::new(control), woken)
     }
@@ -151,6 +169,83 @@ impl Control {
     }
 }
 
+/// Pausing the vCPUs.
+impl Control {
+    /// Whether a vCPU must park before it enters the guest.
+    pub fn pause_requested(&self) -> bool {
+        self.pause_requested.load(Ordering::SeqCst)
+    }
+
+    /// Stops every vCPU from running guest code: returns once each of the `vcpus` threads
+    /// is parked (or idle in the VMM's HLT/SIPI wait, which parks before the guest runs
+    /// again), or the machine stops.
+    pub fn pause_vcpus(&self, vcpus: u8) {
+        self.pause_requested.store(true, Ordering::SeqCst);
+        let mut state = lock(&self.pause);
+        loop {
+            if state.parked.saturating_add(state.idle) >= vcpus || self.is_stopping() {
+                return;
+            }
+            drop(state);
+            // A vCPU inside the guest leaves it only when kicked; kick until all are out.
+            self.kick_all();
+            state = lock(&self.pause);
+            state = match self
+                .pause_changed
+                .wait_timeout(state, Duration::from_millis(10))
+            {
+                Ok((state, _)) => state,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+    }
+
+    /// Lets parked vCPUs run the guest again.
+    pub fn resume_vcpus(&self) {
+        let _state = lock(&self.pause);
+        self.pause_requested.store(false, Ordering::SeqCst);
+        self.pause_changed.notify_all();
+    }
+
+    /// Called by a vCPU thread at a point where it is out of the guest: waits while a pause
+    /// is requested (or until the machine stops).
+    pub fn park(&self) {
+        let mut state = lock(&self.pause);
+        if !self.pause_requested() {
+            return;
+        }
+        state.parked += 1;
+        self.pause_changed.notify_all();
+        while self.pause_requested() && !self.is_stopping() {
+            state = match self
+                .pause_changed
+                .wait_timeout(state, Duration::from_millis(50))
+            {
+                Ok((state, _)) => state,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+        state.parked -= 1;
+    }
+
+    /// A vCPU thread blocks in the VMM's HLT or SIPI wait until the guard drops.
+    pub fn idle(&self) -> IdleGuard<'_> {
+        lock(&self.pause).idle += 1;
+        self.pause_changed.notify_all();
+        IdleGuard(self)
+    }
+}
+
+/// Counts a vCPU as out of the guest while it lives (see [`Control::idle`]).
+pub struct IdleGuard<'a>(&'a Control);
+
+impl Drop for IdleGuard<'_> {
+    fn drop(&mut self) {
+        let mut state = lock(&self.0.pause);
+        state.idle = state.idle.saturating_sub(1);
+    }
+}
+
 impl PowerControl for Control {
     fn request(&self, event: PowerEvent) {
         self.stop(StopReason::Guest(event));
@@ -200,5 +295,51 @@ mod tests {
             !control.poll_all_halted(Duration::from_millis(5)),
             "nobody ever ran"
         );
+    }
+
+    /// Fake vCPU threads that count their trips into the "guest" and park as the real loop
+    /// does: a pause stops every trip, a resume lets them go on.
+    #[test]
+    fn pause_parks_every_vcpu_and_resume_releases_them() {
+        use std::sync::atomic::AtomicUsize;
+        let (control, _woken) = Control::new(2);
+        let trips: Arc<Vec<AtomicUsize>> = Arc::new((0..3).map(|_| AtomicUsize::new(0)).collect());
+        let mut threads = Vec::new();
+        for id in 0..2 {
+            let control = control.clone();
+            let trips = trips.clone();
+            threads.push(std::thread::spawn(move || {
+                while !control.is_stopping() {
+                    if control.pause_requested() {
+                        control.park();
+                        continue;
+                    }
+                    trips[id].fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }));
+        }
+        // A third vCPU sits in the VMM's HLT: it counts as out of the guest.
+        let idle = control.idle();
+        control.pause_vcpus(3);
+        let before: Vec<usize> = trips.iter().map(|t| t.load(Ordering::SeqCst)).collect();
+        std::thread::sleep(Duration::from_millis(30));
+        let after: Vec<usize> = trips.iter().map(|t| t.load(Ordering::SeqCst)).collect();
+        assert_eq!(before, after, "a vCPU ran while paused");
+        drop(idle);
+        control.resume_vcpus();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while trips[0].load(Ordering::SeqCst) == after[0]
+            || trips[1].load(Ordering::SeqCst) == after[1]
+        {
+            assert!(std::time::Instant::now() < deadline, "not resumed");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // A stop releases parked vCPUs too.
+        control.pause_vcpus(2);
+        control.stop(StopReason::Fatal("test".into()));
+        for t in threads {
+            t.join().unwrap();
+        }
     }
 }

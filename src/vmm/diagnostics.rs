@@ -5,9 +5,9 @@ use std::fmt::Write;
 
 use vm_memory::{Bytes, GuestAddress};
 
-use super::memory::GuestMemory;
 use crate::hv::regs::CpuMode;
 use crate::hv::Vcpu;
+use crate::memory::GuestMemory;
 
 /// How many instruction bytes to show at RIP (the longest x86 instruction is 15 bytes).
 const INSTRUCTION_BYTES: usize = 15;

@@ -2,7 +2,7 @@
 //!
 //! With KVM's in-kernel irqchip, MSIs go through interrupt file descriptors (irqfd): a device
 //! thread raises one with a single write(2), no ioctl and no lock. `XHYVE_IRQFD=off` keeps
-//! them on KVM_SIGNAL_MSI, to compare.
+//! them on KVM_SIGNAL_MSI, to compare (read once into `config::HostSettings`).
 //!
 //! GSI lines stay on `Vm::set_irq_line` (KVM_IRQ_LINE). Levels: the device lowers its line
 //! (an ISR read) and the guest sees that at once in the IOAPIC's remote IRR and the PIC's IRR;
@@ -15,34 +15,10 @@
 #[cfg(target_os = "linux")]
 mod irqfd;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use crate::devices::irq::{InterruptLine, MsiSender};
 use crate::hv::Vm;
-
-/// Whether interrupts go through irqfds where the hypervisor has them (`XHYVE_IRQFD`, default
-/// on; `off` keeps KVM_IRQ_LINE and KVM_SIGNAL_MSI, to compare).
-pub fn irqfd_wanted() -> bool {
-    static WANTED: OnceLock<bool> = OnceLock::new();
-    *WANTED.get_or_init(|| match std::env::var("XHYVE_IRQFD") {
-        Err(_) => true,
-        Ok(value) => match parse_irqfd_setting(&value) {
-            Some(on) => on,
-            None => {
-                log::warn!("ignoring XHYVE_IRQFD=\"{value}\": expected on or off");
-                true
-            }
-        },
-    })
-}
-
-fn parse_irqfd_setting(value: &str) -> Option<bool> {
-    match value {
-        "" | "on" | "1" => Some(true),
-        "off" | "0" => Some(false),
-        _ => None,
-    }
-}
 
 /// A GSI driven through `Vm::set_irq_line` (KVM_IRQ_LINE with the in-kernel irqchip).
 pub struct HvInterruptLine {
@@ -69,8 +45,8 @@ impl InterruptLine for HvInterruptLine {
 }
 
 #[cfg(target_os = "linux")]
-fn hypervisor_msi_sender(vm: &Arc<dyn Vm>) -> Arc<dyn MsiSender> {
-    if irqfd_wanted() {
+fn hypervisor_msi_sender(vm: &Arc<dyn Vm>, irqfd: bool) -> Arc<dyn MsiSender> {
+    if irqfd {
         irqfd::IrqfdMsiSender::new(vm.clone())
     } else {
         HvMsiSender::new(vm.clone())
@@ -78,7 +54,7 @@ fn hypervisor_msi_sender(vm: &Arc<dyn Vm>) -> Arc<dyn MsiSender> {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn hypervisor_msi_sender(vm: &Arc<dyn Vm>) -> Arc<dyn MsiSender> {
+fn hypervisor_msi_sender(vm: &Arc<dyn Vm>, _irqfd: bool) -> Arc<dyn MsiSender> {
     HvMsiSender::new(vm.clone())
 }
 
@@ -123,14 +99,16 @@ impl crate::intc::hpet::HpetIrqSink for HvPinSink {
 /// (`UserIrqChip`). Devices get their lines from here and never know which.
 #[derive(Clone)]
 pub enum InterruptBackend {
-    Hypervisor(Arc<dyn Vm>),
+    /// The hypervisor's irqchip; `true`: MSIs through irqfds where it has them
+    /// (`XHYVE_IRQFD`).
+    Hypervisor(Arc<dyn Vm>, bool),
     User(Arc<super::user_irqchip::UserIrqChip>),
 }
 
 impl InterruptBackend {
     pub fn line(&self, gsi: u32) -> Arc<dyn InterruptLine> {
         match self {
-            InterruptBackend::Hypervisor(vm) => HvInterruptLine::new(vm.clone(), gsi),
+            InterruptBackend::Hypervisor(vm, _) => HvInterruptLine::new(vm.clone(), gsi),
             InterruptBackend::User(chip) => {
                 super::user_irqchip::UserInterruptLine::new(chip.clone(), gsi)
             }
@@ -139,7 +117,7 @@ impl InterruptBackend {
 
     pub fn msi_sender(&self) -> Arc<dyn MsiSender> {
         match self {
-            InterruptBackend::Hypervisor(vm) => hypervisor_msi_sender(vm),
+            InterruptBackend::Hypervisor(vm, irqfd) => hypervisor_msi_sender(vm, *irqfd),
             InterruptBackend::User(chip) => {
                 Arc::new(super::user_irqchip::UserMsiSender(chip.clone()))
             }
@@ -148,22 +126,10 @@ impl InterruptBackend {
 
     pub fn pin_sink(&self) -> Arc<dyn crate::intc::hpet::HpetIrqSink> {
         match self {
-            InterruptBackend::Hypervisor(vm) => HvPinSink::new(vm.clone()),
+            InterruptBackend::Hypervisor(vm, _) => HvPinSink::new(vm.clone()),
             InterruptBackend::User(chip) => {
                 Arc::new(super::user_irqchip::UserPinSink(chip.clone()))
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn irqfd_setting_names() {
-        assert_eq!(parse_irqfd_setting("off"), Some(false));
-        assert_eq!(parse_irqfd_setting("on"), Some(true));
-        assert_eq!(parse_irqfd_setting("of"), None);
     }
 }

@@ -1,6 +1,6 @@
 //! Builds the machine from a `VmConfig` and runs it to the end.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crossbeam_channel::RecvTimeoutError;
@@ -8,12 +8,14 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::control::Control;
 use super::exit::StopReason;
-use super::memory::{self, GuestMemory};
 use super::vcpu::VcpuContext;
 use super::{host, pidfile, signals};
-use crate::cli::VmConfig;
+use crate::config::VmConfig;
+use crate::device_manager::DeviceManager;
+use crate::devices::bus::lock;
 use crate::hv::cpuid::CpuidPolicy;
 use crate::hv::{self, HvError, IrqChipMode, Vcpu, Vm, VmOptions};
+use crate::memory::{self, GuestMemory};
 
 /// How often the main thread asks whether every vCPU is halted.
 const HALT_POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -30,16 +32,63 @@ pub enum VmmError {
     PidFile(#[from] pidfile::PidFileError),
     #[error("invalid -p {vcpu}:{host_cpu}: host CPU {host_cpu} is not available to xhyve")]
     BadPin { vcpu: u8, host_cpu: u32 },
-    #[error("{0}")]
-    Setup(String),
+    #[error(transparent)]
+    Devices(#[from] crate::device_manager::DeviceManagerError),
+    #[error(transparent)]
+    Tables(#[from] crate::arch::x86_64::tables::TablesError),
+    #[error(transparent)]
+    Boot(#[from] crate::arch::x86_64::boot::BootError),
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
 }
 
+/// The running machine, as a control API or a signal handler drives it. Cheap to clone;
+/// every method may be called from any thread.
+#[derive(Clone)]
+pub struct MachineHandle {
+    control: Arc<Control>,
+    devices: Arc<Mutex<DeviceManager>>,
+    vcpus: u8,
+}
+
+impl MachineHandle {
+    /// Pauses the whole machine and returns once it is quiet: first the vCPUs (each leaves
+    /// the guest at its next exit, so no new doorbell rings), then every device (each
+    /// finishes the request it is running; the rest wait in their queues). Timers keep
+    /// time, so the guest sees the pause as lost time. Idempotent.
+    pub fn pause(&self) {
+        self.control.pause_vcpus(self.vcpus);
+        lock(&self.devices).pause();
+    }
+
+    /// Resumes a paused machine: devices first (they serve what was queued), then the
+    /// vCPUs. Idempotent.
+    pub fn resume(&self) {
+        lock(&self.devices).resume();
+        self.control.resume_vcpus();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.control.pause_requested()
+    }
+
+    /// Stops the machine as a signal would (`xhyve` then exits with that signal's code).
+    pub fn stop(&self, reason: StopReason) {
+        self.control.stop(reason);
+        self.control.kick_all();
+    }
+}
+
 /// Builds and runs the machine; returns the process exit code.
 pub fn run(config: &VmConfig) -> Result<i32, VmmError> {
+    run_with(config, |_| {})
+}
+
+/// As [`run`], calling `started` with the machine's handle once its vCPUs run (a control
+/// API keeps it to pause, resume and stop the machine).
+pub fn run_with(config: &VmConfig, started: impl FnOnce(MachineHandle)) -> Result<i32, VmmError> {
     signals::block_termination_signals();
-    let hypervisor = hv::default_hypervisor()?;
+    let hypervisor = hv::platform_hypervisor()?;
     let pins = check_pins(config)?;
     let guest_memory = memory::create_guest_memory(config.memory_bytes)?;
     for region in guest_memory.iter() {
@@ -49,7 +98,7 @@ pub fn run(config: &VmConfig) -> Result<i32, VmmError> {
         }
     }
 
-    let irqchip = irqchip_mode()?;
+    let irqchip = config.host.irqchip;
     let options = VmOptions {
         vcpus: config.vcpus,
         irqchip,
@@ -63,7 +112,8 @@ pub fn run(config: &VmConfig) -> Result<i32, VmmError> {
         pidfile::create(path)?;
     }
     let (control, woken) = Control::new(config.vcpus);
-    let platform = super::platform::build(config, &vm, &guest_memory, &control, irqchip)?;
+    let mut devices = DeviceManager::new(config, &vm, &guest_memory, &control)?;
+    let boot = describe_and_load(config, &guest_memory)?;
 
     let supported = hypervisor.supported_cpuid()?;
     let policy = CpuidPolicy::new(config.vcpus, config.x2apic);
@@ -72,27 +122,32 @@ pub fn run(config: &VmConfig) -> Result<i32, VmmError> {
         let mut vcpu = vm.create_vcpu(id)?;
         vcpu.set_cpuid(&policy.apply(&supported, id))?;
         if id == 0 {
-            vcpu.set_sregs(&platform.boot.sregs)?;
-            vcpu.set_regs(&platform.boot.regs)?;
+            vcpu.set_sregs(&boot.sregs)?;
+            vcpu.set_regs(&boot.regs)?;
         }
         // After the segment registers, whose APIC base the MSRs then refine (x2APIC, -x).
-        vcpu.set_msrs(&boot_msrs(id, config.x2apic))?;
+        vcpu.set_msrs(&crate::arch::x86_64::msrs::boot_msrs(id, config.x2apic))?;
         vcpus.push(vcpu);
     }
 
-    let _serial_ports = platform.serial_ports;
-    signals::spawn(control.clone(), platform.power_button).map_err(VmmError::Thread)?;
+    signals::spawn(control.clone(), devices.take_power_button()).map_err(VmmError::Thread)?;
     let ctx = Arc::new(VcpuContext {
-        io_bus: platform.io_bus,
-        mmio_bus: platform.mmio_bus,
+        io_bus: devices.io_bus().clone(),
+        mmio_bus: devices.mmio_bus().clone(),
         control: control.clone(),
         memory: guest_memory.clone(),
         strict_io: config.strict_io,
         ignore_unknown_msrs: config.ignore_unknown_msrs,
         pins,
-        user_irqchip: platform.user_irqchip,
+        user_irqchip: devices.user_irqchip().cloned(),
     });
     let threads = start_vcpus(vcpus, &ctx)?;
+    let devices = Arc::new(Mutex::new(devices));
+    started(MachineHandle {
+        control: control.clone(),
+        devices: devices.clone(),
+        vcpus: config.vcpus,
+    });
 
     loop {
         match woken.recv_timeout(HALT_POLL_INTERVAL) {
@@ -115,31 +170,55 @@ pub fn run(config: &VmConfig) -> Result<i32, VmmError> {
     if let StopReason::Fatal(message) = &reason {
         eprintln!("xhyve: {message}");
     }
+    // The devices' threads stop before the VM goes: none outlives the machine.
+    drop(ctx);
+    drop(devices);
     drop(vm);
     Ok(reason.exit_code())
 }
 
-/// `XHYVE_IRQCHIP`: who emulates the interrupt controllers; the in-kernel irqchip unless
-/// told otherwise. Hypervisor.framework has none, so macOS always uses the VMM's own.
-fn irqchip_mode() -> Result<IrqChipMode, VmmError> {
-    let value = std::env::var("XHYVE_IRQCHIP").unwrap_or_default();
-    parse_irqchip_mode(&value, cfg!(target_os = "macos"))
-}
-
-fn parse_irqchip_mode(value: &str, user_only: bool) -> Result<IrqChipMode, VmmError> {
-    match value {
-        "" if user_only => Ok(IrqChipMode::User),
-        "kernel" if user_only => Err(VmmError::Setup(
-            "invalid XHYVE_IRQCHIP \"kernel\": Hypervisor.framework has no in-kernel irqchip; \
-             expected user"
-                .into(),
-        )),
-        "" | "kernel" => Ok(IrqChipMode::Kernel),
-        "user" => Ok(IrqChipMode::User),
-        other => Err(VmmError::Setup(format!(
-            "invalid XHYVE_IRQCHIP \"{other}\": expected kernel or user"
-        ))),
+/// Writes the firmware tables that describe the machine, then loads the guest.
+fn describe_and_load(
+    config: &VmConfig,
+    mem: &GuestMemory,
+) -> Result<crate::arch::x86_64::boot::BootSetup, VmmError> {
+    use crate::arch::x86_64::{boot, tables};
+    let description = tables::MachineDescription {
+        vcpus: config.vcpus,
+        memory_bytes: config.memory_bytes,
+        uuid: config.uuid,
+        pci_intx: config
+            .devices
+            .iter()
+            .flat_map(|d| {
+                (0..4).map(move |pin| tables::PciIntxRoute {
+                    bus: d.address.bus,
+                    slot: d.address.slot,
+                    pin,
+                    gsi: crate::devices::pci::intx_gsi(d.address.slot, pin),
+                })
+            })
+            .collect(),
+        lpc_slot: config.lpc_slot(),
+        com1: config.com1.is_some(),
+        com2: config.com2.is_some(),
+        hpet: true,
+    };
+    if config.mptable {
+        tables::write_mptable(mem, &description)?;
     }
+    tables::write_smbios(mem, &description)?;
+    let rsdp = if config.acpi {
+        Some(tables::write_acpi(mem, &description)?)
+    } else {
+        None
+    };
+    Ok(boot::load(
+        mem,
+        &config.firmware,
+        config.memory_bytes,
+        rsdp,
+    )?)
 }
 
 /// Kicks every vCPU until its thread has left the run loop, then joins it.
@@ -203,84 +282,4 @@ fn check_pins(config: &VmConfig) -> Result<Vec<Option<u32>>, VmmError> {
         }
     }
     Ok(pins)
-}
-
-const MSR_IA32_APIC_BASE: u32 = 0x1b;
-const MSR_IA32_SYSENTER_CS: u32 = 0x174;
-const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
-const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
-const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
-const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
-const MSR_STAR: u32 = 0xc000_0081;
-const MSR_LSTAR: u32 = 0xc000_0082;
-const MSR_CSTAR: u32 = 0xc000_0083;
-const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
-const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
-
-/// MSRs as firmware leaves them at boot: fast strings on, MTRRs on with write-back default,
-/// syscall MSRs clear, and the APIC base (in x2APIC mode with `-x`).
-fn boot_msrs(id: u8, x2apic: bool) -> Vec<(u32, u64)> {
-    let mut apic_base = memory::LAPIC_BASE | (1 << 11);
-    if id == 0 {
-        apic_base |= 1 << 8;
-    }
-    if x2apic {
-        apic_base |= 1 << 10;
-    }
-    vec![
-        (MSR_IA32_SYSENTER_CS, 0),
-        (MSR_IA32_SYSENTER_ESP, 0),
-        (MSR_IA32_SYSENTER_EIP, 0),
-        (MSR_STAR, 0),
-        (MSR_LSTAR, 0),
-        (MSR_CSTAR, 0),
-        (MSR_SYSCALL_MASK, 0),
-        (MSR_KERNEL_GS_BASE, 0),
-        (MSR_IA32_MISC_ENABLE, 1),
-        (MSR_MTRR_DEF_TYPE, (1 << 11) | 6),
-        (MSR_IA32_APIC_BASE, apic_base),
-    ]
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn irqchip_mode_names() {
-        assert_eq!(
-            parse_irqchip_mode("kernel", false).unwrap(),
-            IrqChipMode::Kernel
-        );
-        assert_eq!(parse_irqchip_mode("", false).unwrap(), IrqChipMode::Kernel);
-        assert_eq!(
-            parse_irqchip_mode("user", false).unwrap(),
-            IrqChipMode::User
-        );
-        let err = parse_irqchip_mode("usr", false).unwrap_err().to_string();
-        assert!(err.contains("\"usr\""), "{err}");
-    }
-
-    #[test]
-    fn irqchip_is_always_the_vmms_on_macos() {
-        assert_eq!(parse_irqchip_mode("", true).unwrap(), IrqChipMode::User);
-        assert_eq!(parse_irqchip_mode("user", true).unwrap(), IrqChipMode::User);
-        let err = parse_irqchip_mode("kernel", true).unwrap_err().to_string();
-        assert!(err.contains("no in-kernel irqchip"), "{err}");
-        assert!(parse_irqchip_mode("usr", true).is_err());
-    }
-
-    #[test]
-    fn apic_base_marks_the_bsp_and_x2apic() {
-        let base = |id, x2| {
-            boot_msrs(id, x2)
-                .into_iter()
-                .find(|&(i, _)| i == MSR_IA32_APIC_BASE)
-                .unwrap()
-                .1
-        };
-        assert_eq!(base(0, false), 0xfee0_0900);
-        assert_eq!(base(1, false), 0xfee0_0800);
-        assert_eq!(base(0, true), 0xfee0_0d00);
-    }
 }

@@ -8,15 +8,14 @@ pub mod exit;
 mod host;
 pub mod interrupts;
 mod machine;
-pub mod memory;
+
 pub mod pidfile;
-mod platform;
 pub mod signals;
 pub mod timers;
 pub mod user_irqchip;
 pub mod vcpu;
 
-pub use machine::{run, VmmError};
+pub use machine::{run, run_with, MachineHandle, VmmError};
 
 /// Undoes what the process changed outside itself: the pidfile and the terminal mode.
 /// Called on every exit path, including fatal ones.

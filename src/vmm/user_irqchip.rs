@@ -415,6 +415,8 @@ impl UserIrqChip {
             if self.control.is_stopping() {
                 return None;
             }
+            // Out of the guest while it waits: a machine pause need not wait for a SIPI.
+            let _idle = self.control.idle();
             generation = match wake.changed.wait(generation) {
                 Ok(g) => g,
                 Err(poisoned) => poisoned.into_inner(),
@@ -461,6 +463,8 @@ impl UserIrqChip {
             if self.control.is_stopping() {
                 return;
             }
+            // Out of the guest while halted: a machine pause need not wait for a wake-up.
+            let _idle = self.control.idle();
             generation = match wake.changed.wait(generation) {
                 Ok(g) => g,
                 Err(poisoned) => poisoned.into_inner(),

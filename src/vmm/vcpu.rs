@@ -8,12 +8,12 @@ use std::sync::Arc;
 use super::control::Control;
 use super::diagnostics;
 use super::exit::StopReason;
-use super::memory::GuestMemory;
 use super::user_irqchip::{EntryStep, UserIrqChip};
 use crate::devices::bus::Bus;
 use crate::devices::power::PowerEvent;
 use crate::hv::regs::{SegmentRegister, RFLAGS_IF};
 use crate::hv::{SystemEvent, Vcpu, VmExit};
+use crate::memory::GuestMemory;
 
 /// What every vCPU thread shares.
 pub struct VcpuContext {
@@ -67,9 +67,19 @@ pub fn run(mut vcpu: Box<dyn Vcpu>, ctx: Arc<VcpuContext>) {
         }
     }
     while !ctx.control.is_stopping() {
+        // A machine pause: one atomic load per pass when none is asked for.
+        if ctx.control.pause_requested() {
+            ctx.control.park();
+            continue;
+        }
         let mut step = Ok(());
         if let Some(chip) = &ctx.user_irqchip {
             step = prepare_user_entry(vcpu.as_mut(), chip, &ctx);
+            // Woken from the VMM's HLT or SIPI wait during a pause: park before the guest
+            // runs (the entry is prepared; it runs as prepared after the resume).
+            if ctx.control.pause_requested() {
+                ctx.control.park();
+            }
         }
         if let Err(reason) = step.and_then(|()| run_once(vcpu.as_mut(), &ctx)) {
             ctx.control.stop(reason);

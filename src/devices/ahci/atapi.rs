@@ -6,7 +6,7 @@
 use super::fis::{d2h_fis, H2dFis};
 use super::prd::PrdTable;
 use super::{AhciDrive, CommandOutcome, ATA_S_DRDY, ATA_S_DSC, ATA_S_ERR};
-use crate::vmm::memory::GuestMemory;
+use crate::memory::GuestMemory;
 
 /// CD sector size.
 pub const CD_SECTOR: u64 = 2048;

@@ -18,7 +18,7 @@ use crate::devices::pci::msi::Msi;
 use crate::devices::pci::{
     BarKind, BarSpec, ConfigSpace, ConfigSpaceError, PciDevice, PciIds, COMMAND_INTX_DISABLE,
 };
-use crate::vmm::memory::GuestMemory;
+use crate::memory::GuestMemory;
 use vm_memory::{Bytes, GuestAddress};
 
 /// The ABAR: the HBA's memory BAR.
@@ -125,6 +125,8 @@ pub enum AhciError {
     ConfigSpace(#[from] ConfigSpaceError),
     #[error("cannot start the AHCI I/O thread: {0}")]
     Worker(#[source] io::Error),
+    #[error(transparent)]
+    Disk(#[from] crate::block::BlockError),
 }
 
 /// What the HBA needs from the machine.
@@ -172,6 +174,23 @@ pub struct AhciHba {
 }
 
 impl AhciHba {
+    /// Builds `ahci-hd` or `ahci-cd` on the image `options` name (read-only for a CD).
+    pub fn build(
+        kind: DriveKind,
+        options: &crate::block::BlockOptions,
+        resources: AhciResources,
+    ) -> Result<crate::devices::BuiltDevice, AhciError> {
+        let mut options = options.clone();
+        if kind == DriveKind::Cdrom {
+            options.read_only = true;
+        }
+        let disk = crate::block::open_image(&options)?;
+        let hba = AhciHba::new(kind, disk, resources)?;
+        Ok(crate::devices::BuiltDevice::shared(Arc::new(Mutex::new(
+            hba,
+        ))))
+    }
+
     pub fn new(
         kind: DriveKind,
         disk: Arc<dyn BlockBackend>,

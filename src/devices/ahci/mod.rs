@@ -14,7 +14,7 @@ pub mod identify;
 pub mod prd;
 
 use crate::block::BlockBackend;
-use crate::vmm::memory::GuestMemory;
+use crate::memory::GuestMemory;
 use fis::{d2h_fis, pio_setup_fis, H2dFis, FIS_LEN, RX_D2H_OFFSET, RX_PIO_SETUP_OFFSET};
 use prd::{CommandHeader, PrdTable, ACMD_OFFSET};
 use std::sync::Arc;

@@ -4,7 +4,7 @@
 //! and every byte count. Walking it is bounded by the transfer length and by the entry
 //! count (at most 65535), and every access goes through vm-memory.
 
-use crate::vmm::memory::GuestMemory;
+use crate::memory::GuestMemory;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
 
 /// Size of one command header in the command list.

@@ -89,6 +89,7 @@ pub struct PciIds {
 }
 
 /// One function's configuration space.
+#[derive(Clone)]
 pub struct ConfigSpace {
     bytes: [u8; CONFIG_SPACE_SIZE],
     /// Bits the guest can set and clear.
@@ -102,6 +103,12 @@ pub struct ConfigSpace {
 }
 
 impl ConfigSpace {
+    /// Copies `other`'s register contents (not its write masks or layout): for a mirror of
+    /// a function's configuration space kept where another thread reads it.
+    pub fn copy_registers_from(&mut self, other: &ConfigSpace) {
+        self.bytes = other.bytes;
+    }
+
     /// A type-0 header with `ids`, everything else zero and read-only except the command
     /// register, the status error bits, cache line size, latency timer and interrupt line.
     pub fn new(ids: PciIds) -> Self {

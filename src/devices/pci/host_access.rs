@@ -83,7 +83,7 @@ impl BusDevice for PciConfigIo {
 }
 
 /// PCI Express enhanced configuration access (MMCONFIG) for bus 0: 4 KiB per function.
-/// Insert at `vmm::memory::PCI_ECAM_BASE` with length `PCI_ECAM_SIZE`.
+/// Insert at `arch::x86_64::layout::PCI_ECAM_BASE` with length `PCI_ECAM_SIZE`.
 pub struct PciEcam {
     bus: Arc<PciBus>,
 }
@@ -124,27 +124,20 @@ impl BusDevice for PciEcam {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::{PciDeviceConfig, PciDeviceKind};
+    use crate::arch::x86_64::layout::{PCI_ECAM_BASE, PCI_ECAM_SIZE};
     use crate::devices::bus::Bus;
-    use crate::devices::pci::tests::build_pci_bus;
-    use crate::vmm::memory::{PCI_ECAM_BASE, PCI_ECAM_SIZE};
+    use crate::devices::pci::{hostbridge::HostBridge, lpc::LpcBridge, PciAddress};
     use std::sync::Mutex;
 
+    /// xhyve's default functions: a hostbridge at 0:0 and the LPC bridge at 0:31.
     fn machine() -> Arc<PciBus> {
-        let cfg = |slot, kind| PciDeviceConfig {
-            bus: 0,
-            slot,
-            function: 0,
-            kind,
-            options: None,
-        };
-        Arc::new(
-            build_pci_bus(&[
-                cfg(0, PciDeviceKind::Hostbridge),
-                cfg(31, PciDeviceKind::Lpc),
-            ])
-            .unwrap(),
-        )
+        let mut bus = PciBus::new();
+        let at = |slot| PciAddress::new(0, slot, 0).unwrap();
+        bus.add(at(0), Arc::new(Mutex::new(HostBridge::netapp())))
+            .unwrap();
+        bus.add(at(31), Arc::new(Mutex::new(LpcBridge::new())))
+            .unwrap();
+        Arc::new(bus)
     }
 
     /// The port bus as the VMM lays it out: the latch at 0xCF8 (length 1), a stand-in for

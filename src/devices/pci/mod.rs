@@ -15,7 +15,7 @@ pub mod msix;
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 
 pub use config_space::{
     BarKind, BarSpec, ConfigSpace, ConfigSpaceError, DecodedBar, PciIds, BAR_COUNT,
@@ -26,31 +26,11 @@ pub use host_access::{PciConfigIo, PciEcam, PCI_CONFIG_ADDRESS_PORT, PCI_CONFIG_
 
 use super::bus::{lock, Bus, BusDevice};
 use super::doorbell::Doorbells;
-use super::irq::{InterruptLine, MsiSender};
-use super::virtio::blk::VirtioBlk;
-use super::virtio::pci::{VirtioPci, VirtioPciResources};
-use super::virtio::rnd::VirtioRnd;
-use crate::cli::{PciDeviceConfig, PciDeviceKind};
-use crate::vmm::memory::GuestMemory;
 
 /// The IOAPIC pin (GSI) of a slot's INTx pin (0 = INTA#): the usual swizzle over GSIs 16-23,
 /// the routing the MP table and the DSDT's `_PRT` describe.
 pub fn intx_gsi(slot: u8, pin: u8) -> u32 {
     16 + (u32::from(slot) + u32::from(pin)) % 8
-}
-
-/// What devices on the bus need from the machine.
-pub struct PciResources {
-    pub memory: GuestMemory,
-    pub msi: Arc<dyn MsiSender>,
-    /// The interrupt line for a GSI.
-    pub intx: Box<dyn Fn(u32) -> Arc<dyn InterruptLine>>,
-    /// `-W`: virtio devices use single-vector MSI instead of MSI-X.
-    pub virtio_single_msi: bool,
-    /// `-U`: network devices derive their MAC from it.
-    pub uuid: Option<[u8; 16]>,
-    /// Doorbells without VM exits (KVM with its in-kernel irqchip), if the machine has them.
-    pub doorbells: Option<Arc<dyn Doorbells>>,
 }
 
 /// A PCI function as the configuration-space accessors see it.
@@ -80,15 +60,10 @@ pub trait PciDevice: Send {
         let _ = (bar, offset, data);
     }
 
-    /// Offers the VMM's doorbell service; `me` is this function as the bus holds it, for
-    /// the service to ring. Functions without queue doorbells ignore it.
-    fn attach_doorbells(&mut self, doorbells: Arc<dyn Doorbells>, me: Weak<Mutex<dyn PciDevice>>) {
-        let _ = (doorbells, me);
-    }
-
-    /// A doorbell registered through [`Doorbells`] rang for `queue`.
-    fn ring_doorbell(&mut self, queue: u16) {
-        let _ = queue;
+    /// Offers the VMM's doorbell service, which can make a guest write ring a notifier
+    /// without a VM exit. Functions without queue doorbells ignore it.
+    fn attach_doorbells(&mut self, doorbells: Arc<dyn Doorbells>) {
+        let _ = doorbells;
     }
 }
 
@@ -119,7 +94,9 @@ impl BarWindows {
     /// xhyve's windows: I/O from 0x2000, 32-bit memory from the PCI hole up to ECAM, 64-bit
     /// memory in the 32 GiB after high RAM (the windows the DSDT publishes).
     pub fn for_memory(memory_bytes: u64) -> Self {
-        use crate::vmm::memory::{highmem_size, HIGHMEM_BASE, PCI_ECAM_BASE, PCI_HOLE_START};
+        use crate::arch::x86_64::layout::{
+            highmem_size, HIGHMEM_BASE, PCI_ECAM_BASE, PCI_HOLE_START,
+        };
         let high = HIGHMEM_BASE + highmem_size(memory_bytes);
         BarWindows {
             io: (0x2000, 0x1_0000),
@@ -176,18 +153,12 @@ pub enum PciError {
     BadFunction(PciAddress),
     #[error("PCI slot {0} is already in use")]
     Occupied(PciAddress),
-    #[error("only one LPC bridge is allowed (second at {0})")]
-    SecondLpc(PciAddress),
-    #[error("LPC bridge at {0} must be on bus 0")]
-    LpcNotOnBus0(PciAddress),
     #[error("no room for BAR {bar} ({size:#x} bytes) of {addr}")]
     NoRoomForBar {
         addr: PciAddress,
         bar: usize,
         size: u64,
     },
-    #[error("PCI device {addr}: {reason}")]
-    Device { addr: PciAddress, reason: String },
 }
 
 /// All PCI functions of the machine, and the buses their BARs appear on.
@@ -379,203 +350,14 @@ impl PciBus {
     }
 }
 
-/// Builds the PCI functions that `-s` asks for, with BARs on `io_bus` and `mmio_bus` (not
-/// yet placed: see [`PciBus::allocate_bars`]).
-pub fn build_pci_bus(
-    devices: &[PciDeviceConfig],
-    io_bus: Arc<Bus>,
-    mmio_bus: Arc<Bus>,
-    resources: &PciResources,
-) -> Result<PciBus, PciError> {
-    let mut bus = PciBus::with_buses(io_bus, mmio_bus);
-    let mut lpc_at: Option<PciAddress> = None;
-    for config in devices {
-        let addr = PciAddress::new(config.bus, config.slot, config.function)?;
-        let device: SharedPciDevice = match config.kind {
-            PciDeviceKind::Hostbridge => Arc::new(Mutex::new(hostbridge::HostBridge::netapp())),
-            PciDeviceKind::AmdHostbridge => Arc::new(Mutex::new(hostbridge::HostBridge::amd())),
-            PciDeviceKind::Lpc => {
-                if lpc_at.is_some() {
-                    return Err(PciError::SecondLpc(addr));
-                }
-                if addr.bus != 0 {
-                    return Err(PciError::LpcNotOnBus0(addr));
-                }
-                lpc_at = Some(addr);
-                Arc::new(Mutex::new(lpc::LpcBridge::new()))
-            }
-            PciDeviceKind::VirtioRnd => {
-                let transport = VirtioPciResources {
-                    memory: resources.memory.clone(),
-                    msi: resources.msi.clone(),
-                    intx: (resources.intx)(intx_gsi(addr.slot, 0)),
-                    single_msi: resources.virtio_single_msi,
-                };
-                let device =
-                    VirtioPci::new(VirtioRnd::new(), transport).map_err(|e| PciError::Device {
-                        addr,
-                        reason: e.to_string(),
-                    })?;
-                Arc::new(Mutex::new(device))
-            }
-            PciDeviceKind::VirtioBlk => {
-                let options = config.options.as_deref().unwrap_or_default();
-                VirtioBlk::build(options, virtio_transport(resources, addr)).map_err(|e| {
-                    PciError::Device {
-                        addr,
-                        reason: e.to_string(),
-                    }
-                })?
-            }
-            PciDeviceKind::VirtioTap => super::virtio::net::build_virtio_tap(
-                config,
-                resources.uuid,
-                virtio_transport(resources, addr),
-            )
-            .map_err(|reason| PciError::Device { addr, reason })?,
-            PciDeviceKind::VirtioNet => super::virtio::net::build_virtio_net(
-                config,
-                resources.uuid,
-                virtio_transport(resources, addr),
-            )
-            .map_err(|reason| PciError::Device { addr, reason })?,
-            PciDeviceKind::AhciHd | PciDeviceKind::AhciCd => {
-                Arc::new(Mutex::new(build_ahci(addr, config, resources)?))
-            }
-        };
-        if let Some(doorbells) = &resources.doorbells {
-            let me = Arc::downgrade(&device);
-            lock(&device).attach_doorbells(doorbells.clone(), me);
-        }
-        bus.add(addr, device)?;
-    }
-    Ok(bus)
-}
-
-/// What a virtio function at `addr` needs from the machine: memory, MSI and its INTx line.
-fn virtio_transport(resources: &PciResources, addr: PciAddress) -> VirtioPciResources {
-    VirtioPciResources {
-        memory: resources.memory.clone(),
-        msi: resources.msi.clone(),
-        intx: (resources.intx)(intx_gsi(addr.slot, 0)),
-        single_msi: resources.virtio_single_msi,
-    }
-}
-
-/// An `ahci-hd` or `ahci-cd` function with its image opened (read-only for a CD).
-fn build_ahci(
-    addr: PciAddress,
-    config: &PciDeviceConfig,
-    resources: &PciResources,
-) -> Result<crate::devices::ahci::hba::AhciHba, PciError> {
-    use crate::block::BlockOptions;
-    use crate::devices::ahci::{hba, DriveKind};
-    let device_error = |reason: String| PciError::Device { addr, reason };
-    let spec = config.options.as_deref().unwrap_or_default();
-    let mut options = BlockOptions::parse(spec).map_err(|e| device_error(e.to_string()))?;
-    let kind = if config.kind == PciDeviceKind::AhciCd {
-        options.read_only = true;
-        DriveKind::Cdrom
-    } else {
-        DriveKind::Disk
-    };
-    let disk = crate::block::open_image(&options).map_err(|e| device_error(e.to_string()))?;
-    let hba_resources = hba::AhciResources {
-        memory: resources.memory.clone(),
-        msi: resources.msi.clone(),
-        intx: (resources.intx)(intx_gsi(addr.slot, 0)),
-    };
-    hba::AhciHba::new(kind, disk, hba_resources).map_err(|e| device_error(e.to_string()))
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
 
-    fn cfg(bus: u8, slot: u8, function: u8, kind: PciDeviceKind) -> PciDeviceConfig {
-        PciDeviceConfig {
-            bus,
-            slot,
-            function,
-            kind,
-            options: None,
-        }
-    }
+    use crate::devices::pci::hostbridge::HostBridge;
 
-    struct NoMsi;
-    impl MsiSender for NoMsi {
-        fn send_msi(&self, _address: u64, _data: u32) {}
-    }
-
-    /// `build_pci_bus` with private buses, 1 MiB of RAM and recording interrupt sinks.
-    pub(crate) fn build_pci_bus(devices: &[PciDeviceConfig]) -> Result<PciBus, PciError> {
-        let resources = PciResources {
-            memory: GuestMemory::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap(),
-            msi: Arc::new(NoMsi),
-            intx: Box::new(|gsi| {
-                Arc::new(crate::devices::irq::test_util::RecordingLine {
-                    gsi,
-                    ..Default::default()
-                })
-            }),
-            virtio_single_msi: false,
-            uuid: None,
-            doorbells: None,
-        };
-        super::build_pci_bus(
-            devices,
-            Arc::new(Bus::new()),
-            Arc::new(Bus::new()),
-            &resources,
-        )
-    }
-
-    #[test]
-    fn builds_a_virtio_rnd_function_with_its_bars() {
-        let bus = build_pci_bus(&[cfg(0, 5, 0, PciDeviceKind::VirtioRnd)]).unwrap();
-        bus.allocate_bars(&BarWindows::for_memory(256 << 20))
-            .unwrap();
-        assert_eq!(read32(&bus, at(0, 5, 0), 0), 0x1005_1AF4);
-        assert_eq!(read32(&bus, at(0, 5, 0), 0x2C), 0x0004_1AF4);
-        assert_eq!(
-            read32(&bus, at(0, 5, 0), 0x3C) & 0xFFFF,
-            0x0100 | intx_gsi(5, 0)
-        );
-        assert_eq!(read32(&bus, at(0, 5, 0), 0x10), 0x2001);
-        assert_eq!(read32(&bus, at(0, 5, 0), 0x14), 0xC000_0000);
-        assert_eq!(read32(&bus, at(0, 5, 0), 0x18), 0xC000_4000);
-        assert_eq!(bus.mapped_bars(at(0, 5, 0)).len(), 3);
-    }
-
-    #[test]
-    fn builds_ahci_functions_from_image_options() {
-        // Two images: the disk's write lock would refuse a second opener of the same file.
-        let hd = crate::block::test_util::TempImage::new("pci-ahci-hd", 1 << 20);
-        let cd = crate::block::test_util::TempImage::new("pci-ahci-cd", 1 << 20);
-        let with_options = |slot, kind, img: &crate::block::test_util::TempImage| PciDeviceConfig {
-            options: Some(img.path.to_string_lossy().into_owned()),
-            ..cfg(0, slot, 0, kind)
-        };
-        let bus = build_pci_bus(&[
-            with_options(4, PciDeviceKind::AhciHd, &hd),
-            with_options(5, PciDeviceKind::AhciCd, &cd),
-        ])
-        .unwrap();
-        bus.allocate_bars(&BarWindows::for_memory(256 << 20))
-            .unwrap();
-        assert_eq!(read32(&bus, at(0, 4, 0), 0), 0x2821_8086);
-        assert_eq!(read32(&bus, at(0, 5, 0), 8) >> 8, 0x01_06_01);
-        assert_eq!(read32(&bus, at(0, 4, 0), 0x24), 0xC000_0000);
-        assert_eq!(read32(&bus, at(0, 5, 0), 0x24), 0xC000_1000);
-        let missing = PciDeviceConfig {
-            options: Some("/nonexistent/disk.img".to_string()),
-            ..cfg(0, 6, 0, PciDeviceKind::AhciHd)
-        };
-        let err = build_pci_bus(&[missing]).err().unwrap().to_string();
-        assert!(
-            err.starts_with("PCI device 0:6:0: cannot open disk image"),
-            "{err}"
-        );
+    fn hostbridge() -> SharedPciDevice {
+        Arc::new(Mutex::new(HostBridge::netapp()))
     }
 
     #[test]
@@ -596,63 +378,17 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn builds_xhyve_default_devices() {
-        let bus = build_pci_bus(&[
-            cfg(0, 0, 0, PciDeviceKind::Hostbridge),
-            cfg(0, 31, 0, PciDeviceKind::Lpc),
-        ])
-        .unwrap();
-        assert_eq!(read32(&bus, at(0, 0, 0), 0), 0x1275_1275);
-        assert_eq!(read32(&bus, at(0, 31, 0), 0), 0x7000_8086);
-        assert_eq!(read32(&bus, at(0, 31, 0), 8) >> 8, 0x06_01_00);
-        assert_eq!(read32(&bus, at(0, 1, 0), 0), 0xFFFF_FFFF);
-    }
-
-    #[test]
     fn multifunction_bit_follows_the_slot() {
-        let bus = build_pci_bus(&[
-            cfg(0, 3, 0, PciDeviceKind::Hostbridge),
-            cfg(0, 3, 2, PciDeviceKind::AmdHostbridge),
-            cfg(0, 4, 0, PciDeviceKind::Hostbridge),
-        ])
-        .unwrap();
+        let mut bus = PciBus::new();
+        bus.add(at(0, 3, 0), hostbridge()).unwrap();
+        bus.add(at(0, 3, 2), Arc::new(Mutex::new(HostBridge::amd())))
+            .unwrap();
+        bus.add(at(0, 4, 0), hostbridge()).unwrap();
         let header = |a| (read32(&bus, a, 0x0C) >> 16) as u8;
         assert_eq!(header(at(0, 3, 0)), 0x80);
         assert_eq!(header(at(0, 3, 2)), 0x80);
         assert_eq!(header(at(0, 4, 0)), 0x00);
         assert_eq!(read32(&bus, at(0, 3, 2), 0), 0x7432_1022);
-    }
-
-    #[test]
-    fn rejects_bad_and_conflicting_slots() {
-        assert_eq!(
-            build_pci_bus(&[cfg(0, 32, 0, PciDeviceKind::Hostbridge)])
-                .err()
-                .map(|e| e.to_string()),
-            Some("invalid PCI slot 0:32:0: slot must be 0-31".to_string())
-        );
-        assert!(matches!(
-            build_pci_bus(&[cfg(0, 1, 8, PciDeviceKind::Hostbridge)]),
-            Err(PciError::BadFunction(_))
-        ));
-        assert!(matches!(
-            build_pci_bus(&[
-                cfg(0, 1, 0, PciDeviceKind::Hostbridge),
-                cfg(0, 1, 0, PciDeviceKind::Lpc)
-            ]),
-            Err(PciError::Occupied(_))
-        ));
-        assert!(matches!(
-            build_pci_bus(&[
-                cfg(0, 30, 0, PciDeviceKind::Lpc),
-                cfg(0, 31, 0, PciDeviceKind::Lpc)
-            ]),
-            Err(PciError::SecondLpc(_))
-        ));
-        assert!(matches!(
-            build_pci_bus(&[cfg(1, 31, 0, PciDeviceKind::Lpc)]),
-            Err(PciError::LpcNotOnBus0(_))
-        ));
     }
 
     /// A function with an I/O BAR 0 and a 32-bit memory BAR 1 that echo the offset.
@@ -762,8 +498,35 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn rejects_bad_and_occupied_slots() {
+        let mut bus = PciBus::new();
+        let bad_slot = PciAddress {
+            bus: 0,
+            slot: 32,
+            function: 0,
+        };
+        assert_eq!(
+            bus.add(bad_slot, hostbridge()).unwrap_err().to_string(),
+            "invalid PCI slot 0:32:0: slot must be 0-31"
+        );
+        let bad_function = PciAddress {
+            function: 8,
+            ..at(0, 1, 0)
+        };
+        assert!(matches!(
+            bus.add(bad_function, hostbridge()),
+            Err(PciError::BadFunction(_))
+        ));
+        bus.add(at(0, 1, 0), hostbridge()).unwrap();
+        assert!(matches!(
+            bus.add(at(0, 1, 0), hostbridge()),
+            Err(PciError::Occupied(_))
+        ));
+    }
+
+    #[test]
     fn absent_function_ignores_writes() {
-        let bus = build_pci_bus(&[]).unwrap();
+        let bus = PciBus::new();
         bus.write_config(at(0, 5, 0), 0x04, &[0xFF, 0xFF]);
         assert_eq!(read32(&bus, at(0, 5, 0), 0x04), 0xFFFF_FFFF);
     }

@@ -14,13 +14,14 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::blk::BlkJob;
-use super::net::{VirtioNet, RX_QUEUE, TX_QUEUE};
-use super::rnd::VirtioRnd;
-use super::{QueueError, VirtioDevice};
+use super::net::{NetQueues, QUEUE_SIZE as NET_QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
+use super::queue_worker::VirtioQueues;
+use super::rnd::{EntropyQueue, QUEUE_SIZE as RND_QUEUE_SIZE};
+use super::QueueError;
 use crate::block::MemDisk;
 use crate::devices::virtio_blk_req;
+use crate::memory::GuestMemory;
 use crate::net::{MacAddr, NetBackend};
-use crate::vmm::memory::GuestMemory;
 
 /// Guest RAM of the fuzzed machine; ring addresses reach up to 1 MiB, well past it.
 const MEMORY_SIZE: usize = 64 * 1024;
@@ -108,31 +109,31 @@ pub fn fuzz_virtqueue(data: &[u8]) {
     let len = image.len().min(MEMORY_SIZE);
     let _ = memory.write_slice(&image[..len], GuestAddress(0));
     let _ = match setup.device {
-        0 => serve(&mut VirtioRnd::new(), 0, &setup, &memory),
+        0 => serve(&mut EntropyQueue, 0, RND_QUEUE_SIZE, &setup, &memory),
         1 | 2 => {
             let inbox = [60, 1514, 0, usize::from(setup.next_used)].into();
-            let mut net = VirtioNet::new(ScriptedNet { inbox }, MacAddr([2, 0, 0, 0, 0, 1]));
+            let mut net = NetQueues::new(ScriptedNet { inbox }, MacAddr([2, 0, 0, 0, 0, 1]));
             // Bit 7 of byte 11 lands on MRG_RXBUF: both virtio-net header lengths get fuzzed.
-            net.ack_features(u64::from(header[11]) << 8);
+            net.set_features(u64::from(header[11]) << 8);
             let index = if setup.device == 1 {
                 RX_QUEUE
             } else {
                 TX_QUEUE
             };
-            serve(&mut net, index, &setup, &memory)
+            serve(&mut net, index, NET_QUEUE_SIZE, &setup, &memory)
         }
         _ => serve_blk(&setup, &memory),
     };
 }
 
-/// What the transport does on a doorbell: process, then decide on an interrupt.
+/// What a device's thread does on a doorbell: process, then decide on an interrupt.
 fn serve(
-    device: &mut dyn VirtioDevice,
+    device: &mut dyn VirtioQueues,
     index: usize,
+    max_size: u16,
     setup: &RingSetup,
     memory: &GuestMemory,
 ) -> Result<bool, QueueError> {
-    let max_size = device.queue_max_sizes()[index];
     let Some(mut queue) = setup.queue(max_size) else {
         return Ok(false);
     };
@@ -151,7 +152,7 @@ fn serve_blk(setup: &RingSetup, memory: &GuestMemory) -> Result<bool, QueueError
         let Some(chain) = queue.iter(memory)?.next() else {
             break;
         };
-        let job = BlkJob::collect(0, chain.head_index(), chain);
+        let job = BlkJob::collect(chain.head_index(), chain);
         let completion = virtio_blk_req::execute(memory, job.chain(), &disk)?;
         queue.add_used(memory, job.head(), completion.written)?;
     }
@@ -212,7 +213,7 @@ mod tests {
         let header: &[u8; HEADER_LEN] = input[..HEADER_LEN].try_into().unwrap();
         let setup = RingSetup::decode(header);
         assert_eq!(setup.size, 16);
-        assert!(serve(&mut VirtioRnd::new(), 0, &setup, &memory).is_ok());
+        assert!(serve(&mut EntropyQueue, 0, RND_QUEUE_SIZE, &setup, &memory).is_ok());
         assert_eq!(ring.used(&memory), vec![(0, 32)]);
     }
 }

@@ -1,18 +1,28 @@
 //! virtio devices: the PCI transport ([`pci`]) and the device models behind it.
 //!
-//! A device model implements [`VirtioDevice`]: its type, features, queues and what it does
-//! with a queue's buffers. The transport owns feature negotiation, device status, the queues'
-//! configuration and interrupts, so a model never sees PCI.
+//! A device implements [`VirtioDevice`]: its type, features and configuration, and
+//! `activate`, which hands it its queues, their notifiers, its interrupt and guest memory
+//! when the driver is ready. Most devices then serve their queues with a
+//! [`queue_worker::QueueWorker`]: implement [`queue_worker::VirtioQueues`] (what to do with
+//! one queue's buffers) and the worker runs it on the shared event loop, with pause and
+//! kill. The transport owns feature negotiation, device status, the queues' configuration
+//! and the interrupt state, so a device never sees PCI.
 
 pub mod blk;
 pub mod fuzz;
 pub mod net;
 pub mod pci;
+pub mod queue_worker;
 pub mod rnd;
+
+use std::sync::{Arc, Mutex};
 
 use virtio_queue::Queue;
 
-use crate::vmm::memory::GuestMemory;
+use crate::devices::event_loop::Notifier;
+use crate::devices::DeviceHandle;
+
+use crate::memory::GuestMemory;
 
 /// Red Hat's virtio PCI vendor ID.
 pub const VIRTIO_PCI_VENDOR: u16 = 0x1AF4;
@@ -44,11 +54,49 @@ pub enum QueueError {
     Entropy(std::io::Error),
     #[error("virtio-blk: {0}")]
     BlockRequest(#[from] crate::devices::virtio_blk_req::RequestError),
-    #[error("the device's I/O thread has stopped")]
-    WorkerStopped,
+    #[error("{0}")]
+    Activate(#[from] ActivateError),
 }
 
-/// A virtio device model.
+/// One virtqueue, shared by the transport (which configures it) and the device's thread
+/// (which serves it), each under the queue's own lock: completing a request never takes the
+/// transport's lock.
+pub type SharedQueue = Arc<Mutex<Queue>>;
+
+/// How a device raises its interrupts, without the transport's lock.
+pub trait VirtioInterrupt: Send + Sync {
+    /// Queue `index` has new used buffers the driver asked to hear about.
+    fn signal_used_queue(&self, index: usize);
+    /// The driver broke the rules: the device stops (DEVICE_NEEDS_RESET) until it resets.
+    fn queue_error(&self, why: &QueueError);
+}
+
+/// One queue as activation hands it over: the ring, and the notifier its doorbell rings
+/// (an ioeventfd, or the transport on the exit path).
+pub struct ActiveQueue {
+    pub queue: SharedQueue,
+    pub notifier: Arc<Notifier>,
+}
+
+/// Everything a device needs to serve its queues, handed over when the driver sets
+/// DRIVER_OK.
+pub struct Activation {
+    pub memory: GuestMemory,
+    pub queues: Vec<ActiveQueue>,
+    pub interrupt: Arc<dyn VirtioInterrupt>,
+    /// The features the driver accepted.
+    pub features: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("virtio device: cannot start its thread: {0}")]
+    Thread(#[source] std::io::Error),
+    #[error("virtio device: already active")]
+    AlreadyActive,
+}
+
+/// A virtio device as the transport sees it.
 pub trait VirtioDevice: Send {
     /// The virtio device ID (4 = entropy source).
     fn device_type(&self) -> u16;
@@ -69,25 +117,13 @@ pub trait VirtioDevice: Send {
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         let _ = (offset, data);
     }
-    /// Serves the available buffers of queue `index`. Returns whether any were used (so the
-    /// driver may need an interrupt). Must bound its own work per call.
-    fn process_queue(
-        &mut self,
-        index: usize,
-        queue: &mut Queue,
-        memory: &GuestMemory,
-    ) -> Result<bool, QueueError>;
-    /// The driver reset the device.
-    fn reset(&mut self) {}
-    /// The features the driver accepted (legacy: on each write; modern: at DRIVER_OK).
-    fn ack_features(&mut self, features: u64) {
-        let _ = features;
-    }
-    /// A doorbell for queue `index`. A device that serves its queues on its own thread wakes
-    /// it and returns true; the transport then leaves the queue alone (the thread calls
-    /// [`pci::VirtioPci::service_queue`]). Runs on the vCPU thread: must not block.
-    fn wake(&mut self, index: usize) -> bool {
-        let _ = index;
-        false
+    /// The driver set DRIVER_OK: the device takes its queues and starts serving them.
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
+    /// The driver reset the device. Returns once no request of the device runs any more
+    /// (it waits for its thread to stop, on an event); the transport then resets the queues.
+    fn reset(&mut self);
+    /// The handle the device manager pauses and resumes the device through.
+    fn handle(&self) -> Option<Box<dyn DeviceHandle>> {
+        None
     }
 }

@@ -4,26 +4,23 @@
 //! Queue 0 receives (host to guest), queue 1 transmits. The device offers its MAC and link
 //! status in configuration space and no offloads, so every frame is a plain Ethernet frame
 //! behind a virtio-net header that is all zero (plus `num_buffers = 1` where the header has
-//! it). On a real machine the frames move on a network thread ([`worker`]): the doorbell
-//! only wakes it, so a vCPU never waits for the host's network stack. A tap's thread polls
-//! its descriptor ([`worker`], Linux); vmnet has none, so its thread sleeps on a flag that
-//! vmnet's packet callback and the doorbells set ([`signalled`]).
+//! it). The frames move on the device's thread ([`QueueWorker`]): the doorbell only wakes
+//! it, so a vCPU never waits for the host's network stack. The thread also waits on the
+//! back end: a tap's descriptor (Linux), or the notifier vmnet's packet callback rings.
 
 use std::io;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 
-use super::pci::VirtioPciResources;
-use super::{QueueError, VirtioDevice, F_VERSION_1};
-use crate::cli::{PciDeviceConfig, VmConfig};
-use crate::devices::pci::SharedPciDevice;
-use crate::net::{MacAddr, NetBackend};
-use crate::vmm::memory::GuestMemory;
-
-pub mod signalled;
-#[cfg(target_os = "linux")]
-pub mod worker;
+use super::pci::{VirtioPciError, VirtioPciResources};
+use super::queue_worker::{Backend, QueueWorker, VirtioQueues};
+use super::{ActivateError, Activation, QueueError, VirtioDevice, F_VERSION_1};
+use crate::config::VmConfig;
+use crate::devices::pci::PciAddress;
+use crate::devices::{BuiltDevice, DeviceHandle};
+use crate::memory::GuestMemory;
+use crate::net::{MacAddr, NetBackend, TapOptions, VmnetOptions};
 
 const DEVICE_TYPE_NET: u16 = 1;
 pub const RX_QUEUE: usize = 0;
@@ -61,40 +58,60 @@ pub struct NetStats {
     pub tx_dropped: u64,
 }
 
-pub struct VirtioNet<B: NetBackend> {
-    backend: B,
+/// The device: its MAC, and the worker that moves its frames.
+pub struct VirtioNet<B: NetBackend + 'static> {
     mac: MacAddr,
-    header_len: usize,
-    /// One frame with room for the header in front; allocated once.
-    frame: Vec<u8>,
-    /// Wakes the network thread instead of serving a queue on the vCPU thread.
-    waker: Option<Box<dyn Fn() + Send>>,
-    /// The last receive pass stopped because the back end had no frame left.
-    rx_idle: bool,
-    stats: NetStats,
+    worker: QueueWorker<NetQueues<B>>,
 }
 
-impl<B: NetBackend> VirtioNet<B> {
-    pub fn new(backend: B, mac: MacAddr) -> Self {
-        VirtioNet {
-            backend,
+impl<B: NetBackend + 'static> VirtioNet<B> {
+    /// A card on `backend`, whose readiness `source` signals (none: only doorbells wake it).
+    pub fn new(backend: B, mac: MacAddr, source: Option<Backend>) -> io::Result<Self> {
+        let mut queues = NetQueues::new(backend, mac);
+        queues.source = source;
+        Ok(VirtioNet {
             mac,
-            header_len: HEADER_LEGACY,
-            frame: vec![0; HEADER_MODERN + MAX_FRAME],
-            waker: None,
-            rx_idle: false,
-            stats: NetStats::default(),
-        }
-    }
-
-    /// Doorbells will call `waker` (which must not block or allocate) and leave the queues
-    /// to whoever it wakes.
-    pub fn set_waker(&mut self, waker: Box<dyn Fn() + Send>) {
-        self.waker = Some(waker);
+            worker: QueueWorker::new("virtio-net", queues)?,
+        })
     }
 
     pub fn mac(&self) -> MacAddr {
         self.mac
+    }
+
+    /// Frame counts, while the device is not active (its thread holds them otherwise).
+    pub fn stats(&self) -> Option<NetStats> {
+        self.worker.idle().map(|q| q.stats)
+    }
+}
+
+/// What the device's thread runs: the back end and the frame buffer.
+pub struct NetQueues<B: NetBackend> {
+    backend: B,
+    /// Where the back end signals readiness.
+    source: Option<Backend>,
+    header_len: usize,
+    /// One frame with room for the header in front; allocated once.
+    frame: Vec<u8>,
+    /// The last receive pass stopped because the back end had no frame left.
+    rx_idle: bool,
+    /// The back end holds a frame the guest has no buffer for: stop listening to it until
+    /// the guest's next receive doorbell (else its readiness would spin the thread).
+    rx_blocked: bool,
+    stats: NetStats,
+}
+
+impl<B: NetBackend> NetQueues<B> {
+    pub fn new(backend: B, _mac: MacAddr) -> Self {
+        NetQueues {
+            backend,
+            source: None,
+            header_len: HEADER_LEGACY,
+            frame: vec![0; HEADER_MODERN + MAX_FRAME],
+            rx_idle: false,
+            rx_blocked: false,
+            stats: NetStats::default(),
+        }
     }
 
     pub fn stats(&self) -> NetStats {
@@ -215,7 +232,7 @@ fn read_guest(memory: &GuestMemory, addr: GuestAddress, data: &mut [u8]) -> Resu
         .map_err(|_| outside(addr, data.len()))
 }
 
-impl<B: NetBackend> VirtioDevice for VirtioNet<B> {
+impl<B: NetBackend + 'static> VirtioDevice for VirtioNet<B> {
     fn device_type(&self) -> u16 {
         DEVICE_TYPE_NET
     }
@@ -246,7 +263,21 @@ impl<B: NetBackend> VirtioDevice for VirtioNet<B> {
         }
     }
 
-    fn ack_features(&mut self, features: u64) {
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        self.worker.activate(activation)
+    }
+
+    fn reset(&mut self) {
+        self.worker.reset();
+    }
+
+    fn handle(&self) -> Option<Box<dyn DeviceHandle>> {
+        Some(self.worker.handle())
+    }
+}
+
+impl<B: NetBackend + 'static> VirtioQueues for NetQueues<B> {
+    fn set_features(&mut self, features: u64) {
         self.header_len = if features & (F_VERSION_1 | F_MRG_RXBUF) != 0 {
             HEADER_MODERN
         } else {
@@ -254,14 +285,17 @@ impl<B: NetBackend> VirtioDevice for VirtioNet<B> {
         };
     }
 
-    fn wake(&mut self, _index: usize) -> bool {
-        match &self.waker {
-            Some(waker) => {
-                waker();
-                true
-            }
-            None => false,
-        }
+    fn backend(&self) -> Option<(Backend, usize)> {
+        let source = match self.source.as_ref()? {
+            #[cfg(unix)]
+            Backend::Fd(fd) => Backend::Fd(*fd),
+            Backend::Notifier(n) => Backend::Notifier(n.clone()),
+        };
+        Some((source, RX_QUEUE))
+    }
+
+    fn wants_backend(&self) -> bool {
+        !self.rx_blocked
     }
 
     fn process_queue(
@@ -272,7 +306,7 @@ impl<B: NetBackend> VirtioDevice for VirtioNet<B> {
     ) -> Result<bool, QueueError> {
         let mut used = false;
         // Serve, then ask the driver to ring again (event index) and serve what slipped in
-        // meanwhile; bounded so a busy guest cannot hold the device lock for ever.
+        // meanwhile; bounded so a busy guest cannot hold the thread for ever.
         for _ in 0..4 {
             used |= match index {
                 RX_QUEUE => self.receive(queue, memory)?,
@@ -280,104 +314,132 @@ impl<B: NetBackend> VirtioDevice for VirtioNet<B> {
                 _ => return Ok(false),
             };
             let more_buffers = queue.enable_notification(memory)?;
+            if index == RX_QUEUE {
+                // Out of guest buffers with frames left on the host: wait for a doorbell.
+                self.rx_blocked = !more_buffers && !self.rx_idle;
+            }
             if !more_buffers || (index == RX_QUEUE && self.rx_idle) {
                 break;
             }
         }
         Ok(used)
     }
+}
 
-    fn reset(&mut self) {
-        self.header_len = HEADER_LEGACY;
-    }
+/// Why a network device could not be built or its MAC told.
+#[derive(Debug, thiserror::Error)]
+pub enum NetDeviceError {
+    #[error(transparent)]
+    Transport(#[from] VirtioPciError),
+    #[cfg(target_os = "linux")]
+    #[error(transparent)]
+    Tap(#[from] crate::net::tap::TapError),
+    #[error(transparent)]
+    Vmnet(#[from] crate::net::vmnet::VmnetError),
+    #[error("{device}: network thread: {source}")]
+    Thread {
+        device: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("virtio-net: cannot drop root after starting vmnet: {0}")]
+    DropPrivileges(#[source] io::Error),
+    #[error("virtio-net: vmnet packets of up to {0} bytes exceed the device's {MAX_FRAME}")]
+    PacketTooLarge(usize),
+    #[error("virtio-tap needs Linux tap devices; on macOS use virtio-net (vmnet)")]
+    NoTap,
+    #[error("virtio-net needs vmnet (macOS); use virtio-tap,tapN on Linux")]
+    NoVmnet,
 }
 
 /// Builds `-s ...,virtio-tap,tapN[,mac=...]`: opens the tap and starts the network thread,
-/// which runs for the life of the process.
+/// which the returned handle owns.
 #[cfg(target_os = "linux")]
 pub fn build_virtio_tap(
-    config: &PciDeviceConfig,
+    address: PciAddress,
+    options: &TapOptions,
     uuid: Option<[u8; 16]>,
     transport: VirtioPciResources,
-) -> Result<SharedPciDevice, String> {
+) -> Result<BuiltDevice, NetDeviceError> {
     use std::os::fd::AsRawFd;
     use std::sync::{Arc, Mutex};
 
     use super::pci::VirtioPci;
-    use crate::cli::{parse_tap_options, tap_mac};
 
-    let options =
-        parse_tap_options("virtio-tap", config.options.as_deref()).map_err(|e| e.to_string())?;
-    let tap = crate::net::tap::Tap::open(&options.name).map_err(|e| e.to_string())?;
+    let tap = crate::net::tap::Tap::open(&options.name)?;
     let fd = tap.as_raw_fd();
-    let net = VirtioNet::new(tap, tap_mac(uuid, config, &options));
-    let device = VirtioPci::new(net, transport).map_err(|e| e.to_string())?;
-    let device = Arc::new(Mutex::new(device));
-    worker::NetWorker::spawn(device.clone(), fd)
-        .map_err(|e| format!("virtio-tap {}: network thread: {e}", options.name))?
-        .detach();
-    Ok(device)
+    let mac = crate::config::tap_mac(uuid, address, options);
+    let net = VirtioNet::new(tap, mac, Some(Backend::Fd(fd))).map_err(|source| {
+        NetDeviceError::Thread {
+            device: format!("virtio-tap {}", options.name),
+            source,
+        }
+    })?;
+    let handle = net.worker.handle();
+    let device = Arc::new(Mutex::new(VirtioPci::new(net, transport)?));
+    Ok(BuiltDevice {
+        function: device,
+        handle: Some(handle),
+    })
 }
 
 /// Tap devices are Linux's; macOS has vmnet (`virtio-net`).
 #[cfg(not(target_os = "linux"))]
 pub fn build_virtio_tap(
-    _config: &PciDeviceConfig,
+    _address: PciAddress,
+    _options: &TapOptions,
     _uuid: Option<[u8; 16]>,
     _transport: VirtioPciResources,
-) -> Result<SharedPciDevice, String> {
-    Err("virtio-tap needs Linux tap devices; on macOS use virtio-net (vmnet)".into())
+) -> Result<BuiltDevice, NetDeviceError> {
+    Err(NetDeviceError::NoTap)
 }
 
 /// Builds `-s ...,virtio-net[,mac=...]`: starts a shared-mode vmnet interface whose id is
-/// the `-U` UUID, and the network thread, which runs for the life of the process.
+/// the `-U` UUID, and the network thread, which the returned handle owns.
 #[cfg(target_os = "macos")]
 pub fn build_virtio_net(
-    config: &PciDeviceConfig,
+    options: &VmnetOptions,
     uuid: Option<[u8; 16]>,
     transport: VirtioPciResources,
-) -> Result<SharedPciDevice, String> {
+) -> Result<BuiltDevice, NetDeviceError> {
     use std::sync::{Arc, Mutex};
 
     use super::pci::VirtioPci;
     use crate::net::vmnet;
 
-    let options = crate::cli::parse_vmnet_options("virtio-net", config.options.as_deref())
-        .map_err(|e| e.to_string())?;
-    let mut backend = vmnet::Vmnet::start(vmnet_interface_id(uuid)).map_err(|e| e.to_string())?;
-    vmnet::drop_privileges()
-        .map_err(|e| format!("virtio-net: cannot drop root after starting vmnet: {e}"))?;
+    let mut backend = vmnet::Vmnet::start(vmnet_interface_id(uuid))?;
+    vmnet::drop_privileges().map_err(NetDeviceError::DropPrivileges)?;
     let params = backend.params();
     if params.max_packet_size > MAX_FRAME {
         // vmnet_read refuses buffers smaller than its largest packet.
-        return Err(format!(
-            "virtio-net: vmnet packets of up to {} bytes exceed the device's {MAX_FRAME}",
-            params.max_packet_size
-        ));
+        return Err(NetDeviceError::PacketTooLarge(params.max_packet_size));
     }
-    let wakeup = signalled::Wakeup::new();
-    let callback = wakeup.clone();
-    backend
-        .set_packet_callback(Box::new(move || callback.wake()))
-        .map_err(|e| e.to_string())?;
+    let thread_error = |source| NetDeviceError::Thread {
+        device: "virtio-net".into(),
+        source,
+    };
+    let packets = crate::devices::event_loop::Notifier::new().map_err(thread_error)?;
+    let callback = packets.clone();
+    backend.set_packet_callback(Box::new(move || callback.notify()))?;
     let mac = vmnet::guest_mac(params.mac, options.mac);
-    let device =
-        VirtioPci::new(VirtioNet::new(backend, mac), transport).map_err(|e| e.to_string())?;
-    let device = Arc::new(Mutex::new(device));
-    signalled::SignalledWorker::spawn(device.clone(), wakeup)
-        .map_err(|e| format!("virtio-net: network thread: {e}"))?
-        .detach();
-    Ok(device)
+    let net =
+        VirtioNet::new(backend, mac, Some(Backend::Notifier(packets))).map_err(thread_error)?;
+    let handle = net.worker.handle();
+    let device = Arc::new(Mutex::new(VirtioPci::new(net, transport)?));
+    Ok(BuiltDevice {
+        function: device,
+        handle: Some(handle),
+    })
 }
 
 /// vmnet exists only on macOS (the command line refuses `virtio-net` elsewhere).
 #[cfg(not(target_os = "macos"))]
 pub fn build_virtio_net(
-    _config: &PciDeviceConfig,
+    _options: &VmnetOptions,
     _uuid: Option<[u8; 16]>,
     _transport: VirtioPciResources,
-) -> Result<SharedPciDevice, String> {
-    Err("virtio-net needs vmnet (macOS); use virtio-tap,tapN on Linux".into())
+) -> Result<BuiltDevice, NetDeviceError> {
+    Err(NetDeviceError::NoVmnet)
 }
 
 /// vmnet's interface id: the `-U` UUID as xhyve passes it (so the vmnet MAC stays the one
@@ -399,26 +461,25 @@ fn vmnet_interface_id(uuid: Option<[u8; 16]>) -> [u8; 16] {
 /// without `mac=` learns its MAC by starting the vmnet interface, as xhyve does (so `-M`
 /// then needs root or the vmnet entitlement too); everything else comes from the command
 /// line alone, and no tap is opened.
-pub fn mac_to_print(config: &VmConfig) -> Result<Option<MacAddr>, String> {
-    if let Some(mac) = crate::cli::first_nic_mac(config) {
+pub fn mac_to_print(config: &VmConfig) -> Result<Option<MacAddr>, NetDeviceError> {
+    if let Some(mac) = config.first_nic_mac() {
         return Ok(Some(mac));
     }
-    match crate::cli::first_nic(config) {
+    match config.first_nic() {
         Some(_vmnet) => vmnet_mac(config.uuid),
         None => Ok(None),
     }
 }
 
 #[cfg(target_os = "macos")]
-fn vmnet_mac(uuid: Option<[u8; 16]>) -> Result<Option<MacAddr>, String> {
-    let backend =
-        crate::net::vmnet::Vmnet::start(vmnet_interface_id(uuid)).map_err(|e| e.to_string())?;
+fn vmnet_mac(uuid: Option<[u8; 16]>) -> Result<Option<MacAddr>, NetDeviceError> {
+    let backend = crate::net::vmnet::Vmnet::start(vmnet_interface_id(uuid))?;
     Ok(Some(backend.params().mac))
 }
 
 #[cfg(not(target_os = "macos"))]
-fn vmnet_mac(_uuid: Option<[u8; 16]>) -> Result<Option<MacAddr>, String> {
-    Err("virtio-net needs vmnet (macOS); use virtio-tap,tapN on Linux".into())
+fn vmnet_mac(_uuid: Option<[u8; 16]>) -> Result<Option<MacAddr>, NetDeviceError> {
+    Err(NetDeviceError::NoVmnet)
 }
 
 #[cfg(test)]

@@ -9,23 +9,31 @@
 //!
 //! A guest must not be able to hurt the VMM: queue errors put the device in
 //! DEVICE_NEEDS_RESET and stop it until the driver resets it.
+//!
+//! Each queue has its own lock and notifier, and the interrupt state ([`Signals`]) its own
+//! lock, all shared with the device's thread from activation on: the device serves and
+//! completes requests without ever taking the transport's lock. A doorbell only rings the
+//! queue's notifier (an ioeventfd registered with the hypervisor needs not even that).
 
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use virtio_queue::{Queue, QueueT};
 
 use super::{
-    QueueError, VirtioDevice, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1,
-    STATUS_DRIVER_OK, STATUS_FEATURES_OK, STATUS_NEEDS_RESET, VIRTIO_PCI_VENDOR,
+    Activation, ActiveQueue, QueueError, SharedQueue, VirtioDevice, VirtioInterrupt,
+    F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
+    STATUS_NEEDS_RESET, VIRTIO_PCI_VENDOR,
 };
+use crate::devices::bus::lock;
 use crate::devices::doorbell::{Doorbell, DoorbellId, Doorbells};
+use crate::devices::event_loop::Notifier;
 use crate::devices::irq::{InterruptLine, MsiSender};
 use crate::devices::pci::msi::Msi;
 use crate::devices::pci::msix::Msix;
 use crate::devices::pci::{
     BarKind, BarSpec, ConfigSpace, ConfigSpaceError, PciDevice, PciIds, COMMAND_INTX_DISABLE,
 };
-use crate::vmm::memory::GuestMemory;
+use crate::memory::GuestMemory;
 
 pub const LEGACY_BAR: usize = 0;
 pub const MSIX_BAR: usize = 1;
@@ -89,6 +97,122 @@ pub enum VirtioPciError {
     Config(#[from] ConfigSpaceError),
     #[error("virtio device: queue size {0} is not a power of two up to 32768")]
     QueueSize(u16),
+    #[error("virtio device: cannot create a queue notifier: {0}")]
+    Notifier(#[source] std::io::Error),
+}
+
+/// The interrupt state of the function: what the device's thread needs to raise an
+/// interrupt, under its own lock.
+struct Signals {
+    /// A mirror of configuration space, refreshed on every guest write to it: the MSI and
+    /// MSI-X capabilities and the command register's INTx-disable bit live there.
+    config: ConfigSpace,
+    msix: Option<Msix>,
+    msi: Option<Msi>,
+    isr: u8,
+    /// Whether INTx is asserted, so the line is only driven on a change.
+    intx_high: bool,
+    queue_vectors: Vec<u16>,
+    config_vector: u16,
+    /// The driver broke the rules; DEVICE_NEEDS_RESET until it resets the device.
+    needs_reset: bool,
+}
+
+/// The function's interrupts, shared by the transport and the device's thread.
+pub struct InterruptState {
+    signals: Mutex<Signals>,
+    msi_sender: Arc<dyn MsiSender>,
+    intx: Arc<dyn InterruptLine>,
+    device_type: u16,
+}
+
+impl InterruptState {
+    fn lock(&self) -> MutexGuard<'_, Signals> {
+        lock(&self.signals)
+    }
+
+    /// Raises the interrupt for `vector` (MSI-X), or the single MSI, or INTx with `isr_bit`.
+    fn signal(&self, signals: &mut Signals, vector: u16, isr_bit: u8) {
+        signals.isr |= isr_bit;
+        if let Some(msix) = signals.msix.as_mut() {
+            if msix.enabled(&signals.config) {
+                if vector != NO_VECTOR {
+                    msix.notify(&signals.config, vector);
+                }
+                return;
+            }
+        }
+        if let Some(msi) = &signals.msi {
+            if msi.enabled(&signals.config) {
+                let (address, data) = msi.message(&signals.config);
+                self.msi_sender.send_msi(address, data);
+                return;
+            }
+        }
+        if signals.config.command() & COMMAND_INTX_DISABLE == 0 {
+            self.set_intx(signals, true);
+        }
+    }
+
+    fn set_intx(&self, signals: &mut Signals, high: bool) {
+        if signals.intx_high != high {
+            signals.intx_high = high;
+            self.intx.set_level(high);
+        }
+    }
+
+    fn read_isr(&self) -> u8 {
+        let mut signals = self.lock();
+        let isr = std::mem::take(&mut signals.isr);
+        self.set_intx(&mut signals, false);
+        isr
+    }
+
+    fn needs_reset(&self) -> bool {
+        self.lock().needs_reset
+    }
+
+    fn msix_enabled(&self) -> bool {
+        let signals = self.lock();
+        signals
+            .msix
+            .as_ref()
+            .is_some_and(|m| m.enabled(&signals.config))
+    }
+
+    fn reset(&self) {
+        let mut signals = self.lock();
+        signals.isr = 0;
+        self.set_intx(&mut signals, false);
+        signals.config_vector = NO_VECTOR;
+        signals.queue_vectors.fill(NO_VECTOR);
+        signals.needs_reset = false;
+    }
+}
+
+impl VirtioInterrupt for InterruptState {
+    fn signal_used_queue(&self, index: usize) {
+        let mut signals = self.lock();
+        if signals.needs_reset {
+            return;
+        }
+        let vector = signals
+            .queue_vectors
+            .get(index)
+            .copied()
+            .unwrap_or(NO_VECTOR);
+        self.signal(&mut signals, vector, ISR_QUEUE);
+    }
+
+    fn queue_error(&self, why: &QueueError) {
+        log::trace!("virtio device type {}: {why}", self.device_type);
+        let mut signals = self.lock();
+        if !signals.needs_reset {
+            signals.needs_reset = true;
+            let vector = signals.config_vector;
+            self.signal(&mut signals, vector, ISR_CONFIG);
+        }
+    }
 }
 
 /// A virtio device model on a PCI function.
@@ -96,28 +220,23 @@ pub struct VirtioPci<D: VirtioDevice> {
     config: ConfigSpace,
     device: D,
     memory: GuestMemory,
-    queues: Vec<Queue>,
-    queue_vectors: Vec<u16>,
-    config_vector: u16,
+    queues: Vec<SharedQueue>,
+    /// One per queue, for the device's lifetime: a doorbell rings it.
+    notifiers: Vec<Arc<Notifier>>,
+    interrupt: Arc<InterruptState>,
     device_feature_select: u32,
     driver_feature_select: u32,
     driver_features: u64,
     status: u8,
     queue_select: u16,
-    isr: u8,
-    msix: Option<Msix>,
-    msi: Option<Msi>,
-    msi_sender: Arc<dyn MsiSender>,
-    intx: Arc<dyn InterruptLine>,
-    /// Whether INTx is asserted, so the line is only driven on a change.
-    intx_high: bool,
+    /// The device holds its queues (DRIVER_OK until the next reset).
+    active: bool,
     doorbells: Option<DoorbellService>,
 }
 
 /// The VMM's doorbell service and what this function registered with it.
 struct DoorbellService {
     service: Arc<dyn Doorbells>,
-    me: Weak<Mutex<dyn PciDevice>>,
     /// The legacy I/O and modern memory BAR bases the registrations were made for.
     bases: Option<(Option<u64>, Option<u64>)>,
     /// Which queues were ready when the registrations were made: a queue the driver enables
@@ -144,8 +263,11 @@ impl<D: VirtioDevice> VirtioPci<D> {
 
         let queue_count = device.queue_max_sizes().len() as u16;
         let mut queues = Vec::new();
+        let mut notifiers = Vec::new();
         for &size in device.queue_max_sizes() {
-            queues.push(Queue::new(size).map_err(|_| VirtioPciError::QueueSize(size))?);
+            let queue = Queue::new(size).map_err(|_| VirtioPciError::QueueSize(size))?;
+            queues.push(Arc::new(Mutex::new(queue)));
+            notifiers.push(Notifier::new().map_err(VirtioPciError::Notifier)?);
         }
         let config_size = device.config_size().min(DEVICE_CONFIG_MAX);
         let legacy_size = (legacy::CONFIG_MSIX + config_size)
@@ -204,24 +326,34 @@ impl<D: VirtioDevice> VirtioPci<D> {
                 None,
             )?;
         }
+        let interrupt = Arc::new(InterruptState {
+            signals: Mutex::new(Signals {
+                config: config.clone(),
+                msix,
+                msi,
+                isr: 0,
+                intx_high: false,
+                queue_vectors: vec![NO_VECTOR; queues.len()],
+                config_vector: NO_VECTOR,
+                needs_reset: false,
+            }),
+            msi_sender: resources.msi,
+            intx: resources.intx,
+            device_type: device.device_type(),
+        });
         Ok(VirtioPci {
             config,
             device,
             memory: resources.memory,
-            queue_vectors: vec![NO_VECTOR; queues.len()],
             queues,
-            config_vector: NO_VECTOR,
+            notifiers,
+            interrupt,
             device_feature_select: 0,
             driver_feature_select: 0,
             driver_features: 0,
             status: 0,
             queue_select: 0,
-            isr: 0,
-            msix,
-            msi,
-            msi_sender: resources.msi,
-            intx: resources.intx,
-            intx_high: false,
+            active: false,
             doorbells: None,
         })
     }
@@ -234,88 +366,22 @@ impl<D: VirtioDevice> VirtioPci<D> {
         &mut self.device
     }
 
-    /// Puts a chain that a device finished off the vCPU thread (an I/O worker) into queue
-    /// `index`'s used ring and raises the queue's interrupt if the driver wants one. Ignored
-    /// while the device needs a reset or the queue is not live.
-    pub fn complete_used(&mut self, index: usize, head: u16, len: u32) {
-        if self.status & STATUS_NEEDS_RESET != 0 {
-            return;
-        }
-        let Some(queue) = self.queues.get_mut(index) else {
-            return;
-        };
-        if !queue.ready() {
-            return;
-        }
-        let result = queue
-            .add_used(&self.memory, head, len)
-            .and_then(|()| queue.needs_notification(&self.memory));
-        match result {
-            Ok(true) => self.signal_queue(index),
-            Ok(false) => {}
-            Err(e) => self.enter_needs_reset(&QueueError::Queue(e)),
-        }
-    }
-
-    /// A device found, off the vCPU thread, that the driver broke the rules.
-    pub fn report_queue_error(&mut self, why: &QueueError) {
-        self.enter_needs_reset(why);
-    }
-
+    /// The device status register, DEVICE_NEEDS_RESET included.
     pub fn status(&self) -> u8 {
-        self.status
+        if self.interrupt.needs_reset() {
+            self.status | STATUS_NEEDS_RESET
+        } else {
+            self.status
+        }
+    }
+
+    /// The interrupt state the device's thread signals through.
+    pub fn interrupt(&self) -> Arc<dyn VirtioInterrupt> {
+        self.interrupt.clone()
     }
 
     fn offered_features(&self) -> u64 {
         self.device.device_features() | F_RING_INDIRECT_DESC | F_RING_EVENT_IDX | F_VERSION_1
-    }
-
-    fn msix_enabled(&self) -> bool {
-        self.msix.as_ref().is_some_and(|m| m.enabled(&self.config))
-    }
-
-    /// Raises the interrupt for `vector` (MSI-X), or the single MSI, or INTx with `isr_bit`.
-    fn signal(&mut self, vector: u16, isr_bit: u8) {
-        self.isr |= isr_bit;
-        if let Some(msix) = self.msix.as_mut() {
-            if msix.enabled(&self.config) {
-                if vector != NO_VECTOR {
-                    msix.notify(&self.config, vector);
-                }
-                return;
-            }
-        }
-        if let Some(msi) = &self.msi {
-            if msi.enabled(&self.config) {
-                let (address, data) = msi.message(&self.config);
-                self.msi_sender.send_msi(address, data);
-                return;
-            }
-        }
-        if self.config.command() & COMMAND_INTX_DISABLE == 0 {
-            self.set_intx(true);
-        }
-    }
-
-    fn set_intx(&mut self, high: bool) {
-        if self.intx_high != high {
-            self.intx_high = high;
-            self.intx.set_level(high);
-        }
-    }
-
-    fn signal_queue(&mut self, index: usize) {
-        let vector = self.queue_vectors.get(index).copied().unwrap_or(NO_VECTOR);
-        self.signal(vector, ISR_QUEUE);
-    }
-
-    /// The driver broke the rules: stop the device until it resets it, and tell it.
-    fn enter_needs_reset(&mut self, why: &QueueError) {
-        log::trace!("virtio device type {}: {why}", self.device.device_type());
-        if self.status & STATUS_NEEDS_RESET == 0 {
-            self.status |= STATUS_NEEDS_RESET;
-            self.signal(self.config_vector, ISR_CONFIG);
-        }
     }
 
     /// A doorbell write that came as a VM exit. The trace line lets tests see which path
@@ -325,34 +391,50 @@ impl<D: VirtioDevice> VirtioPci<D> {
         self.notify_queue(index);
     }
 
-    /// The driver rang the doorbell of queue `index`.
+    /// The driver rang the doorbell of queue `index`: wake the device's thread. A legacy
+    /// driver may ring a ready queue before DRIVER_OK (old Linux virtio-blk reads its
+    /// partition table during probe); as before, that queue is served, so the ring
+    /// activates the device.
     pub fn notify_queue(&mut self, index: u16) {
-        if self.device.wake(usize::from(index)) {
-            return;
-        }
-        self.service_queue(index);
-    }
-
-    /// Serves queue `index` now: on the doorbell, or on the device's own thread.
-    pub fn service_queue(&mut self, index: u16) {
-        let index = usize::from(index);
-        if self.status & STATUS_NEEDS_RESET != 0 {
-            return;
-        }
-        let Some(queue) = self.queues.get_mut(index) else {
+        let Some(notifier) = self.notifiers.get(usize::from(index)) else {
             return;
         };
-        if !queue.ready() {
+        notifier.notify();
+        if !self.active && self.selected_ready(usize::from(index)) {
+            self.activate();
+        }
+    }
+
+    fn selected_ready(&self, index: usize) -> bool {
+        self.queues.get(index).is_some_and(|q| lock(q).ready())
+    }
+
+    /// DRIVER_OK: hands the device its queues, notifiers, interrupt and memory.
+    fn activate(&mut self) {
+        if self.active {
             return;
         }
-        let result = self
-            .device
-            .process_queue(index, queue, &self.memory)
-            .and_then(|used| Ok(used && queue.needs_notification(&self.memory)?));
-        match result {
-            Ok(true) => self.signal_queue(index),
-            Ok(false) => {}
-            Err(e) => self.enter_needs_reset(&e),
+        let activation = Activation {
+            memory: self.memory.clone(),
+            queues: self
+                .queues
+                .iter()
+                .zip(&self.notifiers)
+                .map(|(queue, notifier)| ActiveQueue {
+                    queue: queue.clone(),
+                    notifier: notifier.clone(),
+                })
+                .collect(),
+            interrupt: self.interrupt.clone(),
+            features: self.driver_features,
+        };
+        match self.device.activate(activation) {
+            Ok(()) => self.active = true,
+            Err(e) => {
+                log::warn!("virtio device type {}: {e}", self.device.device_type());
+                let error = QueueError::Activate(e);
+                self.interrupt.queue_error(&error);
+            }
         }
     }
 
@@ -379,7 +461,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
                 .ready
                 .iter()
                 .zip(&self.queues)
-                .all(|(was, queue)| *was == queue.ready());
+                .all(|(was, queue)| *was == lock(queue).ready());
         if wanted == doorbells.bases && (wanted.is_none() || same_queues) {
             return;
         }
@@ -390,15 +472,15 @@ impl<D: VirtioDevice> VirtioPci<D> {
         doorbells.ready.clear();
         doorbells
             .ready
-            .extend(self.queues.iter().map(|queue| queue.ready()));
+            .extend(self.queues.iter().map(|queue| lock(queue).ready()));
         let Some((io, memory)) = wanted else {
             return;
         };
-        for (index, queue) in self.queues.iter().enumerate() {
+        for (index, (queue, notifier)) in self.queues.iter().zip(&self.notifiers).enumerate() {
             let Ok(index) = u16::try_from(index) else {
                 break;
             };
-            if !queue.ready() {
+            if !lock(queue).ready() {
                 continue;
             }
             let port = io
@@ -408,10 +490,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
                 addr: base + NOTIFY_OFFSET + u64::from(index) * u64::from(NOTIFY_MULTIPLIER),
             });
             for doorbell in [port, mmio].into_iter().flatten() {
-                if let Some(id) = doorbells
-                    .service
-                    .register(doorbell, doorbells.me.clone(), index)
-                {
+                if let Some(id) = doorbells.service.register(doorbell, notifier.fd()) {
                     doorbells.registered.push(id);
                 }
             }
@@ -419,19 +498,22 @@ impl<D: VirtioDevice> VirtioPci<D> {
     }
 
     fn reset(&mut self) {
+        // First the device: it returns once its thread has stopped, so nothing touches the
+        // queues or raises an interrupt after this.
+        self.device.reset();
+        self.active = false;
         self.status = 0;
         self.driver_features = 0;
         self.device_feature_select = 0;
         self.driver_feature_select = 0;
         self.queue_select = 0;
-        self.isr = 0;
-        self.set_intx(false);
-        self.config_vector = NO_VECTOR;
-        self.queue_vectors.fill(NO_VECTOR);
-        for queue in &mut self.queues {
-            queue.reset();
+        self.interrupt.reset();
+        for queue in &self.queues {
+            lock(queue).reset();
         }
-        self.device.reset();
+        for notifier in &self.notifiers {
+            notifier.drain();
+        }
     }
 
     fn set_status(&mut self, value: u8) {
@@ -448,34 +530,36 @@ impl<D: VirtioDevice> VirtioPci<D> {
         if newly & STATUS_DRIVER_OK != 0 {
             self.apply_features();
         }
-        // NEEDS_RESET is the device's to set; the driver cannot clear it but by a reset.
-        self.status = (value & !STATUS_NEEDS_RESET) | (self.status & STATUS_NEEDS_RESET);
+        // NEEDS_RESET is the device's to set (in the interrupt state); the driver cannot
+        // clear it but by a reset.
+        self.status = value & !STATUS_NEEDS_RESET;
         self.sync_doorbells();
+        if newly & STATUS_DRIVER_OK != 0 {
+            self.activate();
+        }
     }
 
     fn apply_features(&mut self) {
-        self.device.ack_features(self.driver_features);
         let event_idx = self.driver_features & F_RING_EVENT_IDX != 0;
-        for queue in &mut self.queues {
-            queue.set_event_idx(event_idx);
+        for queue in &self.queues {
+            lock(queue).set_event_idx(event_idx);
         }
     }
 
     fn read_isr(&mut self) -> u8 {
-        let isr = self.isr;
-        self.isr = 0;
-        self.set_intx(false);
-        isr
+        self.interrupt.read_isr()
     }
 
-    fn selected_queue(&mut self) -> Option<&mut Queue> {
-        self.queues.get_mut(usize::from(self.queue_select))
+    fn selected_queue(&self) -> Option<MutexGuard<'_, Queue>> {
+        self.queues
+            .get(usize::from(self.queue_select))
+            .map(|q| lock(q))
     }
 
     // ---- legacy (I/O BAR) ----
 
     fn legacy_config_offset(&self) -> u64 {
-        if self.msix_enabled() {
+        if self.interrupt.msix_enabled() {
             legacy::CONFIG_MSIX
         } else {
             legacy::CONFIG
@@ -493,23 +577,14 @@ impl<D: VirtioDevice> VirtioPci<D> {
             (legacy::DEVICE_FEATURES, 4) => self.offered_features() as u32,
             (legacy::DRIVER_FEATURES, 4) => self.driver_features as u32,
             (legacy::QUEUE_PFN, 4) => self
-                .queues
-                .get(queue_select)
+                .selected_queue()
                 .map_or(0, |q| (q.desc_table() >> legacy::PFN_SHIFT) as u32),
-            (legacy::QUEUE_SIZE, 2) => self
-                .queues
-                .get(queue_select)
-                .map_or(0, |q| q.max_size().into()),
+            (legacy::QUEUE_SIZE, 2) => self.selected_queue().map_or(0, |q| q.max_size().into()),
             (legacy::QUEUE_SELECT, 2) => self.queue_select.into(),
-            (legacy::STATUS, 1) => self.status.into(),
+            (legacy::STATUS, 1) => self.status().into(),
             (legacy::ISR, 1) => self.read_isr().into(),
-            (legacy::CONFIG_VECTOR, 2) => self.config_vector.into(),
-            (legacy::QUEUE_VECTOR, 2) => self
-                .queue_vectors
-                .get(queue_select)
-                .copied()
-                .unwrap_or(NO_VECTOR)
-                .into(),
+            (legacy::CONFIG_VECTOR, 2) => self.interrupt.lock().config_vector.into(),
+            (legacy::QUEUE_VECTOR, 2) => self.queue_vector(queue_select).into(),
             _ => 0,
         };
         put(data, value);
@@ -534,7 +609,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
             (legacy::QUEUE_SELECT, 2) => self.queue_select = value as u16,
             (legacy::QUEUE_NOTIFY, 2) => self.notify_queue_on_exit(value as u16),
             (legacy::STATUS, 1) => self.set_status(value as u8),
-            (legacy::CONFIG_VECTOR, 2) => self.config_vector = self.checked_vector(value as u16),
+            (legacy::CONFIG_VECTOR, 2) => self.set_config_vector(value as u16),
             (legacy::QUEUE_VECTOR, 2) => self.set_queue_vector(value as u16),
             _ => {}
         }
@@ -544,7 +619,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
     /// then the used ring at the next 4 KiB boundary.
     fn legacy_set_pfn(&mut self, pfn: u32) {
         let event_idx = self.driver_features & F_RING_EVENT_IDX != 0;
-        let Some(queue) = self.selected_queue() else {
+        let Some(mut queue) = self.selected_queue() else {
             return;
         };
         if pfn == 0 {
@@ -555,7 +630,8 @@ impl<D: VirtioDevice> VirtioPci<D> {
         let desc = u64::from(pfn) << legacy::PFN_SHIFT;
         let avail = desc + 16 * size;
         let used = (avail + 6 + 2 * size).next_multiple_of(legacy::QUEUE_ALIGN);
-        queue.set_size(queue.max_size());
+        let max_size = queue.max_size();
+        queue.set_size(max_size);
         queue.set_desc_table_address(Some(desc as u32), Some((desc >> 32) as u32));
         queue.set_avail_ring_address(Some(avail as u32), Some((avail >> 32) as u32));
         queue.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
@@ -564,25 +640,46 @@ impl<D: VirtioDevice> VirtioPci<D> {
     }
 
     /// A vector past the MSI-X table reads back as NO_VECTOR, telling the driver to give up.
-    fn checked_vector(&self, vector: u16) -> u16 {
-        match &self.msix {
+    fn checked_vector(signals: &Signals, vector: u16) -> u16 {
+        match &signals.msix {
             Some(msix) if vector < msix.vectors() => vector,
             _ => NO_VECTOR,
         }
     }
 
+    fn queue_vector(&self, index: usize) -> u16 {
+        let signals = self.interrupt.lock();
+        signals
+            .queue_vectors
+            .get(index)
+            .copied()
+            .unwrap_or(NO_VECTOR)
+    }
+
     fn set_queue_vector(&mut self, vector: u16) {
-        let vector = self.checked_vector(vector);
-        if let Some(v) = self.queue_vectors.get_mut(usize::from(self.queue_select)) {
+        let mut signals = self.interrupt.lock();
+        let vector = Self::checked_vector(&signals, vector);
+        if let Some(v) = signals
+            .queue_vectors
+            .get_mut(usize::from(self.queue_select))
+        {
             *v = vector;
         }
+    }
+
+    fn set_config_vector(&mut self, vector: u16) {
+        let mut signals = self.interrupt.lock();
+        signals.config_vector = Self::checked_vector(&signals, vector);
     }
 
     // ---- modern (memory BAR) ----
 
     fn common_read(&mut self, offset: u64, data: &mut [u8]) {
         let queue_select = usize::from(self.queue_select);
-        let queue = self.queues.get(queue_select);
+        let status = self.status();
+        let config_vector = self.interrupt.lock().config_vector;
+        let queue_vector = self.queue_vector(queue_select);
+        let queue = self.selected_queue();
         let half = |v: u64, high: bool| if high { (v >> 32) as u32 } else { v as u32 };
         let value: u32 = match (offset, data.len()) {
             (0x00, 4) => self.device_feature_select,
@@ -597,25 +694,27 @@ impl<D: VirtioDevice> VirtioPci<D> {
                 1 => (self.driver_features >> 32) as u32,
                 _ => 0,
             },
-            (0x10, 2) => self.config_vector.into(),
+            (0x10, 2) => config_vector.into(),
             (0x12, 2) => self.queues.len() as u32,
-            (0x14, 1) => self.status.into(),
+            (0x14, 1) => status.into(),
             (0x15, 1) => 0, // config generation: the configuration never changes
             (0x16, 2) => self.queue_select.into(),
-            (0x18, 2) => queue.map_or(0, |q| q.size().into()),
-            (0x1A, 2) => self
-                .queue_vectors
-                .get(queue_select)
-                .copied()
-                .unwrap_or(NO_VECTOR)
-                .into(),
-            (0x1C, 2) => queue.map_or(0, |q| q.ready().into()),
+            (0x18, 2) => queue.as_ref().map_or(0, |q| q.size().into()),
+            (0x1A, 2) => queue_vector.into(),
+            (0x1C, 2) => queue.as_ref().map_or(0, |q| q.ready().into()),
             (0x1E, 2) => self.queue_select.into(), // queue_notify_off
-            (0x20 | 0x24, 4) => queue.map_or(0, |q| half(q.desc_table(), offset == 0x24)),
-            (0x28 | 0x2C, 4) => queue.map_or(0, |q| half(q.avail_ring(), offset == 0x2C)),
-            (0x30 | 0x34, 4) => queue.map_or(0, |q| half(q.used_ring(), offset == 0x34)),
+            (0x20 | 0x24, 4) => queue
+                .as_ref()
+                .map_or(0, |q| half(q.desc_table(), offset == 0x24)),
+            (0x28 | 0x2C, 4) => queue
+                .as_ref()
+                .map_or(0, |q| half(q.avail_ring(), offset == 0x2C)),
+            (0x30 | 0x34, 4) => queue
+                .as_ref()
+                .map_or(0, |q| half(q.used_ring(), offset == 0x34)),
             _ => 0,
         };
+        drop(queue);
         put(data, value);
     }
 
@@ -639,23 +738,23 @@ impl<D: VirtioDevice> VirtioPci<D> {
                     _ => {}
                 }
             }
-            (0x10, 2) => self.config_vector = self.checked_vector(value as u16),
+            (0x10, 2) => self.set_config_vector(value as u16),
             (0x14, 1) => self.set_status(value as u8),
             (0x16, 2) => self.queue_select = value as u16,
             (0x18, 2) if configurable => {
-                if let Some(q) = self.selected_queue() {
+                if let Some(mut q) = self.selected_queue() {
                     q.set_size(value as u16);
                 }
             }
             (0x1A, 2) => self.set_queue_vector(value as u16),
             (0x1C, 2) if configurable && value == 1 => {
-                if let Some(q) = self.selected_queue() {
+                if let Some(mut q) = self.selected_queue() {
                     q.set_ready(true);
                 }
                 self.sync_doorbells();
             }
             (0x20..=0x34, 4) if configurable => {
-                let Some(q) = self.selected_queue() else {
+                let Some(mut q) = self.selected_queue() else {
                     return;
                 };
                 let (low, high) = if offset % 8 == 0 {
@@ -768,19 +867,22 @@ impl<D: VirtioDevice> PciDevice for VirtioPci<D> {
 
     fn write_config(&mut self, offset: u16, data: &[u8]) {
         self.config.write(offset, data);
-        if let Some(msix) = self.msix.as_mut() {
-            if msix.covers(offset, data.len()) {
-                msix.deliver_unmasked(&self.config);
+        {
+            let mut signals = self.interrupt.lock();
+            let signals = &mut *signals;
+            signals.config.copy_registers_from(&self.config);
+            if let Some(msix) = signals.msix.as_mut() {
+                if msix.covers(offset, data.len()) {
+                    msix.deliver_unmasked(&signals.config);
+                }
             }
         }
-        // A BAR move or a decode switch moves or removes the notify addresses.
         self.sync_doorbells();
     }
 
-    fn attach_doorbells(&mut self, service: Arc<dyn Doorbells>, me: Weak<Mutex<dyn PciDevice>>) {
+    fn attach_doorbells(&mut self, service: Arc<dyn Doorbells>) {
         self.doorbells = Some(DoorbellService {
             service,
-            me,
             bases: None,
             ready: Vec::new(),
             registered: Vec::new(),
@@ -788,15 +890,10 @@ impl<D: VirtioDevice> PciDevice for VirtioPci<D> {
         self.sync_doorbells();
     }
 
-    fn ring_doorbell(&mut self, queue: u16) {
-        log::trace!("virtio doorbell {queue} by eventfd");
-        self.notify_queue(queue);
-    }
-
     fn read_bar(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
         match bar {
             LEGACY_BAR => self.legacy_read(offset, data),
-            MSIX_BAR => match &self.msix {
+            MSIX_BAR => match &self.interrupt.lock().msix {
                 Some(msix) => msix.read(offset, data),
                 None => data.fill(0xFF),
             },
@@ -809,8 +906,10 @@ impl<D: VirtioDevice> PciDevice for VirtioPci<D> {
         match bar {
             LEGACY_BAR => self.legacy_write(offset, data),
             MSIX_BAR => {
-                if let Some(msix) = self.msix.as_mut() {
-                    msix.write(&self.config, offset, data);
+                let mut signals = self.interrupt.lock();
+                let signals = &mut *signals;
+                if let Some(msix) = signals.msix.as_mut() {
+                    msix.write(&signals.config, offset, data);
                 }
             }
             MODERN_BAR => self.modern_write(offset, data),
@@ -831,6 +930,15 @@ mod tests {
 
     const WRITE: u16 = 2;
 
+    /// Waits up to 5 s for the device's thread to get `what` done.
+    fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
     struct Rig {
         dev: VirtioPci<VirtioRnd>,
         mem: GuestMemory,
@@ -846,7 +954,7 @@ mod tests {
         });
         let msi = Arc::new(RecordingMsi::default());
         let dev = VirtioPci::new(
-            VirtioRnd::new(),
+            VirtioRnd::new().unwrap(),
             VirtioPciResources {
                 memory: mem.clone(),
                 msi: msi.clone(),
@@ -908,12 +1016,12 @@ mod tests {
     /// Records what a device registers, as the VMM's doorbell service would see it.
     #[derive(Default)]
     struct RecordingDoorbells {
-        active: Mutex<Vec<(DoorbellId, Doorbell, u16)>>,
+        active: Mutex<Vec<(DoorbellId, Doorbell, std::os::fd::RawFd)>>,
         next: Mutex<u64>,
     }
 
     impl RecordingDoorbells {
-        fn active(&self) -> Vec<(Doorbell, u16)> {
+        fn active(&self) -> Vec<(Doorbell, std::os::fd::RawFd)> {
             let mut v: Vec<_> = self
                 .active
                 .lock()
@@ -927,16 +1035,11 @@ mod tests {
     }
 
     impl Doorbells for RecordingDoorbells {
-        fn register(
-            &self,
-            doorbell: Doorbell,
-            _target: Weak<Mutex<dyn PciDevice>>,
-            queue: u16,
-        ) -> Option<DoorbellId> {
+        fn register(&self, doorbell: Doorbell, fd: std::os::fd::RawFd) -> Option<DoorbellId> {
             let mut next = self.next.lock().unwrap();
             *next += 1;
             let id = DoorbellId(*next);
-            self.active.lock().unwrap().push((id, doorbell, queue));
+            self.active.lock().unwrap().push((id, doorbell, fd));
             Some(id)
         }
         fn unregister(&self, id: DoorbellId) {
@@ -954,8 +1057,8 @@ mod tests {
         let config = r.dev.config_space_mut();
         config.set_bar_address(LEGACY_BAR, 0xC000);
         config.set_bar_address(MODERN_BAR, 0xE000_0000);
-        let me = Weak::<Mutex<VirtioPci<VirtioRnd>>>::new();
-        r.dev.attach_doorbells(service.clone(), me);
+        r.dev.attach_doorbells(service.clone());
+        let q0 = r.dev.notifiers[0].fd();
         let command = (crate::devices::pci::COMMAND_IO_SPACE
             | crate::devices::pci::COMMAND_MEMORY_SPACE)
             .to_le_bytes();
@@ -970,20 +1073,20 @@ mod tests {
         };
         assert_eq!(
             service.active(),
-            vec![(Doorbell::Mmio { addr: 0xE000_3000 }, 0), (port, 0)]
+            vec![(Doorbell::Mmio { addr: 0xE000_3000 }, q0), (port, q0)]
         );
 
         r.dev
             .write_config(0x10 + 4 * MODERN_BAR as u16, &0xD000_0000u32.to_le_bytes());
         assert_eq!(
             service.active(),
-            vec![(Doorbell::Mmio { addr: 0xD000_3000 }, 0), (port, 0)],
+            vec![(Doorbell::Mmio { addr: 0xD000_3000 }, q0), (port, q0)],
             "the MMIO doorbell moves with the BAR"
         );
 
         r.dev
             .write_config(0x04, &crate::devices::pci::COMMAND_IO_SPACE.to_le_bytes());
-        assert_eq!(service.active(), vec![(port, 0)], "memory decoding off");
+        assert_eq!(service.active(), vec![(port, q0)], "memory decoding off");
 
         r.mem_w(0x14, 0, 1);
         assert!(service.active().is_empty(), "a reset drops every doorbell");
@@ -994,8 +1097,8 @@ mod tests {
         let mut r = rig(false);
         let service = Arc::new(RecordingDoorbells::default());
         r.dev.config_space_mut().set_bar_address(LEGACY_BAR, 0xC000);
-        r.dev
-            .attach_doorbells(service.clone(), Weak::<Mutex<VirtioPci<VirtioRnd>>>::new());
+        r.dev.attach_doorbells(service.clone());
+        let q0 = r.dev.notifiers[0].fd();
         r.dev
             .write_config(0x04, &crate::devices::pci::COMMAND_IO_SPACE.to_le_bytes());
         r.io_w(0x12, u32::from(STATUS_DRIVER_OK | 3), 1);
@@ -1007,7 +1110,7 @@ mod tests {
             port: 0xC010,
             value: 0,
         };
-        assert_eq!(service.active(), vec![(port, 0)]);
+        assert_eq!(service.active(), vec![(port, q0)]);
 
         r.io_w(0x08, 0, 4);
         assert!(
@@ -1055,7 +1158,9 @@ mod tests {
         assert_eq!(r.io_r(0x08, 4), 4);
         r.io_w(0x12, u32::from(STATUS_DRIVER_OK | 3), 1);
         r.io_w(0x10, 0, 2);
+        wait_until("the entropy", || ring.used(&r.mem).len() == 1);
         assert_eq!(ring.used(&r.mem), vec![(0, 32)]);
+        wait_until("INTx", || !r.levels().is_empty());
         assert_eq!(r.levels(), vec![true]);
         assert_eq!(r.io_r(0x13, 1), 1);
         assert_eq!(r.levels(), vec![true, false], "reading ISR lowers INTx");
@@ -1072,7 +1177,8 @@ mod tests {
         ring.add_chain(&r.mem, &[(0x10000, 32, WRITE)]);
         r.io_w(0x08, 0x4, 4);
         r.io_w(0x10, 0, 2);
-        assert_eq!(ring.used(&r.mem).len(), 1);
+        wait_until("the entropy", || ring.used(&r.mem).len() == 1);
+        wait_until("the ISR", || r.dev.interrupt.lock().isr != 0);
         assert!(r.levels().is_empty());
         assert_eq!(r.io_r(0x13, 1), 1, "the ISR still says why");
     }
@@ -1102,11 +1208,13 @@ mod tests {
         // used_event = 0 in the avail ring: the driver wants an interrupt after the first.
         ring.add_chain(&r.mem, &[(0x10000, 16, WRITE)]);
         r.mem_w(NOTIFY_OFFSET, 0, 2);
+        wait_until("the MSI", || !r.msi.0.lock().unwrap().is_empty());
         assert_eq!(*r.msi.0.lock().unwrap(), vec![(0xFEE0_0000, 0x61)]);
         // used_event still 0: the second completion needs no interrupt.
         ring.add_chain(&r.mem, &[(0x10000, 16, WRITE)]);
         r.mem_w(NOTIFY_OFFSET, 0, 2);
-        assert_eq!(ring.used(&r.mem).len(), 2);
+        wait_until("the second", || ring.used(&r.mem).len() == 2);
+        std::thread::sleep(std::time::Duration::from_millis(20));
         assert_eq!(
             r.msi.0.lock().unwrap().len(),
             1,
@@ -1130,12 +1238,13 @@ mod tests {
         r.modern_setup(&ring, F_VERSION_1);
         ring.add_chain(&r.mem, &[(0x7000_0000, 16, WRITE)]);
         r.mem_w(NOTIFY_OFFSET, 0, 2);
-        assert_ne!(r.dev.status() & STATUS_NEEDS_RESET, 0);
+        wait_until("needs-reset", || r.dev.status() & STATUS_NEEDS_RESET != 0);
         assert_eq!(r.levels(), vec![true], "config-change interrupt");
         assert_eq!(r.mem_r(ISR_OFFSET, 1), u32::from(ISR_CONFIG));
         // Further doorbells are ignored, even with a good buffer.
         ring.add_chain(&r.mem, &[(0x10000, 16, WRITE)]);
         r.mem_w(NOTIFY_OFFSET, 0, 2);
+        std::thread::sleep(std::time::Duration::from_millis(50));
         assert!(ring.used(&r.mem).is_empty());
         // The driver cannot clear NEEDS_RESET but by writing 0.
         r.mem_w(0x14, 0x0F, 1);
@@ -1156,7 +1265,7 @@ mod tests {
         r.mem_w(0x1C, 1, 2);
         r.mem_w(0x14, 0x0F, 1);
         r.mem_w(NOTIFY_OFFSET, 0, 2);
-        assert_ne!(r.dev.status() & STATUS_NEEDS_RESET, 0);
+        wait_until("needs-reset", || r.dev.status() & STATUS_NEEDS_RESET != 0);
         // Doorbells for queues that do not exist, and odd access sizes, do nothing.
         let mut r = rig(false);
         r.mem_w(NOTIFY_OFFSET + 4 * 100, 100, 2);
@@ -1182,6 +1291,7 @@ mod tests {
         r.modern_setup(&ring, F_VERSION_1);
         ring.add_chain(&r.mem, &[(0x10000, 16, WRITE)]);
         r.mem_w(NOTIFY_OFFSET, 0, 2);
+        wait_until("the MSI", || !r.msi.0.lock().unwrap().is_empty());
         assert_eq!(*r.msi.0.lock().unwrap(), vec![(0xFEE0_0000, 0x41)]);
         assert!(r.levels().is_empty());
     }
@@ -1206,7 +1316,7 @@ pub(crate) mod test_ring {
     use virtio_queue::{Queue, QueueT};
     use vm_memory::{Bytes, GuestAddress};
 
-    use crate::vmm::memory::GuestMemory;
+    use crate::memory::GuestMemory;
 
     pub struct Ring {
         pub desc: u64,

@@ -1,14 +1,21 @@
 //! virtio-rnd (`-s N,virtio-rnd`): an entropy source fed from the host's `getentropy`.
 //!
-//! Requests are served on the vCPU thread that rings the doorbell, bounded so a guest cannot
-//! stall it: at most [`BYTES_PER_CHAIN`] bytes per buffer chain and one pass over the queue
+//! Requests are served on the device's thread ([`QueueWorker`]), bounded so a guest cannot
+//! hog it: at most [`BYTES_PER_CHAIN`] bytes per buffer chain and one pass over the queue
 //! per notification.
+//!
+//! The smallest virtio device, and the pattern for new ones: a [`VirtioDevice`] that
+//! describes itself and hands activation to a [`QueueWorker`], and a [`VirtioQueues`] that
+//! serves one queue's buffers.
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 
-use super::{QueueError, VirtioDevice};
-use crate::vmm::memory::GuestMemory;
+use super::pci::{VirtioPci, VirtioPciError, VirtioPciResources};
+use super::queue_worker::{QueueWorker, VirtioQueues};
+use super::{ActivateError, Activation, QueueError, VirtioDevice};
+use crate::devices::{BuiltDevice, DeviceHandle};
+use crate::memory::GuestMemory;
 
 const DEVICE_TYPE_ENTROPY: u16 = 4;
 /// bhyve's ring size for virtio-rnd.
@@ -21,12 +28,30 @@ const ENTROPY_CHUNK: usize = 256;
 /// PCI class 0x10 (encryption/decryption controller), subclass 0x80 (other).
 const PCI_CLASS_CRYPTO: (u8, u8, u8) = (0x10, 0x80, 0x00);
 
-#[derive(Default)]
-pub struct VirtioRnd;
+/// The device: no configuration, one queue, served by its worker.
+pub struct VirtioRnd {
+    worker: QueueWorker<EntropyQueue>,
+}
+
+/// What the device's thread does with the queue.
+pub struct EntropyQueue;
 
 impl VirtioRnd {
-    pub fn new() -> Self {
-        VirtioRnd
+    pub fn new() -> std::io::Result<Self> {
+        Ok(VirtioRnd {
+            worker: QueueWorker::new("virtio-rnd", EntropyQueue)?,
+        })
+    }
+
+    /// `-s N,virtio-rnd`: the PCI function and its pause handle.
+    pub fn build(transport: VirtioPciResources) -> Result<BuiltDevice, VirtioPciError> {
+        let rnd = VirtioRnd::new().map_err(VirtioPciError::Notifier)?;
+        let handle = rnd.worker.handle();
+        let function = VirtioPci::new(rnd, transport)?;
+        Ok(BuiltDevice {
+            function: std::sync::Arc::new(std::sync::Mutex::new(function)),
+            handle: Some(handle),
+        })
     }
 }
 
@@ -70,6 +95,20 @@ impl VirtioDevice for VirtioRnd {
         &[QUEUE_SIZE]
     }
 
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        self.worker.activate(activation)
+    }
+
+    fn reset(&mut self) {
+        self.worker.reset();
+    }
+
+    fn handle(&self) -> Option<Box<dyn DeviceHandle>> {
+        Some(self.worker.handle())
+    }
+}
+
+impl VirtioQueues for EntropyQueue {
     fn process_queue(
         &mut self,
         _index: usize,
@@ -128,7 +167,7 @@ mod tests {
         let mut ring = Ring::new(&mem, 0x1000, 16);
         ring.add_chain(&mem, &[(0x10000, 64, WRITE | NEXT), (0x20000, 32, WRITE)]);
         let mut queue = ring.queue();
-        let mut rnd = VirtioRnd::new();
+        let mut rnd = EntropyQueue;
         assert!(rnd.process_queue(0, &mut queue, &mem).unwrap());
         assert_eq!(ring.used(&mem), vec![(0, 96)]);
         let mut a = [0u8; 64];
@@ -148,7 +187,7 @@ mod tests {
         ring.add_chain(&mem, &[(0x11000, 16, WRITE)]);
         let mut queue = ring.queue();
         queue.set_event_idx(true);
-        assert!(VirtioRnd::new().process_queue(0, &mut queue, &mem).unwrap());
+        assert!(EntropyQueue.process_queue(0, &mut queue, &mem).unwrap());
         // avail_event sits after the used ring's entries.
         let avail_event: u16 = mem
             .read_obj(GuestAddress(ring.used + 4 + 8 * u64::from(ring.size)))
@@ -163,7 +202,7 @@ mod tests {
         ring.add_chain(&mem, &[(0x10000, 0x8_0000, WRITE)]);
         ring.add_chain(&mem, &[(0x10000, 0, WRITE)]);
         let mut queue = ring.queue();
-        assert!(VirtioRnd::new().process_queue(0, &mut queue, &mem).unwrap());
+        assert!(EntropyQueue.process_queue(0, &mut queue, &mem).unwrap());
         assert_eq!(ring.used(&mem), vec![(0, BYTES_PER_CHAIN), (1, 0)]);
     }
 
@@ -180,7 +219,7 @@ mod tests {
             ring.add_chain(&mem, &[bad]);
             let mut queue = ring.queue();
             assert!(
-                VirtioRnd::new().process_queue(0, &mut queue, &mem).is_err(),
+                EntropyQueue.process_queue(0, &mut queue, &mem).is_err(),
                 "{bad:x?}"
             );
         }
@@ -194,7 +233,7 @@ mod tests {
         ring.write_desc(&mem, 0, (0x10000, 8, WRITE | NEXT), 0);
         ring.publish(&mem, 0);
         let mut queue = ring.queue();
-        assert!(VirtioRnd::new().process_queue(0, &mut queue, &mem).unwrap());
+        assert!(EntropyQueue.process_queue(0, &mut queue, &mem).unwrap());
         let used = ring.used(&mem);
         assert_eq!(used.len(), 1);
         assert!(
@@ -219,7 +258,7 @@ mod tests {
         ring.write_desc(&mem, 0, (0x30000, 32, 4), 0);
         ring.publish(&mem, 0);
         let mut queue = ring.queue();
-        assert!(VirtioRnd::new().process_queue(0, &mut queue, &mem).unwrap());
+        assert!(EntropyQueue.process_queue(0, &mut queue, &mem).unwrap());
         assert_eq!(ring.used(&mem), vec![(0, 24)]);
     }
 
@@ -229,6 +268,6 @@ mod tests {
         let ring = Ring::new(&mem, 0x1000, 4);
         mem.write_obj(100u16, GuestAddress(ring.avail + 2)).unwrap();
         let mut queue = ring.queue();
-        assert!(VirtioRnd::new().process_queue(0, &mut queue, &mem).is_err());
+        assert!(EntropyQueue.process_queue(0, &mut queue, &mem).is_err());
     }
 }

@@ -49,9 +49,8 @@ impl ThreadKicker {
         let run: *mut kvm_run = fd.get_kvm_run();
         THIS_THREAD_RUN.with(|cell| cell.set(run));
         // SAFETY: pthread_self has no preconditions.
-        ThreadKicker {
-            thread: unsafe { libc::pthread_self() },
-        }
+        let thread = unsafe { libc::pthread_self() };
+        ThreadKicker { thread }
     }
 }
 

@@ -667,7 +667,7 @@ fn exit_number(exit: &VcpuExit<'_>) -> u32 {
 pub(crate) mod tests_support {
     use super::*;
     use crate::hv::regs::SegmentRegister;
-    use crate::vmm::memory::{create_guest_memory, GuestMemory};
+    use crate::memory::{create_guest_memory, GuestMemory};
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
     /// `None` when /dev/kvm is unusable, unless XHYVE_REQUIRE_KVM=1 makes that a failure.

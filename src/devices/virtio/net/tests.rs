@@ -1,5 +1,4 @@
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
 
 use vm_memory::GuestAddress;
 
@@ -34,8 +33,8 @@ fn memory() -> GuestMemory {
     GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
 }
 
-fn net() -> VirtioNet<FakeNet> {
-    VirtioNet::new(FakeNet::default(), MAC)
+fn net() -> NetQueues<FakeNet> {
+    NetQueues::new(FakeNet::default(), MAC)
 }
 
 fn frame(marker: u8, len: usize) -> Vec<u8> {
@@ -50,7 +49,7 @@ fn read(mem: &GuestMemory, addr: u64, len: usize) -> Vec<u8> {
 
 #[test]
 fn config_space_has_the_mac_and_link_up() {
-    let n = net();
+    let n = VirtioNet::new(FakeNet::default(), MAC, None).unwrap();
     assert_eq!(n.device_features(), F_MAC | F_STATUS);
     assert_eq!(n.config_size(), 8);
     let mut config = [0xAAu8; 8];
@@ -81,7 +80,7 @@ fn transmit_strips_the_header_for_legacy_and_modern_drivers() {
         ring.add_chain(&mem, &[(0x10000, split, NEXT), (0x20000, 40, 0)]);
         let mut queue = ring.queue();
         let mut n = net();
-        n.ack_features(features);
+        n.set_features(features);
         assert!(n.process_queue(TX_QUEUE, &mut queue, &mem).unwrap());
         assert_eq!(n.backend_mut().sent, vec![payload]);
         assert_eq!(ring.used(&mem), vec![(0, 0)]);
@@ -96,7 +95,7 @@ fn receive_prepends_a_header_and_spreads_over_buffers() {
     ring.add_chain(&mem, &[(0x10000, 12, WRITE | NEXT), (0x20000, 1514, WRITE)]);
     let mut queue = ring.queue();
     let mut n = net();
-    n.ack_features(F_VERSION_1);
+    n.set_features(F_VERSION_1);
     // No frame yet: the buffer stays with the device for later.
     assert!(!n.process_queue(RX_QUEUE, &mut queue, &mem).unwrap());
     assert!(ring.used(&mem).is_empty());
@@ -173,71 +172,10 @@ fn bad_buffers_are_errors_not_crashes() {
     }
 }
 
-#[test]
-fn wake_hands_the_doorbell_to_the_waker() {
-    let mut n = net();
-    assert!(!n.wake(TX_QUEUE), "no thread: the transport serves inline");
-    let rung = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = rung.clone();
-    n.set_waker(Box::new(move || {
-        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    }));
-    assert!(n.wake(TX_QUEUE));
-    assert_eq!(rung.load(std::sync::atomic::Ordering::SeqCst), 1);
-}
-
-#[test]
-fn with_a_waker_the_doorbell_only_wakes_and_service_queue_does_the_work() {
-    use crate::devices::irq::test_util::RecordingLine;
-    use crate::devices::pci::msix::tests::RecordingMsi;
-    use crate::devices::pci::PciDevice;
-    use crate::devices::virtio::pci::{VirtioPci, VirtioPciResources, MODERN_BAR};
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
-
-    let mem = memory();
-    let rung = Arc::new(AtomicUsize::new(0));
-    let counter = rung.clone();
-    let mut n = net();
-    n.set_waker(Box::new(move || {
-        counter.fetch_add(1, Ordering::SeqCst);
-    }));
-    let mut pci = VirtioPci::new(
-        n,
-        VirtioPciResources {
-            memory: mem.clone(),
-            msi: Arc::new(RecordingMsi::default()),
-            intx: Arc::new(RecordingLine::default()),
-            single_msi: false,
-        },
-    )
-    .unwrap();
-    let mut w = |offset: u64, value: u32, len: usize| {
-        pci.write_bar(MODERN_BAR, offset, &value.to_le_bytes()[..len]);
-    };
-    let mut tx = Ring::new(&mem, 0x8000, 16);
-    w(0x14, 3, 1);
-    w(0x16, 1, 2);
-    w(0x18, u32::from(tx.size), 2);
-    w(0x20, tx.desc as u32, 4);
-    w(0x28, tx.avail as u32, 4);
-    w(0x30, tx.used as u32, 4);
-    w(0x1C, 1, 2);
-    w(0x14, 0x0F, 1);
-    mem.write_slice(&[0u8; 10], GuestAddress(0x40000)).unwrap();
-    mem.write_slice(&frame(9, 60), GuestAddress(0x4000A))
-        .unwrap();
-    tx.add_chain(&mem, &[(0x40000, 70, 0)]);
-    w(0x3004, 1, 2);
-    assert_eq!(rung.load(Ordering::SeqCst), 1);
-    assert!(tx.used(&mem).is_empty(), "nothing done on the vCPU thread");
-    pci.service_queue(TX_QUEUE as u16);
-    assert_eq!(tx.used(&mem), vec![(0, 0)]);
-    assert_eq!(pci.device_mut().backend_mut().sent, vec![frame(9, 60)]);
-}
-
 /// Polls `done` for up to 10 s (the network threads move frames asynchronously).
-pub(in crate::devices::virtio::net) fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+#[cfg(target_os = "linux")]
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    use std::time::{Duration, Instant};
     let start = Instant::now();
     while !done() {
         assert!(
@@ -259,8 +197,8 @@ mod thread {
     use crate::devices::irq::test_util::RecordingLine;
     use crate::devices::pci::msix::tests::RecordingMsi;
     use crate::devices::pci::PciDevice;
-    use crate::devices::virtio::net::worker::NetWorker;
     use crate::devices::virtio::pci::{VirtioPci, VirtioPciResources, MODERN_BAR};
+    use crate::devices::virtio::queue_worker::Backend;
     use crate::devices::virtio::STATUS_DRIVER;
     use crate::devices::virtio::{STATUS_ACKNOWLEDGE, STATUS_DRIVER_OK, STATUS_FEATURES_OK};
 
@@ -290,7 +228,7 @@ mod thread {
             ..Default::default()
         });
         let pci = VirtioPci::new(
-            VirtioNet::new(Datagrams(device_end), MAC),
+            VirtioNet::new(Datagrams(device_end), MAC, Some(Backend::Fd(fd))).unwrap(),
             VirtioPciResources {
                 memory: mem.clone(),
                 msi: Arc::new(RecordingMsi::default()),
@@ -300,7 +238,6 @@ mod thread {
         )
         .unwrap();
         let dev = Arc::new(Mutex::new(pci));
-        let worker = NetWorker::spawn(dev.clone(), fd).unwrap();
 
         let mut rx = Ring::new(&mem, 0x1000, 16);
         let mut tx = Ring::new(&mem, 0x8000, 16);
@@ -348,7 +285,8 @@ mod thread {
         let n = host.recv(&mut got).unwrap();
         assert_eq!(&got[..n], &outbound[..]);
         wait_for("transmit used", || tx.used(&mem).len() == 1);
-        drop(worker);
-        assert_eq!(lock(&dev).device().stats().tx_frames, 1);
+        // A reset stops the thread and gives the device its state back.
+        w(&dev, 0x14, 0, 1);
+        assert_eq!(lock(&dev).device().stats().map(|s| s.tx_frames), Some(1));
     }
 }

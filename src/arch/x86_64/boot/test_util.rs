@@ -189,20 +189,20 @@ pub fn multiboot_header(flags: u32, aout: Option<[u32; 5]>) -> Vec<u8> {
     out
 }
 
-pub fn kexec(kernel: &Path, initrd: Option<&Path>, cmdline: &str) -> crate::cli::Firmware {
-    crate::cli::Firmware::Kexec {
+pub fn kexec(kernel: &Path, initrd: Option<&Path>, cmdline: &str) -> super::Firmware {
+    super::Firmware::Kexec {
         kernel: kernel.to_path_buf(),
         initrd: initrd.map(Path::to_path_buf),
         cmdline: cmdline.to_string(),
     }
 }
 
-pub fn multiboot(kernel: &Path, modules: &[(&Path, &str)], cmdline: &str) -> crate::cli::Firmware {
-    crate::cli::Firmware::Multiboot {
+pub fn multiboot(kernel: &Path, modules: &[(&Path, &str)], cmdline: &str) -> super::Firmware {
+    super::Firmware::Multiboot {
         kernel: kernel.to_path_buf(),
         modules: modules
             .iter()
-            .map(|(path, cmdline)| crate::cli::MultibootModule {
+            .map(|(path, cmdline)| super::MultibootModule {
                 path: path.to_path_buf(),
                 cmdline: cmdline.to_string(),
             })
@@ -211,19 +211,19 @@ pub fn multiboot(kernel: &Path, modules: &[(&Path, &str)], cmdline: &str) -> cra
     }
 }
 
-pub fn read_u32(mem: &crate::vmm::memory::GuestMemory, addr: u64) -> u32 {
+pub fn read_u32(mem: &crate::memory::GuestMemory, addr: u64) -> u32 {
     use vm_memory::Bytes;
     mem.read_obj(vm_memory::GuestAddress(addr))
         .expect("read u32")
 }
 
-pub fn read_u64(mem: &crate::vmm::memory::GuestMemory, addr: u64) -> u64 {
+pub fn read_u64(mem: &crate::memory::GuestMemory, addr: u64) -> u64 {
     use vm_memory::Bytes;
     mem.read_obj(vm_memory::GuestAddress(addr))
         .expect("read u64")
 }
 
-pub fn read_bytes(mem: &crate::vmm::memory::GuestMemory, addr: u64, len: usize) -> Vec<u8> {
+pub fn read_bytes(mem: &crate::memory::GuestMemory, addr: u64, len: usize) -> Vec<u8> {
     use vm_memory::Bytes;
     let mut buf = vec![0; len];
     mem.read_slice(&mut buf, vm_memory::GuestAddress(addr))
@@ -232,7 +232,7 @@ pub fn read_bytes(mem: &crate::vmm::memory::GuestMemory, addr: u64, len: usize) 
 }
 
 /// The NUL-terminated string at `addr`.
-pub fn read_cstr(mem: &crate::vmm::memory::GuestMemory, addr: u64) -> String {
+pub fn read_cstr(mem: &crate::memory::GuestMemory, addr: u64) -> String {
     let mut out = Vec::new();
     let mut at = addr;
     loop {

@@ -7,7 +7,7 @@
 use super::image::{zero_guest, Image};
 use super::layout::GuestLayout;
 use super::BootError;
-use crate::vmm::memory::GuestMemory;
+use crate::memory::GuestMemory;
 
 const MAGIC: &[u8; 4] = b"\x7fELF";
 const CLASS_32: u8 = 1;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::BootError;
-use crate::vmm::memory::GuestMemory;
+use crate::memory::GuestMemory;
 
 /// How much of the file's start the format probes look at (multiboot's search window).
 pub const PREFIX_LEN: u64 = 8192;
@@ -145,8 +145,8 @@ pub fn zero_guest(mem: &GuestMemory, what: &str, addr: u64, len: u64) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::boot::test_util::TempFile;
-    use crate::vmm::memory::create_guest_memory;
+    use crate::arch::x86_64::boot::test_util::TempFile;
+    use crate::memory::create_guest_memory;
 
     #[test]
     fn missing_file_names_path_and_os_error() {

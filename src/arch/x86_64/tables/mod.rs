@@ -26,7 +26,7 @@ pub use acpi::{
 pub use mptable::write_mptable;
 pub use smbios::write_smbios;
 
-use crate::vmm::memory::GuestMemory;
+use crate::memory::GuestMemory;
 use vm_memory::{Bytes, GuestAddress};
 
 /// ACPI tables live in [ACPI_START, ACPI_END).
@@ -216,7 +216,7 @@ impl PutLe for Vec<u8> {
 #[cfg(test)]
 mod test_support {
     use super::*;
-    use crate::vmm::memory::create_guest_memory;
+    use crate::memory::create_guest_memory;
 
     pub fn machine(vcpus: u8, memory_bytes: u64) -> MachineDescription {
         MachineDescription {

@@ -6,7 +6,8 @@ use super::{
     check_fits, checksum, write_bytes, MachineDescription, PutLe, TablesError, MPTABLE_END,
     MPTABLE_START, SCI_IRQ, TIMER_GSI,
 };
-use crate::vmm::memory::{GuestMemory, IOAPIC_BASE, LAPIC_BASE};
+use crate::arch::x86_64::layout::{IOAPIC_BASE, LAPIC_BASE};
+use crate::memory::GuestMemory;
 
 const FLOATING_POINTER_LEN: usize = 16;
 const HEADER_LEN: usize = 44;

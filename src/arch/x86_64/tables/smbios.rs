@@ -7,7 +7,8 @@ use super::{
     align_up, check_fits, checksum, write_bytes, MachineDescription, PutLe, TablesError,
     SMBIOS_END, SMBIOS_START,
 };
-use crate::vmm::memory::{highmem_size, lowmem_size, GuestMemory, HIGHMEM_BASE};
+use crate::arch::x86_64::layout::{highmem_size, lowmem_size, HIGHMEM_BASE};
+use crate::memory::GuestMemory;
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 
@@ -537,7 +538,7 @@ mod tests {
         // Not mapped: the table builder only needs the size.
         let m = machine(1, 5 << 40);
         let t = StructureTable::for_machine(&m);
-        let mem = crate::vmm::memory::create_guest_memory(1 << 20).unwrap();
+        let mem = crate::memory::create_guest_memory(1 << 20).unwrap();
         let addr = align_up(SMBIOS_START + ENTRY_POINT_LEN as u64, 16);
         write_bytes(&mem, "test", SMBIOS_START, &entry_point(&t, addr)).unwrap();
         write_bytes(&mem, "test", addr, &t.bytes).unwrap();

@@ -17,7 +17,8 @@ use super::layout::{
     align_up, GuestLayout, CMDLINE_ADDR, CMDLINE_AREA_END, ZERO_PAGE, ZERO_PAGE_SIZE,
 };
 use super::{BootError, BootSetup};
-use crate::vmm::memory::{lowmem_size, GuestMemory};
+use crate::arch::x86_64::layout::lowmem_size;
+use crate::memory::GuestMemory;
 
 const SETUP_HEADER_OFFSET: usize = 0x1f1;
 const BOOT_FLAG_OFFSET: usize = 0x1fe;
@@ -230,10 +231,10 @@ pub fn load(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::boot::e820::E820Kind;
-    use crate::boot::load as load_firmware;
-    use crate::boot::test_util::*;
-    use crate::vmm::memory::create_guest_memory;
+    use crate::arch::x86_64::boot::e820::E820Kind;
+    use crate::arch::x86_64::boot::load as load_firmware;
+    use crate::arch::x86_64::boot::test_util::*;
+    use crate::memory::create_guest_memory;
     use vm_memory::Bytes;
 
     const MIB: u64 = 1 << 20;

@@ -4,11 +4,12 @@
 use super::image::write_guest;
 use super::layout::{GuestLayout, GDT_AREA, GDT_AREA_SIZE};
 use super::{BootError, BootSetup};
+use crate::arch::x86_64::layout::LAPIC_BASE;
 use crate::hv::regs::{
     flat_segment, DescriptorTable, SegmentRegister, SpecialRegisters, StandardRegisters, CR0_ET,
     CR0_PE, RFLAGS_RESERVED,
 };
-use crate::vmm::memory::{GuestMemory, LAPIC_BASE};
+use crate::memory::GuestMemory;
 
 pub const CODE_SELECTOR: u16 = 0x10;
 pub const DATA_SELECTOR: u16 = 0x18;
@@ -115,7 +116,7 @@ pub fn protected_mode_entry(
 mod tests {
     use super::*;
     use crate::hv::regs::CpuMode;
-    use crate::vmm::memory::create_guest_memory;
+    use crate::memory::create_guest_memory;
     use vm_memory::{Bytes, GuestAddress};
 
     #[test]

@@ -16,14 +16,36 @@ mod pvh;
 
 use std::path::{Path, PathBuf};
 
-use crate::cli::Firmware;
 use crate::hv::regs::{SpecialRegisters, StandardRegisters};
-use crate::vmm::memory::GuestMemory;
+use crate::memory::GuestMemory;
 
 pub use e820::{e820_map, E820Entry, E820Kind};
 
 use image::Image;
 use layout::GuestLayout;
+
+/// `-f`: the guest loader.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Firmware {
+    /// `-f kexec,KERNEL[,INITRD[,CMDLINE]]`: Linux bzImage or ELF vmlinux (PVH).
+    Kexec {
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        cmdline: String,
+    },
+    /// `-f multiboot,KERNEL[,MODULE[;CMDLINE][:MODULE[;CMDLINE]]...][,CMDLINE]` (HyperKit's syntax).
+    Multiboot {
+        kernel: PathBuf,
+        modules: Vec<MultibootModule>,
+        cmdline: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MultibootModule {
+    pub path: PathBuf,
+    pub cmdline: String,
+}
 
 /// The boot vCPU's initial register state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,7 +197,7 @@ pub(crate) mod test_util;
 mod tests {
     use super::test_util::*;
     use super::*;
-    use crate::vmm::memory::create_guest_memory;
+    use crate::memory::create_guest_memory;
 
     const MIB: u64 = 1 << 20;
 

@@ -1,23 +1,12 @@
-//! Guest RAM with xhyve's layout: up to 3 GiB from address 0, the rest from 4 GiB.
-//!
-//! The 3-4 GiB hole holds PCI BARs, ECAM, the IOAPIC, HPET and LAPIC. RAM is anonymous,
+//! Guest RAM: the host mappings behind guest-physical addresses, laid out by the
+//! architecture's memory map (`arch::x86_64::layout`). Every layer that touches guest memory
+//! imports it from here, never from `vmm`. RAM is anonymous,
 //! `MAP_NORESERVE` memory (vm-memory's default), so nothing is committed until the guest
 //! touches it: `-m 8G` costs nothing up front.
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-/// End of RAM mapped from 0 (xhyve's lowmem limit).
-pub const LOWMEM_LIMIT: u64 = 3 << 30;
-/// Where RAM beyond `LOWMEM_LIMIT` continues.
-pub const HIGHMEM_BASE: u64 = 4 << 30;
-/// Start of the 32-bit PCI memory hole (BARs) below 4 GiB.
-pub const PCI_HOLE_START: u64 = LOWMEM_LIMIT;
-/// PCI Express ECAM (MMCONFIG) base and size: one bus.
-pub const PCI_ECAM_BASE: u64 = 0xE000_0000;
-pub const PCI_ECAM_SIZE: u64 = 1 << 20;
-pub const IOAPIC_BASE: u64 = 0xFEC0_0000;
-pub const HPET_BASE: u64 = 0xFED0_0000;
-pub const LAPIC_BASE: u64 = 0xFEE0_0000;
+use crate::arch::x86_64::layout::ram_ranges;
 
 pub type GuestMemory = GuestMemoryMmap<()>;
 
@@ -33,26 +22,6 @@ pub enum MemoryError {
         #[source]
         source: vm_memory::mmap::FromRangesError,
     },
-}
-
-/// The guest-physical RAM ranges for `size` bytes of RAM: `(start, len)`.
-pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
-    let low = size.min(LOWMEM_LIMIT);
-    let mut ranges = vec![(0, low)];
-    if size > LOWMEM_LIMIT {
-        ranges.push((HIGHMEM_BASE, size - LOWMEM_LIMIT));
-    }
-    ranges
-}
-
-/// Size of RAM below 4 GiB.
-pub fn lowmem_size(size: u64) -> u64 {
-    size.min(LOWMEM_LIMIT)
-}
-
-/// Size of RAM from 4 GiB up.
-pub fn highmem_size(size: u64) -> u64 {
-    size.saturating_sub(LOWMEM_LIMIT)
 }
 
 /// Maps `size` bytes of guest RAM with xhyve's layout.
@@ -73,6 +42,7 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemory, MemoryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::arch::x86_64::layout::*;
     use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
 
     #[test]

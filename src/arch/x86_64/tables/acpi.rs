@@ -7,10 +7,11 @@ use super::{
     align_up, check_fits, write_bytes, MachineDescription, TablesError, ACPI_END, ACPI_START,
     IOAPIC_PINS, SCI_IRQ, TIMER_GSI,
 };
-use crate::vmm::memory::{
-    highmem_size, lowmem_size, GuestMemory, HIGHMEM_BASE, HPET_BASE, IOAPIC_BASE, LAPIC_BASE,
-    PCI_ECAM_BASE, PCI_ECAM_SIZE,
+use crate::arch::x86_64::layout::{
+    highmem_size, lowmem_size, HIGHMEM_BASE, HPET_BASE, IOAPIC_BASE, LAPIC_BASE, PCI_ECAM_BASE,
+    PCI_ECAM_SIZE,
 };
+use crate::memory::GuestMemory;
 use acpi_tables::aml::{
     AddressSpace, AddressSpaceCacheable, Device, EISAName, Memory32Fixed, Name, Package,
     PackageBuilder, Path, ResourceTemplate, Scope, IO,

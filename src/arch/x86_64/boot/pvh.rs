@@ -18,7 +18,8 @@ use super::elf::ElfFile;
 use super::image::Image;
 use super::layout::{GuestLayout, CMDLINE_AREA_END, PVH_START_INFO, PVH_START_INFO_SIZE};
 use super::{BootError, BootSetup};
-use crate::vmm::memory::{lowmem_size, GuestMemory};
+use crate::arch::x86_64::layout::lowmem_size;
+use crate::memory::GuestMemory;
 
 const START_INFO_MAGIC: u32 = 0x336e_c578;
 /// Version 1 adds the memory map.
@@ -97,10 +98,10 @@ pub fn load(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::boot::layout::CMDLINE_ADDR;
-    use crate::boot::load as load_firmware;
-    use crate::boot::test_util::*;
-    use crate::vmm::memory::create_guest_memory;
+    use crate::arch::x86_64::boot::layout::CMDLINE_ADDR;
+    use crate::arch::x86_64::boot::load as load_firmware;
+    use crate::arch::x86_64::boot::test_util::*;
+    use crate::memory::create_guest_memory;
     use vm_memory::Bytes;
 
     const MIB: u64 = 1 << 20;

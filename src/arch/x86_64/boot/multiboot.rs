@@ -10,7 +10,8 @@ use super::elf::{is_elf, ElfFile};
 use super::image::{write_guest, zero_guest, Image, PREFIX_LEN};
 use super::layout::{GuestLayout, MULTIBOOT_INFO_AREA, MULTIBOOT_INFO_AREA_SIZE};
 use super::{BootError, BootSetup};
-use crate::vmm::memory::{lowmem_size, GuestMemory};
+use crate::arch::x86_64::layout::lowmem_size;
+use crate::memory::GuestMemory;
 
 const HEADER_MAGIC: u32 = 0x1bad_b002;
 const BOOTLOADER_MAGIC: u32 = 0x2bad_b002;
@@ -273,9 +274,9 @@ pub fn load(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::boot::load as load_firmware;
-    use crate::boot::test_util::*;
-    use crate::vmm::memory::create_guest_memory;
+    use crate::arch::x86_64::boot::load as load_firmware;
+    use crate::arch::x86_64::boot::test_util::*;
+    use crate::memory::create_guest_memory;
     use vm_memory::{Bytes, GuestAddress};
 
     const MIB: u64 = 1 << 20;

@@ -1,6 +1,6 @@
 //! The guest's physical memory map as every loader reports it (BIOS e820 form).
 
-use crate::vmm::memory::{highmem_size, lowmem_size, HIGHMEM_BASE};
+use crate::arch::x86_64::layout::{highmem_size, lowmem_size, HIGHMEM_BASE};
 
 /// Start of the extended BIOS data area: RAM below it is the guest's conventional memory.
 pub const EBDA_START: u64 = 0x9_FC00;

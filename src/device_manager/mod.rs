@@ -1,0 +1,490 @@
+//! The device manager: builds every device the typed configuration asks for, and owns what
+//! the devices live on — the port and MMIO buses, the PCI bus, the legacy PC devices, the
+//! interrupt controllers the VMM emulates, and each device's handle (its threads).
+//!
+//! PCI functions come from one registry, [`pci_devices::build`]: a `DeviceKind` in, a
+//! function and its handle out. The PCI layer itself knows no device type. The machine
+//! pauses, resumes and resets its devices through [`DeviceManager`].
+
+mod pci_devices;
+
+use std::sync::{Arc, Mutex};
+
+use crate::arch::x86_64::layout;
+use crate::config::{DeviceConfig, DoorbellPath, VmConfig};
+use crate::devices::bus::{lock, Bus, BusDevice, BusError};
+use crate::devices::doorbell::Doorbells;
+use crate::devices::irq::InterruptLine;
+use crate::devices::pci::{
+    BarWindows, PciBus, PciConfigIo, PciEcam, PciError, PCI_CONFIG_ADDRESS_PORT,
+    PCI_CONFIG_DATA_PORT,
+};
+use crate::devices::power::PowerControl;
+use crate::devices::power_mgmt::{
+    AcpiPm, PostCode, ResetControl, ACPI_PM_BASE, ACPI_PM_PORT_COUNT, I8042, I8042_COMMAND_PORT,
+    I8042_DATA_PORT, POST_CODE_PORT, RESET_CONTROL_PORT, SCI_GSI, SMI_CMD_PORT,
+};
+use crate::devices::rtc::{Rtc, RTC_GSI, RTC_PORT, RTC_PORT_COUNT};
+use crate::devices::serial::{com_resources, SerialError, SerialPort, UART_PORT_COUNT};
+use crate::devices::DeviceHandle;
+use crate::hv::{IrqChipMode, Vm};
+use crate::intc::clock::{Clock, MonotonicClock};
+use crate::intc::hpet::{Hpet, HPET_BASE, HPET_LEN};
+use crate::intc::ioapic::{IOAPIC_BASE, IOAPIC_SIZE};
+use crate::intc::pic::{ELCR_PORT, MASTER_PORT, SLAVE_PORT};
+use crate::intc::pit::{Pit, PIT_PORT, SPEAKER_PORT};
+use crate::memory::GuestMemory;
+use crate::vmm::control::Control;
+#[cfg(target_os = "linux")]
+use crate::vmm::doorbells::DoorbellServer;
+use crate::vmm::interrupts::InterruptBackend;
+use crate::vmm::timers::TimerService;
+use crate::vmm::user_irqchip::{IoApicMmio, LapicTimers, PicPorts, PitDevice, UserIrqChip};
+pub use pci_devices::{DeviceContext, DeviceError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceManagerError {
+    #[error("PCI device {address}: {source}")]
+    Device {
+        address: crate::devices::pci::PciAddress,
+        #[source]
+        source: DeviceError,
+    },
+    #[error(transparent)]
+    Pci(#[from] PciError),
+    #[error("{what}: {source}")]
+    Bus {
+        what: &'static str,
+        #[source]
+        source: BusError,
+    },
+    #[error("-l com{0} needs an LPC bridge: add -s 31,lpc")]
+    SerialNeedsLpc(u8),
+    #[error(transparent)]
+    Serial(#[from] SerialError),
+    #[error("cannot start the timer thread: {0}")]
+    Timers(std::io::Error),
+    #[error("cannot start the doorbell service: {0}")]
+    Doorbells(std::io::Error),
+}
+
+/// Every device of the machine, and what they are attached to.
+pub struct DeviceManager {
+    io_bus: Arc<Bus>,
+    mmio_bus: Arc<Bus>,
+    pci: Arc<PciBus>,
+    /// Presses the ACPI power button (SIGTERM), when the guest has ACPI.
+    power_button: Option<Box<dyn Fn() + Send>>,
+    /// Dropping a port stops its input thread.
+    serial_ports: Vec<SerialPort>,
+    /// The VMM's interrupt controllers, in `IrqChipMode::User`.
+    user_irqchip: Option<Arc<UserIrqChip>>,
+    /// What the registry needs to build one more PCI function.
+    context: DeviceContext,
+    /// One per PCI function that has threads or state to pause, in build order. Dropping
+    /// one stops its threads.
+    handles: Vec<Box<dyn DeviceHandle>>,
+    paused: bool,
+}
+
+impl DeviceManager {
+    /// Builds the legacy devices, the interrupt controllers (in user mode), and every PCI
+    /// function of `config.devices`, with BARs placed as firmware would.
+    pub fn new(
+        config: &VmConfig,
+        vm: &Arc<dyn Vm>,
+        mem: &GuestMemory,
+        control: &Arc<Control>,
+    ) -> Result<Self, DeviceManagerError> {
+        let irqchip = config.host.irqchip;
+        // Shared from the start: PCI BARs are (re)mapped on them while the guest runs.
+        let io_bus = Arc::new(Bus::new());
+        let mmio_bus = Arc::new(Bus::new());
+        let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
+        let mut timers = TimerService::new(clock.clone());
+        let user_irqchip = match irqchip {
+            IrqChipMode::Kernel => None,
+            IrqChipMode::User => Some(build_user_irqchip(
+                config,
+                control,
+                &clock,
+                &mut timers,
+                &io_bus,
+                &mmio_bus,
+            )?),
+        };
+        let interrupts = match &user_irqchip {
+            Some(chip) => InterruptBackend::User(chip.clone()),
+            None => InterruptBackend::Hypervisor(vm.clone(), config.host.irqfd),
+        };
+        let line = |gsi| interrupts.line(gsi);
+
+        // User mode keeps doorbells on the exit path, where the user irqchip sees every write.
+        let doorbells = doorbell_server(irqchip, config.host.doorbells, vm)
+            .map_err(DeviceManagerError::Doorbells)?;
+        let intx = interrupts.clone();
+        let context = DeviceContext {
+            memory: mem.clone(),
+            msi: interrupts.msi_sender(),
+            intx: Arc::new(move |gsi| intx.line(gsi)),
+            virtio_single_msi: config.virtio_single_msi,
+            uuid: config.uuid,
+            doorbells,
+        };
+        let mut pci = PciBus::with_buses(io_bus.clone(), mmio_bus.clone());
+        let mut handles = Vec::new();
+        for device in &config.devices {
+            if let Some(handle) = add_pci_function(&mut pci, &context, device)? {
+                handles.push(handle);
+            }
+        }
+        pci.allocate_bars(&BarWindows::for_memory(config.memory_bytes))?;
+        let pci = Arc::new(pci);
+        // One device at both ports, so that 0xCF9 (the reset register) stays free between them.
+        let config_io = shared(PciConfigIo::new(pci.clone()));
+        insert_shared(
+            &io_bus,
+            &config_io,
+            u64::from(PCI_CONFIG_ADDRESS_PORT),
+            1,
+            "PCI config ports",
+        )?;
+        insert_shared(
+            &io_bus,
+            &config_io,
+            u64::from(PCI_CONFIG_DATA_PORT),
+            4,
+            "PCI config ports",
+        )?;
+        insert(
+            &mmio_bus,
+            PciEcam::new(pci.clone()),
+            layout::PCI_ECAM_BASE,
+            layout::PCI_ECAM_SIZE,
+            "PCI ECAM",
+        )?;
+
+        // Neither irqchip mode has an RTC in the kernel: ours raises IRQ 8 from the timer thread.
+        let rtc = Rtc::with_host_clock(
+            config.rtc_utc,
+            layout::lowmem_size(config.memory_bytes),
+            layout::highmem_size(config.memory_bytes),
+        )
+        .with_interrupts(clock.clone(), line(RTC_GSI));
+        insert(
+            &io_bus,
+            timers.add(rtc),
+            u64::from(RTC_PORT),
+            RTC_PORT_COUNT,
+            "RTC",
+        )?;
+
+        let power: Arc<dyn PowerControl> = control.clone();
+        let acpi_pm = shared(AcpiPm::new(line(SCI_GSI), power.clone()));
+        insert_shared(
+            &io_bus,
+            &acpi_pm,
+            u64::from(ACPI_PM_BASE),
+            ACPI_PM_PORT_COUNT,
+            "ACPI PM",
+        )?;
+        insert_shared(
+            &io_bus,
+            &acpi_pm,
+            u64::from(SMI_CMD_PORT),
+            1,
+            "ACPI SMI_CMD",
+        )?;
+        insert(
+            &io_bus,
+            ResetControl::new(power.clone()),
+            u64::from(RESET_CONTROL_PORT),
+            1,
+            "reset control",
+        )?;
+        let i8042 = shared(I8042::new(power));
+        insert_shared(&io_bus, &i8042, u64::from(I8042_DATA_PORT), 1, "i8042")?;
+        insert_shared(&io_bus, &i8042, u64::from(I8042_COMMAND_PORT), 1, "i8042")?;
+        insert(
+            &io_bus,
+            PostCode::default(),
+            u64::from(POST_CODE_PORT),
+            1,
+            "POST code",
+        )?;
+        // SIGTERM presses the power button only where the guest can see it: with ACPI tables.
+        let power_button: Option<Box<dyn Fn() + Send>> = if config.acpi {
+            let pm = acpi_pm.clone();
+            Some(Box::new(move || lock(&pm).press_power_button()))
+        } else {
+            None
+        };
+
+        // KVM's irqchip has no HPET: the VMM provides it, ticked by its own timer thread.
+        let hpet = timers.add(Hpet::new(clock, interrupts.pin_sink()));
+        insert(&mmio_bus, hpet, HPET_BASE, HPET_LEN, "HPET")?;
+        timers.start().map_err(DeviceManagerError::Timers)?;
+
+        let serial_ports = build_serial_ports(config, &io_bus, &line)?;
+        let tails: Vec<_> = serial_ports.iter().map(|p| p.device()).collect();
+        control.set_serial_tail(Box::new(move || {
+            tails
+                .first()
+                .map(|d| lock(d).last_output())
+                .unwrap_or_default()
+        }));
+
+        Ok(DeviceManager {
+            io_bus,
+            mmio_bus,
+            pci,
+            power_button,
+            serial_ports,
+            user_irqchip,
+            context,
+            handles,
+            paused: false,
+        })
+    }
+
+    pub fn io_bus(&self) -> &Arc<Bus> {
+        &self.io_bus
+    }
+
+    pub fn mmio_bus(&self) -> &Arc<Bus> {
+        &self.mmio_bus
+    }
+
+    pub fn pci(&self) -> &Arc<PciBus> {
+        &self.pci
+    }
+
+    pub fn user_irqchip(&self) -> Option<&Arc<UserIrqChip>> {
+        self.user_irqchip.as_ref()
+    }
+
+    /// The ACPI power button (SIGTERM presses it), when the guest has ACPI. Taken once.
+    pub fn take_power_button(&mut self) -> Option<Box<dyn Fn() + Send>> {
+        self.power_button.take()
+    }
+
+    /// The COM ports, for diagnostics.
+    pub fn serial_ports(&self) -> &[SerialPort] {
+        &self.serial_ports
+    }
+
+    /// The context the registry builds PCI functions with (for hot-plug and tests).
+    pub fn context(&self) -> &DeviceContext {
+        &self.context
+    }
+
+    /// Stops every device from touching guest memory or raising interrupts; requests in
+    /// flight finish first, queued ones wait. Returns when all devices are quiet.
+    pub fn pause(&mut self) {
+        if self.paused {
+            return;
+        }
+        for handle in &mut self.handles {
+            handle.pause();
+        }
+        self.paused = true;
+    }
+
+    /// Lets paused devices run again; what the guest queued meanwhile is served.
+    pub fn resume(&mut self) {
+        if !self.paused {
+            return;
+        }
+        for handle in &mut self.handles {
+            handle.resume();
+        }
+        self.paused = false;
+    }
+
+    /// Puts every device with state back to its power-on state (a machine reset).
+    pub fn reset(&mut self) {
+        for handle in &mut self.handles {
+            handle.reset();
+        }
+    }
+}
+
+/// Builds the function `device` names and puts it on `pci`; returns its handle.
+fn add_pci_function(
+    pci: &mut PciBus,
+    context: &DeviceContext,
+    device: &DeviceConfig,
+) -> Result<Option<Box<dyn DeviceHandle>>, DeviceManagerError> {
+    let address = device.address;
+    let built = pci_devices::build(&device.kind, address, context)
+        .map_err(|source| DeviceManagerError::Device { address, source })?;
+    if let Some(doorbells) = &context.doorbells {
+        lock(&built.function).attach_doorbells(doorbells.clone());
+    }
+    pci.add(address, built.function)?;
+    Ok(built.handle)
+}
+
+/// The VMM's own LAPICs, IOAPIC, 8259 pair and 8254 (`IrqChipMode::User`). The LAPICs are
+/// not on the MMIO bus: each vCPU reaches its own, so the vCPU loop dispatches them. The
+/// PM timer stays the one in `AcpiPm`.
+fn build_user_irqchip(
+    config: &VmConfig,
+    control: &Arc<Control>,
+    clock: &Arc<dyn Clock>,
+    timers: &mut TimerService,
+    io_bus: &Bus,
+    mmio_bus: &Bus,
+) -> Result<Arc<UserIrqChip>, DeviceManagerError> {
+    let chip = UserIrqChip::new(
+        config.vcpus,
+        config.x2apic,
+        clock.clone(),
+        timers.waker(),
+        control.clone(),
+    );
+    timers.add_timed(Arc::new(Mutex::new(LapicTimers(chip.clone()))));
+    insert(
+        mmio_bus,
+        IoApicMmio(chip.clone()),
+        IOAPIC_BASE,
+        IOAPIC_SIZE,
+        "IOAPIC",
+    )?;
+    let pic = shared(PicPorts(chip.clone()));
+    for port in [MASTER_PORT, SLAVE_PORT, ELCR_PORT] {
+        insert_shared(io_bus, &pic, u64::from(port), 2, "PIC")?;
+    }
+    let pit = shared(timers.add(PitDevice::new(Pit::new(clock.clone()), chip.clone())));
+    insert_shared(io_bus, &pit, u64::from(PIT_PORT), 4, "PIT")?;
+    insert_shared(io_bus, &pit, u64::from(SPEAKER_PORT), 1, "PIT speaker port")?;
+    Ok(chip)
+}
+
+fn shared<D: BusDevice + 'static>(device: D) -> Arc<Mutex<D>> {
+    Arc::new(Mutex::new(device))
+}
+
+fn insert_shared<D: BusDevice + 'static>(
+    bus: &Bus,
+    device: &Arc<Mutex<D>>,
+    base: u64,
+    len: u64,
+    what: &'static str,
+) -> Result<(), DeviceManagerError> {
+    bus.insert(device.clone(), base, len)
+        .map_err(|source| DeviceManagerError::Bus { what, source })
+}
+
+fn insert<D: BusDevice + 'static>(
+    bus: &Bus,
+    device: D,
+    base: u64,
+    len: u64,
+    what: &'static str,
+) -> Result<(), DeviceManagerError> {
+    insert_shared(bus, &shared(device), base, len, what)
+}
+
+/// COM1 and COM2 live in the LPC bridge, as in xhyve: with `-s lpc` both exist (a port without
+/// `-l` discards its output); `-l comN` without an LPC bridge is an error.
+fn build_serial_ports(
+    config: &VmConfig,
+    io_bus: &Bus,
+    line: &dyn Fn(u32) -> Arc<dyn InterruptLine>,
+) -> Result<Vec<SerialPort>, DeviceManagerError> {
+    let has_lpc = config.lpc_slot().is_some();
+    let backends = [(1u8, &config.com1), (2u8, &config.com2)];
+    if !has_lpc {
+        if let Some((com, _)) = backends.iter().find(|(_, b)| b.is_some()) {
+            return Err(DeviceManagerError::SerialNeedsLpc(*com));
+        }
+        return Ok(Vec::new());
+    }
+    let mut ports = Vec::new();
+    for (com, backend) in backends {
+        let Some((port, irq)) = com_resources(com) else {
+            continue;
+        };
+        let irq_line = line(irq);
+        let serial = match backend {
+            Some(b) => SerialPort::open(b, com, irq_line),
+            None => SerialPort::with_io(com, Box::new(std::io::sink()), None, irq_line),
+        }?;
+        io_bus
+            .insert(serial.device(), u64::from(port), UART_PORT_COUNT)
+            .map_err(|source| DeviceManagerError::Bus {
+                what: "COM port",
+                source,
+            })?;
+        ports.push(serial);
+    }
+    Ok(ports)
+}
+
+/// The ioeventfd doorbell server (Linux KVM, in-kernel irqchip), or none: doorbells then stay
+/// VM exits.
+#[cfg(target_os = "linux")]
+fn doorbell_server(
+    irqchip: IrqChipMode,
+    path: DoorbellPath,
+    vm: &Arc<dyn Vm>,
+) -> std::io::Result<Option<Arc<dyn Doorbells>>> {
+    match irqchip {
+        IrqChipMode::Kernel if path == DoorbellPath::EventFd => {
+            Ok(Some(DoorbellServer::new(vm.clone())))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Other hosts have no ioeventfd: every doorbell is an exit.
+#[cfg(not(target_os = "linux"))]
+fn doorbell_server(
+    _irqchip: IrqChipMode,
+    _path: DoorbellPath,
+    _vm: &Arc<dyn Vm>,
+) -> std::io::Result<Option<Arc<dyn Doorbells>>> {
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::arch::x86_64::tables;
+    use crate::devices::power_mgmt as pm;
+
+    /// The FADT must publish the ports the devices really decode.
+    #[test]
+    fn acpi_tables_describe_the_power_management_devices() {
+        assert_eq!(
+            u64::from(tables::PM1A_EVT_BLK),
+            u64::from(pm::PM1A_EVT_PORT)
+        );
+        assert_eq!(
+            u64::from(tables::PM1A_CNT_BLK),
+            u64::from(pm::PM1A_CNT_PORT)
+        );
+        assert_eq!(u64::from(tables::PM_TMR_BLK), u64::from(pm::PM_TIMER_PORT));
+        assert_eq!(u64::from(tables::SMI_CMD), u64::from(pm::SMI_CMD_PORT));
+        assert_eq!(u64::from(tables::ACPI_ENABLE), u64::from(pm::ACPI_ENABLE));
+        assert_eq!(u64::from(tables::ACPI_DISABLE), u64::from(pm::ACPI_DISABLE));
+        assert_eq!(
+            u64::from(tables::RESET_PORT),
+            u64::from(pm::RESET_CONTROL_PORT)
+        );
+        assert_eq!(u32::from(tables::SCI_IRQ), pm::SCI_GSI);
+    }
+
+    #[test]
+    fn intx_routes_stay_on_the_pci_pins() {
+        for slot in 0..32 {
+            for pin in 0..4 {
+                assert!((16..24).contains(&crate::devices::pci::intx_gsi(slot, pin)));
+            }
+        }
+        assert_ne!(
+            crate::devices::pci::intx_gsi(2, 0),
+            crate::devices::pci::intx_gsi(3, 0)
+        );
+    }
+}
