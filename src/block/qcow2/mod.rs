@@ -3,8 +3,8 @@
 //! imago (by a QEMU block-layer maintainer, built here in its synchronous mode) does the
 //! format: header and feature checks, L1/L2 lookup with an L2 and refcount-block cache,
 //! cluster allocation and refcounting, compressed-cluster reads (zlib), zero clusters, discard
-//! (freed clusters become holes in the file) and copy-on-write from a backing image. This
-//! module does what imago leaves to its caller, the way xhyve wants it:
+//! (dropping refcounts) and copy-on-write from a backing image. This module does what imago
+//! leaves to its caller, the way xhyve wants it:
 //!
 //! - the image and each backing file are opened by us (`O_CLOEXEC`; backing files `O_RDONLY`)
 //!   and `flock`ed like raw images (exclusive for the image, shared for backing files), then
@@ -14,7 +14,12 @@
 //! - writes to the L1 and refcount tables are held back until a flush ([`ordered`]), and a
 //!   guest flush is `fsync` (data), refcount blocks, L2 tables, `fsync`, L1/refcount table
 //!   entries, `fsync`: a crash or `kill -9` leaves leaks at worst, never corruption;
+//! - discard and write-zeroes punch holes where the clusters they free were;
 //! - guest offsets are checked against the disk size before imago sees them.
+//!
+//! Not done (imago trusts them, as we do): L2 entries and refcounts that point a guest
+//! cluster at the image's own metadata. QEMU's overlap check refuses such writes; here a
+//! hostile image can only damage itself (every write stays inside its own file).
 //!
 //! Images with the dirty or corrupt bit, an external data file, extended L2 entries or a
 //! compression type other than zlib are refused at open by imago with a message naming the
