@@ -9,7 +9,7 @@ use std::path::PathBuf;
 pub use crate::arch::x86_64::boot::{Firmware, MultibootModule};
 pub use crate::block::BlockOptions;
 pub use crate::devices::pci::PciAddress;
-pub use crate::devices::serial::SerialBackend;
+pub use crate::devices::serial::{SerialBackend, SerialConfig};
 use crate::hv::IrqChipMode;
 use crate::net::{derive_mac, MacAddr};
 pub use crate::net::{TapOptions, VmnetOptions};
@@ -34,8 +34,8 @@ pub struct VmConfig {
     /// `-P`: exit to the VMM on PAUSE (Hypervisor.framework only).
     pub pause_exit: bool,
     /// `-l com1,...` / `-l com2,...`.
-    pub com1: Option<SerialBackend>,
-    pub com2: Option<SerialBackend>,
+    pub com1: Option<SerialConfig>,
+    pub com2: Option<SerialConfig>,
     /// `-m`: guest RAM in bytes.
     pub memory_bytes: u64,
     /// `-p vcpu:hostcpu`, in the order given.
@@ -58,6 +58,38 @@ pub struct VmConfig {
     pub print_mac: bool,
     /// The `XHYVE_*` environment, read once at start-up ([`HostSettings::from_env`]).
     pub host: HostSettings,
+    /// Whose behaviour to follow where xhyve and HyperKit differ (from argv[0]).
+    pub personality: Personality,
+    /// `--restful-uri`: where to serve the control API (vfkit's REST shape), if anywhere.
+    pub restful_uri: Option<RestEndpoint>,
+}
+
+/// xhyve or HyperKit: the binary behaves as HyperKit when its name (argv[0]'s last path
+/// component) is `hyperkit`, so that it can be installed under that name for HyperKit's
+/// users. The two differ in the `-v` text and the exit codes; everything else is shared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Personality {
+    #[default]
+    Xhyve,
+    HyperKit,
+}
+
+impl Personality {
+    /// The personality for a program name (argv[0]).
+    pub fn from_program(program: &std::ffi::OsStr) -> Self {
+        match std::path::Path::new(program).file_name() {
+            Some(name) if name == "hyperkit" => Personality::HyperKit,
+            _ => Personality::Xhyve,
+        }
+    }
+}
+
+/// `--restful-uri unix:///PATH` or `tcp://127.0.0.1:PORT` (vfkit's option).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestEndpoint {
+    Unix(PathBuf),
+    /// Loopback only: the API can stop the VM, so it is not offered to the network.
+    Tcp(std::net::SocketAddr),
 }
 
 /// One `-s [bus:]slot[:func],emulation[,config]` argument, parsed.
@@ -248,6 +280,8 @@ impl VmConfig {
             x2apic: false,
             mptable: true,
             print_mac: false,
+            personality: Personality::Xhyve,
+            restful_uri: None,
         }
     }
 

@@ -228,8 +228,10 @@ guest_test!(com1_input_reaches_guest_and_pidfile_lives_with_vm, |mode| {
     vm.wait_for_line("ready");
     let contents = std::fs::read_to_string(&pidfile)
         .unwrap_or_else(|e| panic!("pidfile {} while running: {e}", pidfile.display()));
+    // Byte for byte as xhyve writes it: no newline (docker-machine-driver-xhyve parses it
+    // with strconv.ParseInt and no trim).
     assert_eq!(
-        contents.trim(),
+        contents,
         vm.pid().to_string(),
         "pidfile contents {contents:?}"
     );
@@ -366,3 +368,41 @@ guest_test!(
             .assert_line("hpet irq 0x40 pending");
     }
 );
+
+/// `-m 60T` used to fail with only KVM's "KVM_SET_USER_MEMORY_REGION failed: Invalid
+/// argument"; the message must name -m and the size given.
+#[test]
+fn too_much_memory_names_m() {
+    if !common::kvm_usable() {
+        return;
+    }
+    for size in ["60T", "1P"] {
+        let outcome = Vm::multiboot("hello").memory(size).run();
+        outcome.assert_exit(1);
+        assert!(
+            outcome.stderr.contains(&format!("xhyve: -m {size}: ")),
+            "{outcome}"
+        );
+    }
+}
+
+/// A disk image with a partial last sector works, and stderr says what the guest misses.
+#[test]
+fn a_partial_last_sector_is_reported() {
+    if !common::kvm_usable() {
+        return;
+    }
+    let path = std::env::temp_dir().join(format!("xhyve-partial-{}.img", std::process::id()));
+    std::fs::write(&path, vec![0u8; 4096 + 100]).unwrap();
+    let outcome = Vm::multiboot("hello")
+        .args(["-s".into(), format!("2,virtio-blk,{}", path.display())])
+        .run();
+    outcome.assert_exit(1).assert_line("hello from guest");
+    assert!(
+        outcome
+            .stderr
+            .contains("not a whole number of 512-byte sectors"),
+        "{outcome}"
+    );
+    let _ = std::fs::remove_file(&path);
+}

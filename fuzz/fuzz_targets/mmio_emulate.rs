@@ -1,4 +1,4 @@
-//! The MMIO instruction emulator (`xhyve::hv::hvf::emulate`) on fuzzed modes, registers, RFLAGS
+//! The MMIO instruction emulator (`xhyve::arch::x86_64::emulate`) on fuzzed modes, registers, RFLAGS
 //! and instruction bytes, against a context with two small memory windows: "RAM" (reads and
 //! writes succeed) and "MMIO" (reads are `MmioPending` unless the input says the value is ready).
 //! Everything else is unmapped (`EmulateError::Memory`).
@@ -16,7 +16,7 @@ use iced_x86::{
     Register, RflagsBits,
 };
 use libfuzzer_sys::fuzz_target;
-use xhyve::hv::hvf::emulate::{emulate, CpuMode, EmulateError, Emulated, EmulatorContext};
+use xhyve::arch::x86_64::emulate::{emulate, CpuMode, EmulateError, Emulated, EmulatorContext};
 
 const WINDOW: usize = 256;
 const GPRS: [Register; 16] = [

@@ -34,6 +34,8 @@ pub enum OptionsError {
     LogicalAbovePhysical(String),
     #[error("invalid flush \"{0}\": expected full or fsync")]
     FlushMode(String),
+    #[error("invalid disk URL \"{url}\": {reason}")]
+    FileUrl { url: String, reason: String },
     #[error("invalid format \"{0}\": expected raw or qcow2")]
     Format(String),
 }
@@ -131,7 +133,10 @@ impl BlockOptions {
         if path.is_empty() {
             return Err(OptionsError::MissingPath(spec.to_string()));
         }
-        let mut options = BlockOptions::new(path);
+        let mut options = match path.strip_prefix("file://") {
+            Some(url) => file_url_options(url, path)?,
+            None => BlockOptions::new(path),
+        };
         options.spec = spec.to_string();
         for field in fields {
             match field {
@@ -155,6 +160,43 @@ impl BlockOptions {
         }
         Ok(options)
     }
+}
+
+/// HyperKit's disk URL (its Go wrapper's `virtio-blk,file://PATH?sync=..&buffered=..`, which
+/// HyperKit hands to mirage-block): `sync=os` makes a flush `fsync(2)`, `sync=drive` the full
+/// flush through the drive cache (`F_FULLFSYNC`); `buffered=1` keeps the host page cache,
+/// `buffered=0` asks to bypass it (our `nocache`). Both parameters are optional.
+fn file_url_options(url: &str, whole: &str) -> Result<BlockOptions, OptionsError> {
+    let bad = |reason: String| OptionsError::FileUrl {
+        url: whole.to_string(),
+        reason,
+    };
+    let (path, query) = match url.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (url, None),
+    };
+    if path.is_empty() {
+        return Err(bad("a path is required after file://".into()));
+    }
+    let mut options = BlockOptions::new(path);
+    for param in query.into_iter().flat_map(|q| q.split('&')) {
+        match param.split_once('=') {
+            Some(("sync", "os")) => options.flush_mode = FlushMode::Fsync,
+            Some(("sync", "drive")) => options.flush_mode = FlushMode::FullFsync,
+            Some(("sync", other)) => {
+                return Err(bad(format!(
+                    "sync=\"{other}\" is not supported; expected os or drive"
+                )))
+            }
+            Some(("buffered", "1")) => options.nocache = false,
+            Some(("buffered", "0")) => options.nocache = true,
+            Some(("buffered", other)) => {
+                return Err(bad(format!("buffered=\"{other}\": expected 0 or 1")))
+            }
+            _ => return Err(bad(format!("unknown parameter \"{param}\""))),
+        }
+    }
+    Ok(options)
 }
 
 /// `L` or `L/P`; `P` defaults to `L`.
@@ -200,6 +242,31 @@ mod tests {
         assert_eq!((o.logical_sector_size, o.physical_sector_size), (512, 4096));
         assert_eq!(o.spec, "d.img,nocache,direct,ro,sectorsize=512/4096");
         assert!(BlockOptions::parse("d.img,sync").unwrap().sync);
+    }
+
+    #[test]
+    fn hyperkit_file_urls() {
+        let o = BlockOptions::parse("file:///vms/disk.img?sync=os&buffered=1").unwrap();
+        assert_eq!(o.path, PathBuf::from("/vms/disk.img"));
+        assert_eq!(o.flush_mode, FlushMode::Fsync);
+        assert!(!o.nocache);
+        let o = BlockOptions::parse("file:///d.img?sync=drive&buffered=0,ro").unwrap();
+        assert_eq!(o.flush_mode, FlushMode::FullFsync);
+        assert!(o.nocache && o.read_only);
+        assert_eq!(o.spec, "file:///d.img?sync=drive&buffered=0,ro");
+        assert_eq!(
+            BlockOptions::parse("file:///d.img").unwrap().path,
+            PathBuf::from("/d.img")
+        );
+        for (bad, named) in [
+            ("file://?sync=os", "a path is required"),
+            ("file:///d?sync=none", "sync=\"none\""),
+            ("file:///d?buffered=2", "buffered=\"2\""),
+            ("file:///d?cache=1", "unknown parameter \"cache=1\""),
+        ] {
+            let err = BlockOptions::parse(bad).unwrap_err().to_string();
+            assert!(err.contains(named) && err.contains(bad), "{bad}: {err}");
+        }
     }
 
     #[test]
@@ -254,6 +321,10 @@ mod tests {
             BlockOptions::parse("d.qcow2,format=qcow").unwrap().format,
             ImageFormat::Qcow2
         );
+        // HyperKit's form, as its Go wrapper writes it.
+        let h = BlockOptions::parse("file:///vms/d.qcow2?sync=os&buffered=1,format=qcow").unwrap();
+        assert_eq!(h.format, ImageFormat::Qcow2);
+        assert_eq!(h.path, PathBuf::from("/vms/d.qcow2"));
         assert_eq!(
             BlockOptions::parse("d.img,format=qcow2,format=raw")
                 .unwrap()

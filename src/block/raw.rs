@@ -15,6 +15,20 @@ use std::os::unix::io::AsRawFd;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::VolatileSlice;
 
+/// The guest sees whole sectors only: a trailing partial sector is out of its reach, which
+/// the user should hear about (a truncated copy, a wrong `sectorsize=`) rather than find out
+/// from a guest file system.
+fn partial_sector_warning(path: &std::path::Path, byte_len: u64, sector: u64) -> Option<String> {
+    let rest = byte_len % sector;
+    (rest != 0 && byte_len >= sector).then(|| {
+        format!(
+            "disk image {path:?} has {byte_len} bytes, not a whole number of {sector}-byte \
+             sectors: the guest sees {} bytes; the last {rest} are left out",
+            byte_len - rest
+        )
+    })
+}
+
 /// Zeroes written where a hole cannot be punched.
 static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
 
@@ -67,6 +81,9 @@ impl RawImage {
         let byte_len = file.seek(SeekFrom::End(0)).map_err(open_error)?;
         let sector = u64::from(options.logical_sector_size);
         let size = byte_len - byte_len % sector;
+        if let Some(warning) = partial_sector_warning(path, byte_len, sector) {
+            log::warn!("{warning}");
+        }
         if size == 0 {
             return Err(BlockError::TooSmall {
                 path: path.clone(),
@@ -550,6 +567,19 @@ mod tests {
         assert!(disk.discard(0, 4097).is_err());
         assert!(disk.write_zeroes(u64::MAX, 1).is_err());
         assert_eq!(std::fs::metadata(&img.path).unwrap().len(), 4096);
+    }
+
+    #[test]
+    fn a_partial_last_sector_is_reported() {
+        let path = std::path::Path::new("/img/d.raw");
+        let warning = partial_sector_warning(path, 4096 + 1000, 4096).unwrap();
+        assert!(
+            warning.contains("\"/img/d.raw\" has 5096 bytes")
+                && warning.contains("4096-byte")
+                && warning.contains("last 1000"),
+            "{warning}"
+        );
+        assert_eq!(partial_sector_warning(path, 8192, 4096), None);
     }
 
     #[test]

@@ -26,6 +26,13 @@ pub enum CliError {
     },
     #[error("invalid -s \"{0}\": emulation required, e.g. -s 0:0,hostbridge")]
     MissingPciEmulation(String),
+    #[error(
+        "-s {bus}:{slot}:{function}: slot {bus}:{slot} has no function 0, so guests never \
+         see it; put a device at {bus}:{slot}:0"
+    )]
+    MissingFunctionZero { bus: u8, slot: u8, function: u8 },
+    #[error("-m given more than once (\"{first}\", then \"{second}\"): give it once")]
+    DuplicateMemsize { first: String, second: String },
     #[error("pci slot {bus}:{slot}:{function} already occupied")]
     PciSlotOccupied { bus: u8, slot: u8, function: u8 },
     #[error("pci slot {bus}:{slot}: unknown device \"{name}\"")]
@@ -46,7 +53,7 @@ pub enum CliError {
     #[error("invalid -s \"{spec}\": {reason}")]
     InvalidPciPlacement { spec: String, reason: &'static str },
     #[error("invalid lpc device configuration '{value}': {reason}")]
-    InvalidLpc { value: String, reason: &'static str },
+    InvalidLpc { value: String, reason: String },
     #[error("invalid -U \"{0}\": not a UUID")]
     InvalidUuid(String),
     #[error("invalid -p \"{value}\": {reason}")]
@@ -60,6 +67,8 @@ pub enum CliError {
     },
     #[error("-s {0}: virtio-net needs vmnet (macOS); use virtio-tap,tapN on Linux")]
     NetNeedsVmnet(String),
+    #[error("invalid --restful-uri \"{value}\": {reason}")]
+    InvalidRestfulUri { value: String, reason: String },
     /// A feature of xhyve/HyperKit that this port will implement later.
     #[error("not supported yet: {0}")]
     NotSupportedYet(String),
@@ -72,7 +81,9 @@ impl CliError {
     /// The process exit status for this error: xhyve's `EX_USAGE` for `-m`/`-l`, else 1.
     pub fn exit_code(&self) -> i32 {
         match self {
-            CliError::InvalidMemsize { .. } | CliError::InvalidLpc { .. } => EX_USAGE,
+            CliError::InvalidMemsize { .. }
+            | CliError::DuplicateMemsize { .. }
+            | CliError::InvalidLpc { .. } => EX_USAGE,
             _ => 1,
         }
     }
@@ -95,7 +106,7 @@ mod tests {
         };
         let lpc = CliError::InvalidLpc {
             value: "com3,stdio".into(),
-            reason: "unknown device",
+            reason: "unknown device".into(),
         };
         assert_eq!(memsize.exit_code(), 64);
         assert_eq!(lpc.exit_code(), 64);

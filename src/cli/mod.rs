@@ -7,12 +7,13 @@ mod lpc;
 mod memsize;
 mod parse;
 mod pci;
+mod rest_uri;
 mod usage;
 
 pub use crate::config::*;
 pub use error::CliError;
-pub use parse::parse;
-pub use usage::{usage, version_text};
+pub use parse::{command, parse};
+pub use usage::{usage, version_text, MAN_EXTRA_SECTIONS};
 
 /// What the command line asks `xhyve` to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,4 +24,8 @@ pub enum Action {
     Help,
     /// `-v`: print the version to stderr and exit 0.
     Version,
+    /// `--completions SHELL` (hidden): print a completion script for bash, zsh or fish.
+    Completions(String),
+    /// `--manpage` (hidden): print the xhyve.1 man page (roff).
+    Manpage,
 }

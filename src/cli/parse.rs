@@ -18,38 +18,105 @@ use clap::{Arg, ArgAction, ArgMatches, Command};
 use super::firmware::parse_firmware;
 use super::lpc::SerialPorts;
 use super::memsize::parse_memsize;
-use super::pci::{add_pci_device, parse_pci_device};
-use super::{Action, CliError, CpuPin, VmConfig};
+use super::pci::{add_pci_device, check_function_zero, parse_pci_device};
+use super::{Action, CliError, CpuPin, Personality, VmConfig};
 
-/// Boolean flags: (option letter, clap id).
-const FLAGS: &[(char, &str)] = &[
-    ('A', "acpi"),
-    ('b', "bvmcons"),
-    ('C', "dump_guest_memory"),
-    ('e', "strict_io"),
-    ('h', "help"),
-    ('H', "hlt_exit"),
-    ('M', "print_mac"),
-    ('P', "pause_exit"),
-    ('u', "rtc_utc"),
-    ('v', "version"),
-    ('w', "ignore_unknown_msrs"),
-    ('W', "virtio_single_msi"),
-    ('x', "x2apic"),
-    ('Y', "no_mptable"),
+/// Boolean flags: (option letter, clap id, help for the man page and completions).
+const FLAGS: &[(char, &str, &str)] = &[
+    ('A', "acpi", "create ACPI tables"),
+    ('b', "bvmcons", "bvmcons console (not supported yet)"),
+    (
+        'C',
+        "dump_guest_memory",
+        "include guest memory in core files",
+    ),
+    ('e', "strict_io", "exit on an unhandled I/O port access"),
+    ('h', "help", "print usage and exit"),
+    ('H', "hlt_exit", "vmexit from the guest on HLT"),
+    (
+        'M',
+        "print_mac",
+        "print the MAC address of the first network device and exit",
+    ),
+    ('P', "pause_exit", "vmexit from the guest on PAUSE"),
+    ('u', "rtc_utc", "the RTC keeps UTC time"),
+    ('v', "version", "print the version and exit"),
+    ('w', "ignore_unknown_msrs", "ignore unimplemented MSRs"),
+    (
+        'W',
+        "virtio_single_msi",
+        "force virtio to use single-vector MSI",
+    ),
+    ('x', "x2apic", "start the local APICs in x2APIC mode"),
+    ('Y', "no_mptable", "do not build an MP table"),
 ];
 
-/// Options with one value: (option letter, clap id, may repeat and all values count).
-const VALUED: &[(char, &str, bool)] = &[
-    ('c', "vcpus", false),
-    ('f', "firmware", true),
-    ('F', "pidfile", false),
-    ('g', "gdb_port", false),
-    ('l', "lpc", true),
-    ('m', "memsize", false),
-    ('p', "cpu_pin", true),
-    ('s', "pci", true),
-    ('U', "uuid", false),
+/// Options with one value: (option letter, clap id, may repeat and all values count, value
+/// name, help).
+const VALUED: &[(char, &str, bool, &str, &str)] = &[
+    (
+        'c',
+        "vcpus",
+        false,
+        "VCPUS",
+        "number of vCPUs, 1-16 (default 1)",
+    ),
+    (
+        'f',
+        "firmware",
+        true,
+        "FW",
+        "kexec,KERNEL[,INITRD[,CMDLINE]] or multiboot,KERNEL[,MODULES][,CMDLINE]",
+    ),
+    (
+        'F',
+        "pidfile",
+        false,
+        "PIDFILE",
+        "write the process id here, removed at exit",
+    ),
+    (
+        'g',
+        "gdb_port",
+        false,
+        "PORT",
+        "gdb port (not supported yet)",
+    ),
+    (
+        'l',
+        "lpc",
+        true,
+        "LPC",
+        "comN,stdio|autopty[=LINK]|null|TTY[,log=RING][,asl]: a COM port of the LPC bridge",
+    ),
+    (
+        'm',
+        "memsize",
+        true,
+        "MEM",
+        "guest RAM, MB or with a K, M, G or T suffix (default 256M)",
+    ),
+    (
+        'p',
+        "cpu_pin",
+        true,
+        "VCPU:HOSTCPU",
+        "pin a vCPU to a host CPU",
+    ),
+    (
+        's',
+        "pci",
+        true,
+        "PCI",
+        "[BUS:]SLOT[:FUNC],EMULATION[,CONFIG]: a PCI device",
+    ),
+    (
+        'U',
+        "uuid",
+        false,
+        "UUID",
+        "machine UUID (SMBIOS, network MACs)",
+    ),
 ];
 
 /// Parses xhyve's command line. `args` includes argv[0].
@@ -58,6 +125,11 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    let personality = args
+        .first()
+        .map(|program| Personality::from_program(program))
+        .unwrap_or_default();
     let matches = command().try_get_matches_from(args).map_err(syntax_error)?;
 
     let first_index = |id| {
@@ -67,6 +139,17 @@ where
             None
         }
     };
+    if matches.get_flag("manpage") {
+        return Ok(Action::Manpage);
+    }
+    if let Some(shell) = last(&matches, "completions") {
+        return match shell {
+            "bash" | "zsh" | "fish" => Ok(Action::Completions(shell.to_string())),
+            _ => Err(CliError::Syntax(format!(
+                "--completions \"{shell}\": expected bash, zsh or fish"
+            ))),
+        };
+    }
     match (first_index("help"), first_index("version")) {
         (Some(help), Some(version)) if version < help => return Ok(Action::Version),
         (Some(_), _) => return Ok(Action::Help),
@@ -84,7 +167,16 @@ where
     }
 
     // -l and -m first: their errors are EX_USAGE, as in xhyve.
-    let memory_bytes = match last(&matches, "memsize") {
+    let memsizes: Vec<&str> = values(&matches, "memsize").collect();
+    if let [first, second, ..] = memsizes[..] {
+        // Two sizes are a mistake in a script (a default plus an override); which one wins
+        // is not obvious, so say so instead of silently taking the last, as getopt would.
+        return Err(CliError::DuplicateMemsize {
+            first: first.to_string(),
+            second: second.to_string(),
+        });
+    }
+    let memory_bytes = match memsizes.first() {
         Some(value) => parse_memsize(value)?,
         None => VmConfig::DEFAULT_MEMORY_BYTES,
     };
@@ -100,6 +192,7 @@ where
     }
 
     let mut config = VmConfig::with_firmware(firmware);
+    config.personality = personality;
     config.memory_bytes = memory_bytes;
     config.com1 = ports.com1;
     config.com2 = ports.com2;
@@ -131,6 +224,10 @@ where
         let device = parse_pci_device(spec)?;
         add_pci_device(&mut config.devices, spec, device)?;
     }
+    check_function_zero(&config.devices)?;
+    if let Some(value) = last(&matches, "restful_uri") {
+        config.restful_uri = super::rest_uri::parse_rest_uri(value)?;
+    }
     // After -c, wherever it was given: a pin names an existing vCPU.
     for value in values(&matches, "cpu_pin") {
         let pin = parse_cpu_pin(value, config.vcpus)?;
@@ -146,27 +243,59 @@ where
     Ok(Action::Run(Box::new(config)))
 }
 
-fn command() -> Command {
-    let flags = FLAGS
-        .iter()
-        .map(|&(letter, id)| Arg::new(id).short(letter).action(ArgAction::SetTrue));
-    let valued = VALUED.iter().map(|&(letter, id, repeats)| {
+/// The command-line definition: clap parses with it (getopt style: bundled flags, attached
+/// values), and the man page and shell completions are generated from it.
+pub fn command() -> Command {
+    let flags = FLAGS.iter().map(|&(letter, id, help)| {
+        Arg::new(id)
+            .short(letter)
+            .action(ArgAction::SetTrue)
+            .help(help)
+    });
+    let valued = VALUED.iter().map(|&(letter, id, repeats, name, help)| {
         Arg::new(id)
             .short(letter)
             .num_args(1)
             .allow_hyphen_values(true)
+            .value_name(name)
+            .help(help)
             .action(if repeats {
                 ArgAction::Append
             } else {
                 ArgAction::Set
             })
     });
+    // vfkit's option, the one long option: where the control API listens.
+    let restful_uri = Arg::new("restful_uri")
+        .long("restful-uri")
+        .num_args(1)
+        .value_name("URI")
+        .help("control API (vfkit's REST shape): unix:///PATH or tcp://127.0.0.1:PORT")
+        .action(ArgAction::Set);
+    // Hidden: generators for packagers (`xhyve --completions bash`, `xhyve --manpage`).
+    let completions = Arg::new("completions")
+        .long("completions")
+        .num_args(1)
+        .value_name("SHELL")
+        .hide(true)
+        .action(ArgAction::Set);
+    let manpage = Arg::new("manpage")
+        .long("manpage")
+        .hide(true)
+        .action(ArgAction::SetTrue);
     Command::new("xhyve")
+        .about(
+            "a tiny virtual machine monitor with xhyve's command line (KVM, Hypervisor.framework)",
+        )
+        .version(env!("CARGO_PKG_VERSION"))
         .disable_help_flag(true)
         .disable_version_flag(true)
         .args_override_self(true)
         .args(flags)
         .args(valued)
+        .arg(restful_uri)
+        .arg(completions)
+        .arg(manpage)
 }
 
 fn values<'a>(matches: &'a ArgMatches, id: &str) -> impl Iterator<Item = &'a str> {
@@ -265,7 +394,7 @@ fn parse_uuid(value: &str) -> Option<[u8; 16]> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::{DeviceConfig, DeviceKind, Firmware, PciAddress, SerialBackend};
+    use crate::cli::{DeviceConfig, DeviceKind, Firmware, PciAddress, SerialBackend, SerialConfig};
 
     const KEXEC: &str = "kexec,vmlinuz,initrd.gz,earlyprintk=serial console=ttyS0";
 
@@ -331,7 +460,7 @@ mod tests {
 
         let c = config(&["-s0,hostbridge", "-lcom1,stdio", "-f", KEXEC]);
         assert_eq!(c.devices.len(), 1);
-        assert_eq!(c.com1, Some(SerialBackend::Stdio));
+        assert_eq!(c.com1, Some(SerialConfig::new(SerialBackend::Stdio)));
     }
 
     #[test]
@@ -376,12 +505,85 @@ mod tests {
 
     #[test]
     fn flags_may_repeat_and_last_value_wins() {
-        let c = config(&[
-            "-A", "-A", "-c", "4", "-c", "3", "-m", "1G", "-m", "512", "-f", KEXEC,
-        ]);
+        let c = config(&["-A", "-A", "-c", "4", "-c", "3", "-m", "512", "-f", KEXEC]);
         assert!(c.acpi);
         assert_eq!(c.vcpus, 3);
         assert_eq!(c.memory_bytes, 512 << 20);
+    }
+
+    #[test]
+    fn memsize_twice_is_an_error_naming_both() {
+        let err = error(&["-m", "1G", "-m", "512", "-f", KEXEC]);
+        assert_eq!(
+            err.to_string(),
+            "-m given more than once (\"1G\", then \"512\"): give it once"
+        );
+        assert_eq!(err.exit_code(), 64);
+        assert!(matches!(
+            error(&["-m1G", "-m1G", "-f", KEXEC]),
+            CliError::DuplicateMemsize { .. }
+        ));
+    }
+
+    #[test]
+    fn a_function_without_function_zero_is_an_error() {
+        let err = error(&["-s", "3:1,virtio-rnd", "-f", KEXEC]);
+        assert_eq!(
+            err.to_string(),
+            "-s 0:3:1: slot 0:3 has no function 0, so guests never see it; put a device at 0:3:0"
+        );
+        let c = config(&["-s", "3:1,virtio-rnd", "-s", "3:0,virtio-rnd", "-f", KEXEC]);
+        assert_eq!(c.devices.len(), 2);
+    }
+
+    #[test]
+    fn restful_uri_is_a_long_option() {
+        let c = config(&["--restful-uri", "unix:///tmp/x.sock", "-f", KEXEC]);
+        assert_eq!(
+            c.restful_uri,
+            Some(crate::cli::RestEndpoint::Unix("/tmp/x.sock".into()))
+        );
+        let c = config(&["--restful-uri=tcp://127.0.0.1:1234", "-f", KEXEC]);
+        assert!(matches!(
+            c.restful_uri,
+            Some(crate::cli::RestEndpoint::Tcp(_))
+        ));
+        assert!(matches!(
+            error(&["--restful-uri", "tcp://1.2.3.4:5", "-f", KEXEC]),
+            CliError::InvalidRestfulUri { .. }
+        ));
+    }
+
+    #[test]
+    fn hidden_generators() {
+        assert_eq!(run(&["--manpage"]).unwrap(), Action::Manpage);
+        assert_eq!(
+            run(&["--completions", "zsh"]).unwrap(),
+            Action::Completions("zsh".into())
+        );
+        let err = run(&["--completions", "tcsh"]).unwrap_err().to_string();
+        assert!(err.contains("\"tcsh\""), "{err}");
+        // The definition the generators read names every option with its help.
+        let cmd = command();
+        for letter in ['A', 'c', 'f', 'F', 'l', 'm', 's', 'U', 'Y'] {
+            let arg = cmd
+                .get_arguments()
+                .find(|a| a.get_short() == Some(letter))
+                .unwrap();
+            assert!(arg.get_help().is_some(), "-{letter} has no help");
+        }
+    }
+
+    #[test]
+    fn personality_follows_the_program_name() {
+        let as_program = |program: &str| match parse([program, "-f", KEXEC]) {
+            Ok(Action::Run(c)) => c.personality,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(as_program("/usr/local/bin/hyperkit"), Personality::HyperKit);
+        assert_eq!(as_program("hyperkit"), Personality::HyperKit);
+        assert_eq!(as_program("/usr/bin/xhyve"), Personality::Xhyve);
+        assert_eq!(as_program("hyperkit-old"), Personality::Xhyve);
     }
 
     #[test]
@@ -515,8 +717,11 @@ mod tests {
     #[test]
     fn serial_ports() {
         let c = config(&["-l", "com1,stdio", "-l", "com2,autopty", "-f", KEXEC]);
-        assert_eq!(c.com1, Some(SerialBackend::Stdio));
-        assert_eq!(c.com2, Some(SerialBackend::Autopty));
+        assert_eq!(c.com1, Some(SerialConfig::new(SerialBackend::Stdio)));
+        assert_eq!(
+            c.com2,
+            Some(SerialConfig::new(SerialBackend::Autopty(None)))
+        );
         let err = error(&["-l", "com1,stdio", "-l", "com1,autopty", "-f", KEXEC]);
         assert_eq!(err.exit_code(), 64);
         assert!(err

@@ -124,6 +124,25 @@ pub fn add_pci_device(
     Ok(())
 }
 
+/// A function other than 0 needs function 0 in its slot: guests (Linux, FreeBSD, firmware)
+/// probe function 0 and skip the slot when it is absent, so the device would silently vanish.
+pub fn check_function_zero(devices: &[DeviceConfig]) -> Result<(), CliError> {
+    for d in devices.iter().filter(|d| d.address.function != 0) {
+        let a = d.address;
+        let has_zero = devices
+            .iter()
+            .any(|z| (z.address.bus, z.address.slot, z.address.function) == (a.bus, a.slot, 0));
+        if !has_zero {
+            return Err(CliError::MissingFunctionZero {
+                bus: a.bus,
+                slot: a.slot,
+                function: a.function,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// `slot`, `slot:func` or `bus:slot:func`.
 fn parse_location(location: &str) -> Result<(u8, u8, u8), CliError> {
     let numbers: Vec<&str> = location.split(':').collect();

@@ -36,12 +36,49 @@ pub fn usage(program: &str) -> String {
        -W: force virtio to use single-vector MSI
        -x: local apic is in x2APIC mode
        -Y: disable MPtable generation
+       --restful-uri unix:///PATH|tcp://127.0.0.1:PORT: control API (vfkit's REST)
 "
     )
 }
 
-/// The `-v` text, shaped like xhyve's.
-pub fn version_text() -> String {
+/// Man page sections clap's definition cannot carry, appended to the generated page (roff).
+pub const MAN_EXTRA_SECTIONS: &str = r#".SH EXIT STATUS
+As xhyve: 0 reset, 1 poweroff, 2 halt (every vCPU halted with interrupts off), 3 triple
+fault, 4 an emulation failure (stderr says what and where), 1 a setup error, 64 a bad
+\fB\-m\fR or \fB\-l\fR. Run as \fBhyperkit\fR: 0 poweroff and halt, 2 reset, 3 triple
+fault. Stopped by SIGTERM, SIGINT, SIGHUP or the control API: 1; by another terminating
+signal: 128 plus its number.
+.SH SIGNALS
+SIGTERM presses the ACPI power button when the guest enabled ACPI (\fB\-A\fR); otherwise,
+and on a second SIGTERM, xhyve stops at once. SIGINT and SIGHUP stop at once. SIGUSR1 pauses
+the machine and SIGUSR2 resumes it. SIGPIPE is ignored. Every stop removes the pidfile,
+the \fBautopty=\fR links and the control socket, and restores the terminal.
+.SH ENVIRONMENT
+\fBXHYVE_LOG\fR log filter (e.g. debug); \fBXHYVE_HV\fR hypervisor back end (kvm, hvf);
+\fBXHYVE_IRQCHIP\fR kernel or user interrupt controllers (Linux).
+.SH SEE ALSO
+The README of xhyve-rs; xhyve(1) and hyperkit(1) upstream.
+"#;
+
+/// The HyperKit release whose behaviour the `hyperkit` personality follows (moby/hyperkit at
+/// 3cb0d54, 2022-02-20). Its date is what tools check: minikube takes the first line of
+/// `hyperkit -v`, the part after ": ", the part after the first "." and its first 8 characters
+/// as YYYYMMDD, and wants at least 20190201.
+const HYPERKIT_VERSION: &str = "v0.20220220";
+
+/// The `-v` text, shaped like xhyve's, or like HyperKit's when run as `hyperkit`.
+pub fn version_text(personality: super::Personality) -> String {
+    if personality == super::Personality::HyperKit {
+        return format!(
+            "hyperkit: {HYPERKIT_VERSION} (xhyve-rs {})
+
+Homepage: https://github.com/docker/hyperkit
+License: BSD
+
+",
+            env!("CARGO_PKG_VERSION")
+        );
+    }
     format!(
         "xhyve: {}
 
@@ -73,7 +110,8 @@ mod tests {
         assert!(text.contains("       -p: pin 'vcpu' to 'hostcpu'\n"));
         assert!(text.contains("       -f: firmware: kexec,kernel[,initrd[,cmdline]]\n"));
         assert!(text.contains("multiboot,kernel[,modules][,cmdline]\n"));
-        assert!(text.ends_with("       -Y: disable MPtable generation\n"));
+        assert!(text.contains("       -Y: disable MPtable generation\n"));
+        assert!(text.ends_with("control API (vfkit's REST)\n"));
     }
 
     #[test]
@@ -84,9 +122,21 @@ mod tests {
 
     #[test]
     fn version_names_the_crate_version() {
-        let text = version_text();
+        let text = version_text(crate::cli::Personality::Xhyve);
         assert!(text.starts_with(&format!("xhyve: {}\n", env!("CARGO_PKG_VERSION"))));
         assert!(text.contains("Rust port of xhyve"));
         assert!(text.ends_with("License: BSD\n"));
+    }
+
+    /// The first line as minikube's hyperkit driver reads it (convertVersionToDate).
+    #[test]
+    fn hyperkit_version_line_parses_as_minikube_does() {
+        let text = version_text(crate::cli::Personality::HyperKit);
+        let line = text.split('\n').next().unwrap();
+        assert!(line.starts_with("hyperkit: v0."), "{line}");
+        let version = line.split(": ").nth(1).unwrap();
+        let date = &version.split('.').nth(1).unwrap()[..8];
+        assert!(date.bytes().all(|b| b.is_ascii_digit()), "{date}");
+        assert!(date >= "20190201", "minikube's minimum: {date}");
     }
 }

@@ -20,6 +20,7 @@ use crate::devices::pci::{
     PCI_CONFIG_DATA_PORT,
 };
 use crate::devices::power::PowerControl;
+use crate::devices::power_mgmt::PowerButton;
 use crate::devices::power_mgmt::{
     AcpiPm, PostCode, ResetControl, ACPI_PM_BASE, ACPI_PM_PORT_COUNT, I8042, I8042_COMMAND_PORT,
     I8042_DATA_PORT, POST_CODE_PORT, RESET_CONTROL_PORT, SCI_GSI, SMI_CMD_PORT,
@@ -74,7 +75,7 @@ pub struct DeviceManager {
     mmio_bus: Arc<Bus>,
     pci: Arc<PciBus>,
     /// Presses the ACPI power button (SIGTERM), when the guest has ACPI.
-    power_button: Option<Box<dyn Fn() + Send>>,
+    power_button: Option<Arc<dyn PowerButton>>,
     /// Dropping a port stops its input thread.
     serial_ports: Vec<SerialPort>,
     /// The VMM's interrupt controllers, in `IrqChipMode::User`.
@@ -213,9 +214,8 @@ impl DeviceManager {
             "POST code",
         )?;
         // SIGTERM presses the power button only where the guest can see it: with ACPI tables.
-        let power_button: Option<Box<dyn Fn() + Send>> = if config.acpi {
-            let pm = acpi_pm.clone();
-            Some(Box::new(move || lock(&pm).press_power_button()))
+        let power_button: Option<Arc<dyn PowerButton>> = if config.acpi {
+            Some(acpi_pm.clone())
         } else {
             None
         };
@@ -264,7 +264,7 @@ impl DeviceManager {
     }
 
     /// The ACPI power button (SIGTERM presses it), when the guest has ACPI. Taken once.
-    pub fn take_power_button(&mut self) -> Option<Box<dyn Fn() + Send>> {
+    pub fn take_power_button(&mut self) -> Option<Arc<dyn PowerButton>> {
         self.power_button.take()
     }
 

@@ -2,6 +2,7 @@
 
 pub mod ahci;
 pub mod bus;
+pub mod console_log;
 pub mod doorbell;
 pub mod event_loop;
 pub mod irq;

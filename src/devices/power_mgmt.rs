@@ -128,9 +128,17 @@ impl AcpiPm {
     }
 
     /// The power button (SIGTERM): sets PWRBTN_STS and raises the SCI if the guest enabled it.
-    pub fn press_power_button(&mut self) {
+    /// Returns whether the guest has ACPI enabled (SCI_EN, set by ACPI_ENABLE on SMI_CMD): if
+    /// not, no OS is listening for the button, and xhyve stops instead.
+    pub fn press_power_button(&mut self) -> bool {
         self.status |= PM1_PWRBTN_STS;
         self.update_sci();
+        self.control & PM1_SCI_EN != 0
+    }
+
+    /// Whether the guest enabled ACPI (SCI_EN), so that it would see the power button.
+    pub fn acpi_enabled(&self) -> bool {
+        self.control & PM1_SCI_EN != 0
     }
 
     /// The SCI is level-triggered: high while an enabled status bit is set and ACPI is on.
@@ -216,6 +224,23 @@ impl BusDevice for AcpiPm {
 const RESET_CPU: u8 = 1 << 2;
 
 /// The reset control register at 0xCF9: setting RST_CPU resets the machine.
+/// The ACPI power button as SIGTERM and the control API press it.
+pub trait PowerButton: Send + Sync {
+    /// Presses it; says whether the guest listens (it enabled ACPI).
+    fn press(&self) -> bool;
+    /// Whether a press would be seen now.
+    fn guest_listens(&self) -> bool;
+}
+
+impl PowerButton for std::sync::Mutex<AcpiPm> {
+    fn press(&self) -> bool {
+        super::bus::lock(self).press_power_button()
+    }
+    fn guest_listens(&self) -> bool {
+        super::bus::lock(self).acpi_enabled()
+    }
+}
+
 pub struct ResetControl {
     value: u8,
     power: Arc<dyn PowerControl>,
@@ -449,8 +474,8 @@ mod tests {
     #[test]
     fn power_button_raises_a_level_sci_until_cleared() {
         let mut pm = pm();
-        // Not enabled yet: status set, no SCI.
-        pm.dev.press_power_button();
+        // Not enabled yet: status set, no SCI, and the caller learns nobody listens.
+        assert!(!pm.dev.press_power_button());
         assert_eq!(inw(&mut pm.dev, PM1A_EVT_PORT), PM1_PWRBTN_STS);
         assert!(pm.sci.levels.lock().unwrap().is_empty());
         out(&mut pm.dev, PM1A_EVT_PORT + 2, &PM1_PWRBTN_EN.to_le_bytes());
@@ -464,7 +489,7 @@ mod tests {
         assert_eq!(inw(&mut pm.dev, PM1A_EVT_PORT), 0);
         assert_eq!(*pm.sci.levels.lock().unwrap(), vec![true, false]);
         // Pressed again while enabled: straight up.
-        pm.dev.press_power_button();
+        assert!(pm.dev.press_power_button());
         assert_eq!(*pm.sci.levels.lock().unwrap(), vec![true, false, true]);
     }
 

@@ -20,13 +20,38 @@ use super::bus::{lock, BusDevice};
 use super::irq::InterruptLine;
 use super::terminal::{Terminal, TerminalError, TerminalHold};
 
+/// One COM port: `-l comN,TERMINAL[,log=PATH][,asl]` (HyperKit's chained form).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SerialConfig {
+    /// Where the port's bytes go and come from.
+    pub backend: SerialBackend,
+    /// `log=PATH`: HyperKit's console ring, a 64 KiB memory-mapped file of the latest output.
+    pub log_ring: Option<PathBuf>,
+    /// `asl`: output also goes to the macOS system log, a line at a time.
+    pub asl: bool,
+}
+
+impl SerialConfig {
+    /// A port on `backend` with no log ring and no system log.
+    pub fn new(backend: SerialBackend) -> Self {
+        SerialConfig {
+            backend,
+            log_ring: None,
+            asl: false,
+        }
+    }
+}
+
 /// Where a COM port's bytes go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SerialBackend {
     /// The terminal `xhyve` runs in, in raw mode (restored on every exit).
     Stdio,
     /// A new pseudo-terminal; its name is printed as `COMn connected to /dev/pts/N`.
-    Autopty,
+    /// `autopty=PATH` also makes a symlink at PATH to it, removed on exit.
+    Autopty(Option<PathBuf>),
+    /// `null`: output is dropped, there is no input (HyperKit).
+    Null,
     /// An existing terminal device.
     Tty(PathBuf),
 }
@@ -191,14 +216,14 @@ pub struct SerialPort {
 impl SerialPort {
     /// Opens `backend` for COM`com` (1 or 2) and starts its input thread.
     pub fn open(
-        backend: &SerialBackend,
+        config: &SerialConfig,
         com: u8,
         irq: Arc<dyn InterruptLine>,
     ) -> Result<SerialPort, SerialError> {
         if com_resources(com).is_none() {
             return Err(SerialError::BadComPort(com));
         }
-        let (output, input, pty_path, hold) = Terminal::open(backend, com)?.into_parts();
+        let (output, input, pty_path, hold) = Terminal::open_config(config, com)?.into_parts();
         let stop = input.as_ref().map(|r| r.stop_flag()).unwrap_or_default();
         let input = input.map(|r| Box::new(r) as Box<dyn Read + Send>);
         let mut port = Self::start(com, output, input, stop, irq)?;
@@ -445,7 +470,7 @@ mod tests {
     #[test]
     fn bad_com_number_is_refused() {
         let line = Arc::new(RecordingLine::default());
-        let err = SerialPort::open(&SerialBackend::Stdio, 3, line)
+        let err = SerialPort::open(&SerialConfig::new(SerialBackend::Stdio), 3, line)
             .err()
             .unwrap();
         assert_eq!(err.to_string(), "invalid COM port 3: must be 1 or 2");
@@ -455,7 +480,8 @@ mod tests {
     #[test]
     fn autopty_bytes_flow_both_ways_through_the_uart() {
         let line = Arc::new(RecordingLine::default());
-        let port = SerialPort::open(&SerialBackend::Autopty, 2, line).unwrap();
+        let port =
+            SerialPort::open(&SerialConfig::new(SerialBackend::Autopty(None)), 2, line).unwrap();
         let path = std::ffi::CString::new(port.pty_path().unwrap().to_str().unwrap()).unwrap();
         // SAFETY: `path` is a valid C string; the result is checked.
         let raw = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_NOCTTY) };

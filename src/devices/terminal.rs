@@ -1,17 +1,27 @@
-//! Host ends of a COM port: the controlling terminal, a new pseudo-terminal, or a tty device.
+//! Host ends of a COM port: the controlling terminal, a new pseudo-terminal (optionally with a
+//! symlink to it), `null`, or a tty device.
 //!
 //! A back end is an output writer plus an optional input reader. Writers issue one `write()`
-//! per call with no user-space buffering, so bytes reach a pipe reader promptly. Readers wait
-//! with `poll()` so that the input thread can notice a stop request.
+//! per call with no user-space buffering, so bytes reach a pipe reader promptly, and never
+//! block a vCPU for long: a pty or tty drops what its peer does not take, and stdout waits at
+//! most [`STDOUT_STALL`] for a reader before dropping output. Readers wait with `poll()` so
+//! that the input thread can notice a stop request.
 
 use std::ffi::CStr;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
-use super::serial::SerialBackend;
+use super::console_log::{ConsoleLogError, LogRing, LoggedWriter, SystemLog};
+use super::serial::{SerialBackend, SerialConfig};
+
+/// How long a stdio console write waits for the reader of a full stdout (a pipe nobody
+/// reads, a suspended terminal) before output is dropped. Long enough for a slow but live
+/// reader; short enough that the vCPU holding the UART lock stays responsive to a stop.
+pub const STDOUT_STALL: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TerminalError {
@@ -36,6 +46,15 @@ pub enum TerminalError {
         #[source]
         source: io::Error,
     },
+    #[error("-l com{com}: cannot make the link \"{path}\" to the pty: {source}")]
+    Link {
+        com: u8,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Log(#[from] ConsoleLogError),
 }
 
 /// The opened host side of one COM port.
@@ -80,15 +99,77 @@ impl Terminal {
     pub fn open(backend: &SerialBackend, com: u8) -> Result<Terminal, TerminalError> {
         match backend {
             SerialBackend::Stdio => open_stdio(com),
-            SerialBackend::Autopty => open_autopty(com),
+            SerialBackend::Autopty(link) => open_autopty(com, link.as_deref()),
+            SerialBackend::Null => Ok(Terminal {
+                output: Box::new(io::sink()),
+                input: None,
+                pty_path: None,
+                _raw_stdin: None,
+                _pty_slave: None,
+            }),
             SerialBackend::Tty(path) => open_tty(com, path),
+        }
+    }
+
+    /// Opens a whole `-l` configuration: the terminal plus its console ring and system log.
+    /// The copies are set up first, so a bad `log=` path fails before a pty is announced.
+    pub fn open_config(config: &SerialConfig, com: u8) -> Result<Terminal, TerminalError> {
+        let ring = match &config.log_ring {
+            Some(path) => Some(LogRing::create(path, com)?),
+            None => None,
+        };
+        let system_log = match config.asl {
+            true => Some(SystemLog::open(com)?),
+            false => None,
+        };
+        let mut terminal = Terminal::open(&config.backend, com)?;
+        if ring.is_some() || system_log.is_some() {
+            let inner = std::mem::replace(&mut terminal.output, Box::new(io::sink()));
+            terminal.output = Box::new(LoggedWriter {
+                inner,
+                ring,
+                system_log,
+            });
+        }
+        Ok(terminal)
+    }
+}
+
+/// Symlinks made by `autopty=PATH`, removed at exit by [`remove_links`].
+static LINKS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Replaces whatever is at `link` (HyperKit unlinks it too) with a symlink to `target`.
+fn make_link(link: &Path, target: &Path) -> io::Result<()> {
+    match std::fs::remove_file(link) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::os::unix::fs::symlink(target, link)?;
+    crate::vmm::signals::remove_at_crash(link);
+    LINKS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(link.to_path_buf());
+    Ok(())
+}
+
+/// Removes the `autopty=PATH` symlinks this process made. Safe to call more than once.
+pub fn remove_links() {
+    let links = std::mem::take(&mut *LINKS.lock().unwrap_or_else(|p| p.into_inner()));
+    for link in links {
+        // Only our symlink: a file someone put there since is theirs.
+        if link
+            .symlink_metadata()
+            .is_ok_and(|m| m.file_type().is_symlink())
+        {
+            let _ = std::fs::remove_file(link);
         }
     }
 }
 
 fn open_stdio(com: u8) -> Result<Terminal, TerminalError> {
     let setup = |source| TerminalError::Setup { com, source };
-    let output = FdWriter::new(dup_fd(libc::STDOUT_FILENO).map_err(setup)?, false);
+    let output = FdWriter::bounded(dup_fd(libc::STDOUT_FILENO).map_err(setup)?, STDOUT_STALL);
     // A closed stdin (daemons, some CI runners) means a port without input, not an error.
     let input = match dup_fd(libc::STDIN_FILENO) {
         Ok(fd) => Some(FdReader::new(fd, false)),
@@ -110,13 +191,20 @@ fn open_stdio(com: u8) -> Result<Terminal, TerminalError> {
     })
 }
 
-fn open_autopty(com: u8) -> Result<Terminal, TerminalError> {
+fn open_autopty(com: u8, link: Option<&Path>) -> Result<Terminal, TerminalError> {
     let pty = |source| TerminalError::Pty { com, source };
     let (master, slave_path) = open_pty_master().map_err(pty)?;
     let slave = open_path(&slave_path, libc::O_RDWR | libc::O_NOCTTY).map_err(pty)?;
     make_raw(slave.as_raw_fd()).map_err(pty)?;
     set_nonblocking(master.as_raw_fd()).map_err(pty)?;
     let reader_fd = dup_fd(master.as_raw_fd()).map_err(pty)?;
+    if let Some(link) = link {
+        make_link(link, &slave_path).map_err(|source| TerminalError::Link {
+            com,
+            path: link.to_path_buf(),
+            source,
+        })?;
+    }
     println!("COM{com} connected to {}", slave_path.display());
     // The VMM's later output and a test reading this line must see it now.
     let _ = io::stdout().flush();
@@ -305,19 +393,83 @@ impl Drop for RawStdinGuard {
 /// Unbuffered output to a descriptor: each `write` is one `write(2)`.
 pub struct FdWriter {
     fd: OwnedFd,
-    /// Drop output the peer does not take (a pty nobody reads) instead of blocking the vCPU.
-    drop_when_full: bool,
+    mode: WriteMode,
+}
+
+enum WriteMode {
+    /// A blocking write (tests' own pty clients).
+    Blocking,
+    /// A non-blocking descriptor: drop output the peer does not take (a pty nobody reads)
+    /// instead of blocking the vCPU.
+    DropWhenFull,
+    /// A descriptor shared with others (stdout), which must stay blocking: wait up to `stall`
+    /// for room, then drop output; while `stalled`, drop at once until room appears, so a
+    /// reader that went away costs the guest no more than one wait.
+    Bounded { stall: Duration, stalled: bool },
 }
 
 impl FdWriter {
     pub fn new(fd: OwnedFd, drop_when_full: bool) -> Self {
-        FdWriter { fd, drop_when_full }
+        let mode = if drop_when_full {
+            WriteMode::DropWhenFull
+        } else {
+            WriteMode::Blocking
+        };
+        FdWriter { fd, mode }
+    }
+
+    /// A writer that never waits more than `stall` for the reader.
+    pub fn bounded(fd: OwnedFd, stall: Duration) -> Self {
+        FdWriter {
+            fd,
+            mode: WriteMode::Bounded {
+                stall,
+                stalled: false,
+            },
+        }
+    }
+
+    /// Waits until the descriptor takes output or `timeout` passes; true if it is writable.
+    fn wait_writable(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut pfd = libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            let ms = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX);
+            // SAFETY: `pfd` is one valid pollfd.
+            let ready = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if ready > 0 {
+                // POLLERR/POLLHUP: let write() report it.
+                return true;
+            }
+            if ready == 0 || left.is_zero() {
+                return false;
+            }
+            // EINTR: try again until the deadline.
+        }
     }
 }
 
 impl Write for FdWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        loop {
+        if let WriteMode::Bounded { stall, stalled } = self.mode {
+            let wait = if stalled { Duration::ZERO } else { stall };
+            let writable = self.wait_writable(wait);
+            self.mode = WriteMode::Bounded {
+                stall,
+                stalled: !writable,
+            };
+            if !writable {
+                return Ok(buf.len());
+            }
+        }
+        let drop_when_full = matches!(self.mode, WriteMode::DropWhenFull);
+        // A signal may interrupt the write; retry a bounded number of times, then drop.
+        for _ in 0..8 {
             // SAFETY: `buf` is valid for reads of `buf.len()` bytes.
             let n = unsafe { libc::write(self.fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
             if n >= 0 {
@@ -327,13 +479,14 @@ impl Write for FdWriter {
             match err.kind() {
                 io::ErrorKind::Interrupted => continue,
                 // A pty with no client reports EIO; the byte is lost, as on a real unplugged line.
-                io::ErrorKind::WouldBlock if self.drop_when_full => return Ok(buf.len()),
-                _ if self.drop_when_full && err.raw_os_error() == Some(libc::EIO) => {
+                io::ErrorKind::WouldBlock if drop_when_full => return Ok(buf.len()),
+                _ if drop_when_full && err.raw_os_error() == Some(libc::EIO) => {
                     return Ok(buf.len())
                 }
                 _ => return Err(err),
             }
         }
+        Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -440,7 +593,7 @@ mod tests {
 
     #[test]
     fn autopty_passes_bytes_unchanged_both_ways() {
-        let mut term = Terminal::open(&SerialBackend::Autopty, 1).unwrap();
+        let mut term = Terminal::open(&SerialBackend::Autopty(None), 1).unwrap();
         let path = term.pty_path.clone().unwrap();
         let client = open_path(&path, libc::O_RDWR | libc::O_NOCTTY).unwrap();
         let mut client_w = FdWriter::new(dup_fd(client.as_raw_fd()).unwrap(), false);
@@ -470,5 +623,56 @@ mod tests {
         let mut r = FdReader::new(master, true);
         r.stop_flag().store(true, Ordering::Relaxed);
         assert_eq!(r.read(&mut [0u8; 4]).unwrap(), 0);
+    }
+
+    /// A stdio console whose output pipe nobody reads must not block the writer (a vCPU
+    /// holding the UART lock) for ever: each write waits at most the stall time once, then
+    /// output is dropped until the pipe has room again.
+    #[test]
+    fn bounded_writer_drops_output_nobody_reads() {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe() returns.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: fresh descriptors owned by nobody else.
+        let (read_end, write_end) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut w = FdWriter::bounded(write_end, Duration::from_millis(50));
+            // Far more than a pipe holds (64 KiB on Linux), a byte at a time as the UART does.
+            for _ in 0..256 * 1024 {
+                w.write_all(b"x").unwrap();
+            }
+            let _ = done.send(());
+        });
+        finished
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the console writer blocked on a full pipe");
+        // And output flows again once someone reads.
+        let mut buf = vec![0u8; 1 << 20];
+        // SAFETY: `buf` is valid for writes of its length.
+        let n = unsafe { libc::read(read_end.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        assert!(n > 0);
+    }
+
+    #[test]
+    fn autopty_link_points_at_the_pty_and_is_removed() {
+        let dir = std::env::temp_dir().join(format!("xhyve-link-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let link = dir.join("tty");
+        std::fs::write(&link, b"stale").unwrap();
+        let term = Terminal::open(&SerialBackend::Autopty(Some(link.clone())), 1).unwrap();
+        let target = std::fs::read_link(&link).unwrap();
+        assert_eq!(Some(target), term.pty_path.clone());
+        remove_links();
+        assert!(link.symlink_metadata().is_err(), "link removed");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn null_has_no_input_and_takes_output() {
+        let mut term = Terminal::open(&SerialBackend::Null, 1).unwrap();
+        assert!(term.input.is_none());
+        term.output.write_all(b"dropped").unwrap();
     }
 }

@@ -119,6 +119,28 @@ pub const DEFAULT_HIDDEN: &[&str] = &[
     "pdcm",
 ];
 
+/// KVM's paravirtual feature leaf (KVM_CPUID_FEATURES, after the "KVMKVMKVM" signature leaf).
+pub const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+
+/// KVM paravirtual features a guest must not be offered, in KVM_CPUID_FEATURES.EAX.
+///
+/// Every one of these has the guest make hypercalls (`vmcall`) or trust the hypervisor to
+/// flush its TLB for it: PV_UNHALT (KVM_HC_KICK_CPU), PV_SEND_IPI (KVM_HC_SEND_IPI),
+/// PV_SCHED_YIELD (KVM_HC_SCHED_YIELD), HC_MAP_GPA_RANGE (KVM_HC_MAP_GPA_RANGE), MMU_OP (the
+/// old KVM_HC_MMU_OP) and PV_TLB_FLUSH (a preempted vCPU's flush deferred to the hypervisor).
+/// On the build machines' paravirtual KVM a CPL0 `vmcall` never completes (the emulator loops
+/// on it), so a guest that uses them hangs. On ordinary hardware KVM they work and only save
+/// exits, so hiding them costs speed, never correctness; xhyve on Hypervisor.framework never
+/// offered a KVM leaf at all. Hence one policy for every host, rather than a probe that would
+/// have to run a guest `vmcall` and time it out at every start.
+/// The MSR-based features (kvmclock, steal time, PV EOI, async PF) stay: no hypercall.
+pub const KVM_PV_HIDDEN: u32 = 1 << 2 // MMU_OP
+    | 1 << 7 // PV_UNHALT
+    | 1 << 9 // PV_TLB_FLUSH
+    | 1 << 11 // PV_SEND_IPI
+    | 1 << 13 // PV_SCHED_YIELD
+    | 1 << 16; // HC_MAP_GPA_RANGE
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CpuidError {
     #[error("unknown CPU feature \"{0}\"")]
@@ -205,6 +227,7 @@ impl CpuidPolicy {
                     // x2APIC ID of this processor.
                     e.edx = u32::from(apic_id);
                 }
+                KVM_CPUID_FEATURES => e.eax &= !KVM_PV_HIDDEN,
                 _ => {}
             }
         }
@@ -246,6 +269,23 @@ mod tests {
         let l7 = out.iter().find(|e| e.function == 7).unwrap();
         assert_eq!(l7.ebx & (1 << 5), 0, "avx2");
         assert_ne!(l7.ebx & 1, 0, "fsgsbase stays");
+    }
+
+    #[test]
+    fn kvm_paravirtual_features_that_make_hypercalls_are_hidden() {
+        let supported = [CpuidEntry {
+            function: KVM_CPUID_FEATURES,
+            eax: u32::MAX,
+            ..Default::default()
+        }];
+        let eax = CpuidPolicy::new(1, false).apply(&supported, 0)[0].eax;
+        for bit in [2, 7, 9, 11, 13, 16] {
+            assert_eq!(eax & (1 << bit), 0, "KVM PV feature bit {bit} offered");
+        }
+        // kvmclock (0, 3), NOP_IO_DELAY (1), steal time (5), PV EOI (6), the stable bit (24).
+        for bit in [0, 1, 3, 5, 6, 24] {
+            assert_ne!(eax & (1 << bit), 0, "KVM PV feature bit {bit} hidden");
+        }
     }
 
     #[test]

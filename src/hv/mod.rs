@@ -15,6 +15,8 @@ pub mod kvm;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
+use crate::arch::x86_64::emulate::complete::{CompleteError, Kind};
+use crate::arch::x86_64::emulate::GuestRam;
 use regs::{SpecialRegisters, StandardRegisters};
 
 #[derive(Debug, thiserror::Error)]
@@ -174,7 +176,8 @@ pub enum VmExit<'a> {
     /// A kick (signal) interrupted the vCPU.
     Interrupted,
     IrqWindowOpen,
-    /// The hypervisor could not run or emulate guest code.
+    /// The hypervisor could not run or emulate guest code ([`INTERNAL_ERROR_EMULATION`]: an
+    /// instruction it cannot emulate, which [`Vcpu::complete_instruction`] may finish).
     InternalError {
         suberror: u32,
     },
@@ -187,6 +190,9 @@ pub enum VmExit<'a> {
         reason: u32,
     },
 }
+
+/// KVM_INTERNAL_ERROR_EMULATION: the suberror of an instruction the hypervisor cannot emulate.
+pub const INTERNAL_ERROR_EMULATION: u32 = 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SystemEvent {
@@ -248,6 +254,22 @@ pub trait Vcpu: Send {
     fn request_interrupt_window(&mut self, on: bool);
     /// Whether the guest had interrupts enabled (RFLAGS.IF) at the last exit.
     fn interrupts_enabled(&mut self) -> bool;
+
+    /// How many instructions the hypervisor has emulated for this vCPU (KVM's
+    /// `insn_emulation` statistic), where it says.
+    fn emulated_instructions(&self) -> Option<u64> {
+        None
+    }
+
+    /// Completes, with the VMM's own emulator, the instruction at RIP that the hypervisor
+    /// failed to emulate (KVM's emulation-failure exit); the vCPU then runs on. `ram` is the
+    /// guest's RAM. On `Err` the vCPU is unchanged.
+    fn complete_instruction(&mut self, ram: &dyn GuestRam) -> Result<Kind, CompleteError> {
+        let _ = ram;
+        Err(CompleteError::State(
+            "this back end does not complete instructions",
+        ))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

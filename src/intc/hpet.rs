@@ -110,6 +110,9 @@ pub struct Hpet {
     timers: [Timer; HPET_TIMERS],
 }
 
+/// [`crate::intc::MIN_PERIODIC_NS`] in counter ticks.
+const MIN_PERIODIC_TICKS: u64 = (crate::intc::MIN_PERIODIC_NS * HPET_HZ).div_ceil(1_000_000_000);
+
 fn ns_to_ticks(ns: u64) -> u64 {
     (u128::from(ns) * u128::from(HPET_HZ) / NS_PER_SEC) as u64
 }
@@ -192,7 +195,9 @@ impl Hpet {
             let periodic = timer.config & TN_PERIODIC != 0;
             let period = timer.period & timer.width_mask();
             timer.fire_at = if periodic && period != 0 {
-                let periods = (elapsed - fire_at) / period + 1;
+                // Never sooner than the minimum period (see MIN_PERIODIC_NS).
+                let min = crate::intc::periods_at_least(period, MIN_PERIODIC_TICKS);
+                let periods = ((elapsed - fire_at) / period + 1).max(min);
                 let step = periods.wrapping_mul(period);
                 timer.comparator = timer.comparator.wrapping_add(step) & timer.width_mask();
                 fire_at.checked_add(step)
@@ -534,24 +539,45 @@ mod tests {
         write64(&mut hpet, REG_CONFIG, CONFIG_ENABLE);
         route_to_20(&mut hpet, 0, TN_INT_ENABLE | TN_PERIODIC | TN_VAL_SET);
         let now = read64(&mut hpet, REG_MAIN_COUNTER);
-        write64(&mut hpet, timer_reg(0, TIMER_COMPARATOR), now + 500);
+        write64(&mut hpet, timer_reg(0, TIMER_COMPARATOR), now + 5000);
         assert_eq!(
             read64(&mut hpet, timer_reg(0, TIMER_CONFIG)) & TN_VAL_SET,
             0,
             "VAL_SET clears itself"
         );
-        write64(&mut hpet, timer_reg(0, TIMER_COMPARATOR), 1000);
-        assert_eq!(read64(&mut hpet, timer_reg(0, TIMER_COMPARATOR)), 500);
-        clock.set(START_NS + ticks_to_ns(500));
+        write64(&mut hpet, timer_reg(0, TIMER_COMPARATOR), 10000);
+        assert_eq!(read64(&mut hpet, timer_reg(0, TIMER_COMPARATOR)), 5000);
+        clock.set(START_NS + ticks_to_ns(5000));
         hpet.tick(clock.now_ns());
         assert_eq!(pins.take(), vec![(20, true), (20, false)]);
-        assert_eq!(read64(&mut hpet, timer_reg(0, TIMER_COMPARATOR)), 1500);
-        assert_eq!(hpet.next_deadline_ns(), Some(START_NS + ticks_to_ns(1500)));
+        assert_eq!(read64(&mut hpet, timer_reg(0, TIMER_COMPARATOR)), 15000);
+        assert_eq!(hpet.next_deadline_ns(), Some(START_NS + ticks_to_ns(15000)));
         // Three periods late: one interrupt, and the comparator moves past the counter.
-        clock.set(START_NS + ticks_to_ns(4600));
+        clock.set(START_NS + ticks_to_ns(46000));
         hpet.tick(clock.now_ns());
         assert_eq!(pins.take().len(), 2);
-        assert_eq!(read64(&mut hpet, timer_reg(0, TIMER_COMPARATOR)), 5500);
+        assert_eq!(read64(&mut hpet, timer_reg(0, TIMER_COMPARATOR)), 55000);
+    }
+
+    /// A 1-tick (60 ns) period would wake the timer thread without end: periodic timers
+    /// fire at most every MIN_PERIODIC_NS.
+    #[test]
+    fn a_periodic_timer_has_a_minimum_period() {
+        let (clock, _pins, mut hpet) = hpet();
+        write64(&mut hpet, REG_CONFIG, CONFIG_ENABLE);
+        route_to_20(&mut hpet, 0, TN_INT_ENABLE | TN_PERIODIC | TN_VAL_SET);
+        let now = read64(&mut hpet, REG_MAIN_COUNTER);
+        write64(&mut hpet, timer_reg(0, TIMER_COMPARATOR), now + 1);
+        write64(&mut hpet, timer_reg(0, TIMER_COMPARATOR), 1);
+        let first = hpet.next_deadline_ns().unwrap();
+        clock.set(first);
+        hpet.tick(first);
+        let next = hpet.next_deadline_ns().unwrap();
+        assert!(
+            next - first >= crate::intc::MIN_PERIODIC_NS,
+            "next tick after {} ns",
+            next - first
+        );
     }
 
     #[test]

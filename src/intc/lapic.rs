@@ -516,7 +516,10 @@ impl Lapic {
         match self.timer_mode() {
             TimerMode::Periodic => {
                 let late = now_ns - timer.deadline_ns;
-                let periods = late / timer.duration_ns + 1;
+                // Never sooner than the minimum period (see MIN_PERIODIC_NS).
+                let periods = (late / timer.duration_ns.max(1) + 1).max(
+                    crate::intc::periods_at_least(timer.duration_ns, crate::intc::MIN_PERIODIC_NS),
+                );
                 let deadline_ns = timer
                     .deadline_ns
                     .saturating_add(periods.saturating_mul(timer.duration_ns));
@@ -1228,6 +1231,24 @@ mod tests {
         assert!(l.tick(5_500_000));
         assert_eq!(l.next_deadline_ns(), Some(6_000_000));
         assert_eq!(read(&l, REG_IRR + 0x70), 1 << 14);
+    }
+
+    /// A guest cannot make the timer thread spin: a periodic count of one bus clock (10 ns)
+    /// fires at most every MIN_PERIODIC_NS.
+    #[test]
+    fn periodic_timer_has_a_minimum_period() {
+        let mut l = enabled(0);
+        write(&mut l, REG_TIMER_DIVIDE, 0xB); // divide by 1
+        write(&mut l, REG_LVT_TIMER, (1 << LVT_TIMER_MODE_SHIFT) | 0xEE);
+        write(&mut l, REG_TIMER_INITIAL, 1);
+        let first = l.next_deadline_ns().unwrap();
+        assert!(l.tick(first));
+        let next = l.next_deadline_ns().unwrap();
+        assert!(
+            next - first >= crate::intc::MIN_PERIODIC_NS,
+            "next tick after {} ns",
+            next - first
+        );
     }
 
     #[test]

@@ -373,7 +373,16 @@ impl Pit {
             return None;
         }
         let start = channel.run_start_ns?;
-        let at = channel.edge_at(channel.edges_reported + 1)?;
+        // Periodic modes: never sooner than the minimum period (see MIN_PERIODIC_NS); the
+        // edges in between are counted and coalesce into this one.
+        let step = if channel.periodic() {
+            // Rounded up, so the gap is never below the minimum.
+            let min_ticks = ns_to_ticks(crate::intc::MIN_PERIODIC_NS) + 1;
+            crate::intc::periods_at_least(channel.reload, min_ticks)
+        } else {
+            1
+        };
+        let at = channel.edge_at(channel.edges_reported + step)?;
         let remaining = at.saturating_sub(channel.ticks_before_run);
         Some(start.saturating_add(ticks_to_ns(remaining)))
     }
@@ -555,6 +564,26 @@ mod tests {
         clock.set(START_NS + ticks_to_ns(5 * 11932) + 10);
         assert_eq!(pit.tick(clock.now_ns()), 4);
         assert_eq!(pit.tick(clock.now_ns()), 0);
+    }
+
+    /// A reload of 2 (1.7 us) would wake the timer thread without end: the IRQ 0 edges of a
+    /// periodic mode are delivered at most every MIN_PERIODIC_NS (the counter stays exact).
+    #[test]
+    fn periodic_modes_have_a_minimum_interrupt_period() {
+        for mode in [2, 3] {
+            let (clock, mut pit) = pit();
+            program(&mut pit, 0, mode, 2);
+            let first = pit.next_deadline_ns().unwrap();
+            clock.set(first);
+            // The edges since the load, counted and delivered as one.
+            assert!(pit.tick(clock.now_ns()) >= 1);
+            let next = pit.next_deadline_ns().unwrap();
+            assert!(
+                next - first >= crate::intc::MIN_PERIODIC_NS,
+                "mode {mode}: next tick after {} ns",
+                next - first
+            );
+        }
     }
 
     #[test]

@@ -8,6 +8,8 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::arch::x86_64::layout::ram_ranges;
 
+pub mod guest_ram;
+
 pub type GuestMemory = GuestMemoryMmap<()>;
 
 #[derive(Debug, thiserror::Error)]

@@ -246,6 +246,17 @@ impl Drop for IdleGuard<'_> {
     }
 }
 
+/// What signals and the control API do to a running machine (the machine handle pauses
+/// the vCPUs and the devices).
+pub trait Lifecycle: Send + Sync {
+    fn pause(&self);
+    fn resume(&self);
+    fn is_paused(&self) -> bool;
+    fn is_stopping(&self) -> bool;
+    /// Stops the machine now, for `reason`.
+    fn stop_now(&self, reason: StopReason);
+}
+
 impl PowerControl for Control {
     fn request(&self, event: PowerEvent) {
         self.stop(StopReason::Guest(event));

@@ -38,6 +38,12 @@ pub enum VmmError {
     Tables(#[from] crate::arch::x86_64::tables::TablesError),
     #[error(transparent)]
     Boot(#[from] crate::arch::x86_64::boot::BootError),
+    /// Guest RAM could not be reserved or handed to the hypervisor: name `-m`, the one knob
+    /// the user can turn, rather than only the hypervisor's ioctl.
+    #[error("-m {size}: cannot set up that much guest memory: {reason}")]
+    GuestMemory { size: String, reason: String },
+    #[error(transparent)]
+    Rest(#[from] super::rest::RestError),
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
 }
@@ -79,6 +85,24 @@ impl MachineHandle {
     }
 }
 
+impl super::control::Lifecycle for MachineHandle {
+    fn pause(&self) {
+        MachineHandle::pause(self)
+    }
+    fn resume(&self) {
+        MachineHandle::resume(self)
+    }
+    fn is_paused(&self) -> bool {
+        MachineHandle::is_paused(self)
+    }
+    fn is_stopping(&self) -> bool {
+        self.control.is_stopping()
+    }
+    fn stop_now(&self, reason: StopReason) {
+        self.stop(reason)
+    }
+}
+
 /// Builds and runs the machine; returns the process exit code.
 pub fn run(config: &VmConfig) -> Result<i32, VmmError> {
     run_with(config, |_| {})
@@ -87,10 +111,16 @@ pub fn run(config: &VmConfig) -> Result<i32, VmmError> {
 /// As [`run`], calling `started` with the machine's handle once its vCPUs run (a control
 /// API keeps it to pause, resume and stop the machine).
 pub fn run_with(config: &VmConfig, started: impl FnOnce(MachineHandle)) -> Result<i32, VmmError> {
-    signals::block_termination_signals();
+    // First: a stop signal during a setup step that blocks must still end the process.
+    signals::start().map_err(VmmError::Thread)?;
     let hypervisor = hv::platform_hypervisor()?;
     let pins = check_pins(config)?;
-    let guest_memory = memory::create_guest_memory(config.memory_bytes)?;
+    let memory_error = |reason: String| VmmError::GuestMemory {
+        size: size_text(config.memory_bytes),
+        reason,
+    };
+    let guest_memory = memory::create_guest_memory(config.memory_bytes)
+        .map_err(|e| memory_error(e.to_string()))?;
     for region in guest_memory.iter() {
         host::prefer_huge_pages(region.as_ptr(), region.len() as usize);
         if !config.dump_guest_memory {
@@ -106,7 +136,7 @@ pub fn run_with(config: &VmConfig, started: impl FnOnce(MachineHandle)) -> Resul
         pause_exits: config.pause_exit,
     };
     let vm = hypervisor.create_vm(&options)?;
-    map_guest_memory(vm.as_ref(), &guest_memory)?;
+    map_guest_memory(vm.as_ref(), &guest_memory).map_err(|e| memory_error(e.to_string()))?;
 
     if let Some(path) = &config.pidfile {
         pidfile::create(path)?;
@@ -130,7 +160,7 @@ pub fn run_with(config: &VmConfig, started: impl FnOnce(MachineHandle)) -> Resul
         vcpus.push(vcpu);
     }
 
-    signals::spawn(control.clone(), devices.take_power_button()).map_err(VmmError::Thread)?;
+    let power_button = devices.take_power_button();
     let ctx = Arc::new(VcpuContext {
         io_bus: devices.io_bus().clone(),
         mmio_bus: devices.mmio_bus().clone(),
@@ -141,20 +171,35 @@ pub fn run_with(config: &VmConfig, started: impl FnOnce(MachineHandle)) -> Resul
         pins,
         user_irqchip: devices.user_irqchip().cloned(),
     });
-    let threads = start_vcpus(vcpus, &ctx)?;
     let devices = Arc::new(Mutex::new(devices));
-    started(MachineHandle {
+    let handle = MachineHandle {
         control: control.clone(),
         devices: devices.clone(),
         vcpus: config.vcpus,
-    });
+    };
+    // Before the vCPUs run: from here on signals and the API act on the machine.
+    signals::arm(Arc::new(handle.clone()), power_button.clone());
+    if let Some(endpoint) = &config.restful_uri {
+        let api = super::rest::Api {
+            machine: Arc::new(handle.clone()),
+            power_button,
+            inspect: super::rest::inspect(config),
+        };
+        super::rest::start(endpoint, api)?;
+    }
+    let threads = start_vcpus(vcpus, &ctx)?;
+    started(handle);
 
     loop {
         match woken.recv_timeout(HALT_POLL_INTERVAL) {
             Ok(()) | Err(RecvTimeoutError::Disconnected) => {}
             Err(RecvTimeoutError::Timeout) => {
                 // In user mode the vCPU threads see HLT themselves (UserIrqChip::halt).
-                if irqchip == IrqChipMode::Kernel && control.poll_all_halted(HALT_POLL_ANSWER) {
+                // A paused vCPU answers no poll.
+                if irqchip == IrqChipMode::Kernel
+                    && !control.pause_requested()
+                    && control.poll_all_halted(HALT_POLL_ANSWER)
+                {
                     control.stop(StopReason::Guest(crate::devices::power::PowerEvent::Halt));
                 }
             }
@@ -164,6 +209,10 @@ pub fn run_with(config: &VmConfig, started: impl FnOnce(MachineHandle)) -> Resul
         }
     }
     stop_vcpus(&control, threads);
+    log::debug!(
+        "instructions xhyve completed for the hypervisor: {}",
+        crate::arch::x86_64::emulate::complete::COMPLETIONS.summary()
+    );
     let reason = control
         .stop_reason()
         .unwrap_or(StopReason::Fatal("stopped for no recorded reason".into()));
@@ -174,7 +223,17 @@ pub fn run_with(config: &VmConfig, started: impl FnOnce(MachineHandle)) -> Resul
     drop(ctx);
     drop(devices);
     drop(vm);
-    Ok(reason.exit_code())
+    Ok(reason.exit_code(config.personality))
+}
+
+/// A byte count as `-m` would take it: the largest binary unit that divides it (`60T`, `512M`).
+fn size_text(bytes: u64) -> String {
+    for (shift, unit) in [(50, "P"), (40, "T"), (30, "G"), (20, "M"), (10, "K")] {
+        if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
 }
 
 /// Writes the firmware tables that describe the machine, then loads the guest.
@@ -282,4 +341,17 @@ fn check_pins(config: &VmConfig) -> Result<Vec<Option<u32>>, VmmError> {
         }
     }
     Ok(pins)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_as_m_takes_them() {
+        assert_eq!(size_text(60 << 40), "60T");
+        assert_eq!(size_text(1536 << 20), "1536M");
+        assert_eq!(size_text(1 << 30), "1G");
+        assert_eq!(size_text(4097), "4097");
+    }
 }

@@ -8,8 +8,8 @@ pub mod exit;
 mod host;
 pub mod interrupts;
 mod machine;
-
 pub mod pidfile;
+pub mod rest;
 pub mod signals;
 pub mod timers;
 pub mod user_irqchip;
@@ -21,6 +21,8 @@ pub use machine::{run, run_with, MachineHandle, VmmError};
 /// Called on every exit path, including fatal ones.
 pub fn cleanup() {
     crate::devices::terminal::restore_terminal();
+    crate::devices::terminal::remove_links();
+    rest::remove_socket();
     pidfile::remove();
 }
 

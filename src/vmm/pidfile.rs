@@ -30,11 +30,14 @@ pub fn create(path: &Path) -> Result<(), PidFileError> {
         .mode(0o644)
         .open(path)
         .map_err(err)?;
-    if let Err(e) = writeln!(file, "{}", std::process::id()) {
+    // The pid and nothing else, as xhyve and HyperKit write it: some readers (such as
+    // docker-machine-driver-xhyve's strconv.ParseInt) do not trim a newline.
+    if let Err(e) = write!(file, "{}", std::process::id()) {
         let _ = std::fs::remove_file(path);
         return Err(err(e));
     }
     *CURRENT.lock().unwrap_or_else(|p| p.into_inner()) = Some(path.to_path_buf());
+    super::signals::remove_at_crash(path);
     Ok(())
 }
 
@@ -57,7 +60,7 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         create(&path).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
-        assert_eq!(text.trim(), std::process::id().to_string());
+        assert_eq!(text, std::process::id().to_string(), "no newline, as xhyve");
         let again = create(&path).unwrap_err().to_string();
         assert!(
             again.contains("vm.pid") && again.contains("exists"),

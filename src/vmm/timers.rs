@@ -138,6 +138,10 @@ impl TimerService {
     /// Ticks every device that is due, then sleeps until the next deadline, a register
     /// write, or `idle` passes.
     fn run_once(&self, idle: Duration) {
+        // Note the wake generation before the scan: a write that lands during the scan (on a
+        // device already looked at) bumps it, and the wait below then returns at once instead
+        // of sleeping through the new deadline.
+        let seen = *lock(&self.wake.generation);
         let now = self.clock.now_ns();
         let mut next: Option<u64> = None;
         for device in &self.devices {
@@ -153,7 +157,6 @@ impl TimerService {
             Duration::from_nanos(d.saturating_sub(now)).min(idle)
         });
         let generation = lock(&self.wake.generation);
-        let seen = *generation;
         let _ = self
             .wake
             .changed
@@ -247,6 +250,71 @@ mod tests {
             start.elapsed() < Duration::from_secs(5),
             "woken by the waker"
         );
+    }
+
+    /// Arms another device's deadline from inside the scan, as a vCPU's register write can
+    /// land while the timer thread walks the devices.
+    struct WriterDuringScan {
+        other: Arc<Mutex<Alarm>>,
+        waker: TimerWaker,
+        done: bool,
+    }
+
+    impl Timed for WriterDuringScan {
+        fn next_deadline_ns(&self) -> Option<u64> {
+            None
+        }
+        fn tick(&mut self, _now_ns: u64) {}
+    }
+
+    impl WriterDuringScan {
+        fn write_once(&mut self) {
+            if !self.done {
+                self.done = true;
+                lock(&self.other).at = Some(0);
+                self.waker.wake();
+            }
+        }
+    }
+
+    /// A device whose deadline query performs that concurrent write.
+    struct ScanHook(Arc<Mutex<WriterDuringScan>>);
+
+    impl Timed for ScanHook {
+        fn next_deadline_ns(&self) -> Option<u64> {
+            lock(&self.0).write_once();
+            None
+        }
+        fn tick(&mut self, _now_ns: u64) {}
+    }
+
+    /// A deadline armed (and the thread woken) after its device was scanned but before the
+    /// thread sleeps must not be slept through: it used to wait for the idle timeout (1 s
+    /// in service), so HPET and RTC interrupts came up to a second late.
+    #[test]
+    fn a_write_during_the_scan_is_not_missed() {
+        let clock = Arc::new(ManualClock::new(1_000));
+        let mut service = TimerService::new(clock);
+        let alarm = Arc::new(Mutex::new(Alarm {
+            at: None,
+            fired: vec![],
+        }));
+        service.add_timed(alarm.clone());
+        let writer = Arc::new(Mutex::new(WriterDuringScan {
+            other: alarm.clone(),
+            waker: service.waker(),
+            done: false,
+        }));
+        service.add_timed(Arc::new(Mutex::new(ScanHook(writer))));
+        let start = std::time::Instant::now();
+        service.run_once(Duration::from_secs(3));
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "slept {:?} with a deadline already due",
+            start.elapsed()
+        );
+        service.run_once(Duration::ZERO);
+        assert_eq!(lock(&alarm).fired, vec![1_000]);
     }
 
     #[test]

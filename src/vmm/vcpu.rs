@@ -9,10 +9,12 @@ use super::control::Control;
 use super::diagnostics;
 use super::exit::StopReason;
 use super::user_irqchip::{EntryStep, UserIrqChip};
+use crate::arch::x86_64::emulate::complete::COMPLETIONS;
 use crate::devices::bus::Bus;
 use crate::devices::power::PowerEvent;
 use crate::hv::regs::{SegmentRegister, RFLAGS_IF};
-use crate::hv::{SystemEvent, Vcpu, VmExit};
+use crate::hv::{SystemEvent, Vcpu, VmExit, INTERNAL_ERROR_EMULATION};
+use crate::memory::guest_ram::RamView;
 use crate::memory::GuestMemory;
 
 /// What every vCPU thread shares.
@@ -86,6 +88,9 @@ pub fn run(mut vcpu: Box<dyn Vcpu>, ctx: Arc<VcpuContext>) {
             ctx.control.kick_all();
             break;
         }
+    }
+    if let Some(count) = vcpu.emulated_instructions() {
+        log::debug!("vCPU {id}: the hypervisor emulated {count} instructions");
     }
 }
 
@@ -238,6 +243,21 @@ fn run_once(vcpu: &mut dyn Vcpu, ctx: &VcpuContext) -> Result<(), StopReason> {
                     fatal(vcpu, ctx, &format!("unexpected system event {kind}"))
                 }
             });
+        }
+        Ok(VmExit::InternalError {
+            suberror: INTERNAL_ERROR_EMULATION,
+        }) => {
+            // The hypervisor could not emulate an instruction: complete it here and run on.
+            if let Err(e) = vcpu.complete_instruction(&RamView(&ctx.memory)) {
+                return Err(fatal(
+                    vcpu,
+                    ctx,
+                    &format!(
+                        "the hypervisor could not emulate the guest (KVM internal error, suberror {INTERNAL_ERROR_EMULATION}) and neither could xhyve: {e}\n  instructions xhyve completed so far: {}",
+                        COMPLETIONS.summary()
+                    ),
+                ));
+            }
         }
         Ok(VmExit::InternalError { suberror }) => {
             return Err(fatal(

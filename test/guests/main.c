@@ -100,6 +100,28 @@ static void test_powerbutton(const struct mb_info *mbi)
     poweroff();
 }
 
+/* Enables ACPI but not the power button event, so a pressed button is never seen; then waits
+ * for one byte of input, as wait-input. */
+static void test_acpi_wait(const struct mb_info *mbi)
+{
+    outb(SMI_CMD, ACPI_ENABLE);
+    if (!(inw(PM1A_CNT) & SCI_EN))
+        fail("acpi-wait: SCI_EN not set after ACPI enable");
+    test_wait_input(mbi);
+}
+
+/* Prints numbered lines for ever: a console whose reader stops reading fills up. */
+static void test_flood(const struct mb_info *mbi)
+{
+    (void)mbi;
+    println("ready");
+    for (u32 n = 0;; n++) {
+        puts("flood ");
+        print_hex(n, 8);
+        putc('\n');
+    }
+}
+
 /* Prints IA32_APIC_BASE: `-x` must have set the x2APIC enable bit (10). */
 static void test_apicbase(const struct mb_info *mbi)
 {
@@ -191,6 +213,8 @@ static const struct {
     { "highmem", test_highmem },
     { "smp", test_smp },
     { "powerbutton", test_powerbutton },
+    { "acpi-wait", test_acpi_wait },
+    { "flood", test_flood },
     { "apicbase", test_apicbase },
     { "hpet", test_hpet },
     { "unknown-msr", test_unknown_msr },
@@ -213,6 +237,7 @@ static const struct {
     { "lm-hpet", test_lm_hpet },
     { "lm-level", test_lm_level },
     { "lm-ipi", test_lm_ipi },
+    { "lm-complete", test_lm_complete },
     { "blkbench", test_blkbench },
     { "x2apic", test_x2apic },
 };

@@ -194,6 +194,7 @@ pub struct Vm {
     irqchip: IrqChip,
     stdin_piped: bool,
     timeout: Duration,
+    console: OsString,
 }
 
 impl Vm {
@@ -218,7 +219,15 @@ impl Vm {
             irqchip: IrqChip::default(),
             stdin_piped: false,
             timeout: GUEST_TIMEOUT,
+            console: "com1,stdio".into(),
         }
+    }
+
+    /// Replaces the default `-l com1,stdio` (the guest's output then no longer reaches
+    /// [`Running::wait_for_line`]).
+    pub fn console(mut self, spec: impl Into<OsString>) -> Vm {
+        self.console = spec.into();
+        self
     }
 
     pub fn memory(mut self, memory: &str) -> Vm {
@@ -281,7 +290,7 @@ impl Vm {
             args.push(slot.into());
         }
         args.push("-l".into());
-        args.push("com1,stdio".into());
+        args.push(self.console.clone());
         args.extend(self.extra_args.iter().cloned());
         if let Some(firmware) = &self.firmware {
             args.push("-f".into());
@@ -401,18 +410,27 @@ impl Running {
     /// Waits until stdout has a line equal to `line`; panics with all output if the process
     /// exits first or the time limit passes.
     pub fn wait_for_line(&mut self, line: &str) {
+        self.wait_for(line, |l| l == line)
+    }
+
+    /// Waits until stdout has a line starting with `prefix`.
+    pub fn wait_for_line_starting(&mut self, prefix: &str) {
+        self.wait_for(prefix, |l| l.starts_with(prefix))
+    }
+
+    fn wait_for(&mut self, line: &str, matches: impl Fn(&str) -> bool) {
         loop {
             let seen = self
                 .stdout_so_far()
                 .lines()
-                .any(|l| l.trim_end_matches('\r') == line);
+                .any(|l| matches(l.trim_end_matches('\r')));
             if seen {
                 return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 // Let the readers drain, then look once more before giving up.
                 let outcome = self.collect_outcome(status);
-                if outcome.lines().any(|l| l == line) {
+                if outcome.lines().any(&matches) {
                     return;
                 }
                 panic!("xhyve exited before printing {line:?}\n{outcome}");

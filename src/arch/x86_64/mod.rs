@@ -2,9 +2,10 @@
 //! ACPI/MP/SMBIOS tables ([`tables`]), the boot MSRs ([`msrs`]), and — re-exported, since
 //! the hypervisor back ends share them — the register file and the CPUID policy.
 //!
-//! `emulate/` is reserved for the shared x86 instruction emulator (branch emu).
+//! [`emulate`] is the one x86 instruction emulator both back ends share.
 
 pub mod boot;
+pub mod emulate;
 pub mod layout;
 pub mod msrs;
 pub mod tables;

@@ -11,11 +11,11 @@ use std::cell::RefCell;
 use iced_x86::Register;
 
 use super::controls::Controls;
-use super::emulate::{emulate, CpuMode, EmulateError, Emulated, EmulatorContext};
 use super::ffi::*;
-pub use super::paging::GuestRam;
-use super::paging::{fetch, Paging};
 use super::vmcs::Vmcs;
+pub use crate::arch::x86_64::emulate::GuestRam;
+use crate::arch::x86_64::emulate::{emulate, CpuMode, EmulateError, Emulated, EmulatorContext};
+use crate::arch::x86_64::emulate::{fetch, Paging};
 use crate::hv::cpuid::CpuidEntry;
 use crate::hv::regs::{
     DescriptorTable, SegmentRegister, SpecialRegisters, StandardRegisters, CR0_ET, CR0_PE, CR0_PG,

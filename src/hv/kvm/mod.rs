@@ -1,8 +1,10 @@
 //! The KVM back end (Linux): kvm-ioctls behind the `hv` traits.
 
+mod complete;
 mod kick;
 mod regs;
 mod routing;
+mod stats;
 
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex};
@@ -28,6 +30,8 @@ use super::{
     Doorbell, HvError, Hypervisor, IrqChipMode, IrqfdSource, RunState, SystemEvent, Vcpu,
     VcpuKicker, Vm, VmExit, VmOptions,
 };
+use crate::arch::x86_64::emulate::complete::{CompleteError, Cpu, Kind, COMPLETIONS};
+use crate::arch::x86_64::emulate::{self, GuestRam};
 use routing::GsiRoutes;
 
 /// KVM's TSS and identity-map pages for real-mode emulation on Intel: three pages just below
@@ -221,10 +225,14 @@ impl Vm for KvmVm {
         // What the guest may see of the LAPIC's MSR features: all of KVM's with its
         // irqchip, the VMM model's when they exit to it, none when they cannot.
         let hide_lapic_msr_features = self.irqchip == IrqChipMode::User && !self.lapic_msr_exits;
+        let completion = complete::CompletionBuffers::new().map_err(HvError::MissingCapability)?;
+        let emulated = stats::StatCounter::open(&fd, "insn_emulation");
         let vcpu = KvmVcpu {
             fd,
             id,
             hide_lapic_msr_features,
+            completion,
+            emulated,
         };
         vcpu.init_fpu()?;
         if self.irqchip == IrqChipMode::Kernel {
@@ -383,6 +391,10 @@ pub struct KvmVcpu {
     id: u8,
     /// CPUID must not show x2APIC or TSC-deadline: nobody would answer their MSRs.
     hide_lapic_msr_features: bool,
+    /// Buffers for completing what KVM cannot emulate, allocated up front.
+    completion: complete::CompletionBuffers,
+    /// KVM's count of instructions it emulated for this vCPU, where it keeps statistics.
+    emulated: Option<stats::StatCounter>,
 }
 
 /// CPUID.1:ECX bits of features served through LAPIC MSRs.
@@ -638,6 +650,31 @@ impl Vcpu for KvmVcpu {
 
     fn request_interrupt_window(&mut self, on: bool) {
         self.fd.get_kvm_run().request_interrupt_window = u8::from(on);
+    }
+
+    fn emulated_instructions(&self) -> Option<u64> {
+        self.emulated.as_ref().and_then(stats::StatCounter::read)
+    }
+
+    fn complete_instruction(&mut self, ram: &dyn GuestRam) -> Result<Kind, CompleteError> {
+        let regs = self
+            .regs()
+            .map_err(|_| CompleteError::State("KVM_GET_REGS failed"))?;
+        let sregs = self
+            .sregs()
+            .map_err(|_| CompleteError::State("KVM_GET_SREGS failed"))?;
+        let mut cpu = Cpu { regs, sregs };
+        let mut ext = complete::KvmExtendedState::new(&self.fd, &mut self.completion);
+        let kind = emulate::complete::complete(&mut cpu, ram, &mut ext)?;
+        ext.finish()?;
+        if cpu.sregs != sregs {
+            self.set_sregs(&cpu.sregs)
+                .map_err(|_| CompleteError::State("KVM_SET_SREGS failed"))?;
+        }
+        self.set_regs(&cpu.regs)
+            .map_err(|_| CompleteError::State("KVM_SET_REGS failed"))?;
+        COMPLETIONS.record(kind);
+        Ok(kind)
     }
 }
 
@@ -1055,6 +1092,44 @@ mod cpuid_tests {
                 assert_eq!(ecx & (1 << 26), 0, "xsave visible: ecx {ecx:#x}");
                 assert_eq!(ecx & (1 << 13), 0, "cx16 visible: ecx {ecx:#x}");
                 assert_ne!(ecx & (1 << 31), 0, "hypervisor bit missing: ecx {ecx:#x}");
+            }
+            other => panic!("unexpected exit {other:?}"),
+        }
+    }
+
+    #[test]
+    fn guest_sees_no_kvm_paravirtual_features_that_make_hypercalls() {
+        let Some((kvm, vm, mem)) = real_mode_vm() else {
+            return;
+        };
+        // mov eax,0x40000001; cpuid; out 0x80,eax (32-bit operands in 16-bit code)
+        let code = [
+            0x66, 0xb8, 0x01, 0x00, 0x00, 0x40, 0x0f, 0xa2, 0x66, 0xe7, 0x80,
+        ];
+        mem.write_slice(&code, GuestAddress(0x1000)).unwrap();
+        let mut vcpu = start_real_mode_vcpu(vm.as_ref(), 0x1000);
+        let supported = kvm.supported_cpuid().unwrap();
+        let offered = supported
+            .iter()
+            .find(|e| e.function == crate::hv::cpuid::KVM_CPUID_FEATURES)
+            .map_or(0, |e| e.eax);
+        vcpu.set_cpuid(&CpuidPolicy::new(1, false).apply(&supported, 0))
+            .unwrap();
+        match vcpu.run().unwrap() {
+            VmExit::IoOut {
+                port: 0x80,
+                size: 4,
+                data,
+            } => {
+                let eax = u32::from_le_bytes(data.try_into().unwrap());
+                eprintln!(
+                    "KVM_GET_SUPPORTED_CPUID 0x40000001.eax {offered:#x}; the guest sees {eax:#x}"
+                );
+                assert_eq!(
+                    eax & crate::hv::cpuid::KVM_PV_HIDDEN,
+                    0,
+                    "the guest sees hypercall features: {eax:#x}"
+                );
             }
             other => panic!("unexpected exit {other:?}"),
         }

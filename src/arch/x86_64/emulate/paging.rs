@@ -1,15 +1,38 @@
-//! Guest linear-address translation for the VMX layer: the guest's RAM as the back end maps
-//! it, and a walk of the guest's own page tables (32-bit, PAE and 4-level) for string I/O and
-//! the instruction fetch of MMIO emulation. Permission and accessed/dirty bits are not
+//! Guest linear-address translation for the emulators: the guest's RAM as the back end maps
+//! it, and a walk of the guest's own page tables (32-bit, PAE, 4- and 5-level) for string I/O,
+//! instruction fetches and the memory operands of emulated instructions. Permission and accessed/dirty bits are not
 //! modelled: the walk serves emulation, not protection.
 
-use super::emulate::CpuMode;
+use super::mmio::CpuMode;
 use crate::hv::regs::{CR0_PG, CR4_PAE, CR4_PSE, EFER_LMA};
+
+/// CR4.LA57: 5-level paging in long mode.
+const CR4_LA57: u64 = 1 << 12;
 
 /// Guest-physical memory as the back end sees it (bounds-checked; false = not RAM).
 pub trait GuestRam {
     fn read(&self, gpa: u64, buf: &mut [u8]) -> bool;
     fn write(&self, gpa: u64, buf: &[u8]) -> bool;
+
+    /// Stores `new` at `gpa` if `expected` is there, else copies what is there to `actual`;
+    /// `Some(swapped)`, or `None` when the range is not RAM. All three slices have one length
+    /// (8 or 16). This default is not atomic against other vCPUs; a back end whose vCPUs run
+    /// while the VMM emulates overrides it with a locked compare-exchange.
+    fn compare_exchange(
+        &self,
+        gpa: u64,
+        expected: &[u8],
+        new: &[u8],
+        actual: &mut [u8],
+    ) -> Option<bool> {
+        if !self.read(gpa, actual) {
+            return None;
+        }
+        if actual != expected {
+            return Some(false);
+        }
+        self.write(gpa, new).then_some(true)
+    }
 }
 
 /// Paging state for guest linear-address translation.
@@ -56,7 +79,10 @@ impl Paging {
             return (pte & PRESENT != 0).then_some((pte & 0xffff_f000) | (linear & 0xfff));
         }
         let (mut table, levels) = if self.efer & EFER_LMA != 0 {
-            (self.cr3 & ADDR, 4)
+            (
+                self.cr3 & ADDR,
+                if self.cr4 & CR4_LA57 != 0 { 5 } else { 4 },
+            )
         } else {
             // PAE: the 32-byte-aligned PDPT holds four entries indexed by bits 31:30.
             let linear32 = linear & 0xffff_ffff;

@@ -1,4 +1,4 @@
-//! The MMIO instruction emulator of the Hypervisor.framework back end.
+//! The MMIO instruction emulator (used by the Hypervisor.framework back end).
 //!
 //! On an EPT violation for an MMIO page the hardware tells us only the guest-physical address;
 //! the back end fetches the faulting instruction and hands its bytes to [`emulate`], which
