@@ -10,9 +10,11 @@ pub use crate::arch::x86_64::boot::{Firmware, MultibootModule};
 pub use crate::block::BlockOptions;
 pub use crate::devices::pci::PciAddress;
 pub use crate::devices::serial::{SerialBackend, SerialConfig};
+pub use crate::fs::options::{FsOptions, P9Options};
 use crate::hv::IrqChipMode;
 use crate::net::{derive_mac, MacAddr};
-pub use crate::net::{TapOptions, VmnetOptions};
+pub use crate::net::{NetOptions, TapOptions};
+pub use crate::vsock::VsockConfig;
 
 /// Everything needed to build and run one virtual machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,7 +120,13 @@ pub enum DeviceKind {
     /// `virtio-tap,tapN[,mac=...]`: virtio-net over a Linux tap interface.
     VirtioTap(TapOptions),
     /// `virtio-net[,mac=...]`: virtio-net over macOS vmnet (shared mode); macOS only.
-    VirtioNet(VmnetOptions),
+    VirtioNet(NetOptions),
+    /// `virtio-9p,DIR,tag=TAG[,ro][,uid=N,gid=N]` or HyperKit's `virtio-9p,path=SOCKET,tag=TAG`.
+    Virtio9p(P9Options),
+    /// `virtio-fs,DIR,tag=TAG[,ro][,uid=N,gid=N]`: virtio-fs served in process.
+    VirtioFs(FsOptions),
+    /// `virtio-sock,guest_cid=C,path=DIR[,guest_forwards=P1;P2]`: vsock over Unix sockets in DIR.
+    VirtioSock(VsockConfig),
 }
 
 impl DeviceKind {
@@ -134,6 +142,9 @@ impl DeviceKind {
             DeviceKind::AhciCd(_) => "ahci-cd",
             DeviceKind::VirtioTap(_) => "virtio-tap",
             DeviceKind::VirtioNet(_) => "virtio-net",
+            DeviceKind::Virtio9p(_) => "virtio-9p",
+            DeviceKind::VirtioFs(_) => "virtio-fs",
+            DeviceKind::VirtioSock(_) => "virtio-sock",
         }
     }
 
@@ -300,15 +311,25 @@ impl VmConfig {
     }
 
     /// The MAC of the first network device where the command line alone decides it: a tap's,
-    /// or a vmnet device's `mac=`. `None` for vmnet without `mac=`: vmnet assigns that one.
+    /// a vmnet device's `mac=`, or the derived one of every other `virtio-net` back end.
+    /// `None` for vmnet without `mac=`: vmnet assigns that one.
     pub fn first_nic_mac(&self) -> Option<MacAddr> {
         let device = self.first_nic()?;
         match &device.kind {
             DeviceKind::VirtioTap(options) => Some(tap_mac(self.uuid, device.address, options)),
-            DeviceKind::VirtioNet(options) => options.mac,
+            DeviceKind::VirtioNet(options) if options.uses_vmnet() => options.mac,
+            DeviceKind::VirtioNet(options) => Some(net_mac(self.uuid, device.address, options)),
             _ => None,
         }
     }
+}
+
+/// The MAC of a `virtio-net` device that vmnet does not assign (the built-in network, a
+/// daemon's socket): its `mac=`, else derived from `-U` and its slot, as a tap's.
+pub fn net_mac(uuid: Option<[u8; 16]>, address: PciAddress, options: &NetOptions) -> MacAddr {
+    options
+        .mac
+        .unwrap_or_else(|| derive_mac(uuid, address.bus, address.slot, address.function))
 }
 
 /// The MAC of a tap device: its `mac=`, else the one derived from `-U` and its slot.
@@ -405,15 +426,26 @@ mod tests {
         config.devices.remove(0);
         assert_eq!(config.first_nic_mac(), Some(MacAddr([2, 0, 0, 0, 0, 9])));
 
-        // A vmnet device first: its mac=, or nothing the command line can tell.
-        let vmnet = |mac| DeviceConfig {
+        // A virtio-net device first: its mac=; without one, vmnet's (nothing the command
+        // line can tell), or derived like a tap's for every other back end.
+        let net = |options: &str| DeviceConfig {
             address: at(2),
-            kind: DeviceKind::VirtioNet(VmnetOptions { mac }),
+            kind: DeviceKind::VirtioNet(NetOptions::parse(Some(options)).unwrap()),
         };
-        config.devices.insert(0, vmnet(None));
+        config.devices.insert(0, net("mac=02:00:00:00:00:0a"));
         assert_eq!(config.first_nic().map(|d| d.address.slot), Some(2));
-        assert_eq!(config.first_nic_mac(), None);
-        config.devices[0] = vmnet(Some(MacAddr([2, 0, 0, 0, 0, 10])));
         assert_eq!(config.first_nic_mac(), Some(MacAddr([2, 0, 0, 0, 0, 10])));
+        config.devices[0] = DeviceConfig {
+            address: at(2),
+            kind: DeviceKind::VirtioNet(NetOptions::parse(None).unwrap()),
+        };
+        let derived = Some(derive_mac(config.uuid, 0, 2, 0));
+        if cfg!(target_os = "macos") {
+            assert_eq!(config.first_nic_mac(), None);
+        } else {
+            assert_eq!(config.first_nic_mac(), derived);
+        }
+        config.devices[0] = net("socket=/tmp/x.sock");
+        assert_eq!(config.first_nic_mac(), derived);
     }
 }

@@ -325,17 +325,6 @@ fn print_mac_shows_the_derived_mac_and_exits_0() {
 }
 
 #[test]
-fn virtio_net_on_linux_says_to_use_virtio_tap() {
-    let out = run_xhyve(["-s", "2,virtio-net", "-f", "kexec,/nonexistent"]);
-    out.assert_exit(1);
-    assert!(
-        out.stderr
-            .contains("virtio-net needs vmnet (macOS); use virtio-tap,tapN on Linux"),
-        "{out}"
-    );
-}
-
-#[test]
 fn a_tap_that_cannot_be_opened_is_a_clear_setup_error() {
     if !common::kvm_usable() {
         return;

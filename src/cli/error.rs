@@ -65,8 +65,11 @@ pub enum CliError {
         spec: String,
         source: crate::net::NetOptionsError,
     },
-    #[error("-s {0}: virtio-net needs vmnet (macOS); use virtio-tap,tapN on Linux")]
-    NetNeedsVmnet(String),
+    #[error("invalid -s \"{spec}\": {source}")]
+    InvalidShareOptions {
+        spec: String,
+        source: crate::fs::options::OptionsError,
+    },
     #[error("invalid --restful-uri \"{value}\": {reason}")]
     InvalidRestfulUri { value: String, reason: String },
     /// A feature of xhyve/HyperKit that this port will implement later.

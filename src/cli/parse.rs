@@ -709,8 +709,8 @@ mod tests {
             "pci slot 0:3:0 already occupied"
         );
         assert_eq!(
-            error(&["-s", "2,virtio-9p,share", "-f", KEXEC]).to_string(),
-            "not supported yet: -s 2,virtio-9p,share (PCI device \"virtio-9p\")"
+            error(&["-s", "2,virtio-vpnkit,share", "-f", KEXEC]).to_string(),
+            "not supported yet: -s 2,virtio-vpnkit,share (PCI device \"virtio-vpnkit\")"
         );
     }
 

@@ -1,20 +1,12 @@
 //! `-s [bus:]slot[:func],emulation[,config]`: one PCI device per argument.
 
-use super::{
-    BlockOptions, CliError, DeviceConfig, DeviceKind, PciAddress, TapOptions, VmnetOptions,
-};
+use super::{BlockOptions, CliError, DeviceConfig, DeviceKind, NetOptions, PciAddress, TapOptions};
+use crate::config::{FsOptions, P9Options};
+use crate::fs::options::parse_vsock;
 
 /// Emulations of xhyve/HyperKit that this port will add later; named so users get
 /// "not supported yet" rather than "unknown device".
-const LATER_EMULATIONS: &[&str] = &[
-    "virtio-9p",
-    "virtio-sock",
-    "virtio-vpnkit",
-    "uart",
-    "e1000",
-    "fbuf",
-    "dummy",
-];
+const LATER_EMULATIONS: &[&str] = &["virtio-vpnkit", "uart", "e1000", "fbuf", "dummy"];
 
 const BLOCK_USAGE: &str = "PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]][,flush=full|fsync]";
 
@@ -49,6 +41,10 @@ pub fn parse_pci_device(spec: &str) -> Result<DeviceConfig, CliError> {
             source,
         })
     };
+    let share_error = |source| CliError::InvalidShareOptions {
+        spec: spec.to_string(),
+        source,
+    };
     let net_error = |source| CliError::InvalidNetOptions {
         spec: spec.to_string(),
         source,
@@ -62,10 +58,10 @@ pub fn parse_pci_device(spec: &str) -> Result<DeviceConfig, CliError> {
         "ahci-hd" => DeviceKind::AhciHd(block("ahci-hd")?),
         "ahci-cd" => DeviceKind::AhciCd(block("ahci-cd")?),
         "virtio-tap" => DeviceKind::VirtioTap(TapOptions::parse(options).map_err(net_error)?),
-        "virtio-net" if cfg!(target_os = "macos") => {
-            DeviceKind::VirtioNet(VmnetOptions::parse(options).map_err(net_error)?)
-        }
-        "virtio-net" => return Err(CliError::NetNeedsVmnet(spec.to_string())),
+        "virtio-net" => DeviceKind::VirtioNet(NetOptions::parse(options).map_err(net_error)?),
+        "virtio-9p" => DeviceKind::Virtio9p(P9Options::parse(options).map_err(share_error)?),
+        "virtio-fs" => DeviceKind::VirtioFs(FsOptions::parse(options).map_err(share_error)?),
+        "virtio-sock" => DeviceKind::VirtioSock(parse_vsock(options).map_err(share_error)?),
         later if LATER_EMULATIONS.contains(&later) => {
             return Err(CliError::NotSupportedYet(format!(
                 "-s {spec} (PCI device \"{later}\")"
@@ -279,11 +275,34 @@ mod tests {
     }
 
     #[test]
+    fn shared_folder_devices() {
+        let d = parse_pci_device("5,virtio-9p,/srv,tag=srv,ro").unwrap();
+        assert_eq!(d.kind.name(), "virtio-9p");
+        let d = parse_pci_device("6,virtio-9p,path=/tmp/9p.sock,tag=port").unwrap();
+        assert!(matches!(d.kind, DeviceKind::Virtio9p(_)));
+        let d =
+            parse_pci_device("8,virtio-sock,guest_cid=3,path=/tmp/vs,guest_forwards=22").unwrap();
+        assert_eq!(d.kind.name(), "virtio-sock");
+        let d = parse_pci_device("7,virtio-fs,/home,tag=home").unwrap();
+        assert!(matches!(d.kind, DeviceKind::VirtioFs(_)));
+        assert_eq!(
+            parse_pci_device("5,virtio-9p,/srv")
+                .unwrap_err()
+                .to_string(),
+            "invalid -s \"5,virtio-9p,/srv\": virtio-9p needs tag=TAG"
+        );
+        assert_eq!(
+            parse_pci_device("7,virtio-fs,/h,tag=h,socket=/s").unwrap_err().to_string(),
+            "invalid -s \"7,virtio-fs,/h,tag=h,socket=/s\": virtio-fs socket=PATH (an external vhost-user-fs daemon) is not supported yet"
+        );
+    }
+
+    #[test]
     fn later_emulations_are_not_supported_yet() {
-        let err = parse_pci_device("2,virtio-9p").unwrap_err();
+        let err = parse_pci_device("2,virtio-vpnkit").unwrap_err();
         assert_eq!(
             err.to_string(),
-            "not supported yet: -s 2,virtio-9p (PCI device \"virtio-9p\")"
+            "not supported yet: -s 2,virtio-vpnkit (PCI device \"virtio-vpnkit\")"
         );
         assert_eq!(err.exit_code(), 1);
         for name in LATER_EMULATIONS {
@@ -392,28 +411,22 @@ mod tests {
             "invalid -s \"2,virtio-tap,tap0,mac=nope\": invalid MAC address \"nope\": expected xx:xx:xx:xx:xx:xx"
         );
         assert!(error("2,virtio-tap").contains("tap name \"\""));
-        #[cfg(target_os = "linux")]
-        assert_eq!(
-            error("2,virtio-net"),
-            "-s 2,virtio-net: virtio-net needs vmnet (macOS); use virtio-tap,tapN on Linux"
-        );
-        #[cfg(target_os = "linux")]
-        assert_eq!(parse_pci_device("2,virtio-net").unwrap_err().exit_code(), 1);
-        #[cfg(target_os = "macos")]
-        {
-            assert_eq!(
-                parse_pci_device("2,virtio-net,mac=02:00:00:00:00:03").unwrap(),
-                device(
-                    0,
-                    2,
-                    0,
-                    DeviceKind::VirtioNet(VmnetOptions {
-                        mac: Some(crate::net::MacAddr([2, 0, 0, 0, 0, 3]))
-                    })
-                )
-            );
-            assert!(error("2,virtio-net,tap0").contains("unknown option \"tap0\""));
-        }
+        // Everywhere: vmnet (macOS's default) or the built-in network, or a daemon's socket.
+        let DeviceKind::VirtioNet(plain) = parse_pci_device("2,virtio-net").unwrap().kind else {
+            panic!("virtio-net is a VirtioNet");
+        };
+        assert_eq!(plain.uses_vmnet(), cfg!(target_os = "macos"));
+        let DeviceKind::VirtioNet(with_mac) =
+            parse_pci_device("2,virtio-net,mac=02:00:00:00:00:03")
+                .unwrap()
+                .kind
+        else {
+            panic!("virtio-net is a VirtioNet");
+        };
+        assert_eq!(with_mac.mac, Some(crate::net::MacAddr([2, 0, 0, 0, 0, 3])));
+        assert!(error("2,virtio-net,tap0").contains("unknown option \"tap0\""));
+        assert!(error("2,virtio-net,socket=/x,user").contains("conflicts"));
+        assert!(parse_pci_device("2,virtio-net,user,hostfwd=tcp::2222-:22,restrict").is_ok());
     }
 
     #[test]

@@ -9,9 +9,11 @@ use crate::devices::doorbell::Doorbells;
 use crate::devices::irq::{InterruptLine, MsiSender};
 use crate::devices::pci::{hostbridge::HostBridge, intx_gsi, lpc::LpcBridge, PciAddress};
 use crate::devices::virtio::blk::{VirtioBlk, VirtioBlkError};
+use crate::devices::virtio::fs_devices::{ShareDevice, ShareDeviceError};
 use crate::devices::virtio::net::NetDeviceError;
 use crate::devices::virtio::pci::{VirtioPciError, VirtioPciResources};
 use crate::devices::virtio::rnd::VirtioRnd;
+use crate::devices::virtio::vsock::{VirtioVsock, VsockDeviceError};
 use crate::devices::BuiltDevice;
 use crate::memory::GuestMemory;
 
@@ -67,6 +69,10 @@ pub enum DeviceError {
     Net(#[from] NetDeviceError),
     #[error(transparent)]
     Ahci(#[from] AhciError),
+    #[error(transparent)]
+    Share(#[from] ShareDeviceError),
+    #[error(transparent)]
+    Vsock(#[from] VsockDeviceError),
 }
 
 /// Builds the function `kind` names at `address`. One line per device kind.
@@ -87,10 +93,13 @@ pub fn build(
             net::build_virtio_tap(address, options, ctx.uuid, ctx.virtio(address))?
         }
         DeviceKind::VirtioNet(options) => {
-            net::build_virtio_net(options, ctx.uuid, ctx.virtio(address))?
+            net::build_virtio_net(address, options, ctx.uuid, ctx.virtio(address))?
         }
         DeviceKind::AhciHd(options) => AhciHba::build(Disk, options, ctx.ahci(address))?,
         DeviceKind::AhciCd(options) => AhciHba::build(Cdrom, options, ctx.ahci(address))?,
+        DeviceKind::Virtio9p(options) => ShareDevice::build_9p(options, ctx.virtio(address))?,
+        DeviceKind::VirtioFs(options) => ShareDevice::build_fs(options, ctx.virtio(address))?,
+        DeviceKind::VirtioSock(config) => VirtioVsock::build(config, ctx.virtio(address))?,
     })
 }
 
@@ -196,6 +205,23 @@ mod tests {
             err.starts_with("PCI device 0:6:0: cannot open disk image"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn builds_shared_folder_functions() {
+        let tmp = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/xhyve-pci-fs-").unwrap();
+        let dir = tmp.as_path().display().to_string();
+        let p9 = crate::config::P9Options::parse(Some(&format!("{dir},tag=t9"))).unwrap();
+        let fs = crate::config::FsOptions::parse(Some(&format!("{dir},tag=tfs,ro"))).unwrap();
+        let bus = pci_bus(&[(4, DeviceKind::Virtio9p(p9)), (5, DeviceKind::VirtioFs(fs))]).unwrap();
+        assert_eq!(read32(&bus, at(0, 4, 0), 0), 0x1009_1AF4);
+        assert_eq!(read32(&bus, at(0, 5, 0), 0), 0x105A_1AF4);
+        let vs = crate::fs::options::parse_vsock(Some(&format!("guest_cid=3,path={dir}"))).unwrap();
+        let bus = pci_bus(&[(6, DeviceKind::VirtioSock(vs))]).unwrap();
+        assert_eq!(read32(&bus, at(0, 6, 0), 0), 0x1053_1AF4);
+        assert!(tmp.as_path().join("connect").exists());
+        let missing = crate::config::P9Options::parse(Some("/nonexistent/xhyve,tag=t")).unwrap();
+        assert!(pci_bus(&[(4, DeviceKind::Virtio9p(missing))]).is_err());
     }
 
     #[test]

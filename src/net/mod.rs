@@ -1,8 +1,13 @@
-//! Network back ends for the virtio-net device: tap interfaces on Linux, vmnet on macOS, and
-//! the MAC address rule.
+//! Network back ends for the virtio-net device: tap interfaces on Linux, vmnet on macOS, the
+//! built-in user-mode network (libslirp), network daemons over Unix sockets, and the MAC
+//! address rule.
 
+pub mod dhcp;
 pub mod mac;
 pub mod options;
+pub mod packet;
+pub mod slirp;
+pub mod socket;
 #[cfg(target_os = "linux")]
 pub mod tap;
 /// Compiled everywhere: its portable helpers are tested on Linux; the framework calls are
@@ -10,7 +15,7 @@ pub mod tap;
 pub mod vmnet;
 
 pub use mac::{derive_mac, MacAddr, MacError};
-pub use options::{NetOptionsError, TapOptions, VmnetOptions};
+pub use options::{NetOptions, NetOptionsError, TapOptions};
 
 /// Whether `name` can name a host network interface: the kernel's 15-byte limit, and only
 /// characters that need no quoting in scripts.

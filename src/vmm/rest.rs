@@ -302,6 +302,36 @@ fn pci_device(config: &VmConfig, d: &DeviceConfig) -> Value {
             json!({ "kind": "hostbridge", "pciSlot": slot })
         }
         DeviceKind::Lpc => json!({ "kind": "lpc", "pciSlot": slot }),
+        // vfkit's shape for shares ("virtiofs": sharedDir, mountTag); 9P says where it goes.
+        DeviceKind::VirtioFs(o) => json!({
+            "kind": "virtiofs",
+            "pciSlot": slot,
+            "sharedDir": o.dir,
+            "mountTag": o.tag,
+            "readOnly": o.read_only,
+        }),
+        DeviceKind::Virtio9p(o) => match &o.backend {
+            crate::fs::options::P9Backend::Dir { dir, read_only, .. } => json!({
+                "kind": "virtio9p",
+                "pciSlot": slot,
+                "sharedDir": dir,
+                "mountTag": o.tag,
+                "readOnly": read_only,
+            }),
+            crate::fs::options::P9Backend::Forward(target) => json!({
+                "kind": "virtio9p",
+                "pciSlot": slot,
+                "mountTag": o.tag,
+                "server": format!("{target:?}"),
+            }),
+        },
+        DeviceKind::VirtioSock(v) => json!({
+            "kind": "virtiosock",
+            "pciSlot": slot,
+            "guestCid": v.guest_cid,
+            "socketDir": v.dir,
+            "guestForwards": v.guest_forwards,
+        }),
     }
 }
 

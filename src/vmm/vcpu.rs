@@ -33,6 +33,9 @@ pub struct VcpuContext {
     pub user_irqchip: Option<Arc<UserIrqChip>>,
 }
 
+/// How often `XHYVE_LOG=xhyve::stats=trace` samples the hypervisor's emulation counter.
+const STATS_SAMPLE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A port access nobody claims.
 #[derive(Debug, Clone, Copy)]
 enum Unhandled {
@@ -68,11 +71,22 @@ pub fn run(mut vcpu: Box<dyn Vcpu>, ctx: Arc<VcpuContext>) {
             return;
         }
     }
+    let started = std::time::Instant::now();
+    let mut next_sample = STATS_SAMPLE_INTERVAL;
+    let sampling = log::log_enabled!(target: "xhyve::stats", log::Level::Trace);
     while !ctx.control.is_stopping() {
         // A machine pause: one atomic load per pass when none is asked for.
         if ctx.control.pause_requested() {
             ctx.control.park();
             continue;
+        }
+        if sampling && started.elapsed() >= next_sample {
+            // How much guest code the hypervisor emulated so far, to time boot phases
+            // (XHYVE_LOG=xhyve::stats=trace); trace only, as the exit path requires.
+            next_sample += STATS_SAMPLE_INTERVAL;
+            if let Some(count) = vcpu.emulated_instructions() {
+                log::trace!(target: "xhyve::stats", "vCPU {id} at {:.1} s: {count} instructions emulated", started.elapsed().as_secs_f64());
+            }
         }
         let mut step = Ok(());
         if let Some(chip) = &ctx.user_irqchip {

@@ -240,6 +240,7 @@ static const struct {
     { "lm-complete", test_lm_complete },
     { "blkbench", test_blkbench },
     { "x2apic", test_x2apic },
+    { "usernet", test_usernet },
 };
 
 void main(u32 magic, const struct mb_info *mbi)

@@ -35,5 +35,6 @@ void lm_ap_start(u32 vector, u32 runs, u32 actions);
 u32 lm_ap_wait_count(u32 vector, u32 n);
 void test_blkbench(const struct mb_info *mbi);
 void test_x2apic(const struct mb_info *mbi);
+void test_usernet(const struct mb_info *mbi);
 
 #endif

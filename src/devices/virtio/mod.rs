@@ -9,11 +9,15 @@
 //! and the interrupt state, so a device never sees PCI.
 
 pub mod blk;
+pub mod fs_devices;
+pub mod fs_queue;
 pub mod fuzz;
 pub mod net;
 pub mod pci;
 pub mod queue_worker;
 pub mod rnd;
+pub mod vsock;
+pub mod vsock_queue;
 
 use std::sync::{Arc, Mutex};
 

@@ -1,5 +1,6 @@
-//! virtio-net (`-s N,virtio-tap,tapN[,mac=...]` on Linux, `-s N,virtio-net[,mac=...]` over
-//! vmnet on macOS): an Ethernet card over a [`NetBackend`].
+//! virtio-net (`-s N,virtio-tap,tapN[,mac=...]` on Linux, `-s N,virtio-net[,...]` over vmnet
+//! on macOS, the built-in user network (libslirp) or a daemon's socket): an Ethernet card
+//! over a [`NetBackend`].
 //!
 //! Queue 0 receives (host to guest), queue 1 transmits. The device offers its MAC and link
 //! status in configuration space and no offloads, so every frame is a plain Ethernet frame
@@ -20,7 +21,7 @@ use crate::config::VmConfig;
 use crate::devices::pci::PciAddress;
 use crate::devices::{BuiltDevice, DeviceHandle};
 use crate::memory::GuestMemory;
-use crate::net::{MacAddr, NetBackend, TapOptions, VmnetOptions};
+use crate::net::{MacAddr, NetBackend, NetOptions, TapOptions};
 
 const DEVICE_TYPE_NET: u16 = 1;
 pub const RX_QUEUE: usize = 0;
@@ -348,8 +349,12 @@ pub enum NetDeviceError {
     PacketTooLarge(usize),
     #[error("virtio-tap needs Linux tap devices; on macOS use virtio-net (vmnet)")]
     NoTap,
-    #[error("virtio-net needs vmnet (macOS); use virtio-tap,tapN on Linux")]
+    #[error("virtio-net: vmnet needs macOS")]
     NoVmnet,
+    #[error(transparent)]
+    User(#[from] crate::net::slirp::SlirpError),
+    #[error("virtio-net: {0}")]
+    Socket(#[from] crate::net::socket::SocketError),
 }
 
 /// Builds `-s ...,virtio-tap,tapN[,mac=...]`: opens the tap and starts the network thread,
@@ -394,11 +399,80 @@ pub fn build_virtio_tap(
     Err(NetDeviceError::NoTap)
 }
 
-/// Builds `-s ...,virtio-net[,mac=...]`: starts a shared-mode vmnet interface whose id is
-/// the `-U` UUID, and the network thread, which the returned handle owns.
-#[cfg(target_os = "macos")]
+/// Builds `-s ...,virtio-net[,...]`: the back end its options name (vmnet, the built-in
+/// network, or a daemon's socket) and the network thread, which the returned handle owns.
+/// The built-in network's stack thread runs for the life of the process.
 pub fn build_virtio_net(
-    options: &VmnetOptions,
+    address: PciAddress,
+    options: &NetOptions,
+    uuid: Option<[u8; 16]>,
+    transport: VirtioPciResources,
+) -> Result<BuiltDevice, NetDeviceError> {
+    use crate::net::dhcp::LeaseSnoop;
+    use crate::net::options::NetBackendKind;
+    use crate::net::slirp::UserNet;
+    use crate::net::socket::{DgramSocket, StreamSocket};
+
+    if options.uses_vmnet() {
+        return build_vmnet(options, uuid, transport);
+    }
+    let mac = crate::config::net_mac(uuid, address, options);
+    match &options.backend {
+        NetBackendKind::Default | NetBackendKind::User(_) => {
+            let user = match &options.backend {
+                NetBackendKind::User(user) => user.clone(),
+                _ => Default::default(),
+            };
+            let (stack, link) = UserNet::start(&user, mac)?;
+            stack.detach();
+            fd_device(link, mac, transport, "virtio-net user")
+        }
+        NetBackendKind::Stream(path) => {
+            let socket = StreamSocket::connect(path)?;
+            log::info!("virtio-net: frames over {} (stream)", path.display());
+            let backend = LeaseSnoop::new(socket, mac, "virtio-net socket");
+            fd_device(backend, mac, transport, "virtio-net socket")
+        }
+        NetBackendKind::Dgram { path, local } => {
+            let socket = DgramSocket::connect(path, local.as_deref())?;
+            log::info!("virtio-net: frames over {} (datagrams)", path.display());
+            let backend = LeaseSnoop::new(socket, mac, "virtio-net dgram");
+            fd_device(backend, mac, transport, "virtio-net dgram")
+        }
+    }
+}
+
+/// A device over a back end whose descriptor polls readable when frames wait.
+fn fd_device<B: NetBackend + std::os::fd::AsRawFd + 'static>(
+    backend: B,
+    mac: MacAddr,
+    transport: VirtioPciResources,
+    what: &str,
+) -> Result<BuiltDevice, NetDeviceError> {
+    use std::sync::{Arc, Mutex};
+
+    use super::pci::VirtioPci;
+
+    let fd = backend.as_raw_fd();
+    let net = VirtioNet::new(backend, mac, Some(Backend::Fd(fd))).map_err(|source| {
+        NetDeviceError::Thread {
+            device: what.into(),
+            source,
+        }
+    })?;
+    let handle = net.worker.handle();
+    let device = Arc::new(Mutex::new(VirtioPci::new(net, transport)?));
+    Ok(BuiltDevice {
+        function: device,
+        handle: Some(handle),
+    })
+}
+
+/// vmnet in shared (NAT) mode, as xhyve: a vmnet interface whose id is the `-U` UUID, and
+/// the network thread, which the returned handle owns.
+#[cfg(target_os = "macos")]
+fn build_vmnet(
+    options: &NetOptions,
     uuid: Option<[u8; 16]>,
     transport: VirtioPciResources,
 ) -> Result<BuiltDevice, NetDeviceError> {
@@ -432,10 +506,10 @@ pub fn build_virtio_net(
     })
 }
 
-/// vmnet exists only on macOS (the command line refuses `virtio-net` elsewhere).
+/// vmnet exists only on macOS (where `uses_vmnet` can be true).
 #[cfg(not(target_os = "macos"))]
-pub fn build_virtio_net(
-    _options: &VmnetOptions,
+fn build_vmnet(
+    _options: &NetOptions,
     _uuid: Option<[u8; 16]>,
     _transport: VirtioPciResources,
 ) -> Result<BuiltDevice, NetDeviceError> {
