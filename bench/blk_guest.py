@@ -9,6 +9,11 @@ FADT. Workloads: sequential read and write (64 KiB requests), random read and wr
     cargo build --release
     python3 bench/blk_guest.py                      # about 5 minutes with the defaults
     python3 bench/blk_guest.py --ring0 --runs 3     # the loop at CPL 0 (emulated here)
+    python3 bench/blk_guest.py --format qcow2       # qcow2: xhyve vs QEMU, and vs xhyve raw
+
+With --format qcow2 the filled image is converted to qcow2 (64 KiB clusters, so every
+cluster is allocated and no request allocates) and both VMMs open it as qcow2; xhyve also
+runs on the raw image, for the qcow2/raw ratio.
 
 Both disks go through the host page cache with write-back semantics (xhyve's default; QEMU
 cache=writeback), so this measures the VMMs' request paths, not the host's disk. The image
@@ -53,6 +58,8 @@ def parse_args():
     p.add_argument("--qemu", default="qemu-system-x86_64")
     p.add_argument("--timeout", type=float, default=120, help="seconds per VM run")
     p.add_argument("--workloads", default=",".join(WORKLOADS))
+    p.add_argument("--format", choices=["raw", "qcow2"], default="raw",
+                   help="image format both VMMs open (qcow2: also xhyve on raw)")
     return p.parse_args()
 
 
@@ -74,8 +81,19 @@ def make_image(path, size_mib):
         os.fsync(f.fileno())
 
 
-def xhyve_cmd(args, guest, command):
-    disk = args.image + (",sync" if args.cache == "writethrough" else "")
+def qcow2_path(args):
+    return os.path.splitext(args.image)[0] + ".qcow2"
+
+
+def make_qcow2(args):
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-o",
+                    "cluster_size=65536", args.image, qcow2_path(args)], check=True)
+
+
+def xhyve_cmd(args, guest, command, fmt=None):
+    fmt = fmt or args.format
+    image = qcow2_path(args) + ",format=qcow2" if fmt == "qcow2" else args.image
+    disk = image + (",sync" if args.cache == "writethrough" else "")
     return [args.xhyve, "-A", "-m", "256M", "-s", "0:0,hostbridge", "-s", f"4,virtio-blk,{disk}",
             "-s", "31,lpc", "-l", "com1,stdio", "-f", f"multiboot,{guest},,{command}"]
 
@@ -83,7 +101,8 @@ def xhyve_cmd(args, guest, command):
 def qemu_cmd(args, guest, command):
     return [args.qemu, "-accel", "kvm,kernel-irqchip=on", "-M", "pc", "-m", "256M",
             "-kernel", guest, "-append", f"{command} qemu",
-            "-drive", f"file={args.image},format=raw,if=none,id=blk0,cache={args.cache},aio=threads",
+            "-drive", f"file={qcow2_path(args) if args.format == 'qcow2' else args.image},"
+            f"format={args.format},if=none,id=blk0,cache={args.cache},aio=threads",
             "-device", "virtio-blk-pci,drive=blk0",
             "-serial", "stdio", "-display", "none", "-monitor", "none", "-no-reboot"]
 
@@ -123,7 +142,9 @@ def main():
         guest = build_guest(tmp)
         t = time.time()
         make_image(args.image, args.size_mib)
-        print(f"image {args.image}: {args.size_mib} MiB written in {time.time() - t:.1f} s; "
+        if args.format == "qcow2":
+            make_qcow2(args)
+        print(f"image {args.image} ({args.format}): {args.size_mib} MiB written in {time.time() - t:.1f} s; "
               f"cache={args.cache}, qd {args.qd}, {args.runs} runs each, guest loop in ring "
               f"{0 if args.ring0 else 3}; load average {os.getloadavg()[0]:.2f}", flush=True)
         results = {}
@@ -134,6 +155,8 @@ def main():
                 command += " noflush"
             vmms = [("xhyve", xhyve_cmd(args, guest, command)),
                     ("qemu", qemu_cmd(args, guest, command))]
+            if args.format == "qcow2":
+                vmms.append(("xraw", xhyve_cmd(args, guest, command, "raw")))
             for run in range(args.runs):
                 for name, cmd in vmms if run % 2 == 0 else vmms[::-1]:
                     try:
@@ -157,6 +180,13 @@ def main():
         size = "64k" if w.startswith("seq") else "4k"
         print(f"{w:10} {size:>4} {xm:11.1f} {xi:11.0f} {qm:10.1f} {qi:10.0f} {xm / qm:11.2f} "
               f"{best:10.2f}")
+    if args.format == "qcow2":
+        print(f"\nxhyve qcow2 against xhyve raw (median MB/s)")
+        print(f"{'workload':10} {'qcow2':>9} {'raw':>9} {'qcow2/raw':>10}")
+        for w in workloads:
+            xm = statistics.median(r[0] for r in results[(w, "xhyve")])
+            rm = statistics.median(r[0] for r in results[(w, "xraw")])
+            print(f"{w:10} {xm:9.1f} {rm:9.1f} {xm / rm:10.2f}")
 
 if __name__ == "__main__":
     main()

@@ -4,6 +4,12 @@
 //!
 //!     cargo bench --bench block [-- --dir DIR --size-mib N --seconds S]
 //!
+//! Then, when `qemu-img` is installed: the same workloads on a qcow2 image (64 KiB clusters,
+//! every cluster allocated) through `Qcow2Image` against `RawImage`, and first-write
+//! allocation (one 4 KiB write to each new cluster of a fresh image) through `Qcow2Image`
+//! against `qemu-img bench` (QEMU's qcow2 driver, depth 1, writeback cache) on the same
+//! pattern.
+//!
 //! Each of the 4 workloads runs `ROUNDS` times per side, alternating which side goes first,
 //! so load from other work on the host falls on both; the best round of each side counts.
 //! Total time is about 4 x 2 x ROUNDS x S seconds (default about 50 s).
@@ -14,7 +20,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use vm_memory::VolatileSlice;
-use xhyve::block::{BlockBackend, BlockOptions, RawImage};
+use xhyve::block::{BlockBackend, BlockOptions, Qcow2Image, RawImage};
 
 const BLOCK: usize = 4096;
 const ROUNDS: usize = 3;
@@ -136,6 +142,17 @@ impl Target for RawImage {
     }
 }
 
+impl Target for Qcow2Image {
+    fn read(&self, offset: u64, buf: &mut [u8]) {
+        self.read_to(offset, &VolatileSlice::from(buf))
+            .expect("Qcow2Image read");
+    }
+    fn write(&self, offset: u64, buf: &mut [u8]) {
+        self.write_from(offset, &VolatileSlice::from(buf))
+            .expect("Qcow2Image write");
+    }
+}
+
 /// Runs one workload for `per_run`; returns operations per second.
 fn run(target: &dyn Target, pattern: Pattern, direction: Direction, settings: &Settings) -> f64 {
     let mut buf = vec![0x5Au8; BLOCK];
@@ -190,9 +207,31 @@ fn main() {
         settings.dir.display(),
         settings.per_run.as_secs_f64()
     );
+    compare(("RawImage", &image), ("host", &host), &settings);
+    if std::process::Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        println!("qcow2: qemu-img not installed (qemu-utils), skipped");
+    } else {
+        qcow2_against_raw(&image, &settings);
+        first_write_allocation(&settings);
+    }
+    drop(image);
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Best of `ROUNDS` per workload for two targets, alternating which goes first.
+fn compare(a: (&str, &dyn Target), b: (&str, &dyn Target), settings: &Settings) {
     println!(
         "{:<12} {:>14} {:>14} {:>12} {:>12} {:>7}",
-        "workload", "RawImage IOPS", "host IOPS", "RawImage MB/s", "host MB/s", "ratio"
+        "workload",
+        format!("{} IOPS", a.0),
+        format!("{} IOPS", b.0),
+        format!("{} MB/s", a.0),
+        format!("{} MB/s", b.0),
+        "ratio"
     );
     let workloads = [
         ("seq read", Pattern::Sequential, Direction::Read),
@@ -201,24 +240,136 @@ fn main() {
         ("rand write", Pattern::Random, Direction::Write),
     ];
     for (name, pattern, direction) in workloads {
-        let (mut best_image, mut best_host) = (0f64, 0f64);
+        let (mut best_a, mut best_b) = (0f64, 0f64);
         for round in 0..ROUNDS {
             if round % 2 == 0 {
-                best_image = best_image.max(run(&image, pattern, direction, &settings));
-                best_host = best_host.max(run(&host, pattern, direction, &settings));
+                best_a = best_a.max(run(a.1, pattern, direction, settings));
+                best_b = best_b.max(run(b.1, pattern, direction, settings));
             } else {
-                best_host = best_host.max(run(&host, pattern, direction, &settings));
-                best_image = best_image.max(run(&image, pattern, direction, &settings));
+                best_b = best_b.max(run(b.1, pattern, direction, settings));
+                best_a = best_a.max(run(a.1, pattern, direction, settings));
             }
         }
         let mb = |iops: f64| iops * BLOCK as f64 / 1e6;
         println!(
-            "{name:<12} {best_image:>14.0} {best_host:>14.0} {:>12.1} {:>12.1} {:>7.3}",
-            mb(best_image),
-            mb(best_host),
-            best_image / best_host
+            "{name:<12} {best_a:>14.0} {best_b:>14.0} {:>12.1} {:>12.1} {:>7.3}",
+            mb(best_a),
+            mb(best_b),
+            best_a / best_b
         );
     }
-    drop(image);
+}
+
+const QCOW2_CLUSTER: u64 = 64 << 10;
+
+fn qemu_img(args: &[&str]) -> String {
+    let out = std::process::Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("run qemu-img");
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn new_qcow2(settings: &Settings, name: &str) -> PathBuf {
+    let path = settings.dir.join(name);
     let _ = std::fs::remove_file(&path);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=1.1,cluster_size=65536",
+        path.to_str().unwrap(),
+        &settings.size.to_string(),
+    ]);
+    path
+}
+
+fn open_qcow2(path: &std::path::Path) -> Qcow2Image {
+    let spec = format!("{},format=qcow2", path.display());
+    Qcow2Image::open(&BlockOptions::parse(&spec).unwrap()).expect("open Qcow2Image")
+}
+
+/// Allocated clusters: the qcow2 image fully written first, so no request allocates.
+fn qcow2_against_raw(raw: &RawImage, settings: &Settings) {
+    let path = new_qcow2(settings, "block-bench.qcow2");
+    let qcow2 = open_qcow2(&path);
+    let chunk = vec![0xC3u8; 1 << 20];
+    for i in 0..settings.size >> 20 {
+        Target::write(&qcow2, i << 20, &mut chunk.clone());
+    }
+    qcow2.flush().expect("flush");
+    println!();
+    println!("qcow2 (64 KiB clusters, all allocated) vs raw, through BlockBackend:");
+    compare(("qcow2", &qcow2), ("raw", raw), settings);
+    drop(qcow2);
+    let _ = std::fs::remove_file(&path);
+}
+
+/// One 4 KiB write to each cluster of a fresh image: every write allocates a cluster.
+fn first_write_allocation(settings: &Settings) {
+    let count = settings.size / QCOW2_CLUSTER;
+    let mut ours = 0f64;
+    let mut theirs = 0f64;
+    for _ in 0..ROUNDS {
+        let path = new_qcow2(settings, "block-bench-alloc.qcow2");
+        let qcow2 = open_qcow2(&path);
+        let mut buf = vec![0x5Au8; BLOCK];
+        let start = Instant::now();
+        for i in 0..count {
+            Target::write(&qcow2, i * QCOW2_CLUSTER, &mut buf);
+        }
+        ours = ours.max(count as f64 / start.elapsed().as_secs_f64());
+        drop(qcow2);
+
+        let path = new_qcow2(settings, "block-bench-alloc.qcow2");
+        let report = qemu_img(&[
+            "bench",
+            "-w",
+            "-f",
+            "qcow2",
+            "-t",
+            "writeback",
+            "-d",
+            "1",
+            "-c",
+            &count.to_string(),
+            "-s",
+            &BLOCK.to_string(),
+            "-S",
+            &QCOW2_CLUSTER.to_string(),
+            path.to_str().unwrap(),
+        ]);
+        // Its own timing ("Run completed in 0.075 seconds."), without its start-up.
+        let seconds: f64 = report
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("Run completed in ")?
+                    .strip_suffix(" seconds.")?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no timing in qemu-img bench output: {report}"));
+        theirs = theirs.max(count as f64 / seconds.max(1e-6));
+        let _ = std::fs::remove_file(&path);
+    }
+    println!();
+    println!(
+        "qcow2 first-write allocation ({count} x 4 KiB, one per 64 KiB cluster), best of {ROUNDS}:"
+    );
+    println!(
+        "{:<12} {:>14} {:>14} {:>7}",
+        "workload", "Qcow2Image/s", "qemu-img/s", "ratio"
+    );
+    println!(
+        "{:<12} {ours:>14.0} {theirs:>14.0} {:>7.3}",
+        "alloc write",
+        ours / theirs
+    );
 }

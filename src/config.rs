@@ -103,7 +103,7 @@ pub struct DeviceConfig {
 
 /// The PCI emulations this build implements, each with its parsed options. Adding a device
 /// means adding its variant here, its name in `cli::pci`, and its line in
-/// `device_manager::build_device`.
+/// `device_manager::pci_devices::build`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceKind {
     Hostbridge,

@@ -1,10 +1,11 @@
 //! Slow tier: a real Debian kernel booted through `-f kexec`, as bzImage and as ELF vmlinux.
 //!
-//! On the build machines KVM emulates ring-0 guest code, so Linux gets only as far as its
-//! first interrupt (DESIGN.md). These tests assert the kernel's own log up to there: the
-//! version banner, the e820 map `-m` produced, the command line, the ACPI tables, the IOAPIC,
-//! the CPU count and the serial console. One of them runs to the end and checks that `xhyve`
-//! then stops with a clear diagnostic instead of hanging.
+//! On the build machines KVM emulates ring-0 guest code (about 1.4 million instructions a
+//! second), so a whole boot takes far too long for a test; these tests assert the kernel's own
+//! log through its early boot: the version banner, the e820 map `-m` produced, the command
+//! line, the ACPI tables, the IOAPIC, the CPU count and the serial console. One of them goes on
+//! past the instructions this host's KVM cannot emulate (the kernel's `xrstor`, `int3`,
+//! `popcnt`, ...), which xhyve completes itself, until the second CPU is up.
 //!
 //! The kernel and initrd come from `test/build-linux-guest.sh` (`./test/run` runs it). Without
 //! them the tests skip, unless `XHYVE_REQUIRE_KVM=1`, which makes them fail.
@@ -73,7 +74,7 @@ fn wait_for_all(vm: &mut Running, needles: &[&str]) -> String {
 }
 
 #[test]
-fn vmlinux_boots_to_its_first_interrupt_with_acpi_and_two_cpus() {
+fn vmlinux_boots_past_the_hosts_emulator_gaps_with_acpi_and_two_cpus() {
     let Some((kernel, initrd)) = linux("vmlinux", "initrd.gz") else {
         return;
     };
@@ -107,21 +108,26 @@ fn vmlinux_boots_to_its_first_interrupt_with_acpi_and_two_cpus() {
             "smpboot: Allowing 2 CPUs, 0 hotplug CPUs",
             &format!("Kernel command line: {CMDLINE}"),
             "printk: console [ttyS0] enabled",
+            // Past here the kernel restores extended state (xrstor) and brings up the second
+            // CPU: before xhyve completed what this host's KVM cannot emulate, it stopped
+            // with exit 4 on the first xrstor.
+            "Freeing SMP alternatives memory",
+            "smp: Brought up 1 node, 2 CPUs",
         ],
     );
     assert!(
         !console.contains("BIOS-e820: [mem 0x0000000100000000"),
         "no RAM above 4 GiB with -m 1G:\n{console}"
     );
-    // Then the kernel reaches ring-0 code this host cannot run: xhyve must say so and stop.
+    // The kernel is still running: SIGINT stops xhyve at once with exit 1 (an instruction
+    // xhyve could not complete would have ended it with exit 4 and a diagnostic).
+    vm.signal(libc::SIGINT);
     let outcome = vm.finish();
-    outcome.assert_exit(4);
-    for needle in ["RIP 0x", "instruction bytes at RIP", "last serial output"] {
-        assert!(
-            outcome.stderr.contains(needle),
-            "diagnostic lacks {needle:?}:\n{outcome}"
-        );
-    }
+    outcome.assert_exit(1);
+    assert!(
+        !outcome.stderr.contains("instruction bytes at RIP"),
+        "{outcome}"
+    );
 }
 
 #[test]

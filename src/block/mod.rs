@@ -1,11 +1,14 @@
 //! Disk image back ends for virtio-blk, ahci-hd and ahci-cd.
 //!
 //! `options` parses xhyve's block option string, `raw` is the raw (sparse) image file,
+//! `qcow2` the qcow2 format (through imago), `open` picks one by `format=` (never by probing),
 //! `worker` runs requests on an I/O thread so a vCPU never waits for the disk. Device models
 //! see a disk only through [`BlockBackend`], so they can be tested and fuzzed on memory.
 
 pub mod memdisk;
+pub mod open;
 pub mod options;
+pub mod qcow2;
 pub mod raw;
 pub mod serial;
 #[cfg(test)]
@@ -13,7 +16,9 @@ pub mod test_util;
 pub mod worker;
 
 pub use memdisk::MemDisk;
-pub use options::{BlockOptions, FlushMode, OptionsError};
+pub use open::open_image;
+pub use options::{BlockOptions, FlushMode, ImageFormat, OptionsError};
+pub use qcow2::{Qcow2Error, Qcow2Image};
 pub use raw::RawImage;
 pub use worker::{IoWorker, SubmitError};
 
@@ -49,6 +54,8 @@ pub enum BlockError {
     ReadOnly,
     #[error("operation not supported by this disk image")]
     Unsupported,
+    #[error(transparent)]
+    Qcow2(#[from] Qcow2Error),
     #[error("disk I/O error: {0}")]
     Io(#[from] io::Error),
 }

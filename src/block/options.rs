@@ -1,5 +1,5 @@
 //! xhyve's block device options:
-//! `PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]][,flush=full|fsync]`.
+//! `PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]][,flush=full|fsync][,format=raw|qcow2]`.
 //!
 //! The same string configures virtio-blk, ahci-hd and ahci-cd. The whole string (not just
 //! the path) seeds the device serial, as xhyve does, so it is kept verbatim.
@@ -8,6 +8,11 @@
 //! disk. `full` (the default on macOS) is `fcntl(F_FULLFSYNC)`, which also empties the
 //! drive's write cache; `fsync` is the cheaper `fsync(2)`, which on macOS stops at that
 //! cache. On Linux both are `fsync(2)`, which already flushes the drive cache there.
+//!
+//! `format=` (ours) names the image format. Without it an image is raw: the format is never
+//! guessed from the contents, because a guest can write a qcow2 header into a raw disk and
+//! would then, on the next start, be reading host files through a backing-file name of its
+//! choosing. `format=qcow` is accepted as an alias of `qcow2` for HyperKit's spelling.
 
 use std::path::PathBuf;
 
@@ -31,6 +36,26 @@ pub enum OptionsError {
     FlushMode(String),
     #[error("invalid disk URL \"{url}\": {reason}")]
     FileUrl { url: String, reason: String },
+    #[error("invalid format \"{0}\": expected raw or qcow2")]
+    Format(String),
+}
+
+/// The on-disk format of an image, named by `format=`; never probed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageFormat {
+    Raw,
+    Qcow2,
+}
+
+impl ImageFormat {
+    /// `raw`, `qcow2`, or HyperKit's `qcow` (an alias of `qcow2`).
+    pub fn parse(text: &str) -> Result<Self, OptionsError> {
+        match text {
+            "raw" => Ok(ImageFormat::Raw),
+            "qcow2" | "qcow" => Ok(ImageFormat::Qcow2),
+            _ => Err(OptionsError::Format(text.to_string())),
+        }
+    }
 }
 
 /// How a flush reaches stable storage.
@@ -78,6 +103,8 @@ pub struct BlockOptions {
     pub physical_sector_size: u32,
     /// `flush=full|fsync` (our extension, not xhyve's); defaults to [`FlushMode::host_default`].
     pub flush_mode: FlushMode,
+    /// `format=raw|qcow2` (ours); raw when absent, never probed.
+    pub format: ImageFormat,
     /// The option string as given, the seed of the device serial.
     pub spec: String,
 }
@@ -95,6 +122,7 @@ impl BlockOptions {
             logical_sector_size: MIN_SECTOR_SIZE,
             physical_sector_size: MIN_SECTOR_SIZE,
             flush_mode: FlushMode::host_default(),
+            format: ImageFormat::Raw,
         }
     }
 
@@ -122,6 +150,8 @@ impl BlockOptions {
                         options.physical_sector_size = physical;
                     } else if let Some(mode) = field.strip_prefix("flush=") {
                         options.flush_mode = FlushMode::parse(mode)?;
+                    } else if let Some(format) = field.strip_prefix("format=") {
+                        options.format = ImageFormat::parse(format)?;
                     } else {
                         return Err(OptionsError::UnknownOption(field.to_string()));
                     }
@@ -275,6 +305,43 @@ mod tests {
                 .unwrap_err()
                 .to_string(),
             "invalid flush \"sync\": expected full or fsync"
+        );
+    }
+
+    #[test]
+    fn format_is_raw_unless_named() {
+        assert_eq!(
+            BlockOptions::parse("d.img").unwrap().format,
+            ImageFormat::Raw
+        );
+        let q = BlockOptions::parse("d.qcow2,format=qcow2,ro").unwrap();
+        assert_eq!(q.format, ImageFormat::Qcow2);
+        assert!(q.read_only);
+        assert_eq!(
+            BlockOptions::parse("d.qcow2,format=qcow").unwrap().format,
+            ImageFormat::Qcow2
+        );
+        // HyperKit's form, as its Go wrapper writes it.
+        let h = BlockOptions::parse("file:///vms/d.qcow2?sync=os&buffered=1,format=qcow").unwrap();
+        assert_eq!(h.format, ImageFormat::Qcow2);
+        assert_eq!(h.path, PathBuf::from("/vms/d.qcow2"));
+        assert_eq!(
+            BlockOptions::parse("d.img,format=qcow2,format=raw")
+                .unwrap()
+                .format,
+            ImageFormat::Raw
+        );
+        for bad in ["", "QCOW2", "vmdk", "auto"] {
+            assert_eq!(
+                BlockOptions::parse(&format!("d.img,format={bad}")).unwrap_err(),
+                OptionsError::Format(bad.to_string())
+            );
+        }
+        assert_eq!(
+            BlockOptions::parse("d.img,format=vmdk")
+                .unwrap_err()
+                .to_string(),
+            "invalid format \"vmdk\": expected raw or qcow2"
         );
     }
 

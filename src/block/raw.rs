@@ -251,14 +251,14 @@ impl BlockBackend for RawImage {
     }
 }
 
-fn is_unsupported(e: &io::Error) -> bool {
+pub(crate) fn is_unsupported(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL)
     )
 }
 
-fn lock(file: &File, shared: bool) -> io::Result<()> {
+pub(crate) fn lock(file: &File, shared: bool) -> io::Result<()> {
     let operation = if shared { libc::LOCK_SH } else { libc::LOCK_EX } | libc::LOCK_NB;
     // SAFETY: flock takes an fd we own and an integer; it touches no memory of ours.
     if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {
@@ -299,7 +299,7 @@ fn full_fsync(file: &File) -> io::Result<()> {
 }
 
 #[cfg(target_os = "linux")]
-fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     if len == 0 {
         return Ok(());
     }
@@ -328,7 +328,7 @@ fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
 /// macOS punches only whole file-system blocks: zero the partial blocks at either end by
 /// writing, and punch the aligned middle.
 #[cfg(target_os = "macos")]
-fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     use std::os::unix::fs::MetadataExt;
     let block = file.metadata()?.blksize().max(512);
     let end = offset + len;
@@ -364,7 +364,7 @@ fn write_zeroes_raw(file: &File, mut offset: u64, len: u64) -> io::Result<()> {
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "macos")))]
-fn punch_hole(_file: &File, _offset: u64, _len: u64) -> io::Result<()> {
+pub(crate) fn punch_hole(_file: &File, _offset: u64, _len: u64) -> io::Result<()> {
     Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
 }
 

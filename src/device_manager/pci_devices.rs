@@ -139,7 +139,7 @@ mod tests {
     /// The functions `devices` (slot, kind) name on bus 0, built by the registry, with their
     /// BARs placed in xhyve's windows.
     fn pci_bus(devices: &[(u8, DeviceKind)]) -> Result<PciBus, DeviceManagerError> {
-        let mut bus = PciBus::with_buses(Arc::new(Bus::new()), Arc::new(Bus::new()));
+        let bus = PciBus::with_buses(Arc::new(Bus::new()), Arc::new(Bus::new()));
         let ctx = context();
         for (slot, kind) in devices {
             let address = at(0, *slot, 0);

@@ -236,6 +236,32 @@ static void bench_reads(void)
     putc('\n');
 }
 
+/* "stress": writes until the host kills the VM (the crash-consistency test). Write k fills
+ * slot k % STRESS_SLOTS (4 KiB each, from 2 MiB) with the byte k, its first word k; after
+ * every STRESS_FLUSH_EVERY writes a flush, then "virtio-blk flushed K": writes 0..K-1 are
+ * durable. */
+#define STRESS_SECTOR 4096u
+#define STRESS_SLOTS 64u
+#define STRESS_FLUSH_EVERY 4u
+static void stress_writes(void)
+{
+    for (u32 k = 0;; k++) {
+        memset(data, (int)(k & 0xff), sizeof data);
+        data[0] = (u8)k;
+        data[1] = (u8)(k >> 8);
+        data[2] = (u8)(k >> 16);
+        data[3] = (u8)(k >> 24);
+        expect(request(T_OUT, STRESS_SECTOR + (u64)(k % STRESS_SLOTS) * 8, data, sizeof data, 0),
+               S_OK, "stress write");
+        if (k % STRESS_FLUSH_EVERY == STRESS_FLUSH_EVERY - 1) {
+            expect(request(T_FLUSH, 0, 0, 0, 0), S_OK, "stress flush");
+            puts("virtio-blk flushed ");
+            print_dec(k + 1);
+            putc('\n');
+        }
+    }
+}
+
 static void route_intx(u32 masked)
 {
     ioapic_write_rte_low(intx_gsi, INTX_VECTOR | IOAPIC_LEVEL | (masked << 16));
@@ -305,6 +331,9 @@ void test_virtio_blk(const struct mb_info *mbi)
     puts(" max_zeroes_seg ");
     print_dec(config32(52));
     putc('\n');
+
+    if (cmdline_has("stress"))
+        stress_writes();
 
     /* GET_ID: the serial, NUL-padded to 20 bytes. */
     memset(data, 0, sizeof data);

@@ -184,7 +184,7 @@ impl AhciHba {
         if kind == DriveKind::Cdrom {
             options.read_only = true;
         }
-        let disk: Arc<dyn BlockBackend> = Arc::new(crate::block::RawImage::open(&options)?);
+        let disk = crate::block::open_image(&options)?;
         let hba = AhciHba::new(kind, disk, resources)?;
         Ok(crate::devices::BuiltDevice::shared(Arc::new(Mutex::new(
             hba,

@@ -131,7 +131,7 @@ mod tests {
 
     /// xhyve's default functions: a hostbridge at 0:0 and the LPC bridge at 0:31.
     fn machine() -> Arc<PciBus> {
-        let mut bus = PciBus::new();
+        let bus = PciBus::new();
         let at = |slot| PciAddress::new(0, slot, 0).unwrap();
         bus.add(at(0), Arc::new(Mutex::new(HostBridge::netapp())))
             .unwrap();

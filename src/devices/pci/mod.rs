@@ -15,7 +15,7 @@ pub mod msix;
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 pub use config_space::{
     BarKind, BarSpec, ConfigSpace, ConfigSpaceError, DecodedBar, PciIds, BAR_COUNT,
@@ -161,9 +161,18 @@ pub enum PciError {
     },
 }
 
-/// All PCI functions of the machine, and the buses their BARs appear on.
+/// Where the next BAR goes in each window (I/O, 32-bit, 64-bit memory), once placement
+/// has begun: functions added later (hot-plug) are placed after the others.
+struct Placement {
+    next: [u64; 3],
+    ends: [u64; 3],
+}
+
+/// All PCI functions of the machine, and the buses their BARs appear on. Functions can be
+/// added while the guest runs (configuration accesses read the map under a read lock).
 pub struct PciBus {
-    devices: BTreeMap<PciAddress, SharedPciDevice>,
+    devices: RwLock<BTreeMap<PciAddress, SharedPciDevice>>,
+    placement: Mutex<Option<Placement>>,
     io_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
     mapped: Mutex<BTreeMap<PciAddress, MappedBars>>,
@@ -184,53 +193,38 @@ impl PciBus {
     /// A bus whose I/O BARs appear on `io_bus` and memory BARs on `mmio_bus`.
     pub fn with_buses(io_bus: Arc<Bus>, mmio_bus: Arc<Bus>) -> Self {
         PciBus {
-            devices: BTreeMap::new(),
+            devices: RwLock::new(BTreeMap::new()),
+            placement: Mutex::new(None),
             io_bus,
             mmio_bus,
             mapped: Mutex::new(BTreeMap::new()),
         }
     }
 
+    fn devices(&self) -> RwLockReadGuard<'_, BTreeMap<PciAddress, SharedPciDevice>> {
+        self.devices
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// Places every declared BAR in `windows` (naturally aligned, in address order), enables
-    /// decoding as firmware would, and maps the BARs on the buses.
+    /// decoding as firmware would, and maps the BARs on the buses. Functions added after
+    /// this are placed as they come.
     pub fn allocate_bars(&self, windows: &BarWindows) -> Result<(), PciError> {
-        let mut next = [windows.io.0, windows.mem32.0, windows.mem64.0];
-        let ends = [windows.io.1, windows.mem32.1, windows.mem64.1];
-        for (&addr, device) in &self.devices {
-            let mut dev = lock(device);
-            let config = dev.config_space_mut();
-            let mut command = 0;
-            for bar in 0..BAR_COUNT {
-                let Some(spec) = config.bar(bar) else {
-                    continue;
-                };
-                let (window, enable) = match spec.kind {
-                    BarKind::Io => (0, COMMAND_IO_SPACE),
-                    BarKind::Memory32 => (1, COMMAND_MEMORY_SPACE),
-                    BarKind::Memory64 => (2, COMMAND_MEMORY_SPACE),
-                };
-                let no_room = PciError::NoRoomForBar {
-                    addr,
-                    bar,
-                    size: spec.size,
-                };
-                let base = next[window]
-                    .checked_next_multiple_of(spec.size)
-                    .ok_or_else(|| no_room.clone())?;
-                let end = base.checked_add(spec.size).ok_or_else(|| no_room.clone())?;
-                if end > ends[window] {
-                    return Err(no_room);
-                }
-                next[window] = end;
-                config.set_bar_address(bar, base);
-                command |= enable;
-            }
-            if command != 0 {
-                let value = config.command() | command;
-                config.init(0x04, &value.to_le_bytes());
-            }
+        let mut placement = Placement {
+            next: [windows.io.0, windows.mem32.0, windows.mem64.0],
+            ends: [windows.io.1, windows.mem32.1, windows.mem64.1],
+        };
+        let devices: Vec<_> = self
+            .devices()
+            .iter()
+            .map(|(a, d)| (*a, d.clone()))
+            .collect();
+        for (addr, device) in &devices {
+            place_bars(&mut placement, *addr, device)?;
         }
-        for &addr in self.devices.keys() {
+        *lock(&self.placement) = Some(placement);
+        for (addr, _) in devices {
             self.update_mappings(addr);
         }
         Ok(())
@@ -238,11 +232,11 @@ impl PciBus {
 
     /// Makes the buses match what the function at `addr` decodes now.
     fn update_mappings(&self, addr: PciAddress) {
-        let Some(device) = self.devices.get(&addr) else {
+        let Some(device) = self.devices().get(&addr).cloned() else {
             return;
         };
         let mut wanted: MappedBars = [None; BAR_COUNT];
-        for bar in lock(device).config_space().decoded_bars() {
+        for bar in lock(&device).config_space().decoded_bars() {
             wanted[bar.index] = Some(bar);
         }
         let mut mapped = lock(&self.mapped);
@@ -285,21 +279,35 @@ impl PciBus {
 
     /// Adds a function. A slot with functions other than 0 gets the multi-function bit set
     /// in the header type of each of its functions.
-    pub fn add(&mut self, addr: PciAddress, device: SharedPciDevice) -> Result<(), PciError> {
+    ///
+    /// After [`PciBus::allocate_bars`] (a function added while the machine runs), its BARs
+    /// are placed after the others' and mapped at once.
+    pub fn add(&self, addr: PciAddress, device: SharedPciDevice) -> Result<(), PciError> {
         let addr = PciAddress::new(addr.bus, addr.slot, addr.function)?;
-        if self.devices.contains_key(&addr) {
+        if self.devices().contains_key(&addr) {
             return Err(PciError::Occupied(addr));
         }
-        self.devices.insert(addr, device);
+        if let Some(placement) = lock(&self.placement).as_mut() {
+            place_bars(placement, addr, &device)?;
+        }
+        {
+            let mut devices = self
+                .devices
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if devices.contains_key(&addr) {
+                return Err(PciError::Occupied(addr));
+            }
+            devices.insert(addr, device);
+        }
         self.update_multifunction(addr.bus, addr.slot);
+        if lock(&self.placement).is_some() {
+            self.update_mappings(addr);
+        }
         Ok(())
     }
 
-    fn slot_functions(
-        &self,
-        bus: u8,
-        slot: u8,
-    ) -> impl Iterator<Item = (&PciAddress, &SharedPciDevice)> {
+    fn update_multifunction(&self, bus: u8, slot: u8) {
         let first = PciAddress {
             bus,
             slot,
@@ -309,29 +317,26 @@ impl PciBus {
             function: PciAddress::MAX_FUNCTION,
             ..first
         };
-        self.devices.range(first..=last)
-    }
-
-    fn update_multifunction(&self, bus: u8, slot: u8) {
-        let multi = self.slot_functions(bus, slot).any(|(a, _)| a.function > 0);
-        for (_, dev) in self.slot_functions(bus, slot) {
+        let devices = self.devices();
+        let multi = devices.range(first..=last).any(|(a, _)| a.function > 0);
+        for (_, dev) in devices.range(first..=last) {
             lock(dev).config_space_mut().set_multifunction(multi);
         }
     }
 
-    pub fn get(&self, addr: PciAddress) -> Option<&SharedPciDevice> {
-        self.devices.get(&addr)
+    pub fn get(&self, addr: PciAddress) -> Option<SharedPciDevice> {
+        self.devices().get(&addr).cloned()
     }
 
-    /// Every function, in address order.
-    pub fn iter(&self) -> impl Iterator<Item = (&PciAddress, &SharedPciDevice)> {
-        self.devices.iter()
+    /// Every function's address, in order.
+    pub fn addresses(&self) -> Vec<PciAddress> {
+        self.devices().keys().copied().collect()
     }
 
     /// Reads configuration space; an absent function reads as all ones.
     pub fn read_config(&self, addr: PciAddress, offset: u16, data: &mut [u8]) {
-        match self.devices.get(&addr) {
-            Some(dev) => lock(dev).read_config(offset, data),
+        match self.get(addr) {
+            Some(dev) => lock(&dev).read_config(offset, data),
             None => data.fill(0xFF),
         }
     }
@@ -339,15 +344,57 @@ impl PciBus {
     /// Writes configuration space; writes to an absent function are dropped. A write to the
     /// command register or a BAR remaps the function's BARs.
     pub fn write_config(&self, addr: PciAddress, offset: u16, data: &[u8]) {
-        let Some(dev) = self.devices.get(&addr) else {
+        let Some(dev) = self.get(addr) else {
             return;
         };
-        lock(dev).write_config(offset, data);
+        lock(&dev).write_config(offset, data);
         let end = offset.saturating_add(data.len() as u16);
         if offset < DECODE_REGISTERS.end && end > DECODE_REGISTERS.start {
             self.update_mappings(addr);
         }
     }
+}
+
+/// Places the BARs of the function at `addr` from `placement`'s cursors and turns on its
+/// decoding, as firmware would.
+fn place_bars(
+    placement: &mut Placement,
+    addr: PciAddress,
+    device: &SharedPciDevice,
+) -> Result<(), PciError> {
+    let mut dev = lock(device);
+    let config = dev.config_space_mut();
+    let mut command = 0;
+    for bar in 0..BAR_COUNT {
+        let Some(spec) = config.bar(bar) else {
+            continue;
+        };
+        let (window, enable) = match spec.kind {
+            BarKind::Io => (0, COMMAND_IO_SPACE),
+            BarKind::Memory32 => (1, COMMAND_MEMORY_SPACE),
+            BarKind::Memory64 => (2, COMMAND_MEMORY_SPACE),
+        };
+        let no_room = PciError::NoRoomForBar {
+            addr,
+            bar,
+            size: spec.size,
+        };
+        let base = placement.next[window]
+            .checked_next_multiple_of(spec.size)
+            .ok_or_else(|| no_room.clone())?;
+        let end = base.checked_add(spec.size).ok_or_else(|| no_room.clone())?;
+        if end > placement.ends[window] {
+            return Err(no_room);
+        }
+        placement.next[window] = end;
+        config.set_bar_address(bar, base);
+        command |= enable;
+    }
+    if command != 0 {
+        let value = config.command() | command;
+        config.init(0x04, &value.to_le_bytes());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -379,7 +426,7 @@ pub(crate) mod tests {
 
     #[test]
     fn multifunction_bit_follows_the_slot() {
-        let mut bus = PciBus::new();
+        let bus = PciBus::new();
         bus.add(at(0, 3, 0), hostbridge()).unwrap();
         bus.add(at(0, 3, 2), Arc::new(Mutex::new(HostBridge::amd())))
             .unwrap();
@@ -435,7 +482,7 @@ pub(crate) mod tests {
     fn bars_are_allocated_mapped_moved_and_disabled() {
         let io = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
-        let mut bus = PciBus::with_buses(io.clone(), mmio.clone());
+        let bus = PciBus::with_buses(io.clone(), mmio.clone());
         bus.add(at(0, 3, 0), bar_device()).unwrap();
         bus.add(at(0, 4, 0), bar_device()).unwrap();
         bus.allocate_bars(&windows()).unwrap();
@@ -484,8 +531,25 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_function_added_after_placement_is_placed_after_the_others_and_mapped() {
+        let io = Arc::new(Bus::new());
+        let mmio = Arc::new(Bus::new());
+        let bus = PciBus::with_buses(io.clone(), mmio.clone());
+        bus.add(at(0, 3, 0), bar_device()).unwrap();
+        bus.allocate_bars(&windows()).unwrap();
+        bus.add(at(0, 4, 0), bar_device()).unwrap();
+        assert_eq!(read32(&bus, at(0, 4, 0), 0x10), 0x2041);
+        assert_eq!(read32(&bus, at(0, 4, 0), 0x14), 0xC000_1000);
+        assert_eq!(bus.mapped_bars(at(0, 4, 0)).len(), 3);
+        let mut b = [0u8; 1];
+        assert!(io.read(0x2045, &mut b));
+        assert_eq!(b[0], 0x05);
+        assert_eq!(bus.addresses(), vec![at(0, 3, 0), at(0, 4, 0)]);
+    }
+
+    #[test]
     fn bar_allocation_fails_cleanly_when_the_window_is_full() {
-        let mut bus = PciBus::new();
+        let bus = PciBus::new();
         bus.add(at(0, 3, 0), bar_device()).unwrap();
         let tiny = BarWindows {
             io: (0x2000, 0x2020),
@@ -499,7 +563,7 @@ pub(crate) mod tests {
 
     #[test]
     fn rejects_bad_and_occupied_slots() {
-        let mut bus = PciBus::new();
+        let bus = PciBus::new();
         let bad_slot = PciAddress {
             bus: 0,
             slot: 32,

@@ -16,7 +16,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use super::pci::{VirtioPci, VirtioPciError, VirtioPciResources};
 use super::queue_worker::{QueueWorker, VirtioQueues};
 use super::{ActivateError, Activation, QueueError, VirtioDevice};
-use crate::block::{BlockBackend, BlockError, BlockOptions, RawImage};
+use crate::block::{BlockBackend, BlockError, BlockOptions};
 use crate::devices::event_loop::StopSignal;
 use crate::devices::virtio_blk_req::{self, GuestBuffer, CONFIG_SPACE_LEN};
 use crate::devices::{BuiltDevice, DeviceHandle};
@@ -135,7 +135,7 @@ impl VirtioBlk {
         options: &BlockOptions,
         transport: VirtioPciResources,
     ) -> Result<BuiltDevice, VirtioBlkError> {
-        let disk: Arc<dyn BlockBackend> = Arc::new(RawImage::open(options)?);
+        let disk = crate::block::open_image(options)?;
         let device = VirtioBlk::new(disk)?;
         let handle = device.worker.handle();
         Ok(BuiltDevice {

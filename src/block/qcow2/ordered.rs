@@ -1,0 +1,394 @@
+//! The image file as imago sees it, with writes to the L1 table and the refcount table held
+//! back until the next flush.
+//!
+//! Why: imago 0.2.6 writes a new L2 table and its L1 entry (and a new refcount block and its
+//! refcount table entry) to the file at once, while the refcount that marks the new cluster
+//! as used waits in its refcount-block cache until the next flush. A crash in between (even
+//! `kill -9`, no power loss needed) leaves the L1 table pointing at a cluster whose refcount
+//! is 0 on disk: `qemu-img check` calls that corruption. Holding the top-level tables' writes
+//! back until imago has written its caches gives QEMU's order: refcounts, then L2 tables,
+//! then (after an `fsync`) the L1 and refcount tables that make them reachable. A crash
+//! before the flush loses only the unflushed writes and leaks clusters at worst.
+//!
+//! Reads of held ranges see the held bytes. Writes are kept per offset (a later write to the
+//! same place replaces an earlier one), so they never outgrow the two tables. A write to the
+//! header (imago moves a table only by rewriting the header) first puts every held write in
+//! place, so nothing held can land on a cluster the move freed.
+
+use imago::io_buffers::{IoVector, IoVectorMut};
+use imago::storage::drivers::CommonStorageHelper;
+use imago::{Storage, StorageOpenOptions};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+/// The file ranges of the L1 and refcount tables, from a header.
+pub fn table_ranges(header: &[u8]) -> Vec<Range<u64>> {
+    let be32 = |at: usize| {
+        header
+            .get(at..at + 4)
+            .map(|b| u32::from_be_bytes(b.try_into().unwrap()))
+    };
+    let be64 = |at: usize| {
+        header
+            .get(at..at + 8)
+            .map(|b| u64::from_be_bytes(b.try_into().unwrap()))
+    };
+    let (Some(cluster_bits), Some(l1_size), Some(l1_offset), Some(rt_offset), Some(rt_clusters)) =
+        (be32(20), be32(36), be64(40), be64(48), be32(56))
+    else {
+        return Vec::new();
+    };
+    if !(9..=21).contains(&cluster_bits) {
+        return Vec::new();
+    }
+    let mut ranges = Vec::new();
+    let l1_len = u64::from(l1_size) * 8;
+    if let Some(end) = l1_offset.checked_add(l1_len) {
+        ranges.push(l1_offset..end);
+    }
+    let rt_len = u64::from(rt_clusters) << cluster_bits;
+    if let Some(end) = rt_offset.checked_add(rt_len) {
+        ranges.push(rt_offset..end);
+    }
+    ranges
+}
+
+struct Held {
+    ranges: Vec<Range<u64>>,
+    /// offset -> bytes, in file order.
+    writes: BTreeMap<u64, Vec<u8>>,
+}
+
+pub struct OrderedStorage<S: Storage> {
+    inner: S,
+    held: Mutex<Held>,
+    helper: CommonStorageHelper,
+}
+
+impl<S: Storage> OrderedStorage<S> {
+    /// Wraps `inner`, holding back writes to the tables `header` (its first bytes) places.
+    pub fn new(inner: S, header: &[u8]) -> Self {
+        OrderedStorage {
+            inner,
+            held: Mutex::new(Held {
+                ranges: table_ranges(header),
+                writes: BTreeMap::new(),
+            }),
+            helper: CommonStorageHelper::default(),
+        }
+    }
+
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    fn held(&self) -> MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes every held write to the file, in offset order (they never overlap each other's
+    /// bytes differently: a rewrite of one offset replaced the older bytes).
+    fn release(&self, held: &mut Held) -> io::Result<()> {
+        while let Some((offset, bytes)) = held.writes.pop_first() {
+            let vector = IoVector::from(&bytes[..]);
+            // SAFETY: the same contract as our own `pure_writev`: imago serialises writes to
+            // these ranges through its table locks, and we hold the mutex.
+            if let Err(e) = unsafe { self.inner.pure_writev(vector, offset) } {
+                held.writes.insert(offset, bytes);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn overlaps(ranges: &[Range<u64>], offset: u64, len: u64) -> bool {
+        let end = offset.saturating_add(len);
+        ranges.iter().any(|r| offset < r.end && r.start < end)
+    }
+}
+
+impl<S: Storage> fmt::Debug for OrderedStorage<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OrderedStorage")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Storage> fmt::Display for OrderedStorage<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.inner, f)
+    }
+}
+
+impl<S: Storage> Storage for OrderedStorage<S> {
+    fn open(opts: StorageOpenOptions) -> io::Result<Self> {
+        // Only used if imago opened a file by itself, which we never let it do.
+        Ok(OrderedStorage {
+            inner: S::open(opts)?,
+            held: Mutex::new(Held {
+                ranges: Vec::new(),
+                writes: BTreeMap::new(),
+            }),
+            helper: CommonStorageHelper::default(),
+        })
+    }
+
+    fn mem_align(&self) -> usize {
+        self.inner.mem_align()
+    }
+
+    fn req_align(&self) -> usize {
+        self.inner.req_align()
+    }
+
+    fn zero_align(&self) -> usize {
+        self.inner.zero_align()
+    }
+
+    fn discard_align(&self) -> usize {
+        self.inner.discard_align()
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        let size = self.inner.size()?;
+        let held = self.held();
+        let held_end = held
+            .writes
+            .iter()
+            .map(|(offset, bytes)| offset + bytes.len() as u64)
+            .max()
+            .unwrap_or(0);
+        Ok(size.max(held_end))
+    }
+
+    fn resolve_relative_path<P: AsRef<Path>>(&self, relative: P) -> io::Result<PathBuf> {
+        self.inner.resolve_relative_path(relative)
+    }
+
+    fn get_filename(&self) -> Option<PathBuf> {
+        self.inner.get_filename()
+    }
+
+    unsafe fn pure_readv(&self, mut bufv: IoVectorMut<'_>, offset: u64) -> io::Result<()> {
+        let len = bufv.len();
+        let held = self.held();
+        let end = offset.saturating_add(len);
+        let touching: Vec<(&u64, &Vec<u8>)> = held
+            .writes
+            .iter()
+            .filter(|(o, b)| **o < end && offset < **o + b.len() as u64)
+            .collect();
+        if touching.is_empty() {
+            drop(touching);
+            drop(held);
+            // SAFETY: forwarded under the caller's contract.
+            return unsafe { self.inner.pure_readv(bufv, offset) };
+        }
+        // Rare (a table read while a write to it is held): read, then lay the held bytes over.
+        let mut bounce = vec![0u8; len as usize];
+        // SAFETY: forwarded under the caller's contract; `bounce` is ours.
+        unsafe {
+            self.inner
+                .pure_readv(IoVectorMut::from(&mut bounce[..]), offset)?
+        };
+        for (&at, bytes) in touching {
+            let from = at.max(offset);
+            let to = (at + bytes.len() as u64).min(end);
+            bounce[(from - offset) as usize..(to - offset) as usize]
+                .copy_from_slice(&bytes[(from - at) as usize..(to - at) as usize]);
+        }
+        bufv.copy_from_slice(&bounce);
+        Ok(())
+    }
+
+    unsafe fn pure_writev(&self, bufv: IoVector<'_>, offset: u64) -> io::Result<()> {
+        let len = bufv.len();
+        let mut held = self.held();
+        if offset == 0 {
+            // The header: a table may be moving. Put everything held in place first.
+            self.release(&mut held)?;
+            if len >= 64 {
+                let mut header = vec![0u8; len as usize];
+                bufv.copy_into_slice(&mut header);
+                held.ranges = table_ranges(&header);
+            }
+        } else if Self::overlaps(&held.ranges, offset, len) {
+            let mut bytes = vec![0u8; len as usize];
+            bufv.copy_into_slice(&mut bytes);
+            // A held write that this one overlaps differently is put in place first, so
+            // that held writes never overlap each other.
+            let clash = held.writes.iter().any(|(&o, b)| {
+                o < offset + len
+                    && offset < o + b.len() as u64
+                    && (o, b.len() as u64) != (offset, len)
+            });
+            if clash {
+                self.release(&mut held)?;
+            }
+            held.writes.insert(offset, bytes);
+            return Ok(());
+        }
+        drop(held);
+        // SAFETY: forwarded under the caller's contract.
+        unsafe { self.inner.pure_writev(bufv, offset) }
+    }
+
+    unsafe fn pure_write_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
+        self.release_if_touched(offset, length)?;
+        // SAFETY: forwarded under the caller's contract.
+        unsafe { self.inner.pure_write_zeroes(offset, length) }
+    }
+
+    unsafe fn pure_write_allocated_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
+        self.release_if_touched(offset, length)?;
+        // SAFETY: forwarded under the caller's contract.
+        unsafe { self.inner.pure_write_allocated_zeroes(offset, length) }
+    }
+
+    unsafe fn pure_discard(&self, offset: u64, length: u64) -> io::Result<()> {
+        self.release_if_touched(offset, length)?;
+        // SAFETY: forwarded under the caller's contract.
+        unsafe { self.inner.pure_discard(offset, length) }
+    }
+
+    /// imago calls this after writing back its refcount and L2 caches: make those durable,
+    /// then write the held table entries that point at them.
+    fn flush(&self) -> io::Result<()> {
+        let mut held = self.held();
+        if !held.writes.is_empty() {
+            self.inner.sync()?;
+            self.release(&mut held)?;
+        }
+        drop(held);
+        self.inner.flush()
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.inner.sync()
+    }
+
+    fn settle_writes(&self) -> io::Result<()> {
+        self.inner.settle_writes()
+    }
+
+    unsafe fn invalidate_cache(&self) -> io::Result<()> {
+        // SAFETY: forwarded under the caller's contract.
+        unsafe { self.inner.invalidate_cache() }
+    }
+
+    fn get_storage_helper(&self) -> &CommonStorageHelper {
+        &self.helper
+    }
+}
+
+impl<S: Storage> OrderedStorage<S> {
+    /// Zeroing or discarding bytes that a held write covers: put the held writes in place
+    /// first so the later operation wins, as it would have without holding.
+    fn release_if_touched(&self, offset: u64, length: u64) -> io::Result<()> {
+        let mut held = self.held();
+        let end = offset.saturating_add(length);
+        if held
+            .writes
+            .iter()
+            .any(|(&o, b)| o < end && offset < o + b.len() as u64)
+        {
+            self.release(&mut held)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::qcow2::mem::MemStorage;
+
+    fn header(l1_offset: u64, l1_size: u32, rt_offset: u64, rt_clusters: u32) -> Vec<u8> {
+        let mut h = vec![0u8; 104];
+        h[20..24].copy_from_slice(&16u32.to_be_bytes());
+        h[36..40].copy_from_slice(&l1_size.to_be_bytes());
+        h[40..48].copy_from_slice(&l1_offset.to_be_bytes());
+        h[48..56].copy_from_slice(&rt_offset.to_be_bytes());
+        h[56..60].copy_from_slice(&rt_clusters.to_be_bytes());
+        h
+    }
+
+    #[test]
+    fn table_ranges_come_from_the_header() {
+        let ranges = table_ranges(&header(0x30000, 16, 0x10000, 1));
+        assert_eq!(ranges, vec![0x30000..0x30080, 0x10000..0x20000]);
+        assert!(table_ranges(&header(0, 0, 0, 0)[..30]).is_empty());
+        // Overflowing ranges are dropped, not wrapped.
+        assert_eq!(table_ranges(&header(u64::MAX - 4, 16, 0x10000, 1)).len(), 1);
+    }
+
+    #[test]
+    fn table_writes_wait_for_flush_and_reads_see_them() {
+        let (mem, state) = MemStorage::new(vec![0; 0x40000], 1 << 20);
+        let file = OrderedStorage::new(mem, &header(0x30000, 16, 0x10000, 1));
+        let entry = [0xAB; 8];
+        // SAFETY: single-threaded test.
+        unsafe {
+            file.pure_writev(IoVector::from(&entry[..]), 0x30008)
+                .unwrap();
+            file.pure_writev(IoVector::from(&[0xCD; 16][..]), 0x20000)
+                .unwrap();
+        }
+        assert_eq!(
+            &state.data()[0x30008..0x30010],
+            &[0; 8],
+            "the L1 write went through"
+        );
+        assert_eq!(
+            &state.data()[0x20000..0x20010],
+            &[0xCD; 16],
+            "a data write was held"
+        );
+        let mut back = [0u8; 32];
+        // SAFETY: as above.
+        unsafe {
+            file.pure_readv(IoVectorMut::from(&mut back[..]), 0x30000)
+                .unwrap()
+        };
+        assert_eq!(&back[8..16], &entry);
+        assert_eq!(&back[..8], &[0; 8]);
+        file.flush().unwrap();
+        assert_eq!(&state.data()[0x30008..0x30010], &entry);
+    }
+
+    #[test]
+    fn a_header_write_releases_held_writes_and_moves_the_ranges() {
+        let (mem, state) = MemStorage::new(vec![0; 0x60000], 1 << 20);
+        let file = OrderedStorage::new(mem, &header(0x30000, 16, 0x10000, 1));
+        let moved = header(0x50000, 16, 0x10000, 1);
+        // SAFETY: single-threaded test.
+        unsafe {
+            file.pure_writev(IoVector::from(&[1u8; 8][..]), 0x30000)
+                .unwrap();
+            file.pure_writev(IoVector::from(&moved[..]), 0).unwrap();
+        }
+        assert_eq!(&state.data()[0x30000..0x30008], &[1; 8]);
+        // SAFETY: as above.
+        unsafe {
+            file.pure_writev(IoVector::from(&[2u8; 8][..]), 0x30000)
+                .unwrap();
+            file.pure_writev(IoVector::from(&[3u8; 8][..]), 0x50000)
+                .unwrap();
+        }
+        assert_eq!(
+            &state.data()[0x30000..0x30008],
+            &[2; 8],
+            "the old L1 is still held"
+        );
+        assert_eq!(
+            &state.data()[0x50000..0x50008],
+            &[0; 8],
+            "the new L1 is not held"
+        );
+    }
+}
