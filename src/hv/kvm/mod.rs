@@ -665,7 +665,18 @@ impl Vcpu for KvmVcpu {
             .map_err(|_| CompleteError::State("KVM_GET_SREGS failed"))?;
         let mut cpu = Cpu { regs, sregs };
         let mut ext = complete::KvmExtendedState::new(&self.fd, &mut self.completion);
-        let kind = emulate::complete::complete(&mut cpu, ram, &mut ext)?;
+        let kind = match emulate::complete::complete(&mut cpu, ram, &mut ext) {
+            Ok(kind) => kind,
+            // The instruction faults, as it would on hardware: e.g. an xsave to a user
+            // signal frame whose page is not faulted in yet. Nothing changed; the guest's
+            // #PF handler maps the page and the instruction runs (and exits) again.
+            Err(CompleteError::PageFault { linear, error_code }) => {
+                self.inject_page_fault(sregs, linear, error_code)?;
+                COMPLETIONS.record(Kind::PageFault);
+                return Ok(Kind::PageFault);
+            }
+            Err(e) => return Err(e),
+        };
         ext.finish()?;
         if cpu.sregs != sregs {
             self.set_sregs(&cpu.sregs)
@@ -675,6 +686,32 @@ impl Vcpu for KvmVcpu {
             .map_err(|_| CompleteError::State("KVM_SET_REGS failed"))?;
         COMPLETIONS.record(kind);
         Ok(kind)
+    }
+}
+
+impl KvmVcpu {
+    /// Queues #PF with CR2 = `linear` for the next entry, RIP still at the instruction.
+    fn inject_page_fault(
+        &mut self,
+        mut sregs: SpecialRegisters,
+        linear: u64,
+        error_code: u32,
+    ) -> Result<(), CompleteError> {
+        const PAGE_FAULT: u8 = 14;
+        sregs.cr2 = linear;
+        self.set_sregs(&sregs)
+            .map_err(|_| CompleteError::State("KVM_SET_SREGS failed"))?;
+        let mut events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(|_| CompleteError::State("KVM_GET_VCPU_EVENTS failed"))?;
+        events.exception.injected = 1;
+        events.exception.nr = PAGE_FAULT;
+        events.exception.has_error_code = 1;
+        events.exception.error_code = error_code;
+        self.fd
+            .set_vcpu_events(&events)
+            .map_err(|_| CompleteError::State("KVM_SET_VCPU_EVENTS refused the #PF"))
     }
 }
 

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
 
 use super::mmio::{CpuMode, InstructionBytes};
-use super::paging::{fetch, GuestRam, Paging};
+use super::paging::{fetch, GuestRam, Paging, WalkError};
 use crate::hv::regs::{
     SegmentRegister, SpecialRegisters, StandardRegisters, CR0_PE, EFER_LMA, RFLAGS_IF,
 };
@@ -93,10 +93,13 @@ pub enum Kind {
     Sse,
     /// VEX/EVEX integer vector instructions (the kernel's AVX-512VL BLAKE2s).
     Avx,
+    /// Not an instruction: a completed instruction's memory access faulted and the back end
+    /// delivered #PF instead.
+    PageFault,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 25] = [
+    pub const ALL: [Kind; 26] = [
         Kind::Int3,
         Kind::IntN,
         Kind::Into,
@@ -122,6 +125,7 @@ impl Kind {
         Kind::Xsetbv,
         Kind::Sse,
         Kind::Avx,
+        Kind::PageFault,
     ];
 
     pub fn name(self) -> &'static str {
@@ -151,6 +155,7 @@ impl Kind {
             Kind::Xsetbv => "xsetbv",
             Kind::Sse => "sse",
             Kind::Avx => "avx",
+            Kind::PageFault => "#PF delivered",
         }
     }
 
@@ -244,6 +249,10 @@ pub enum CompleteError {
     },
     #[error("guest linear address {linear:#x} ({size} bytes) is not mapped to RAM")]
     Memory { linear: u64, size: usize },
+    /// The instruction's memory access faults in the guest: the back end delivers #PF (CR2 =
+    /// `linear`) and the guest's handler decides, as on hardware.
+    #[error("#PF at linear address {linear:#x} (error code {error_code:#x})")]
+    PageFault { linear: u64, error_code: u32 },
     #[error("the vCPU's extended state is unavailable: {0}")]
     State(&'static str),
 }
@@ -394,32 +403,41 @@ impl Memory<'_> {
         }
     }
 
-    /// The guest-physical address of the page-bounded chunk of `len` bytes at `linear`.
+    /// Visits the page-bounded chunks of `len` bytes at `linear` with their guest-physical
+    /// addresses. A chunk the guest's page tables do not allow is the #PF the instruction
+    /// raises (at the first faulting byte); a chunk outside RAM is an error for the VMM.
     fn chunks(
         &self,
         linear: u64,
         len: usize,
+        write: bool,
         mut each: impl FnMut(u64, usize, usize) -> bool,
-    ) -> bool {
+    ) -> Result<(), CompleteError> {
         let mut done = 0;
         while done < len {
             let at = self.wrap(linear.wrapping_add(done as u64));
             let chunk = ((0x1000 - (at & 0xfff)) as usize).min(len - done);
-            match self.paging.translate(self.ram, at) {
-                Some(gpa) if each(gpa, done, chunk) => done += chunk,
-                _ => return false,
+            match self.paging.translate_data(self.ram, at, write) {
+                Ok(gpa) if each(gpa, done, chunk) => done += chunk,
+                Err(WalkError::PageFault { error_code }) => {
+                    return Err(CompleteError::PageFault {
+                        linear: at,
+                        error_code,
+                    })
+                }
+                Ok(_) | Err(WalkError::NotRam) => {
+                    return Err(CompleteError::Memory { linear, size: len })
+                }
             }
         }
-        true
+        Ok(())
     }
 
     fn read(&self, linear: u64, buf: &mut [u8]) -> Result<(), CompleteError> {
         let len = buf.len();
-        let ok = self.chunks(linear, len, |gpa, at, chunk| {
+        self.chunks(linear, len, false, |gpa, at, chunk| {
             self.ram.read(gpa, &mut buf[at..at + chunk])
-        });
-        ok.then_some(())
-            .ok_or(CompleteError::Memory { linear, size: len })
+        })
     }
 
     fn read_u64(&self, linear: u64) -> Result<u64, CompleteError> {
@@ -434,22 +452,19 @@ impl Memory<'_> {
         Ok(u32::from_le_bytes(b))
     }
 
-    /// Checks that `len` bytes at `linear` are RAM, so that writes there cannot fail halfway.
+    /// Checks that `len` bytes at `linear` are writable RAM, so that writes there cannot fail
+    /// halfway (a #PF on a later page must leave the earlier ones untouched).
     fn check(&self, linear: u64, len: usize) -> Result<(), CompleteError> {
         // Memory regions are whole pages, so a page's first byte being RAM covers the chunk.
-        let ok = self.chunks(linear, len, |gpa, _, _| self.ram.read(gpa, &mut [0u8; 1]));
-        ok.then_some(())
-            .ok_or(CompleteError::Memory { linear, size: len })
+        self.chunks(linear, len, true, |gpa, _, _| {
+            self.ram.read(gpa, &mut [0u8; 1])
+        })
     }
 
     fn write(&self, linear: u64, data: &[u8]) -> Result<(), CompleteError> {
         self.check(linear, data.len())?;
-        let ok = self.chunks(linear, data.len(), |gpa, at, chunk| {
+        self.chunks(linear, data.len(), true, |gpa, at, chunk| {
             self.ram.write(gpa, &data[at..at + chunk])
-        });
-        ok.then_some(()).ok_or(CompleteError::Memory {
-            linear,
-            size: data.len(),
         })
     }
 }
@@ -585,6 +600,10 @@ impl Op<'_> {
             Kind::Xgetbv => self.xgetbv(ext),
             Kind::Xsetbv => self.xsetbv(ext),
             Kind::Sse | Kind::Avx => self.complete_simd(ext).map(|_| ()),
+            // Kind::of never yields it: it counts deliveries, not an instruction.
+            Kind::PageFault => Err(CompleteError::Unsupported {
+                mnemonic: self.instr.mnemonic(),
+            }),
         }
     }
 
@@ -2290,6 +2309,73 @@ mod tests {
             Err(CompleteError::Fetch { .. })
         ));
         assert_eq!(after, cpu);
+    }
+
+    #[test]
+    fn a_store_to_a_page_the_guest_has_not_mapped_writable_is_its_page_fault() {
+        let ram = Ram::new();
+        let mut ext = Ext::new();
+        let mut cpu = long_cpu(&ram, 0);
+        // Code as in the fetch test: a 2 MiB page at linear 0xffffffff81000000. Data: PML4[0]
+        // -> PDPT 0x103000, PDPT[0] -> PD 0x104000, PD[1] -> PT 0x105000, PT[0x10] -> the
+        // 4 KiB page 0x300000 at linear 0x210000.
+        let present_rw = 0x3u64;
+        for (at, value) in [
+            (0x10_0000 + 511 * 8, 0x10_1000 | present_rw),
+            (0x10_1000 + 510 * 8, 0x10_2000 | present_rw),
+            (0x10_2000 + 8 * 8, 0x20_0000 | present_rw | 0x80),
+            (0x10_0000, 0x10_3000 | present_rw),
+            (0x10_3000, 0x10_4000 | present_rw),
+            (0x10_4000 + 8, 0x10_5000 | present_rw),
+        ] {
+            ram.poke(at, &value.to_le_bytes());
+        }
+        cpu.sregs.cr0 |= CR0_PG | 1 << 16; // WP, as Linux runs
+        cpu.sregs.cr4 |= CR4_PAE;
+        cpu.sregs.cr3 = 0x10_0000;
+        cpu.regs.rip = 0xffff_ffff_8100_0000;
+        cpu.regs.rdi = 0x21_0000;
+        let store = with1(Code::Stmxcsr_m32, MemoryOperand::with_base(Register::RDI));
+        ram.poke(0x20_0000, &encode(64, cpu.regs.rip, store));
+        let pte = 0x10_5000 + 0x10 * 8;
+
+        // Not present: #PF, error code W, CR2 the address; nothing changes.
+        let mut after = cpu;
+        assert_eq!(
+            complete(&mut after, &ram, &mut ext),
+            Err(CompleteError::PageFault {
+                linear: 0x21_0000,
+                error_code: 0x2
+            })
+        );
+        assert_eq!(after, cpu);
+
+        // Present but read-only (a copy-on-write page): #PF with P and W; the page keeps its
+        // bytes, so the guest's fault handler can copy it first.
+        ram.poke(pte, &(0x30_0000u64 | 0x1).to_le_bytes());
+        ram.poke(0x30_0000, &[0xaa; 4]);
+        let mut after = cpu;
+        assert_eq!(
+            complete(&mut after, &ram, &mut ext),
+            Err(CompleteError::PageFault {
+                linear: 0x21_0000,
+                error_code: 0x3
+            })
+        );
+        assert_eq!(ram.peek(0x30_0000, 4), [0xaa; 4]);
+
+        // Writable: the store lands, and the walk leaves accessed and dirty set as hardware
+        // would (the guest's reclaim reads them).
+        ram.poke(pte, &(0x30_0000u64 | present_rw).to_le_bytes());
+        let mut after = cpu;
+        assert_eq!(complete(&mut after, &ram, &mut ext), Ok(Kind::Stmxcsr));
+        assert_eq!(ram.peek_u32(0x30_0000), MXCSR_DEFAULT);
+        assert_eq!(ram.peek_u64(pte) & 0x60, 0x60, "PTE accessed and dirty");
+        assert_eq!(
+            ram.peek_u64(0x10_4000 + 8) & 0x60,
+            0x20,
+            "PDE accessed, not dirty"
+        );
     }
 
     #[test]

@@ -36,6 +36,27 @@ pub trait GuestRam {
 }
 
 /// Paging state for guest linear-address translation.
+/// #PF error-code bits.
+pub const PF_PRESENT: u32 = 1 << 0;
+pub const PF_WRITE: u32 = 1 << 1;
+
+const PTE_PRESENT: u64 = 1 << 0;
+const PTE_WRITABLE: u64 = 1 << 1;
+const PTE_ACCESSED: u64 = 1 << 5;
+const PTE_DIRTY: u64 = 1 << 6;
+const PTE_LARGE: u64 = 1 << 7;
+const PTE_ADDR: u64 = 0x000f_ffff_ffff_f000;
+const CR0_WP: u64 = 1 << 16;
+
+/// Why a checked data access cannot be made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WalkError {
+    /// The access faults in the guest: deliver #PF with this error code.
+    PageFault { error_code: u32 },
+    /// A paging structure is not in RAM: nothing the guest could be told.
+    NotRam,
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Paging {
     pub cr0: u64,
@@ -46,6 +67,127 @@ pub struct Paging {
 
 impl Paging {
     /// Walks the guest page tables; `None` when a level is not present or not in RAM.
+    /// The guest-physical address of a data access the VMM makes for the guest's instruction,
+    /// checked as the processor checks it: a page that is not present, or a write to a page
+    /// that is read-only at any level (supervisor writes too, as CR0.WP=1 asks), is the #PF
+    /// the instruction would raise. Accessed bits (and the leaf's dirty bit for a write) are
+    /// set as the processor sets them, so the guest's page reclaim sees the access. Accesses
+    /// are supervisor accesses: the completer runs CPL0 instructions only.
+    pub fn translate_data(
+        &self,
+        ram: &dyn GuestRam,
+        linear: u64,
+        write: bool,
+    ) -> Result<u64, WalkError> {
+        if self.cr0 & CR0_PG == 0 {
+            return Ok(linear);
+        }
+        let write_bit = if write { PF_WRITE } else { 0 };
+        let not_present = WalkError::PageFault {
+            error_code: write_bit,
+        };
+        let protection = WalkError::PageFault {
+            error_code: PF_PRESENT | write_bit,
+        };
+        let wp = self.cr0 & CR0_WP != 0;
+        // Entries on the way down: (address of the entry, its value, its width in bytes).
+        let mut path: [(u64, u64, usize); 5] = [(0, 0, 0); 5];
+        let mut depth = 0;
+        let mut writable = true;
+        let read_entry = |addr: u64, wide: bool| -> Result<u64, WalkError> {
+            if wide {
+                let mut b = [0u8; 8];
+                ram.read(addr, &mut b)
+                    .then(|| u64::from_le_bytes(b))
+                    .ok_or(WalkError::NotRam)
+            } else {
+                let mut b = [0u8; 4];
+                ram.read(addr, &mut b)
+                    .then(|| u64::from(u32::from_le_bytes(b)))
+                    .ok_or(WalkError::NotRam)
+            }
+        };
+        let gpa = if self.cr4 & CR4_PAE == 0 {
+            let linear = linear & 0xffff_ffff;
+            let pde_at = (self.cr3 & 0xffff_f000) + (linear >> 22) * 4;
+            let pde = read_entry(pde_at, false)?;
+            if pde & PTE_PRESENT == 0 {
+                return Err(not_present);
+            }
+            writable &= pde & PTE_WRITABLE != 0;
+            path[depth] = (pde_at, pde, 4);
+            depth += 1;
+            if pde & PTE_LARGE != 0 && self.cr4 & CR4_PSE != 0 {
+                (pde & 0xffc0_0000) | ((pde >> 13) & 0xff) << 32 | (linear & 0x3f_ffff)
+            } else {
+                let pte_at = (pde & 0xffff_f000) + ((linear >> 12) & 0x3ff) * 4;
+                let pte = read_entry(pte_at, false)?;
+                if pte & PTE_PRESENT == 0 {
+                    return Err(not_present);
+                }
+                writable &= pte & PTE_WRITABLE != 0;
+                path[depth] = (pte_at, pte, 4);
+                depth += 1;
+                (pte & 0xffff_f000) | (linear & 0xfff)
+            }
+        } else {
+            let (mut table, levels, linear) = if self.efer & EFER_LMA != 0 {
+                let levels = if self.cr4 & CR4_LA57 != 0 { 5 } else { 4 };
+                (self.cr3 & PTE_ADDR, levels, linear)
+            } else {
+                // PAE: the PDPT entries have no R/W or accessed bits of their own to keep.
+                let linear = linear & 0xffff_ffff;
+                let pdpte = read_entry((self.cr3 & 0xffff_ffe0) + (linear >> 30) * 8, true)?;
+                if pdpte & PTE_PRESENT == 0 {
+                    return Err(not_present);
+                }
+                (pdpte & PTE_ADDR, 2, linear)
+            };
+            let mut found = None;
+            for level in (1..=levels).rev() {
+                let shift = 12 + 9 * (level - 1);
+                let at = table + ((linear >> shift) & 0x1ff) * 8;
+                let e = read_entry(at, true)?;
+                if e & PTE_PRESENT == 0 {
+                    return Err(not_present);
+                }
+                writable &= e & PTE_WRITABLE != 0;
+                path[depth] = (at, e, 8);
+                depth += 1;
+                if level == 1 || (level <= 3 && e & PTE_LARGE != 0) {
+                    let page_mask = (1u64 << shift) - 1;
+                    found = Some((e & PTE_ADDR & !page_mask) | (linear & page_mask));
+                    break;
+                }
+                table = e & PTE_ADDR;
+            }
+            found.ok_or(not_present)?
+        };
+        if write && wp && !writable {
+            return Err(protection);
+        }
+        for (i, &(at, value, width)) in path[..depth].iter().enumerate() {
+            let leaf = i + 1 == depth;
+            let wanted = value | PTE_ACCESSED | if leaf && write { PTE_DIRTY } else { 0 };
+            if wanted != value {
+                // Best effort, as a racing vCPU's own walk would be: a lost race leaves the
+                // bit to the next access.
+                if width == 8 {
+                    let mut seen = [0u8; 8];
+                    ram.compare_exchange(
+                        at,
+                        &value.to_le_bytes(),
+                        &wanted.to_le_bytes(),
+                        &mut seen,
+                    );
+                } else {
+                    ram.write(at, &(wanted as u32).to_le_bytes());
+                }
+            }
+        }
+        Ok(gpa)
+    }
+
     pub fn translate(&self, ram: &dyn GuestRam, linear: u64) -> Option<u64> {
         if self.cr0 & CR0_PG == 0 {
             return Some(linear);
