@@ -42,8 +42,6 @@ pub const PF_WRITE: u32 = 1 << 1;
 
 const PTE_PRESENT: u64 = 1 << 0;
 const PTE_WRITABLE: u64 = 1 << 1;
-const PTE_ACCESSED: u64 = 1 << 5;
-const PTE_DIRTY: u64 = 1 << 6;
 const PTE_LARGE: u64 = 1 << 7;
 const PTE_ADDR: u64 = 0x000f_ffff_ffff_f000;
 const CR0_WP: u64 = 1 << 16;
@@ -70,9 +68,8 @@ impl Paging {
     /// The guest-physical address of a data access the VMM makes for the guest's instruction,
     /// checked as the processor checks it: a page that is not present, or a write to a page
     /// that is read-only at any level (supervisor writes too, as CR0.WP=1 asks), is the #PF
-    /// the instruction would raise. Accessed bits (and the leaf's dirty bit for a write) are
-    /// set as the processor sets them, so the guest's page reclaim sees the access. Accesses
-    /// are supervisor accesses: the completer runs CPL0 instructions only.
+    /// the instruction would raise. Accesses are supervisor accesses: the completer runs CPL0
+    /// instructions only.
     pub fn translate_data(
         &self,
         ram: &dyn GuestRam,
@@ -90,9 +87,6 @@ impl Paging {
             error_code: PF_PRESENT | write_bit,
         };
         let wp = self.cr0 & CR0_WP != 0;
-        // Entries on the way down: (address of the entry, its value, its width in bytes).
-        let mut path: [(u64, u64, usize); 5] = [(0, 0, 0); 5];
-        let mut depth = 0;
         let mut writable = true;
         let read_entry = |addr: u64, wide: bool| -> Result<u64, WalkError> {
             if wide {
@@ -115,8 +109,6 @@ impl Paging {
                 return Err(not_present);
             }
             writable &= pde & PTE_WRITABLE != 0;
-            path[depth] = (pde_at, pde, 4);
-            depth += 1;
             if pde & PTE_LARGE != 0 && self.cr4 & CR4_PSE != 0 {
                 (pde & 0xffc0_0000) | ((pde >> 13) & 0xff) << 32 | (linear & 0x3f_ffff)
             } else {
@@ -126,8 +118,6 @@ impl Paging {
                     return Err(not_present);
                 }
                 writable &= pte & PTE_WRITABLE != 0;
-                path[depth] = (pte_at, pte, 4);
-                depth += 1;
                 (pte & 0xffff_f000) | (linear & 0xfff)
             }
         } else {
@@ -152,8 +142,6 @@ impl Paging {
                     return Err(not_present);
                 }
                 writable &= e & PTE_WRITABLE != 0;
-                path[depth] = (at, e, 8);
-                depth += 1;
                 if level == 1 || (level <= 3 && e & PTE_LARGE != 0) {
                     let page_mask = (1u64 << shift) - 1;
                     found = Some((e & PTE_ADDR & !page_mask) | (linear & page_mask));
@@ -166,25 +154,9 @@ impl Paging {
         if write && wp && !writable {
             return Err(protection);
         }
-        for (i, &(at, value, width)) in path[..depth].iter().enumerate() {
-            let leaf = i + 1 == depth;
-            let wanted = value | PTE_ACCESSED | if leaf && write { PTE_DIRTY } else { 0 };
-            if wanted != value {
-                // Best effort, as a racing vCPU's own walk would be: a lost race leaves the
-                // bit to the next access.
-                if width == 8 {
-                    let mut seen = [0u8; 8];
-                    ram.compare_exchange(
-                        at,
-                        &value.to_le_bytes(),
-                        &wanted.to_le_bytes(),
-                        &mut seen,
-                    );
-                } else {
-                    ram.write(at, &(wanted as u32).to_le_bytes());
-                }
-            }
-        }
+        // Accessed and dirty bits are left alone: an instruction the completer then refuses
+        // must leave guest memory untouched (the VMM stops instead), and Linux marks the pages
+        // it lets the kernel write dirty when it maps them.
         Ok(gpa)
     }
 
