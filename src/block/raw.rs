@@ -439,6 +439,21 @@ mod tests {
         RawImage::open(&BlockOptions::parse(&format!("{}{extra}", path.display())).unwrap())
     }
 
+    /// Opens once the last holder's lock is gone. Another test of this process may fork a
+    /// child (qemu-img, xorriso) while our descriptor is open; the child holds the lock
+    /// until it execs, so a release is not seen at once.
+    fn open_once_released(path: &Path, extra: &str) -> RawImage {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match open(path, extra) {
+                Err(BlockError::Locked(_)) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                other => return other.unwrap(),
+            }
+        }
+    }
+
     fn allocated(path: &Path) -> u64 {
         std::fs::metadata(path).unwrap().blocks() * 512
     }
@@ -531,7 +546,7 @@ mod tests {
         let second = open(&img.path, ",ro").unwrap();
         assert!(matches!(open(&img.path, ""), Err(BlockError::Locked(_))));
         drop((disk, second));
-        open(&img.path, "").unwrap();
+        open_once_released(&img.path, "");
     }
 
     #[test]
@@ -545,7 +560,7 @@ mod tests {
         );
         assert!(matches!(open(&img.path, ",ro"), Err(BlockError::Locked(_))));
         drop(writer);
-        open(&img.path, "").unwrap();
+        open_once_released(&img.path, "");
     }
 
     #[test]
