@@ -29,6 +29,8 @@ const CHECKS: &[&str] = &[
     "cmpxchg16b loaded rdx",
     "stac",
     "clac",
+    "lsl limit",
+    "lsl of null clears zf",
     "ldmxcsr stmxcsr",
     "xsave xstate_bv sse",
     "xrstor xmm0 low",

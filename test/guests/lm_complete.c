@@ -1,5 +1,5 @@
 /* lm-complete: the instructions this host's KVM cannot emulate at CPL0 and xhyve completes
- * (int3 and int n through IDT gates, popcnt, lzcnt, tzcnt, fwait, cmpxchg16b, stac/clac,
+ * (int3 and int n through IDT gates, popcnt, lzcnt, tzcnt, fwait, cmpxchg16b, stac/clac, lsl,
  * ldmxcsr/stmxcsr, xsave/xrstor), run in 64-bit mode at CPL0 (lm_complete64.S), each checked
  * against the architecture: "lm-complete <what> ok" per check, then "lm-complete ok". */
 #include "tests.h"
@@ -18,7 +18,7 @@ enum {
     R_TRAP_COUNT, R_TRAP_RFLAGS, R_POPCNT, R_POPCNT0_RFLAGS, R_LZCNT, R_TZCNT, R_FWAIT,
     R_XSTATE_BV, R_XMM_LOW, R_XMM_HIGH, R_CX16_RFLAGS1, R_CX16_LOW, R_CX16_HIGH,
     R_CX16_RFLAGS2, R_CX16_RAX, R_CX16_RDX, R_MXCSR, R_STAC_RFLAGS, R_CLAC_RFLAGS,
-    R_COUNT
+    R_LSL_LIMIT, R_LSL_NULL_RFLAGS, R_COUNT
 };
 
 volatile u64 lm_complete_results[R_COUNT];
@@ -101,6 +101,8 @@ void test_lm_complete(const struct mb_info *mbi)
     check("cmpxchg16b loaded rdx", r[R_CX16_RDX], 4);
     check("stac", r[R_STAC_RFLAGS] & RFLAGS_AC, RFLAGS_AC);
     check("clac", r[R_CLAC_RFLAGS] & RFLAGS_AC, 0);
+    check("lsl limit", r[R_LSL_LIMIT], 0xFFFFFFFFull);
+    check("lsl of null clears zf", r[R_LSL_NULL_RFLAGS] & RFLAGS_ZF, 0);
     check("ldmxcsr stmxcsr", r[R_MXCSR], 0x7F80);
     check("xsave xstate_bv sse", r[R_XSTATE_BV] & 2, 2);
     check("xrstor xmm0 low", r[R_XMM_LOW], 0x0123456789ABCDEFull);

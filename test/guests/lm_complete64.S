@@ -92,6 +92,17 @@ int3_return:
     popq %rax
     movq %rax, 192(%r15)
 
+    /* lsl (Linux's NMI entry reads its CPU number so): the 4 GiB limit of the DPL-3 data
+     * segment; a null selector clears ZF (set by the xor) and faults nothing. */
+    movl $0x2b, %eax
+    lsl %eax, %ebx
+    movq %rbx, 200(%r15)
+    xorl %eax, %eax
+    lsl %eax, %ebx
+    pushfq
+    popq %rax
+    movq %rax, 208(%r15)
+
     /* SSE and XSAVE on: CR0.EM off, MP on; CR4.OSFXSR, OSXMMEXCPT, OSXSAVE; XCR0 = x87|SSE */
     movq %cr0, %rax
     andq $~4, %rax

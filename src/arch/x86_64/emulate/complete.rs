@@ -89,6 +89,11 @@ pub enum Kind {
     Xrstors,
     Xgetbv,
     Xsetbv,
+    /// Load segment limit: Linux's paranoid entry (NMI, #DB, #MC) reads the CPU number from
+    /// the CPUNODE descriptor's limit with it when the CPU has no RDPID.
+    Lsl,
+    /// Load access rights, LSL's twin.
+    Lar,
     /// Integer SSE on XMM registers (the kernel's SSSE3 BLAKE2s).
     Sse,
     /// VEX/EVEX integer vector instructions (the kernel's AVX-512VL BLAKE2s).
@@ -99,7 +104,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 26] = [
+    pub const ALL: [Kind; 28] = [
         Kind::Int3,
         Kind::IntN,
         Kind::Into,
@@ -123,6 +128,8 @@ impl Kind {
         Kind::Xrstors,
         Kind::Xgetbv,
         Kind::Xsetbv,
+        Kind::Lsl,
+        Kind::Lar,
         Kind::Sse,
         Kind::Avx,
         Kind::PageFault,
@@ -153,6 +160,8 @@ impl Kind {
             Kind::Xrstors => "xrstors",
             Kind::Xgetbv => "xgetbv",
             Kind::Xsetbv => "xsetbv",
+            Kind::Lsl => "lsl",
+            Kind::Lar => "lar",
             Kind::Sse => "sse",
             Kind::Avx => "avx",
             Kind::PageFault => "#PF delivered",
@@ -184,6 +193,8 @@ impl Kind {
             Mnemonic::Xrstors | Mnemonic::Xrstors64 => Kind::Xrstors,
             Mnemonic::Xgetbv => Kind::Xgetbv,
             Mnemonic::Xsetbv => Kind::Xsetbv,
+            Mnemonic::Lsl => Kind::Lsl,
+            Mnemonic::Lar => Kind::Lar,
             _ => return None,
         })
     }
@@ -599,6 +610,7 @@ impl Op<'_> {
             Kind::Xrstor | Kind::Xrstors => self.xrstor(kind == Kind::Xrstors, ext),
             Kind::Xgetbv => self.xgetbv(ext),
             Kind::Xsetbv => self.xsetbv(ext),
+            Kind::Lsl | Kind::Lar => self.load_segment_attribute(kind == Kind::Lsl),
             Kind::Sse | Kind::Avx => self.complete_simd(ext).map(|_| ()),
             // Kind::of never yields it: it counts deliveries, not an instruction.
             Kind::PageFault => Err(CompleteError::Unsupported {
@@ -984,6 +996,91 @@ impl Op<'_> {
             }
         };
         self.write_gpr(dst, result)
+    }
+
+    // ---- lsl / lar ----
+
+    /// LSL and LAR: ZF=1 and the limit (or access rights) of the descriptor the selector
+    /// names when the caller may see it, else ZF=0 and the destination unchanged. Neither
+    /// faults on a bad selector, and neither checks the present bit (SDM vol. 2A).
+    fn load_segment_attribute(&mut self, limit: bool) -> Result<(), CompleteError> {
+        if self.mode == CpuMode::Real {
+            return Err(self.fault("#UD", "lsl/lar in real mode"));
+        }
+        let selector = match self.instr.op1_kind() {
+            OpKind::Register => self.read_gpr(self.instr.op1_register()),
+            OpKind::Memory => {
+                let mut b = [0u8; 2];
+                self.memory.read(self.memory_operand()?, &mut b)?;
+                Some(u64::from(u16::from_le_bytes(b)))
+            }
+            _ => None,
+        };
+        let mnemonic = self.instr.mnemonic();
+        let selector = selector.ok_or(CompleteError::Unsupported { mnemonic })? as u16;
+        let visible = self.visible_descriptor(selector, limit)?;
+        self.cpu.regs.rflags &= !RFLAGS_ZF;
+        let Some(descriptor) = visible else {
+            return Ok(());
+        };
+        self.cpu.regs.rflags |= RFLAGS_ZF;
+        let value = if limit {
+            u64::from(descriptor.load(selector).limit)
+        } else {
+            descriptor.raw >> 32 & 0x00f0_ff00
+        };
+        self.write_gpr(self.instr.op0_register(), value)
+    }
+
+    /// The descriptor LSL (`limit`) or LAR may report, or `None` (ZF=0): a null selector, one
+    /// beyond its table, a system type the instruction does not accept in this mode, or a
+    /// non-conforming segment less privileged than both CPL and RPL.
+    fn visible_descriptor(
+        &self,
+        selector: u16,
+        limit: bool,
+    ) -> Result<Option<Descriptor>, CompleteError> {
+        if selector & !3 == 0 {
+            return Ok(None);
+        }
+        let table = if selector & 4 != 0 {
+            let ldt = &self.cpu.sregs.ldt;
+            if ldt.unusable || !ldt.present {
+                return Ok(None);
+            }
+            (ldt.base, u64::from(ldt.limit))
+        } else {
+            (self.cpu.sregs.gdt.base, u64::from(self.cpu.sregs.gdt.limit))
+        };
+        let offset = u64::from(selector & !7);
+        if offset + 7 > table.1 {
+            return Ok(None);
+        }
+        let descriptor = Descriptor {
+            raw: self.memory.read_u64(table.0.wrapping_add(offset))?,
+        };
+        if descriptor.system() {
+            let long = self.cpu.sregs.efer & EFER_LMA != 0;
+            // LDT and 32/64-bit TSSs for both; LAR also takes call gates; 16-bit TSSs (and
+            // LAR's 16-bit call and task gates) only outside long mode.
+            let accepted = match descriptor.type_() {
+                0x2 | 0x9 | 0xb => true,
+                0xc => !limit,
+                0x1 | 0x3 => !long,
+                0x4 | 0x5 => !limit && !long,
+                _ => false,
+            };
+            if !accepted {
+                return Ok(None);
+            }
+        }
+        if !descriptor.conforming() {
+            let privilege = self.cpl().max(selector as u8 & 3);
+            if descriptor.dpl() < privilege {
+                return Ok(None);
+            }
+        }
+        Ok(Some(descriptor))
     }
 
     // ---- cmpxchg8b / cmpxchg16b ----
@@ -1707,6 +1804,109 @@ mod tests {
                 _ => self.next(),
             }
         }
+    }
+
+    /// A descriptor from its fields, written out bit by bit as the SDM draws it.
+    fn raw_descriptor(limit: u32, type_: u8, s: bool, dpl: u8, present: bool, g: bool) -> u64 {
+        u64::from(limit & 0xffff)
+            | u64::from(type_) << 40
+            | u64::from(s) << 44
+            | u64::from(dpl) << 45
+            | u64::from(present) << 47
+            | u64::from(limit >> 16 & 0xf) << 48
+            | u64::from(g) << 55
+    }
+
+    #[test]
+    fn lsl_and_lar_report_what_the_caller_may_see_and_never_fault() {
+        let ram = Ram::new();
+        let mut ext = Ext::new();
+        // Linux's CPUNODE entry (15, selector 0x7b): a DPL-3 data segment whose byte-granular
+        // limit is node << 12 | cpu, read by the NMI entry with `lsl`.
+        let cpunode = raw_descriptor(0x1003, 0x5, true, 3, true, false);
+        let entries: [(u16, u64); 7] = [
+            (0x28, raw_descriptor(0xfffff, 0x3, true, 0, true, true)), // kernel data, 4 GiB
+            (0x30, raw_descriptor(0x0123, 0xe, true, 0, false, false)), // conforming code, absent
+            (0x38, raw_descriptor(0x67, 0x9, false, 0, true, false)),  // 64-bit TSS
+            (0x40, raw_descriptor(0x67, 0x1, false, 3, true, false)),  // 16-bit TSS
+            (0x48, raw_descriptor(0x10, 0xc, false, 3, true, false)),  // call gate
+            (0x50, raw_descriptor(0x10, 0xe, false, 3, true, false)),  // interrupt gate
+            (0x78, cpunode),
+        ];
+        for (selector, raw) in entries {
+            ram.poke(GDT + u64::from(selector), &raw.to_le_bytes());
+        }
+        let mut lsl = |cpl: u8, selector: u64, code: Code, from_memory: bool| {
+            let mut cpu = long_cpu(&ram, cpl);
+            cpu.sregs.gdt.limit = 0x7f;
+            cpu.regs.rax = 0x1111_2222_3333_4444;
+            cpu.regs.rflags = 0x2 | RFLAGS_CF;
+            let (dst, src) = match code {
+                Code::Lsl_r16_rm16 | Code::Lar_r16_rm16 => (Register::AX, Register::BX),
+                Code::Lsl_r32_r32m16 | Code::Lar_r32_r32m16 => (Register::EAX, Register::EBX),
+                _ => (Register::RAX, Register::RBX),
+            };
+            let instr = if from_memory {
+                ram.poke(DATA, &(selector as u16).to_le_bytes());
+                cpu.regs.rbx = DATA;
+                Instruction::with2(code, dst, MemoryOperand::with_base(Register::RBX))
+            } else {
+                cpu.regs.rbx = selector;
+                Instruction::with2(code, dst, src)
+            }
+            .unwrap();
+            let (after, kind, _) = run(&ram, &cpu, &mut ext, 64, instr).unwrap();
+            assert_eq!(
+                after.regs.rflags & !RFLAGS_ZF,
+                0x2 | RFLAGS_CF,
+                "other flags kept"
+            );
+            (kind, after.regs.rflags & RFLAGS_ZF != 0, after.regs.rax)
+        };
+        let untouched = 0x1111_2222_3333_4444;
+        // The NMI entry's read, in all three operand sizes and from memory.
+        assert_eq!(
+            lsl(0, 0x7b, Code::Lsl_r64_r64m16, false),
+            (Kind::Lsl, true, 0x1003)
+        );
+        assert_eq!(
+            lsl(0, 0x7b, Code::Lsl_r32_r32m16, true),
+            (Kind::Lsl, true, 0x1003)
+        );
+        assert_eq!(
+            lsl(0, 0x7b, Code::Lsl_r16_rm16, false),
+            (Kind::Lsl, true, 0x1111_2222_3333_1003)
+        );
+        // Page granularity scales the limit.
+        assert_eq!(lsl(0, 0x28, Code::Lsl_r64_r64m16, false).2, 0xffff_ffff);
+        // Null, beyond the GDT, and an absent LDT: ZF=0, no fault, destination unchanged.
+        for selector in [0x0, 0x3, 0x80, 0x7c] {
+            assert_eq!(
+                lsl(0, selector, Code::Lsl_r64_r64m16, false),
+                (Kind::Lsl, false, untouched),
+                "selector {selector:#x}"
+            );
+        }
+        // Privilege: a DPL-0 segment is hidden from CPL 3 and from RPL 3; a conforming code
+        // segment is not, present or not.
+        assert!(!lsl(3, 0x28, Code::Lsl_r64_r64m16, false).1);
+        assert!(!lsl(0, 0x2b, Code::Lsl_r64_r64m16, false).1);
+        assert_eq!(lsl(3, 0x33, Code::Lsl_r64_r64m16, false).2, 0x123);
+        // System descriptors in long mode: a 64-bit TSS for both, a call gate for LAR only,
+        // a 16-bit TSS and an interrupt gate for neither.
+        assert_eq!(lsl(0, 0x38, Code::Lsl_r64_r64m16, false).2, 0x67);
+        assert!(!lsl(0, 0x48, Code::Lsl_r64_r64m16, false).1);
+        assert!(lsl(0, 0x48, Code::Lar_r64_r64m16, false).1);
+        for selector in [0x40, 0x50] {
+            assert!(!lsl(0, selector, Code::Lsl_r64_r64m16, false).1);
+            assert!(!lsl(0, selector, Code::Lar_r64_r64m16, false).1);
+        }
+        // LAR: the access-rights bytes, type through G, with the limit and base masked out.
+        let (kind, zf, rights) = lsl(0, 0x7b, Code::Lar_r32_r32m16, false);
+        assert_eq!((kind, zf), (Kind::Lar, true));
+        assert_eq!(rights, 0xf500);
+        // G and P set, limit 19:16 (0xf) masked out.
+        assert_eq!(lsl(0, 0x28, Code::Lar_r64_r64m16, true).2, 0x0080_9300);
     }
 
     #[test]
