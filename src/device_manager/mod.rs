@@ -285,9 +285,10 @@ impl DeviceManager {
     }
 
     /// Builds the function `device` names and puts it on the PCI bus, its BARs placed after
-    /// the others' and mapped at once (hot-plug: the guest finds it when it rescans; the
-    /// firmware tables written at boot do not list it). A paused machine's new device
-    /// starts paused.
+    /// the others' and mapped at once. A paused machine's new device starts paused. The
+    /// guest is not told: it finds the device when it rescans PCI, and the tables written at
+    /// boot give its INTx pins no route (MSI and MSI-X work); see docs/ARCHITECTURE.md,
+    /// "Adding a device to a running machine".
     pub fn add(&mut self, device: &DeviceConfig) -> Result<(), DeviceManagerError> {
         if let Some(mut handle) = add_pci_function(&self.pci, &self.context, device)? {
             if self.paused {
