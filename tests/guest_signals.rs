@@ -251,3 +251,131 @@ guest_test!(sigterm_stops_a_paused_machine, |mode| {
     vm.finish().assert_exit(1);
     assert!(!pidfile.exists(), "pidfile left behind");
 });
+
+/// How the run of [`terminal_is_raw_while_running_and_restored`] ends.
+#[derive(Clone, Copy, Debug)]
+enum TerminalExit {
+    /// The guest reads the byte and powers off (exit 1).
+    GuestPoweroff,
+    /// A signal `xhyve` handles, with its exit code.
+    Signal(i32, i32),
+    /// A fault signal: the handler restores the terminal, then the signal ends the process.
+    Fault(i32),
+}
+
+/// With a terminal on stdin (`-l com1,stdio`), `xhyve` puts it in cfmakeraw mode while it
+/// runs, so bytes reach the guest unchanged (a CR stays a CR), and gives the user's settings
+/// back however it ends.
+fn terminal_is_raw_while_running_and_restored(mode: IrqChip, exit: TerminalExit) {
+    use nix::sys::termios::{tcgetattr, LocalFlags, OutputFlags};
+    use std::io::{Read, Write};
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Command, Stdio};
+    use std::sync::{Arc, Mutex};
+
+    let pty = nix::pty::openpty(None, None).expect("openpty");
+    let settings = |fd: &std::os::fd::OwnedFd| {
+        let t = libc::termios::from(tcgetattr(fd).expect("tcgetattr"));
+        (t.c_iflag, t.c_oflag, t.c_cflag, t.c_lflag, t.c_cc)
+    };
+    let original = settings(&pty.slave);
+    let cooked = tcgetattr(&pty.slave).unwrap();
+    assert!(cooked
+        .local_flags
+        .contains(LocalFlags::ICANON | LocalFlags::ECHO));
+    assert!(cooked.output_flags.contains(OutputFlags::OPOST));
+
+    let mut child = Command::new(common::xhyve_binary())
+        .args(Vm::multiboot("wait-input").command_line())
+        .env("XHYVE_IRQCHIP", mode.env_value())
+        .stdin(Stdio::from(pty.slave.try_clone().unwrap()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start xhyve");
+    let stdout = Arc::new(Mutex::new(String::new()));
+    let mut pipe = child.stdout.take().unwrap();
+    let sink = stdout.clone();
+    let reader = thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        while let Ok(n @ 1..) = pipe.read(&mut buf) {
+            sink.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    let deadline = std::time::Instant::now() + common::GUEST_TIMEOUT;
+    while !stdout.lock().unwrap().contains("ready") {
+        assert!(
+            std::time::Instant::now() < deadline && child.try_wait().unwrap().is_none(),
+            "no \"ready\" from the guest: {}",
+            stdout.lock().unwrap()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let raw = tcgetattr(&pty.slave).unwrap();
+    assert!(
+        !raw.local_flags
+            .intersects(LocalFlags::ICANON | LocalFlags::ECHO | LocalFlags::ISIG),
+        "stdin not raw while xhyve runs: {raw:?}"
+    );
+    assert!(!raw.output_flags.contains(OutputFlags::OPOST), "{raw:?}");
+
+    let mut master = std::fs::File::from(pty.master);
+    match exit {
+        // A cooked terminal (ICRNL) would hand the guest LF, and hold it until a newline.
+        TerminalExit::GuestPoweroff => master.write_all(b"\r").unwrap(),
+        TerminalExit::Signal(sig, _) | TerminalExit::Fault(sig) => {
+            // SAFETY: kill(2) on our own child, not yet reaped.
+            assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+        }
+    }
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("xhyve did not exit ({exit:?})");
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    reader.join().unwrap();
+    let mut stderr = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+    let out = stdout.lock().unwrap().clone();
+    match exit {
+        TerminalExit::GuestPoweroff => {
+            assert_eq!(status.code(), Some(1), "{out}{stderr}");
+            assert!(out.contains("got \r\n"), "the guest got: {out:?}");
+        }
+        TerminalExit::Signal(_, code) => assert_eq!(status.code(), Some(code), "{stderr}"),
+        TerminalExit::Fault(sig) => assert_eq!(status.signal(), Some(sig), "{stderr}"),
+    }
+    assert_eq!(
+        settings(&pty.slave),
+        original,
+        "terminal settings not restored after {exit:?}"
+    );
+}
+
+guest_test!(terminal_restored_after_guest_poweroff, |mode| {
+    terminal_is_raw_while_running_and_restored(mode, TerminalExit::GuestPoweroff)
+});
+
+guest_test!(terminal_restored_after_signals, |mode| {
+    for (sig, code) in [(libc::SIGTERM, 1), (libc::SIGQUIT, 128 + libc::SIGQUIT)] {
+        terminal_is_raw_while_running_and_restored(mode, TerminalExit::Signal(sig, code));
+    }
+});
+
+guest_test!(terminal_restored_after_a_fault, |mode| {
+    // No core file from the fault we cause: the limit is inherited by xhyve.
+    let none = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `none` is a valid rlimit; lowering the soft core limit affects only core dumps.
+    unsafe { libc::setrlimit(libc::RLIMIT_CORE, &none) };
+    terminal_is_raw_while_running_and_restored(mode, TerminalExit::Fault(libc::SIGSEGV));
+});

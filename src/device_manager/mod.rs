@@ -4,7 +4,13 @@
 //!
 //! PCI functions come from one registry, [`pci_devices::build`]: a `DeviceKind` in, a
 //! function and its handle out. The PCI layer itself knows no device type. The machine
-//! pauses, resumes and resets its devices through [`DeviceManager`].
+//! pauses and resumes its devices through [`DeviceManager`], and adds one with
+//! [`DeviceManager::add`].
+//!
+//! It offers no reset. A machine reset (0xCF9, the i8042, ACPI's reset register, a triple
+//! fault) ends `xhyve` with xhyve's exit code, and whoever started it starts it again; the
+//! control API's states (vfkit's) have no reset either. A guest's reset of one device goes
+//! through that device's registers to the device, which the manager does not own.
 
 mod pci_devices;
 
@@ -279,9 +285,10 @@ impl DeviceManager {
     }
 
     /// Builds the function `device` names and puts it on the PCI bus, its BARs placed after
-    /// the others' and mapped at once (hot-plug: the guest finds it when it rescans; the
-    /// firmware tables written at boot do not list it). A paused machine's new device
-    /// starts paused.
+    /// the others' and mapped at once. A paused machine's new device starts paused. The
+    /// guest is not told: it finds the device when it rescans PCI, and the tables written at
+    /// boot give its INTx pins no route (MSI and MSI-X work); see docs/ARCHITECTURE.md,
+    /// "Adding a device to a running machine".
     pub fn add(&mut self, device: &DeviceConfig) -> Result<(), DeviceManagerError> {
         if let Some(mut handle) = add_pci_function(&self.pci, &self.context, device)? {
             if self.paused {
@@ -313,13 +320,6 @@ impl DeviceManager {
             handle.resume();
         }
         self.paused = false;
-    }
-
-    /// Puts every device with state back to its power-on state (a machine reset).
-    pub fn reset(&mut self) {
-        for handle in &mut self.handles {
-            handle.reset();
-        }
     }
 }
 

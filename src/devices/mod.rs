@@ -27,8 +27,9 @@ pub trait DeviceHandle: Send {
     fn pause(&mut self) {}
     /// Serves again whatever the guest queued meanwhile.
     fn resume(&mut self) {}
-    /// Back to the power-on state (a machine reset).
-    fn reset(&mut self) {}
+    // No `reset`: a guest's reset of one device reaches the device through its own
+    // registers (virtio status 0, AHCI GHC.HR), and a machine reset ends the process, as in
+    // xhyve (see `DeviceManager`).
 }
 
 /// A PCI function as a device's builder returns it.

@@ -7,13 +7,19 @@
 //! most [`STDOUT_STALL`] for a reader before dropping output. Readers wait with `poll()` so
 //! that the input thread can notice a stop request.
 
-use std::ffi::CStr;
-use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::fs::File;
+use std::io::{self, IsTerminal, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::pty;
+use nix::sys::termios::{self, SetArg, Termios};
 
 use super::console_log::{ConsoleLogError, LogRing, LoggedWriter, SystemLog};
 use super::serial::{SerialBackend, SerialConfig};
@@ -169,15 +175,15 @@ pub fn remove_links() {
 
 fn open_stdio(com: u8) -> Result<Terminal, TerminalError> {
     let setup = |source| TerminalError::Setup { com, source };
-    let output = FdWriter::bounded(dup_fd(libc::STDOUT_FILENO).map_err(setup)?, STDOUT_STALL);
+    let output = io::stdout().as_fd().try_clone_to_owned().map_err(setup)?;
+    let output = FdWriter::bounded(output, STDOUT_STALL);
     // A closed stdin (daemons, some CI runners) means a port without input, not an error.
-    let input = match dup_fd(libc::STDIN_FILENO) {
+    let input = match io::stdin().as_fd().try_clone_to_owned() {
         Ok(fd) => Some(FdReader::new(fd, false)),
         Err(e) if e.raw_os_error() == Some(libc::EBADF) => None,
         Err(e) => return Err(setup(e)),
     };
-    // SAFETY: isatty only inspects the descriptor.
-    let raw = if unsafe { libc::isatty(libc::STDIN_FILENO) } == 1 {
+    let raw = if io::stdin().is_terminal() {
         Some(RawStdinGuard::enter().map_err(setup)?)
     } else {
         None
@@ -194,10 +200,10 @@ fn open_stdio(com: u8) -> Result<Terminal, TerminalError> {
 fn open_autopty(com: u8, link: Option<&Path>) -> Result<Terminal, TerminalError> {
     let pty = |source| TerminalError::Pty { com, source };
     let (master, slave_path) = open_pty_master().map_err(pty)?;
-    let slave = open_path(&slave_path, libc::O_RDWR | libc::O_NOCTTY).map_err(pty)?;
-    make_raw(slave.as_raw_fd()).map_err(pty)?;
-    set_nonblocking(master.as_raw_fd()).map_err(pty)?;
-    let reader_fd = dup_fd(master.as_raw_fd()).map_err(pty)?;
+    let slave = open_path(&slave_path, libc::O_NOCTTY).map_err(pty)?;
+    make_raw(&slave).map_err(pty)?;
+    set_nonblocking(&master).map_err(pty)?;
+    let reader_fd = master.try_clone().map_err(pty)?;
     if let Some(link) = link {
         make_link(link, &slave_path).map_err(|source| TerminalError::Link {
             com,
@@ -218,24 +224,22 @@ fn open_autopty(com: u8, link: Option<&Path>) -> Result<Terminal, TerminalError>
 }
 
 fn open_tty(com: u8, path: &Path) -> Result<Terminal, TerminalError> {
-    let fd =
-        open_path(path, libc::O_RDWR | libc::O_NOCTTY | libc::O_NONBLOCK).map_err(|source| {
-            TerminalError::Open {
-                com,
-                path: path.to_owned(),
-                source,
-            }
-        })?;
-    // SAFETY: isatty only inspects the descriptor.
-    if unsafe { libc::isatty(fd.as_raw_fd()) } != 1 {
+    let fd = open_path(path, libc::O_NOCTTY | libc::O_NONBLOCK).map_err(|source| {
+        TerminalError::Open {
+            com,
+            path: path.to_owned(),
+            source,
+        }
+    })?;
+    if !fd.is_terminal() {
         return Err(TerminalError::NotATerminal {
             com,
             path: path.to_owned(),
         });
     }
     let setup = |source| TerminalError::Setup { com, source };
-    make_raw(fd.as_raw_fd()).map_err(setup)?;
-    let reader_fd = dup_fd(fd.as_raw_fd()).map_err(setup)?;
+    make_raw(&fd).map_err(setup)?;
+    let reader_fd = fd.try_clone().map_err(setup)?;
     Ok(Terminal {
         output: Box::new(FdWriter::new(fd, true)),
         input: Some(FdReader::new(reader_fd, false)),
@@ -247,103 +251,57 @@ fn open_tty(com: u8, path: &Path) -> Result<Terminal, TerminalError> {
 
 /// Creates a pseudo-terminal and returns its master and the slave's path.
 fn open_pty_master() -> io::Result<(OwnedFd, PathBuf)> {
-    // SAFETY: posix_openpt has no memory preconditions; the result is checked.
-    let raw = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a fresh descriptor that nothing else owns.
-    let master = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: grantpt/unlockpt take a pty master descriptor, which `master` is.
-    if unsafe { libc::grantpt(raw) } != 0 || unsafe { libc::unlockpt(raw) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok((master, slave_name(raw)?))
+    let master = pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY)?;
+    pty::grantpt(&master)?;
+    pty::unlockpt(&master)?;
+    let name = slave_name(&master)?;
+    Ok((master.into(), PathBuf::from(name)))
 }
 
 #[cfg(target_os = "linux")]
-fn slave_name(master: RawFd) -> io::Result<PathBuf> {
-    let mut buf = [0 as libc::c_char; 128];
-    // SAFETY: the buffer is writable for its full length, which is passed.
-    let rc = unsafe { libc::ptsname_r(master, buf.as_mut_ptr(), buf.len()) };
-    if rc != 0 {
-        return Err(io::Error::from_raw_os_error(rc));
-    }
-    // SAFETY: ptsname_r succeeded, so `buf` holds a NUL-terminated string.
-    let name = unsafe { CStr::from_ptr(buf.as_ptr()) };
-    Ok(PathBuf::from(name.to_string_lossy().into_owned()))
+fn slave_name(master: &pty::PtyMaster) -> nix::Result<String> {
+    pty::ptsname_r(master)
 }
 
 #[cfg(not(target_os = "linux"))]
-fn slave_name(master: RawFd) -> io::Result<PathBuf> {
-    // ptsname uses a static buffer; devices are created once at start-up, on one thread.
-    // SAFETY: `master` is a pty master; the result is checked for NULL before use.
-    let ptr = unsafe { libc::ptsname(master) };
-    if ptr.is_null() {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a non-NULL ptsname result is a NUL-terminated string.
-    let name = unsafe { CStr::from_ptr(ptr) };
-    Ok(PathBuf::from(name.to_string_lossy().into_owned()))
+fn slave_name(master: &pty::PtyMaster) -> nix::Result<String> {
+    // SAFETY: ptsname returns a static buffer that the next call overwrites; nix copies it
+    // out at once, and ports are opened once at start-up on one thread.
+    unsafe { pty::ptsname(master) }
 }
 
+/// Opens `path` read-write with extra open(2) `flags` (close-on-exec, as std always sets).
 fn open_path(path: &Path, flags: libc::c_int) -> io::Result<OwnedFd> {
-    use std::os::unix::ffi::OsStrExt;
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: `c_path` is a valid NUL-terminated string; the result is checked.
-    let raw = unsafe { libc::open(c_path.as_ptr(), flags | libc::O_CLOEXEC) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a fresh descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(flags)
+        .open(path)?;
+    Ok(OwnedFd::from(file))
 }
 
-fn dup_fd(fd: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: F_DUPFD_CLOEXEC on any descriptor number is safe; the result is checked.
-    let raw = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a fresh descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
-}
-
-fn set_nonblocking(fd: RawFd) -> io::Result<()> {
-    // SAFETY: F_GETFL/F_SETFL only change descriptor flags.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    // SAFETY: as above.
-    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
+    let flags = OFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
     Ok(())
 }
 
-fn get_termios(fd: RawFd) -> io::Result<libc::termios> {
-    // SAFETY: termios is plain old data; all-zero is a valid value to be overwritten.
-    let mut t: libc::termios = unsafe { std::mem::zeroed() };
-    // SAFETY: `t` is a valid, writable termios.
-    if unsafe { libc::tcgetattr(fd, &mut t) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(t)
-}
-
-/// Puts a terminal in raw mode so that bytes pass unchanged in both directions.
-fn make_raw(fd: RawFd) -> io::Result<()> {
-    let mut t = get_termios(fd)?;
-    // SAFETY: `t` is a valid termios obtained from tcgetattr.
-    unsafe { libc::cfmakeraw(&mut t) };
-    // SAFETY: `t` is a valid termios.
-    if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &t) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+/// Puts a terminal in raw mode so that bytes pass unchanged in both directions:
+/// cfmakeraw(3), as xhyve and bhyve do. (vmm-sys-util's `Terminal::set_raw_mode` clears only
+/// ICANON, ECHO and ISIG: output would still gain a CR before each LF, the user's Enter would
+/// reach the guest as LF, and ^S/^Q would be taken by the host's flow control.)
+fn make_raw(fd: impl AsFd) -> io::Result<()> {
+    let mut t = termios::tcgetattr(&fd)?;
+    termios::cfmakeraw(&mut t);
+    termios::tcsetattr(&fd, SetArg::TCSANOW, &t)?;
     Ok(())
 }
 
-/// The stdin settings from before raw mode; written once, read from signal handlers.
-static SAVED_STDIN_TERMIOS: OnceLock<libc::termios> = OnceLock::new();
+/// The terminal on stdin and its settings from before raw mode: written once, read from
+/// signal handlers. Kept as libc's struct, exactly as the kernel gave it: nix's `Termios`
+/// is not `Sync`, and rebuilding one drops flag bits nix has no name for.
+static SAVED_STDIN: OnceLock<(OwnedFd, libc::termios)> = OnceLock::new();
 /// Whether stdin is currently in raw mode and must be restored.
 static STDIN_IS_RAW: AtomicBool = AtomicBool::new(false);
 
@@ -355,9 +313,12 @@ pub fn restore_terminal() {
     if !STDIN_IS_RAW.swap(false, Ordering::SeqCst) {
         return;
     }
-    if let Some(saved) = SAVED_STDIN_TERMIOS.get() {
-        // SAFETY: `saved` is a valid termios captured by tcgetattr.
-        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, saved) };
+    if let Some((fd, saved)) = SAVED_STDIN.get() {
+        // The one call left on libc: it writes back the saved struct bit for bit (see
+        // SAVED_STDIN), and allocates nothing, as a signal handler requires.
+        // SAFETY: `saved` is a valid termios filled by tcgetattr; `fd` is open for the
+        // whole process.
+        unsafe { libc::tcsetattr(fd.as_raw_fd(), libc::TCSANOW, saved) };
     }
 }
 
@@ -366,19 +327,23 @@ struct RawStdinGuard;
 
 impl RawStdinGuard {
     fn enter() -> io::Result<RawStdinGuard> {
-        let original = get_termios(libc::STDIN_FILENO)?;
         // The first saved settings are the user's; a second guest port on stdio must not
         // record the raw settings as "original".
-        let saved = *SAVED_STDIN_TERMIOS.get_or_init(|| original);
-        let mut raw = saved;
-        // SAFETY: `raw` is a valid termios.
-        unsafe { libc::cfmakeraw(&mut raw) };
+        let saved = match SAVED_STDIN.get() {
+            Some((_, saved)) => *saved,
+            None => {
+                // A descriptor of our own: the signal-time restore needs no std handle.
+                let fd = io::stdin().as_fd().try_clone_to_owned()?;
+                let original = libc::termios::from(termios::tcgetattr(&fd)?);
+                SAVED_STDIN.get_or_init(|| (fd, original)).1
+            }
+        };
+        let mut raw = Termios::from(saved);
+        termios::cfmakeraw(&mut raw);
         STDIN_IS_RAW.store(true, Ordering::SeqCst);
-        // SAFETY: `raw` is a valid termios.
-        if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) } != 0 {
-            let err = io::Error::last_os_error();
+        if let Err(err) = termios::tcsetattr(io::stdin(), SetArg::TCSANOW, &raw) {
             restore_terminal();
-            return Err(err);
+            return Err(err.into());
         }
         Ok(RawStdinGuard)
     }
@@ -392,7 +357,7 @@ impl Drop for RawStdinGuard {
 
 /// Unbuffered output to a descriptor: each `write` is one `write(2)`.
 pub struct FdWriter {
-    fd: OwnedFd,
+    fd: File,
     mode: WriteMode,
 }
 
@@ -415,13 +380,16 @@ impl FdWriter {
         } else {
             WriteMode::Blocking
         };
-        FdWriter { fd, mode }
+        FdWriter {
+            fd: File::from(fd),
+            mode,
+        }
     }
 
     /// A writer that never waits more than `stall` for the reader.
     pub fn bounded(fd: OwnedFd, stall: Duration) -> Self {
         FdWriter {
-            fd,
+            fd: File::from(fd),
             mode: WriteMode::Bounded {
                 stall,
                 stalled: false,
@@ -434,22 +402,16 @@ impl FdWriter {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let mut pfd = libc::pollfd {
-                fd: self.fd.as_raw_fd(),
-                events: libc::POLLOUT,
-                revents: 0,
-            };
-            let ms = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX);
-            // SAFETY: `pfd` is one valid pollfd.
-            let ready = unsafe { libc::poll(&mut pfd, 1, ms) };
-            if ready > 0 {
+            let mut pfd = [PollFd::new(self.fd.as_fd(), PollFlags::POLLOUT)];
+            let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+            match poll(&mut pfd, timeout) {
                 // POLLERR/POLLHUP: let write() report it.
-                return true;
+                Ok(ready) if ready > 0 => return true,
+                Ok(_) => return false,
+                Err(_) if left.is_zero() => return false,
+                // EINTR: try again until the deadline.
+                Err(_) => {}
             }
-            if ready == 0 || left.is_zero() {
-                return false;
-            }
-            // EINTR: try again until the deadline.
         }
     }
 }
@@ -470,12 +432,11 @@ impl Write for FdWriter {
         let drop_when_full = matches!(self.mode, WriteMode::DropWhenFull);
         // A signal may interrupt the write; retry a bounded number of times, then drop.
         for _ in 0..8 {
-            // SAFETY: `buf` is valid for reads of `buf.len()` bytes.
-            let n = unsafe { libc::write(self.fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
-            if n >= 0 {
-                return Ok(n as usize);
-            }
-            let err = io::Error::last_os_error();
+            // One write(2) per call: a File has no user-space buffer.
+            let err = match self.fd.write(buf) {
+                Ok(n) => return Ok(n),
+                Err(err) => err,
+            };
             match err.kind() {
                 io::ErrorKind::Interrupted => continue,
                 // A pty with no client reports EIO; the byte is lost, as on a real unplugged line.
@@ -497,18 +458,18 @@ impl Write for FdWriter {
 /// Input from a descriptor, waiting with `poll` so a stop request is seen within
 /// [`FdReader::POLL_INTERVAL_MS`].
 pub struct FdReader {
-    fd: OwnedFd,
+    fd: File,
     /// A pty master reads EIO while no client has the slave open: wait, do not stop.
     is_pty_master: bool,
     stop: Arc<AtomicBool>,
 }
 
 impl FdReader {
-    pub const POLL_INTERVAL_MS: libc::c_int = 100;
+    pub const POLL_INTERVAL_MS: u16 = 100;
 
     pub fn new(fd: OwnedFd, is_pty_master: bool) -> Self {
         FdReader {
-            fd,
+            fd: File::from(fd),
             is_pty_master,
             stop: Arc::new(AtomicBool::new(false)),
         }
@@ -522,41 +483,25 @@ impl FdReader {
 
 impl Read for FdReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let fd = self.fd.as_raw_fd();
         loop {
             if self.stop.load(Ordering::Relaxed) {
                 return Ok(0);
             }
-            let mut pfd = libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
+            let mut pfd = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut pfd, Self::POLL_INTERVAL_MS) {
+                Ok(0) | Err(Errno::EINTR) => continue,
+                Ok(_) => {}
+                Err(err) => return Err(err.into()),
+            }
+            let err = match self.fd.read(buf) {
+                Ok(n) => return Ok(n),
+                Err(err) => err,
             };
-            // SAFETY: `pfd` is one valid pollfd.
-            let ready = unsafe { libc::poll(&mut pfd, 1, Self::POLL_INTERVAL_MS) };
-            if ready < 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(err);
-            }
-            if ready == 0 {
-                continue;
-            }
-            // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
-            let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-            if n >= 0 {
-                return Ok(n as usize);
-            }
-            let err = io::Error::last_os_error();
             match err.kind() {
                 io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock => continue,
                 _ if self.is_pty_master && err.raw_os_error() == Some(libc::EIO) => {
                     // No client on the slave side (poll reports POLLHUP at once): wait for one.
-                    std::thread::sleep(std::time::Duration::from_millis(
-                        Self::POLL_INTERVAL_MS as u64,
-                    ));
+                    std::thread::sleep(Duration::from_millis(u64::from(Self::POLL_INTERVAL_MS)));
                 }
                 _ => return Err(err),
             }
@@ -595,8 +540,8 @@ mod tests {
     fn autopty_passes_bytes_unchanged_both_ways() {
         let mut term = Terminal::open(&SerialBackend::Autopty(None), 1).unwrap();
         let path = term.pty_path.clone().unwrap();
-        let client = open_path(&path, libc::O_RDWR | libc::O_NOCTTY).unwrap();
-        let mut client_w = FdWriter::new(dup_fd(client.as_raw_fd()).unwrap(), false);
+        let client = open_path(&path, libc::O_NOCTTY).unwrap();
+        let mut client_w = FdWriter::new(client.try_clone().unwrap(), false);
         let mut client_r = FdReader::new(client, false);
         // "\r\n" and 0x03 would be translated or eaten by a cooked terminal.
         term.output.write_all(b"a\nb\x03").unwrap();
@@ -617,6 +562,32 @@ mod tests {
         assert_eq!(got, b"\r\x7f");
     }
 
+    /// Raw mode is cfmakeraw's, flag for flag: the console's bytes depend on it (a mode that
+    /// kept OPOST/ONLCR or ICRNL would add CRs to output and turn Enter into LF).
+    #[test]
+    fn raw_mode_is_cfmakeraw_and_settings_are_saved_exactly() {
+        let (_master, path) = open_pty_master().unwrap();
+        let slave = open_path(&path, libc::O_NOCTTY).unwrap();
+        let cooked = libc::termios::from(termios::tcgetattr(&slave).unwrap());
+        // SAFETY: termios is plain old data; tcgetattr overwrites it and is checked.
+        let mut direct: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: `direct` is a valid, writable termios; the descriptor is open.
+        let rc = unsafe { libc::tcgetattr(slave.as_raw_fd(), &mut direct) };
+        assert_eq!(rc, 0);
+        let flags = |t: &libc::termios| (t.c_iflag, t.c_oflag, t.c_cflag, t.c_lflag, t.c_cc);
+        assert_eq!(flags(&cooked), flags(&direct), "saved settings lose no bit");
+        assert_ne!(cooked.c_oflag & libc::OPOST, 0, "a new pty starts cooked");
+
+        let mut expected = cooked;
+        // SAFETY: `expected` is a valid termios.
+        unsafe { libc::cfmakeraw(&mut expected) };
+        make_raw(&slave).unwrap();
+        let raw = libc::termios::from(termios::tcgetattr(&slave).unwrap());
+        assert_eq!(flags(&raw), flags(&expected));
+        assert_eq!(raw.c_oflag & libc::OPOST, 0);
+        assert_eq!(raw.c_iflag & (libc::ICRNL | libc::IXON), 0);
+    }
+
     #[test]
     fn stopped_reader_returns_eof() {
         let (master, _path) = open_pty_master().unwrap();
@@ -630,12 +601,7 @@ mod tests {
     /// output is dropped until the pipe has room again.
     #[test]
     fn bounded_writer_drops_output_nobody_reads() {
-        let mut fds = [0; 2];
-        // SAFETY: `fds` has room for the two descriptors pipe() returns.
-        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-        // SAFETY: fresh descriptors owned by nobody else.
-        let (read_end, write_end) =
-            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (read_end, write_end) = nix::unistd::pipe().unwrap();
         let (done, finished) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut w = FdWriter::bounded(write_end, Duration::from_millis(50));
@@ -650,8 +616,7 @@ mod tests {
             .expect("the console writer blocked on a full pipe");
         // And output flows again once someone reads.
         let mut buf = vec![0u8; 1 << 20];
-        // SAFETY: `buf` is valid for writes of its length.
-        let n = unsafe { libc::read(read_end.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        let n = File::from(read_end).read(&mut buf).unwrap();
         assert!(n > 0);
     }
 

@@ -5,7 +5,7 @@ use std::fmt::Write;
 
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::hv::regs::CpuMode;
+use crate::arch::x86_64::regs::CpuMode;
 use crate::hv::Vcpu;
 use crate::memory::GuestMemory;
 

@@ -10,10 +10,10 @@ use super::control::Control;
 use super::exit::StopReason;
 use super::vcpu::VcpuContext;
 use super::{host, pidfile, signals};
+use crate::arch::x86_64::cpuid::CpuidPolicy;
 use crate::config::VmConfig;
 use crate::device_manager::DeviceManager;
 use crate::devices::bus::lock;
-use crate::hv::cpuid::CpuidPolicy;
 use crate::hv::{self, HvError, IrqChipMode, Vcpu, Vm, VmOptions};
 use crate::memory::{self, GuestMemory};
 

@@ -10,9 +10,9 @@ use super::diagnostics;
 use super::exit::StopReason;
 use super::user_irqchip::{EntryStep, UserIrqChip};
 use crate::arch::x86_64::emulate::complete::COMPLETIONS;
+use crate::arch::x86_64::regs::{SegmentRegister, RFLAGS_IF};
 use crate::devices::bus::Bus;
 use crate::devices::power::PowerEvent;
-use crate::hv::regs::{SegmentRegister, RFLAGS_IF};
 use crate::hv::{SystemEvent, Vcpu, VmExit, INTERNAL_ERROR_EMULATION};
 use crate::memory::guest_ram::RamView;
 use crate::memory::GuestMemory;
@@ -148,7 +148,7 @@ fn start_in_real_mode(vcpu: &mut dyn Vcpu, vector: u8) -> Result<(), crate::hv::
     };
     sregs.cr0 &= !(1 | (1 << 31));
     vcpu.set_sregs(&sregs)?;
-    vcpu.set_regs(&crate::hv::regs::StandardRegisters {
+    vcpu.set_regs(&crate::arch::x86_64::regs::StandardRegisters {
         rip: 0,
         rflags: 2,
         ..Default::default()

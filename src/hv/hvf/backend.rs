@@ -21,8 +21,8 @@ use super::host_cpuid;
 use super::ram::RegionTable;
 use super::vmcs::Vmcs;
 use super::vmx::{VmxConfig, VmxVcpu, NATIVE_MSRS};
-use crate::hv::cpuid::CpuidEntry;
-use crate::hv::regs::{SpecialRegisters, StandardRegisters};
+use crate::arch::x86_64::cpuid::CpuidEntry;
+use crate::arch::x86_64::regs::{SpecialRegisters, StandardRegisters};
 use crate::hv::{
     HvError, Hypervisor, IrqChipMode, RunState, Vcpu, VcpuKicker, Vm, VmExit, VmOptions,
 };

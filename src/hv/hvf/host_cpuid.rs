@@ -1,9 +1,9 @@
 //! The CPUID leaves a Hypervisor.framework guest starts from: the host's own (the framework
 //! has no "supported CPUID" call; xhyve also starts from the host's and masks). The policy
-//! in `crate::hv::cpuid` and the VMX layer then hide what we do not emulate. Portable: the
+//! in `crate::arch::x86_64::cpuid` and the VMX layer then hide what we do not emulate. Portable: the
 //! walk over leaves and subleaves is tested on Linux with the real and a scripted CPUID.
 
-use crate::hv::cpuid::CpuidEntry;
+use crate::arch::x86_64::cpuid::CpuidEntry;
 
 /// Highest basic and extended leaves collected; beyond them a CPU reports reserved zeros.
 const MAX_BASIC: u32 = 0x20;

@@ -13,11 +13,11 @@ use iced_x86::Register;
 use super::controls::Controls;
 use super::ffi::*;
 use super::vmcs::Vmcs;
+use crate::arch::x86_64::cpuid::CpuidEntry;
 pub use crate::arch::x86_64::emulate::GuestRam;
 use crate::arch::x86_64::emulate::{emulate, CpuMode, EmulateError, Emulated, EmulatorContext};
 use crate::arch::x86_64::emulate::{fetch, Paging};
-use crate::hv::cpuid::CpuidEntry;
-use crate::hv::regs::{
+use crate::arch::x86_64::regs::{
     DescriptorTable, SegmentRegister, SpecialRegisters, StandardRegisters, CR0_ET, CR0_PE, CR0_PG,
     EFER_LMA, EFER_LME, RFLAGS_IF, RFLAGS_RESERVED,
 };
@@ -1646,8 +1646,8 @@ mod tests {
     use std::cell::RefCell;
 
     use super::*;
+    use crate::arch::x86_64::regs::{CR4_PAE, CR4_PSE};
     use crate::hv::hvf::vmcs::VmcsModel;
-    use crate::hv::regs::{CR4_PAE, CR4_PSE};
 
     /// Guest RAM from GPA 0; everything above is "MMIO".
     struct Ram(RefCell<Vec<u8>>);

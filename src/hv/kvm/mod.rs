@@ -24,14 +24,14 @@ use kvm_ioctls::{
 use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_iow_nr;
 
-use super::cpuid::CpuidEntry;
-use super::regs::{SpecialRegisters, StandardRegisters};
 use super::{
     Doorbell, HvError, Hypervisor, IrqChipMode, IrqfdSource, RunState, SystemEvent, Vcpu,
     VcpuKicker, Vm, VmExit, VmOptions,
 };
+use crate::arch::x86_64::cpuid::CpuidEntry;
 use crate::arch::x86_64::emulate::complete::{CompleteError, Cpu, Kind, COMPLETIONS};
 use crate::arch::x86_64::emulate::{self, GuestRam};
+use crate::arch::x86_64::regs::{SpecialRegisters, StandardRegisters};
 use routing::GsiRoutes;
 
 /// KVM's TSS and identity-map pages for real-mode emulation on Intel: three pages just below
@@ -740,7 +740,7 @@ fn exit_number(exit: &VcpuExit<'_>) -> u32 {
 #[cfg(test)]
 pub(crate) mod tests_support {
     use super::*;
-    use crate::hv::regs::SegmentRegister;
+    use crate::arch::x86_64::regs::SegmentRegister;
     use crate::memory::{create_guest_memory, GuestMemory};
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -1086,7 +1086,7 @@ mod tests {
 mod cpuid_tests {
     use super::tests_support::*;
     use super::*;
-    use crate::hv::cpuid::CpuidPolicy;
+    use crate::arch::x86_64::cpuid::CpuidPolicy;
     use vm_memory::{Bytes, GuestAddress};
 
     #[test]
@@ -1148,7 +1148,7 @@ mod cpuid_tests {
         let supported = kvm.supported_cpuid().unwrap();
         let offered = supported
             .iter()
-            .find(|e| e.function == crate::hv::cpuid::KVM_CPUID_FEATURES)
+            .find(|e| e.function == crate::arch::x86_64::cpuid::KVM_CPUID_FEATURES)
             .map_or(0, |e| e.eax);
         vcpu.set_cpuid(&CpuidPolicy::new(1, false).apply(&supported, 0))
             .unwrap();
@@ -1163,7 +1163,7 @@ mod cpuid_tests {
                     "KVM_GET_SUPPORTED_CPUID 0x40000001.eax {offered:#x}; the guest sees {eax:#x}"
                 );
                 assert_eq!(
-                    eax & crate::hv::cpuid::KVM_PV_HIDDEN,
+                    eax & crate::arch::x86_64::cpuid::KVM_PV_HIDDEN,
                     0,
                     "the guest sees hypercall features: {eax:#x}"
                 );

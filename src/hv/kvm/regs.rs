@@ -1,8 +1,10 @@
-//! Conversions between KVM's register structs and the portable ones in `hv::regs`.
+//! Conversions between KVM's register structs and the portable ones in `arch::x86_64::regs`.
 
 use kvm_bindings::{kvm_dtable, kvm_regs, kvm_segment, kvm_sregs};
 
-use crate::hv::regs::{DescriptorTable, SegmentRegister, SpecialRegisters, StandardRegisters};
+use crate::arch::x86_64::regs::{
+    DescriptorTable, SegmentRegister, SpecialRegisters, StandardRegisters,
+};
 
 pub fn from_kvm_regs(r: &kvm_regs) -> StandardRegisters {
     StandardRegisters {
@@ -148,7 +150,7 @@ pub fn fill_kvm_sregs(k: &mut kvm_sregs, s: &SpecialRegisters) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hv::regs::flat_segment;
+    use crate::arch::x86_64::regs::flat_segment;
 
     #[test]
     fn sregs_round_trip() {

@@ -5,7 +5,7 @@ use super::image::write_guest;
 use super::layout::{GuestLayout, GDT_AREA, GDT_AREA_SIZE};
 use super::{BootError, BootSetup};
 use crate::arch::x86_64::layout::LAPIC_BASE;
-use crate::hv::regs::{
+use crate::arch::x86_64::regs::{
     flat_segment, DescriptorTable, SegmentRegister, SpecialRegisters, StandardRegisters, CR0_ET,
     CR0_PE, RFLAGS_RESERVED,
 };
@@ -115,7 +115,7 @@ pub fn protected_mode_entry(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hv::regs::CpuMode;
+    use crate::arch::x86_64::regs::CpuMode;
     use crate::memory::create_guest_memory;
     use vm_memory::{Bytes, GuestAddress};
 

@@ -16,7 +16,7 @@ mod pvh;
 
 use std::path::{Path, PathBuf};
 
-use crate::hv::regs::{SpecialRegisters, StandardRegisters};
+use crate::arch::x86_64::regs::{SpecialRegisters, StandardRegisters};
 use crate::memory::GuestMemory;
 
 pub use e820::{e820_map, E820Entry, E820Kind};
