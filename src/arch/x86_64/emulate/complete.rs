@@ -1388,7 +1388,7 @@ impl Op<'_> {
         let in_use = read_u64(area, XSAVE_HEADER);
         let mut header = [0u8; XSAVE_HEADER_SIZE];
         self.memory
-            .read(linear + XSAVE_HEADER as u64, &mut header)?;
+            .read(linear.wrapping_add(XSAVE_HEADER as u64), &mut header)?;
         if compacted {
             header = [0u8; XSAVE_HEADER_SIZE];
             write_u64(&mut header, 0, in_use & rfbm);
@@ -1401,27 +1401,27 @@ impl Op<'_> {
         let memory = self.memory;
         if rfbm & X87 != 0 {
             memory.write(linear, &area[..XSAVE_MXCSR])?;
-            memory.write(linear + 32, &area[32..XSAVE_XMM_START])?;
+            memory.write(linear.wrapping_add(32), &area[32..XSAVE_XMM_START])?;
         }
         if rfbm & (SSE | YMM) != 0 {
             let mut control = [0u8; 8];
             control[..4].copy_from_slice(&mxcsr(area).to_le_bytes());
             control[4..].copy_from_slice(&mxcsr_mask(area).to_le_bytes());
-            memory.write(linear + XSAVE_MXCSR as u64, &control)?;
+            memory.write(linear.wrapping_add(XSAVE_MXCSR as u64), &control)?;
         }
         if rfbm & SSE != 0 {
             memory.write(
-                linear + XSAVE_XMM_START as u64,
+                linear.wrapping_add(XSAVE_XMM_START as u64),
                 &area[XSAVE_XMM_START..XSAVE_XMM_END],
             )?;
         }
-        memory.write(linear + XSAVE_HEADER as u64, &header)?;
+        memory.write(linear.wrapping_add(XSAVE_HEADER as u64), &header)?;
         for (i, &(at, c)) in places.iter().enumerate().skip(2) {
             if rfbm >> i & 1 == 0 {
                 continue;
             }
             let data = &area[c.offset as usize..c.offset as usize + c.size as usize];
-            memory.write(linear + at as u64, data)?;
+            memory.write(linear.wrapping_add(at as u64), data)?;
         }
         Ok(())
     }
@@ -1436,7 +1436,7 @@ impl Op<'_> {
         self.require_alignment(linear, 64)?;
         let mut header = [0u8; XSAVE_HEADER_SIZE];
         self.memory
-            .read(linear + XSAVE_HEADER as u64, &mut header)?;
+            .read(linear.wrapping_add(XSAVE_HEADER as u64), &mut header)?;
         let xstate_bv = read_u64(&header, 0);
         let xcomp_bv = read_u64(&header, 8);
         let compacted = xcomp_bv & XCOMP_BV_COMPACTED != 0;
@@ -1496,8 +1496,11 @@ impl Op<'_> {
         }
         for (i, &(at, c)) in places.iter().enumerate().skip(2) {
             if rfbm & xstate_bv & 1u64 << i != 0 {
-                self.memory
-                    .check(linear + at as u64, c.size as usize, AccessKind::Read)?;
+                self.memory.check(
+                    linear.wrapping_add(at as u64),
+                    c.size as usize,
+                    AccessKind::Read,
+                )?;
             }
         }
         let mut bv = read_u64(area, XSAVE_HEADER);
@@ -1530,7 +1533,8 @@ impl Op<'_> {
             }
             let range = c.offset as usize..c.offset as usize + c.size as usize;
             if xstate_bv & bit != 0 {
-                self.memory.read(linear + at as u64, &mut area[range])?;
+                self.memory
+                    .read(linear.wrapping_add(at as u64), &mut area[range])?;
                 bv |= bit;
             } else {
                 area[range].fill(0);
@@ -2391,6 +2395,31 @@ mod tests {
         run(&ram, &cpu, &mut ext, 64, instr).unwrap();
         assert_eq!(ext.area[576..832], saved.area[576..832]);
         assert_eq!(ext.area[1088..1152], saved.area[1088..1152]);
+    }
+
+    /// The area's offsets wrap at the top of the address space instead of overflowing (found
+    /// by the instruction_complete fuzz target); there is no RAM there.
+    #[test]
+    fn an_xsave_area_at_the_top_of_the_address_space_is_refused() {
+        let ram = Ram::new();
+        let mut ext = patterned_ext();
+        let mut cpu = long_cpu(&ram, 0);
+        cpu.regs.rax = u64::from(u32::MAX);
+        cpu.regs.rdi = !63; // 64 bytes below 2^64
+        for code in [
+            Code::Xsave64_mem,
+            Code::Xrstor64_mem,
+            Code::Xsavec64_mem,
+            Code::Fxsave64_m512byte,
+            Code::Fxrstor64_m512byte,
+        ] {
+            let instr = with1(code, MemoryOperand::with_base(Register::RDI));
+            let err = run(&ram, &cpu, &mut ext, 64, instr).unwrap_err();
+            assert!(
+                matches!(err, CompleteError::Memory { .. }),
+                "{code:?}: {err}"
+            );
+        }
     }
 
     #[test]
