@@ -190,9 +190,9 @@ fuzz_target!(|data: &[u8]| {
     s.gdt = DescriptorTable { base: input.address(), limit: input.u64() as u16 };
     s.idt = DescriptorTable { base: input.address(), limit: input.u64() as u16 };
     let control = input.u64();
-    s.cr0 = control & 0x8000_000f;
-    s.cr4 = control >> 8 & 0x4_1030; // PSE, PAE, LA57, OSXSAVE
-    s.efer = if control & 1 << 40 != 0 { 0x500 } else { 0 };
+    s.cr0 = control & 0x8001_000f; // PE, MP, EM, TS, WP, PG
+    s.cr4 = control >> 8 & 0x34_1030; // PSE, PAE, LA57, OSXSAVE, SMEP, SMAP
+    s.efer = if control & 1 << 40 != 0 { 0x500 } else { 0 } | if control & 1 << 41 != 0 { 0x800 } else { 0 }; // LME+LMA, NXE
     s.cr3 = input.address() & !0xfff;
     let opener = OPENERS[usize::from(input.u8()) % OPENERS.len()];
     let use_opener = input.u8() & 3 != 0;

@@ -73,6 +73,7 @@ pub fn run(mut vcpu: Box<dyn Vcpu>, ctx: Arc<VcpuContext>) {
     }
     let started = std::time::Instant::now();
     let mut next_sample = STATS_SAMPLE_INTERVAL;
+    let mut watch = HypercallWatch::default();
     let sampling = log::log_enabled!(target: "xhyve::stats", log::Level::Trace);
     while !ctx.control.is_stopping() {
         // A machine pause: one atomic load per pass when none is asked for.
@@ -97,7 +98,7 @@ pub fn run(mut vcpu: Box<dyn Vcpu>, ctx: Arc<VcpuContext>) {
                 ctx.control.park();
             }
         }
-        if let Err(reason) = step.and_then(|()| run_once(vcpu.as_mut(), &ctx)) {
+        if let Err(reason) = step.and_then(|()| run_once(vcpu.as_mut(), &ctx, &mut watch)) {
             ctx.control.stop(reason);
             ctx.control.kick_all();
             break;
@@ -155,7 +156,11 @@ fn start_in_real_mode(vcpu: &mut dyn Vcpu, vector: u8) -> Result<(), crate::hv::
     })
 }
 
-fn run_once(vcpu: &mut dyn Vcpu, ctx: &VcpuContext) -> Result<(), StopReason> {
+fn run_once(
+    vcpu: &mut dyn Vcpu,
+    ctx: &VcpuContext,
+    watch: &mut HypercallWatch,
+) -> Result<(), StopReason> {
     let mut unhandled = None;
     let vcpu_id = vcpu.id();
     let exit = vcpu.run();
@@ -224,7 +229,9 @@ fn run_once(vcpu: &mut dyn Vcpu, ctx: &VcpuContext) -> Result<(), StopReason> {
         Ok(VmExit::Interrupted) => {
             vcpu.clear_kick();
             if ctx.user_irqchip.is_none() {
-                answer_halt_poll(vcpu, ctx);
+                if let Some(rip) = answer_halt_poll(vcpu, ctx) {
+                    watch.sample(vcpu, ctx, rip);
+                }
             }
         }
         Ok(VmExit::Shutdown) => return Err(StopReason::Guest(PowerEvent::TripleFault)),
@@ -323,13 +330,107 @@ fn lapic_msr_chip(ctx: &VcpuContext, msr: u32) -> Option<&UserIrqChip> {
         .filter(|_| crate::intc::lapic::Lapic::handles_msr(msr))
 }
 
-fn answer_halt_poll(vcpu: &mut dyn Vcpu, ctx: &VcpuContext) {
+/// Reports the vCPU's state to the halt poll; its RIP, when read.
+fn answer_halt_poll(vcpu: &mut dyn Vcpu, ctx: &VcpuContext) -> Option<u64> {
     let generation = ctx.control.poll_generation();
     let state = vcpu.run_state();
     let regs = vcpu.regs();
     if let (Ok(state), Ok(regs)) = (state, regs) {
         ctx.control
             .report(vcpu.id(), generation, state, regs.rflags & RFLAGS_IF != 0);
+        return Some(regs.rip);
+    }
+    None
+}
+
+/// How long a vCPU sits on one hypercall before xhyve says so.
+const HYPERCALL_STUCK: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Watches for a vCPU that never gets past a `vmcall`/`vmmcall`. On the build machines' KVM
+/// (DESIGN.md) the host's emulator loops on a hypercall inside KVM_RUN for ever: no exit
+/// reaches the VMM and the guest hangs silently. The halt poll's kicks (in-kernel irqchip,
+/// about 13 a second) are the only time the VMM sees such a vCPU; the user irqchip mode has
+/// no periodic kick, so a guest with no interrupt source goes unseen there.
+///
+/// A vCPU is reported when every sample for 2 s found RIP on the same hypercall while the
+/// hypervisor kept emulating (its `insn_emulation` counter grew): a host that completes
+/// hypercalls moves RIP on at once, and a halted vCPU emulates nothing.
+#[derive(Default)]
+struct HypercallWatch {
+    rip: u64,
+    since: Option<std::time::Instant>,
+    emulated: Option<u64>,
+    reported: bool,
+}
+
+impl HypercallWatch {
+    fn sample(&mut self, vcpu: &mut dyn Vcpu, ctx: &VcpuContext, rip: u64) {
+        let now = std::time::Instant::now();
+        let since = match self.since {
+            Some(since) if self.rip == rip => since,
+            _ => {
+                *self = HypercallWatch {
+                    rip,
+                    since: Some(now),
+                    emulated: vcpu.emulated_instructions(),
+                    reported: false,
+                };
+                return;
+            }
+        };
+        if self.reported || now.duration_since(since) < HYPERCALL_STUCK {
+            return;
+        }
+        // One look per stay: the instruction bytes are read once.
+        self.reported = true;
+        let emulating = match (self.emulated, vcpu.emulated_instructions()) {
+            (Some(then), Some(now)) => now > then,
+            // Without the counter, RIP alone must do.
+            _ => true,
+        };
+        if !emulating {
+            return;
+        }
+        if let Some(name) = hypercall_at(vcpu, &ctx.memory, rip) {
+            log::warn!(
+                "vCPU {}: stuck on {name} at RIP {rip:#x} for {} s: this host's KVM never \
+                 completes a hypercall, so the guest hangs here (a Linux guest using KVM's \
+                 paravirtual features, CPUID 0x40000001, does)",
+                vcpu.id(),
+                HYPERCALL_STUCK.as_secs()
+            );
+        }
+    }
+}
+
+/// `vmcall` or `vmmcall` when that is the instruction at CS:`rip`.
+fn hypercall_at(vcpu: &mut dyn Vcpu, memory: &GuestMemory, rip: u64) -> Option<&'static str> {
+    use crate::arch::x86_64::emulate::{fetch, CpuMode, Paging};
+    let sregs = vcpu.sregs().ok()?;
+    let long = sregs.efer & crate::hv::regs::EFER_LMA != 0 && sregs.cs.l;
+    let mode = if long {
+        CpuMode::Long64
+    } else {
+        CpuMode::Protected32
+    };
+    let mut linear = sregs.cs.base.wrapping_add(rip);
+    if !long {
+        linear &= 0xffff_ffff;
+    }
+    let paging = Paging {
+        cr0: sregs.cr0,
+        cr3: sregs.cr3,
+        cr4: sregs.cr4,
+        efer: sregs.efer,
+    };
+    let mut bytes = [0u8; 3];
+    if fetch(&RamView(memory), &paging, linear, mode, &mut bytes) != bytes.len() {
+        return None;
+    }
+    match bytes {
+        [0x0f, 0x01, 0xc1] => Some("vmcall"),
+        [0x0f, 0x01, 0xd9] => Some("vmmcall"),
+        _ => None,
     }
 }
 

@@ -238,6 +238,7 @@ static const struct {
     { "lm-level", test_lm_level },
     { "lm-ipi", test_lm_ipi },
     { "lm-complete", test_lm_complete },
+    { "vmcall", test_vmcall },
     { "blkbench", test_blkbench },
     { "x2apic", test_x2apic },
     { "usernet", test_usernet },

@@ -30,6 +30,7 @@ void test_lm_hpet(const struct mb_info *mbi);
 void test_lm_level(const struct mb_info *mbi);
 void test_lm_ipi(const struct mb_info *mbi);
 void test_lm_complete(const struct mb_info *mbi);
+void test_vmcall(const struct mb_info *mbi);
 /* cpu1 in long mode, waiting in ring 3 for `runs` handler runs of `vector` (lm_ipi.c). */
 void lm_ap_start(u32 vector, u32 runs, u32 actions);
 u32 lm_ap_wait_count(u32 vector, u32 n);

@@ -403,7 +403,7 @@ impl Running {
         String::from_utf8_lossy(&self.stdout.lock().unwrap()).into_owned()
     }
 
-    fn stderr_so_far(&self) -> String {
+    pub fn stderr_so_far(&self) -> String {
         String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
     }
 

@@ -8,19 +8,28 @@
 //!
 //! Rules: nothing changes unless the whole instruction succeeds (the caller writes the copy
 //! back only on `Ok`; memory writes come last, after every read and every check, and a write
-//! translates all its pages before it stores a byte). A fault the instruction would raise in
-//! the guest (#GP, #PF, #UD, #NP, #TS, #MF, #NM) is not delivered: it is refused with
-//! [`CompleteError::Fault`], so the VMM stops with a diagnostic instead of corrupting the
-//! guest. Segment limits and canonical-address checks are not modelled. No allocation.
+//! translates all its pages before it stores a byte). Every access, the fetch included, is
+//! checked against the guest's page tables as the processor checks it (U/S, R/W with CR0.WP,
+//! NX, SMEP, SMAP with EFLAGS.AC, reserved bits); a refusal is [`CompleteError::PageFault`],
+//! which the back end delivers. The accessed and dirty flags the walks call for are set
+//! last, once the instruction commits, so a refused or faulting instruction leaves guest
+//! memory untouched. Any other fault the instruction would raise in the guest (#GP, #UD,
+//! #NP, #TS, #MF, #NM) is not delivered: it is refused with [`CompleteError::Fault`], so the
+//! VMM stops with a diagnostic instead of corrupting the guest. Segment limits, canonical
+//! addresses and protection keys are not modelled. No allocation.
 
 mod simd;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
+use std::cell::RefCell;
+
+use iced_x86::{Decoder, DecoderError, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
 
 use super::mmio::{CpuMode, InstructionBytes};
-use super::paging::{fetch, GuestRam, Paging, WalkError};
+use super::paging::{
+    host_phys_bits, Access, AccessKind, EntryUpdate, GuestRam, Paging, Privilege, WalkError,
+};
 use crate::hv::regs::{
     SegmentRegister, SpecialRegisters, StandardRegisters, CR0_PE, EFER_LMA, RFLAGS_IF,
 };
@@ -264,6 +273,8 @@ pub enum CompleteError {
     /// `linear`) and the guest's handler decides, as on hardware.
     #[error("#PF at linear address {linear:#x} (error code {error_code:#x})")]
     PageFault { linear: u64, error_code: u32 },
+    #[error("the instruction uses more than {MAX_ENTRY_UPDATES} paging-structure entries")]
+    TooManyEntries,
     #[error("the vCPU's extended state is unavailable: {0}")]
     State(&'static str),
 }
@@ -337,12 +348,22 @@ pub fn complete(
             efer: cpu.sregs.efer,
         },
         long_mode: cpu.sregs.efer & EFER_LMA != 0,
+        phys_bits: host_phys_bits(),
+        explicit: Privilege::at(cpu.sregs.cpl(), cpu.regs.rflags & RFLAGS_AC != 0),
+        updates: RefCell::new(EntryUpdates {
+            entries: [EntryUpdate::default(); MAX_ENTRY_UPDATES],
+            len: 0,
+        }),
     };
     let linear = memory.wrap(cpu.sregs.cs.base.wrapping_add(cpu.regs.rip));
     let mut bytes = [0u8; 15];
-    let fetched = fetch(ram, &memory.paging, linear, mode, &mut bytes);
+    let (fetched, stopped) = memory.fetch(linear, mode, &mut bytes);
+    let fetch_failed = |stopped: Option<CompleteError>| match stopped {
+        Some(fault @ CompleteError::PageFault { .. }) => fault,
+        _ => CompleteError::Fetch { linear },
+    };
     if fetched == 0 {
-        return Err(CompleteError::Fetch { linear });
+        return Err(fetch_failed(stopped));
     }
     let bitness = match mode {
         CpuMode::Real | CpuMode::Protected16 => 16,
@@ -357,10 +378,16 @@ pub fn complete(
     );
     let instr = decoder.decode();
     if instr.is_invalid() {
+        // Cut short by the page that could not be fetched: that fetch is what faults.
+        if decoder.last_error() == DecoderError::NoMoreBytes && stopped.is_some() {
+            return Err(fetch_failed(stopped));
+        }
         return Err(CompleteError::Decode {
             bytes: InstructionBytes::new(&bytes[..fetched]),
         });
     }
+    // Only the pages holding the instruction's own bytes count as fetched.
+    memory.record_fetch(linear, mode, instr.len())?;
     let kind = Kind::of(instr.mnemonic());
     if kind.is_none() && !simd::is_simd(instr.mnemonic()) {
         return Err(CompleteError::Unsupported {
@@ -382,6 +409,7 @@ pub fn complete(
         }
         None => op.complete_simd(ext)?,
     };
+    memory.commit();
     *cpu = next;
     Ok(kind)
 }
@@ -397,11 +425,48 @@ fn next_ip(rip: u64, len: usize, mode: CpuMode) -> u64 {
     }
 }
 
+/// The most paging-structure entries one instruction's walks can use: the most pages one
+/// touches (a 64-bit software interrupt: two each for its fetch, the IDT gate, the code
+/// descriptor, the TSS slot and the stack frame; the XSAVE family: two for the fetch and a
+/// 4 KiB area) times five levels, with room to spare.
+const MAX_ENTRY_UPDATES: usize = 80;
+
+/// The accessed/dirty flags an instruction's accesses would set, kept until it commits.
+struct EntryUpdates {
+    entries: [EntryUpdate; MAX_ENTRY_UPDATES],
+    len: usize,
+}
+
+impl EntryUpdates {
+    /// Merges with an entry already recorded (the upper levels of neighbouring pages);
+    /// false when full.
+    fn add(&mut self, update: &EntryUpdate) -> bool {
+        if let Some(known) = self.entries[..self.len]
+            .iter_mut()
+            .find(|e| e.gpa == update.gpa)
+        {
+            known.set |= update.set;
+            return true;
+        }
+        let Some(slot) = self.entries.get_mut(self.len) else {
+            return false;
+        };
+        *slot = *update;
+        self.len += 1;
+        true
+    }
+}
+
 /// Guest memory by linear address, through the guest's page tables.
 struct Memory<'a> {
     ram: &'a dyn GuestRam,
     paging: Paging,
     long_mode: bool,
+    /// The guest's MAXPHYADDR, for the reserved-bit checks.
+    phys_bits: u8,
+    /// Who the instruction's own operands are accessed as: its CPL and EFLAGS.AC.
+    explicit: Privilege,
+    updates: RefCell<EntryUpdates>,
 }
 
 impl Memory<'_> {
@@ -414,46 +479,141 @@ impl Memory<'_> {
         }
     }
 
+    /// Checks one access to the page holding `at` and records the flags it sets. `Ok(None)`:
+    /// a paging structure is not RAM.
+    fn translate(
+        &self,
+        at: u64,
+        access: Access,
+        record: bool,
+    ) -> Result<Option<u64>, CompleteError> {
+        let t = match self.paging.walk(self.ram, at, access, self.phys_bits) {
+            Ok(t) => t,
+            Err(WalkError::PageFault { error_code }) => {
+                return Err(CompleteError::PageFault {
+                    linear: at,
+                    error_code,
+                })
+            }
+            Err(WalkError::NotRam) => return Ok(None),
+        };
+        if record {
+            let mut updates = self.updates.borrow_mut();
+            if !t.updates().iter().all(|u| updates.add(u)) {
+                return Err(CompleteError::TooManyEntries);
+            }
+        }
+        Ok(Some(t.gpa))
+    }
+
+    /// Sets the accessed/dirty flags the instruction's accesses call for: it commits.
+    fn commit(&self) {
+        let updates = self.updates.borrow();
+        for update in &updates.entries[..updates.len] {
+            // The walk read each entry from RAM; one that has gone cannot be set.
+            update.apply(self.ram);
+        }
+    }
+
     /// Visits the page-bounded chunks of `len` bytes at `linear` with their guest-physical
     /// addresses. A chunk the guest's page tables do not allow is the #PF the instruction
     /// raises (at the first faulting byte); a chunk outside RAM is an error for the VMM.
+    /// `record`: the access is made, so its accessed/dirty flags are due at commit.
     fn chunks(
         &self,
         linear: u64,
         len: usize,
-        write: bool,
+        access: Access,
+        record: bool,
         mut each: impl FnMut(u64, usize, usize) -> bool,
     ) -> Result<(), CompleteError> {
         let mut done = 0;
         while done < len {
             let at = self.wrap(linear.wrapping_add(done as u64));
             let chunk = ((0x1000 - (at & 0xfff)) as usize).min(len - done);
-            match self.paging.translate_data(self.ram, at, write) {
-                Ok(gpa) if each(gpa, done, chunk) => done += chunk,
-                Err(WalkError::PageFault { error_code }) => {
-                    return Err(CompleteError::PageFault {
-                        linear: at,
-                        error_code,
-                    })
-                }
-                Ok(_) | Err(WalkError::NotRam) => {
-                    return Err(CompleteError::Memory { linear, size: len })
-                }
+            match self.translate(at, access, record)? {
+                Some(gpa) if each(gpa, done, chunk) => done += chunk,
+                _ => return Err(CompleteError::Memory { linear, size: len }),
             }
         }
         Ok(())
     }
 
-    fn read(&self, linear: u64, buf: &mut [u8]) -> Result<(), CompleteError> {
+    fn read_as(
+        &self,
+        privilege: Privilege,
+        linear: u64,
+        buf: &mut [u8],
+    ) -> Result<(), CompleteError> {
         let len = buf.len();
-        self.chunks(linear, len, false, |gpa, at, chunk| {
+        let access = Access {
+            kind: AccessKind::Read,
+            privilege,
+        };
+        self.chunks(linear, len, access, true, |gpa, at, chunk| {
             self.ram.read(gpa, &mut buf[at..at + chunk])
         })
     }
 
-    fn read_u64(&self, linear: u64) -> Result<u64, CompleteError> {
+    /// Reads up to `buf.len()` instruction bytes at `linear`, page by page: how many, and
+    /// why it stopped short.
+    fn fetch(&self, linear: u64, mode: CpuMode, buf: &mut [u8]) -> (usize, Option<CompleteError>) {
+        let mut done = 0;
+        while done < buf.len() {
+            let at = self.code_address(linear, done, mode);
+            let chunk = ((0x1000 - (at & 0xfff)) as usize).min(buf.len() - done);
+            match self.translate(at, self.fetch_access(), false) {
+                Ok(Some(gpa)) if self.ram.read(gpa, &mut buf[done..done + chunk]) => done += chunk,
+                Ok(_) => return (done, Some(CompleteError::Fetch { linear: at })),
+                Err(e) => return (done, Some(e)),
+            }
+        }
+        (done, None)
+    }
+
+    /// Records the accessed flags of the pages holding the `len` instruction bytes at
+    /// `linear`, already fetched.
+    fn record_fetch(&self, linear: u64, mode: CpuMode, len: usize) -> Result<(), CompleteError> {
+        let mut done = 0;
+        while done < len {
+            let at = self.code_address(linear, done, mode);
+            self.translate(at, self.fetch_access(), true)?
+                .ok_or(CompleteError::Fetch { linear: at })?;
+            done += ((0x1000 - (at & 0xfff)) as usize).min(len - done);
+        }
+        Ok(())
+    }
+
+    fn fetch_access(&self) -> Access {
+        Access {
+            kind: AccessKind::Fetch,
+            privilege: self.explicit,
+        }
+    }
+
+    /// The instruction pointer wraps at 32 bits outside 64-bit code.
+    fn code_address(&self, linear: u64, offset: usize, mode: CpuMode) -> u64 {
+        let at = linear.wrapping_add(offset as u64);
+        if mode == CpuMode::Long64 {
+            at
+        } else {
+            at & 0xffff_ffff
+        }
+    }
+
+    /// A read of the instruction's own operand.
+    fn read(&self, linear: u64, buf: &mut [u8]) -> Result<(), CompleteError> {
+        self.read_as(self.explicit, linear, buf)
+    }
+
+    /// A read of a system structure (GDT, LDT, IDT, TSS): an implicit supervisor access.
+    fn read_system(&self, linear: u64, buf: &mut [u8]) -> Result<(), CompleteError> {
+        self.read_as(Privilege::Implicit, linear, buf)
+    }
+
+    fn read_system_u64(&self, linear: u64) -> Result<u64, CompleteError> {
         let mut b = [0u8; 8];
-        self.read(linear, &mut b)?;
+        self.read_system(linear, &mut b)?;
         Ok(u64::from_le_bytes(b))
     }
 
@@ -463,20 +623,41 @@ impl Memory<'_> {
         Ok(u32::from_le_bytes(b))
     }
 
-    /// Checks that `len` bytes at `linear` are writable RAM, so that writes there cannot fail
-    /// halfway (a #PF on a later page must leave the earlier ones untouched).
-    fn check(&self, linear: u64, len: usize) -> Result<(), CompleteError> {
+    /// Checks that `len` bytes at `linear` allow the access and are RAM, so that a later
+    /// access there cannot fail halfway (a #PF on a later page must leave the earlier ones
+    /// untouched). Sets no flags: the accesses themselves record theirs.
+    fn check(&self, linear: u64, len: usize, kind: AccessKind) -> Result<(), CompleteError> {
+        let access = Access {
+            kind,
+            privilege: self.explicit,
+        };
         // Memory regions are whole pages, so a page's first byte being RAM covers the chunk.
-        self.chunks(linear, len, true, |gpa, _, _| {
+        self.chunks(linear, len, access, false, |gpa, _, _| {
             self.ram.read(gpa, &mut [0u8; 1])
         })
     }
 
-    fn write(&self, linear: u64, data: &[u8]) -> Result<(), CompleteError> {
-        self.check(linear, data.len())?;
-        self.chunks(linear, data.len(), true, |gpa, at, chunk| {
+    fn write_as(
+        &self,
+        privilege: Privilege,
+        linear: u64,
+        data: &[u8],
+    ) -> Result<(), CompleteError> {
+        let access = Access {
+            kind: AccessKind::Write,
+            privilege,
+        };
+        self.chunks(linear, data.len(), access, false, |gpa, _, _| {
+            self.ram.read(gpa, &mut [0u8; 1])
+        })?;
+        self.chunks(linear, data.len(), access, true, |gpa, at, chunk| {
             self.ram.write(gpa, &data[at..at + chunk])
         })
+    }
+
+    /// A write of the instruction's own operand.
+    fn write(&self, linear: u64, data: &[u8]) -> Result<(), CompleteError> {
+        self.write_as(self.explicit, linear, data)
     }
 }
 
@@ -716,9 +897,10 @@ impl Op<'_> {
         if entry + 3 > u64::from(self.cpu.sregs.idt.limit) {
             return Err(self.fault("#GP", "vector beyond the IVT limit"));
         }
-        let target = self
-            .memory
-            .read_u32(self.cpu.sregs.idt.base.wrapping_add(entry))?;
+        let mut target = [0u8; 4];
+        self.memory
+            .read_system(self.cpu.sregs.idt.base.wrapping_add(entry), &mut target)?;
+        let target = u32::from_le_bytes(target);
         let sp = self.cpu.regs.rsp & 0xffff;
         if sp < 6 && sp != 0 {
             return Err(self.fault("#SS", "the stack wraps inside the frame"));
@@ -761,7 +943,7 @@ impl Op<'_> {
             return Err(self.fault("#GP", "selector beyond the descriptor table limit"));
         }
         Ok(Descriptor {
-            raw: self.memory.read_u64(base.wrapping_add(offset))?,
+            raw: self.memory.read_system_u64(base.wrapping_add(offset))?,
         })
     }
 
@@ -797,7 +979,8 @@ impl Op<'_> {
             return Err(self.fault("#TS", "the stack pointer lies beyond the TSS limit"));
         }
         let mut b = [0u8; N];
-        self.memory.read(tr.base.wrapping_add(offset), &mut b)?;
+        self.memory
+            .read_system(tr.base.wrapping_add(offset), &mut b)?;
         Ok(b)
     }
 
@@ -818,8 +1001,8 @@ impl Op<'_> {
             return Err(self.fault("#GP", "vector beyond the IDT limit"));
         }
         let gate_at = self.cpu.sregs.idt.base.wrapping_add(entry);
-        let low = self.memory.read_u64(gate_at)?;
-        let high = self.memory.read_u64(gate_at.wrapping_add(8))?;
+        let low = self.memory.read_system_u64(gate_at)?;
+        let high = self.memory.read_system_u64(gate_at.wrapping_add(8))?;
         let gate_type = (low >> 40) as u8 & 0xf;
         let gate_dpl = (low >> 45) as u8 & 3;
         if gate_type != GATE_INTERRUPT && gate_type != GATE_TRAP {
@@ -857,7 +1040,9 @@ impl Op<'_> {
             slot.copy_from_slice(&value.to_le_bytes());
         }
         let new_rsp = rsp.wrapping_sub(40);
-        self.memory.write(new_rsp, &frame)?;
+        // The frame is pushed at the handler's privilege.
+        let pusher = Privilege::at(new_cpl, regs.rflags & RFLAGS_AC != 0);
+        self.memory.write_as(pusher, new_rsp, &frame)?;
         self.cpu.regs.rsp = new_rsp;
         self.cpu.regs.rip = target;
         self.cpu.regs.rflags = Self::handler_rflags(regs.rflags, gate_type);
@@ -877,7 +1062,7 @@ impl Op<'_> {
         }
         let gate = self
             .memory
-            .read_u64(self.cpu.sregs.idt.base.wrapping_add(entry))?;
+            .read_system_u64(self.cpu.sregs.idt.base.wrapping_add(entry))?;
         let gate_type = (gate >> 40) as u8 & 0xf;
         let gate_dpl = (gate >> 45) as u8 & 3;
         if gate_type == GATE_TASK {
@@ -933,8 +1118,12 @@ impl Op<'_> {
         for (slot, value) in frame.chunks_exact_mut(4).zip(values) {
             slot.copy_from_slice(&value.to_le_bytes());
         }
-        self.memory
-            .write(stack.base.wrapping_add(new_esp), &frame[..frame_len])?;
+        let pusher = Privilege::at(new_cpl, regs.rflags & RFLAGS_AC != 0);
+        self.memory.write_as(
+            pusher,
+            stack.base.wrapping_add(new_esp),
+            &frame[..frame_len],
+        )?;
         let rsp = if new_cpl < cpl {
             new_esp
         } else {
@@ -1057,7 +1246,7 @@ impl Op<'_> {
             return Ok(None);
         }
         let descriptor = Descriptor {
-            raw: self.memory.read_u64(table.0.wrapping_add(offset))?,
+            raw: self.memory.read_system_u64(table.0.wrapping_add(offset))?,
         };
         if descriptor.system() {
             let long = self.cpu.sregs.efer & EFER_LMA != 0;
@@ -1102,10 +1291,18 @@ impl Op<'_> {
         let len = half * 2;
         // One page holds the operand when it is naturally aligned (always for cmpxchg16b);
         // then the exchange is atomic against the other vCPUs.
-        let in_one_page = (linear & 0xfff) as usize + len <= 0x1000;
-        let gpa = in_one_page
-            .then(|| self.memory.paging.translate(self.memory.ram, linear))
-            .flatten()
+        if (linear & 0xfff) as usize + len > 0x1000 {
+            return Err(CompleteError::Memory { linear, size: len });
+        }
+        // The processor writes the destination whether or not it matches, so the access is
+        // a write either way (a read-only page faults, the page turns dirty).
+        let access = Access {
+            kind: AccessKind::Write,
+            privilege: self.memory.explicit,
+        };
+        let gpa = self
+            .memory
+            .translate(linear, access, true)?
             .ok_or(CompleteError::Memory { linear, size: len })?;
         let mut actual = [0u8; 16];
         let swapped = self
@@ -1283,12 +1480,12 @@ impl Op<'_> {
             .max()
             .unwrap_or(XSAVE_EXTENDED)
             .max(XSAVE_EXTENDED);
-        self.memory.check(linear, end)?;
+        self.memory.check(linear, end, AccessKind::Write)?;
         let area = xsave_image(ext)?;
         let in_use = read_u64(area, XSAVE_HEADER);
         let mut header = [0u8; XSAVE_HEADER_SIZE];
         self.memory
-            .read(linear + XSAVE_HEADER as u64, &mut header)?;
+            .read(linear.wrapping_add(XSAVE_HEADER as u64), &mut header)?;
         if compacted {
             header = [0u8; XSAVE_HEADER_SIZE];
             write_u64(&mut header, 0, in_use & rfbm);
@@ -1301,27 +1498,27 @@ impl Op<'_> {
         let memory = self.memory;
         if rfbm & X87 != 0 {
             memory.write(linear, &area[..XSAVE_MXCSR])?;
-            memory.write(linear + 32, &area[32..XSAVE_XMM_START])?;
+            memory.write(linear.wrapping_add(32), &area[32..XSAVE_XMM_START])?;
         }
         if rfbm & (SSE | YMM) != 0 {
             let mut control = [0u8; 8];
             control[..4].copy_from_slice(&mxcsr(area).to_le_bytes());
             control[4..].copy_from_slice(&mxcsr_mask(area).to_le_bytes());
-            memory.write(linear + XSAVE_MXCSR as u64, &control)?;
+            memory.write(linear.wrapping_add(XSAVE_MXCSR as u64), &control)?;
         }
         if rfbm & SSE != 0 {
             memory.write(
-                linear + XSAVE_XMM_START as u64,
+                linear.wrapping_add(XSAVE_XMM_START as u64),
                 &area[XSAVE_XMM_START..XSAVE_XMM_END],
             )?;
         }
-        memory.write(linear + XSAVE_HEADER as u64, &header)?;
+        memory.write(linear.wrapping_add(XSAVE_HEADER as u64), &header)?;
         for (i, &(at, c)) in places.iter().enumerate().skip(2) {
             if rfbm >> i & 1 == 0 {
                 continue;
             }
             let data = &area[c.offset as usize..c.offset as usize + c.size as usize];
-            memory.write(linear + at as u64, data)?;
+            memory.write(linear.wrapping_add(at as u64), data)?;
         }
         Ok(())
     }
@@ -1336,7 +1533,7 @@ impl Op<'_> {
         self.require_alignment(linear, 64)?;
         let mut header = [0u8; XSAVE_HEADER_SIZE];
         self.memory
-            .read(linear + XSAVE_HEADER as u64, &mut header)?;
+            .read(linear.wrapping_add(XSAVE_HEADER as u64), &mut header)?;
         let xstate_bv = read_u64(&header, 0);
         let xcomp_bv = read_u64(&header, 8);
         let compacted = xcomp_bv & XCOMP_BV_COMPACTED != 0;
@@ -1396,7 +1593,11 @@ impl Op<'_> {
         }
         for (i, &(at, c)) in places.iter().enumerate().skip(2) {
             if rfbm & xstate_bv & 1u64 << i != 0 {
-                self.memory.check(linear + at as u64, c.size as usize)?;
+                self.memory.check(
+                    linear.wrapping_add(at as u64),
+                    c.size as usize,
+                    AccessKind::Read,
+                )?;
             }
         }
         let mut bv = read_u64(area, XSAVE_HEADER);
@@ -1429,7 +1630,8 @@ impl Op<'_> {
             }
             let range = c.offset as usize..c.offset as usize + c.size as usize;
             if xstate_bv & bit != 0 {
-                self.memory.read(linear + at as u64, &mut area[range])?;
+                self.memory
+                    .read(linear.wrapping_add(at as u64), &mut area[range])?;
                 bv |= bit;
             } else {
                 area[range].fill(0);
@@ -1559,6 +1761,8 @@ mod tests {
     const STACK_TOP: u64 = 0x20000;
     const RSP0_TOP: u64 = 0x30000;
     const IST1_TOP: u64 = 0x40000;
+    const ACCESSED: u64 = 1 << 5;
+    const DIRTY: u64 = 1 << 6;
 
     /// Flat test RAM from 0.
     struct Ram(RefCell<Vec<u8>>);
@@ -2393,6 +2597,31 @@ mod tests {
         assert_eq!(ext.area[1088..1152], saved.area[1088..1152]);
     }
 
+    /// The area's offsets wrap at the top of the address space instead of overflowing (found
+    /// by the instruction_complete fuzz target); there is no RAM there.
+    #[test]
+    fn an_xsave_area_at_the_top_of_the_address_space_is_refused() {
+        let ram = Ram::new();
+        let mut ext = patterned_ext();
+        let mut cpu = long_cpu(&ram, 0);
+        cpu.regs.rax = u64::from(u32::MAX);
+        cpu.regs.rdi = !63; // 64 bytes below 2^64
+        for code in [
+            Code::Xsave64_mem,
+            Code::Xrstor64_mem,
+            Code::Xsavec64_mem,
+            Code::Fxsave64_m512byte,
+            Code::Fxrstor64_m512byte,
+        ] {
+            let instr = with1(code, MemoryOperand::with_base(Register::RDI));
+            let err = run(&ram, &cpu, &mut ext, 64, instr).unwrap_err();
+            assert!(
+                matches!(err, CompleteError::Memory { .. }),
+                "{code:?}: {err}"
+            );
+        }
+    }
+
     #[test]
     fn xsave_family_refuses_what_would_fault() {
         let ram = Ram::new();
@@ -2501,8 +2730,21 @@ mod tests {
         let mut after = cpu;
         assert_eq!(complete(&mut after, &ram, &mut ext), Ok(Kind::Stac));
         assert_eq!(after.regs.rip, 0xffff_ffff_8100_1001);
-        // An unmapped RIP: a fetch error, nothing changes.
+        // An unmapped RIP: the fetch's #PF (not present, no I/D without NXE or SMEP);
+        // nothing changes.
         cpu.regs.rip = 0xffff_8000_0000_0000;
+        let mut after = cpu;
+        assert_eq!(
+            complete(&mut after, &ram, &mut ext),
+            Err(CompleteError::PageFault {
+                linear: 0xffff_8000_0000_0000,
+                error_code: 0
+            })
+        );
+        assert_eq!(after, cpu);
+        // A RIP outside RAM altogether is the VMM's problem.
+        ram.poke(0x10_2000 + 9 * 8, &(0x4000_0000u64 | 0x83).to_le_bytes());
+        cpu.regs.rip = 0xffff_ffff_8120_0000;
         let mut after = cpu;
         assert!(matches!(
             complete(&mut after, &ram, &mut ext),
@@ -2564,14 +2806,242 @@ mod tests {
         );
         assert_eq!(ram.peek(0x30_0000, 4), [0xaa; 4]);
 
-        // Writable: the store lands, and the page tables are left as they were (a refused
-        // instruction must not have touched guest memory, so the walk writes nothing).
+        // The faults set no accessed flag anywhere.
+        for at in [0x10_0000, 0x10_3000, 0x10_4000 + 8, 0x10_2000 + 8 * 8] {
+            assert_eq!(ram.peek_u64(at) & (ACCESSED | DIRTY), 0, "entry at {at:#x}");
+        }
+
+        // Writable: the store lands, and the processor's flags are set: accessed on every
+        // level of both walks, dirty on the data page only.
         ram.poke(pte, &(0x30_0000u64 | present_rw).to_le_bytes());
-        let tables = ram.peek(0x10_0000, 0x6000);
         let mut after = cpu;
         assert_eq!(complete(&mut after, &ram, &mut ext), Ok(Kind::Stmxcsr));
         assert_eq!(ram.peek_u32(0x30_0000), MXCSR_DEFAULT);
-        assert_eq!(ram.peek(0x10_0000, 0x6000), tables);
+        for at in [0x10_0000, 0x10_3000, 0x10_4000 + 8] {
+            assert_eq!(ram.peek_u64(at) & (ACCESSED | DIRTY), ACCESSED);
+        }
+        assert_eq!(ram.peek_u64(pte) & (ACCESSED | DIRTY), ACCESSED | DIRTY);
+        for at in [0x10_0000 + 511 * 8, 0x10_1000 + 510 * 8, 0x10_2000 + 8 * 8] {
+            assert_eq!(
+                ram.peek_u64(at) & (ACCESSED | DIRTY),
+                ACCESSED,
+                "code {at:#x}"
+            );
+        }
+    }
+
+    const PML4: u64 = 0x30_0000;
+    const PT: u64 = 0x30_3000;
+    /// PML4[0], PDPT[0], PD[0]: the upper entries every walk below 2 MiB uses.
+    const UPPER: [u64; 3] = [PML4, 0x30_1000, 0x30_2000];
+    const CR0_WP: u64 = 1 << 16;
+    const CR4_SMEP: u64 = 1 << 20;
+    const CR4_SMAP: u64 = 1 << 21;
+    const EFER_NXE: u64 = 1 << 11;
+
+    /// Identity-maps the test RAM with 4 KiB pages, every entry present and writable with
+    /// accessed/dirty clear (plus `extra` flags on the upper levels), and turns on 4-level
+    /// paging with CR0.WP, as Linux runs.
+    fn identity_paging(ram: &Ram, cpu: &mut Cpu, extra: u64) {
+        ram.poke(UPPER[0], &(0x30_1000 | 3 | extra).to_le_bytes());
+        ram.poke(UPPER[1], &(0x30_2000 | 3 | extra).to_le_bytes());
+        ram.poke(UPPER[2], &(PT | 3 | extra).to_le_bytes());
+        ram.poke(UPPER[2] + 8, &((PT + 0x1000) | 3 | extra).to_le_bytes());
+        for page in 0..(RAM_BYTES as u64 >> 12) {
+            ram.poke(PT + page * 8, &(page << 12 | 3).to_le_bytes());
+        }
+        cpu.sregs.cr0 |= CR0_PG | CR0_WP;
+        cpu.sregs.cr4 |= CR4_PAE;
+        cpu.sregs.cr3 = PML4;
+    }
+
+    fn pte(linear: u64) -> u64 {
+        PT + (linear >> 12) * 8
+    }
+
+    fn set_pte(ram: &Ram, linear: u64, flags: u64) {
+        ram.poke(pte(linear), &(linear & !0xfff | flags).to_le_bytes());
+    }
+
+    fn flags(ram: &Ram, entry: u64) -> u64 {
+        ram.peek_u64(entry) & (ACCESSED | DIRTY)
+    }
+
+    fn tables(ram: &Ram) -> Vec<u8> {
+        ram.peek(PML4, 0x5000)
+    }
+
+    #[test]
+    fn a_completed_instruction_sets_the_accessed_and_dirty_flags_it_used() {
+        let ram = Ram::new();
+        let mut ext = Ext::new();
+        let mut cpu = long_cpu(&ram, 0);
+        identity_paging(&ram, &mut cpu, 0);
+        cpu.regs.rdi = DATA;
+        let popcnt = Instruction::with2(
+            Code::Popcnt_r64_rm64,
+            Register::RAX,
+            MemoryOperand::with_base(Register::RDI),
+        )
+        .unwrap();
+        run(&ram, &cpu, &mut ext, 64, popcnt).unwrap();
+        // A read: accessed on every level of the data walk and the fetch walk, dirty nowhere.
+        for entry in UPPER {
+            assert_eq!(flags(&ram, entry), ACCESSED, "upper entry {entry:#x}");
+        }
+        assert_eq!(flags(&ram, pte(DATA)), ACCESSED);
+        assert_eq!(flags(&ram, pte(CODE)), ACCESSED);
+        // Pages nobody touched keep clear flags.
+        assert_eq!(flags(&ram, pte(DATA + 0x1000)), 0);
+        assert_eq!(flags(&ram, pte(STACK_TOP - 8)), 0);
+
+        // A write across a page boundary: both pages accessed and dirty.
+        cpu.regs.rdi = DATA + 0x2ffe;
+        let stmxcsr = with1(Code::Stmxcsr_m32, MemoryOperand::with_base(Register::RDI));
+        run(&ram, &cpu, &mut ext, 64, stmxcsr).unwrap();
+        assert_eq!(flags(&ram, pte(DATA + 0x2000)), ACCESSED | DIRTY);
+        assert_eq!(flags(&ram, pte(DATA + 0x3000)), ACCESSED | DIRTY);
+        assert_eq!(flags(&ram, pte(DATA)), ACCESSED);
+        for entry in UPPER {
+            assert_eq!(flags(&ram, entry), ACCESSED, "upper entry {entry:#x}");
+        }
+
+        // int3: the IDT, GDT and TSS are read (accessed), the new stack is written (dirty).
+        gate64(&ram, 3, 0x5000, GATE_INTERRUPT, 0, 0);
+        let (after, _, _) = run(&ram, &cpu, &mut ext, 64, Instruction::with(Code::Int3)).unwrap();
+        assert_eq!(after.regs.rip, 0x5000);
+        assert_eq!(flags(&ram, pte(IDT)), ACCESSED);
+        assert_eq!(flags(&ram, pte(GDT)), ACCESSED);
+        assert_eq!(flags(&ram, pte(STACK_TOP - 40)), ACCESSED | DIRTY);
+    }
+
+    #[test]
+    fn a_refused_or_faulting_instruction_sets_no_flags() {
+        let ram = Ram::new();
+        let mut ext = Ext::new();
+        let mut cpu = long_cpu(&ram, 0);
+        identity_paging(&ram, &mut cpu, 0);
+
+        // The second page of a page-crossing store is read-only: #PF on it, and the first
+        // page, already checked, is not marked.
+        set_pte(&ram, DATA + 0x3000, 1);
+        let before = tables(&ram);
+        cpu.regs.rdi = DATA + 0x2ffe;
+        let stmxcsr = with1(Code::Stmxcsr_m32, MemoryOperand::with_base(Register::RDI));
+        assert_eq!(
+            run(&ram, &cpu, &mut ext, 64, stmxcsr),
+            Err(CompleteError::PageFault {
+                linear: DATA + 0x3000,
+                error_code: 0x3
+            })
+        );
+        assert_eq!(tables(&ram), before);
+
+        // fxrstor reads its image, then refuses reserved MXCSR bits (#GP).
+        cpu.regs.rdi = DATA;
+        ram.poke(DATA + XSAVE_MXCSR as u64, &u32::MAX.to_le_bytes());
+        let fxrstor = with1(
+            Code::Fxrstor64_m512byte,
+            MemoryOperand::with_base(Register::RDI),
+        );
+        assert!(matches!(
+            run(&ram, &cpu, &mut ext, 64, fxrstor),
+            Err(CompleteError::Fault { fault: "#GP", .. })
+        ));
+        assert_eq!(tables(&ram), before);
+
+        // int3 reads the IDT and GDT, then its stack push finds no page.
+        gate64(&ram, 3, 0x5000, GATE_INTERRUPT, 0, 0);
+        set_pte(&ram, STACK_TOP - 0x1000, 0);
+        let before = tables(&ram);
+        assert_eq!(
+            run(&ram, &cpu, &mut ext, 64, Instruction::with(Code::Int3)),
+            Err(CompleteError::PageFault {
+                linear: STACK_TOP - 40,
+                error_code: 0x2
+            })
+        );
+        assert_eq!(tables(&ram), before);
+    }
+
+    #[test]
+    fn smap_smep_and_nx_guard_the_kernel_as_the_processor_does() {
+        let ram = Ram::new();
+        let mut ext = Ext::new();
+        let mut cpu = long_cpu(&ram, 0);
+        identity_paging(&ram, &mut cpu, 4);
+        cpu.sregs.cr4 |= CR4_SMAP;
+        // DATA is a user page (U/S on every level); everything else a kernel page.
+        set_pte(&ram, DATA, 7);
+        cpu.regs.rdi = DATA;
+        let popcnt = Instruction::with2(
+            Code::Popcnt_r64_rm64,
+            Register::RAX,
+            MemoryOperand::with_base(Register::RDI),
+        )
+        .unwrap();
+        let before = tables(&ram);
+        // SMAP, AC clear: the kernel's read of a user page is #PF with P only.
+        assert_eq!(
+            run(&ram, &cpu, &mut ext, 64, popcnt),
+            Err(CompleteError::PageFault {
+                linear: DATA,
+                error_code: 0x1
+            })
+        );
+        assert_eq!(tables(&ram), before);
+        // After stac (AC set) the same read goes through.
+        let mut opened = cpu;
+        opened.regs.rflags |= RFLAGS_AC;
+        assert!(run(&ram, &opened, &mut ext, 64, popcnt).is_ok());
+
+        // The IDT on a user page: int3's gate read is an implicit supervisor access, which
+        // SMAP refuses whatever AC says.
+        gate64(&ram, 3, 0x5000, GATE_INTERRUPT, 0, 0);
+        set_pte(&ram, IDT, 7);
+        assert_eq!(
+            run(&ram, &opened, &mut ext, 64, Instruction::with(Code::Int3)),
+            Err(CompleteError::PageFault {
+                linear: IDT + 3 * 16,
+                error_code: 0x1
+            })
+        );
+        set_pte(&ram, IDT, 3);
+        assert!(run(&ram, &opened, &mut ext, 64, Instruction::with(Code::Int3)).is_ok());
+
+        // SMEP: the kernel fetching from a user page is #PF with P and I/D.
+        let stac = Instruction::with(Code::Stac);
+        set_pte(&ram, CODE, 7);
+        let mut smep = cpu;
+        smep.sregs.cr4 |= CR4_SMEP;
+        assert_eq!(
+            run(&ram, &smep, &mut ext, 64, stac),
+            Err(CompleteError::PageFault {
+                linear: CODE,
+                error_code: 0x11
+            })
+        );
+        assert!(run(&ram, &cpu, &mut ext, 64, stac).is_ok());
+
+        // NX: a fetch from an execute-disable page faults once EFER.NXE is on; without NXE
+        // bit 63 is reserved (P|RSVD).
+        set_pte(&ram, CODE, 3 | 1 << 63);
+        let mut nx = cpu;
+        nx.sregs.efer |= EFER_NXE;
+        assert_eq!(
+            run(&ram, &nx, &mut ext, 64, stac),
+            Err(CompleteError::PageFault {
+                linear: CODE,
+                error_code: 0x11
+            })
+        );
+        assert_eq!(
+            run(&ram, &cpu, &mut ext, 64, stac),
+            Err(CompleteError::PageFault {
+                linear: CODE,
+                error_code: 0x9
+            })
+        );
     }
 
     #[test]
