@@ -15,17 +15,18 @@
 //!   guest flush is `fsync` (data), refcount blocks, L2 tables, `fsync`, L1/refcount table
 //!   entries, `fsync`: a crash or `kill -9` leaves leaks at worst, never corruption;
 //! - discard and write-zeroes punch holes where the clusters they free were;
-//! - guest offsets are checked against the disk size before imago sees them.
-//!
-//! Not done (imago trusts them, as we do): L2 entries and refcounts that point a guest
-//! cluster at the image's own metadata. QEMU's overlap check refuses such writes; here a
-//! hostile image can only damage itself (every write stays inside its own file).
+//! - guest offsets are checked against the disk size before imago sees them;
+//! - a writable image's header, tables and refcounts are checked at open ([`check`]): imago
+//!   trusts them, and a hostile refcount layout sent it into unbounded recursion (a stack
+//!   overflow) or could make it hand a used cluster to new metadata. An image that passes
+//!   keeps every guest write inside its own data clusters.
 //!
 //! Images with the dirty or corrupt bit, an external data file, extended L2 entries or a
 //! compression type other than zlib are refused at open by imago with a message naming the
 //! feature; `qemu-img check -r all` repairs a dirty image.
 
 pub mod backing;
+pub mod check;
 pub mod fuzz;
 pub mod mem;
 pub mod ordered;
@@ -64,6 +65,12 @@ pub enum Qcow2Error {
     ChainTooDeep { path: PathBuf, limit: usize },
     #[error("qcow2 {0:?}: external data files are not supported")]
     ExternalDataFile(PathBuf),
+    #[error("qcow2 {path:?} is refused: {source} (see `qemu-img check`)")]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: check::Corrupt,
+    },
     #[error("qcow2 {path:?}: {size} bytes is less than one {sector_size}-byte sector")]
     TooSmall {
         path: PathBuf,
@@ -136,6 +143,7 @@ impl Qcow2Image {
         let storage_options = storage_options(options.flush_mode);
         let (file, lock) = backing::open_file(path, !options.read_only, &storage_options)?;
         let header = backing::read_header(&lock, path)?;
+        check_file(path, &lock, &header, !options.read_only)?;
         let layout = Layout::parse(&header).unwrap_or(Layout {
             version: 3,
             cluster_size: 1 << 16,
@@ -170,6 +178,15 @@ impl Qcow2Image<OrderedStorage<mem::MemStorage>> {
         let path = Path::new("memory.qcow2");
         let layout = Layout::parse(&bytes);
         let header = bytes[..bytes.len().min(4096)].to_vec();
+        let read = |offset: u64, buf: &mut [u8]| -> io::Result<()> {
+            let src = usize::try_from(offset)
+                .ok()
+                .and_then(|at| bytes.get(at..at.checked_add(buf.len())?))
+                .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+            buf.copy_from_slice(src);
+            Ok(())
+        };
+        check_image(path, &header, bytes.len() as u64, &read, !read_only)?;
         let (storage, state) = mem::MemStorage::new(bytes, limit);
         let storage = OrderedStorage::new(storage, &header);
         let mut qcow2 = Qcow2::<OrderedStorage<mem::MemStorage>>::open_image(storage, !read_only)
@@ -352,6 +369,39 @@ pub(crate) fn storage_options(flush_mode: FlushMode) -> StorageOpenOptions {
     #[cfg(not(target_os = "macos"))]
     let _ = flush_mode;
     options
+}
+
+/// Refuses an image whose header or (if it will be written) refcounts imago must not be
+/// trusted with (see [`check`]).
+fn check_image(
+    path: &Path,
+    header: &[u8],
+    file_size: u64,
+    read: check::ReadAt<'_>,
+    writable: bool,
+) -> Result<(), Qcow2Error> {
+    let corrupt = |source| Qcow2Error::Corrupt {
+        path: path.to_path_buf(),
+        source,
+    };
+    let fields = check::parse_header(header, file_size).map_err(corrupt)?;
+    if writable {
+        check::check_refcounts(&fields, file_size, read).map_err(corrupt)?;
+    }
+    Ok(())
+}
+
+/// [`check_image`] on an image file.
+pub(crate) fn check_file(
+    path: &Path,
+    file: &std::fs::File,
+    header: &[u8],
+    writable: bool,
+) -> Result<(), Qcow2Error> {
+    use std::os::unix::fs::FileExt;
+    let file_size = file.metadata().map_err(|e| open_error(path, e))?.len();
+    let read = |offset: u64, buf: &mut [u8]| file.read_exact_at(buf, offset);
+    check_image(path, header, file_size, &read, writable)
 }
 
 fn open_error(path: &Path, source: io::Error) -> Qcow2Error {
