@@ -129,18 +129,24 @@ fn offset_error(field: &'static str, value: u64, why: &'static str) -> Corrupt {
     }
 }
 
+/// The big-endian u32 at `at`, if `bytes` hold it.
+pub fn be32(bytes: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_be_bytes(
+        bytes.get(at..at.checked_add(4)?)?.try_into().ok()?,
+    ))
+}
+
+/// The big-endian u64 at `at`, if `bytes` hold it.
+pub fn be64(bytes: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_be_bytes(
+        bytes.get(at..at.checked_add(8)?)?.try_into().ok()?,
+    ))
+}
+
 /// Reads and checks the header fields imago relies on against a file of `file_size` bytes.
 pub fn parse_header(header: &[u8], file_size: u64) -> Result<Fields, Corrupt> {
-    let be32 = |at: usize| {
-        header
-            .get(at..at + 4)
-            .map(|b| u32::from_be_bytes(b.try_into().unwrap()))
-    };
-    let be64 = |at: usize| {
-        header
-            .get(at..at + 8)
-            .map(|b| u64::from_be_bytes(b.try_into().unwrap()))
-    };
+    let be32 = |at| be32(header, at);
+    let be64 = |at| be64(header, at);
     let short = || Corrupt::Short(header.len().min(file_size as usize) as u64);
     if header.len() < V2_HEADER_LEN {
         return Err(short());
