@@ -1,4 +1,5 @@
-//! Block back end against the host: 4 KiB sequential and random reads and writes through
+//! Block back end against the host: 4 KiB sequential and random reads and writes (and 64 KiB
+//! sequential writes) through
 //! `RawImage` (the path virtio-blk and AHCI take: `BlockBackend::read_to` / `write_from`
 //! on a `VolatileSlice`) and through plain `pread`/`pwrite` on the same file.
 //!
@@ -10,9 +11,9 @@
 //! against `qemu-img bench` (QEMU's qcow2 driver, depth 1, writeback cache) on the same
 //! pattern.
 //!
-//! Each of the 4 workloads runs `ROUNDS` times per side, alternating which side goes first,
+//! Each of the 5 workloads runs `ROUNDS` times per side, alternating which side goes first,
 //! so load from other work on the host falls on both; the best round of each side counts.
-//! Total time is about 4 x 2 x ROUNDS x S seconds (default about 50 s).
+//! Total time is about 5 x 2 x ROUNDS x S seconds per comparison (default about 60 s).
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -81,16 +82,18 @@ fn parse_args() -> Result<Settings, String> {
 /// The block offsets a run visits, the same sequence for both sides.
 struct Offsets {
     pattern: Pattern,
+    block: usize,
     blocks: u64,
     next: u64,
     state: u64,
 }
 
 impl Offsets {
-    fn new(pattern: Pattern, size: u64) -> Self {
+    fn new(pattern: Pattern, size: u64, block: usize) -> Self {
         Offsets {
             pattern,
-            blocks: size / BLOCK as u64,
+            block,
+            blocks: size / block as u64,
             next: 0,
             state: 0x2545_F491_4F6C_DD1D,
         }
@@ -110,7 +113,7 @@ impl Offsets {
                 self.state % self.blocks
             }
         };
-        block * BLOCK as u64
+        block * self.block as u64
     }
 }
 
@@ -154,9 +157,13 @@ impl Target for Qcow2Image {
 }
 
 /// Runs one workload for `per_run`; returns operations per second.
-fn run(target: &dyn Target, pattern: Pattern, direction: Direction, settings: &Settings) -> f64 {
-    let mut buf = vec![0x5Au8; BLOCK];
-    let mut offsets = Offsets::new(pattern, settings.size);
+fn run(
+    target: &dyn Target,
+    (pattern, direction, block): (Pattern, Direction, usize),
+    settings: &Settings,
+) -> f64 {
+    let mut buf = vec![0x5Au8; block];
+    let mut offsets = Offsets::new(pattern, settings.size, block);
     let start = Instant::now();
     let mut ops = 0u64;
     // Check the clock every 256 operations so timing costs nothing measurable.
@@ -234,23 +241,27 @@ fn compare(a: (&str, &dyn Target), b: (&str, &dyn Target), settings: &Settings) 
         "ratio"
     );
     let workloads = [
-        ("seq read", Pattern::Sequential, Direction::Read),
-        ("seq write", Pattern::Sequential, Direction::Write),
-        ("rand read", Pattern::Random, Direction::Read),
-        ("rand write", Pattern::Random, Direction::Write),
+        ("seq read", (Pattern::Sequential, Direction::Read, BLOCK)),
+        ("seq write", (Pattern::Sequential, Direction::Write, BLOCK)),
+        ("rand read", (Pattern::Random, Direction::Read, BLOCK)),
+        ("rand write", (Pattern::Random, Direction::Write, BLOCK)),
+        (
+            "seq wr 64k",
+            (Pattern::Sequential, Direction::Write, 64 << 10),
+        ),
     ];
-    for (name, pattern, direction) in workloads {
+    for (name, workload) in workloads {
         let (mut best_a, mut best_b) = (0f64, 0f64);
         for round in 0..ROUNDS {
             if round % 2 == 0 {
-                best_a = best_a.max(run(a.1, pattern, direction, settings));
-                best_b = best_b.max(run(b.1, pattern, direction, settings));
+                best_a = best_a.max(run(a.1, workload, settings));
+                best_b = best_b.max(run(b.1, workload, settings));
             } else {
-                best_b = best_b.max(run(b.1, pattern, direction, settings));
-                best_a = best_a.max(run(a.1, pattern, direction, settings));
+                best_b = best_b.max(run(b.1, workload, settings));
+                best_a = best_a.max(run(a.1, workload, settings));
             }
         }
-        let mb = |iops: f64| iops * BLOCK as f64 / 1e6;
+        let mb = |iops: f64| iops * workload.2 as f64 / 1e6;
         println!(
             "{name:<12} {best_a:>14.0} {best_b:>14.0} {:>12.1} {:>12.1} {:>7.3}",
             mb(best_a),

@@ -111,7 +111,8 @@ pub enum DeviceKind {
     Lpc,
     /// `virtio-rnd`: an entropy source.
     VirtioRnd,
-    /// `virtio-blk,PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]][,flush=full|fsync]`.
+    /// `virtio-blk,PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]][,flush=full|fsync]
+    /// [,format=raw|qcow2][,l2-cache-size=BYTES]`.
     VirtioBlk(BlockOptions),
     /// `ahci-hd,...`: an AHCI controller with a SATA disk (block device options).
     AhciHd(BlockOptions),

@@ -1,5 +1,6 @@
 //! xhyve's block device options:
-//! `PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]][,flush=full|fsync][,format=raw|qcow2]`.
+//! `PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]][,flush=full|fsync][,format=raw|qcow2]
+//! [,l2-cache-size=BYTES]`.
 //!
 //! The same string configures virtio-blk, ahci-hd and ahci-cd. The whole string (not just
 //! the path) seeds the device serial, as xhyve does, so it is kept verbatim.
@@ -13,6 +14,10 @@
 //! guessed from the contents, because a guest can write a qcow2 header into a raw disk and
 //! would then, on the next start, be reading host files through a backing-file name of its
 //! choosing. `format=qcow` is accepted as an alias of `qcow2` for HyperKit's spelling.
+//!
+//! `l2-cache-size=` (QEMU's name and meaning, qcow2 only) bounds the memory that caches
+//! guest-to-host cluster mappings: bytes of L2 table, 8 per cluster of guest disk, with an
+//! optional `k`, `M` or `G` suffix (binary). See `qcow2::mapcache`.
 
 use std::path::PathBuf;
 
@@ -38,6 +43,13 @@ pub enum OptionsError {
     FileUrl { url: String, reason: String },
     #[error("invalid format \"{0}\": expected raw or qcow2")]
     Format(String),
+    #[error(
+        "invalid l2-cache-size \"{0}\": expected a number of bytes from 1, \
+         optionally with a k, M or G suffix"
+    )]
+    L2CacheSize(String),
+    #[error("l2-cache-size applies to qcow2 images only: add format=qcow2")]
+    L2CacheSizeNeedsQcow2,
 }
 
 /// The on-disk format of an image, named by `format=`; never probed.
@@ -105,6 +117,8 @@ pub struct BlockOptions {
     pub flush_mode: FlushMode,
     /// `format=raw|qcow2` (ours); raw when absent, never probed.
     pub format: ImageFormat,
+    /// `l2-cache-size=BYTES` (qcow2): the mapping cache's size; `None` takes the default.
+    pub l2_cache_size: Option<u64>,
     /// The option string as given, the seed of the device serial.
     pub spec: String,
 }
@@ -123,6 +137,7 @@ impl BlockOptions {
             physical_sector_size: MIN_SECTOR_SIZE,
             flush_mode: FlushMode::host_default(),
             format: ImageFormat::Raw,
+            l2_cache_size: None,
         }
     }
 
@@ -152,13 +167,37 @@ impl BlockOptions {
                         options.flush_mode = FlushMode::parse(mode)?;
                     } else if let Some(format) = field.strip_prefix("format=") {
                         options.format = ImageFormat::parse(format)?;
+                    } else if let Some(size) = field.strip_prefix("l2-cache-size=") {
+                        options.l2_cache_size = Some(parse_byte_size(size)?);
                     } else {
                         return Err(OptionsError::UnknownOption(field.to_string()));
                     }
                 }
             }
         }
+        if options.l2_cache_size.is_some() && options.format != ImageFormat::Qcow2 {
+            return Err(OptionsError::L2CacheSizeNeedsQcow2);
+        }
         Ok(options)
+    }
+}
+
+/// `N`, `Nk`, `NM` or `NG` (binary multiples, either case), at least 1.
+fn parse_byte_size(text: &str) -> Result<u64, OptionsError> {
+    let bad = || OptionsError::L2CacheSize(text.to_string());
+    let (digits, shift) = match text.as_bytes().last() {
+        Some(b'k' | b'K') => (&text[..text.len() - 1], 10),
+        Some(b'm' | b'M') => (&text[..text.len() - 1], 20),
+        Some(b'g' | b'G') => (&text[..text.len() - 1], 30),
+        _ => (text, 0),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let value: u64 = digits.parse().map_err(|_| bad())?;
+    match value.checked_mul(1 << shift) {
+        Some(bytes) if bytes > 0 => Ok(bytes),
+        _ => Err(bad()),
     }
 }
 
@@ -225,6 +264,54 @@ fn parse_sector_size(text: &str, whole: &str) -> Result<u32, OptionsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn l2_cache_size_takes_bytes_and_suffixes_for_qcow2_only() {
+        let size = |spec: &str| BlockOptions::parse(spec).map(|o| o.l2_cache_size);
+        assert_eq!(size("d.qcow2,format=qcow2"), Ok(None));
+        assert_eq!(
+            size("d.qcow2,format=qcow2,l2-cache-size=65536"),
+            Ok(Some(65536))
+        );
+        assert_eq!(
+            size("d.qcow2,l2-cache-size=4M,format=qcow2"),
+            Ok(Some(4 << 20))
+        );
+        assert_eq!(
+            size("d.qcow2,format=qcow2,l2-cache-size=512k"),
+            Ok(Some(512 << 10))
+        );
+        assert_eq!(
+            size("d.qcow2,format=qcow2,l2-cache-size=1G"),
+            Ok(Some(1 << 30))
+        );
+        for bad in [
+            "0",
+            "",
+            "M",
+            "-1",
+            "1.5M",
+            "4MB",
+            "1 M",
+            "99999999999999999999G",
+            "17179869184G",
+        ] {
+            assert_eq!(
+                size(&format!("d.qcow2,format=qcow2,l2-cache-size={bad}")),
+                Err(OptionsError::L2CacheSize(bad.to_string())),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            size("d.img,l2-cache-size=1M"),
+            Err(OptionsError::L2CacheSizeNeedsQcow2)
+        );
+        assert_eq!(
+            OptionsError::L2CacheSize("4MB".into()).to_string(),
+            "invalid l2-cache-size \"4MB\": expected a number of bytes from 1, optionally with \
+             a k, M or G suffix"
+        );
+    }
 
     #[test]
     fn path_alone_takes_defaults() {

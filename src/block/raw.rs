@@ -370,7 +370,7 @@ pub(crate) fn punch_hole(_file: &File, _offset: u64, _len: u64) -> io::Result<()
 
 /// Reads exactly `len` bytes to `ptr`; past the end of a file that shrank, the rest reads
 /// as zeroes (it is a hole as far as the guest can tell).
-fn pread_all(file: &File, ptr: *mut u8, len: usize, offset: u64) -> io::Result<()> {
+pub(crate) fn pread_all(file: &File, ptr: *mut u8, len: usize, offset: u64) -> io::Result<()> {
     let mut done = 0usize;
     while done < len {
         // SAFETY: `ptr..ptr+len` is a live, writable guest-memory or Rust buffer for the
@@ -401,7 +401,7 @@ fn pread_all(file: &File, ptr: *mut u8, len: usize, offset: u64) -> io::Result<(
     Ok(())
 }
 
-fn pwrite_all(file: &File, ptr: *const u8, len: usize, offset: u64) -> io::Result<()> {
+pub(crate) fn pwrite_all(file: &File, ptr: *const u8, len: usize, offset: u64) -> io::Result<()> {
     let mut done = 0usize;
     while done < len {
         // SAFETY: `ptr..ptr+len` is a live, readable buffer for the duration of this call

@@ -8,7 +8,8 @@ use crate::fs::options::parse_vsock;
 /// "not supported yet" rather than "unknown device".
 const LATER_EMULATIONS: &[&str] = &["virtio-vpnkit", "uart", "e1000", "fbuf", "dummy"];
 
-const BLOCK_USAGE: &str = "PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]][,flush=full|fsync]";
+const BLOCK_USAGE: &str = "PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]][,flush=full|fsync]\
+                           [,format=raw|qcow2][,l2-cache-size=BYTES]";
 
 /// Parses one `-s` argument, options included (without checking it against other devices).
 pub fn parse_pci_device(spec: &str) -> Result<DeviceConfig, CliError> {
@@ -362,7 +363,8 @@ mod tests {
         assert_eq!(
             error("4,ahci-hd"),
             "invalid -s \"4,ahci-hd\": ahci-hd needs options: \
-             PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]][,flush=full|fsync]"
+             PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]][,flush=full|fsync]\
+             [,format=raw|qcow2][,l2-cache-size=BYTES]"
         );
         assert_eq!(
             error("4,ahci-cd,/a.iso,bogus"),
@@ -375,7 +377,14 @@ mod tests {
         assert_eq!(
             error("4,virtio-blk"),
             "invalid -s \"4,virtio-blk\": virtio-blk needs options: \
-             PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]][,flush=full|fsync]"
+             PATH[,nocache][,sync|direct][,ro][,sectorsize=L[/P]][,flush=full|fsync]\
+             [,format=raw|qcow2][,l2-cache-size=BYTES]"
+        );
+        assert_eq!(
+            error("4,virtio-blk,d.qcow2,format=qcow2,l2-cache-size=4MB"),
+            "invalid -s \"4,virtio-blk,d.qcow2,format=qcow2,l2-cache-size=4MB\": invalid \
+             l2-cache-size \"4MB\": expected a number of bytes from 1, optionally with a k, M \
+             or G suffix"
         );
         assert_eq!(
             error("4,virtio-blk,d.img,rw"),

@@ -42,7 +42,17 @@ pub fn usage(program: &str) -> String {
 }
 
 /// Man page sections clap's definition cannot carry, appended to the generated page (roff).
-pub const MAN_EXTRA_SECTIONS: &str = r#".SH EXIT STATUS
+pub const MAN_EXTRA_SECTIONS: &str = r#".SH BLOCK DEVICES
+\fB\-s\fR \fISLOT\fR,\fBvirtio\-blk\fR|\fBahci\-hd\fR|\fBahci\-cd\fR,\fIPATH\fR[,\fBnocache\fR][,\fBsync\fR|\fBdirect\fR][,\fBro\fR][,\fBsectorsize=\fR\fIL\fR[/\fIP\fR]][,\fBflush=full\fR|\fBfsync\fR][,\fBformat=raw\fR|\fBqcow2\fR][,\fBl2\-cache\-size=\fR\fIBYTES\fR]
+.br
+Without \fBformat=\fR an image is raw; the format is never guessed from the contents.
+\fBformat=qcow2\fR (or HyperKit\*(Aqs \fBqcow\fR) opens a qcow2 image and its backing chain;
+a writable one is checked at open and refused, naming the bad field, if its header, tables
+or refcounts are corrupt. \fBl2\-cache\-size=\fR (qcow2 only, QEMU\*(Aqs meaning) bounds the
+memory caching guest\-to\-host cluster mappings: 8 bytes per cluster of guest disk, in whole
+L2 tables, with an optional k, M or G suffix; default 32M, allocated only as the guest
+touches the disk.
+.SH EXIT STATUS
 As xhyve: 0 reset, 1 poweroff, 2 halt (every vCPU halted with interrupts off), 3 triple
 fault, 4 an emulation failure (stderr says what and where), 1 a setup error, 64 a bad
 \fB\-m\fR or \fB\-l\fR. Run as \fBhyperkit\fR: 0 poweroff and halt, 2 reset, 3 triple

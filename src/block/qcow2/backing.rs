@@ -99,7 +99,9 @@ pub fn open_chain(
     }
     let (file, lock) = open_file(&backing_path, false, storage_options)?;
     let backing_header = if format == "qcow2" {
-        read_header(&lock, &backing_path)?
+        let header = read_header(&lock, &backing_path)?;
+        super::check_file(&backing_path, &lock, &header, false)?;
+        header
     } else {
         Vec::new()
     };

@@ -9,7 +9,7 @@
 //! open read-only. What is left is requests, 6 bytes each: kind (read, write, discard,
 //! write-zeroes, flush), u32 LE byte offset (scaled to sectors), length in sectors.
 
-use super::Qcow2Image;
+use super::{check, Qcow2Image};
 use crate::block::BlockBackend;
 
 /// Largest the in-memory file may grow to.
@@ -76,7 +76,8 @@ pub fn fuzz_image(data: &[u8]) {
         let offset = u64::from(u32::from_le_bytes([
             request[1], request[2], request[3], request[4],
         ]));
-        let offset = (offset * 512) % (size + 512);
+        // A hostile header may claim a disk near 2^64 bytes.
+        let offset = (offset * 512) % size.saturating_add(512);
         let len = usize::from(request[5]) * 512 % (buf.len() + 512);
         let _ = match request[0] % 5 {
             0 => disk.read_at(offset, &mut buf[..len]),
@@ -90,16 +91,33 @@ pub fn fuzz_image(data: &[u8]) {
         };
     }
     drop(disk);
-    let cluster = match super::Layout::parse(&state.data()) {
+    let data = state.data();
+    let cluster = match super::Layout::parse(&data) {
         Some(layout) => layout.cluster_size,
         None => return,
     };
-    assert!(state.data().len() as u64 <= LIMIT);
+    assert!(data.len() as u64 <= LIMIT);
     for &(offset, len) in state.writes().iter() {
         assert!(
             offset == 0 || offset >= cluster,
             "a write of {len} bytes at {offset} landed in the header cluster"
         );
+    }
+    assert_eq!(&data[..4], b"QFI\xfb", "the header was overwritten");
+    if !read_only {
+        // An image that passed the check at open passes it still: imago's allocations and the
+        // guest's writes kept every cluster counted and clear of the metadata.
+        let read = |offset: u64, buf: &mut [u8]| -> std::io::Result<()> {
+            let at = offset as usize;
+            buf.copy_from_slice(&data[at..at + buf.len()]);
+            Ok(())
+        };
+        let size = data.len() as u64;
+        if let Err(e) = check::parse_header(&data, size)
+            .and_then(|fields| check::check_refcounts(&fields, size, &read))
+        {
+            panic!("the image was accepted at open and is now refused: {e}");
+        }
     }
 }
 
@@ -118,6 +136,21 @@ mod tests {
         assert_eq!(back, [7; 4096]);
         drop(disk);
         assert!(state.data().len() > 4 * CLUSTER, "no cluster was allocated");
+    }
+
+    #[test]
+    fn an_image_without_its_first_refcount_block_is_refused_at_open() {
+        let mut image = template();
+        image[CLUSTER..CLUSTER + 8].fill(0);
+        let err = Qcow2Image::open_in_memory(image.clone(), LIMIT, false).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "qcow2 \"memory.qcow2\" is refused: the header at 0x0 has no refcount block \
+             (see `qemu-img check`)"
+        );
+        // Read-only, nothing is allocated, so the refcounts do not matter.
+        let (disk, _) = Qcow2Image::open_in_memory(image, LIMIT, true).unwrap();
+        disk.read_at(0, &mut [0; 4096]).unwrap();
     }
 
     /// The fuzz body on a fixed pseudo-random sequence, so a panic fails `cargo test`.
@@ -143,6 +176,12 @@ mod tests {
             }
             fuzz_image(&input);
         }
+        // What sent imago into unbounded recursion: no refcount block for the first clusters
+        // (refcount table entry 0 zeroed), then a write that allocates.
+        let mut recursion = vec![0u8, 1, 0x00, 0x10, 8];
+        recursion.extend_from_slice(&[0; 8]);
+        recursion.extend_from_slice(&[1, 16, 0, 0, 0, 8]);
+        fuzz_image(&recursion);
         let mut whole = vec![1u8];
         whole.extend_from_slice(&template());
         whole[1 + 21] = 30;

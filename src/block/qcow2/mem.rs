@@ -52,6 +52,15 @@ impl MemStorage {
         (storage, state)
     }
 
+    /// The same memory file, for [`super::DirectIo`].
+    pub fn direct(&self) -> MemStorage {
+        MemStorage {
+            state: Arc::clone(&self.state),
+            limit: self.limit,
+            helper: CommonStorageHelper::default(),
+        }
+    }
+
     fn end(&self, offset: u64, len: u64) -> io::Result<usize> {
         match offset.checked_add(len) {
             Some(end) if end <= self.limit => Ok(end as usize),
@@ -77,6 +86,25 @@ impl MemStorage {
 impl fmt::Display for MemStorage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "memory:[{}B]", self.state.data().len())
+    }
+}
+
+impl super::DirectIo for MemStorage {
+    fn read_to(&self, host: u64, buf: &vm_memory::VolatileSlice<'_>) -> io::Result<()> {
+        let end = self.end(host, buf.len() as u64)?;
+        let data = self.state.data();
+        let mut chunk = vec![0u8; buf.len()];
+        let start = (host as usize).min(data.len());
+        let stop = end.min(data.len());
+        chunk[..stop - start].copy_from_slice(&data[start..stop]);
+        buf.copy_from(&chunk);
+        Ok(())
+    }
+
+    fn write_from(&self, host: u64, buf: &vm_memory::VolatileSlice<'_>) -> io::Result<()> {
+        self.write_with(host, buf.len() as u64, |dest| {
+            buf.copy_to(dest);
+        })
     }
 }
 

@@ -15,18 +15,20 @@
 //!   guest flush is `fsync` (data), refcount blocks, L2 tables, `fsync`, L1/refcount table
 //!   entries, `fsync`: a crash or `kill -9` leaves leaks at worst, never corruption;
 //! - discard and write-zeroes punch holes where the clusters they free were;
-//! - guest offsets are checked against the disk size before imago sees them.
-//!
-//! Not done (imago trusts them, as we do): L2 entries and refcounts that point a guest
-//! cluster at the image's own metadata. QEMU's overlap check refuses such writes; here a
-//! hostile image can only damage itself (every write stays inside its own file).
+//! - guest offsets are checked against the disk size before imago sees them;
+//! - a writable image's header, tables and refcounts are checked at open ([`check`]): imago
+//!   trusts them, and a hostile refcount layout sent it into unbounded recursion (a stack
+//!   overflow) or could make it hand a used cluster to new metadata. An image that passes
+//!   keeps every guest write inside its own data clusters.
 //!
 //! Images with the dirty or corrupt bit, an external data file, extended L2 entries or a
 //! compression type other than zlib are refused at open by imago with a message naming the
 //! feature; `qemu-img check -r all` repairs a dirty image.
 
 pub mod backing;
+pub mod check;
 pub mod fuzz;
+pub mod mapcache;
 pub mod mem;
 pub mod ordered;
 
@@ -64,6 +66,12 @@ pub enum Qcow2Error {
     ChainTooDeep { path: PathBuf, limit: usize },
     #[error("qcow2 {0:?}: external data files are not supported")]
     ExternalDataFile(PathBuf),
+    #[error("qcow2 {path:?} is refused: {source} (see `qemu-img check`)")]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: check::Corrupt,
+    },
     #[error("qcow2 {path:?}: {size} bytes is less than one {sector_size}-byte sector")]
     TooSmall {
         path: PathBuf,
@@ -91,6 +99,10 @@ pub struct Qcow2Image<S: Storage + 'static = ImageFile> {
     layout: Layout,
     /// The image file, to punch holes where freed clusters were (None in memory).
     punch: Option<std::fs::File>,
+    /// Guest-to-host mappings of plain data clusters (`l2-cache-size=`).
+    map: mapcache::MappingCache,
+    /// The image file as the mapping cache's requests reach it.
+    direct: Box<dyn DirectIo>,
     /// `flock`s on the image and its backing files, held while the image is open.
     _locks: Vec<std::fs::File>,
 }
@@ -129,6 +141,24 @@ impl<S: Storage + 'static> std::fmt::Debug for Qcow2Image<S> {
     }
 }
 
+/// Data I/O at a host offset of the image file, bypassing imago (see [`mapcache`]).
+pub trait DirectIo: Send + Sync {
+    fn read_to(&self, host: u64, buf: &VolatileSlice<'_>) -> io::Result<()>;
+    fn write_from(&self, host: u64, buf: &VolatileSlice<'_>) -> io::Result<()>;
+}
+
+impl DirectIo for std::fs::File {
+    fn read_to(&self, host: u64, buf: &VolatileSlice<'_>) -> io::Result<()> {
+        let guard = buf.ptr_guard_mut();
+        crate::block::raw::pread_all(self, guard.as_ptr(), buf.len(), host)
+    }
+
+    fn write_from(&self, host: u64, buf: &VolatileSlice<'_>) -> io::Result<()> {
+        let guard = buf.ptr_guard();
+        crate::block::raw::pwrite_all(self, guard.as_ptr(), buf.len(), host)
+    }
+}
+
 impl Qcow2Image {
     /// Opens and locks the qcow2 image of `options` and its backing chain.
     pub fn open(options: &BlockOptions) -> Result<Self, Qcow2Error> {
@@ -136,6 +166,7 @@ impl Qcow2Image {
         let storage_options = storage_options(options.flush_mode);
         let (file, lock) = backing::open_file(path, !options.read_only, &storage_options)?;
         let header = backing::read_header(&lock, path)?;
+        check_file(path, &lock, &header, !options.read_only)?;
         let layout = Layout::parse(&header).unwrap_or(Layout {
             version: 3,
             cluster_size: 1 << 16,
@@ -151,7 +182,8 @@ impl Qcow2Image {
         let mut locks = vec![lock];
         let backing = backing::open_chain(path, &qcow2, &header, &storage_options, 1, &mut locks)?;
         qcow2.set_backing(backing);
-        let mut image = Self::from_qcow2(qcow2, path, options, layout, locks)?;
+        let direct = locks[0].try_clone().map_err(|e| open_error(path, e))?;
+        let mut image = Self::from_qcow2(qcow2, path, options, layout, locks, Box::new(direct))?;
         if !options.read_only {
             image.punch = image._locks[0].try_clone().ok();
         }
@@ -170,7 +202,17 @@ impl Qcow2Image<OrderedStorage<mem::MemStorage>> {
         let path = Path::new("memory.qcow2");
         let layout = Layout::parse(&bytes);
         let header = bytes[..bytes.len().min(4096)].to_vec();
+        let read = |offset: u64, buf: &mut [u8]| -> io::Result<()> {
+            let src = usize::try_from(offset)
+                .ok()
+                .and_then(|at| bytes.get(at..at.checked_add(buf.len())?))
+                .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+            buf.copy_from_slice(src);
+            Ok(())
+        };
+        check_image(path, &header, bytes.len() as u64, &read, !read_only)?;
         let (storage, state) = mem::MemStorage::new(bytes, limit);
+        let direct = Box::new(storage.direct());
         let storage = OrderedStorage::new(storage, &header);
         let mut qcow2 = Qcow2::<OrderedStorage<mem::MemStorage>>::open_image(storage, !read_only)
             .map_err(|e| open_error(path, e))?;
@@ -184,7 +226,7 @@ impl Qcow2Image<OrderedStorage<mem::MemStorage>> {
         let layout =
             layout.ok_or_else(|| open_error(path, io::Error::other("header too short")))?;
         Ok((
-            Self::from_qcow2(qcow2, path, &options, layout, Vec::new())?,
+            Self::from_qcow2(qcow2, path, &options, layout, Vec::new(), direct)?,
             state,
         ))
     }
@@ -198,6 +240,7 @@ impl<S: Storage + 'static> Qcow2Image<S> {
         options: &BlockOptions,
         layout: Layout,
         locks: Vec<std::fs::File>,
+        direct: Box<dyn DirectIo>,
     ) -> Result<Self, Qcow2Error> {
         let access = FormatAccess::new(qcow2);
         let sector = u64::from(options.logical_sector_size);
@@ -220,6 +263,11 @@ impl<S: Storage + 'static> Qcow2Image<S> {
             serial: serial_for(&options.spec),
             layout,
             punch: None,
+            map: mapcache::MappingCache::new(
+                layout.cluster_size.trailing_zeros(),
+                options.l2_cache_size.unwrap_or(mapcache::DEFAULT_SIZE),
+            ),
+            direct,
             _locks: locks,
         })
     }
@@ -235,8 +283,49 @@ impl<S: Storage + 'static> Qcow2Image<S> {
         if buf.is_empty() {
             return Ok(());
         }
-        self.shared().write(buf, offset)?;
+        let access = self.shared();
+        let result = access.write(buf, offset);
+        self.map.forget(offset, buf.len() as u64);
+        result?;
+        drop(access);
         self.after_write()
+    }
+
+    /// The host offset of `len` bytes at guest `offset` if they lie in one plain data
+    /// cluster (one the image may write in place, if `write`), asking imago on a miss.
+    fn plain(
+        &self,
+        access: &FormatAccess<S>,
+        offset: u64,
+        len: u64,
+        write: bool,
+    ) -> Result<Option<u64>, BlockError> {
+        use mapcache::Lookup;
+        for _ in 0..2 {
+            match self.map.lookup(offset, len) {
+                Lookup::Plain { host, writable } => {
+                    return Ok((writable || !write).then_some(host));
+                }
+                Lookup::Indirect => return Ok(None),
+                Lookup::Miss(cluster) => {
+                    let generation = self.map.generation();
+                    let start = cluster * self.layout.cluster_size;
+                    let span = self.map.table_span();
+                    let table_end = (start / span + 1) * span;
+                    let (mapping, length) =
+                        access.get_shallow_mapping(start, table_end.min(self.size) - start)?;
+                    let count = length.div_ceil(self.layout.cluster_size).max(1);
+                    let host = match mapping {
+                        imago::ShallowMapping::Raw {
+                            offset, writable, ..
+                        } => Some((offset, writable)),
+                        _ => None,
+                    };
+                    self.map.fill(generation, cluster, count, host);
+                }
+            }
+        }
+        Ok(None)
     }
 
     fn check_write(&self, offset: u64, len: u64) -> Result<(), BlockError> {
@@ -276,6 +365,7 @@ impl<S: Storage + 'static> Qcow2Image<S> {
             return self.write_zero_bytes(offset, len);
         }
         let mut access = self.exclusive();
+        self.map.forget(offset, len);
         let holes = self.sole_host_clusters(&access, offset, len)?;
         access.discard_to_zero(offset, len)?;
         if !holes.is_empty() {
@@ -334,11 +424,17 @@ impl<S: Storage + 'static> Qcow2Image<S> {
         static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
         let end = offset + len;
         let access = self.shared();
+        let start = offset;
         while offset < end {
             let chunk = (end - offset).min(ZEROES.len() as u64) as usize;
-            access.write(&ZEROES[..chunk], offset)?;
+            let result = access.write(&ZEROES[..chunk], offset);
+            if result.is_err() {
+                self.map.forget(start, end - start);
+            }
+            result?;
             offset += chunk as u64;
         }
+        self.map.forget(start, end - start);
         drop(access);
         self.after_write()
     }
@@ -352,6 +448,39 @@ pub(crate) fn storage_options(flush_mode: FlushMode) -> StorageOpenOptions {
     #[cfg(not(target_os = "macos"))]
     let _ = flush_mode;
     options
+}
+
+/// Refuses an image whose header or (if it will be written) refcounts imago must not be
+/// trusted with (see [`check`]).
+fn check_image(
+    path: &Path,
+    header: &[u8],
+    file_size: u64,
+    read: check::ReadAt<'_>,
+    writable: bool,
+) -> Result<(), Qcow2Error> {
+    let corrupt = |source| Qcow2Error::Corrupt {
+        path: path.to_path_buf(),
+        source,
+    };
+    let fields = check::parse_header(header, file_size).map_err(corrupt)?;
+    if writable {
+        check::check_refcounts(&fields, file_size, read).map_err(corrupt)?;
+    }
+    Ok(())
+}
+
+/// [`check_image`] on an image file.
+pub(crate) fn check_file(
+    path: &Path,
+    file: &std::fs::File,
+    header: &[u8],
+    writable: bool,
+) -> Result<(), Qcow2Error> {
+    use std::os::unix::fs::FileExt;
+    let file_size = file.metadata().map_err(|e| open_error(path, e))?.len();
+    let read = |offset: u64, buf: &mut [u8]| file.read_exact_at(buf, offset);
+    check_image(path, header, file_size, &read, writable)
 }
 
 fn open_error(path: &Path, source: io::Error) -> Qcow2Error {
@@ -389,8 +518,13 @@ impl<S: Storage + 'static> BlockBackend for Qcow2Image<S> {
         if len == 0 {
             return Ok(());
         }
-        let (vector, _guard) = IoVectorMut::from_volatile_slice_one(buf);
-        self.shared().readv(vector, offset)?;
+        let access = self.shared();
+        if let Some(host) = self.plain(&access, offset, len as u64, false)? {
+            self.direct.read_to(host, buf)?;
+        } else {
+            let (vector, _guard) = IoVectorMut::from_volatile_slice_one(buf);
+            access.readv(vector, offset)?;
+        }
         buf.bitmap().mark_dirty(0, len);
         Ok(())
     }
@@ -400,8 +534,17 @@ impl<S: Storage + 'static> BlockBackend for Qcow2Image<S> {
         if buf.is_empty() {
             return Ok(());
         }
-        let (vector, _guard) = IoVector::from_volatile_slice_one(buf);
-        self.shared().writev(vector, offset)?;
+        let access = self.shared();
+        if let Some(host) = self.plain(&access, offset, buf.len() as u64, true)? {
+            self.direct.write_from(host, buf)?;
+        } else {
+            let (vector, _guard) = IoVector::from_volatile_slice_one(buf);
+            let result = access.writev(vector, offset);
+            // imago may have given these clusters new homes.
+            self.map.forget(offset, buf.len() as u64);
+            result?;
+        }
+        drop(access);
         self.after_write()
     }
 

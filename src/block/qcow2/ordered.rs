@@ -27,16 +27,9 @@ use std::sync::{Mutex, MutexGuard};
 
 /// The file ranges of the L1 and refcount tables, from a header.
 pub fn table_ranges(header: &[u8]) -> Vec<Range<u64>> {
-    let be32 = |at: usize| {
-        header
-            .get(at..at + 4)
-            .map(|b| u32::from_be_bytes(b.try_into().unwrap()))
-    };
-    let be64 = |at: usize| {
-        header
-            .get(at..at + 8)
-            .map(|b| u64::from_be_bytes(b.try_into().unwrap()))
-    };
+    use super::check::{be32, be64};
+    let be32 = |at| be32(header, at);
+    let be64 = |at| be64(header, at);
     let (Some(cluster_bits), Some(l1_size), Some(l1_offset), Some(rt_offset), Some(rt_clusters)) =
         (be32(20), be32(36), be64(40), be64(48), be32(56))
     else {
