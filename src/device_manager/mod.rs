@@ -315,6 +315,14 @@ impl DeviceManager {
         self.paused = false;
     }
 
+    /// Stops what devices run besides their functions (e.g. the built-in network's stack),
+    /// once the vCPUs have stopped.
+    pub fn shutdown(&mut self) {
+        for handle in &mut self.handles {
+            handle.shutdown();
+        }
+    }
+
     /// Puts every device with state back to its power-on state (a machine reset).
     pub fn reset(&mut self) {
         for handle in &mut self.handles {

@@ -29,6 +29,9 @@ pub trait DeviceHandle: Send {
     fn resume(&mut self) {}
     /// Back to the power-on state (a machine reset).
     fn reset(&mut self) {}
+    /// The machine is going away: stop the threads and release the host resources that
+    /// belong to the device but not to its PCI function (which the buses keep alive).
+    fn shutdown(&mut self) {}
 }
 
 /// A PCI function as a device's builder returns it.
