@@ -321,6 +321,14 @@ impl DeviceManager {
         }
         self.paused = false;
     }
+
+    /// Stops what devices run besides their functions (e.g. the built-in network's stack),
+    /// once the vCPUs have stopped.
+    pub fn shutdown(&mut self) {
+        for handle in &mut self.handles {
+            handle.shutdown();
+        }
+    }
 }
 
 /// Builds the function `device` names and puts it on `pci`; returns its handle.

@@ -30,6 +30,9 @@ pub trait DeviceHandle: Send {
     // No `reset`: a guest's reset of one device reaches the device through its own
     // registers (virtio status 0, AHCI GHC.HR), and a machine reset ends the process, as in
     // xhyve (see `DeviceManager`).
+    /// The machine is going away: stop the threads and release the host resources that
+    /// belong to the device but not to its PCI function (which the buses keep alive).
+    fn shutdown(&mut self) {}
 }
 
 /// A PCI function as a device's builder returns it.

@@ -219,7 +219,10 @@ pub fn run_with(config: &VmConfig, started: impl FnOnce(MachineHandle)) -> Resul
     if let StopReason::Fatal(message) = &reason {
         eprintln!("xhyve: {message}");
     }
-    // The devices' threads stop before the VM goes: none outlives the machine.
+    // The devices' threads stop before the VM goes: none outlives the machine. The device
+    // manager itself stays reachable from the signal and API threads, so dropping it is not
+    // enough: each device is told.
+    lock(&devices).shutdown();
     drop(ctx);
     drop(devices);
     drop(vm);

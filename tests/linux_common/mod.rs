@@ -278,7 +278,7 @@ impl Booted {
         String::from_utf8_lossy(&self.console.lock().unwrap()).into_owned()
     }
 
-    fn stderr(&self) -> String {
+    pub fn stderr(&self) -> String {
         String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
     }
 

@@ -2,8 +2,8 @@
 //! on macOS, the built-in user network (libslirp) or a daemon's socket): an Ethernet card
 //! over a [`NetBackend`].
 //!
-//! Queue 0 receives (host to guest), queue 1 transmits. The device offers its MAC and link
-//! status in configuration space and no offloads, so every frame is a plain Ethernet frame
+//! Queue 0 receives (host to guest), queue 1 transmits. The device offers its MAC, link
+//! status and MTU (1500) in configuration space and no offloads, so every frame is a plain Ethernet frame
 //! behind a virtio-net header that is all zero (plus `num_buffers = 1` where the header has
 //! it). The frames move on the device's thread ([`QueueWorker`]): the doorbell only wakes
 //! it, so a vCPU never waits for the host's network stack. The thread also waits on the
@@ -30,14 +30,23 @@ pub const TX_QUEUE: usize = 1;
 pub const QUEUE_SIZE: u16 = 1024;
 
 /// Feature bits (virtio 1.x, 5.1.3).
+pub const F_MTU: u64 = 1 << 3;
 pub const F_MAC: u64 = 1 << 5;
 pub const F_STATUS: u64 = 1 << 16;
 const F_MRG_RXBUF: u64 = 1 << 15;
 
 /// `status` in configuration space: the link is up.
 const STATUS_LINK_UP: u16 = 1;
-/// Configuration space: mac[6], status (u16).
-const CONFIG_SIZE: usize = 8;
+/// The largest MTU the device tells the driver (`mtu` in configuration space, F_MTU).
+/// Without MRG_RXBUF or guest offloads, Linux sizes its receive buffers for a 1500-byte MTU
+/// at probe time; without F_MTU it would still accept any MTU later (a DHCP server's option
+/// 26: passt hands out 65520), send its peers an MSS to match, and then drop every frame
+/// longer than its buffers ("rx error: len ... exceeds max size"). Announcing the MTU the
+/// buffers hold makes it refuse the larger one instead, so TCP keeps working.
+pub const MTU: u16 = 1500;
+/// Configuration space: mac[6], status (u16), max_virtqueue_pairs (u16, unused without
+/// F_MQ), mtu (u16).
+const CONFIG_SIZE: usize = 12;
 
 /// The header without `num_buffers` (legacy drivers without MRG_RXBUF), and with it.
 const HEADER_LEGACY: usize = 10;
@@ -243,7 +252,7 @@ impl<B: NetBackend + 'static> VirtioDevice for VirtioNet<B> {
     }
 
     fn device_features(&self) -> u64 {
-        F_MAC | F_STATUS
+        F_MAC | F_STATUS | F_MTU
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -258,6 +267,8 @@ impl<B: NetBackend + 'static> VirtioDevice for VirtioNet<B> {
         let mut config = [0u8; CONFIG_SIZE];
         config[..6].copy_from_slice(&self.mac.0);
         config[6..8].copy_from_slice(&STATUS_LINK_UP.to_le_bytes());
+        config[8..10].copy_from_slice(&1u16.to_le_bytes());
+        config[10..12].copy_from_slice(&MTU.to_le_bytes());
         for (i, out) in data.iter_mut().enumerate() {
             let at = usize::try_from(offset).ok().and_then(|o| o.checked_add(i));
             *out = at.and_then(|a| config.get(a)).copied().unwrap_or(0);
@@ -401,7 +412,7 @@ pub fn build_virtio_tap(
 
 /// Builds `-s ...,virtio-net[,...]`: the back end its options name (vmnet, the built-in
 /// network, or a daemon's socket) and the network thread, which the returned handle owns.
-/// The built-in network's stack thread runs for the life of the process.
+/// The built-in network's stack thread belongs to the handle and ends at shutdown.
 pub fn build_virtio_net(
     address: PciAddress,
     options: &NetOptions,
@@ -410,7 +421,7 @@ pub fn build_virtio_net(
 ) -> Result<BuiltDevice, NetDeviceError> {
     use crate::net::dhcp::LeaseSnoop;
     use crate::net::options::NetBackendKind;
-    use crate::net::slirp::UserNet;
+    use crate::net::slirp::{UserNet, UserNetHandle};
     use crate::net::socket::{DgramSocket, StreamSocket};
 
     if options.uses_vmnet() {
@@ -424,8 +435,12 @@ pub fn build_virtio_net(
                 _ => Default::default(),
             };
             let (stack, link) = UserNet::start(&user, mac)?;
-            stack.detach();
-            fd_device(link, mac, transport, "virtio-net user")
+            let mut built = fd_device(link, mac, transport, "virtio-net user")?;
+            // The handle owns the stack: it is stopped and joined at shutdown.
+            built.handle = built
+                .handle
+                .map(|inner| Box::new(UserNetHandle::new(inner, stack)) as Box<dyn DeviceHandle>);
+            Ok(built)
         }
         NetBackendKind::Stream(path) => {
             let socket = StreamSocket::connect(path)?;

@@ -28,6 +28,7 @@ use super::dhcp::GuestLease;
 use super::options::UserNetOptions;
 use super::socket::DgramSocket;
 use super::MacAddr;
+use crate::devices::DeviceHandle;
 
 /// QEMU's user-network addresses, which guests and users already know.
 pub const NETWORK: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 0);
@@ -55,8 +56,7 @@ pub enum SlirpError {
     Thread,
 }
 
-/// The running stack. Dropping it stops the thread; [`UserNet::detach`] lets it run for the
-/// life of the process.
+/// The running stack. Dropping it stops the thread and joins it.
 pub struct UserNet {
     /// Closing this wakes the thread with a hang-up: its signal to stop.
     stop: Option<OwnedFd>,
@@ -125,10 +125,41 @@ impl UserNet {
         self.lease.clone()
     }
 
-    /// Leaves the stack running until the process exits.
-    pub fn detach(mut self) {
-        self.thread.take();
-        std::mem::forget(self.stop.take());
+    /// Whether the stack thread is still running (it ends on a stop or a broken link).
+    pub fn is_running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+}
+
+/// The device's handle for the built-in network: the worker's own handle, plus the stack,
+/// which it stops and joins when the machine shuts down (libslirp then closes its sockets and
+/// port forwards), instead of leaving it to run detached until the process exits.
+pub struct UserNetHandle {
+    inner: Box<dyn DeviceHandle>,
+    stack: Option<UserNet>,
+}
+
+impl UserNetHandle {
+    pub fn new(inner: Box<dyn DeviceHandle>, stack: UserNet) -> Self {
+        UserNetHandle {
+            inner,
+            stack: Some(stack),
+        }
+    }
+}
+
+impl DeviceHandle for UserNetHandle {
+    fn pause(&mut self) {
+        self.inner.pause();
+    }
+
+    fn resume(&mut self) {
+        self.inner.resume();
+    }
+
+    fn shutdown(&mut self) {
+        self.inner.shutdown();
+        self.stack.take();
     }
 }
 
@@ -137,6 +168,7 @@ impl Drop for UserNet {
         self.stop.take();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
+            log::debug!("virtio-net user: the stack stopped");
         }
     }
 }

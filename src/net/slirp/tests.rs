@@ -240,3 +240,68 @@ fn the_gateway_answers_ping() {
     );
     assert!(reply.ends_with(b"xhyve ping"));
 }
+
+/// A device handle that only counts what it is asked.
+#[derive(Default)]
+struct Counting(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl DeviceHandle for Counting {
+    fn pause(&mut self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn shutdown(&mut self) {
+        self.0.fetch_add(100, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn shutting_the_device_down_stops_the_stack_and_frees_its_forwards() {
+    // The device manager outlives the run loop (signal and API threads hold it), so the
+    // stack must stop on the handle's shutdown, not wait for a drop that never comes.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let options = UserNetOptions {
+        hostfwd: vec![HostFwd {
+            udp: false,
+            host: SocketAddrV4::new(Ipv4Addr::LOCALHOST, port),
+            guest_addr: None,
+            guest_port: 22,
+        }],
+        ..Default::default()
+    };
+    let (net, mut link) = UserNet::start(&options, MAC).unwrap();
+    assert!(net.is_running());
+    dhcp(&mut link, MAC);
+    assert!(
+        std::net::TcpListener::bind(("127.0.0.1", port)).is_err(),
+        "the forward listens on {port}"
+    );
+    let calls = Counting::default();
+    let seen = calls.0.clone();
+    let mut handle = UserNetHandle::new(Box::new(calls), net);
+    handle.pause();
+    assert_eq!(seen.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert!(
+        std::net::TcpListener::bind(("127.0.0.1", port)).is_err(),
+        "a pause leaves the stack running"
+    );
+    let started = Instant::now();
+    handle.shutdown();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the stack stopped promptly"
+    );
+    assert_eq!(
+        seen.load(std::sync::atomic::Ordering::Relaxed),
+        101,
+        "the device's own handle is shut down too"
+    );
+    std::net::TcpListener::bind(("127.0.0.1", port))
+        .unwrap_or_else(|e| panic!("port {port} still held after shutdown: {e}"));
+    // The link's far end is gone: the device's sends fail instead of queueing for nobody.
+    assert!(link.send(&packet::dhcp_client(MAC, 8, None)).is_err());
+    handle.shutdown();
+}

@@ -48,18 +48,25 @@ fn read(mem: &GuestMemory, addr: u64, len: usize) -> Vec<u8> {
 }
 
 #[test]
-fn config_space_has_the_mac_and_link_up() {
+fn config_space_has_the_mac_link_up_and_mtu() {
     let n = VirtioNet::new(FakeNet::default(), MAC, None).unwrap();
-    assert_eq!(n.device_features(), F_MAC | F_STATUS);
-    assert_eq!(n.config_size(), 8);
-    let mut config = [0xAAu8; 8];
+    assert_eq!(n.device_features(), F_MAC | F_STATUS | F_MTU);
+    assert_eq!(n.config_size(), 12);
+    let mut config = [0xAAu8; 12];
     n.read_config(0, &mut config);
-    assert_eq!(config, [0x02, 0x11, 0x22, 0x33, 0x44, 0x55, 1, 0]);
+    assert_eq!(
+        config,
+        [0x02, 0x11, 0x22, 0x33, 0x44, 0x55, 1, 0, 1, 0, 0xDC, 0x05]
+    );
     let mut word = [0u8; 2];
     n.read_config(6, &mut word);
     assert_eq!(u16::from_le_bytes(word), 1);
-    n.read_config(7, &mut word);
-    assert_eq!(word, [0, 0], "past the end reads zero");
+    // Where Linux reads it (offsetof(struct virtio_net_config, mtu)): the MTU its receive
+    // buffers (1518 bytes with the Ethernet and VLAN headers, no MRG_RXBUF) can hold.
+    n.read_config(10, &mut word);
+    assert_eq!(u16::from_le_bytes(word), 1500);
+    n.read_config(11, &mut word);
+    assert_eq!(word, [0x05, 0], "past the end reads zero");
     n.read_config(u64::MAX, &mut word);
     assert_eq!(word, [0, 0]);
 }
