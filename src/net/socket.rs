@@ -18,8 +18,9 @@ use super::NetBackend;
 
 /// The largest frame a daemon may send us: a 64 KiB IP packet behind an Ethernet header.
 pub const MAX_SOCKET_FRAME: usize = 65536 + 18;
-/// How long a half-written stream record may wait for room before the link is declared dead:
-/// a record must be finished, or the framing is lost for good.
+/// How long a send waits for room to finish a half-written stream record. After that the
+/// rest stays queued and goes first at the next send: a record must be finished, or the
+/// framing is lost for good.
 const STREAM_WRITE_PATIENCE: Duration = Duration::from_secs(2);
 /// Socket buffers big enough for bursts of full-size frames.
 const SOCKET_BUFFER: libc::c_int = 1 << 20;
@@ -44,8 +45,10 @@ pub struct StreamSocket {
     end: usize,
     /// Bytes of an oversized frame still to throw away.
     skip: usize,
-    /// One record (length + frame) being written.
+    /// One record (length + frame) being written; `record[written..]` is still to go.
     record: Vec<u8>,
+    written: usize,
+    patience: Duration,
 }
 
 impl StreamSocket {
@@ -67,7 +70,23 @@ impl StreamSocket {
             end: 0,
             skip: 0,
             record: Vec::with_capacity(4 + MAX_SOCKET_FRAME),
+            written: 0,
+            patience: STREAM_WRITE_PATIENCE,
         })
+    }
+
+    /// Writes what is left of the current record without waiting; true once it is all out.
+    fn write_pending(&mut self) -> io::Result<bool> {
+        while self.written < self.record.len() {
+            match self.stream.write(&self.record[self.written..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
     }
 
     /// A complete frame waiting in the inbox: its bounds.
@@ -128,28 +147,32 @@ impl StreamSocket {
 }
 
 impl NetBackend for StreamSocket {
+    /// A frame the daemon has no room for is dropped whole, as a full queue on a wire would
+    /// drop it; a record once started is always finished, here or at the next send, so the
+    /// daemon never sees a torn record.
     fn send(&mut self, frame: &[u8]) -> io::Result<()> {
         let len = u32::try_from(frame.len()).map_err(|_| io::ErrorKind::InvalidInput)?;
+        if !self.write_pending()? {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "the daemon is still reading the last frame",
+            ));
+        }
         self.record.clear();
         self.record.extend_from_slice(&len.to_be_bytes());
         self.record.extend_from_slice(frame);
-        let mut done = 0;
-        while done < self.record.len() {
-            match self.stream.write(&self.record[done..]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => done += n,
-                // Nothing written yet: drop the frame, as a full queue on a wire would.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && done == 0 => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if !wait_writable(self.stream.as_raw_fd(), STREAM_WRITE_PATIENCE)? {
-                        return Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            "the daemon stopped reading",
-                        ));
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+        self.written = 0;
+        while !self.write_pending()? {
+            if self.written == 0 {
+                self.record.clear();
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    "the daemon's socket is full",
+                ));
+            }
+            if !wait_writable(self.stream.as_raw_fd(), self.patience)? {
+                // The rest goes out first at the next send.
+                return Ok(());
             }
         }
         Ok(())
@@ -383,6 +406,50 @@ mod tests {
             backend.recv(&mut buf).unwrap_err().kind(),
             io::ErrorKind::UnexpectedEof
         );
+    }
+
+    #[test]
+    fn a_daemon_that_stalls_mid_record_never_sees_a_torn_record() {
+        let (ours, mut daemon) = UnixStream::pair().unwrap();
+        let mut backend = StreamSocket::from_stream(ours).unwrap();
+        backend.patience = Duration::from_millis(10);
+        let mut sent = Vec::new();
+        let mut dropped = 0;
+        // Far more than the socket buffers hold, while the daemon reads nothing.
+        for i in 0..2000 {
+            let f = frame(i as u8, 1514);
+            match backend.send(&f) {
+                Ok(()) => sent.push(f),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => dropped += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(dropped > 0, "the buffers never filled");
+        // The daemon wakes up; a last frame after it finishes the torn record first.
+        daemon.set_nonblocking(true).unwrap();
+        let mut bytes = Vec::new();
+        let mut chunk = vec![0u8; 1 << 16];
+        let mut drain = |bytes: &mut Vec<u8>| loop {
+            match daemon.read(&mut chunk) {
+                Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        };
+        drain(&mut bytes);
+        let last = frame(0xAB, 60);
+        backend.send(&last).unwrap();
+        sent.push(last);
+        drain(&mut bytes);
+        let mut got = Vec::new();
+        let mut at = 0;
+        while at < bytes.len() {
+            let len = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+            got.push(bytes[at + 4..at + 4 + len].to_vec());
+            at += 4 + len;
+        }
+        assert_eq!(got.len(), sent.len());
+        assert!(got == sent, "every record whole and in order");
     }
 
     #[test]
