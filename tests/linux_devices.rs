@@ -5,7 +5,8 @@
 //! written on virtio-blk and ahci-hd and read back on the host with debugfs, a file from an ISO
 //! on ahci-cd, bytes from virtio-rnd's /dev/hwrng, MSI-X vectors in /proc/interrupts, a ping
 //! over virtio-net to a tap on the host when the test may create one) and ends it one way:
-//! the ACPI power button (SIGTERM, exit 1) or `poweroff -f` (exit 1). The kernel-mode boots
+//! the ACPI power button (SIGTERM, exit 1) or `poweroff -f` (exit 1); it also checks IRQ 0
+//! ticks and kvmclock. One more boot, with one CPU, only reaches a shell. The kernel-mode boots
 //! (root on virtio-blk, ahci-hd, ahci-cd; the disk's /init says `reboot -f`, exit 0) need no
 //! initramfs.
 
