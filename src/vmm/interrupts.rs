@@ -89,9 +89,22 @@ impl HvPinSink {
 
 impl crate::intc::hpet::HpetIrqSink for HvPinSink {
     fn set_pin_level(&self, pin: u32, high: bool) {
-        if let Err(e) = self.vm.set_irq_line(pin, high) {
-            log::trace!("GSI {pin}: {e}");
+        let gsi = hypervisor_gsi(pin);
+        if let Err(e) = self.vm.set_irq_line(gsi, high) {
+            log::trace!("GSI {gsi}: {e}");
         }
+    }
+}
+
+/// The hypervisor's GSI that drives IOAPIC pin `pin`. KVM's GSI 0 is ISA IRQ 0, routed to PIC
+/// IRQ 0 and IOAPIC pin 2 as the MADT's override says (src/hv/kvm/routing.rs), where legacy
+/// replacement sends HPET timer 0; KVM's GSI 2 is the PIC cascade and reaches nothing, so
+/// raising it lost every tick of Linux's boot clockevent (and failed its timer check).
+fn hypervisor_gsi(pin: u32) -> u32 {
+    if pin == crate::intc::hpet::LEGACY_TIMER0_PIN {
+        0
+    } else {
+        pin
     }
 }
 
@@ -131,5 +144,20 @@ impl InterruptBackend {
                 Arc::new(super::user_irqchip::UserPinSink(chip.clone()))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hpet_pins_map_to_the_gsis_that_reach_them() {
+        // Legacy replacement: timer 0 is ISA IRQ 0, timer 1 the RTC's IRQ 8.
+        assert_eq!(hypervisor_gsi(crate::intc::hpet::LEGACY_TIMER0_PIN), 0);
+        assert_eq!(hypervisor_gsi(crate::intc::hpet::LEGACY_TIMER1_PIN), 8);
+        // Tn_INT_ROUTE_CAP pins 20-23 are their own GSIs.
+        assert_eq!(hypervisor_gsi(20), 20);
+        assert_eq!(hypervisor_gsi(23), 23);
     }
 }

@@ -146,7 +146,8 @@ pub fn run_with(config: &VmConfig, started: impl FnOnce(MachineHandle)) -> Resul
     let boot = describe_and_load(config, &guest_memory)?;
 
     let supported = hypervisor.supported_cpuid()?;
-    let policy = CpuidPolicy::new(config.vcpus, config.x2apic);
+    let mut policy = CpuidPolicy::new(config.vcpus, config.x2apic);
+    policy.hypervisor_lapic = irqchip == IrqChipMode::Kernel;
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for id in 0..config.vcpus {
         let mut vcpu = vm.create_vcpu(id)?;

@@ -34,13 +34,6 @@ pub fn boot_timeout() -> Duration {
 /// A shell command (ring 3 runs natively; each system call costs some emulated ring 0).
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// The test kernel's one extra word: it has no KVM guest support (whose hypercalls hang this
-/// host), so it would not skip the IO-APIC timer check a KVM guest skips, and that check's
-/// calibrated busy-wait fails under this host's emulation. What the host's KVM cannot run in
-/// ring 0 (`xsave`, `popcnt`, `clac`, `int3`, ...) xhyve completes itself: no `noxsave`, no
-/// `clearcpuid=`.
-pub const WORKAROUNDS: &str = "no_timer_check";
-
 /// The init script's prompt (`PS1='xhyve-guest:\w# '` in test/initramfs/init-test).
 pub const PROMPT: &str = "xhyve-guest:/# ";
 
@@ -119,7 +112,7 @@ pub struct Linux {
     pub devices: Vec<String>,
     /// More xhyve flags (`-A`, `-W`, ...).
     pub flags: Vec<String>,
-    /// Kernel command line after `console=ttyS0` and [`WORKAROUNDS`].
+    /// Kernel command line after `console=ttyS0`.
     pub cmdline: String,
     /// `None`: no initramfs (the root comes from `root=` on the command line).
     pub initramfs: Option<PathBuf>,
@@ -166,7 +159,7 @@ impl Linux {
         args.push("-f".into());
         args.push(
             format!(
-                "kexec,{},{initramfs},console=ttyS0 {WORKAROUNDS} {}",
+                "kexec,{},{initramfs},console=ttyS0 {}",
                 self.kernel.display(),
                 self.cmdline
             )

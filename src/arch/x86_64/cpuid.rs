@@ -141,6 +141,12 @@ pub const KVM_PV_HIDDEN: u32 = 1 << 2 // MMU_OP
     | 1 << 13 // PV_SCHED_YIELD
     | 1 << 16; // HC_MAP_GPA_RANGE
 
+/// KVM paravirtual features that KVM implements in its own LAPIC, hidden when the VMM emulates
+/// the LAPIC (`XHYVE_IRQCHIP=user`): KVM then refuses the async-PF MSRs (the guest takes a #GP
+/// on `wrmsr` and warns) and never sets the PV EOI flag. ASYNC_PF, PV_EOI, ASYNC_PF_VMEXIT,
+/// ASYNC_PF_INT.
+pub const KVM_PV_NEED_HYPERVISOR_LAPIC: u32 = 1 << 4 | 1 << 6 | 1 << 10 | 1 << 14;
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CpuidError {
     #[error("unknown CPU feature \"{0}\"")]
@@ -160,6 +166,8 @@ pub struct CpuidPolicy {
     hidden: Vec<&'static Feature>,
     pub vcpus: u8,
     pub x2apic: bool,
+    /// Whether the hypervisor emulates the LAPIC (KVM's in-kernel irqchip).
+    pub hypervisor_lapic: bool,
 }
 
 impl CpuidPolicy {
@@ -176,6 +184,7 @@ impl CpuidPolicy {
             hidden,
             vcpus,
             x2apic,
+            hypervisor_lapic: true,
         }
     }
 
@@ -227,7 +236,12 @@ impl CpuidPolicy {
                     // x2APIC ID of this processor.
                     e.edx = u32::from(apic_id);
                 }
-                KVM_CPUID_FEATURES => e.eax &= !KVM_PV_HIDDEN,
+                KVM_CPUID_FEATURES => {
+                    e.eax &= !KVM_PV_HIDDEN;
+                    if !self.hypervisor_lapic {
+                        e.eax &= !KVM_PV_NEED_HYPERVISOR_LAPIC;
+                    }
+                }
                 _ => {}
             }
         }
@@ -284,6 +298,30 @@ mod tests {
         }
         // kvmclock (0, 3), NOP_IO_DELAY (1), steal time (5), PV EOI (6), the stable bit (24).
         for bit in [0, 1, 3, 5, 6, 24] {
+            assert_ne!(eax & (1 << bit), 0, "KVM PV feature bit {bit} hidden");
+        }
+    }
+
+    #[test]
+    fn kvm_lapic_features_hidden_only_from_a_userspace_lapic() {
+        let supported = [CpuidEntry {
+            function: KVM_CPUID_FEATURES,
+            eax: u32::MAX,
+            ..Default::default()
+        }];
+        let mut policy = CpuidPolicy::new(1, false);
+        let eax = policy.apply(&supported, 0)[0].eax;
+        assert_eq!(
+            eax & KVM_PV_NEED_HYPERVISOR_LAPIC,
+            KVM_PV_NEED_HYPERVISOR_LAPIC
+        );
+        policy.hypervisor_lapic = false;
+        let eax = policy.apply(&supported, 0)[0].eax;
+        for bit in [4, 6, 10, 14] {
+            assert_eq!(eax & (1 << bit), 0, "KVM PV feature bit {bit} offered");
+        }
+        // kvmclock (0, 3), steal time (5) and the stable bit (24) need no LAPIC.
+        for bit in [0, 3, 5, 24] {
             assert_ne!(eax & (1 << bit), 0, "KVM PV feature bit {bit} hidden");
         }
     }

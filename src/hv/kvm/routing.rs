@@ -5,6 +5,7 @@
 //! KVM's default table sends GSI 0 (the in-kernel PIT) to IOAPIC pin 0, but our tables declare
 //! the ISA override IRQ 0 -> GSI 2, as PCs do. A guest that follows them (Linux does) would get
 //! no timer, so GSI 0 goes to pin 2 here, and pin 2's own GSI (the PIC cascade) to nothing.
+//! Whatever drives ISA IRQ 0 (the PIT, the HPET's legacy timer 0) must raise GSI 0.
 
 use kvm_bindings::{
     kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
