@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the xhyve-rs test kernel and its initramfs, from Debian packages only:
 #   test/build/test-kernel/vmlinux        uncompressed ELF with a PVH entry (-f kexec,vmlinux)
-#   test/build/test-kernel/initramfs.cpio busybox-static + test/initramfs/init-test, uncompressed
-#                                         (test/build-test-initramfs.sh)
+#   test/build/test-kernel/initramfs.cpio busybox-static + test/initramfs/init-test and
+#                                         vsock-echo, uncompressed (test/build-test-initramfs.sh)
 #
 # The kernel is Debian's linux-source-6.1 configured with `make tinyconfig` plus
 # test/kernel/xhyve-test.config, with test/kernel/*.patch applied. Everything a test needs is

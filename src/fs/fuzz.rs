@@ -1,21 +1,60 @@
 //! Fuzz entry points for the two file-server parsers (`fuzz/fuzz_targets/p9_message.rs`,
 //! `fuse_request.rs`), also run on stable by the unit tests below with a fixed pseudo-random
-//! sequence. Each serves a private scratch share under the temporary directory; the input is
-//! a sequence of requests, each a u16 LE length and that many bytes.
+//! sequence. Each input is served on a fresh scratch share under the temporary directory,
+//! removed when the input is done (so that an input replays alone, and nothing is left
+//! behind); the input is a sequence of requests, each a u16 LE length and that many bytes.
 
-use std::path::PathBuf;
-use std::sync::{Mutex, OnceLock};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use vmm_sys_util::tempdir::TempDir;
 
 use super::fuse::abi::{op, IN_HEADER, OUT_HEADER};
 use super::sandbox::Share;
 use super::{fuse, p9};
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("xhyve-fuzz-{name}-{}", std::process::id()));
-    let _ = std::fs::create_dir_all(dir.join("sub"));
-    let _ = std::fs::write(dir.join("file"), b"0123456789");
-    let _ = std::os::unix::fs::symlink("/etc/passwd", dir.join("link"));
-    dir
+/// A scratch directory `$TMPDIR/PREFIXXXXXXX`, removed when dropped, also after an input took
+/// the owner's permissions away from a directory in it (which makes removal fail unless root).
+pub(crate) struct ScratchDir(TempDir);
+
+impl ScratchDir {
+    pub(crate) fn new(prefix: &str) -> Option<ScratchDir> {
+        TempDir::new_with_prefix(std::env::temp_dir().join(prefix))
+            .ok()
+            .map(ScratchDir)
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        self.0.as_path()
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        if std::fs::remove_dir_all(self.path()).is_ok() {
+            return;
+        }
+        // Give every directory back rwx to its owner, then let TempDir remove the tree.
+        fn open_up(dir: &Path) {
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    open_up(&entry.path());
+                }
+            }
+        }
+        open_up(self.path());
+    }
+}
+
+/// A fresh share (`sub/`, `file`, and `link` pointing out of it), removed when dropped.
+fn scratch(name: &str) -> Option<ScratchDir> {
+    let tmp = ScratchDir::new(&format!("xhyve-fuzz-{name}-"))?;
+    let dir = tmp.path();
+    std::fs::create_dir(dir.join("sub")).ok()?;
+    std::fs::write(dir.join("file"), b"0123456789").ok()?;
+    std::os::unix::fs::symlink("/etc/passwd", dir.join("link")).ok()?;
+    Some(tmp)
 }
 
 fn requests(data: &[u8]) -> impl Iterator<Item = &[u8]> {
@@ -34,9 +73,10 @@ fn requests(data: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// 9P: a fresh session (Tversion msize 64 KiB, Tattach fid 0) then the input's messages.
 /// Every request gets exactly one well-formed reply no larger than msize, echoing a readable tag.
 pub fn fuzz_p9(data: &[u8]) {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    let dir = DIR.get_or_init(|| scratch("p9"));
-    let Ok(share) = Share::new(dir, false) else {
+    let Some(dir) = scratch("p9") else {
+        return;
+    };
+    let Ok(share) = Share::new(dir.path(), false) else {
         return;
     };
     let mut srv = p9::Server::new(
@@ -78,11 +118,10 @@ pub fn fuzz_p9(data: &[u8]) {
 /// FUSE: INIT then the input's requests. A reply, when there is one, is well-formed, echoes
 /// the unique id, and carries an error or a body, never both.
 pub fn fuzz_fuse(data: &[u8]) {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    static LOCK: Mutex<()> = Mutex::new(());
-    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = DIR.get_or_init(|| scratch("fuse"));
-    let Ok(share) = Share::new(dir, false) else {
+    let Some(dir) = scratch("fuse") else {
+        return;
+    };
+    let Ok(share) = Share::new(dir.path(), false) else {
         return;
     };
     let opts = fuse::Options {
@@ -159,6 +198,24 @@ mod tests {
             }
             fuzz_p9(&data);
         }
+    }
+
+    /// Nothing is left in the temporary directory, also when a directory lost its permissions.
+    #[test]
+    fn scratch_dirs_are_removed() {
+        let tmp = ScratchDir::new("xhyve-fuzz-selftest-").unwrap();
+        let path = tmp.path().to_path_buf();
+        std::fs::create_dir_all(path.join("a/b")).unwrap();
+        std::fs::write(path.join("a/b/f"), b"x").unwrap();
+        std::fs::set_permissions(path.join("a/b"), std::fs::Permissions::from_mode(0o000)).unwrap();
+        std::fs::set_permissions(path.join("a"), std::fs::Permissions::from_mode(0o000)).unwrap();
+        drop(tmp);
+        assert!(!path.exists(), "{} is left behind", path.display());
+        let share = scratch("selftest").unwrap();
+        let path = share.path().to_path_buf();
+        assert!(path.join("sub").is_dir() && path.join("file").is_file());
+        drop(share);
+        assert!(!path.exists(), "{} is left behind", path.display());
     }
 
     #[test]

@@ -187,7 +187,11 @@ impl Attr {
 /// File-system statistics, in Linux `statfs` terms.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct FsStat {
+    /// Preferred I/O size (`f_bsize`).
     pub bsize: u64,
+    /// The unit of the block counts (`f_frsize`): equal to `bsize` on Linux, not on macOS,
+    /// where `f_bsize` is a 1 MiB I/O size and the blocks are 4 KiB.
+    pub frsize: u64,
     pub blocks: u64,
     pub bfree: u64,
     pub bavail: u64,
@@ -922,6 +926,7 @@ impl Share {
         #[allow(clippy::unnecessary_cast)]
         Ok(FsStat {
             bsize: st.f_bsize as u64,
+            frsize: st.f_frsize as u64,
             blocks: st.f_blocks as u64,
             bfree: st.f_bfree as u64,
             bavail: st.f_bavail as u64,

@@ -1,25 +1,20 @@
 //! Fuzz entry point for the vsock packet header and the muxer behind it
 //! (`fuzz/fuzz_targets/vsock_packet.rs`). The input is a sequence of guest TX packets, each a
-//! u16 LE length and that many bytes, fed to one muxer (guest CID 3) in a scratch directory.
+//! u16 LE length and that many bytes, fed to one muxer (guest CID 3) in a fresh scratch
+//! directory, removed when the input is done.
 
-use std::path::PathBuf;
-use std::sync::{Mutex, OnceLock};
+use crate::fs::fuzz::ScratchDir;
 
 use super::muxer::{Muxer, VsockConfig};
 use super::packet::{op, Header, HOST_CID};
 
 pub fn fuzz_packets(data: &[u8]) {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    static LOCK: Mutex<()> = Mutex::new(());
-    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = DIR.get_or_init(|| {
-        let d = std::env::temp_dir().join(format!("xv-fuzz-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&d);
-        d
-    });
+    let Some(dir) = ScratchDir::new("xv-fuzz-") else {
+        return;
+    };
     let Ok(mut m) = Muxer::new(VsockConfig {
         guest_cid: 3,
-        dir: dir.clone(),
+        dir: dir.path().to_path_buf(),
         guest_forwards: vec![1234],
     }) else {
         return;

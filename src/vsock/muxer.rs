@@ -377,11 +377,9 @@ impl Muxer {
                 if h.flags & SHUTDOWN_RCV != 0 {
                     c.host_done_sending = true;
                 }
-                if c.guest_done_sending && c.host_done_sending {
-                    self.rst(key);
-                } else {
-                    self.flush(key);
-                }
+                // Both directions done: the connection ends (RST), but only once what the
+                // guest sent has reached the host socket (flush ends it then).
+                self.flush(key);
             }
             op::RW => {
                 let Some(c) = self.conns.get_mut(&key) else {
@@ -441,6 +439,9 @@ impl Muxer {
         }
         if c.pending.is_empty() && c.guest_done_sending {
             let _ = c.stream.shutdown(std::net::Shutdown::Write);
+            if c.host_done_sending {
+                return self.rst(key);
+            }
         }
         if c.fwd_cnt.wrapping_sub(c.fwd_told) >= BUF_ALLOC / 2 {
             self.send(key, op::CREDIT_UPDATE, 0, &[]);

@@ -309,3 +309,74 @@ fn reset_closes_every_connection() {
         .unwrap();
     assert_eq!(rx(&mut m).0.op, op::RESPONSE);
 }
+
+/// The guest writes more than the host socket takes at once and closes (SHUTDOWN, both
+/// directions) before the host has read it: everything still reaches the host, then EOF, and
+/// only then does the guest get the RST that ends the connection. (A guest closing right after
+/// its last write is what `vsock-echo listen` does in tests/linux_sharedfs.rs.)
+#[test]
+fn guest_close_delivers_pending_data_before_the_reset() {
+    let (tmp, mut m) = muxer(vec![]);
+    let svc = UnixListener::bind(tmp.as_path().join("00000002.00000400")).unwrap();
+    m.handle_guest(&guest(op::REQUEST, 5000, 0x400, 0, 4096, 0, &[]))
+        .unwrap();
+    assert_eq!(rx(&mut m).0.op, op::RESPONSE);
+    let (mut host, _) = svc.accept().unwrap();
+    // Fill the host socket until data waits in the muxer (never more than our credit).
+    let mut sent = Vec::new();
+    let mut n = 0u32;
+    while !m
+        .poll_interest()
+        .iter()
+        .any(|&(_, ev)| ev & libc::POLLOUT != 0)
+    {
+        let chunk: Vec<u8> = (0..4096u32).map(|i| (i + n) as u8).collect();
+        n += 1;
+        m.handle_guest(&guest(op::RW, 5000, 0x400, 0, 4096, 0, &chunk))
+            .unwrap();
+        sent.extend_from_slice(&chunk);
+        assert!(sent.len() < 64 << 20, "the host socket never filled up");
+    }
+    m.handle_guest(&guest(
+        op::SHUTDOWN,
+        5000,
+        0x400,
+        SHUTDOWN_RCV | SHUTDOWN_SEND,
+        4096,
+        0,
+        &[],
+    ))
+    .unwrap();
+    while let Some(p) = m.next_rx() {
+        let (h, _) = Header::parse_packet(&p).unwrap();
+        assert_ne!(
+            h.op,
+            op::RST,
+            "reset before the guest's data reached the host"
+        );
+    }
+    assert_eq!(m.connections(), 1);
+    let reader = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        host.read_to_end(&mut got).unwrap();
+        got
+    });
+    let start = Instant::now();
+    let mut rst = false;
+    while !rst {
+        assert!(start.elapsed() < Duration::from_secs(10), "no reset");
+        m.poll_host();
+        while let Some(p) = m.next_rx() {
+            rst |= Header::parse_packet(&p).unwrap().0.op == op::RST;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let got = reader.join().unwrap();
+    assert!(
+        got == sent,
+        "host got {} of {} bytes",
+        got.len(),
+        sent.len()
+    );
+    assert_eq!(m.connections(), 0);
+}

@@ -456,3 +456,59 @@ fn make_raw(file: &File) {
         }
     }
 }
+
+/// Unpacks an uncompressed newc cpio (the test initramfs) into `dir`: directories, regular
+/// files and symbolic links with their permission bits. Device nodes are skipped (the kernel
+/// mounts devtmpfs on /dev), so no root is needed.
+pub fn unpack_newc(cpio: &Path, dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let data = std::fs::read(cpio).unwrap_or_else(|e| panic!("{}: {e}", cpio.display()));
+    let field = |at: usize, i: usize| -> usize {
+        let hex = std::str::from_utf8(&data[at + 6 + 8 * i..at + 14 + 8 * i]).expect("hex field");
+        usize::from_str_radix(hex, 16).expect("hex field")
+    };
+    let align = |n: usize| (n + 3) & !3;
+    let mut at = 0;
+    loop {
+        assert_eq!(
+            &data[at..at + 6],
+            b"070701",
+            "newc magic at {at} in {}",
+            cpio.display()
+        );
+        let (mode, filesize, namesize) = (field(at, 1), field(at, 6), field(at, 11));
+        let name_at = at + 110;
+        let name = std::str::from_utf8(&data[name_at..name_at + namesize - 1]).expect("name");
+        let body = align(name_at + namesize);
+        let next = align(body + filesize);
+        if name == "TRAILER!!!" {
+            return;
+        }
+        let rel = name.trim_start_matches('/');
+        assert!(
+            !rel.split('/').any(|c| c == ".."),
+            "cpio member {name:?} leaves the tree"
+        );
+        let path = dir.join(rel);
+        let content = &data[body..body + filesize];
+        match mode & 0o170000 {
+            0o040000 => std::fs::create_dir_all(&path).expect("mkdir"),
+            0o100000 => std::fs::write(&path, content).expect("write file"),
+            0o120000 => {
+                // gen_init_cpio stores the target with its NUL.
+                let target = content.strip_suffix(b"\0").unwrap_or(content);
+                let target = std::str::from_utf8(target).expect("link target");
+                std::os::unix::fs::symlink(target, &path).expect("symlink");
+            }
+            _ => {}
+        }
+        if matches!(mode & 0o170000, 0o040000 | 0o100000) {
+            std::fs::set_permissions(
+                &path,
+                std::fs::Permissions::from_mode((mode & 0o7777) as u32),
+            )
+            .expect("chmod");
+        }
+        at = next;
+    }
+}

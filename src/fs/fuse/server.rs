@@ -394,7 +394,7 @@ impl Server {
                     .u64(s.ffree);
                 o.u32(s.bsize as u32)
                     .u32(s.namelen as u32)
-                    .u32(s.bsize as u32)
+                    .u32(s.frsize as u32)
                     .u32(0)
                     .zeros(24);
                 Ok(())

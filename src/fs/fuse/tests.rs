@@ -430,7 +430,14 @@ fn namespace_operations_and_statfs() {
         .unwrap();
     let st = c.call(op::STATFS, ROOT_ID, Args::default()).unwrap();
     assert_eq!(st.len(), 80);
-    assert!(Reader::new(&st).u64().unwrap() > 0);
+    // blocks, then bsize at 40 and frsize, the unit of the counts, at 48.
+    let host = crate::fs::p9::tests::nix_statvfs(&c.dir);
+    #[allow(clippy::unnecessary_cast)] // u32 on macOS
+    let (blocks, host_frsize) = (host.f_blocks as u64, host.f_frsize as u64);
+    let mut r = Reader::new(&st);
+    assert_eq!(r.u64().unwrap(), blocks);
+    let frsize = u32::from_le_bytes(st[48..52].try_into().unwrap());
+    assert_eq!(u64::from(frsize), host_frsize);
     // SETATTR: truncate and chmod, attributes come back.
     let valid = 1 | 8;
     let a = Args::default()

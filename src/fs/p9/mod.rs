@@ -9,4 +9,4 @@ pub mod wire;
 pub use server::{IdMapping, Options, Server};
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

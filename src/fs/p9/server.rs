@@ -806,9 +806,10 @@ impl Server {
         let node = self.fid(fid)?.node.clone();
         let s = self.share.statfs(&node)?;
         let mut w = Writer::new(out, msg::TSTATFS + 1, tag);
-        // Type: V9FS_MAGIC, what a Linux 9p mount reports anyway.
+        // Type: V9FS_MAGIC, what a Linux 9p mount reports anyway. The block size is the unit of
+        // the counts: Linux makes it both f_bsize and f_frsize.
         w.u32(0x01021997)
-            .u32(s.bsize as u32)
+            .u32(s.frsize as u32)
             .u64(s.blocks)
             .u64(s.bfree)
             .u64(s.bavail);

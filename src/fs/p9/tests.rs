@@ -408,7 +408,11 @@ fn attributes_statfs_locks_and_xattrs() {
         .unwrap();
     let mut r = Reader::new(&b);
     assert_eq!(r.u32().unwrap(), 0x01021997);
-    assert!(r.u32().unwrap() > 0 && r.u64().unwrap() > 0);
+    // The block size is the unit of the counts (f_frsize), which Linux takes as both.
+    let host = nix_statvfs(&c.dir);
+    #[allow(clippy::unnecessary_cast)] // u32 on macOS
+    let want = (host.f_frsize as u64, host.f_blocks as u64);
+    assert_eq!((u64::from(r.u32().unwrap()), r.u64().unwrap()), want);
     c.lopen(2, oflag::O_RDWR).unwrap();
     let b = c
         .call(TLOCK, |w| {
@@ -531,4 +535,16 @@ fn malformed_messages_get_an_error_reply() {
         (ty, Reader::new(&body).u32().unwrap()),
         (RLERROR, errno::EOPNOTSUPP as u32)
     );
+}
+
+/// The host's statvfs of `path`.
+pub(crate) fn nix_statvfs(path: &std::path::Path) -> libc::statvfs {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: statvfs fills the zeroed plain-data struct; the path is NUL-terminated.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        assert_eq!(libc::statvfs(c.as_ptr(), &mut st), 0);
+        st
+    }
 }
