@@ -178,10 +178,9 @@ def vmm_command(args, back_end, h2g, g2h, passt):
                f"hostfwd=tcp:127.0.0.1:{g2h}-:{G2H_PORT}")
     else:
         net = f"2,virtio-net,socket={passt.socket}"
-    # The test kernel's one workaround on this host (tests/linux_common WORKAROUNDS).
     return [args.xhyve, "-A", "-m", "256M", "-s", "0:0,hostbridge", "-s", "31,lpc", "-s", net,
             "-l", "com1,stdio", "-f",
-            f"kexec,{KERNEL},{INITRAMFS},{cmdline} no_timer_check"], \
+            f"kexec,{KERNEL},{INITRAMFS},{cmdline}"], \
         dict(os.environ, XHYVE_IRQCHIP="kernel", XHYVE_LOG="info")
 
 
