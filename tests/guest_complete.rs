@@ -1,7 +1,9 @@
 //! Instructions this host's KVM cannot emulate at CPL0, completed by xhyve: a 64-bit ring-0
 //! guest (`lm-complete`, test/guests/lm_complete.c) runs int3 and int n through its IDT,
 //! popcnt, fwait, cmpxchg16b, stac/clac, ldmxcsr/stmxcsr and an xsave/xrstor round trip, and
-//! checks each result against the architecture. On ordinary hardware KVM the processor runs
+//! checks each result against the architecture. Two fault on purpose (#GP from an xrstor of a
+//! corrupt image and from an int beyond the IDT limit): xhyve delivers the exception, with the
+//! processor's error code, to the guest's handler. On ordinary hardware KVM the processor runs
 //! them itself and the guest passes the same way.
 
 #[macro_use]
@@ -35,6 +37,11 @@ const CHECKS: &[&str] = &[
     "xsave xstate_bv sse",
     "xrstor xmm0 low",
     "xrstor xmm0 high",
+    "gp delivered twice",
+    "xrstor of a bad header gp code",
+    "xrstor of a bad header gp rip",
+    "int beyond the idt gp code",
+    "int beyond the idt gp rip",
 ];
 
 guest_test!(

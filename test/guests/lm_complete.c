@@ -1,7 +1,9 @@
 /* lm-complete: the instructions this host's KVM cannot emulate at CPL0 and xhyve completes
  * (int3 and int n through IDT gates, popcnt, lzcnt, tzcnt, fwait, cmpxchg16b, stac/clac, lsl,
  * ldmxcsr/stmxcsr, xsave/xrstor), run in 64-bit mode at CPL0 (lm_complete64.S), each checked
- * against the architecture: "lm-complete <what> ok" per check, then "lm-complete ok". */
+ * against the architecture: "lm-complete <what> ok" per check, then "lm-complete ok". Two of
+ * them fault on purpose (an xrstor of an image with a reserved header byte set, an int beyond
+ * the IDT limit): the #GP, with its error code, must reach the guest's own handler. */
 #include "tests.h"
 #include "ring3.h"
 
@@ -18,7 +20,9 @@ enum {
     R_TRAP_COUNT, R_TRAP_RFLAGS, R_POPCNT, R_POPCNT0_RFLAGS, R_LZCNT, R_TZCNT, R_FWAIT,
     R_XSTATE_BV, R_XMM_LOW, R_XMM_HIGH, R_CX16_RFLAGS1, R_CX16_LOW, R_CX16_HIGH,
     R_CX16_RFLAGS2, R_CX16_RAX, R_CX16_RDX, R_MXCSR, R_STAC_RFLAGS, R_CLAC_RFLAGS,
-    R_LSL_LIMIT, R_LSL_NULL_RFLAGS, R_COUNT
+    R_LSL_LIMIT, R_LSL_NULL_RFLAGS, R_GP_COUNT, R_GP_XRSTOR_CODE, R_GP_XRSTOR_RIP,
+    R_GP_XRSTOR_WANT, R_GP_INT_CODE, R_GP_INT_RIP, R_GP_INT_WANT, R_GP_LAST_CODE, R_GP_LAST_RIP,
+    R_COUNT
 };
 
 volatile u64 lm_complete_results[R_COUNT];
@@ -36,6 +40,9 @@ u8 lm_complete_xsave_area[4096] __attribute__((aligned(64)));
 void lm_complete_run(void);
 void lm_complete_int3_handler(void);
 void lm_complete_trap_handler(void);
+void lm_complete_gp_handler(void);
+/* Where the #GP handler resumes (the instruction after the one that faulted). */
+u64 lm_complete_gp_resume;
 
 static void gate(u32 vector, void (*handler)(void), u32 type)
 {
@@ -71,6 +78,7 @@ void test_lm_complete(const struct mb_info *mbi)
     ring3_init();
     gate(3, lm_complete_int3_handler, GATE_INTERRUPT);
     gate(0x81, lm_complete_trap_handler, GATE_TRAP);
+    gate(13, lm_complete_gp_handler, GATE_INTERRUPT);
     lm_complete_idt_descriptor.limit = sizeof(lm_complete_idt) - 1;
     lm_complete_idt_descriptor.base = (u32)lm_complete_idt;
     lm_complete_run();
@@ -107,6 +115,12 @@ void test_lm_complete(const struct mb_info *mbi)
     check("xsave xstate_bv sse", r[R_XSTATE_BV] & 2, 2);
     check("xrstor xmm0 low", r[R_XMM_LOW], 0x0123456789ABCDEFull);
     check("xrstor xmm0 high", r[R_XMM_HIGH], 0xFEDCBA9876543210ull);
+    check("gp delivered twice", r[R_GP_COUNT], 2);
+    check("xrstor of a bad header gp code", r[R_GP_XRSTOR_CODE], 0);
+    check("xrstor of a bad header gp rip", r[R_GP_XRSTOR_RIP], r[R_GP_XRSTOR_WANT]);
+    /* Vector 0x90 beyond the IDT limit: error code = vector * 8 + 2 (IDT bit). */
+    check("int beyond the idt gp code", r[R_GP_INT_CODE], 0x90 * 8 + 2);
+    check("int beyond the idt gp rip", r[R_GP_INT_RIP], r[R_GP_INT_WANT]);
     println(failures ? "lm-complete FAIL" : "lm-complete ok");
     poweroff();
 }

@@ -3,7 +3,7 @@
  * for it, and stores what they did in lm_complete_results (indices in lm_complete.c).
  *
  * lm_complete_run() is called from compatibility mode (after ring3_init()); it loads its own
- * IDT (vector 3: interrupt gate, 0x81: trap gate), switches to 64-bit mode, runs the checks,
+ * IDT (vector 3: interrupt gate, 0x81: trap gate, 13: #GP), switches to 64-bit mode, runs the checks,
  * restores the previous IDT and returns to compatibility mode. */
 
 #define SEL_CODE32 0x08
@@ -148,6 +148,40 @@ int3_return:
     movq 40(%r8), %r9
     movq %r9, 120(%r15)
 
+    /* xrstor of an image whose reserved header bytes (512 + 16..63) are not zero: #GP(0), at
+     * the xrstor, delivered to the handler at vector 13, which resumes after it. */
+    AT(lm_complete_gp_resume, %r8d)
+    movl $gp_xrstor_done, %eax
+    movq %rax, (%r8)
+    AT(lm_complete_xsave_area, %r8d)
+    movq $1, 528(%r8)
+    movl $3, %eax
+    xorl %edx, %edx
+gp_xrstor:
+    xrstor64 (%r8)
+gp_xrstor_done:
+    movq $0, 528(%r8)
+    movq 272(%r15), %r9
+    movq %r9, 224(%r15)
+    movq 280(%r15), %r9
+    movq %r9, 232(%r15)
+    movl $gp_xrstor, %eax
+    movq %rax, 240(%r15)
+
+    /* int $0x90, beyond the IDT limit (0x82 vectors): #GP(0x90 * 8 + 2) at the int. */
+    AT(lm_complete_gp_resume, %r8d)
+    movl $gp_int_done, %eax
+    movq %rax, (%r8)
+gp_int:
+    int $0x90
+gp_int_done:
+    movq 272(%r15), %r9
+    movq %r9, 248(%r15)
+    movq 280(%r15), %r9
+    movq %r9, 256(%r15)
+    movl $gp_int, %eax
+    movq %rax, 264(%r15)
+
     AT(lm_complete_saved_idt, %r8d)
     lidt (%r8)
     pushq $SEL_CODE32
@@ -187,6 +221,26 @@ lm_complete_trap_handler:
     movq %rax, 56(%r8)
     popq %rax
     popq %r8
+    iretq
+
+/* Vector 13: count, keep the error code and the faulting RIP, resume at
+ * lm_complete_gp_resume (the faulting instruction is skipped). */
+    .globl lm_complete_gp_handler
+lm_complete_gp_handler:
+    pushq %r8
+    pushq %rax
+    AT(lm_complete_results, %r8d)
+    incq 216(%r8)
+    movq 16(%rsp), %rax
+    movq %rax, 272(%r8)
+    movq 24(%rsp), %rax
+    movq %rax, 280(%r8)
+    AT(lm_complete_gp_resume, %r8d)
+    movq (%r8), %rax
+    movq %rax, 24(%rsp)
+    popq %rax
+    popq %r8
+    addq $8, %rsp
     iretq
 
     .code32

@@ -29,7 +29,7 @@ use super::{
     VcpuKicker, Vm, VmExit, VmOptions,
 };
 use crate::arch::x86_64::cpuid::CpuidEntry;
-use crate::arch::x86_64::emulate::complete::{CompleteError, Cpu, Kind, COMPLETIONS};
+use crate::arch::x86_64::emulate::complete::{CompleteError, Cpu, Exception, Kind, COMPLETIONS};
 use crate::arch::x86_64::emulate::{self, GuestRam};
 use crate::arch::x86_64::regs::{SpecialRegisters, StandardRegisters};
 use routing::GsiRoutes;
@@ -671,9 +671,28 @@ impl Vcpu for KvmVcpu {
             // signal frame whose page is not faulted in yet. Nothing changed; the guest's
             // #PF handler maps the page and the instruction runs (and exits) again.
             Err(CompleteError::PageFault { linear, error_code }) => {
-                self.inject_page_fault(sregs, linear, error_code)?;
+                let mut sregs = sregs;
+                sregs.cr2 = linear;
+                self.set_sregs(&sregs)
+                    .map_err(|_| CompleteError::State("KVM_SET_SREGS failed"))?;
+                self.inject_exception(Exception {
+                    vector: PAGE_FAULT,
+                    error_code: Some(error_code),
+                })?;
                 COMPLETIONS.record(Kind::PageFault);
                 return Ok(Kind::PageFault);
+            }
+            // Any other exception the instruction raises (e.g. #GP from an xrstor of a
+            // corrupt user signal frame, which Linux fixes up): delivered as well.
+            Err(CompleteError::Fault { exception, .. }) => {
+                let real_mode = sregs.cr0 & crate::hv::regs::CR0_PE == 0;
+                self.inject_exception(Exception {
+                    // Real mode pushes no error code.
+                    error_code: exception.error_code.filter(|_| !real_mode),
+                    ..exception
+                })?;
+                COMPLETIONS.record(Kind::Exception);
+                return Ok(Kind::Exception);
             }
             Err(e) => return Err(e),
         };
@@ -690,30 +709,24 @@ impl Vcpu for KvmVcpu {
 }
 
 impl KvmVcpu {
-    /// Queues #PF with CR2 = `linear` for the next entry, RIP still at the instruction.
-    fn inject_page_fault(
-        &mut self,
-        mut sregs: SpecialRegisters,
-        linear: u64,
-        error_code: u32,
-    ) -> Result<(), CompleteError> {
-        const PAGE_FAULT: u8 = 14;
-        sregs.cr2 = linear;
-        self.set_sregs(&sregs)
-            .map_err(|_| CompleteError::State("KVM_SET_SREGS failed"))?;
+    /// Queues `exception` for the next entry, RIP still at the instruction that raised it.
+    fn inject_exception(&mut self, exception: Exception) -> Result<(), CompleteError> {
         let mut events = self
             .fd
             .get_vcpu_events()
             .map_err(|_| CompleteError::State("KVM_GET_VCPU_EVENTS failed"))?;
         events.exception.injected = 1;
-        events.exception.nr = PAGE_FAULT;
-        events.exception.has_error_code = 1;
-        events.exception.error_code = error_code;
+        events.exception.nr = exception.vector;
+        events.exception.has_error_code = u8::from(exception.error_code.is_some());
+        events.exception.error_code = exception.error_code.unwrap_or(0);
         self.fd
             .set_vcpu_events(&events)
-            .map_err(|_| CompleteError::State("KVM_SET_VCPU_EVENTS refused the #PF"))
+            .map_err(|_| CompleteError::State("KVM_SET_VCPU_EVENTS refused the exception"))
     }
 }
+
+/// The #PF vector.
+const PAGE_FAULT: u8 = 14;
 
 // KVM_INTERRUPT = _IOW(KVMIO, 0x86, struct kvm_interrupt); kvm-ioctls has no wrapper.
 ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);

@@ -13,10 +13,14 @@
 //! NX, SMEP, SMAP with EFLAGS.AC, reserved bits); a refusal is [`CompleteError::PageFault`],
 //! which the back end delivers. The accessed and dirty flags the walks call for are set
 //! last, once the instruction commits, so a refused or faulting instruction leaves guest
-//! memory untouched. Any other fault the instruction would raise in the guest (#GP, #UD,
-//! #NP, #TS, #MF, #NM) is not delivered: it is refused with [`CompleteError::Fault`], so the
-//! VMM stops with a diagnostic instead of corrupting the guest. Segment limits, canonical
-//! addresses and protection keys are not modelled. No allocation.
+//! memory untouched. Any other exception the instruction raises (#GP, #UD, #NP, #TS, #SS,
+//! #MF, #NM, with the error code the processor pushes) is [`CompleteError::Fault`], which the
+//! back end delivers too: the guest decides, as on hardware. That matters: Linux restores a
+//! signal frame's extended state with `xrstor` straight from user memory and relies on the
+//! #GP of a corrupt header reaching its exception-table fixup; refusing it instead would let
+//! any unprivileged guest process stop the whole VM. A 64-bit memory operand must be
+//! canonical (#GP, #SS through SS). Segment limits outside 64-bit mode, PAE PDPTE reserved
+//! bits and protection keys are not modelled. No allocation.
 
 mod simd;
 
@@ -47,7 +51,15 @@ const RFLAGS_VM: u64 = 1 << 17;
 const RFLAGS_AC: u64 = 1 << 18;
 const CR0_MP: u64 = 1 << 1;
 const CR0_TS: u64 = 1 << 3;
+const CR4_LA57: u64 = 1 << 12;
 const CR4_OSXSAVE: u64 = 1 << 18;
+
+/// An IDT entry: its two quadwords (the second only in long mode) and its type.
+struct Gate {
+    low: u64,
+    high: u64,
+    gate_type: u8,
+}
 
 /// IDT gate and descriptor types.
 const GATE_TASK: u8 = 0x5;
@@ -110,10 +122,13 @@ pub enum Kind {
     /// Not an instruction: a completed instruction's memory access faulted and the back end
     /// delivered #PF instead.
     PageFault,
+    /// Not an instruction: a completed instruction raised another exception (#GP, #UD, ...)
+    /// and the back end delivered it.
+    Exception,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 28] = [
+    pub const ALL: [Kind; 29] = [
         Kind::Int3,
         Kind::IntN,
         Kind::Into,
@@ -142,6 +157,7 @@ impl Kind {
         Kind::Sse,
         Kind::Avx,
         Kind::PageFault,
+        Kind::Exception,
     ];
 
     pub fn name(self) -> &'static str {
@@ -174,6 +190,7 @@ impl Kind {
             Kind::Sse => "sse",
             Kind::Avx => "avx",
             Kind::PageFault => "#PF delivered",
+            Kind::Exception => "other exceptions delivered",
         }
     }
 
@@ -253,6 +270,83 @@ impl Default for CompletionCounts {
 /// Every completion in this process (one VM per process).
 pub static COMPLETIONS: CompletionCounts = CompletionCounts::new();
 
+/// An exception a completed instruction raises, with the error code the processor pushes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exception {
+    pub vector: u8,
+    pub error_code: Option<u32>,
+}
+
+impl Exception {
+    pub const UD: Exception = Exception::without_code(6);
+    pub const NM: Exception = Exception::without_code(7);
+    pub const MF: Exception = Exception::without_code(16);
+
+    const fn without_code(vector: u8) -> Self {
+        Exception {
+            vector,
+            error_code: None,
+        }
+    }
+
+    const fn with_code(vector: u8, code: u16) -> Self {
+        Exception {
+            vector,
+            error_code: Some(code as u32),
+        }
+    }
+
+    /// #TS: the error code names the selector (RPL bits clear) or is 0.
+    pub const fn ts(code: u16) -> Self {
+        Exception::with_code(10, code)
+    }
+
+    pub const fn np(code: u16) -> Self {
+        Exception::with_code(11, code)
+    }
+
+    pub const fn ss(code: u16) -> Self {
+        Exception::with_code(12, code)
+    }
+
+    pub const fn gp(code: u16) -> Self {
+        Exception::with_code(13, code)
+    }
+
+    /// The error code for a selector: its index and table bit, RPL clear (EXT is 0: the
+    /// completer only raises exceptions for the instruction it runs).
+    const fn selector_code(selector: u16) -> u16 {
+        selector & 0xfffc
+    }
+
+    /// The error code for an IDT entry (IDT bit set).
+    const fn idt_code(vector: u8) -> u16 {
+        (vector as u16) << 3 | 2
+    }
+
+    pub fn name(self) -> &'static str {
+        match self.vector {
+            6 => "#UD",
+            7 => "#NM",
+            10 => "#TS",
+            11 => "#NP",
+            12 => "#SS",
+            13 => "#GP",
+            16 => "#MF",
+            _ => "an exception",
+        }
+    }
+}
+
+impl std::fmt::Display for Exception {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.error_code {
+            Some(code) => write!(f, "{}({code:#x})", self.name()),
+            None => f.write_str(self.name()),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum CompleteError {
     #[error("cannot fetch the instruction at linear address {linear:#x}")]
@@ -261,10 +355,14 @@ pub enum CompleteError {
     Decode { bytes: InstructionBytes },
     #[error("the VMM does not complete {mnemonic:?}")]
     Unsupported { mnemonic: Mnemonic },
-    #[error("{mnemonic:?} raises {fault} in the guest ({why}); the VMM does not deliver it")]
+    /// The instruction raises `exception` in the guest, as the processor would: the back end
+    /// delivers it (nothing changed; RIP stays at the instruction) and the guest's handler
+    /// decides, e.g. Linux's exception-table fixup for an `xrstor` of a corrupt user signal
+    /// frame.
+    #[error("{mnemonic:?} raises {exception} in the guest ({why})")]
     Fault {
         mnemonic: Mnemonic,
-        fault: &'static str,
+        exception: Exception,
         why: &'static str,
     },
     #[error("guest linear address {linear:#x} ({size} bytes) is not mapped to RAM")]
@@ -412,6 +510,12 @@ pub fn complete(
     memory.commit();
     *cpu = next;
     Ok(kind)
+}
+
+/// Whether `address` is canonical: bits 63..47 (63..56 with 5-level paging) all equal.
+fn canonical(address: u64, la57: bool) -> bool {
+    let unused = if la57 { 7 } else { 16 };
+    ((address << unused) as i64 >> unused) as u64 == address
 }
 
 /// The instruction pointer after `len` bytes: it wraps at 16 bits in real mode and 16-bit
@@ -740,10 +844,10 @@ struct Op<'a> {
 }
 
 impl Op<'_> {
-    fn fault(&self, fault: &'static str, why: &'static str) -> CompleteError {
+    fn fault(&self, exception: Exception, why: &'static str) -> CompleteError {
         CompleteError::Fault {
             mnemonic: self.instr.mnemonic(),
-            fault,
+            exception,
             why,
         }
     }
@@ -761,7 +865,7 @@ impl Op<'_> {
             }
             Kind::Into => {
                 if self.mode == CpuMode::Long64 {
-                    return Err(self.fault("#UD", "into in 64-bit mode"));
+                    return Err(self.fault(Exception::UD, "into in 64-bit mode"));
                 }
                 if self.cpu.regs.rflags & RFLAGS_OF != 0 {
                     self.software_interrupt(4)
@@ -773,7 +877,7 @@ impl Op<'_> {
             Kind::Fwait => self.fwait(ext),
             Kind::Clac | Kind::Stac => {
                 if self.cpl() != 0 {
-                    return Err(self.fault("#UD", "clac/stac outside ring 0"));
+                    return Err(self.fault(Exception::UD, "clac/stac outside ring 0"));
                 }
                 if kind == Kind::Stac {
                     self.cpu.regs.rflags |= RFLAGS_AC;
@@ -794,7 +898,7 @@ impl Op<'_> {
             Kind::Lsl | Kind::Lar => self.load_segment_attribute(kind == Kind::Lsl),
             Kind::Sse | Kind::Avx => self.complete_simd(ext).map(|_| ()),
             // Kind::of never yields it: it counts deliveries, not an instruction.
-            Kind::PageFault => Err(CompleteError::Unsupported {
+            Kind::PageFault | Kind::Exception => Err(CompleteError::Unsupported {
                 mnemonic: self.instr.mnemonic(),
             }),
         }
@@ -869,12 +973,21 @@ impl Op<'_> {
             Register::DS => Some(sregs.ds.base),
             reg => self.read_gpr(reg),
         });
-        address.map(|a| self.memory.wrap(a)).ok_or(unsupported)
+        let address = address.ok_or(unsupported)?;
+        if long && !canonical(address, self.cpu.sregs.cr4 & CR4_LA57 != 0) {
+            let exception = if self.instr.memory_segment() == Register::SS {
+                Exception::ss(0)
+            } else {
+                Exception::gp(0)
+            };
+            return Err(self.fault(exception, "non-canonical memory operand"));
+        }
+        Ok(self.memory.wrap(address))
     }
 
     fn require_alignment(&self, linear: u64, align: u64) -> Result<(), CompleteError> {
         if linear % align != 0 {
-            return Err(self.fault("#GP", "misaligned memory operand"));
+            return Err(self.fault(Exception::gp(0), "misaligned memory operand"));
         }
         Ok(())
     }
@@ -895,7 +1008,7 @@ impl Op<'_> {
     fn real_mode_interrupt(&mut self, vector: u8) -> Result<(), CompleteError> {
         let entry = u64::from(vector) * 4;
         if entry + 3 > u64::from(self.cpu.sregs.idt.limit) {
-            return Err(self.fault("#GP", "vector beyond the IVT limit"));
+            return Err(self.fault(Exception::gp(0), "vector beyond the IVT limit"));
         }
         let mut target = [0u8; 4];
         self.memory
@@ -903,7 +1016,7 @@ impl Op<'_> {
         let target = u32::from_le_bytes(target);
         let sp = self.cpu.regs.rsp & 0xffff;
         if sp < 6 && sp != 0 {
-            return Err(self.fault("#SS", "the stack wraps inside the frame"));
+            return Err(self.fault(Exception::ss(0), "the stack wraps inside the frame"));
         }
         let new_sp = sp.wrapping_sub(6) & 0xffff;
         let regs = &self.cpu.regs;
@@ -923,15 +1036,31 @@ impl Op<'_> {
         Ok(())
     }
 
-    /// The descriptor `selector` names in the GDT or LDT.
+    /// The descriptor `selector` names in the GDT or LDT; #GP if there is none.
     fn descriptor(&self, selector: u16) -> Result<Descriptor, CompleteError> {
+        self.lookup_descriptor(selector)?.map_err(|why| {
+            let code = if selector & !3 == 0 {
+                0
+            } else {
+                Exception::selector_code(selector)
+            };
+            self.fault(Exception::gp(code), why)
+        })
+    }
+
+    /// The descriptor `selector` names, or why there is none (a null selector, an absent
+    /// LDT, beyond the table's limit): the caller decides whether that faults.
+    fn lookup_descriptor(
+        &self,
+        selector: u16,
+    ) -> Result<Result<Descriptor, &'static str>, CompleteError> {
         if selector & !3 == 0 {
-            return Err(self.fault("#GP", "null selector"));
+            return Ok(Err("null selector"));
         }
         let (base, limit) = if selector & 4 != 0 {
             let ldt = &self.cpu.sregs.ldt;
             if ldt.unusable || !ldt.present {
-                return Err(self.fault("#GP", "selector in an absent LDT"));
+                return Ok(Err("selector in an absent LDT"));
             }
             (ldt.base, u64::from(ldt.limit))
         } else {
@@ -940,11 +1069,11 @@ impl Op<'_> {
         };
         let offset = u64::from(selector & !7);
         if offset + 7 > limit {
-            return Err(self.fault("#GP", "selector beyond the descriptor table limit"));
+            return Ok(Err("selector beyond the descriptor table limit"));
         }
-        Ok(Descriptor {
+        Ok(Ok(Descriptor {
             raw: self.memory.read_system_u64(base.wrapping_add(offset))?,
-        })
+        }))
     }
 
     /// The gate's code segment and the privilege level the handler runs at.
@@ -954,19 +1083,32 @@ impl Op<'_> {
         long: bool,
     ) -> Result<(Descriptor, u8), CompleteError> {
         let code = self.descriptor(selector)?;
+        let error_code = Exception::selector_code(selector);
         if !code.is_code() {
-            return Err(self.fault("#GP", "the gate's selector is not a code segment"));
+            return Err(self.fault(
+                Exception::gp(error_code),
+                "the gate's selector is not a code segment",
+            ));
         }
         if !code.present() {
-            return Err(self.fault("#NP", "the handler's code segment is not present"));
+            return Err(self.fault(
+                Exception::np(error_code),
+                "the handler's code segment is not present",
+            ));
         }
         let cpl = self.cpl();
         if code.dpl() > cpl {
-            return Err(self.fault("#GP", "the handler's code segment is less privileged"));
+            return Err(self.fault(
+                Exception::gp(error_code),
+                "the handler's code segment is less privileged",
+            ));
         }
         let loaded = code.load(selector);
         if long && (!loaded.l || loaded.db) {
-            return Err(self.fault("#GP", "the handler's code segment is not 64-bit"));
+            return Err(self.fault(
+                Exception::gp(error_code),
+                "the handler's code segment is not 64-bit",
+            ));
         }
         let new_cpl = if code.conforming() { cpl } else { code.dpl() };
         Ok((code, new_cpl))
@@ -976,7 +1118,10 @@ impl Op<'_> {
     fn tss_read<const N: usize>(&self, offset: u64) -> Result<[u8; N], CompleteError> {
         let tr = &self.cpu.sregs.tr;
         if tr.unusable || offset + N as u64 - 1 > u64::from(tr.limit) {
-            return Err(self.fault("#TS", "the stack pointer lies beyond the TSS limit"));
+            return Err(self.fault(
+                Exception::ts(Exception::selector_code(tr.selector)),
+                "the stack pointer lies beyond the TSS limit",
+            ));
         }
         let mut b = [0u8; N];
         self.memory
@@ -993,28 +1138,61 @@ impl Op<'_> {
         flags
     }
 
-    /// A 16-byte IDT gate; IST stacks and the privilege change from the 64-bit TSS; the frame
-    /// is always SS, RSP, RFLAGS, CS, RIP on a 16-byte aligned stack.
-    fn long_mode_interrupt(&mut self, vector: u8) -> Result<(), CompleteError> {
-        let entry = u64::from(vector) * 16;
-        if entry + 15 > u64::from(self.cpu.sregs.idt.limit) {
-            return Err(self.fault("#GP", "vector beyond the IDT limit"));
+    /// The IDT's interrupt or trap gate for software interrupt `vector` (16 bytes in long
+    /// mode, 8 in protected mode), checked as INT n checks it.
+    fn interrupt_gate(&self, vector: u8, long: bool) -> Result<Gate, CompleteError> {
+        let size: u64 = if long { 16 } else { 8 };
+        let entry = u64::from(vector) * size;
+        let error_code = Exception::idt_code(vector);
+        if entry + size - 1 > u64::from(self.cpu.sregs.idt.limit) {
+            return Err(self.fault(Exception::gp(error_code), "vector beyond the IDT limit"));
         }
         let gate_at = self.cpu.sregs.idt.base.wrapping_add(entry);
         let low = self.memory.read_system_u64(gate_at)?;
-        let high = self.memory.read_system_u64(gate_at.wrapping_add(8))?;
+        let high = if long {
+            self.memory.read_system_u64(gate_at.wrapping_add(8))?
+        } else {
+            0
+        };
         let gate_type = (low >> 40) as u8 & 0xf;
         let gate_dpl = (low >> 45) as u8 & 3;
-        if gate_type != GATE_INTERRUPT && gate_type != GATE_TRAP {
-            return Err(self.fault("#GP", "not a 64-bit interrupt or trap gate"));
+        if !long && gate_type == GATE_TASK {
+            // A task switch is not modelled: the VMM stops rather than fake one.
+            return Err(CompleteError::Unsupported {
+                mnemonic: self.instr.mnemonic(),
+            });
         }
-        let cpl = self.cpl();
-        if cpl > gate_dpl {
-            return Err(self.fault("#GP", "gate DPL below CPL for a software interrupt"));
+        if gate_type != GATE_INTERRUPT && gate_type != GATE_TRAP {
+            return Err(self.fault(
+                Exception::gp(error_code),
+                "not an interrupt or trap gate of this mode",
+            ));
+        }
+        if self.cpl() > gate_dpl {
+            return Err(self.fault(
+                Exception::gp(error_code),
+                "gate DPL below CPL for a software interrupt",
+            ));
         }
         if low >> 47 & 1 == 0 {
-            return Err(self.fault("#NP", "the gate is not present"));
+            return Err(self.fault(Exception::np(error_code), "the gate is not present"));
         }
+        Ok(Gate {
+            low,
+            high,
+            gate_type,
+        })
+    }
+
+    /// A 16-byte IDT gate; IST stacks and the privilege change from the 64-bit TSS; the frame
+    /// is always SS, RSP, RFLAGS, CS, RIP on a 16-byte aligned stack.
+    fn long_mode_interrupt(&mut self, vector: u8) -> Result<(), CompleteError> {
+        let Gate {
+            low,
+            high,
+            gate_type,
+        } = self.interrupt_gate(vector, true)?;
+        let cpl = self.cpl();
         let selector = (low >> 16) as u16;
         let target = (low & 0xffff) | (low >> 32 & 0xffff_0000) | (high & 0xffff_ffff) << 32;
         let (code, new_cpl) = self.handler_segment(selector, true)?;
@@ -1056,28 +1234,12 @@ impl Op<'_> {
     /// An 8-byte 32-bit interrupt or trap gate; a privilege change takes SS:ESP from the
     /// 32-bit TSS and pushes the old SS:ESP first.
     fn protected_mode_interrupt(&mut self, vector: u8) -> Result<(), CompleteError> {
-        let entry = u64::from(vector) * 8;
-        if entry + 7 > u64::from(self.cpu.sregs.idt.limit) {
-            return Err(self.fault("#GP", "vector beyond the IDT limit"));
-        }
-        let gate = self
-            .memory
-            .read_system_u64(self.cpu.sregs.idt.base.wrapping_add(entry))?;
-        let gate_type = (gate >> 40) as u8 & 0xf;
-        let gate_dpl = (gate >> 45) as u8 & 3;
-        if gate_type == GATE_TASK {
-            return Err(self.fault("#GP", "task gates are not supported"));
-        }
-        if gate_type != GATE_INTERRUPT && gate_type != GATE_TRAP {
-            return Err(self.fault("#GP", "not a 32-bit interrupt or trap gate"));
-        }
+        let Gate {
+            low: gate,
+            gate_type,
+            ..
+        } = self.interrupt_gate(vector, false)?;
         let cpl = self.cpl();
-        if cpl > gate_dpl {
-            return Err(self.fault("#GP", "gate DPL below CPL for a software interrupt"));
-        }
-        if gate >> 47 & 1 == 0 {
-            return Err(self.fault("#NP", "the gate is not present"));
-        }
         let selector = (gate >> 16) as u16;
         let target = (gate & 0xffff) | (gate >> 32 & 0xffff_0000);
         let (code, new_cpl) = self.handler_segment(selector, false)?;
@@ -1089,11 +1251,18 @@ impl Op<'_> {
             let esp = u32::from_le_bytes(self.tss_read::<4>(tss_offset)?);
             let ss_selector = u16::from_le_bytes(self.tss_read::<2>(tss_offset + 4)?);
             let ss = self.descriptor(ss_selector)?;
+            let error_code = Exception::selector_code(ss_selector);
             if !ss.writable_data() || ss.dpl() != new_cpl || ss_selector & 3 != u16::from(new_cpl) {
-                return Err(self.fault("#TS", "the TSS stack segment does not fit the new CPL"));
+                return Err(self.fault(
+                    Exception::ts(error_code),
+                    "the TSS stack segment does not fit the new CPL",
+                ));
             }
             if !ss.present() {
-                return Err(self.fault("#SS", "the TSS stack segment is not present"));
+                return Err(self.fault(
+                    Exception::ss(error_code),
+                    "the TSS stack segment is not present",
+                ));
             }
             (ss.load(ss_selector), u64::from(esp), 20usize)
         } else {
@@ -1194,7 +1363,7 @@ impl Op<'_> {
     /// faults on a bad selector, and neither checks the present bit (SDM vol. 2A).
     fn load_segment_attribute(&mut self, limit: bool) -> Result<(), CompleteError> {
         if self.mode == CpuMode::Real {
-            return Err(self.fault("#UD", "lsl/lar in real mode"));
+            return Err(self.fault(Exception::UD, "lsl/lar in real mode"));
         }
         let selector = match self.instr.op1_kind() {
             OpKind::Register => self.read_gpr(self.instr.op1_register()),
@@ -1229,24 +1398,8 @@ impl Op<'_> {
         selector: u16,
         limit: bool,
     ) -> Result<Option<Descriptor>, CompleteError> {
-        if selector & !3 == 0 {
+        let Ok(descriptor) = self.lookup_descriptor(selector)? else {
             return Ok(None);
-        }
-        let table = if selector & 4 != 0 {
-            let ldt = &self.cpu.sregs.ldt;
-            if ldt.unusable || !ldt.present {
-                return Ok(None);
-            }
-            (ldt.base, u64::from(ldt.limit))
-        } else {
-            (self.cpu.sregs.gdt.base, u64::from(self.cpu.sregs.gdt.limit))
-        };
-        let offset = u64::from(selector & !7);
-        if offset + 7 > table.1 {
-            return Ok(None);
-        }
-        let descriptor = Descriptor {
-            raw: self.memory.read_system_u64(table.0.wrapping_add(offset))?,
         };
         if descriptor.system() {
             let long = self.cpu.sregs.efer & EFER_LMA != 0;
@@ -1330,7 +1483,7 @@ impl Op<'_> {
     fn fwait(&mut self, ext: &mut dyn ExtendedState) -> Result<(), CompleteError> {
         let cr0 = self.cpu.sregs.cr0;
         if cr0 & CR0_TS != 0 && cr0 & CR0_MP != 0 {
-            return Err(self.fault("#NM", "CR0.TS and CR0.MP are set"));
+            return Err(self.fault(Exception::NM, "CR0.TS and CR0.MP are set"));
         }
         let area = xsave_image(ext)?;
         let control = read_u16(area, XSAVE_FCW);
@@ -1339,14 +1492,14 @@ impl Op<'_> {
         // x87 in its initial state (XSTATE_BV bit 0 clear) has none.
         let x87_live = read_u64(area, XSAVE_HEADER) & X87 != 0;
         if x87_live && status & !control & 0x3f != 0 {
-            return Err(self.fault("#MF", "an unmasked x87 exception is pending"));
+            return Err(self.fault(Exception::MF, "an unmasked x87 exception is pending"));
         }
         Ok(())
     }
 
     fn require_sse(&self) -> Result<(), CompleteError> {
         if self.cpu.sregs.cr0 & CR0_TS != 0 {
-            return Err(self.fault("#NM", "CR0.TS is set"));
+            return Err(self.fault(Exception::NM, "CR0.TS is set"));
         }
         Ok(())
     }
@@ -1357,7 +1510,7 @@ impl Op<'_> {
         let value = self.memory.read_u32(linear)?;
         let area = xsave_image(ext)?;
         if value & !mxcsr_mask(area) != 0 {
-            return Err(self.fault("#GP", "reserved MXCSR bits set"));
+            return Err(self.fault(Exception::gp(0), "reserved MXCSR bits set"));
         }
         set_mxcsr(area, value);
         ext.xsave_changed();
@@ -1392,7 +1545,7 @@ impl Op<'_> {
         let area = xsave_image(ext)?;
         let value = read_u32(&image, XSAVE_MXCSR);
         if value & !mxcsr_mask(area) != 0 {
-            return Err(self.fault("#GP", "reserved MXCSR bits set"));
+            return Err(self.fault(Exception::gp(0), "reserved MXCSR bits set"));
         }
         let mask = read_u32(area, XSAVE_MXCSR_MASK);
         area[..XSAVE_XMM_END].copy_from_slice(&image);
@@ -1413,13 +1566,13 @@ impl Op<'_> {
         ext: &mut dyn ExtendedState,
     ) -> Result<(u64, u64, u64), CompleteError> {
         if self.cpu.sregs.cr4 & CR4_OSXSAVE == 0 {
-            return Err(self.fault("#UD", "CR4.OSXSAVE is clear"));
+            return Err(self.fault(Exception::UD, "CR4.OSXSAVE is clear"));
         }
         if self.cpu.sregs.cr0 & CR0_TS != 0 {
-            return Err(self.fault("#NM", "CR0.TS is set"));
+            return Err(self.fault(Exception::NM, "CR0.TS is set"));
         }
         if supervisor && self.cpl() != 0 {
-            return Err(self.fault("#GP", "xsaves/xrstors outside ring 0"));
+            return Err(self.fault(Exception::gp(0), "xsaves/xrstors outside ring 0"));
         }
         let xcr0 = ext.xcr0()?;
         let xss = if supervisor { ext.xss()? } else { 0 };
@@ -1538,25 +1691,30 @@ impl Op<'_> {
         let xcomp_bv = read_u64(&header, 8);
         let compacted = xcomp_bv & XCOMP_BV_COMPACTED != 0;
         if header[16..].iter().any(|&b| b != 0) {
-            return Err(self.fault("#GP", "reserved XSAVE header bytes set"));
+            return Err(self.fault(Exception::gp(0), "reserved XSAVE header bytes set"));
         }
         if supervisor && !compacted {
-            return Err(self.fault("#GP", "xrstors of a standard-format image"));
+            return Err(self.fault(Exception::gp(0), "xrstors of a standard-format image"));
         }
         if compacted {
             let allowed = xcr0 | if supervisor { xss } else { 0 };
             if xcomp_bv & !XCOMP_BV_COMPACTED & !allowed != 0 {
-                return Err(self.fault("#GP", "XCOMP_BV names disabled components"));
+                return Err(self.fault(Exception::gp(0), "XCOMP_BV names disabled components"));
             }
             if xstate_bv & !xcomp_bv & !XCOMP_BV_COMPACTED != 0 {
-                return Err(self.fault("#GP", "XSTATE_BV names components XCOMP_BV lacks"));
+                return Err(self.fault(
+                    Exception::gp(0),
+                    "XSTATE_BV names components XCOMP_BV lacks",
+                ));
             }
         } else {
             if xcomp_bv != 0 {
-                return Err(self.fault("#GP", "XCOMP_BV set in a standard-format image"));
+                return Err(self.fault(Exception::gp(0), "XCOMP_BV set in a standard-format image"));
             }
             if xstate_bv & !xcr0 != 0 {
-                return Err(self.fault("#GP", "XSTATE_BV names components XCR0 disables"));
+                return Err(
+                    self.fault(Exception::gp(0), "XSTATE_BV names components XCR0 disables")
+                );
             }
         }
         if rfbm & xss & xstate_bv != 0 {
@@ -1588,7 +1746,7 @@ impl Op<'_> {
         };
         if let Some(value) = mxcsr_value {
             if value & !mxcsr_mask(area) != 0 {
-                return Err(self.fault("#GP", "reserved MXCSR bits set"));
+                return Err(self.fault(Exception::gp(0), "reserved MXCSR bits set"));
             }
         }
         for (i, &(at, c)) in places.iter().enumerate().skip(2) {
@@ -1653,12 +1811,12 @@ impl Op<'_> {
 
     fn xgetbv(&mut self, ext: &mut dyn ExtendedState) -> Result<(), CompleteError> {
         if self.cpu.sregs.cr4 & CR4_OSXSAVE == 0 {
-            return Err(self.fault("#UD", "CR4.OSXSAVE is clear"));
+            return Err(self.fault(Exception::UD, "CR4.OSXSAVE is clear"));
         }
         let value = match self.cpu.regs.rcx & 0xffff_ffff {
             0 => ext.xcr0()?,
             1 => ext.xcr0()? & read_u64(xsave_image(ext)?, XSAVE_HEADER),
-            _ => return Err(self.fault("#GP", "xgetbv of an unknown XCR")),
+            _ => return Err(self.fault(Exception::gp(0), "xgetbv of an unknown XCR")),
         };
         self.cpu.regs.rax = value & 0xffff_ffff;
         self.cpu.regs.rdx = value >> 32;
@@ -1667,17 +1825,20 @@ impl Op<'_> {
 
     fn xsetbv(&mut self, ext: &mut dyn ExtendedState) -> Result<(), CompleteError> {
         if self.cpu.sregs.cr4 & CR4_OSXSAVE == 0 {
-            return Err(self.fault("#UD", "CR4.OSXSAVE is clear"));
+            return Err(self.fault(Exception::UD, "CR4.OSXSAVE is clear"));
         }
         if self.cpl() != 0 || self.cpu.regs.rcx & 0xffff_ffff != 0 {
-            return Err(self.fault("#GP", "xsetbv outside ring 0 or of an unknown XCR"));
+            return Err(self.fault(
+                Exception::gp(0),
+                "xsetbv outside ring 0 or of an unknown XCR",
+            ));
         }
         let value = (self.cpu.regs.rdx & 0xffff_ffff) << 32 | (self.cpu.regs.rax & 0xffff_ffff);
         if value & X87 == 0 || (value & YMM != 0 && value & SSE == 0) {
-            return Err(self.fault("#GP", "an invalid XCR0"));
+            return Err(self.fault(Exception::gp(0), "an invalid XCR0"));
         }
         ext.set_xcr0(value)
-            .map_err(|_| self.fault("#GP", "the hypervisor refused the XCR0 value"))
+            .map_err(|_| self.fault(Exception::gp(0), "the hypervisor refused the XCR0 value"))
     }
 }
 
@@ -1986,6 +2147,14 @@ mod tests {
         result.map(|kind| (after, kind, bytes.len()))
     }
 
+    /// The exception a refused completion raises in the guest, if it is one.
+    fn fault_of(err: &CompleteError) -> Option<Exception> {
+        match err {
+            CompleteError::Fault { exception, .. } => Some(*exception),
+            _ => None,
+        }
+    }
+
     fn with1(code: Code, op: MemoryOperand) -> Instruction {
         Instruction::with1(code, op).unwrap()
     }
@@ -2252,6 +2421,42 @@ mod tests {
     }
 
     #[test]
+    fn a_non_canonical_memory_operand_raises_gp_or_ss_through_the_stack() {
+        let ram = Ram::new();
+        let mut ext = Ext::new();
+        let popcnt = |base: Register| {
+            Instruction::with2(
+                Code::Popcnt_r64_rm64,
+                Register::RAX,
+                MemoryOperand::with_base(base),
+            )
+            .unwrap()
+        };
+        let mut cpu = long_cpu(&ram, 0);
+        cpu.regs.rbx = 0x0000_8000_0000_0000;
+        let err = run(&ram, &cpu, &mut ext, 64, popcnt(Register::RBX)).unwrap_err();
+        assert_eq!(fault_of(&err), Some(Exception::gp(0)), "{err}");
+        cpu.regs.rbp = 0xfff0_0000_0000_0000;
+        let err = run(&ram, &cpu, &mut ext, 64, popcnt(Register::RBP)).unwrap_err();
+        assert_eq!(fault_of(&err), Some(Exception::ss(0)), "{err}");
+        // The top half is canonical; with 5-level paging, 57-bit addresses are.
+        cpu.regs.rbx = 0xffff_8000_0000_0000;
+        let err = run(&ram, &cpu, &mut ext, 64, popcnt(Register::RBX)).unwrap_err();
+        assert!(fault_of(&err).is_none(), "{err}");
+        assert!(canonical(0x00ff_ffff_ffff_ffff, true));
+        assert!(!canonical(0x0100_0000_0000_0000, true));
+        assert!(!canonical(0x00ff_ffff_ffff_ffff, false));
+    }
+
+    #[test]
+    fn exceptions_carry_the_error_code_the_processor_pushes() {
+        assert_eq!(Exception::gp(0x10).to_string(), "#GP(0x10)");
+        assert_eq!(Exception::UD.to_string(), "#UD");
+        assert_eq!(Exception::selector_code(0x2b), 0x28);
+        assert_eq!(Exception::idt_code(0x90), 0x482);
+    }
+
+    #[test]
     fn software_interrupts_the_guest_may_not_take_are_refused() {
         let ram = Ram::new();
         let mut ext = Ext::new();
@@ -2259,10 +2464,7 @@ mod tests {
         gate64(&ram, 3, 0x6000, GATE_INTERRUPT, 0, 0);
         let cpu = long_cpu(&ram, 3);
         let err = run(&ram, &cpu, &mut ext, 64, Instruction::with(Code::Int3)).unwrap_err();
-        assert!(
-            matches!(err, CompleteError::Fault { fault: "#GP", .. }),
-            "{err}"
-        );
+        assert_eq!(fault_of(&err), Some(Exception::gp(3 << 3 | 2)), "{err}");
         // Not present: #NP.
         gate64(&ram, 4, 0x6000, GATE_INTERRUPT, 3, 0);
         let mut raw = ram.peek_u64(IDT + 4 * 16);
@@ -2271,18 +2473,12 @@ mod tests {
         let cpu = long_cpu(&ram, 0);
         let instr = Instruction::with1(Code::Int_imm8, 4u32).unwrap();
         let err = run(&ram, &cpu, &mut ext, 64, instr).unwrap_err();
-        assert!(
-            matches!(err, CompleteError::Fault { fault: "#NP", .. }),
-            "{err}"
-        );
+        assert_eq!(fault_of(&err), Some(Exception::np(4 << 3 | 2)), "{err}");
         // Beyond the IDT limit: #GP.
         let mut cpu = long_cpu(&ram, 0);
         cpu.sregs.idt.limit = 3 * 16 + 14;
         let err = run(&ram, &cpu, &mut ext, 64, Instruction::with(Code::Int3)).unwrap_err();
-        assert!(
-            matches!(err, CompleteError::Fault { fault: "#GP", .. }),
-            "{err}"
-        );
+        assert_eq!(fault_of(&err), Some(Exception::gp(3 << 3 | 2)), "{err}");
         // A stack outside RAM: nothing is written, nothing changes.
         gate64(&ram, 3, 0x6000, GATE_INTERRUPT, 3, 0);
         let mut cpu = long_cpu(&ram, 0);
@@ -2417,7 +2613,13 @@ mod tests {
         misaligned.regs.rdi = DATA + 8;
         let err = run(&ram, &misaligned, &mut ext, 64, instr).unwrap_err();
         assert!(
-            matches!(err, CompleteError::Fault { fault: "#GP", .. }),
+            matches!(
+                err,
+                CompleteError::Fault {
+                    exception: Exception { vector: 13, .. },
+                    ..
+                }
+            ),
             "{err}"
         );
 
@@ -2452,7 +2654,13 @@ mod tests {
         ext.area[XSAVE_FCW] = 0x7e;
         let err = run(&ram, &cpu, &mut ext, 64, Instruction::with(Code::Wait)).unwrap_err();
         assert!(
-            matches!(err, CompleteError::Fault { fault: "#MF", .. }),
+            matches!(
+                err,
+                CompleteError::Fault {
+                    exception: Exception::MF,
+                    ..
+                }
+            ),
             "{err}"
         );
         assert!(!ext.changed);
@@ -2496,7 +2704,13 @@ mod tests {
         let instr = with1(Code::Ldmxcsr_m32, MemoryOperand::with_base(Register::RSI));
         let err = run(&ram, &cpu, &mut ext, 64, instr).unwrap_err();
         assert!(
-            matches!(err, CompleteError::Fault { fault: "#GP", .. }),
+            matches!(
+                err,
+                CompleteError::Fault {
+                    exception: Exception { vector: 13, .. },
+                    ..
+                }
+            ),
             "{err}"
         );
         assert!(!ext.changed);
@@ -2632,7 +2846,13 @@ mod tests {
         let xsave = with1(Code::Xsave64_mem, MemoryOperand::with_base(Register::RDI));
         let err = run(&ram, &cpu, &mut ext, 64, xsave).unwrap_err();
         assert!(
-            matches!(err, CompleteError::Fault { fault: "#GP", .. }),
+            matches!(
+                err,
+                CompleteError::Fault {
+                    exception: Exception { vector: 13, .. },
+                    ..
+                }
+            ),
             "{err}"
         );
         // XSTATE_BV naming a component XCR0 disables.
@@ -2641,7 +2861,13 @@ mod tests {
         let xrstor = with1(Code::Xrstor64_mem, MemoryOperand::with_base(Register::RDI));
         let err = run(&ram, &cpu, &mut ext, 64, xrstor).unwrap_err();
         assert!(
-            matches!(err, CompleteError::Fault { fault: "#GP", .. }),
+            matches!(
+                err,
+                CompleteError::Fault {
+                    exception: Exception { vector: 13, .. },
+                    ..
+                }
+            ),
             "{err}"
         );
         // Reserved header bytes.
@@ -2649,7 +2875,13 @@ mod tests {
         ram.poke(DATA + 512 + 20, &[1]);
         let err = run(&ram, &cpu, &mut ext, 64, xrstor).unwrap_err();
         assert!(
-            matches!(err, CompleteError::Fault { fault: "#GP", .. }),
+            matches!(
+                err,
+                CompleteError::Fault {
+                    exception: Exception { vector: 13, .. },
+                    ..
+                }
+            ),
             "{err}"
         );
         // CR4.OSXSAVE clear: #UD.
@@ -2657,7 +2889,13 @@ mod tests {
         cpu.sregs.cr4 = 0;
         let err = run(&ram, &cpu, &mut ext, 64, xrstor).unwrap_err();
         assert!(
-            matches!(err, CompleteError::Fault { fault: "#UD", .. }),
+            matches!(
+                err,
+                CompleteError::Fault {
+                    exception: Exception::UD,
+                    ..
+                }
+            ),
             "{err}"
         );
         assert!(!ext.changed);
@@ -2946,7 +3184,10 @@ mod tests {
         );
         assert!(matches!(
             run(&ram, &cpu, &mut ext, 64, fxrstor),
-            Err(CompleteError::Fault { fault: "#GP", .. })
+            Err(CompleteError::Fault {
+                exception: Exception { vector: 13, .. },
+                ..
+            })
         ));
         assert_eq!(tables(&ram), before);
 
@@ -3310,7 +3551,13 @@ mod tests {
         .unwrap();
         let err = run(&ram, &cpu, &mut ext, 64, aligned).unwrap_err();
         assert!(
-            matches!(err, CompleteError::Fault { fault: "#GP", .. }),
+            matches!(
+                err,
+                CompleteError::Fault {
+                    exception: Exception { vector: 13, .. },
+                    ..
+                }
+            ),
             "{err}"
         );
         run(

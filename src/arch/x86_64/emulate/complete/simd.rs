@@ -8,8 +8,8 @@
 use iced_x86::{EncodingKind, Mnemonic, OpKind, Register};
 
 use super::{
-    read_u64, write_u64, xsave_image, CompleteError, ExtendedState, Kind, Op, SSE, XSAVE_HEADER,
-    XSAVE_XMM_START, YMM,
+    read_u64, write_u64, xsave_image, CompleteError, Exception, ExtendedState, Kind, Op, SSE,
+    XSAVE_HEADER, XSAVE_XMM_START, YMM,
 };
 
 /// CR4.OSFXSR: SSE instructions #UD without it.
@@ -115,10 +115,10 @@ impl Op<'_> {
         let operation = operation(mnemonic).ok_or(unsupported)?;
         let cr0 = self.cpu.sregs.cr0;
         if cr0 & CR0_EM != 0 || self.cpu.sregs.cr4 & CR4_OSFXSR == 0 {
-            return Err(self.fault("#UD", "SSE is off (CR0.EM or CR4.OSFXSR)"));
+            return Err(self.fault(Exception::UD, "SSE is off (CR0.EM or CR4.OSFXSR)"));
         }
         if cr0 & CR0_TS != 0 {
-            return Err(self.fault("#NM", "CR0.TS is set"));
+            return Err(self.fault(Exception::NM, "CR0.TS is set"));
         }
         let vex = matches!(instr.encoding(), EncodingKind::VEX | EncodingKind::EVEX);
         if instr.op_mask() != Register::None || instr.is_broadcast() {
