@@ -137,6 +137,15 @@ impl AcpiPm {
     }
 
     /// Whether the guest enabled ACPI (SCI_EN), so that it would see the power button.
+    /// Power-on: no status, no enables, ACPI off (SCI_EN clear), the SCI low. The PM timer
+    /// keeps counting, as it does across a PC's reset.
+    pub fn power_on_reset(&mut self) {
+        self.status = 0;
+        self.enable = 0;
+        self.control = 0;
+        self.update_sci();
+    }
+
     pub fn acpi_enabled(&self) -> bool {
         self.control & PM1_SCI_EN != 0
     }
@@ -367,6 +376,20 @@ impl BusDevice for PostCode {
         if let Some(&value) = data.first() {
             self.last = value;
         }
+    }
+}
+
+impl super::PowerOnReset for AcpiPm {
+    fn power_on_reset(&mut self) {
+        AcpiPm::power_on_reset(self);
+    }
+}
+
+impl super::PowerOnReset for I8042 {
+    fn power_on_reset(&mut self) {
+        self.config = KBC_DEFAULT_CONFIG;
+        self.output = None;
+        self.expecting_config = false;
     }
 }
 

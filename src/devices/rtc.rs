@@ -70,6 +70,7 @@ const NS_PER_SEC: u64 = 1_000_000_000;
 /// 32.768 kHz time base, 1024 Hz periodic rate: the power-on value every BIOS leaves.
 const A_DEFAULT: u8 = 0x26;
 const B_SET: u8 = 0x80;
+const B_SQWE: u8 = 0x08;
 const B_BINARY: u8 = 0x04;
 const B_24_HOUR: u8 = 0x02;
 const D_VRT: u8 = 0x80;
@@ -307,6 +308,16 @@ impl Rtc {
         }
     }
 
+    /// The MC146818's RESET pin, which a PC drives at a reset: interrupt enables and square
+    /// wave off in register B, register C's flags clear. The clock, the rest of register B,
+    /// the alarm and the CMOS memory are battery-backed and stay.
+    pub fn power_on_reset(&mut self) {
+        self.cmos[usize::from(REG_B)] &= !(B_INTERRUPT_ENABLES | B_SQWE);
+        self.cmos[usize::from(REG_C)] = 0;
+        self.index = 0;
+        self.reschedule();
+    }
+
     /// Recomputes the schedule after a register A or B write.
     fn reschedule(&mut self) {
         let a = self.cmos[usize::from(REG_A)];
@@ -531,6 +542,12 @@ impl BusDevice for Rtc {
             1 => self.write_data(value),
             _ => {}
         }
+    }
+}
+
+impl super::PowerOnReset for Rtc {
+    fn power_on_reset(&mut self) {
+        Rtc::power_on_reset(self);
     }
 }
 

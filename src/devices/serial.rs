@@ -183,6 +183,23 @@ impl SerialDevice {
     }
 }
 
+/// A 16550 reset: every register at its power-on value and the receive FIFO empty. The
+/// output back end and its recorded tail stay: the console is the same cable.
+impl super::PowerOnReset for SerialDevice {
+    fn power_on_reset(&mut self) {
+        let trigger = IrqTrigger(self.uart.interrupt_evt().0.clone());
+        let events = self.uart.events().clone();
+        let writer = self.uart.writer_mut();
+        let writer = TeeWriter {
+            out: std::mem::replace(&mut writer.out, Box::new(io::sink())),
+            ring: std::mem::replace(&mut writer.ring, OutputRing::new()),
+        };
+        self.uart = Serial::with_events(trigger, events, writer);
+        // The input thread may wait for room that the emptied FIFO now has.
+        self.uart.events().space.notify_one();
+    }
+}
+
 impl BusDevice for SerialDevice {
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
         data.fill(0);

@@ -137,6 +137,21 @@ impl Hpet {
         }
     }
 
+    /// Power-on: halted, counter 0, every comparator disabled; a pin a level timer held
+    /// high goes low.
+    pub fn power_on_reset(&mut self) {
+        for timer in &self.timers {
+            if let Some(pin) = timer.asserted_pin {
+                self.sink.set_pin_level(pin, false);
+            }
+        }
+        self.config = 0;
+        self.int_status = 0;
+        self.counter_base = 0;
+        self.enabled_at_ns = 0;
+        self.timers = Default::default();
+    }
+
     fn enabled(&self) -> bool {
         self.config & CONFIG_ENABLE != 0
     }
@@ -396,6 +411,12 @@ impl BusDevice for Hpet {
             u64::from(u32::MAX) << shift
         };
         self.write_register(offset & !7, u64::from_le_bytes(bytes) << shift, mask);
+    }
+}
+
+impl crate::devices::PowerOnReset for Hpet {
+    fn power_on_reset(&mut self) {
+        Hpet::power_on_reset(self);
     }
 }
 

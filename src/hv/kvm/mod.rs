@@ -108,7 +108,7 @@ impl Kvm {
             .map_err(ioctl_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
         fd.set_tss_address(KVM_TSS_ADDR)
             .map_err(ioctl_err("KVM_SET_TSS_ADDR"))?;
-        match options.irqchip {
+        let power_on_chips = match options.irqchip {
             IrqChipMode::Kernel => {
                 fd.create_irq_chip()
                     .map_err(ioctl_err("KVM_CREATE_IRQCHIP"))?;
@@ -117,10 +117,11 @@ impl Kvm {
                     ..Default::default()
                 };
                 fd.create_pit2(pit).map_err(ioctl_err("KVM_CREATE_PIT2"))?;
+                Some(PowerOnChips::read(&fd)?)
             }
             // LAPIC, IOAPIC, PIC and PIT accesses exit to the VMM; HLT exits too.
-            IrqChipMode::User => {}
-        }
+            IrqChipMode::User => None,
+        };
         let user_msrs = fd.check_extension_raw(u64::from(KVM_CAP_X86_USER_SPACE_MSR)) > 0;
         if options.user_msr_exits && !user_msrs {
             return Err(HvError::MissingCapability("KVM_CAP_X86_USER_SPACE_MSR"));
@@ -154,6 +155,7 @@ impl Kvm {
         }
         let vm = KvmVm {
             fd,
+            power_on_chips,
             irqchip: options.irqchip,
             lapic_msr_exits,
             routes: Mutex::new(GsiRoutes::default()),
@@ -187,8 +189,30 @@ fn install_lapic_msr_filter(fd: &VmFd) -> Result<(), HvError> {
         .map_err(ioctl_err("KVM_X86_SET_MSR_FILTER"))
 }
 
+/// The in-kernel 8259 pair, IOAPIC and PIT as KVM creates them: a machine reset puts them
+/// back (KVM has no reset of its own for them).
+struct PowerOnChips {
+    /// PIC master, PIC slave, IOAPIC (KVM_IRQCHIP_PIC_MASTER, _SLAVE, _IOAPIC).
+    chips: [kvm_bindings::kvm_irqchip; 3],
+    pit: kvm_bindings::kvm_pit_state2,
+}
+
+impl PowerOnChips {
+    fn read(fd: &VmFd) -> Result<Self, HvError> {
+        let mut chips: [kvm_bindings::kvm_irqchip; 3] = Default::default();
+        for (id, chip) in chips.iter_mut().enumerate() {
+            chip.chip_id = id as u32;
+            fd.get_irqchip(chip).map_err(ioctl_err("KVM_GET_IRQCHIP"))?;
+        }
+        let pit = fd.get_pit2().map_err(ioctl_err("KVM_GET_PIT2"))?;
+        Ok(PowerOnChips { chips, pit })
+    }
+}
+
 pub struct KvmVm {
     fd: VmFd,
+    /// With the in-kernel irqchip: its state at creation.
+    power_on_chips: Option<PowerOnChips>,
     irqchip: IrqChipMode,
     /// User mode with the LAPIC's MSRs exiting to the VMM (x2APIC and TSC-deadline served).
     lapic_msr_exits: bool,
@@ -227,18 +251,37 @@ impl Vm for KvmVm {
         let hide_lapic_msr_features = self.irqchip == IrqChipMode::User && !self.lapic_msr_exits;
         let completion = complete::CompletionBuffers::new().map_err(HvError::MissingCapability)?;
         let emulated = stats::StatCounter::open(&fd, "insn_emulation");
-        let vcpu = KvmVcpu {
+        let mut vcpu = KvmVcpu {
             fd,
             id,
             hide_lapic_msr_features,
             completion,
             emulated,
+            power_on_lapic: None,
         };
         vcpu.init_fpu()?;
         if self.irqchip == IrqChipMode::Kernel {
             vcpu.init_lapic_lints()?;
+            vcpu.power_on_lapic = Some(Box::new(
+                vcpu.fd.get_lapic().map_err(ioctl_err("KVM_GET_LAPIC"))?,
+            ));
         }
         Ok(Box::new(vcpu))
+    }
+
+    fn reset_irqchip(&self) -> Result<(), HvError> {
+        let Some(power_on) = &self.power_on_chips else {
+            return Ok(());
+        };
+        for chip in &power_on.chips {
+            self.fd
+                .set_irqchip(chip)
+                .map_err(ioctl_err("KVM_SET_IRQCHIP"))?;
+        }
+        // KVM reloads each channel's count from the state, so the PIT starts unprogrammed.
+        self.fd
+            .set_pit2(&power_on.pit)
+            .map_err(ioctl_err("KVM_SET_PIT2"))
     }
 
     fn set_irq_line(&self, gsi: u32, level: bool) -> Result<(), HvError> {
@@ -395,6 +438,8 @@ pub struct KvmVcpu {
     completion: complete::CompletionBuffers,
     /// KVM's count of instructions it emulated for this vCPU, where it keeps statistics.
     emulated: Option<stats::StatCounter>,
+    /// With the in-kernel irqchip: the LAPIC as created (virtual wire), for a machine reset.
+    power_on_lapic: Option<Box<kvm_bindings::kvm_lapic_state>>,
 }
 
 /// CPUID.1:ECX bits of features served through LAPIC MSRs.
@@ -407,6 +452,12 @@ const APIC_LVT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 const MSR_IA32_TSC: u32 = 0x10;
+const MSR_IA32_APIC_BASE: u32 = 0x1b;
+const MSR_IA32_PAT: u32 = 0x277;
+/// IA32_PAT after RESET: WB, WT, UC-, UC, twice.
+const PAT_POWER_ON: u64 = 0x0007_0406_0007_0406;
+/// IA32_APIC_BASE after RESET: enabled, xAPIC, at 0xFEE00000 (BSP flag added for vCPU 0).
+const APIC_BASE_POWER_ON: u64 = 0xfee0_0800;
 
 impl KvmVcpu {
     fn init_fpu(&self) -> Result<(), HvError> {
@@ -548,6 +599,66 @@ impl Vcpu for KvmVcpu {
         self.fd
             .set_cpuid2(&cpuid)
             .map_err(ioctl_err("KVM_SET_CPUID2"))
+    }
+
+    fn reset(&mut self) -> Result<(), HvError> {
+        let (regs, sregs) = crate::arch::x86_64::regs::power_on_registers();
+        // Nothing pending or being injected: an exception, interrupt or NMI of the old run
+        // must not reach the new one.
+        let events = kvm_bindings::kvm_vcpu_events {
+            flags: kvm_bindings::KVM_VCPUEVENT_VALID_NMI_PENDING,
+            ..Default::default()
+        };
+        self.fd
+            .set_vcpu_events(&events)
+            .map_err(ioctl_err("KVM_SET_VCPU_EVENTS"))?;
+        self.set_sregs(&sregs)?;
+        self.set_regs(&regs)?;
+        // Every XSAVE component in its initial state (XSTATE_BV 0), XCR0 back to x87 only,
+        // then the x87/SSE control words FNINIT leaves.
+        let xsave = kvm_bindings::kvm_xsave::default();
+        // SAFETY: a whole zeroed kvm_xsave; without KVM_CAP_XSAVE2 the kernel reads exactly
+        // its 4096-byte region, and a zero header (standard format, nothing present) is valid.
+        unsafe { self.fd.set_xsave(&xsave) }.map_err(ioctl_err("KVM_SET_XSAVE"))?;
+        let mut xcrs = kvm_bindings::kvm_xcrs {
+            nr_xcrs: 1,
+            ..Default::default()
+        };
+        xcrs.xcrs[0].xcr = 0;
+        xcrs.xcrs[0].value = 1;
+        self.fd.set_xcrs(&xcrs).map_err(ioctl_err("KVM_SET_XCRS"))?;
+        self.init_fpu()?;
+        let debug = kvm_bindings::kvm_debugregs {
+            dr6: 0xffff_0ff0,
+            dr7: 0x400,
+            ..Default::default()
+        };
+        self.fd
+            .set_debug_regs(&debug)
+            .map_err(ioctl_err("KVM_SET_DEBUGREGS"))?;
+        let bsp = if self.id == 0 { 1 << 8 } else { 0 };
+        // xAPIC mode before the LAPIC state, which KVM reads in the mode the base names.
+        self.set_msrs(&[
+            (MSR_IA32_APIC_BASE, APIC_BASE_POWER_ON | bsp),
+            (MSR_IA32_PAT, PAT_POWER_ON),
+        ])?;
+        if let Some(lapic) = &self.power_on_lapic {
+            self.fd
+                .set_lapic(lapic)
+                .map_err(ioctl_err("KVM_SET_LAPIC"))?;
+            // KVM runs INIT/SIPI itself here: an AP waits for them, as at creation.
+            let mp_state = kvm_bindings::kvm_mp_state {
+                mp_state: if self.id == 0 {
+                    kvm_bindings::KVM_MP_STATE_RUNNABLE
+                } else {
+                    KVM_MP_STATE_UNINITIALIZED
+                },
+            };
+            self.fd
+                .set_mp_state(mp_state)
+                .map_err(ioctl_err("KVM_SET_MP_STATE"))?;
+        }
+        Ok(())
     }
 
     fn set_msrs(&mut self, msrs: &[(u32, u64)]) -> Result<(), HvError> {
