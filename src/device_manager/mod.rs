@@ -615,5 +615,17 @@ mod kvm_tests {
             })
             .unwrap_err();
         assert_eq!(err.to_string(), "PCI slot 0:5:0 is already in use");
+
+        // A machine reset: the guest had moved the hot-added function's BAR 2; it goes back
+        // where `add` placed it, and the in-kernel irqchip takes its power-on state.
+        let placed = dm.pci().mapped_bars(at(5));
+        dm.pci()
+            .write_config(at(5), 0x18, &0xD000_0000u32.to_le_bytes());
+        assert_ne!(dm.pci().mapped_bars(at(5)), placed);
+        dm.pause();
+        dm.reset().unwrap();
+        dm.resume();
+        assert_eq!(dm.pci().mapped_bars(at(5)), placed);
+        assert_eq!(vendor_device(&dm, 4), 0x1001_1AF4);
     }
 }

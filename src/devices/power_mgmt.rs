@@ -517,6 +517,24 @@ mod tests {
     }
 
     #[test]
+    fn a_machine_reset_turns_acpi_off_and_lowers_the_sci() {
+        let mut pm = pm();
+        out(&mut pm.dev, PM1A_EVT_PORT + 2, &PM1_PWRBTN_EN.to_le_bytes());
+        pm.dev.write(u64::from(SMI_CMD_PORT), 0, &[ACPI_ENABLE]);
+        assert!(pm.dev.press_power_button());
+        assert_eq!(*pm.sci.levels.lock().unwrap(), vec![true]);
+        pm.dev.power_on_reset();
+        assert_eq!(*pm.sci.levels.lock().unwrap(), vec![true, false]);
+        assert_eq!(inw(&mut pm.dev, PM1A_EVT_PORT), 0, "status clear");
+        assert_eq!(inw(&mut pm.dev, PM1A_EVT_PORT + 2), 0, "enables clear");
+        assert!(
+            !pm.dev.acpi_enabled(),
+            "SCI_EN off until the guest enables ACPI again"
+        );
+        assert!(!pm.dev.press_power_button(), "nobody listens yet");
+    }
+
+    #[test]
     fn enable_register_keeps_only_defined_bits() {
         let mut pm = pm();
         out(&mut pm.dev, PM1A_EVT_PORT + 2, &[0xFF, 0xFF]);

@@ -588,6 +588,21 @@ mod tests {
     }
 
     #[test]
+    fn a_machine_reset_clears_interrupts_and_keeps_time_and_memory() {
+        let (mut rtc, _now) = rtc_at(T0);
+        set(&mut rtc, REG_MINUTES, 0x15);
+        set(&mut rtc, 0x40, 0x5A); // CMOS memory
+        set(&mut rtc, REG_B, B_24_HOUR | B_PIE | B_UIE | B_SQWE);
+        let minutes = get(&mut rtc, REG_MINUTES);
+        rtc.cmos[usize::from(REG_C)] = C_IRQF | C_PF;
+        rtc.power_on_reset();
+        assert_eq!(get(&mut rtc, REG_B), B_24_HOUR, "enables and SQWE off");
+        assert_eq!(get(&mut rtc, REG_C), 0);
+        assert_eq!(get(&mut rtc, REG_MINUTES), minutes, "the time set stays");
+        assert_eq!(get(&mut rtc, 0x40), 0x5A, "battery-backed memory stays");
+    }
+
+    #[test]
     fn host_clock_tracks_system_time() {
         let unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

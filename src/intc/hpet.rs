@@ -621,6 +621,30 @@ mod tests {
     }
 
     #[test]
+    fn a_machine_reset_halts_it_and_drops_an_asserted_line() {
+        let (clock, pins, mut hpet) = hpet();
+        let fresh: Vec<u64> = [REG_CONFIG, REG_INT_STATUS, timer_reg(2, TIMER_CONFIG)]
+            .iter()
+            .map(|&r| read64(&mut hpet, r))
+            .collect();
+        route_to_20(&mut hpet, 2, TN_INT_ENABLE | TN_LEVEL);
+        write64(&mut hpet, timer_reg(2, TIMER_COMPARATOR), 100);
+        write64(&mut hpet, REG_CONFIG, CONFIG_ENABLE);
+        clock.advance(ticks_to_ns(100));
+        hpet.tick(clock.now_ns());
+        assert_eq!(pins.take(), vec![(20, true)]);
+        hpet.power_on_reset();
+        assert_eq!(pins.take(), vec![(20, false)], "the level line drops");
+        let after: Vec<u64> = [REG_CONFIG, REG_INT_STATUS, timer_reg(2, TIMER_CONFIG)]
+            .iter()
+            .map(|&r| read64(&mut hpet, r))
+            .collect();
+        assert_eq!(after, fresh);
+        assert_eq!(read64(&mut hpet, REG_MAIN_COUNTER), 0);
+        assert_eq!(hpet.next_deadline_ns(), None, "no timer armed");
+    }
+
+    #[test]
     fn disabling_a_level_interrupt_drops_the_line() {
         let (clock, pins, mut hpet) = hpet();
         route_to_20(&mut hpet, 0, TN_INT_ENABLE | TN_LEVEL);

@@ -458,6 +458,19 @@ const MSR_IA32_PAT: u32 = 0x277;
 const PAT_POWER_ON: u64 = 0x0007_0406_0007_0406;
 /// IA32_APIC_BASE after RESET: enabled, xAPIC, at 0xFEE00000 (BSP flag added for vCPU 0).
 const APIC_BASE_POWER_ON: u64 = 0xfee0_0800;
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+/// KVM's paravirtual MSRs that make KVM write guest memory (kvmclock, the old and the new
+/// number; async page faults; steal time; PV EOI): a reset turns them off, or KVM would go
+/// on writing at addresses the old run chose.
+const KVM_PV_MEMORY_MSRS: [u32; 6] = [
+    0x11,
+    0x12,
+    0x4b56_4d00,
+    0x4b56_4d01,
+    0x4b56_4d02,
+    0x4b56_4d03,
+];
+const MSR_KVM_PV_EOI_EN: u32 = 0x4b56_4d04;
 
 impl KvmVcpu {
     fn init_fpu(&self) -> Result<(), HvError> {
@@ -642,6 +655,17 @@ impl Vcpu for KvmVcpu {
             (MSR_IA32_APIC_BASE, APIC_BASE_POWER_ON | bsp),
             (MSR_IA32_PAT, PAT_POWER_ON),
         ])?;
+        // One at a time, and a refusal is no error: KVM refuses an MSR it does not offer,
+        // which the guest then cannot have turned on either.
+        for msr in KVM_PV_MEMORY_MSRS.into_iter().chain([MSR_KVM_PV_EOI_EN]) {
+            if let Err(e) = self.set_msrs(&[(msr, 0)]) {
+                log::trace!("vCPU {}: MSR {msr:#x} not reset: {e}", self.id);
+            }
+        }
+        if self.power_on_lapic.is_some() {
+            // KVM's LAPIC keeps the TSC-deadline apart from its registers.
+            self.set_msrs(&[(MSR_IA32_TSC_DEADLINE, 0)])?;
+        }
         if let Some(lapic) = &self.power_on_lapic {
             self.fd
                 .set_lapic(lapic)
@@ -1168,6 +1192,84 @@ mod tests {
         }
         assert_eq!(seen, b"abcdef");
         assert_eq!(vcpu.regs().unwrap().rip, 0x1013);
+    }
+
+    /// A machine reset of KVM's in-kernel IOAPIC and PIT (as read at creation), and of a
+    /// vCPU: power-on registers; the BSP runnable, an AP waiting for INIT/SIPI.
+    #[test]
+    fn a_reset_puts_the_in_kernel_chips_and_the_vcpus_at_power_on() {
+        let Some(kvm) = kvm_or_skip() else {
+            return;
+        };
+        let options = VmOptions {
+            vcpus: 2,
+            irqchip: IrqChipMode::Kernel,
+            user_msr_exits: false,
+            pause_exits: false,
+        };
+        let vm = kvm.create_kvm_vm(&options).unwrap();
+        let ioapic_rte4 = |vm: &KvmVm| {
+            let mut chip = kvm_bindings::kvm_irqchip {
+                chip_id: kvm_bindings::KVM_IRQCHIP_IOAPIC,
+                ..Default::default()
+            };
+            vm.fd.get_irqchip(&mut chip).unwrap();
+            // SAFETY: chip_id names the IOAPIC, so the union holds its state.
+            unsafe { chip.chip.ioapic.redirtbl[4].bits }
+        };
+        let fresh_rte = ioapic_rte4(&vm);
+        let mut chip = kvm_bindings::kvm_irqchip {
+            chip_id: kvm_bindings::KVM_IRQCHIP_IOAPIC,
+            ..Default::default()
+        };
+        vm.fd.get_irqchip(&mut chip).unwrap();
+        // SAFETY: as above; pin 4 unmasked to vector 0x34.
+        unsafe { chip.chip.ioapic.redirtbl[4].bits = 0x34 };
+        vm.fd.set_irqchip(&chip).unwrap();
+        let mut pit = vm.fd.get_pit2().unwrap();
+        let fresh_mode = pit.channels[0].mode;
+        pit.channels[0].mode = 2;
+        pit.channels[0].count = 1193;
+        vm.fd.set_pit2(&pit).unwrap();
+        assert_eq!(ioapic_rte4(&vm), 0x34);
+
+        vm.reset_irqchip().unwrap();
+        assert_eq!(ioapic_rte4(&vm), fresh_rte, "pin 4 as created");
+        let pit = vm.fd.get_pit2().unwrap();
+        assert_eq!(pit.channels[0].mode, fresh_mode, "PIT as created");
+
+        let (power_regs, power_sregs) = crate::arch::x86_64::regs::power_on_registers();
+        for id in 0..2 {
+            let mut vcpu = vm.create_vcpu(id).unwrap();
+            let mut sregs = vcpu.sregs().unwrap();
+            sregs.cs = crate::arch::x86_64::regs::flat_segment(0x10, true);
+            sregs.cr0 = 0x11;
+            vcpu.set_sregs(&sregs).unwrap();
+            vcpu.set_regs(&StandardRegisters {
+                rip: 0x1234,
+                rax: 5,
+                rflags: 2,
+                ..Default::default()
+            })
+            .unwrap();
+            vcpu.reset().unwrap();
+            assert_eq!(vcpu.regs().unwrap(), power_regs);
+            let sregs = vcpu.sregs().unwrap();
+            assert_eq!((sregs.cs.selector, sregs.cs.base), (0xf000, 0xffff_0000));
+            assert_eq!(sregs.cr0 & 0xffff_ffff, power_sregs.cr0);
+            assert_eq!(sregs.efer, 0);
+            assert_eq!(sregs.apic_base & !0xfff, 0xfee0_0000);
+            let state = vcpu.run_state().unwrap();
+            if id == 0 {
+                assert_eq!(state, RunState::Running);
+            } else {
+                assert_eq!(
+                    state,
+                    RunState::WaitingForSipi,
+                    "the AP waits for INIT/SIPI"
+                );
+            }
+        }
     }
 
     #[test]
