@@ -615,6 +615,7 @@ impl Vcpu for KvmVcpu {
     }
 
     fn reset(&mut self) -> Result<(), HvError> {
+        self.finish_pending_exit()?;
         let (regs, sregs) = crate::arch::x86_64::regs::power_on_registers();
         // Nothing pending or being injected: an exception, interrupt or NMI of the old run
         // must not reach the new one.
@@ -825,6 +826,33 @@ impl Vcpu for KvmVcpu {
 }
 
 impl KvmVcpu {
+    /// KVM finishes an instruction that exited for port or MMIO I/O only at the next
+    /// KVM_RUN (KVM's API documentation: re-enter with `immediate_exit` set before changing
+    /// the state), and would then write the old instruction's result and RIP over a state
+    /// set meanwhile. Entering with `immediate_exit` completes it and returns at once,
+    /// without running the guest. A completion that exits again (a split MMIO access) is
+    /// answered with all ones: the reset discards what it computes.
+    fn finish_pending_exit(&mut self) -> Result<(), HvError> {
+        self.fd.set_kvm_immediate_exit(1);
+        let mut result = Err(HvError::MissingCapability("a vCPU that stops exiting"));
+        for _ in 0..8 {
+            match self.fd.run() {
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    result = Ok(());
+                    break;
+                }
+                Err(e) => {
+                    result = Err(ioctl_err("KVM_RUN")(e));
+                    break;
+                }
+                Ok(VcpuExit::IoIn(_, data)) | Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
+                Ok(_) => {}
+            }
+        }
+        self.fd.set_kvm_immediate_exit(0);
+        result
+    }
+
     /// Queues #PF with CR2 = `linear` for the next entry, RIP still at the instruction.
     fn inject_page_fault(
         &mut self,
@@ -1269,6 +1297,46 @@ mod tests {
                     "the AP waits for INIT/SIPI"
                 );
             }
+        }
+    }
+
+    /// A reset that lands between an MMIO read exit and the KVM_RUN that would finish it:
+    /// the old instruction must not complete over the new state (it would set RIP past
+    /// itself and run on in the old code, whose next instruction writes port 0x81).
+    #[test]
+    fn a_reset_after_an_mmio_exit_does_not_finish_the_old_instruction() {
+        let Some((_kvm, vm, mem)) = real_mode_vm() else {
+            return;
+        };
+        // mov ax,0xffff; mov ds,ax; mov al,[0x10] (linear 0x100000, past RAM: MMIO);
+        // out 0x81,al
+        let old = [0xb8, 0xff, 0xff, 0x8e, 0xd8, 0xa0, 0x10, 0x00, 0xe6, 0x81];
+        mem.write_slice(&old, GuestAddress(0x1000)).unwrap();
+        // The new code: out 0x80,al
+        mem.write_slice(&[0xe6, 0x80], GuestAddress(0x2000))
+            .unwrap();
+        let mut vcpu = start_real_mode_vcpu(vm.as_ref(), 0x1000);
+        match vcpu.run().unwrap() {
+            VmExit::MmioRead {
+                addr: 0x10_0000,
+                data,
+            } => data.fill(0x42),
+            other => panic!("unexpected exit {other:?}"),
+        }
+        vcpu.reset().unwrap();
+        let mut sregs = vcpu.sregs().unwrap();
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        vcpu.set_sregs(&sregs).unwrap();
+        vcpu.set_regs(&StandardRegisters {
+            rip: 0x2000,
+            rflags: 2,
+            ..Default::default()
+        })
+        .unwrap();
+        match vcpu.run().unwrap() {
+            VmExit::IoOut { port, .. } => assert_eq!(port, 0x80, "the old code ran on"),
+            other => panic!("unexpected exit {other:?}"),
         }
     }
 
