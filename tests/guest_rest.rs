@@ -214,7 +214,8 @@ fn boot_lines(outcome: &common::Outcome, boot: u32) -> Vec<String> {
 /// and the device at status 0 with no queue, drives it again and reads what boot 1 wrote
 /// through the same image. With two vCPUs the AP, left counting in real mode by boot 1,
 /// stands still after the reset and comes up again through INIT/SIPI. Boot 2 ends with a
-/// guest reset through 0xCF9: still exit code 0.
+/// guest reset through 0xCF9: still exit code 0. With one vCPU the machine is paused first:
+/// it stays paused through the reset, and boots again only once resumed.
 fn reset_over_the_api(mode: IrqChip, vcpus: u32) {
     let socket = socket_for(&format!("reset{vcpus}"), mode);
     let disk = ResetDisk::new(mode, vcpus);
@@ -242,6 +243,11 @@ fn reset_over_the_api(mode: IrqChip, vcpus: u32) {
     let (code, body) = curl(&target, "GET", "/vm/state", None);
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("\"canReset\":true"), "{body}");
+    let paused_first = vcpus == 1;
+    if paused_first {
+        let (code, body) = curl(&target, "POST", "/vm/state", Some(r#"{"state":"Pause"}"#));
+        assert_eq!(code, 202, "{body}");
+    }
     let started = std::time::Instant::now();
     let (code, body) = curl(&target, "POST", "/vm/state", Some(r#"{"state":"Reset"}"#));
     assert_eq!(code, 202, "{body}");
@@ -249,6 +255,17 @@ fn reset_over_the_api(mode: IrqChip, vcpus: u32) {
         "reset over the API ({mode:?}, -c {vcpus}) answered in {:?}",
         started.elapsed()
     );
+    if paused_first {
+        let (_, body) = curl(&target, "GET", "/vm/state", None);
+        assert!(body.contains("VirtualMachineStatePaused"), "{body}");
+        thread::sleep(std::time::Duration::from_millis(300));
+        assert!(
+            !vm.stdout_so_far().contains("reset-api boot 2"),
+            "a paused machine ran after the reset"
+        );
+        let (code, body) = curl(&target, "POST", "/vm/state", Some(r#"{"state":"Resume"}"#));
+        assert_eq!(code, 202, "{body}");
+    }
     let outcome = vm.finish();
     outcome.assert_exit(0).assert_line("reset-api done");
     let first = boot_lines(&outcome, 1);
