@@ -63,6 +63,13 @@ SIGTERM presses the ACPI power button when the guest enabled ACPI (\fB\-A\fR); o
 and on a second SIGTERM, xhyve stops at once. SIGINT and SIGHUP stop at once. SIGUSR1 pauses
 the machine and SIGUSR2 resumes it. SIGPIPE is ignored. Every stop removes the pidfile,
 the \fBautopty=\fR links and the control socket, and restores the terminal.
+.SH CONTROL API
+\fB\-\-restful\-uri\fR serves vfkit\*(Aqs REST API: \fBGET /vm/state\fR, \fBGET /vm/inspect\fR,
+and \fBPOST /vm/state\fR with \fB{"state":\fR \fB"Stop"\fR (the ACPI power button),
+\fB"HardStop"\fR (exit 1), \fB"Pause"\fR, \fB"Resume"\fR, or \fB"Reset"\fR (ours): a reset
+button, the machine starts again in place (same process, devices and disk images, the guest
+loaded again from \fB\-f\fR), 202 when done, 409 while it stops. A reset the guest asks for
+itself still ends xhyve with exit 0.
 .SH ENVIRONMENT
 \fBXHYVE_LOG\fR log filter (e.g. debug); \fBXHYVE_HV\fR hypervisor back end (kvm, hvf);
 \fBXHYVE_IRQCHIP\fR kernel or user interrupt controllers (Linux).

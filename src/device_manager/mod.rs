@@ -4,13 +4,14 @@
 //!
 //! PCI functions come from one registry, [`pci_devices::build`]: a `DeviceKind` in, a
 //! function and its handle out. The PCI layer itself knows no device type. The machine
-//! pauses and resumes its devices through [`DeviceManager`], and adds one with
-//! [`DeviceManager::add`].
+//! pauses and resumes its devices through [`DeviceManager`], adds one with
+//! [`DeviceManager::add`], and resets them all with [`DeviceManager::reset`].
 //!
-//! It offers no reset. A machine reset (0xCF9, the i8042, ACPI's reset register, a triple
-//! fault) ends `xhyve` with xhyve's exit code, and whoever started it starts it again; the
-//! control API's states (vfkit's) have no reset either. A guest's reset of one device goes
-//! through that device's registers to the device, which the manager does not own.
+//! That reset has one caller: the control API's `Reset` (`MachineHandle::reset`), a reset
+//! button. A reset the guest asks for (0xCF9, the i8042, ACPI's reset register, a triple
+//! fault) still ends `xhyve` with xhyve's exit code 0, and whoever started it starts it
+//! again. A guest's reset of one device goes through that device's registers to the
+//! device, which the manager does not own.
 
 mod pci_devices;
 
@@ -33,7 +34,7 @@ use crate::devices::power_mgmt::{
 };
 use crate::devices::rtc::{Rtc, RTC_GSI, RTC_PORT, RTC_PORT_COUNT};
 use crate::devices::serial::{com_resources, SerialError, SerialPort, UART_PORT_COUNT};
-use crate::devices::DeviceHandle;
+use crate::devices::{DeviceHandle, PowerOnReset};
 use crate::hv::{IrqChipMode, Vm};
 use crate::intc::clock::{Clock, MonotonicClock};
 use crate::intc::hpet::{Hpet, HPET_BASE, HPET_LEN};
@@ -92,6 +93,10 @@ pub struct DeviceManager {
     /// one stops its threads.
     handles: Vec<Box<dyn DeviceHandle>>,
     paused: bool,
+    /// The devices off PCI that a machine reset puts back at power-on.
+    legacy: Vec<Arc<Mutex<dyn PowerOnReset>>>,
+    /// For the hypervisor's own interrupt controllers at a machine reset.
+    vm: Arc<dyn Vm>,
 }
 
 impl DeviceManager {
@@ -109,6 +114,7 @@ impl DeviceManager {
         let mmio_bus = Arc::new(Bus::new());
         let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
         let mut timers = TimerService::new(clock.clone());
+        let mut legacy: Vec<Arc<Mutex<dyn PowerOnReset>>> = Vec::new();
         let user_irqchip = match irqchip {
             IrqChipMode::Kernel => None,
             IrqChipMode::User => Some(build_user_irqchip(
@@ -118,6 +124,7 @@ impl DeviceManager {
                 &mut timers,
                 &io_bus,
                 &mmio_bus,
+                &mut legacy,
             )?),
         };
         let interrupts = match &user_irqchip {
@@ -178,13 +185,9 @@ impl DeviceManager {
             layout::highmem_size(config.memory_bytes),
         )
         .with_interrupts(clock.clone(), line(RTC_GSI));
-        insert(
-            &io_bus,
-            timers.add(rtc),
-            u64::from(RTC_PORT),
-            RTC_PORT_COUNT,
-            "RTC",
-        )?;
+        let rtc = shared(timers.add(rtc));
+        insert_shared(&io_bus, &rtc, u64::from(RTC_PORT), RTC_PORT_COUNT, "RTC")?;
+        legacy.push(rtc);
 
         let power: Arc<dyn PowerControl> = control.clone();
         let acpi_pm = shared(AcpiPm::new(line(SCI_GSI), power.clone()));
@@ -212,6 +215,8 @@ impl DeviceManager {
         let i8042 = shared(I8042::new(power));
         insert_shared(&io_bus, &i8042, u64::from(I8042_DATA_PORT), 1, "i8042")?;
         insert_shared(&io_bus, &i8042, u64::from(I8042_COMMAND_PORT), 1, "i8042")?;
+        legacy.push(acpi_pm.clone());
+        legacy.push(i8042);
         insert(
             &io_bus,
             PostCode::default(),
@@ -227,11 +232,15 @@ impl DeviceManager {
         };
 
         // KVM's irqchip has no HPET: the VMM provides it, ticked by its own timer thread.
-        let hpet = timers.add(Hpet::new(clock, interrupts.pin_sink()));
-        insert(&mmio_bus, hpet, HPET_BASE, HPET_LEN, "HPET")?;
+        let hpet = shared(timers.add(Hpet::new(clock, interrupts.pin_sink())));
+        insert_shared(&mmio_bus, &hpet, HPET_BASE, HPET_LEN, "HPET")?;
+        legacy.push(hpet);
         timers.start().map_err(DeviceManagerError::Timers)?;
 
         let serial_ports = build_serial_ports(config, &io_bus, &line)?;
+        for port in &serial_ports {
+            legacy.push(port.device());
+        }
         let tails: Vec<_> = serial_ports.iter().map(|p| p.device()).collect();
         control.set_serial_tail(Box::new(move || {
             tails
@@ -250,6 +259,8 @@ impl DeviceManager {
             context,
             handles,
             paused: false,
+            legacy,
+            vm: vm.clone(),
         })
     }
 
@@ -322,6 +333,31 @@ impl DeviceManager {
         self.paused = false;
     }
 
+    /// A machine reset, on a paused machine (the vCPUs parked, the devices paused): every
+    /// device back at its power-on state. First each device's threads go quiet (a request
+    /// in flight finishes; `DeviceHandle::reset`), then every PCI function is reset, its
+    /// configuration space and BARs as start-up placed them (`PciBus::reset`: virtio
+    /// transports at status 0 with their queues, doorbells and MSI-X table released, AHCI
+    /// after its command in flight), then the UARTs, RTC (it keeps its time), ACPI PM,
+    /// i8042, HPET, and the interrupt controllers and PIT: the VMM's in user-irqchip mode,
+    /// the hypervisor's otherwise. A paused machine's devices stay paused.
+    pub fn reset(&mut self) -> Result<(), crate::hv::HvError> {
+        for handle in &mut self.handles {
+            handle.reset();
+        }
+        self.pci.reset();
+        for device in &self.legacy {
+            lock(device).power_on_reset();
+        }
+        match &self.user_irqchip {
+            Some(chip) => {
+                chip.reset();
+                Ok(())
+            }
+            None => self.vm.reset_irqchip(),
+        }
+    }
+
     /// Stops what devices run besides their functions (e.g. the built-in network's stack),
     /// once the vCPUs have stopped.
     pub fn shutdown(&mut self) {
@@ -357,6 +393,7 @@ fn build_user_irqchip(
     timers: &mut TimerService,
     io_bus: &Bus,
     mmio_bus: &Bus,
+    legacy: &mut Vec<Arc<Mutex<dyn PowerOnReset>>>,
 ) -> Result<Arc<UserIrqChip>, DeviceManagerError> {
     let chip = UserIrqChip::new(
         config.vcpus,
@@ -380,6 +417,7 @@ fn build_user_irqchip(
     let pit = shared(timers.add(PitDevice::new(Pit::new(clock.clone()), chip.clone())));
     insert_shared(io_bus, &pit, u64::from(PIT_PORT), 4, "PIT")?;
     insert_shared(io_bus, &pit, u64::from(SPEAKER_PORT), 1, "PIT speaker port")?;
+    legacy.push(pit);
     Ok(chip)
 }
 
@@ -577,5 +615,17 @@ mod kvm_tests {
             })
             .unwrap_err();
         assert_eq!(err.to_string(), "PCI slot 0:5:0 is already in use");
+
+        // A machine reset: the guest had moved the hot-added function's BAR 2; it goes back
+        // where `add` placed it, and the in-kernel irqchip takes its power-on state.
+        let placed = dm.pci().mapped_bars(at(5));
+        dm.pci()
+            .write_config(at(5), 0x18, &0xD000_0000u32.to_le_bytes());
+        assert_ne!(dm.pci().mapped_bars(at(5)), placed);
+        dm.pause();
+        dm.reset().unwrap();
+        dm.resume();
+        assert_eq!(dm.pci().mapped_bars(at(5)), placed);
+        assert_eq!(vendor_device(&dm, 4), 0x1001_1AF4);
     }
 }

@@ -27,12 +27,22 @@ pub trait DeviceHandle: Send {
     fn pause(&mut self) {}
     /// Serves again whatever the guest queued meanwhile.
     fn resume(&mut self) {}
-    // No `reset`: a guest's reset of one device reaches the device through its own
-    // registers (virtio status 0, AHCI GHC.HR), and a machine reset ends the process, as in
-    // xhyve (see `DeviceManager`).
+    /// A machine reset (the control API's `Reset`) is under way: returns once the device's
+    /// threads are quiet, a request in flight finished (waited for on the thread's own
+    /// event, never polled), and what the handle owns beyond its PCI function is back at its
+    /// power-on state. The PCI function itself is reset next, by the PCI bus
+    /// ([`pci::PciDevice::reset`]). A guest's reset of one device does not come here: it goes
+    /// through the device's registers (virtio status 0, AHCI GHC.HR).
+    fn reset(&mut self) {}
     /// The machine is going away: stop the threads and release the host resources that
     /// belong to the device but not to its PCI function (which the buses keep alive).
     fn shutdown(&mut self) {}
+}
+
+/// A device model off PCI (UART, RTC, HPET, PIT, ACPI PM, i8042) that a machine reset
+/// puts back in its power-on state.
+pub trait PowerOnReset: Send {
+    fn power_on_reset(&mut self);
 }
 
 /// A PCI function as a device's builder returns it.

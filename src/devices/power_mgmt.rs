@@ -137,6 +137,15 @@ impl AcpiPm {
     }
 
     /// Whether the guest enabled ACPI (SCI_EN), so that it would see the power button.
+    /// Power-on: no status, no enables, ACPI off (SCI_EN clear), the SCI low. The PM timer
+    /// keeps counting, as it does across a PC's reset.
+    pub fn power_on_reset(&mut self) {
+        self.status = 0;
+        self.enable = 0;
+        self.control = 0;
+        self.update_sci();
+    }
+
     pub fn acpi_enabled(&self) -> bool {
         self.control & PM1_SCI_EN != 0
     }
@@ -370,6 +379,20 @@ impl BusDevice for PostCode {
     }
 }
 
+impl super::PowerOnReset for AcpiPm {
+    fn power_on_reset(&mut self) {
+        AcpiPm::power_on_reset(self);
+    }
+}
+
+impl super::PowerOnReset for I8042 {
+    fn power_on_reset(&mut self) {
+        self.config = KBC_DEFAULT_CONFIG;
+        self.output = None;
+        self.expecting_config = false;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -491,6 +514,24 @@ mod tests {
         // Pressed again while enabled: straight up.
         assert!(pm.dev.press_power_button());
         assert_eq!(*pm.sci.levels.lock().unwrap(), vec![true, false, true]);
+    }
+
+    #[test]
+    fn a_machine_reset_turns_acpi_off_and_lowers_the_sci() {
+        let mut pm = pm();
+        out(&mut pm.dev, PM1A_EVT_PORT + 2, &PM1_PWRBTN_EN.to_le_bytes());
+        pm.dev.write(u64::from(SMI_CMD_PORT), 0, &[ACPI_ENABLE]);
+        assert!(pm.dev.press_power_button());
+        assert_eq!(*pm.sci.levels.lock().unwrap(), vec![true]);
+        pm.dev.power_on_reset();
+        assert_eq!(*pm.sci.levels.lock().unwrap(), vec![true, false]);
+        assert_eq!(inw(&mut pm.dev, PM1A_EVT_PORT), 0, "status clear");
+        assert_eq!(inw(&mut pm.dev, PM1A_EVT_PORT + 2), 0, "enables clear");
+        assert!(
+            !pm.dev.acpi_enabled(),
+            "SCI_EN off until the guest enables ACPI again"
+        );
+        assert!(!pm.dev.press_power_button(), "nobody listens yet");
     }
 
     #[test]

@@ -70,6 +70,7 @@ const NS_PER_SEC: u64 = 1_000_000_000;
 /// 32.768 kHz time base, 1024 Hz periodic rate: the power-on value every BIOS leaves.
 const A_DEFAULT: u8 = 0x26;
 const B_SET: u8 = 0x80;
+const B_SQWE: u8 = 0x08;
 const B_BINARY: u8 = 0x04;
 const B_24_HOUR: u8 = 0x02;
 const D_VRT: u8 = 0x80;
@@ -307,6 +308,16 @@ impl Rtc {
         }
     }
 
+    /// The MC146818's RESET pin, which a PC drives at a reset: interrupt enables and square
+    /// wave off in register B, register C's flags clear. The clock, the rest of register B,
+    /// the alarm and the CMOS memory are battery-backed and stay.
+    pub fn power_on_reset(&mut self) {
+        self.cmos[usize::from(REG_B)] &= !(B_INTERRUPT_ENABLES | B_SQWE);
+        self.cmos[usize::from(REG_C)] = 0;
+        self.index = 0;
+        self.reschedule();
+    }
+
     /// Recomputes the schedule after a register A or B write.
     fn reschedule(&mut self) {
         let a = self.cmos[usize::from(REG_A)];
@@ -534,6 +545,12 @@ impl BusDevice for Rtc {
     }
 }
 
+impl super::PowerOnReset for Rtc {
+    fn power_on_reset(&mut self) {
+        Rtc::power_on_reset(self);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -568,6 +585,21 @@ mod tests {
     fn set(rtc: &mut Rtc, reg: u8, v: u8) {
         rtc.write(0x70, 0, &[reg]);
         rtc.write(0x70, 1, &[v]);
+    }
+
+    #[test]
+    fn a_machine_reset_clears_interrupts_and_keeps_time_and_memory() {
+        let (mut rtc, _now) = rtc_at(T0);
+        set(&mut rtc, REG_MINUTES, 0x15);
+        set(&mut rtc, 0x40, 0x5A); // CMOS memory
+        set(&mut rtc, REG_B, B_24_HOUR | B_PIE | B_UIE | B_SQWE);
+        let minutes = get(&mut rtc, REG_MINUTES);
+        rtc.cmos[usize::from(REG_C)] = C_IRQF | C_PF;
+        rtc.power_on_reset();
+        assert_eq!(get(&mut rtc, REG_B), B_24_HOUR, "enables and SQWE off");
+        assert_eq!(get(&mut rtc, REG_C), 0);
+        assert_eq!(get(&mut rtc, REG_MINUTES), minutes, "the time set stays");
+        assert_eq!(get(&mut rtc, 0x40), 0x5A, "battery-backed memory stays");
     }
 
     #[test]

@@ -183,6 +183,23 @@ impl SerialDevice {
     }
 }
 
+/// A 16550 reset: every register at its power-on value and the receive FIFO empty. The
+/// output back end and its recorded tail stay: the console is the same cable.
+impl super::PowerOnReset for SerialDevice {
+    fn power_on_reset(&mut self) {
+        let trigger = IrqTrigger(self.uart.interrupt_evt().0.clone());
+        let events = self.uart.events().clone();
+        let writer = self.uart.writer_mut();
+        let writer = TeeWriter {
+            out: std::mem::replace(&mut writer.out, Box::new(io::sink())),
+            ring: std::mem::replace(&mut writer.ring, OutputRing::new()),
+        };
+        self.uart = Serial::with_events(trigger, events, writer);
+        // The input thread may wait for room that the emptied FIFO now has.
+        self.uart.events().space.notify_one();
+    }
+}
+
 impl BusDevice for SerialDevice {
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
         data.fill(0);
@@ -409,6 +426,47 @@ mod tests {
         }
         assert_eq!(*out.0.lock().unwrap(), b"hello");
         assert_eq!(port.last_output(), b"hello");
+    }
+
+    #[test]
+    fn a_machine_reset_restores_the_registers_and_keeps_the_console() {
+        let out = SharedBuf::default();
+        let line = Arc::new(RecordingLine::default());
+        let port = SerialPort::with_io(1, Box::new(out.clone()), None, line).unwrap();
+        let dev = port.device();
+        let fresh: Vec<u8> = (1..8).map(|r| read_reg(&dev, r)).collect();
+        write_reg(&dev, 3, 0x80); // DLAB, divisor 1
+        write_reg(&dev, DATA, 0x01);
+        write_reg(&dev, 3, 0x1B); // 8E1
+        write_reg(&dev, IER, 0x05);
+        write_reg(&dev, 4, 0x1F); // loopback
+        write_reg(&dev, 7, 0x42);
+        lock(&dev).uart.enqueue_raw_bytes(b"typed").unwrap();
+        write_reg(&dev, 4, 0x0B);
+        write_reg(&dev, DATA, b'x');
+        crate::devices::PowerOnReset::power_on_reset(&mut *lock(&dev));
+        let after: Vec<u8> = (1..8).map(|r| read_reg(&dev, r)).collect();
+        assert_eq!(after, fresh, "IER..SCR at power-on, receive FIFO empty");
+        write_reg(&dev, 3, 0x80);
+        assert_eq!(read_reg(&dev, DATA), fresh_divisor_low(), "divisor back");
+        write_reg(&dev, 3, 0x03);
+        write_reg(&dev, DATA, b'y');
+        assert_eq!(*out.0.lock().unwrap(), b"xy", "the same back end");
+        assert_eq!(port.last_output(), b"xy", "the tail survives");
+    }
+
+    /// The divisor latch's low byte vm-superio starts with.
+    fn fresh_divisor_low() -> u8 {
+        let port = SerialPort::with_io(
+            1,
+            Box::new(io::sink()),
+            None,
+            Arc::new(RecordingLine::default()),
+        )
+        .unwrap();
+        let dev = port.device();
+        write_reg(&dev, 3, 0x80);
+        read_reg(&dev, DATA)
     }
 
     #[test]

@@ -84,6 +84,14 @@ pub trait Vm: Send + Sync {
 
     fn create_vcpu(&self, id: u8) -> Result<Box<dyn Vcpu>, HvError>;
 
+    /// A machine reset: the hypervisor's own interrupt controllers and timers (KVM's
+    /// IOAPIC, 8259 pair and PIT with its in-kernel irqchip) back at their state at VM
+    /// creation. Back ends with none (Hypervisor.framework, KVM in user-irqchip mode) have
+    /// nothing to do: the VMM's `intc` models are reset by their owner.
+    fn reset_irqchip(&self) -> Result<(), HvError> {
+        Ok(())
+    }
+
     /// Drives interrupt line `gsi` (IOAPIC pin, and PIC line for gsi < 16).
     fn set_irq_line(&self, gsi: u32, level: bool) -> Result<(), HvError>;
 
@@ -220,6 +228,15 @@ pub trait Vcpu: Send {
     fn set_sregs(&mut self, sregs: &SpecialRegisters) -> Result<(), HvError>;
 
     fn set_cpuid(&mut self, entries: &[cpuid::CpuidEntry]) -> Result<(), HvError>;
+
+    /// A machine reset: the vCPU's power-on state (`regs::power_on_registers`: real mode at
+    /// F000:FFF0), x87/SSE/AVX state initialised, no event pending or being injected, debug
+    /// registers at their defaults, the hypervisor's LAPIC (if it runs one) as at creation.
+    /// Where the hypervisor runs INIT/SIPI, vCPU 0 is runnable and the others wait for
+    /// INIT/SIPI; otherwise the VMM's irqchip decides. The caller then writes the boot
+    /// registers and MSRs, as at start. Call on the vCPU's own thread.
+    fn reset(&mut self) -> Result<(), HvError>;
+
     /// Writes MSRs as (index, value) pairs.
     fn set_msrs(&mut self, msrs: &[(u32, u64)]) -> Result<(), HvError>;
 

@@ -137,6 +137,21 @@ impl Hpet {
         }
     }
 
+    /// Power-on: halted, counter 0, every comparator disabled; a pin a level timer held
+    /// high goes low.
+    pub fn power_on_reset(&mut self) {
+        for timer in &self.timers {
+            if let Some(pin) = timer.asserted_pin {
+                self.sink.set_pin_level(pin, false);
+            }
+        }
+        self.config = 0;
+        self.int_status = 0;
+        self.counter_base = 0;
+        self.enabled_at_ns = 0;
+        self.timers = Default::default();
+    }
+
     fn enabled(&self) -> bool {
         self.config & CONFIG_ENABLE != 0
     }
@@ -399,6 +414,12 @@ impl BusDevice for Hpet {
     }
 }
 
+impl crate::devices::PowerOnReset for Hpet {
+    fn power_on_reset(&mut self) {
+        Hpet::power_on_reset(self);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -597,6 +618,30 @@ mod tests {
         write32(&mut hpet, REG_INT_STATUS, 0b100);
         assert_eq!(read64(&mut hpet, REG_INT_STATUS), 0);
         assert_eq!(pins.take(), vec![(20, false)]);
+    }
+
+    #[test]
+    fn a_machine_reset_halts_it_and_drops_an_asserted_line() {
+        let (clock, pins, mut hpet) = hpet();
+        let fresh: Vec<u64> = [REG_CONFIG, REG_INT_STATUS, timer_reg(2, TIMER_CONFIG)]
+            .iter()
+            .map(|&r| read64(&mut hpet, r))
+            .collect();
+        route_to_20(&mut hpet, 2, TN_INT_ENABLE | TN_LEVEL);
+        write64(&mut hpet, timer_reg(2, TIMER_COMPARATOR), 100);
+        write64(&mut hpet, REG_CONFIG, CONFIG_ENABLE);
+        clock.advance(ticks_to_ns(100));
+        hpet.tick(clock.now_ns());
+        assert_eq!(pins.take(), vec![(20, true)]);
+        hpet.power_on_reset();
+        assert_eq!(pins.take(), vec![(20, false)], "the level line drops");
+        let after: Vec<u64> = [REG_CONFIG, REG_INT_STATUS, timer_reg(2, TIMER_CONFIG)]
+            .iter()
+            .map(|&r| read64(&mut hpet, r))
+            .collect();
+        assert_eq!(after, fresh);
+        assert_eq!(read64(&mut hpet, REG_MAIN_COUNTER), 0);
+        assert_eq!(hpet.next_deadline_ns(), None, "no timer armed");
     }
 
     #[test]

@@ -319,6 +319,18 @@ impl Lapic {
         }
     }
 
+    /// Power-on, as at a machine reset (INIT keeps IA32_APIC_BASE; this does not): the
+    /// default APIC base (xAPIC mode, enabled, the BSP flag as built) and every register
+    /// reset. The APIC ID and what the model knows of the guest TSC stay.
+    pub fn power_on_reset(&mut self) {
+        let mut apic_base = LAPIC_BASE | APIC_BASE_ENABLE;
+        if self.config.bootstrap {
+            apic_base |= APIC_BASE_BSP;
+        }
+        self.apic_base = apic_base;
+        self.reset_registers();
+    }
+
     /// Tells the model which guest TSC value corresponds to clock time `now_ns`, so that
     /// TSC-deadline writes convert to clock deadlines. Defaults to TSC 0 at time 0.
     pub fn set_tsc_reference(&mut self, tsc: u64, now_ns: u64) {

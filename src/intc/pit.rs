@@ -353,6 +353,12 @@ impl Pit {
         }
     }
 
+    /// Power-on: every channel unprogrammed, port 0x61 clear.
+    pub fn power_on_reset(&mut self) {
+        self.channels = [Channel::new(true), Channel::new(true), Channel::new(false)];
+        self.port61 = 0;
+    }
+
     /// Reports channel 0 OUT rising edges (IRQ 0 requests) since the previous call. More than
     /// one means the caller was late; a PC would have delivered only one.
     pub fn tick(&mut self, now_ns: u64) -> u32 {

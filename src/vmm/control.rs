@@ -42,6 +42,12 @@ pub struct Control {
     pause_requested: AtomicBool,
     pause: Mutex<PauseState>,
     pause_changed: Condvar,
+    /// Bumped by each machine reset (`reset_vcpus`); a parked vCPU thread that has not yet
+    /// applied the latest one does, before it leaves its park. Read only while parked.
+    reset_generation: AtomicU64,
+    /// Set while a machine reset waits for the vCPU threads: a vCPU idle in the VMM's HLT
+    /// or SIPI wait leaves it to park and take the reset.
+    resetting: AtomicBool,
 }
 
 /// How many vCPU threads are out of the guest for a pause.
@@ -52,6 +58,8 @@ struct PauseState {
     /// Blocked in the VMM's own HLT or wait-for-SIPI (user irqchip): not running guest code,
     /// and they park before they run it again.
     idle: u8,
+    /// vCPU threads that applied the current machine reset.
+    reset_done: u8,
 }
 
 impl Control {
@@ -73,6 +81,8 @@ impl Control {
             pause_requested: AtomicBool::new(false),
             pause: Mutex::new(PauseState::default()),
             pause_changed: Condvar::new(),
+            reset_generation: AtomicU64::new(0),
+            resetting: AtomicBool::new(false),
         };
         (Arc::new(control), woken)
     }
@@ -208,15 +218,30 @@ impl Control {
     }
 
     /// Called by a vCPU thread at a point where it is out of the guest: waits while a pause
-    /// is requested (or until the machine stops).
-    pub fn park(&self) {
+    /// is requested (or until the machine stops). A machine reset asked for meanwhile
+    /// (`reset_vcpus`) is applied here, by this thread, with `reset`: `seen` is the last
+    /// reset generation the thread applied. Returns whether it applied one (the thread then
+    /// starts its loop over: the vCPU is not where it was).
+    pub fn park(&self, seen: &mut u64, reset: &mut dyn FnMut()) -> bool {
         let mut state = lock(&self.pause);
         if !self.pause_requested() {
-            return;
+            return false;
         }
         state.parked += 1;
         self.pause_changed.notify_all();
+        let mut applied = false;
         while self.pause_requested() && !self.is_stopping() {
+            let generation = self.reset_generation.load(Ordering::SeqCst);
+            if generation != *seen {
+                *seen = generation;
+                drop(state);
+                reset();
+                applied = true;
+                state = lock(&self.pause);
+                state.reset_done = state.reset_done.saturating_add(1);
+                self.pause_changed.notify_all();
+                continue;
+            }
             state = match self
                 .pause_changed
                 .wait_timeout(state, Duration::from_millis(50))
@@ -226,6 +251,56 @@ impl Control {
             };
         }
         state.parked -= 1;
+        applied
+    }
+
+    /// The reset generation a vCPU thread starts with (it has nothing to apply).
+    pub fn reset_generation(&self) -> u64 {
+        self.reset_generation.load(Ordering::SeqCst)
+    }
+
+    /// Whether a machine reset waits for the vCPU threads (see `resetting`).
+    pub fn resetting(&self) -> bool {
+        self.resetting.load(Ordering::SeqCst)
+    }
+
+    /// Announces a machine reset before the devices and interrupt controllers are reset:
+    /// from here on a vCPU woken in the VMM's HLT or SIPI wait goes to its park instead of
+    /// judging the half-reset controllers. `reset_vcpus` ends it.
+    pub fn begin_reset(&self) {
+        self.resetting.store(true, Ordering::SeqCst);
+    }
+
+    /// With the vCPUs paused (`pause_vcpus`): has each of the `vcpus` threads reset its
+    /// vCPU, in its park, and returns once all have (true) or the machine stops (false).
+    /// Threads idle in the VMM's HLT or SIPI wait are woken to park first.
+    pub fn reset_vcpus(&self, vcpus: u8) -> bool {
+        let mut state = lock(&self.pause);
+        state.reset_done = 0;
+        self.resetting.store(true, Ordering::SeqCst);
+        self.reset_generation.fetch_add(1, Ordering::SeqCst);
+        self.pause_changed.notify_all();
+        let done = loop {
+            if state.reset_done >= vcpus {
+                break true;
+            }
+            if self.is_stopping() {
+                break false;
+            }
+            drop(state);
+            // A kick wakes a vCPU from the VMM's HLT or SIPI wait; a parked one ignores it.
+            self.kick_all();
+            state = lock(&self.pause);
+            state = match self
+                .pause_changed
+                .wait_timeout(state, Duration::from_millis(10))
+            {
+                Ok((state, _)) => state,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        };
+        self.resetting.store(false, Ordering::SeqCst);
+        done
     }
 
     /// A vCPU thread blocks in the VMM's HLT or SIPI wait until the guard drops.
@@ -253,8 +328,24 @@ pub trait Lifecycle: Send + Sync {
     fn resume(&self);
     fn is_paused(&self) -> bool;
     fn is_stopping(&self) -> bool;
+    /// Resets the machine in place, as a reset button would: same process and devices,
+    /// the guest starts again from its boot entry. A paused machine stays paused.
+    fn reset(&self) -> Result<(), ResetError>;
     /// Stops the machine now, for `reason`.
     fn stop_now(&self, reason: StopReason);
+}
+
+/// Why a machine reset did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ResetError {
+    #[error("the VM is stopping")]
+    Stopping,
+    /// The guest could not be loaded again; the machine stops (its memory is torn).
+    #[error("cannot load the guest again: {0}")]
+    Reload(String),
+    /// The hypervisor refused its interrupt controllers' reset; the machine stops.
+    #[error("cannot reset the interrupt controllers: {0}")]
+    IrqChip(String),
 }
 
 impl PowerControl for Control {
@@ -320,9 +411,10 @@ mod tests {
             let control = control.clone();
             let trips = trips.clone();
             threads.push(std::thread::spawn(move || {
+                let mut seen = control.reset_generation();
                 while !control.is_stopping() {
                     if control.pause_requested() {
-                        control.park();
+                        control.park(&mut seen, &mut || {});
                         continue;
                     }
                     trips[id].fetch_add(1, Ordering::SeqCst);
@@ -349,6 +441,97 @@ mod tests {
         // A stop releases parked vCPUs too.
         control.pause_vcpus(2);
         control.stop(StopReason::Fatal("test".into()));
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
+    /// The reset handshake: each paused vCPU thread applies the reset itself, exactly once
+    /// per reset, before it may run again; one idle in the VMM's HLT wait is woken for it.
+    #[test]
+    fn each_parked_vcpu_applies_a_reset_once_before_it_runs_again() {
+        use std::sync::atomic::AtomicUsize;
+        let (control, _woken) = Control::new(2);
+        let resets: Arc<Vec<AtomicUsize>> = Arc::new((0..2).map(|_| AtomicUsize::new(0)).collect());
+        let trips_after_reset: Arc<Vec<AtomicUsize>> =
+            Arc::new((0..2).map(|_| AtomicUsize::new(0)).collect());
+        // vCPU 1 sleeps in a fake VMM HLT until the reset asks it out.
+        let halt = Arc::new((Mutex::new(()), Condvar::new()));
+        struct Wake(Arc<(Mutex<()>, Condvar)>);
+        impl VcpuKicker for Wake {
+            fn kick(&self) {
+                let _guard = self.0 .0.lock().unwrap();
+                self.0 .1.notify_all();
+            }
+        }
+        control.register_kicker(1, Arc::new(Wake(halt.clone())));
+        let mut threads = Vec::new();
+        for id in 0..2usize {
+            let control = control.clone();
+            let resets = resets.clone();
+            let trips = trips_after_reset.clone();
+            let halt = halt.clone();
+            threads.push(std::thread::spawn(move || {
+                let mut seen = control.reset_generation();
+                let mut halted = id == 1;
+                while !control.is_stopping() {
+                    if control.pause_requested() {
+                        let applied = control.park(&mut seen, &mut || {
+                            resets[id].fetch_add(1, Ordering::SeqCst);
+                        });
+                        if applied {
+                            halted = false;
+                        }
+                        continue;
+                    }
+                    if halted {
+                        let _idle = control.idle();
+                        let guard = halt.0.lock().unwrap();
+                        if !control.resetting() {
+                            let _ = halt.1.wait_timeout(guard, Duration::from_millis(500));
+                        }
+                        continue;
+                    }
+                    if resets[id].load(Ordering::SeqCst) > 0 {
+                        trips[id].fetch_add(1, Ordering::SeqCst);
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }));
+        }
+        control.pause_vcpus(2);
+        assert!(control.reset_vcpus(2));
+        assert!(!control.resetting());
+        for id in 0..2 {
+            assert_eq!(resets[id].load(Ordering::SeqCst), 1, "vCPU {id} reset once");
+            assert_eq!(
+                trips_after_reset[id].load(Ordering::SeqCst),
+                0,
+                "ran while paused"
+            );
+        }
+        control.resume_vcpus();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while trips_after_reset
+            .iter()
+            .any(|t| t.load(Ordering::SeqCst) == 0)
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not resumed after the reset"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // A plain pause applies nothing.
+        control.pause_vcpus(2);
+        control.resume_vcpus();
+        for id in 0..2 {
+            assert_eq!(resets[id].load(Ordering::SeqCst), 1);
+        }
+        // A stop ends a reset that waits.
+        control.pause_vcpus(2);
+        control.stop(StopReason::Fatal("test".into()));
+        assert!(!control.reset_vcpus(3), "a third vCPU never answers");
         for t in threads {
             t.join().unwrap();
         }

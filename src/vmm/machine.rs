@@ -6,7 +6,7 @@ use std::time::Duration;
 use crossbeam_channel::RecvTimeoutError;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use super::control::Control;
+use super::control::{Control, ResetError};
 use super::exit::StopReason;
 use super::vcpu::VcpuContext;
 use super::{host, pidfile, signals};
@@ -55,6 +55,18 @@ pub struct MachineHandle {
     control: Arc<Control>,
     devices: Arc<Mutex<DeviceManager>>,
     vcpus: u8,
+    /// What a machine reset loads again, and where the BSP's new entry registers go.
+    reload: Arc<Reload>,
+    /// One pause, resume or reset at a time, whoever asks (API, signals).
+    lifecycle: Arc<Mutex<()>>,
+}
+
+/// What start-up loaded, to load it again at a machine reset.
+struct Reload {
+    config: VmConfig,
+    memory: GuestMemory,
+    /// Shared with the vCPU threads, which read it when they reset.
+    boot: Arc<Mutex<crate::arch::x86_64::boot::BootSetup>>,
 }
 
 impl MachineHandle {
@@ -63,6 +75,7 @@ impl MachineHandle {
     /// finishes the request it is running; the rest wait in their queues). Timers keep
     /// time, so the guest sees the pause as lost time. Idempotent.
     pub fn pause(&self) {
+        let _one = lock(&self.lifecycle);
         self.control.pause_vcpus(self.vcpus);
         lock(&self.devices).pause();
     }
@@ -70,8 +83,57 @@ impl MachineHandle {
     /// Resumes a paused machine: devices first (they serve what was queued), then the
     /// vCPUs. Idempotent.
     pub fn resume(&self) {
+        let _one = lock(&self.lifecycle);
         lock(&self.devices).resume();
         self.control.resume_vcpus();
+    }
+
+    /// Resets the machine in place, as a reset button (QEMU's `system_reset`): the same
+    /// process, devices and backing files; the guest starts again from its boot entry.
+    ///
+    /// The machine is paused (vCPUs parked, devices quiet), every device is reset
+    /// (`DeviceManager::reset`), the firmware tables are written and the guest loaded again
+    /// exactly as at start (the guest may have overwritten both; RAM is otherwise left as
+    /// it is, as on a PC), then each vCPU thread resets its own vCPU in its park: the BSP
+    /// gets the boot registers, the APs wait for INIT/SIPI. Then the machine resumes; a
+    /// paused one stays paused. Timers keep running. A failure after the devices were
+    /// touched stops the machine (exit 4): it cannot run on half reset.
+    pub fn reset(&self) -> Result<(), ResetError> {
+        let _one = lock(&self.lifecycle);
+        if self.control.is_stopping() {
+            return Err(ResetError::Stopping);
+        }
+        let was_paused = self.control.pause_requested();
+        self.control.pause_vcpus(self.vcpus);
+        if self.control.is_stopping() {
+            return Err(ResetError::Stopping);
+        }
+        let mut devices = lock(&self.devices);
+        devices.pause();
+        self.control.begin_reset();
+        if let Err(e) = devices.reset() {
+            return Err(self.fail(ResetError::IrqChip(e.to_string())));
+        }
+        match describe_and_load(&self.reload.config, &self.reload.memory) {
+            Ok(boot) => *lock(&self.reload.boot) = boot,
+            Err(e) => return Err(self.fail(ResetError::Reload(e.to_string()))),
+        }
+        if !self.control.reset_vcpus(self.vcpus) {
+            return Err(ResetError::Stopping);
+        }
+        if !was_paused {
+            devices.resume();
+            drop(devices);
+            self.control.resume_vcpus();
+        }
+        log::debug!("machine reset by the control API");
+        Ok(())
+    }
+
+    /// Stops the machine for a reset that could not finish.
+    fn fail(&self, error: ResetError) -> ResetError {
+        self.stop(StopReason::Fatal(format!("machine reset: {error}")));
+        error
     }
 
     pub fn is_paused(&self) -> bool {
@@ -97,6 +159,9 @@ impl super::control::Lifecycle for MachineHandle {
     }
     fn is_stopping(&self) -> bool {
         self.control.is_stopping()
+    }
+    fn reset(&self) -> Result<(), ResetError> {
+        MachineHandle::reset(self)
     }
     fn stop_now(&self, reason: StopReason) {
         self.stop(reason)
@@ -162,6 +227,7 @@ pub fn run_with(config: &VmConfig, started: impl FnOnce(MachineHandle)) -> Resul
     }
 
     let power_button = devices.take_power_button();
+    let boot = Arc::new(Mutex::new(boot));
     let ctx = Arc::new(VcpuContext {
         io_bus: devices.io_bus().clone(),
         mmio_bus: devices.mmio_bus().clone(),
@@ -171,12 +237,20 @@ pub fn run_with(config: &VmConfig, started: impl FnOnce(MachineHandle)) -> Resul
         ignore_unknown_msrs: config.ignore_unknown_msrs,
         pins,
         user_irqchip: devices.user_irqchip().cloned(),
+        boot: boot.clone(),
+        x2apic: config.x2apic,
     });
     let devices = Arc::new(Mutex::new(devices));
     let handle = MachineHandle {
         control: control.clone(),
         devices: devices.clone(),
         vcpus: config.vcpus,
+        reload: Arc::new(Reload {
+            config: config.clone(),
+            memory: guest_memory.clone(),
+            boot,
+        }),
+        lifecycle: Arc::default(),
     };
     // Before the vCPUs run: from here on signals and the API act on the machine.
     signals::arm(Arc::new(handle.clone()), power_button.clone());

@@ -2,10 +2,14 @@
 //! and crc already speak:
 //!
 //! - `GET /vm/state`: `{"state": "VirtualMachineStateRunning" | "...Paused" | "...Stopping",
-//!   "canStart", "canPause", "canResume", "canStop", "canHardStop"}`;
-//! - `POST /vm/state` with `{"state": "Stop" | "HardStop" | "Pause" | "Resume"}`: 202 when
-//!   done. `Stop` presses the ACPI power button (409 if the guest has no ACPI enabled to see
-//!   it), `HardStop` stops the VM at once (exit code 1, as a signal);
+//!   "canStart", "canPause", "canResume", "canStop", "canHardStop", "canReset"}`;
+//! - `POST /vm/state` with `{"state": "Stop" | "HardStop" | "Pause" | "Resume" | "Reset"}`:
+//!   202 when done. `Stop` presses the ACPI power button (409 if the guest has no ACPI
+//!   enabled to see it), `HardStop` stops the VM at once (exit code 1, as a signal).
+//!   `Reset` (ours; vfkit has none) resets the machine in place, as a reset button or
+//!   QEMU's `system_reset`: same process, devices and disk images, the guest starts again
+//!   from its boot entry (a paused VM stays paused); 409 while the VM stops. A reset the
+//!   guest asks for itself (0xCF9, the i8042, a triple fault) still ends xhyve with exit 0;
 //! - `GET /vm/inspect`: the configuration (`vcpus`, `memoryBytes`, `bootloader`, `devices`
 //!   with their PCI slots, disk images and MACs).
 //!
@@ -179,6 +183,7 @@ fn state(api: &Api) -> Value {
         "canResume": !stopping && paused,
         "canStop": !stopping && listens,
         "canHardStop": !stopping,
+        "canReset": !stopping,
     })
 }
 
@@ -188,7 +193,10 @@ fn change_state(api: &Api, body: &[u8]) -> (u16, Option<Value>) {
         Err(e) => return error(400, &format!("the body is not JSON: {e}")),
     };
     let Some(wanted) = request.get("state").and_then(Value::as_str) else {
-        return error(400, "expected {\"state\": \"Stop|HardStop|Pause|Resume\"}");
+        return error(
+            400,
+            "expected {\"state\": \"Stop|HardStop|Pause|Resume|Reset\"}",
+        );
     };
     if api.machine.is_stopping() {
         return error(409, "the VM is stopping");
@@ -197,6 +205,12 @@ fn change_state(api: &Api, body: &[u8]) -> (u16, Option<Value>) {
         "Pause" => api.machine.pause(),
         "Resume" => api.machine.resume(),
         "HardStop" => api.machine.stop_now(StopReason::Requested),
+        "Reset" => match api.machine.reset() {
+            Ok(()) => {}
+            Err(e @ super::control::ResetError::Stopping) => return error(409, &e.to_string()),
+            // The machine stops: it cannot run on half reset.
+            Err(e) => return error(500, &e.to_string()),
+        },
         "Stop" => match &api.power_button {
             None => return error(409, "no ACPI power button: the VM runs without -A"),
             Some(button) => {
@@ -213,7 +227,8 @@ fn change_state(api: &Api, body: &[u8]) -> (u16, Option<Value>) {
             return error(
                 400,
                 &format!(
-                    "invalid new VMState: {other:?}; expected Stop, HardStop, Pause or Resume"
+                    "invalid new VMState: {other:?}; expected Stop, HardStop, Pause, Resume \
+                     or Reset"
                 ),
             )
         }
@@ -375,6 +390,7 @@ mod tests {
     struct FakeMachine {
         control: Arc<Control>,
         paused: AtomicBool,
+        resets: std::sync::atomic::AtomicUsize,
     }
 
     impl Lifecycle for FakeMachine {
@@ -389,6 +405,13 @@ mod tests {
         }
         fn is_stopping(&self) -> bool {
             self.control.is_stopping()
+        }
+        fn reset(&self) -> Result<(), crate::vmm::control::ResetError> {
+            if self.control.is_stopping() {
+                return Err(crate::vmm::control::ResetError::Stopping);
+            }
+            self.resets.fetch_add(1, Ordering::SeqCst);
+            Ok(())
         }
         fn stop_now(&self, reason: StopReason) {
             self.control.stop(reason)
@@ -419,6 +442,7 @@ mod tests {
         let machine = Arc::new(FakeMachine {
             control: control.clone(),
             paused: AtomicBool::new(false),
+            resets: Default::default(),
         });
         let api = Api {
             machine,
@@ -460,6 +484,36 @@ mod tests {
         let body = handle(&api, "GET", "/vm/state", b"").1.unwrap();
         assert_eq!(body["state"], "VirtualMachineStateStopping");
         assert_eq!(post(&api, r#"{"state":"Pause"}"#).0, 409);
+    }
+
+    #[test]
+    fn reset_resets_and_is_a_conflict_once_stopping() {
+        let (control, _woken) = Control::new(1);
+        let machine = Arc::new(FakeMachine {
+            control: control.clone(),
+            paused: AtomicBool::new(true),
+            resets: Default::default(),
+        });
+        let api = Api {
+            machine: machine.clone(),
+            power_button: None,
+            inspect: json!({}),
+        };
+        let body = handle(&api, "GET", "/vm/state", b"").1.unwrap();
+        assert_eq!(body["canReset"], true);
+        assert_eq!(post(&api, r#"{"state":"Reset"}"#).0, 202);
+        assert_eq!(machine.resets.load(Ordering::SeqCst), 1);
+        assert!(machine.is_paused(), "a paused VM stays paused");
+        control.stop(StopReason::Requested);
+        let body = handle(&api, "GET", "/vm/state", b"").1.unwrap();
+        assert_eq!(body["canReset"], false);
+        let (status, body) = post(&api, r#"{"state":"Reset"}"#);
+        assert_eq!(status, 409);
+        assert!(body.unwrap()["error"]
+            .as_str()
+            .unwrap()
+            .contains("stopping"));
+        assert_eq!(machine.resets.load(Ordering::SeqCst), 1);
     }
 
     #[test]

@@ -86,6 +86,14 @@ impl<D: BusDevice + Timed> BusDevice for Rearming<D> {
     }
 }
 
+/// A machine reset of a timed device; the timer thread then looks at its deadline again.
+impl<D: crate::devices::PowerOnReset> crate::devices::PowerOnReset for Rearming<D> {
+    fn power_on_reset(&mut self) {
+        lock(&self.device).power_on_reset();
+        self.wake.notify();
+    }
+}
+
 /// The timer thread's set of devices.
 pub struct TimerService {
     clock: Arc<dyn Clock>,

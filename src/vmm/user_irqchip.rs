@@ -130,6 +130,8 @@ pub struct UserIrqChip {
     clock: Arc<dyn Clock>,
     timer_waker: TimerWaker,
     control: Arc<Control>,
+    /// `-x`: every LAPIC starts (and restarts at a machine reset) in x2APIC mode.
+    x2apic: bool,
 }
 
 impl UserIrqChip {
@@ -181,7 +183,44 @@ impl UserIrqChip {
             clock,
             timer_waker,
             control,
+            x2apic,
         })
+    }
+
+    /// A machine reset: the IOAPIC and the 8259 pair as built, every LAPIC at power-on
+    /// (x2APIC with `-x`, virtual wire), vCPU 0 running and the others waiting for INIT/SIPI,
+    /// nothing pending. The vCPU threads are parked or idle (`Control::begin_reset` keeps
+    /// an idle one from acting on this before its own reset): none is woken here.
+    pub fn reset(&self) {
+        let mut state = lock(&self.state);
+        state.ioapic = IoApic::new(0);
+        state.pic = PicPair::new();
+        state.router = Router::new();
+        for (id, cpu) in state.cpus.iter_mut().enumerate() {
+            cpu.lapic.power_on_reset();
+            if self.x2apic {
+                let base = cpu.lapic.apic_base() | APIC_BASE_X2APIC;
+                if let Err(e) = cpu.lapic.wrmsr(MSR_APIC_BASE, base, 0) {
+                    log::warn!("LAPIC {id} stays in xAPIC mode: {e}");
+                }
+            }
+            cpu.lapic.set_virtual_wire();
+            cpu.run = if id == 0 {
+                CpuRun::Running
+            } else {
+                CpuRun::WaitingForSipi
+            };
+            cpu.nmi_pending = false;
+            cpu.init_pending = false;
+            cpu.start_vector = None;
+        }
+        drop(state);
+        for wake in &self.wakes {
+            // The next entry decision looks at the reset state.
+            wake.attention.store(true, Ordering::Release);
+        }
+        // The LAPIC timers stopped: the timer thread drops their deadlines.
+        self.timer_waker.wake();
     }
 
     /// Called on vCPU `id`'s thread before it runs: records the thread and its kicker, and
@@ -398,7 +437,8 @@ impl UserIrqChip {
         let wake = self.wakes.get(index)?;
         let mut generation = lock(&wake.generation);
         loop {
-            if self.control.is_stopping() {
+            // A machine reset wants the thread in its park.
+            if self.control.is_stopping() || self.control.resetting() {
                 return None;
             }
             {
@@ -434,7 +474,8 @@ impl UserIrqChip {
         };
         let mut generation = lock(&wake.generation);
         loop {
-            if self.control.is_stopping() {
+            // A machine reset wants the thread in its park.
+            if self.control.is_stopping() || self.control.resetting() {
                 return;
             }
             {
@@ -827,6 +868,12 @@ impl PitDevice {
     }
 }
 
+impl crate::devices::PowerOnReset for PitDevice {
+    fn power_on_reset(&mut self) {
+        self.pit.power_on_reset();
+    }
+}
+
 impl BusDevice for PitDevice {
     fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
         self.pit.read(base, offset, data);
@@ -933,6 +980,43 @@ mod tests {
         assert!(!entry.window);
         // In service now: ISR bit set, IRR clear.
         assert_ne!(lapic_read32(&chip, 0, 0x100 + 0x10) & (1 << (0x34 - 32)), 0);
+    }
+
+    #[test]
+    fn a_machine_reset_puts_the_controllers_at_power_on() {
+        let (chip, _clock, _control) = chip(2);
+        let fresh_rte = ioapic_read32(&chip, 0x10 + 8);
+        let fresh_svr = lapic_read32(&chip, 0, 0xF0);
+        let fresh_lint0 = lapic_read32(&chip, 0, 0x350);
+        route_pin(&chip, 4, 0x34, true);
+        chip.set_gsi(4, true);
+        assert_eq!(chip.next_entry(0, true).vector, Some(0x34));
+        lapic_write32(&chip, 0, 0x80, 0x20); // TPR
+                                             // vCPU 1 was started by SIPI.
+        lock(&chip.state).cpus[1].run = CpuRun::Running;
+        assert!(!chip.needs_startup(1));
+
+        chip.reset();
+        assert_eq!(
+            ioapic_read32(&chip, 0x10 + 8),
+            fresh_rte,
+            "pin 4 masked again"
+        );
+        assert_eq!(
+            lapic_read32(&chip, 0, 0xF0),
+            fresh_svr,
+            "LAPIC software-disabled"
+        );
+        assert_eq!(lapic_read32(&chip, 0, 0x80), 0, "TPR");
+        assert_eq!(lapic_read32(&chip, 0, 0x350), fresh_lint0, "virtual wire");
+        assert_eq!(
+            lapic_read32(&chip, 0, 0x100 + 0x10),
+            0,
+            "nothing in service"
+        );
+        assert!(!chip.needs_startup(0), "the BSP runs");
+        assert!(chip.needs_startup(1), "the AP waits for INIT/SIPI again");
+        assert_eq!(chip.next_entry(0, true).vector, None);
     }
 
     #[test]

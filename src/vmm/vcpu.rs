@@ -9,6 +9,7 @@ use super::control::Control;
 use super::diagnostics;
 use super::exit::StopReason;
 use super::user_irqchip::{EntryStep, UserIrqChip};
+use crate::arch::x86_64::boot::BootSetup;
 use crate::arch::x86_64::emulate::complete::COMPLETIONS;
 use crate::arch::x86_64::regs::{SegmentRegister, RFLAGS_IF};
 use crate::devices::bus::Bus;
@@ -31,6 +32,11 @@ pub struct VcpuContext {
     pub pins: Vec<Option<u32>>,
     /// The VMM's interrupt controllers (`XHYVE_IRQCHIP=user`); `None` with the hypervisor's.
     pub user_irqchip: Option<Arc<UserIrqChip>>,
+    /// The boot processor's entry registers, as the loader left them (a machine reset
+    /// loads the guest again and puts them back). Read only at a reset.
+    pub boot: Arc<std::sync::Mutex<BootSetup>>,
+    /// `-x`: LAPICs start in x2APIC mode (the boot MSRs say so).
+    pub x2apic: bool,
 }
 
 /// How often `XHYVE_LOG=xhyve::stats=trace` samples the hypervisor's emulation counter.
@@ -75,10 +81,12 @@ pub fn run(mut vcpu: Box<dyn Vcpu>, ctx: Arc<VcpuContext>) {
     let mut next_sample = STATS_SAMPLE_INTERVAL;
     let mut watch = HypercallWatch::default();
     let sampling = log::log_enabled!(target: "xhyve::stats", log::Level::Trace);
+    let mut seen_reset = ctx.control.reset_generation();
     while !ctx.control.is_stopping() {
-        // A machine pause: one atomic load per pass when none is asked for.
+        // A machine pause: one atomic load per pass when none is asked for. A machine reset
+        // happens in the park (the vCPU is this thread's to change).
         if ctx.control.pause_requested() {
-            ctx.control.park();
+            park(vcpu.as_mut(), &ctx, &mut seen_reset);
             continue;
         }
         if sampling && started.elapsed() >= next_sample {
@@ -93,9 +101,10 @@ pub fn run(mut vcpu: Box<dyn Vcpu>, ctx: Arc<VcpuContext>) {
         if let Some(chip) = &ctx.user_irqchip {
             step = prepare_user_entry(vcpu.as_mut(), chip, &ctx);
             // Woken from the VMM's HLT or SIPI wait during a pause: park before the guest
-            // runs (the entry is prepared; it runs as prepared after the resume).
-            if ctx.control.pause_requested() {
-                ctx.control.park();
+            // runs (the entry is prepared; it runs as prepared after the resume, unless a
+            // machine reset came meanwhile: the entry is then prepared again).
+            if ctx.control.pause_requested() && park(vcpu.as_mut(), &ctx, &mut seen_reset) {
+                continue;
             }
         }
         if let Err(reason) = step.and_then(|()| run_once(vcpu.as_mut(), &ctx, &mut watch)) {
@@ -107,6 +116,38 @@ pub fn run(mut vcpu: Box<dyn Vcpu>, ctx: Arc<VcpuContext>) {
     if let Some(count) = vcpu.emulated_instructions() {
         log::debug!("vCPU {id}: the hypervisor emulated {count} instructions");
     }
+}
+
+/// Parks the vCPU thread for a pause; applies a machine reset asked for meanwhile. Returns
+/// whether it did.
+fn park(vcpu: &mut dyn Vcpu, ctx: &VcpuContext, seen: &mut u64) -> bool {
+    ctx.control.park(seen, &mut || {
+        if let Err(e) = reset_vcpu(vcpu, ctx) {
+            let reason = fatal(vcpu, ctx, &format!("cannot reset the vCPU: {e}"));
+            ctx.control.stop(reason);
+            ctx.control.kick_all();
+        }
+    })
+}
+
+/// A machine reset, on the vCPU's own thread: the power-on state, then what start-up gave
+/// it: the boot registers for the BSP (an AP waits for INIT/SIPI) and the boot MSRs.
+fn reset_vcpu(vcpu: &mut dyn Vcpu, ctx: &VcpuContext) -> Result<(), crate::hv::HvError> {
+    let id = vcpu.id();
+    vcpu.reset()?;
+    if id == 0 {
+        let boot = *crate::devices::bus::lock(&ctx.boot);
+        vcpu.set_sregs(&boot.sregs)?;
+        vcpu.set_regs(&boot.regs)?;
+    }
+    vcpu.set_msrs(&crate::arch::x86_64::msrs::boot_msrs(id, ctx.x2apic))?;
+    if let Some(chip) = &ctx.user_irqchip {
+        // The guest TSC went on; the model's TSC-deadline reference follows it.
+        if let Ok((hz, now)) = vcpu.guest_tsc() {
+            chip.set_guest_tsc(id, hz, now);
+        }
+    }
+    Ok(())
 }
 
 /// User irqchip: (re)starts a vCPU through INIT/SIPI, then injects what it can take.

@@ -204,6 +204,7 @@ static const struct {
     { "poweroff", test_poweroff },
     { "reset", test_reset },
     { "reset-kbd", test_reset_kbd },
+    { "reset-api", test_reset_api },
     { "halt", test_halt },
     { "triplefault", test_triplefault },
     { "ports", test_ports },

@@ -37,5 +37,6 @@ u32 lm_ap_wait_count(u32 vector, u32 n);
 void test_blkbench(const struct mb_info *mbi);
 void test_x2apic(const struct mb_info *mbi);
 void test_usernet(const struct mb_info *mbi);
+void test_reset_api(const struct mb_info *mbi);
 
 #endif

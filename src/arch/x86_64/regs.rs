@@ -151,6 +151,60 @@ pub fn flat_segment(selector: u16, code: bool) -> SegmentRegister {
     }
 }
 
+/// CR0 after RESET: CD, NW and ET set (Intel SDM vol. 3, table 9-1).
+pub const CR0_POWER_ON: u64 = 0x6000_0010;
+
+/// The registers a processor has after RESET or INIT (Intel SDM vol. 3, table 9-1): real
+/// mode at F000:FFF0 with CS based at 0xFFFF0000, paging and protection off, EFER clear.
+/// `apic_base` is left 0 (the back ends then keep theirs; the boot MSRs set it).
+pub fn power_on_registers() -> (StandardRegisters, SpecialRegisters) {
+    let real = |selector: u16, base: u64, type_: u8| SegmentRegister {
+        base,
+        limit: 0xffff,
+        selector,
+        type_,
+        present: true,
+        s: true,
+        ..Default::default()
+    };
+    let system = |type_: u8| SegmentRegister {
+        limit: 0xffff,
+        type_,
+        present: true,
+        ..Default::default()
+    };
+    let data = real(0, 0, 0x3);
+    let sregs = SpecialRegisters {
+        cs: real(0xf000, 0xffff_0000, 0xb),
+        ds: data,
+        es: data,
+        fs: data,
+        gs: data,
+        ss: data,
+        // An LDT, and a busy 16-bit TSS, as the SDM gives them.
+        ldt: system(0x2),
+        tr: system(0x3),
+        gdt: DescriptorTable {
+            base: 0,
+            limit: 0xffff,
+        },
+        idt: DescriptorTable {
+            base: 0,
+            limit: 0xffff,
+        },
+        cr0: CR0_POWER_ON,
+        ..Default::default()
+    };
+    let regs = StandardRegisters {
+        rip: 0xfff0,
+        rflags: 0x2,
+        // The processor signature (family 6), as a real CPU leaves it.
+        rdx: 0x600,
+        ..Default::default()
+    };
+    (regs, sregs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

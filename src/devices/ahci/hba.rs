@@ -8,7 +8,7 @@
 //! through MSI when the guest enabled it, else INTx.
 
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use super::{AhciDrive, DriveKind, ATA_S_DRDY, ATA_S_DSC};
 use crate::block::{BlockBackend, IoWorker, SubmitError};
@@ -163,6 +163,9 @@ struct Controller {
     msi_sender: Arc<dyn MsiSender>,
     intx: Arc<dyn InterruptLine>,
     regs: Mutex<Registers>,
+    /// Signalled when the I/O thread finishes a command (`in_flight` back to `None`): a
+    /// machine reset waits on it.
+    idle: Condvar,
 }
 
 /// The AHCI controller with one drive on port 0.
@@ -241,6 +244,7 @@ impl AhciHba {
             msi_sender: resources.msi,
             intx: resources.intx,
             regs: Mutex::new(regs),
+            idle: Condvar::new(),
         });
         let worker = {
             let controller = controller.clone();
@@ -380,6 +384,7 @@ impl Controller {
             let outcome = drive.execute(&self.memory, list_base, slot as u8);
             let mut r = lock(&self.regs);
             r.in_flight = None;
+            self.idle.notify_all();
             if r.generation != generation {
                 // Stopped or reset while it ran: the guest no longer expects an answer.
                 if r.port.cmd & CMD_ST == 0 {
@@ -538,6 +543,31 @@ impl PciDevice for AhciHba {
 
     fn config_space_mut(&mut self) -> &mut ConfigSpace {
         &mut self.config
+    }
+
+    /// A machine reset: no new command starts, the one the I/O thread runs (if any)
+    /// finishes first (waited for on `idle`), then every register is as at power-on and
+    /// MSI is off with the rest of configuration space.
+    fn reset(&mut self, power_on: &ConfigSpace) {
+        let mut r = lock(&self.controller.regs);
+        r.port.cmd &= !CMD_ST;
+        r.port.ci = 0;
+        r.generation += 1;
+        while r.in_flight.is_some() {
+            r = match self.controller.idle.wait(r) {
+                Ok(r) => r,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+        }
+        r.ghc = GHC_AE;
+        r.is = 0;
+        r.port = Port::default();
+        r.reset_port();
+        r.msi = None;
+        r.intx_enabled = true;
+        self.controller.update_interrupt(&mut r, false);
+        drop(r);
+        self.config.copy_registers_from(power_on);
     }
 
     fn write_config(&mut self, offset: u16, data: &[u8]) {

@@ -60,6 +60,14 @@ pub trait PciDevice: Send {
         let _ = (bar, offset, data);
     }
 
+    /// A machine reset: the function goes back to its power-on state, its configuration
+    /// space to `power_on` (what start-up left: BARs at their assigned addresses, decoding
+    /// on). A function with threads stops them first, after the request in flight. The bus
+    /// remaps the BARs afterwards.
+    fn reset(&mut self, power_on: &ConfigSpace) {
+        self.config_space_mut().copy_registers_from(power_on);
+    }
+
     /// Offers the VMM's doorbell service, which can make a guest write ring a notifier
     /// without a VM exit. Functions without queue doorbells ignore it.
     fn attach_doorbells(&mut self, doorbells: Arc<dyn Doorbells>) {
@@ -176,6 +184,9 @@ pub struct PciBus {
     io_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
     mapped: Mutex<BTreeMap<PciAddress, MappedBars>>,
+    /// Each function's configuration space once placed (BARs assigned, decoding on): what
+    /// a machine reset restores.
+    power_on: Mutex<BTreeMap<PciAddress, ConfigSpace>>,
 }
 
 impl Default for PciBus {
@@ -198,6 +209,7 @@ impl PciBus {
             io_bus,
             mmio_bus,
             mapped: Mutex::new(BTreeMap::new()),
+            power_on: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -224,10 +236,43 @@ impl PciBus {
             place_bars(&mut placement, *addr, device)?;
         }
         *lock(&self.placement) = Some(placement);
-        for (addr, _) in devices {
+        for (addr, device) in devices {
+            self.record_power_on(addr, &device);
             self.update_mappings(addr);
         }
         Ok(())
+    }
+
+    fn record_power_on(&self, addr: PciAddress, device: &SharedPciDevice) {
+        let config = lock(device).config_space().clone();
+        lock(&self.power_on).insert(addr, config);
+    }
+
+    /// A machine reset: every function back to its power-on state and its configuration
+    /// space as start-up (or a later `add`) placed it, the buses remapped to match. Each
+    /// function's own reset waits for its threads; the caller has paused the vCPUs.
+    pub fn reset(&self) {
+        let devices: Vec<_> = self
+            .devices()
+            .iter()
+            .map(|(a, d)| (*a, d.clone()))
+            .collect();
+        let power_on = lock(&self.power_on).clone();
+        for (addr, device) in &devices {
+            match power_on.get(addr) {
+                Some(config) => lock(device).reset(config),
+                // Never placed (no allocate_bars yet): its own state is all it has.
+                None => {
+                    let config = lock(device).config_space().clone();
+                    lock(device).reset(&config);
+                }
+            }
+        }
+        for (addr, _) in &devices {
+            // The multi-function bit is the slot's, not in any one snapshot.
+            self.update_multifunction(addr.bus, addr.slot);
+            self.update_mappings(*addr);
+        }
     }
 
     /// Makes the buses match what the function at `addr` decodes now.
@@ -302,6 +347,9 @@ impl PciBus {
         }
         self.update_multifunction(addr.bus, addr.slot);
         if lock(&self.placement).is_some() {
+            if let Some(device) = self.get(addr) {
+                self.record_power_on(addr, &device);
+            }
             self.update_mappings(addr);
         }
         Ok(())
@@ -476,6 +524,44 @@ pub(crate) mod tests {
             mem32: (0xC000_0000, 0xE000_0000),
             mem64: (0x1_0000_0000, 0x9_0000_0000),
         }
+    }
+
+    #[test]
+    fn a_reset_puts_bars_and_command_back_where_start_up_left_them() {
+        let io = Arc::new(Bus::new());
+        let mmio = Arc::new(Bus::new());
+        let bus = PciBus::with_buses(io.clone(), mmio.clone());
+        bus.add(at(0, 3, 0), bar_device()).unwrap();
+        bus.allocate_bars(&windows()).unwrap();
+        let before: Vec<u32> = (0..0x40)
+            .step_by(4)
+            .map(|o| read32(&bus, at(0, 3, 0), o))
+            .collect();
+        // The guest turns decoding off, moves BAR 1 and sets the interrupt line.
+        bus.write_config(at(0, 3, 0), 4, &[0x00, 0x00]);
+        bus.write_config(at(0, 3, 0), 0x14, &0xD000_0000u32.to_le_bytes());
+        bus.write_config(at(0, 3, 0), 0x3C, &[9]);
+        bus.write_config(at(0, 3, 0), 4, &[0x03, 0x04]);
+        assert_eq!(read32(&bus, at(0, 3, 0), 0x14), 0xD000_0000);
+        let mut b = [0u8; 1];
+        assert!(mmio.read(0xD000_0010, &mut b));
+
+        bus.reset();
+        let after: Vec<u32> = (0..0x40)
+            .step_by(4)
+            .map(|o| read32(&bus, at(0, 3, 0), o))
+            .collect();
+        assert_eq!(before, after);
+        assert!(
+            !mmio.read(0xD000_0010, &mut b),
+            "the moved BAR left the bus"
+        );
+        assert!(
+            mmio.read(0xC000_0010, &mut b),
+            "BAR 1 is back at its start-up place"
+        );
+        assert!(io.read(0x2001, &mut b));
+        assert_eq!(bus.mapped_bars(at(0, 3, 0)).len(), 3);
     }
 
     #[test]

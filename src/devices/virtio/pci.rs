@@ -497,7 +497,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
         }
     }
 
-    fn reset(&mut self) {
+    fn device_reset(&mut self) {
         // First the device: it returns once its thread has stopped, so nothing touches the
         // queues or raises an interrupt after this.
         self.device.reset();
@@ -518,7 +518,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
 
     fn set_status(&mut self, value: u8) {
         if value == 0 {
-            self.reset();
+            self.device_reset();
             self.sync_doorbells();
             return;
         }
@@ -880,6 +880,23 @@ impl<D: VirtioDevice> PciDevice for VirtioPci<D> {
         self.sync_doorbells();
     }
 
+    /// What a driver's status 0 does (the device's thread stops after the request in
+    /// flight, queues and doorbells are released), plus what status 0 leaves alone and a
+    /// power cycle does not: the MSI-X table and PBA, and configuration space.
+    fn reset(&mut self, power_on: &ConfigSpace) {
+        self.device_reset();
+        self.config.copy_registers_from(power_on);
+        {
+            let mut signals = self.interrupt.lock();
+            let signals = &mut *signals;
+            signals.config.copy_registers_from(&self.config);
+            if let Some(msix) = signals.msix.as_mut() {
+                msix.reset();
+            }
+        }
+        self.sync_doorbells();
+    }
+
     fn attach_doorbells(&mut self, service: Arc<dyn Doorbells>) {
         self.doorbells = Some(DoorbellService {
             service,
@@ -1221,6 +1238,56 @@ mod tests {
             "event index suppressed it"
         );
         assert!(r.levels().is_empty(), "no INTx with MSI-X on");
+    }
+
+    #[test]
+    fn a_machine_reset_returns_the_function_to_power_on() {
+        let mut r = rig(false);
+        let service = Arc::new(RecordingDoorbells::default());
+        let config = r.dev.config_space_mut();
+        config.set_bar_address(LEGACY_BAR, 0xC000);
+        config.set_bar_address(MODERN_BAR, 0xE000_0000);
+        config.init(0x04, &0x0003u16.to_le_bytes());
+        let power_on = r.dev.config_space().clone();
+        r.dev.attach_doorbells(service.clone());
+        // A running driver: MSI-X on with vector 1 programmed, queue 0 live.
+        r.dev.write_bar(MSIX_BAR, 16, &0xFEE0_0000u64.to_le_bytes());
+        r.dev.write_bar(MSIX_BAR, 24, &0x61u32.to_le_bytes());
+        r.dev.write_bar(MSIX_BAR, 28, &0u32.to_le_bytes());
+        r.dev.write_config(0x42, &0x8000u16.to_le_bytes());
+        r.dev.write_config(0x04, &0x0407u16.to_le_bytes());
+        let mut ring = Ring::new(&r.mem, 0x4000, 16);
+        r.modern_setup(&ring, F_VERSION_1);
+        r.mem_w(0x1A, 1, 2);
+        ring.add_chain(&r.mem, &[(0x10000, 16, WRITE)]);
+        r.mem_w(NOTIFY_OFFSET, 0, 2);
+        wait_until("the entropy", || ring.used(&r.mem).len() == 1);
+        assert!(!service.active().is_empty());
+
+        PciDevice::reset(&mut r.dev, &power_on);
+        assert!(!r.dev.active, "the device's thread stopped");
+        assert!(service.active().is_empty(), "doorbells released");
+        assert_eq!(r.mem_r(0x14, 1), 0, "device status 0");
+        assert_eq!(r.mem_r(0x20, 4), 0, "queue 0 torn down");
+        assert_eq!(r.mem_r(0x1A, 2), u32::from(NO_VECTOR));
+        assert_eq!(r.dev.config_space().command(), 0x0003);
+        assert_eq!(r.dev.config_space().read_u16(0x42) & 0x8000, 0, "MSI-X off");
+        let entry: Vec<u32> = (0..4)
+            .map(|i| {
+                let mut d = [0u8; 4];
+                r.dev.read_bar(MSIX_BAR, 16 + 4 * i, &mut d);
+                u32::from_le_bytes(d)
+            })
+            .collect();
+        assert_eq!(entry, vec![0, 0, 0, 1], "vector 1 clear and masked");
+        assert!(!r.dev.interrupt.msix_enabled());
+
+        // A driver brings it up again from scratch, and it serves.
+        let mut ring = Ring::new(&r.mem, 0x8000, 16);
+        r.modern_setup(&ring, F_VERSION_1);
+        ring.add_chain(&r.mem, &[(0x10000, 16, WRITE)]);
+        r.mem_w(NOTIFY_OFFSET, 0, 2);
+        wait_until("entropy after the reset", || ring.used(&r.mem).len() == 1);
     }
 
     #[test]

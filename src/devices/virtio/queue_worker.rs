@@ -222,4 +222,10 @@ impl DeviceHandle for PauseHandle {
     fn resume(&mut self) {
         self.0.resume();
     }
+    /// Quiet for a machine reset: the loop finishes the request it runs and stops at its
+    /// pause point (`LoopControl::pause` waits on the loop's acknowledgement). The transport's
+    /// reset then ends the loop and releases the queues.
+    fn reset(&mut self) {
+        self.0.pause();
+    }
 }

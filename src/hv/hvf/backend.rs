@@ -266,6 +266,14 @@ impl Drop for Live {
     }
 }
 
+/// Bytes of the XSAVE image written at a machine reset: the legacy area, the header, and
+/// room for AVX's component; the framework takes an image as large as the guest's XSAVE.
+const FP_STATE_BYTES: usize = 4096;
+
+/// An XSAVE image, aligned as the instruction requires.
+#[repr(C, align(64))]
+struct FpState([u8; FP_STATE_BYTES]);
+
 pub struct HvfVcpu {
     id: u8,
     ram: SharedRam,
@@ -432,6 +440,40 @@ impl Vcpu for HvfVcpu {
         }
         self.setup.cpuid = entries.to_vec();
         Ok(())
+    }
+
+    fn reset(&mut self) -> Result<(), HvError> {
+        let Some(live) = &mut self.live else {
+            // Not created yet: it will be born in its power-on state; only what the VMM
+            // queued for it goes (the caller sets the boot state again).
+            self.setup.regs = None;
+            self.setup.sregs = None;
+            self.setup.msrs.clear();
+            return Ok(());
+        };
+        live.vmx.power_on_reset()?;
+        // x87/SSE/AVX in their initial state. The framework's own image is read first, so
+        // that its size and format (XCOMP_BV) stay as it gave them; then the legacy area is
+        // what FNINIT leaves (FCW 0x37F, MXCSR 0x1F80, registers zero; MXCSR_MASK kept),
+        // XSTATE_BV names only x87 and SSE (taken from that area), and every other
+        // component is dropped to its init value.
+        let mut image = FpState([0; FP_STATE_BYTES]);
+        // SAFETY: the buffer is FP_STATE_BYTES long, 64-byte aligned as XSAVE requires, and
+        // outlives the call, which writes at most that many bytes; the vCPU is this thread's.
+        check("hv_vcpu_read_fpstate", unsafe {
+            hv_vcpu_read_fpstate(live.vcpu, image.0.as_mut_ptr().cast(), image.0.len())
+        })?;
+        let mxcsr_mask: [u8; 4] = [image.0[28], image.0[29], image.0[30], image.0[31]];
+        image.0[..512].fill(0);
+        image.0[0..2].copy_from_slice(&0x037fu16.to_le_bytes());
+        image.0[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
+        image.0[28..32].copy_from_slice(&mxcsr_mask);
+        image.0[512..520].copy_from_slice(&0x3u64.to_le_bytes());
+        image.0[576..].fill(0);
+        // SAFETY: as above; the call only reads the buffer.
+        check("hv_vcpu_write_fpstate", unsafe {
+            hv_vcpu_write_fpstate(live.vcpu, image.0.as_ptr().cast(), image.0.len())
+        })
     }
 
     fn set_msrs(&mut self, msrs: &[(u32, u64)]) -> Result<(), HvError> {

@@ -382,6 +382,31 @@ impl<V: Vmcs> VmxVcpu<V> {
         self.run_state
     }
 
+    /// A machine reset: the power-on registers and VMCS guest state, as `new` leaves them,
+    /// with nothing pending, queued or half-done (an I/O or MMIO exit the VMM never
+    /// answered is dropped), both windows closed, the APIC base and CR8 at their defaults,
+    /// and an AP waiting for its start-up again.
+    pub fn power_on_reset(&mut self) -> Result<(), HvError> {
+        let bsp = self.config.vcpu_id == 0;
+        self.run_state = if bsp {
+            RunState::Running
+        } else {
+            RunState::WaitingForSipi
+        };
+        self.pending = Pending::None;
+        self.exception = None;
+        self.interrupt = None;
+        self.nmi = false;
+        self.irq_window_wanted = false;
+        self.set_windows(false, false)?;
+        self.msr_value = 0;
+        self.msr_fault = 0;
+        self.apic_base = APIC_BASE_DEFAULT | if bsp { APIC_BASE_BSP } else { 0 };
+        self.cr8 = 0;
+        self.emulation_error = None;
+        self.reset()
+    }
+
     /// The power-on state (Intel SDM vol. 3, table 9-1), with xhyve's CR shadows.
     fn reset(&mut self) -> Result<(), HvError> {
         let v = &mut self.vmcs;
@@ -2398,6 +2423,47 @@ mod tests {
         ap.set_sregs(&sregs).unwrap();
         assert_eq!(ap.run_state(), RunState::Running);
         assert_eq!(ap.sregs().unwrap().cs.base, 0x99000);
+    }
+
+    #[test]
+    fn a_machine_reset_returns_to_the_power_on_state() {
+        let fresh = VmxVcpu::new(VmcsModel::new(), config()).unwrap();
+        let mut v = VmxVcpu::new(VmcsModel::new(), config()).unwrap();
+        let mut sregs = v.sregs().unwrap();
+        sregs.cs = crate::arch::x86_64::regs::flat_segment(0x10, true);
+        sregs.cr0 |= 1;
+        v.set_sregs(&sregs).unwrap();
+        v.set_regs(&StandardRegisters {
+            rip: 0x10_0000,
+            rax: 7,
+            rflags: RFLAGS_RESERVED,
+            ..Default::default()
+        })
+        .unwrap();
+        v.request_interrupt_window(true);
+        v.inject_nmi().unwrap();
+        v.power_on_reset().unwrap();
+        assert_eq!(v.sregs().unwrap(), fresh.sregs().unwrap());
+        assert_eq!(v.regs().unwrap(), fresh.regs().unwrap());
+        assert!(!v.nmi && !v.irq_window_wanted);
+        assert_eq!(v.run_state(), RunState::Running);
+
+        let mut ap = vcpu_with(VmxConfig {
+            vcpu_id: 1,
+            ..config()
+        });
+        let mut sregs = ap.sregs().unwrap();
+        sregs.cs.selector = 0x9900;
+        sregs.cs.base = 0x99000;
+        ap.set_sregs(&sregs).unwrap();
+        assert_eq!(ap.run_state(), RunState::Running);
+        ap.power_on_reset().unwrap();
+        assert_eq!(
+            ap.run_state(),
+            RunState::WaitingForSipi,
+            "the AP waits for SIPI again"
+        );
+        assert_eq!(ap.sregs().unwrap().cs.base, 0xffff_0000);
     }
 
     #[test]

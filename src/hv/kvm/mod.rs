@@ -108,7 +108,7 @@ impl Kvm {
             .map_err(ioctl_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
         fd.set_tss_address(KVM_TSS_ADDR)
             .map_err(ioctl_err("KVM_SET_TSS_ADDR"))?;
-        match options.irqchip {
+        let power_on_chips = match options.irqchip {
             IrqChipMode::Kernel => {
                 fd.create_irq_chip()
                     .map_err(ioctl_err("KVM_CREATE_IRQCHIP"))?;
@@ -117,10 +117,11 @@ impl Kvm {
                     ..Default::default()
                 };
                 fd.create_pit2(pit).map_err(ioctl_err("KVM_CREATE_PIT2"))?;
+                Some(PowerOnChips::read(&fd)?)
             }
             // LAPIC, IOAPIC, PIC and PIT accesses exit to the VMM; HLT exits too.
-            IrqChipMode::User => {}
-        }
+            IrqChipMode::User => None,
+        };
         let user_msrs = fd.check_extension_raw(u64::from(KVM_CAP_X86_USER_SPACE_MSR)) > 0;
         if options.user_msr_exits && !user_msrs {
             return Err(HvError::MissingCapability("KVM_CAP_X86_USER_SPACE_MSR"));
@@ -154,6 +155,7 @@ impl Kvm {
         }
         let vm = KvmVm {
             fd,
+            power_on_chips,
             irqchip: options.irqchip,
             lapic_msr_exits,
             routes: Mutex::new(GsiRoutes::default()),
@@ -187,8 +189,30 @@ fn install_lapic_msr_filter(fd: &VmFd) -> Result<(), HvError> {
         .map_err(ioctl_err("KVM_X86_SET_MSR_FILTER"))
 }
 
+/// The in-kernel 8259 pair, IOAPIC and PIT as KVM creates them: a machine reset puts them
+/// back (KVM has no reset of its own for them).
+struct PowerOnChips {
+    /// PIC master, PIC slave, IOAPIC (KVM_IRQCHIP_PIC_MASTER, _SLAVE, _IOAPIC).
+    chips: [kvm_bindings::kvm_irqchip; 3],
+    pit: kvm_bindings::kvm_pit_state2,
+}
+
+impl PowerOnChips {
+    fn read(fd: &VmFd) -> Result<Self, HvError> {
+        let mut chips: [kvm_bindings::kvm_irqchip; 3] = Default::default();
+        for (id, chip) in chips.iter_mut().enumerate() {
+            chip.chip_id = id as u32;
+            fd.get_irqchip(chip).map_err(ioctl_err("KVM_GET_IRQCHIP"))?;
+        }
+        let pit = fd.get_pit2().map_err(ioctl_err("KVM_GET_PIT2"))?;
+        Ok(PowerOnChips { chips, pit })
+    }
+}
+
 pub struct KvmVm {
     fd: VmFd,
+    /// With the in-kernel irqchip: its state at creation.
+    power_on_chips: Option<PowerOnChips>,
     irqchip: IrqChipMode,
     /// User mode with the LAPIC's MSRs exiting to the VMM (x2APIC and TSC-deadline served).
     lapic_msr_exits: bool,
@@ -227,18 +251,37 @@ impl Vm for KvmVm {
         let hide_lapic_msr_features = self.irqchip == IrqChipMode::User && !self.lapic_msr_exits;
         let completion = complete::CompletionBuffers::new().map_err(HvError::MissingCapability)?;
         let emulated = stats::StatCounter::open(&fd, "insn_emulation");
-        let vcpu = KvmVcpu {
+        let mut vcpu = KvmVcpu {
             fd,
             id,
             hide_lapic_msr_features,
             completion,
             emulated,
+            power_on_lapic: None,
         };
         vcpu.init_fpu()?;
         if self.irqchip == IrqChipMode::Kernel {
             vcpu.init_lapic_lints()?;
+            vcpu.power_on_lapic = Some(Box::new(
+                vcpu.fd.get_lapic().map_err(ioctl_err("KVM_GET_LAPIC"))?,
+            ));
         }
         Ok(Box::new(vcpu))
+    }
+
+    fn reset_irqchip(&self) -> Result<(), HvError> {
+        let Some(power_on) = &self.power_on_chips else {
+            return Ok(());
+        };
+        for chip in &power_on.chips {
+            self.fd
+                .set_irqchip(chip)
+                .map_err(ioctl_err("KVM_SET_IRQCHIP"))?;
+        }
+        // KVM reloads each channel's count from the state, so the PIT starts unprogrammed.
+        self.fd
+            .set_pit2(&power_on.pit)
+            .map_err(ioctl_err("KVM_SET_PIT2"))
     }
 
     fn set_irq_line(&self, gsi: u32, level: bool) -> Result<(), HvError> {
@@ -395,6 +438,8 @@ pub struct KvmVcpu {
     completion: complete::CompletionBuffers,
     /// KVM's count of instructions it emulated for this vCPU, where it keeps statistics.
     emulated: Option<stats::StatCounter>,
+    /// With the in-kernel irqchip: the LAPIC as created (virtual wire), for a machine reset.
+    power_on_lapic: Option<Box<kvm_bindings::kvm_lapic_state>>,
 }
 
 /// CPUID.1:ECX bits of features served through LAPIC MSRs.
@@ -407,6 +452,25 @@ const APIC_LVT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 const MSR_IA32_TSC: u32 = 0x10;
+const MSR_IA32_APIC_BASE: u32 = 0x1b;
+const MSR_IA32_PAT: u32 = 0x277;
+/// IA32_PAT after RESET: WB, WT, UC-, UC, twice.
+const PAT_POWER_ON: u64 = 0x0007_0406_0007_0406;
+/// IA32_APIC_BASE after RESET: enabled, xAPIC, at 0xFEE00000 (BSP flag added for vCPU 0).
+const APIC_BASE_POWER_ON: u64 = 0xfee0_0800;
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+/// KVM's paravirtual MSRs that make KVM write guest memory (kvmclock, the old and the new
+/// number; async page faults; steal time; PV EOI): a reset turns them off, or KVM would go
+/// on writing at addresses the old run chose.
+const KVM_PV_MEMORY_MSRS: [u32; 6] = [
+    0x11,
+    0x12,
+    0x4b56_4d00,
+    0x4b56_4d01,
+    0x4b56_4d02,
+    0x4b56_4d03,
+];
+const MSR_KVM_PV_EOI_EN: u32 = 0x4b56_4d04;
 
 impl KvmVcpu {
     fn init_fpu(&self) -> Result<(), HvError> {
@@ -548,6 +612,78 @@ impl Vcpu for KvmVcpu {
         self.fd
             .set_cpuid2(&cpuid)
             .map_err(ioctl_err("KVM_SET_CPUID2"))
+    }
+
+    fn reset(&mut self) -> Result<(), HvError> {
+        self.finish_pending_exit()?;
+        let (regs, sregs) = crate::arch::x86_64::regs::power_on_registers();
+        // Nothing pending or being injected: an exception, interrupt or NMI of the old run
+        // must not reach the new one.
+        let events = kvm_bindings::kvm_vcpu_events {
+            flags: kvm_bindings::KVM_VCPUEVENT_VALID_NMI_PENDING,
+            ..Default::default()
+        };
+        self.fd
+            .set_vcpu_events(&events)
+            .map_err(ioctl_err("KVM_SET_VCPU_EVENTS"))?;
+        self.set_sregs(&sregs)?;
+        self.set_regs(&regs)?;
+        // Every XSAVE component in its initial state (XSTATE_BV 0), XCR0 back to x87 only,
+        // then the x87/SSE control words FNINIT leaves.
+        let xsave = kvm_bindings::kvm_xsave::default();
+        // SAFETY: a whole zeroed kvm_xsave; without KVM_CAP_XSAVE2 the kernel reads exactly
+        // its 4096-byte region, and a zero header (standard format, nothing present) is valid.
+        unsafe { self.fd.set_xsave(&xsave) }.map_err(ioctl_err("KVM_SET_XSAVE"))?;
+        let mut xcrs = kvm_bindings::kvm_xcrs {
+            nr_xcrs: 1,
+            ..Default::default()
+        };
+        xcrs.xcrs[0].xcr = 0;
+        xcrs.xcrs[0].value = 1;
+        self.fd.set_xcrs(&xcrs).map_err(ioctl_err("KVM_SET_XCRS"))?;
+        self.init_fpu()?;
+        let debug = kvm_bindings::kvm_debugregs {
+            dr6: 0xffff_0ff0,
+            dr7: 0x400,
+            ..Default::default()
+        };
+        self.fd
+            .set_debug_regs(&debug)
+            .map_err(ioctl_err("KVM_SET_DEBUGREGS"))?;
+        let bsp = if self.id == 0 { 1 << 8 } else { 0 };
+        // xAPIC mode before the LAPIC state, which KVM reads in the mode the base names.
+        self.set_msrs(&[
+            (MSR_IA32_APIC_BASE, APIC_BASE_POWER_ON | bsp),
+            (MSR_IA32_PAT, PAT_POWER_ON),
+        ])?;
+        // One at a time, and a refusal is no error: KVM refuses an MSR it does not offer,
+        // which the guest then cannot have turned on either.
+        for msr in KVM_PV_MEMORY_MSRS.into_iter().chain([MSR_KVM_PV_EOI_EN]) {
+            if let Err(e) = self.set_msrs(&[(msr, 0)]) {
+                log::trace!("vCPU {}: MSR {msr:#x} not reset: {e}", self.id);
+            }
+        }
+        if self.power_on_lapic.is_some() {
+            // KVM's LAPIC keeps the TSC-deadline apart from its registers.
+            self.set_msrs(&[(MSR_IA32_TSC_DEADLINE, 0)])?;
+        }
+        if let Some(lapic) = &self.power_on_lapic {
+            self.fd
+                .set_lapic(lapic)
+                .map_err(ioctl_err("KVM_SET_LAPIC"))?;
+            // KVM runs INIT/SIPI itself here: an AP waits for them, as at creation.
+            let mp_state = kvm_bindings::kvm_mp_state {
+                mp_state: if self.id == 0 {
+                    kvm_bindings::KVM_MP_STATE_RUNNABLE
+                } else {
+                    KVM_MP_STATE_UNINITIALIZED
+                },
+            };
+            self.fd
+                .set_mp_state(mp_state)
+                .map_err(ioctl_err("KVM_SET_MP_STATE"))?;
+        }
+        Ok(())
     }
 
     fn set_msrs(&mut self, msrs: &[(u32, u64)]) -> Result<(), HvError> {
@@ -709,6 +845,33 @@ impl Vcpu for KvmVcpu {
 }
 
 impl KvmVcpu {
+    /// KVM finishes an instruction that exited for port or MMIO I/O only at the next
+    /// KVM_RUN (KVM's API documentation: re-enter with `immediate_exit` set before changing
+    /// the state), and would then write the old instruction's result and RIP over a state
+    /// set meanwhile. Entering with `immediate_exit` completes it and returns at once,
+    /// without running the guest. A completion that exits again (a split MMIO access) is
+    /// answered with all ones: the reset discards what it computes.
+    fn finish_pending_exit(&mut self) -> Result<(), HvError> {
+        self.fd.set_kvm_immediate_exit(1);
+        let mut result = Err(HvError::MissingCapability("a vCPU that stops exiting"));
+        for _ in 0..8 {
+            match self.fd.run() {
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    result = Ok(());
+                    break;
+                }
+                Err(e) => {
+                    result = Err(ioctl_err("KVM_RUN")(e));
+                    break;
+                }
+                Ok(VcpuExit::IoIn(_, data)) | Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
+                Ok(_) => {}
+            }
+        }
+        self.fd.set_kvm_immediate_exit(0);
+        result
+    }
+
     /// Queues `exception` for the next entry, RIP still at the instruction that raised it.
     fn inject_exception(&mut self, exception: Exception) -> Result<(), CompleteError> {
         let mut events = self
@@ -1070,6 +1233,124 @@ mod tests {
         }
         assert_eq!(seen, b"abcdef");
         assert_eq!(vcpu.regs().unwrap().rip, 0x1013);
+    }
+
+    /// A machine reset of KVM's in-kernel IOAPIC and PIT (as read at creation), and of a
+    /// vCPU: power-on registers; the BSP runnable, an AP waiting for INIT/SIPI.
+    #[test]
+    fn a_reset_puts_the_in_kernel_chips_and_the_vcpus_at_power_on() {
+        let Some(kvm) = kvm_or_skip() else {
+            return;
+        };
+        let options = VmOptions {
+            vcpus: 2,
+            irqchip: IrqChipMode::Kernel,
+            user_msr_exits: false,
+            pause_exits: false,
+        };
+        let vm = kvm.create_kvm_vm(&options).unwrap();
+        let ioapic_rte4 = |vm: &KvmVm| {
+            let mut chip = kvm_bindings::kvm_irqchip {
+                chip_id: kvm_bindings::KVM_IRQCHIP_IOAPIC,
+                ..Default::default()
+            };
+            vm.fd.get_irqchip(&mut chip).unwrap();
+            // SAFETY: chip_id names the IOAPIC, so the union holds its state.
+            unsafe { chip.chip.ioapic.redirtbl[4].bits }
+        };
+        let fresh_rte = ioapic_rte4(&vm);
+        let mut chip = kvm_bindings::kvm_irqchip {
+            chip_id: kvm_bindings::KVM_IRQCHIP_IOAPIC,
+            ..Default::default()
+        };
+        vm.fd.get_irqchip(&mut chip).unwrap();
+        // SAFETY: as above; pin 4 unmasked to vector 0x34.
+        unsafe { chip.chip.ioapic.redirtbl[4].bits = 0x34 };
+        vm.fd.set_irqchip(&chip).unwrap();
+        let mut pit = vm.fd.get_pit2().unwrap();
+        let fresh_mode = pit.channels[0].mode;
+        pit.channels[0].mode = 2;
+        pit.channels[0].count = 1193;
+        vm.fd.set_pit2(&pit).unwrap();
+        assert_eq!(ioapic_rte4(&vm), 0x34);
+
+        vm.reset_irqchip().unwrap();
+        assert_eq!(ioapic_rte4(&vm), fresh_rte, "pin 4 as created");
+        let pit = vm.fd.get_pit2().unwrap();
+        assert_eq!(pit.channels[0].mode, fresh_mode, "PIT as created");
+
+        let (power_regs, power_sregs) = crate::arch::x86_64::regs::power_on_registers();
+        for id in 0..2 {
+            let mut vcpu = vm.create_vcpu(id).unwrap();
+            let mut sregs = vcpu.sregs().unwrap();
+            sregs.cs = crate::arch::x86_64::regs::flat_segment(0x10, true);
+            sregs.cr0 = 0x11;
+            vcpu.set_sregs(&sregs).unwrap();
+            vcpu.set_regs(&StandardRegisters {
+                rip: 0x1234,
+                rax: 5,
+                rflags: 2,
+                ..Default::default()
+            })
+            .unwrap();
+            vcpu.reset().unwrap();
+            assert_eq!(vcpu.regs().unwrap(), power_regs);
+            let sregs = vcpu.sregs().unwrap();
+            assert_eq!((sregs.cs.selector, sregs.cs.base), (0xf000, 0xffff_0000));
+            assert_eq!(sregs.cr0 & 0xffff_ffff, power_sregs.cr0);
+            assert_eq!(sregs.efer, 0);
+            assert_eq!(sregs.apic_base & !0xfff, 0xfee0_0000);
+            let state = vcpu.run_state().unwrap();
+            if id == 0 {
+                assert_eq!(state, RunState::Running);
+            } else {
+                assert_eq!(
+                    state,
+                    RunState::WaitingForSipi,
+                    "the AP waits for INIT/SIPI"
+                );
+            }
+        }
+    }
+
+    /// A reset that lands between an MMIO read exit and the KVM_RUN that would finish it:
+    /// the old instruction must not complete over the new state (it would set RIP past
+    /// itself and run on in the old code, whose next instruction writes port 0x81).
+    #[test]
+    fn a_reset_after_an_mmio_exit_does_not_finish_the_old_instruction() {
+        let Some((_kvm, vm, mem)) = real_mode_vm() else {
+            return;
+        };
+        // mov ax,0xffff; mov ds,ax; mov al,[0x10] (linear 0x100000, past RAM: MMIO);
+        // out 0x81,al
+        let old = [0xb8, 0xff, 0xff, 0x8e, 0xd8, 0xa0, 0x10, 0x00, 0xe6, 0x81];
+        mem.write_slice(&old, GuestAddress(0x1000)).unwrap();
+        // The new code: out 0x80,al
+        mem.write_slice(&[0xe6, 0x80], GuestAddress(0x2000))
+            .unwrap();
+        let mut vcpu = start_real_mode_vcpu(vm.as_ref(), 0x1000);
+        match vcpu.run().unwrap() {
+            VmExit::MmioRead {
+                addr: 0x10_0000,
+                data,
+            } => data.fill(0x42),
+            other => panic!("unexpected exit {other:?}"),
+        }
+        vcpu.reset().unwrap();
+        let mut sregs = vcpu.sregs().unwrap();
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        vcpu.set_sregs(&sregs).unwrap();
+        vcpu.set_regs(&StandardRegisters {
+            rip: 0x2000,
+            rflags: 2,
+            ..Default::default()
+        })
+        .unwrap();
+        match vcpu.run().unwrap() {
+            VmExit::IoOut { port, .. } => assert_eq!(port, 0x80, "the old code ran on"),
+            other => panic!("unexpected exit {other:?}"),
+        }
     }
 
     #[test]

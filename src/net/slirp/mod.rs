@@ -157,6 +157,13 @@ impl DeviceHandle for UserNetHandle {
         self.inner.resume();
     }
 
+    /// The device's thread goes quiet; the stack (the host side's NAT, DHCP server and port
+    /// forwards) keeps running, as a home router does when a PC behind it resets: the
+    /// guest's old connections time out there.
+    fn reset(&mut self) {
+        self.inner.reset();
+    }
+
     fn shutdown(&mut self) {
         self.inner.shutdown();
         self.stack.take();

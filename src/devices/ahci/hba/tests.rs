@@ -434,3 +434,52 @@ fn several_slots_issued_at_once_all_complete() {
     r.w(P + px::CI, 1);
     assert_eq!(r.r(P + px::CI), 0);
 }
+
+#[test]
+fn a_machine_reset_puts_every_register_back_and_lowers_intx() {
+    let image = pattern(64 * 512);
+    let mut r = rig(DriveKind::Disk, image);
+    let power_on = r.hba.config_space().clone();
+    let fresh: Vec<u32> = [
+        ghc::GHC,
+        ghc::IS,
+        P + px::CMD,
+        P + px::IS,
+        P + px::IE,
+        P + px::TFD,
+    ]
+    .iter()
+    .map(|&o| r.r(o))
+    .collect();
+    r.hba.write_config(0x04, &0x0406u16.to_le_bytes());
+    r.start();
+    r.w(P + px::IS, 0xFFFF_FFFF);
+    r.w(ghc::IS, 1);
+    r.hba.write_config(0x04, &0x0006u16.to_le_bytes());
+    r.command(0, 0xC8, 5, 2, (DATA, 1024));
+    r.issue(1, 0);
+    assert_eq!(r.levels().last(), Some(&true), "a completion raised INTx");
+
+    PciDevice::reset(&mut r.hba, &power_on);
+    let after: Vec<u32> = [
+        ghc::GHC,
+        ghc::IS,
+        P + px::CMD,
+        P + px::IS,
+        P + px::IE,
+        P + px::TFD,
+    ]
+    .iter()
+    .map(|&o| r.r(o))
+    .collect();
+    assert_eq!(after, fresh);
+    assert_eq!(r.r(P + px::CLB), 0);
+    assert_eq!(r.r(P + px::FB), 0);
+    assert_eq!(r.levels().last(), Some(&false), "INTx lowered");
+    assert_eq!(r.hba.config_space().command(), power_on.command());
+
+    // A driver starts over and the drive answers.
+    r.start();
+    r.command(1, 0xC8, 5, 2, (DATA, 1024));
+    r.issue(1 << 1, 0);
+}
