@@ -136,7 +136,6 @@ impl AcpiPm {
         self.control & PM1_SCI_EN != 0
     }
 
-    /// Whether the guest enabled ACPI (SCI_EN), so that it would see the power button.
     /// Power-on: no status, no enables, ACPI off (SCI_EN clear), the SCI low. The PM timer
     /// keeps counting, as it does across a PC's reset.
     pub fn power_on_reset(&mut self) {
@@ -146,6 +145,7 @@ impl AcpiPm {
         self.update_sci();
     }
 
+    /// Whether the guest enabled ACPI (SCI_EN), so that it would see the power button.
     pub fn acpi_enabled(&self) -> bool {
         self.control & PM1_SCI_EN != 0
     }
