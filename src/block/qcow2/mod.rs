@@ -266,6 +266,7 @@ impl<S: Storage + 'static> Qcow2Image<S> {
             map: mapcache::MappingCache::new(
                 layout.cluster_size.trailing_zeros(),
                 options.l2_cache_size.unwrap_or(mapcache::DEFAULT_SIZE),
+                size,
             ),
             direct,
             _locks: locks,
