@@ -11,9 +11,11 @@
 //!   handed to imago;
 //! - the backing chain is opened from the header's backing file name and backing format
 //!   extension, never by probing (see [`backing`]);
-//! - writes to the L1 and refcount tables are held back until a flush ([`ordered`]), and a
-//!   guest flush is `fsync` (data), refcount blocks, L2 tables, `fsync`, L1/refcount table
-//!   entries, `fsync`: a crash or `kill -9` leaves leaks at worst, never corruption;
+//! - metadata writes are ordered ([`ordered`]): L1 and refcount table entries held back
+//!   until what they point at is durable, an `fsync` between refcount-block writes and the
+//!   L2 writes that depend on them (and back, when freeing), and a guest flush is `fsync`
+//!   (data), refcount blocks, `fsync`, L2 tables, `fsync`, L1/refcount table entries,
+//!   `fsync`: a crash, `kill -9` or power loss leaves leaks at worst, never corruption;
 //! - discard and write-zeroes punch holes where the clusters they free were;
 //! - guest offsets are checked against the disk size before imago sees them;
 //! - a writable image's header, tables and refcounts are checked at open ([`check`]): imago
@@ -551,11 +553,10 @@ impl<S: Storage + 'static> BlockBackend for Qcow2Image<S> {
 
     /// Data first, then metadata, in QEMU's order: `fsync` makes every written cluster's
     /// contents durable; imago writes back its cached refcount blocks, then the L2 tables
-    /// that point at newly counted clusters; [`OrderedStorage`] then `fsync`s and writes the
-    /// L1 and refcount table entries it held back, which make new tables reachable; a last
-    /// `fsync` makes those durable. A crash at any point loses unflushed writes and leaks
-    /// clusters at worst. (One gap against power loss, not against a killed process: imago
-    /// writes its refcount blocks and L2 tables without an `fsync` between them.)
+    /// that point at newly counted clusters ([`OrderedStorage`] `fsync`s between the two);
+    /// [`OrderedStorage`] then `fsync`s and writes the L1 and refcount table entries it held
+    /// back, which make new tables reachable; a last `fsync` makes those durable. A crash or
+    /// power loss at any point loses unflushed writes and leaks clusters at worst.
     fn flush(&self) -> Result<(), BlockError> {
         if self.read_only {
             return Ok(());
