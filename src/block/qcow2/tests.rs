@@ -583,7 +583,11 @@ fn a_one_table_mapping_cache_reads_and_writes_right() {
     check_clean(&path);
     read_all(&open(&path, ",ro,l2-cache-size=1M").unwrap());
     // The 32M default would be 8192 tables; a 64 MiB disk has only 32 to map.
-    assert_eq!(open(&path, "").unwrap().map.capacity(), 32, "one table per span");
+    assert_eq!(
+        open(&path, "").unwrap().map.capacity(),
+        32,
+        "one table per span"
+    );
 }
 
 /// What reached the file under [`OrderedStorage`], in order.
