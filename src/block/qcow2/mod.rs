@@ -42,6 +42,7 @@ use imago::{FormatAccess, Storage, StorageOpenOptions};
 pub use ordered::OrderedStorage;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use vm_memory::bitmap::Bitmap;
 use vm_memory::VolatileSlice;
@@ -103,6 +104,10 @@ pub struct Qcow2Image<S: Storage + 'static = ImageFile> {
     punch: Option<std::fs::File>,
     /// Guest-to-host mappings of plain data clusters (`l2-cache-size=`).
     map: mapcache::MappingCache,
+    /// Odd while a discard or write-zeroes may free clusters; bumped twice by each. A read
+    /// through the mapping cache takes no lock: it checks this before and after, and goes
+    /// through imago (under the lock) if a free overlapped it.
+    freeing: AtomicU64,
     /// The image file as the mapping cache's requests reach it.
     direct: Box<dyn DirectIo>,
     /// `flock`s on the image and its backing files, held while the image is open.
@@ -270,9 +275,26 @@ impl<S: Storage + 'static> Qcow2Image<S> {
                 options.l2_cache_size.unwrap_or(mapcache::DEFAULT_SIZE),
                 size,
             ),
+            freeing: AtomicU64::new(0),
             direct,
             _locks: locks,
         })
+    }
+
+    /// A read of plain data through the mapping cache without the lock; false (and `buf`
+    /// perhaps written) if it must go through imago instead.
+    fn read_unlocked(&self, offset: u64, buf: &VolatileSlice<'_>) -> Result<bool, BlockError> {
+        let before = self.freeing.load(Ordering::Acquire);
+        if before & 1 != 0 {
+            return Ok(false);
+        }
+        let mapcache::Lookup::Plain { host, .. } = self.map.lookup(offset, buf.len() as u64) else {
+            return Ok(false);
+        };
+        self.direct.read_to(host, buf)?;
+        // No free began since `before`, so the cluster read was still this guest cluster's.
+        fence(Ordering::SeqCst);
+        Ok(self.freeing.load(Ordering::Relaxed) == before)
     }
 
     /// Reads into a plain buffer (tests, benchmarks, fuzzing).
@@ -368,6 +390,7 @@ impl<S: Storage + 'static> Qcow2Image<S> {
             return self.write_zero_bytes(offset, len);
         }
         let mut access = self.exclusive();
+        let _freeing = Freeing::begin(&self.freeing);
         self.map.forget(offset, len);
         let holes = self.sole_host_clusters(&access, offset, len)?;
         access.discard_to_zero(offset, len)?;
@@ -440,6 +463,22 @@ impl<S: Storage + 'static> Qcow2Image<S> {
         self.map.forget(start, end - start);
         drop(access);
         self.after_write()
+    }
+}
+
+/// Keeps [`Qcow2Image::freeing`] odd while it lives.
+struct Freeing<'a>(&'a AtomicU64);
+
+impl<'a> Freeing<'a> {
+    fn begin(count: &'a AtomicU64) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Freeing(count)
+    }
+}
+
+impl Drop for Freeing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::Release);
     }
 }
 
@@ -519,6 +558,10 @@ impl<S: Storage + 'static> BlockBackend for Qcow2Image<S> {
         check_range(offset, len as u64, self.size)?;
         // imago asserts that a vector is empty exactly when it has no buffers.
         if len == 0 {
+            return Ok(());
+        }
+        if self.read_unlocked(offset, buf)? {
+            buf.bitmap().mark_dirty(0, len);
             return Ok(());
         }
         let access = self.shared();

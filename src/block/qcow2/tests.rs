@@ -801,3 +801,78 @@ fn every_power_loss_point_leaves_consistent_metadata() {
         "refcount blocks written in {with_blocks} intervals"
     );
 }
+
+/// A memory file whose first read through the mapping cache stops, lets another thread run
+/// (over `go`/`done`), then reads.
+struct PausingRead {
+    file: mem::MemStorage,
+    pause: Pause,
+}
+
+type Pause = std::sync::Arc<
+    std::sync::Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>,
+>;
+
+impl DirectIo for PausingRead {
+    fn read_to(&self, host: u64, buf: &VolatileSlice<'_>) -> io::Result<()> {
+        if let Some((go, done)) = self.pause.lock().unwrap().take() {
+            go.send(()).unwrap();
+            done.recv().unwrap();
+        }
+        self.file.read_to(host, buf)
+    }
+
+    fn write_from(&self, host: u64, buf: &VolatileSlice<'_>) -> io::Result<()> {
+        self.file.write_from(host, buf)
+    }
+}
+
+/// Reads take no lock: one that found cluster A in the mapping cache, then lost the race to
+/// a discard of A and a write of B that reused A's freed cluster, must not return B's bytes.
+#[test]
+fn an_unlocked_read_overtaken_by_a_discard_goes_again() {
+    if !have_qemu_img() {
+        return;
+    }
+    let img = TempImage::new("q-race", 1 << 20);
+    let path = img.dir.join("disk.qcow2");
+    create(&path, "compat=1.1,cluster_size=4096", "1M");
+    let initial = std::fs::read(&path).unwrap();
+    let (file, _state) = mem::MemStorage::new(initial.clone(), 8 << 20);
+    let (go_tx, go_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let pause = Pause::default();
+    let direct = Box::new(PausingRead {
+        file: file.direct(),
+        pause: std::sync::Arc::clone(&pause),
+    });
+    let storage = OrderedStorage::new(file, &initial);
+    let qcow2 = Qcow2::<OrderedStorage<mem::MemStorage>>::open_image(storage, true).unwrap();
+    let layout = Layout::parse(&initial).unwrap();
+    let options = BlockOptions::new(&path);
+    let disk = Qcow2Image::from_qcow2(qcow2, &path, &options, layout, Vec::new(), direct).unwrap();
+    let (a, b) = (0u64, 64 << 10);
+    disk.write_at(a, &[0xA1; 4096]).unwrap();
+    let mut buf = [0u8; 4096];
+    // Fills the mapping cache: A is plain data.
+    disk.read_at(a, &mut buf).unwrap();
+    pause.lock().unwrap().replace((go_tx, done_rx));
+    let disk = &disk;
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            go_rx.recv().unwrap();
+            disk.discard(a, 4096).unwrap();
+            disk.write_at(b, &[0xB2; 4096]).unwrap();
+            done_tx.send(()).unwrap();
+        });
+        disk.read_at(a, &mut buf).unwrap();
+    });
+    assert!(
+        buf.iter().all(|&x| x == 0),
+        "read A after its discard: {:#x}",
+        buf[0]
+    );
+    let mut back = [0u8; 4096];
+    disk.read_at(b, &mut back).unwrap();
+    assert!(back.iter().all(|&x| x == 0xB2));
+}
