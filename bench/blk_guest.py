@@ -10,10 +10,14 @@ FADT. Workloads: sequential read and write (64 KiB requests), random read and wr
     python3 bench/blk_guest.py                      # about 5 minutes with the defaults
     python3 bench/blk_guest.py --ring0 --runs 3     # the loop at CPL 0 (emulated here)
     python3 bench/blk_guest.py --format qcow2       # qcow2: xhyve vs QEMU, and vs xhyve raw
+    python3 bench/blk_guest.py --format qcow2 --alloc   # first-write allocation
 
 With --format qcow2 the filled image is converted to qcow2 (64 KiB clusters, so every
 cluster is allocated and no request allocates) and both VMMs open it as qcow2; xhyve also
-runs on the raw image, for the qcow2/raw ratio.
+runs on the raw image, for the qcow2/raw ratio. With --alloc every run gets a new, empty
+qcow2 image instead (qemu-img create, 64 KiB clusters), so writes allocate: each seqwrite
+request fills one new cluster; randwrite allocates until every cluster has been hit (about
+a tenth of its requests with the defaults). Only the write workloads run.
 
 Both disks go through the host page cache with write-back semantics (xhyve's default; QEMU
 cache=writeback), so this measures the VMMs' request paths, not the host's disk. The image
@@ -60,7 +64,15 @@ def parse_args():
     p.add_argument("--workloads", default=",".join(WORKLOADS))
     p.add_argument("--format", choices=["raw", "qcow2"], default="raw",
                    help="image format both VMMs open (qcow2: also xhyve on raw)")
-    return p.parse_args()
+    p.add_argument("--alloc", action="store_true",
+                   help="with --format qcow2: a new empty image for every run, so writes "
+                   "allocate (write workloads only)")
+    args = p.parse_args()
+    if args.alloc and args.format != "qcow2":
+        p.error("--alloc needs --format qcow2")
+    if args.alloc and p.get_default("workloads") == args.workloads:
+        args.workloads = "seqwrite,randwrite"
+    return args
 
 
 def build_guest(out_dir):
@@ -88,6 +100,11 @@ def qcow2_path(args):
 def make_qcow2(args):
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-o",
                     "cluster_size=65536", args.image, qcow2_path(args)], check=True)
+
+
+def empty_qcow2(args):
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536",
+                    qcow2_path(args), f"{args.size_mib}M"], check=True)
 
 
 def xhyve_cmd(args, guest, command, fmt=None):
@@ -137,14 +154,22 @@ def main():
     for w in workloads:
         if w not in WORKLOADS:
             sys.exit(f"unknown workload \"{w}\": choose from {', '.join(WORKLOADS)}")
+        if args.alloc and not w.endswith("write"):
+            sys.exit(f"--alloc runs write workloads only, not \"{w}\"")
     env = dict(os.environ, XHYVE_IRQCHIP="kernel")
     with tempfile.TemporaryDirectory() as tmp:
         guest = build_guest(tmp)
         t = time.time()
-        make_image(args.image, args.size_mib)
-        if args.format == "qcow2":
-            make_qcow2(args)
-        print(f"image {args.image} ({args.format}): {args.size_mib} MiB written in {time.time() - t:.1f} s; "
+        if args.alloc:
+            empty_qcow2(args)
+            what = f"image {qcow2_path(args)}: {args.size_mib} MiB, empty before every run"
+        else:
+            make_image(args.image, args.size_mib)
+            if args.format == "qcow2":
+                make_qcow2(args)
+            what = (f"image {args.image} ({args.format}): {args.size_mib} MiB written in "
+                    f"{time.time() - t:.1f} s")
+        print(f"{what}; "
               f"cache={args.cache}, qd {args.qd}, {args.runs} runs each, guest loop in ring "
               f"{0 if args.ring0 else 3}; load average {os.getloadavg()[0]:.2f}", flush=True)
         results = {}
@@ -155,10 +180,12 @@ def main():
                 command += " noflush"
             vmms = [("xhyve", xhyve_cmd(args, guest, command)),
                     ("qemu", qemu_cmd(args, guest, command))]
-            if args.format == "qcow2":
+            if args.format == "qcow2" and not args.alloc:
                 vmms.append(("xraw", xhyve_cmd(args, guest, command, "raw")))
             for run in range(args.runs):
                 for name, cmd in vmms if run % 2 == 0 else vmms[::-1]:
+                    if args.alloc:
+                        empty_qcow2(args)
                     try:
                         mbs, iops, kicks, ring, port = run_once(cmd, args.timeout, env)
                     except RuntimeError as e:
@@ -180,7 +207,7 @@ def main():
         size = "64k" if w.startswith("seq") else "4k"
         print(f"{w:10} {size:>4} {xm:11.1f} {xi:11.0f} {qm:10.1f} {qi:10.0f} {xm / qm:11.2f} "
               f"{best:10.2f}")
-    if args.format == "qcow2":
+    if args.format == "qcow2" and not args.alloc:
         print(f"\nxhyve qcow2 against xhyve raw (median MB/s)")
         print(f"{'workload':10} {'qcow2':>9} {'raw':>9} {'qcow2/raw':>10}")
         for w in workloads:

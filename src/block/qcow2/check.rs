@@ -23,9 +23,10 @@ use std::io;
 
 /// Largest L1 and refcount table imago (and QEMU) accept, in entries.
 pub const MAX_TABLE_ENTRIES: u64 = 4 << 20;
-/// Most clusters a writable image's file may span for the check (one byte each while it
-/// runs): 8 TiB with 64 KiB clusters, 512 GiB with 4 KiB clusters.
-pub const MAX_CHECKED_CLUSTERS: u64 = 1 << 27;
+/// Most clusters the check keeps a use count for at once (one byte each: 128 MiB). A file
+/// with more clusters (over 8 TiB with 64 KiB clusters, 512 GiB with 4 KiB, 64 GiB with
+/// 512 bytes) is checked in windows of this many clusters, one pass over the tables each.
+pub const CHECK_WINDOW: u64 = 1 << 27;
 
 const V2_HEADER_LEN: usize = 72;
 const V3_HEADER_LEN: usize = 104;
@@ -75,8 +76,6 @@ pub enum Corrupt {
     },
     #[error("{what} at {offset:#x} has no refcount block")]
     Uncounted { what: &'static str, offset: u64 },
-    #[error("its {clusters} clusters are too many to check (at most {limit})")]
-    TooLarge { clusters: u64, limit: u64 },
     #[error("reading {what} at {offset:#x}: {source}")]
     Read {
         what: &'static str,
@@ -308,19 +307,32 @@ impl Use {
 
 const DATA_MAX: u8 = 0x1f;
 
+/// The uses of the clusters in one window of the file (every cluster's uses are counted in
+/// the pass for its window; uses outside it are skipped).
 struct Map {
     cluster_bits: u32,
+    /// Clusters in the file.
+    clusters: u64,
+    /// The window's first cluster; `uses` covers the window.
+    first: u64,
     uses: Vec<u8>,
 }
 
 impl Map {
     fn clusters(&self) -> u64 {
-        self.uses.len() as u64
+        self.clusters
+    }
+
+    fn in_window(&mut self, cluster: u64) -> Option<&mut u8> {
+        let index = usize::try_from(cluster.checked_sub(self.first)?).ok()?;
+        self.uses.get_mut(index)
     }
 
     fn metadata(&mut self, cluster: u64, what: Use) -> Result<(), Corrupt> {
         let offset = cluster << self.cluster_bits;
-        let byte = &mut self.uses[cluster as usize];
+        let Some(byte) = self.in_window(cluster) else {
+            return Ok(());
+        };
         if *byte != 0 {
             let other = if *byte >> 5 != 0 {
                 Use::name(*byte >> 5)
@@ -338,11 +350,14 @@ impl Map {
     }
 
     fn data(&mut self, cluster: u64) -> Result<(), Corrupt> {
-        let byte = &mut self.uses[cluster as usize];
+        let offset = cluster << self.cluster_bits;
+        let Some(byte) = self.in_window(cluster) else {
+            return Ok(());
+        };
         if *byte >> 5 != 0 {
             return Err(Corrupt::Overlap {
                 what: "a data cluster",
-                offset: cluster << self.cluster_bits,
+                offset,
                 other: Use::name(*byte >> 5),
             });
         }
@@ -350,9 +365,9 @@ impl Map {
         Ok(())
     }
 
-    /// (how often the cluster is used, what as)
+    /// (how often the cluster, which is in the window, is used, what as)
     fn needed(&self, cluster: u64) -> (u64, &'static str) {
-        let byte = self.uses[cluster as usize];
+        let byte = self.uses[(cluster - self.first) as usize];
         match byte >> 5 {
             0 => (u64::from(byte), "a data cluster"),
             code => (1, Use::name(code)),
@@ -365,22 +380,40 @@ pub type ReadAt<'a> = &'a dyn Fn(u64, &mut [u8]) -> io::Result<()>;
 
 /// The full check of a writable image (see the module documentation).
 pub fn check_refcounts(fields: &Fields, file_size: u64, read: ReadAt<'_>) -> Result<(), Corrupt> {
+    check_in_windows(fields, file_size, read, CHECK_WINDOW)
+}
+
+/// [`check_refcounts`], counting uses for `window` clusters per pass.
+fn check_in_windows(
+    fields: &Fields,
+    file_size: u64,
+    read: ReadAt<'_>,
+    window: u64,
+) -> Result<(), Corrupt> {
     if fields.incompatible & !CHECKED_FEATURES != 0 {
         return Ok(());
     }
+    let clusters = file_size.div_ceil(fields.cluster_size());
+    let mut first = 0;
+    while first < clusters {
+        let len = window.min(clusters - first);
+        let mut map = Map {
+            cluster_bits: fields.cluster_bits,
+            clusters,
+            first,
+            uses: vec![0; len as usize],
+        };
+        check_window(fields, &mut map, read)?;
+        first += len;
+    }
+    Ok(())
+}
+
+/// Counts the uses of the clusters in `map`'s window and compares them with their refcounts.
+fn check_window(fields: &Fields, map: &mut Map, read: ReadAt<'_>) -> Result<(), Corrupt> {
     let cb = fields.cluster_bits;
     let cluster = fields.cluster_size();
-    let clusters = file_size.div_ceil(cluster);
-    if clusters > MAX_CHECKED_CLUSTERS {
-        return Err(Corrupt::TooLarge {
-            clusters,
-            limit: MAX_CHECKED_CLUSTERS,
-        });
-    }
-    let mut map = Map {
-        cluster_bits: cb,
-        uses: vec![0; clusters as usize],
-    };
+    let clusters = map.clusters();
     let read_table = |what: &'static str, offset: u64, len: u64| -> Result<Vec<u8>, Corrupt> {
         let mut buf = vec![0u8; len as usize];
         read(offset, &mut buf).map_err(|source| Corrupt::Read {
@@ -474,16 +507,18 @@ pub fn check_refcounts(fields: &Fields, file_size: u64, read: ReadAt<'_>) -> Res
         for (j, b) in l2.chunks_exact(8).enumerate() {
             let value = u64::from_be_bytes(b.try_into().unwrap());
             let index = ((i as u64) << (cb - 3)) + j as u64;
-            data_uses(&mut map, fields, value, index, &cluster_of)?;
+            data_uses(map, fields, value, index, &cluster_of)?;
         }
     }
 
     // Every used cluster needs a refcount block, and a refcount no lower than its uses.
     let per_block = fields.rb_entries();
     let mut block = vec![0u8; cluster as usize];
-    for range in 0..clusters.div_ceil(per_block) {
-        let first = range * per_block;
-        let last = (first + per_block).min(clusters);
+    let window = map.first..map.first + map.uses.len() as u64;
+    for range in window.start / per_block..window.end.div_ceil(per_block) {
+        let block_first = range * per_block;
+        let first = block_first.max(window.start);
+        let last = (block_first + per_block).min(window.end);
         match refblocks.get(range as usize).copied().flatten() {
             Some(offset) => {
                 read(offset, &mut block).map_err(|source| Corrupt::Read {
@@ -493,7 +528,7 @@ pub fn check_refcounts(fields: &Fields, file_size: u64, read: ReadAt<'_>) -> Res
                 })?;
                 for c in first..last {
                     let (needed, what) = map.needed(c);
-                    let refcount = refcount_at(&block, c - first, fields.refcount_order);
+                    let refcount = refcount_at(&block, c - block_first, fields.refcount_order);
                     if refcount < needed {
                         return Err(Corrupt::Refcount {
                             what,
@@ -608,7 +643,17 @@ mod tests {
             buf.copy_from_slice(src);
             Ok(())
         };
-        check_refcounts(&fields, size, &read)
+        let whole = check_refcounts(&fields, size, &read);
+        // Counting in windows (one pass per window) must reach the same verdict.
+        for window in [1, 3, 5] {
+            let windowed = check_in_windows(&fields, size, &read, window);
+            assert_eq!(
+                windowed.is_ok(),
+                whole.is_ok(),
+                "window {window}: {windowed:?} against {whole:?}"
+            );
+        }
+        whole
     }
 
     /// The template with an L2 table at cluster 4 whose first entry maps data cluster 5.

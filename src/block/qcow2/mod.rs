@@ -11,9 +11,11 @@
 //!   handed to imago;
 //! - the backing chain is opened from the header's backing file name and backing format
 //!   extension, never by probing (see [`backing`]);
-//! - writes to the L1 and refcount tables are held back until a flush ([`ordered`]), and a
-//!   guest flush is `fsync` (data), refcount blocks, L2 tables, `fsync`, L1/refcount table
-//!   entries, `fsync`: a crash or `kill -9` leaves leaks at worst, never corruption;
+//! - metadata writes are ordered ([`ordered`]): L1 and refcount table entries held back
+//!   until what they point at is durable, an `fsync` between refcount-block writes and the
+//!   L2 writes that depend on them (and back, when freeing), and a guest flush is `fsync`
+//!   (data), refcount blocks, `fsync`, L2 tables, `fsync`, L1/refcount table entries,
+//!   `fsync`: a crash, `kill -9` or power loss leaves leaks at worst, never corruption;
 //! - discard and write-zeroes punch holes where the clusters they free were;
 //! - guest offsets are checked against the disk size before imago sees them;
 //! - a writable image's header, tables and refcounts are checked at open ([`check`]): imago
@@ -40,6 +42,7 @@ use imago::{FormatAccess, Storage, StorageOpenOptions};
 pub use ordered::OrderedStorage;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use vm_memory::bitmap::Bitmap;
 use vm_memory::VolatileSlice;
@@ -101,6 +104,10 @@ pub struct Qcow2Image<S: Storage + 'static = ImageFile> {
     punch: Option<std::fs::File>,
     /// Guest-to-host mappings of plain data clusters (`l2-cache-size=`).
     map: mapcache::MappingCache,
+    /// Odd while a discard or write-zeroes may free clusters; bumped twice by each. A read
+    /// through the mapping cache takes no lock: it checks this before and after, and goes
+    /// through imago (under the lock) if a free overlapped it.
+    freeing: AtomicU64,
     /// The image file as the mapping cache's requests reach it.
     direct: Box<dyn DirectIo>,
     /// `flock`s on the image and its backing files, held while the image is open.
@@ -266,10 +273,28 @@ impl<S: Storage + 'static> Qcow2Image<S> {
             map: mapcache::MappingCache::new(
                 layout.cluster_size.trailing_zeros(),
                 options.l2_cache_size.unwrap_or(mapcache::DEFAULT_SIZE),
+                size,
             ),
+            freeing: AtomicU64::new(0),
             direct,
             _locks: locks,
         })
+    }
+
+    /// A read of plain data through the mapping cache without the lock; false (and `buf`
+    /// perhaps written) if it must go through imago instead.
+    fn read_unlocked(&self, offset: u64, buf: &VolatileSlice<'_>) -> Result<bool, BlockError> {
+        let before = self.freeing.load(Ordering::Acquire);
+        if before & 1 != 0 {
+            return Ok(false);
+        }
+        let mapcache::Lookup::Plain { host, .. } = self.map.lookup(offset, buf.len() as u64) else {
+            return Ok(false);
+        };
+        self.direct.read_to(host, buf)?;
+        // No free began since `before`, so the cluster read was still this guest cluster's.
+        fence(Ordering::SeqCst);
+        Ok(self.freeing.load(Ordering::Relaxed) == before)
     }
 
     /// Reads into a plain buffer (tests, benchmarks, fuzzing).
@@ -365,6 +390,7 @@ impl<S: Storage + 'static> Qcow2Image<S> {
             return self.write_zero_bytes(offset, len);
         }
         let mut access = self.exclusive();
+        let _freeing = Freeing::begin(&self.freeing);
         self.map.forget(offset, len);
         let holes = self.sole_host_clusters(&access, offset, len)?;
         access.discard_to_zero(offset, len)?;
@@ -437,6 +463,22 @@ impl<S: Storage + 'static> Qcow2Image<S> {
         self.map.forget(start, end - start);
         drop(access);
         self.after_write()
+    }
+}
+
+/// Keeps [`Qcow2Image::freeing`] odd while it lives.
+struct Freeing<'a>(&'a AtomicU64);
+
+impl<'a> Freeing<'a> {
+    fn begin(count: &'a AtomicU64) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Freeing(count)
+    }
+}
+
+impl Drop for Freeing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::Release);
     }
 }
 
@@ -518,6 +560,10 @@ impl<S: Storage + 'static> BlockBackend for Qcow2Image<S> {
         if len == 0 {
             return Ok(());
         }
+        if self.read_unlocked(offset, buf)? {
+            buf.bitmap().mark_dirty(0, len);
+            return Ok(());
+        }
         let access = self.shared();
         if let Some(host) = self.plain(&access, offset, len as u64, false)? {
             self.direct.read_to(host, buf)?;
@@ -550,11 +596,10 @@ impl<S: Storage + 'static> BlockBackend for Qcow2Image<S> {
 
     /// Data first, then metadata, in QEMU's order: `fsync` makes every written cluster's
     /// contents durable; imago writes back its cached refcount blocks, then the L2 tables
-    /// that point at newly counted clusters; [`OrderedStorage`] then `fsync`s and writes the
-    /// L1 and refcount table entries it held back, which make new tables reachable; a last
-    /// `fsync` makes those durable. A crash at any point loses unflushed writes and leaks
-    /// clusters at worst. (One gap against power loss, not against a killed process: imago
-    /// writes its refcount blocks and L2 tables without an `fsync` between them.)
+    /// that point at newly counted clusters ([`OrderedStorage`] `fsync`s between the two);
+    /// [`OrderedStorage`] then `fsync`s and writes the L1 and refcount table entries it held
+    /// back, which make new tables reachable; a last `fsync` makes those durable. A crash or
+    /// power loss at any point loses unflushed writes and leaks clusters at worst.
     fn flush(&self) -> Result<(), BlockError> {
         if self.read_only {
             return Ok(());
