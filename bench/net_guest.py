@@ -12,8 +12,12 @@ passt); the guest never sends anywhere else:
   host -> guest: the guest runs `nc -l -p 5001 -e wc -c`; this script connects, sends N MiB,
                  closes its sending side and waits for the byte count the guest sends back,
                  so the clock stops when the guest's user space has read everything.
-  guest -> host: the guest runs `nc -l -p 5002 -e dd if=/dev/zero bs=16k count=...`; this
-                 script connects and reads to the end.
+  guest -> host: the guest runs `nc -l -p 5002 -e /tmp/g2h`, a script that reads one byte
+                 and then runs `dd if=/dev/zero bs=16k count=...`; this script connects,
+                 sends that byte and reads to the end. The byte is for passt: before 2023-09
+                 it never completes the handshake of a forwarded connection whose host
+                 client is silent (test/passt-handshake.py), so `nc -l -e dd ...` alone
+                 stalls there (--silent shows it).
 Rates are MB/s (10^6 bytes) of payload, timed on the host from connect to the last byte.
 
 What the figures mean on the build machines: their KVM emulates every guest instruction at
@@ -348,7 +352,7 @@ def main():
     for a, b in (("user", "passt"), ("user", "qemu-user"), ("passt", "qemu-passt")):
         for d in ("host->guest", "guest->host"):
             if med.get((a, d)) and med.get((b, d)):
-                print(f"  {a}/{b} {d}: {med[(a, d)] / med[(b, d)]:.2f}")
+                print(f"  {a}/{b} {d}: {med[(a, d)] / med[(b, d)]:.3g}")
 
 
 if __name__ == "__main__":
