@@ -21,7 +21,8 @@
 //! only to its gateways (DNS is off).
 //!
 //! Wall time (both boots at once): ~100 s on a quiet build machine (lease ~44 s after start,
-//! the network steps ~30 s), 5-6 minutes when other boots load its 2 cores.
+//! the network steps ~30 s; passt's step ~15 s more in kernel mode: 99 s for that boot alone
+//! at load 1), 5-6 minutes when other boots load its 2 cores.
 
 #[macro_use]
 mod common;
