@@ -12,8 +12,12 @@ passt); the guest never sends anywhere else:
   host -> guest: the guest runs `nc -l -p 5001 -e wc -c`; this script connects, sends N MiB,
                  closes its sending side and waits for the byte count the guest sends back,
                  so the clock stops when the guest's user space has read everything.
-  guest -> host: the guest runs `nc -l -p 5002 -e dd if=/dev/zero bs=16k count=...`; this
-                 script connects and reads to the end.
+  guest -> host: the guest runs `nc -l -p 5002 -e /tmp/g2h`, a script that reads one byte
+                 and then runs `dd if=/dev/zero bs=16k count=...`; this script connects,
+                 sends that byte and reads to the end. The byte is for passt: before 2023-09
+                 it never completes the handshake of a forwarded connection whose host
+                 client is silent (test/passt-handshake.py), so `nc -l -e dd ...` alone
+                 stalls there (--silent shows it).
 Rates are MB/s (10^6 bytes) of payload, timed on the host from connect to the last byte.
 
 What the figures mean on the build machines: their KVM emulates every guest instruction at
@@ -58,6 +62,9 @@ def parse_args():
     p.add_argument("--qemu", default="qemu-system-x86_64")
     p.add_argument("--boot-timeout", type=float, default=900)
     p.add_argument("--transfer-timeout", type=float, default=600)
+    p.add_argument("--silent", action="store_true",
+                   help="guest -> host: the host's client sends nothing before the guest's data "
+                        "(passt before 2023-09 never completes that handshake)")
     return p.parse_args()
 
 
@@ -196,7 +203,7 @@ def connect(port, vm, timeout):
     raise RuntimeError(f"cannot connect to 127.0.0.1:{port}")
 
 
-def host_to_guest(vm, port, size, timeout):
+def host_to_guest(vm, port, size, timeout, _silent):
     mark = vm.mark()
     vm.type(f"nc -l -p {H2G_PORT} -e wc -c")
     vm.wait_for(f"-e wc -c".encode(), 60, mark)
@@ -236,24 +243,36 @@ def host_to_guest(vm, port, size, timeout):
     raise RuntimeError(f"host -> guest: no transfer:\n{vm.tail()}")
 
 
-def guest_to_host(vm, port, size, timeout):
+def guest_to_host(vm, port, size, timeout, silent):
     mark = vm.mark()
     count = size // 16384
-    vm.type(f"nc -l -p {G2H_PORT} -e dd if=/dev/zero bs=16k count={count}")
+    if silent:
+        vm.type(f"nc -l -p {G2H_PORT} -e dd if=/dev/zero bs=16k count={count}")
+    else:
+        # The guest waits for the client's first byte (reads it, so that closing the
+        # socket sends a FIN, not a reset), then sends.
+        vm.type(f"printf 'dd bs=1 count=1 of=/dev/null 2>/dev/null\\nexec dd if=/dev/zero "
+                f"bs=16k count=%s\\n' {count} > /tmp/g2h && chmod +x /tmp/g2h")
+        vm.wait_for(PROMPT, 60, mark)
+        mark = vm.mark()
+        vm.type(f"nc -l -p {G2H_PORT} -e /tmp/g2h # count={count}")
     vm.wait_for(f"count={count}".encode(), 60, mark)
     time.sleep(1.0)
-    for attempt in range(20):
+    # A silent client never gets through passt before 2023-09: do not retry for long.
+    for attempt in range(2 if silent else 20):
         s = connect(port, vm, timeout)
         s.settimeout(timeout)
         start = time.time()
         got = 0
         try:
+            if not silent:
+                s.sendall(b"g")
             while True:
                 data = s.recv(1 << 16)
                 if not data:
                     break
                 got += len(data)
-        except ConnectionResetError:
+        except (ConnectionResetError, BrokenPipeError):
             pass
         elapsed = time.time() - start
         s.close()
@@ -285,7 +304,7 @@ def run_back_end(args, back_end, results):
         for run in range(args.runs):
             for direction, fn, port in (("host->guest", host_to_guest, h2g),
                                         ("guest->host", guest_to_host, g2h)):
-                rate = fn(vm, port, size, args.transfer_timeout)
+                rate = fn(vm, port, size, args.transfer_timeout, args.silent)
                 results.setdefault((back_end, direction), []).append(rate)
                 print(f"  {back_end:10} {direction} run {run + 1}: {rate:7.2f} MB/s", flush=True)
     finally:
@@ -333,7 +352,7 @@ def main():
     for a, b in (("user", "passt"), ("user", "qemu-user"), ("passt", "qemu-passt")):
         for d in ("host->guest", "guest->host"):
             if med.get((a, d)) and med.get((b, d)):
-                print(f"  {a}/{b} {d}: {med[(a, d)] / med[(b, d)]:.2f}")
+                print(f"  {a}/{b} {d}: {med[(a, d)] / med[(b, d)]:.3g}")
 
 
 if __name__ == "__main__":
