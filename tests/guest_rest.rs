@@ -126,10 +126,8 @@ guest_test!(
         assert_eq!(curl(&target, "GET", "/nothing", None).0, 404);
 
         // Stop: the guest sees its power button and powers off.
-        assert_eq!(
-            curl(&target, "POST", "/vm/state", Some(r#"{"state":"Stop"}"#)).0,
-            202
-        );
+        let (code, body) = curl(&target, "POST", "/vm/state", Some(r#"{"state":"Stop"}"#));
+        assert_eq!(code, 202, "Stop answered {body:?}");
         vm.finish()
             .assert_exit(1)
             .assert_line("power button pressed");

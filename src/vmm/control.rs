@@ -2,7 +2,7 @@
 //! the machine to stop and why, and the poll that detects "every vCPU halted".
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -196,17 +196,26 @@ impl Control {
             if state.parked.saturating_add(state.idle) >= vcpus || self.is_stopping() {
                 return;
             }
-            drop(state);
             // A vCPU inside the guest leaves it only when kicked; kick until all are out.
-            self.kick_all();
-            state = lock(&self.pause);
-            state = match self
-                .pause_changed
-                .wait_timeout(state, Duration::from_millis(10))
-            {
-                Ok((state, _)) => state,
-                Err(poisoned) => poisoned.into_inner().0,
-            };
+            state = self.kick_and_wait(state);
+        }
+    }
+
+    /// Kicks every vCPU (without holding the pause lock, which their parks take), then
+    /// waits up to 10 ms for a change of the pause state.
+    fn kick_and_wait<'a>(
+        &'a self,
+        state: MutexGuard<'a, PauseState>,
+    ) -> MutexGuard<'a, PauseState> {
+        drop(state);
+        self.kick_all();
+        let state = lock(&self.pause);
+        match self
+            .pause_changed
+            .wait_timeout(state, Duration::from_millis(10))
+        {
+            Ok((state, _)) => state,
+            Err(poisoned) => poisoned.into_inner().0,
         }
     }
 
@@ -287,17 +296,8 @@ impl Control {
             if self.is_stopping() {
                 break false;
             }
-            drop(state);
             // A kick wakes a vCPU from the VMM's HLT or SIPI wait; a parked one ignores it.
-            self.kick_all();
-            state = lock(&self.pause);
-            state = match self
-                .pause_changed
-                .wait_timeout(state, Duration::from_millis(10))
-            {
-                Ok((state, _)) => state,
-                Err(poisoned) => poisoned.into_inner().0,
-            };
+            state = self.kick_and_wait(state);
         };
         self.resetting.store(false, Ordering::SeqCst);
         done
