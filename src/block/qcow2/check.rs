@@ -423,11 +423,8 @@ fn check_window(fields: &Fields, map: &mut Map, read: ReadAt<'_>) -> Result<(), 
         })?;
         Ok(buf)
     };
-    let entries = |buf: &[u8]| -> Vec<u64> {
-        buf.chunks_exact(8)
-            .map(|b| u64::from_be_bytes(b.try_into().unwrap()))
-            .collect()
-    };
+    let entries =
+        |buf: &[u8]| -> Vec<u64> { buf.chunks_exact(8).filter_map(|b| be64(b, 0)).collect() };
 
     map.metadata(0, Use::Header)?;
     let l1_len = fields.l1_entries * 8;
@@ -504,8 +501,7 @@ fn check_window(fields: &Fields, map: &mut Map, read: ReadAt<'_>) -> Result<(), 
             offset,
             source,
         })?;
-        for (j, b) in l2.chunks_exact(8).enumerate() {
-            let value = u64::from_be_bytes(b.try_into().unwrap());
+        for (j, value) in l2.chunks_exact(8).filter_map(|b| be64(b, 0)).enumerate() {
             let index = ((i as u64) << (cb - 3)) + j as u64;
             data_uses(map, fields, value, index, &cluster_of)?;
         }
