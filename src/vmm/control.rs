@@ -342,10 +342,10 @@ pub enum ResetError {
     Stopping,
     /// The guest could not be loaded again; the machine stops (its memory is torn).
     #[error("cannot load the guest again: {0}")]
-    Reload(String),
+    Reload(#[source] Box<super::machine::VmmError>),
     /// The hypervisor refused its interrupt controllers' reset; the machine stops.
     #[error("cannot reset the interrupt controllers: {0}")]
-    IrqChip(String),
+    IrqChip(#[source] crate::hv::HvError),
 }
 
 impl PowerControl for Control {

@@ -112,11 +112,11 @@ impl MachineHandle {
         devices.pause();
         self.control.begin_reset();
         if let Err(e) = devices.reset() {
-            return Err(self.fail(ResetError::IrqChip(e.to_string())));
+            return Err(self.fail(ResetError::IrqChip(e)));
         }
         match describe_and_load(&self.reload.config, &self.reload.memory) {
             Ok(boot) => *lock(&self.reload.boot) = boot,
-            Err(e) => return Err(self.fail(ResetError::Reload(e.to_string()))),
+            Err(e) => return Err(self.fail(ResetError::Reload(Box::new(e)))),
         }
         if !self.control.reset_vcpus(self.vcpus) {
             return Err(ResetError::Stopping);
